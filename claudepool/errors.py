@@ -1,0 +1,118 @@
+"""One exception hierarchy, grouped by what the caller does next.
+
+Every error carries a stable wire ``code`` and an HTTP ``status`` so the front ends map it without a
+table of their own, and ``retryable`` tells a client whether sending the same request again may work.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ClaudepoolError(Exception):
+    """Base of every error claudepool raises on purpose."""
+
+    code: ClassVar[str] = "internal_error"
+    status: ClassVar[int] = 500
+    retryable: ClassVar[bool] = False
+
+
+# -- protocol: a peer sent bytes we cannot accept ---------------------------------------------
+
+
+class ProtocolError(ClaudepoolError):
+    """A stream-json or client frame violated the protocol."""
+
+    code = "protocol_error"
+    status = 400
+
+
+class FrameTooLarge(ProtocolError):
+    """A line exceeded the configured maximum size."""
+
+    code = "frame_too_large"
+    status = 413
+
+
+class CorruptFrame(ProtocolError):
+    """A line was not a JSON object, or not a valid event of its type."""
+
+    code = "corrupt_frame"
+
+
+# -- worker: one `claude` process failed; the pool discards it --------------------------------
+
+
+class WorkerError(ClaudepoolError):
+    """A worker process misbehaved; it has been or will be killed, never reused."""
+
+    code = "worker_error"
+    status = 502
+    retryable = True
+
+
+class WorkerStartError(WorkerError):
+    """The process did not start or did not confirm readiness before its deadline."""
+
+    code = "worker_start_failed"
+
+
+class WorkerDied(WorkerError):
+    """The process exited or broke its output stream while serving."""
+
+    code = "worker_died"
+
+
+class WorkerProtocolError(WorkerError):
+    """The process printed an oversize or corrupt line; its stream can no longer be trusted."""
+
+    code = "worker_protocol_error"
+
+
+class WorkerBusy(WorkerError):
+    """A second exchange was attempted while one was running (a caller bug, never sent to the CLI)."""
+
+    code = "worker_busy"
+    retryable = False
+
+
+class TurnStalled(WorkerError):
+    """The watchdog saw no event for too long; the turn was interrupted or the worker killed."""
+
+    code = "turn_stalled"
+    status = 504
+
+
+class ResetFailed(WorkerError):
+    """``/clear`` was not confirmed in time; the worker is killed rather than reused."""
+
+    code = "reset_failed"
+
+
+# -- pool: no worker could be had --------------------------------------------------------------
+
+
+class PoolError(ClaudepoolError):
+    """The pool cannot serve the request now."""
+
+    code = "pool_error"
+    status = 503
+    retryable = True
+
+
+class PoolTimeout(PoolError):
+    """No worker became free before the caller's deadline."""
+
+    code = "pool_timeout"
+
+
+class PoolUnhealthy(PoolError):
+    """Workers keep failing to boot; the breaker is open and spawning is paused."""
+
+    code = "pool_unhealthy"
+
+
+class PoolClosed(PoolError):
+    """The pool is draining or closed and takes no new leases."""
+
+    code = "pool_closed"

@@ -1,0 +1,1 @@
+"""Warm `claude` processes: one `Worker` per process, one `Pool` per profile."""

@@ -1,0 +1,109 @@
+"""Measure worker memory and size the pool by RAM.
+
+A `claude` process maps a ~75 MB binary that every worker shares, so RSS counts that memory once per
+worker and overstates the cost of one more worker by half. PSS (proportional set size, from
+``/proc/PID/smaps_rollup``) splits shared pages between their users and sums to the real total, so
+the pool sizes and limits itself by PSS of each worker's whole process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+MiB = 1024 * 1024
+
+
+def pss_bytes(pid: int) -> int | None:
+    """PSS of one process, or None if it is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    except OSError:
+        pass
+    # No smaps_rollup (old kernel, other OS): fall back to RSS, an overestimate.
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return None
+
+
+def tree_pss_bytes(pid: int) -> int | None:
+    """PSS of a process and all its descendants (tool subprocesses count against the worker)."""
+    total = pss_bytes(pid)
+    if total is None:
+        return None
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(pid).children(recursive=True):
+            total += pss_bytes(child.pid) or 0
+    return total
+
+
+def _cgroup_memory_headroom_bytes() -> int | None:
+    """Bytes left under this process's cgroup v2 ``memory.max``, if it has a limit."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("0::"):
+            base = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+            try:
+                limit = (base / "memory.max").read_text().strip()
+                current = int((base / "memory.current").read_text().strip())
+            except (OSError, ValueError):
+                return None
+            if limit == "max":
+                return None
+            return max(0, int(limit) - current)
+    return None
+
+
+def available_memory_bytes() -> int:
+    """Memory this daemon may still take: host available memory, capped by a cgroup limit."""
+    available = int(psutil.virtual_memory().available)
+    headroom = _cgroup_memory_headroom_bytes()
+    return available if headroom is None else min(available, headroom)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The outcome of sizing: how many workers fit and when to stop spawning or start shedding."""
+
+    max_workers: int
+    soft_limit_bytes: int
+    hard_limit_bytes: int
+    per_worker_bytes: int
+
+
+def plan_memory(
+    *,
+    available_bytes: int,
+    pool_pss_bytes: int,
+    memory_fraction: float,
+    per_worker_bytes: int,
+    configured_max_workers: int = 0,
+    soft_limit_bytes: int = 0,
+    hard_limit_bytes: int = 0,
+) -> MemoryPlan:
+    """Size the pool. What the pool already holds counts as available to it, so the answer is
+    stable as the pool grows into its own budget.
+
+    >>> plan_memory(available_bytes=4000 * MiB, pool_pss_bytes=0, memory_fraction=0.5,
+    ...             per_worker_bytes=200 * MiB).max_workers
+    10
+    """
+    budget = int((available_bytes + pool_pss_bytes) * memory_fraction)
+    soft = soft_limit_bytes or budget
+    hard = hard_limit_bytes or math.ceil(soft * 1.25)
+    max_workers = configured_max_workers if configured_max_workers > 0 else max(1, soft // max(per_worker_bytes, 1))
+    return MemoryPlan(max_workers=max_workers, soft_limit_bytes=soft, hard_limit_bytes=hard,
+                      per_worker_bytes=per_worker_bytes)

@@ -1,0 +1,642 @@
+"""A RAM-sized pool of warm workers for one profile.
+
+The pool is a small state machine in the style of httpcore's connection pool. Every change (a lease
+requested or returned, a worker started, reset, failed or closed, a timer) calls `_step`, which runs
+`_plan`: one synchronous, await-free function that moves workers between explicit sets and returns
+the I/O to perform (spawn, clean, retire). The I/O then runs as tasks and reports back through
+`_step`. No decision is ever taken across an ``await``, so no two decisions can interleave.
+
+Worker sets (each worker is in exactly one):
+  starting   spawned, waiting for its ``initialize`` reply
+  idle       warm and clean (reset since its last tenant); a LIFO stack
+  leased     serving one request of one tenant
+  returned   handed back, waiting for `_plan` to decide: clean, recycle or keep
+  cleaning   interrupting an abandoned turn and/or resetting with ``/clear``
+  closing    being stopped (recycled, failed, or the pool is closing)
+
+>>> async def demo(profile):                                   # doctest: +SKIP
+...     async with Pool(profile, PoolConfig(min_idle=2)) as pool:
+...         async with pool.lease("acme", timeout_s=5) as lease:
+...             async for item in lease.run_turn("hello"):
+...                 ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import random
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from claudepool.errors import PoolClosed, PoolTimeout, PoolUnhealthy
+from claudepool.pool.memory import MemoryPlan, MiB, available_memory_bytes, plan_memory
+from claudepool.pool.profile import Profile
+from claudepool.pool.reaper import Reaper
+from claudepool.pool.worker import TurnResult, Worker, WorkerState, WorkerTimeouts
+from claudepool.protocol.cli_events import CliEvent, UserContent
+from claudepool.protocol.framing import DEFAULT_MAX_LINE_BYTES
+
+log = logging.getLogger(__name__)
+
+
+class PoolConfig(BaseModel):
+    """Sizing, recycling and failure policy of one pool."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_idle: int = Field(default=2, ge=0)
+    # 0 derives the ceiling from RAM: available memory × memory_fraction ÷ measured PSS per worker.
+    max_workers: int = Field(default=0, ge=0)
+    memory_fraction: float = Field(default=0.5, gt=0, le=1)
+    # Used for sizing until a worker has been measured (the real CLI: ~135-270 MB PSS).
+    worker_pss_estimate_bytes: int = Field(default=250 * MiB, gt=0)
+    # Total PSS of the pool: past the soft limit no worker is spawned; past the hard limit idle
+    # workers are closed, largest first, and busy ones are recycled when released. 0 = derived.
+    memory_soft_limit_bytes: int = Field(default=0, ge=0)
+    memory_hard_limit_bytes: int = Field(default=0, ge=0)
+    # Start-up is CPU-bound (~0.7 CPU-s): more parallel spawns than cores only slows them all.
+    max_concurrent_spawns: int = Field(default=0, ge=0)
+    lease_timeout_s: float = Field(default=30.0, gt=0)
+    max_turns: int = Field(default=1000, ge=1)
+    # Each worker's turn limit is max_turns plus a random share of this, so workers started together
+    # are not all recycled together.
+    max_turns_jitter: int = Field(default=100, ge=0)
+    max_age_s: float = Field(default=3600.0, gt=0)
+    max_idle_s: float = Field(default=600.0, gt=0)
+    max_worker_pss_bytes: int = Field(default=1024 * MiB, gt=0)
+    max_context_tokens: int = Field(default=200_000, gt=0)
+    maintenance_interval_s: float = Field(default=5.0, gt=0)
+    boot_failure_threshold: int = Field(default=5, ge=1)
+    breaker_cooldown_s: float = Field(default=30.0, gt=0)
+    breaker_max_cooldown_s: float = Field(default=600.0, gt=0)
+    max_line_bytes: int = Field(default=DEFAULT_MAX_LINE_BYTES, gt=0)
+    workdir: Path | None = None
+    timeouts: WorkerTimeouts = Field(default_factory=WorkerTimeouts)
+
+    def spawn_limit(self) -> int:
+        return self.max_concurrent_spawns or os.cpu_count() or 1
+
+
+class BreakerState(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass
+class PoolStats:
+    """Counters since the pool started (the metrics layer reads them)."""
+
+    spawned: int = 0
+    boot_failures: int = 0
+    leases: int = 0
+    lease_timeouts: int = 0
+    turns: int = 0
+    resets: int = 0
+    reset_failures: int = 0
+    abandoned_turns: int = 0
+    breaker_trips: int = 0
+    retired: Counter[str] = field(default_factory=Counter)
+    cost_usd: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Spawn:
+    worker: Worker
+
+
+@dataclass(frozen=True)
+class _Clean:
+    worker: Worker
+
+
+@dataclass(frozen=True)
+class _Retire:
+    worker: Worker
+    reason: str
+
+
+_Action = _Spawn | _Clean | _Retire
+
+
+@dataclass
+class _Waiter:
+    tenant: str
+    future: asyncio.Future[Lease]
+    enqueued_at: float
+
+
+class Lease:
+    """One worker lent to one request of one tenant. Release it exactly once (the context manager
+    of `Pool.lease` does); the pool then resets the worker before anyone else gets it."""
+
+    def __init__(self, pool: Pool, worker: Worker, tenant: str, queued_s: float) -> None:
+        self.pool = pool
+        self.worker = worker
+        self.tenant = tenant
+        self.queued_s = queued_s
+        self.acquired_at = time.monotonic()
+        self.results: list[TurnResult] = []
+        self.released = False
+
+    def __repr__(self) -> str:
+        return f"<Lease {self.tenant} on {self.worker.id}{' released' if self.released else ''}>"
+
+    def run_turn(
+        self, content: UserContent, *, idle_timeout_s: float | None = None
+    ) -> AsyncIterator[CliEvent | TurnResult]:
+        """Run one turn on the leased worker; see `Worker.run_turn`."""
+        if self.released:
+            raise PoolClosed("this lease was released")
+        return self.worker.run_turn(content, idle_timeout_s=idle_timeout_s)
+
+    async def interrupt(self) -> None:
+        await self.worker.interrupt()
+
+    def release(self) -> None:
+        self.pool._release(self)
+
+    def _record(self, result: TurnResult) -> None:
+        self.results.append(result)
+        self.pool._on_result(self.tenant, result)
+
+
+class Pool:
+    """Warm workers of one profile, leased one request at a time."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        config: PoolConfig | None = None,
+        *,
+        reaper: Reaper | None = None,
+        memory_probe: Callable[[], int] = available_memory_bytes,
+        on_turn_result: Callable[[str, TurnResult], None] | None = None,
+    ) -> None:
+        self.profile = profile
+        self.config = config or PoolConfig()
+        self.stats = PoolStats()
+        self._reaper = reaper
+        self._memory_probe = memory_probe
+        self._on_turn_result = on_turn_result
+
+        self._workers: set[Worker] = set()
+        self._starting: set[Worker] = set()
+        self._idle: list[Worker] = []
+        self._leased: dict[Worker, Lease] = {}
+        self._returned: deque[Worker] = deque()
+        self._cleaning: set[Worker] = set()
+        self._closing: set[Worker] = set()
+        self._waiters: deque[_Waiter] = deque()
+        self._turn_limits: dict[Worker, int] = {}
+        self._recycle_on_release: set[Worker] = set()
+
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Event()
+        self._maintenance: asyncio.Task[None] | None = None
+        self._breaker_timer: asyncio.TimerHandle | None = None
+        self._consecutive_boot_failures = 0
+        self._breaker_open_until: float | None = None
+        self._breaker_trips_in_row = 0
+        self._started = False
+        self._closed = False
+        self.memory = self._plan_memory(pool_pss_bytes=0, per_worker_bytes=self.config.worker_pss_estimate_bytes)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Pool {self.profile.name}: {len(self._leased)} leased, {len(self._idle)} idle, "
+            f"{len(self._starting)} starting, {len(self._cleaning) + len(self._returned)} cleaning, "
+            f"{len(self._closing)} closing | {self.waiting} waiting | max {self.max_workers} | "
+            f"breaker {self.breaker_state}>"
+        )
+
+    # -- public state ------------------------------------------------------------------------
+
+    @property
+    def max_workers(self) -> int:
+        return self.memory.max_workers
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for w in self._waiters if not w.future.done())
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    @property
+    def breaker_state(self) -> BreakerState:
+        if self._breaker_open_until is None:
+            return BreakerState.CLOSED
+        if time.monotonic() < self._breaker_open_until:
+            return BreakerState.OPEN
+        return BreakerState.HALF_OPEN
+
+    @property
+    def healthy(self) -> bool:
+        return self.breaker_state is BreakerState.CLOSED and not self._closed
+
+    def counts(self) -> dict[str, int]:
+        """Workers per set, and waiting requests (what `repr` shows, as data)."""
+        return {
+            "starting": len(self._starting),
+            "idle": len(self._idle),
+            "leased": len(self._leased),
+            "cleaning": len(self._cleaning) + len(self._returned),
+            "closing": len(self._closing),
+            "waiting": self.waiting,
+        }
+
+    def workers(self) -> list[Worker]:
+        """Every worker the pool holds, in any state (for status pages and tests)."""
+        return sorted(self._workers, key=lambda w: w.created_at)
+
+    def total_pss_bytes(self) -> int:
+        return sum(w.pss_bytes or 0 for w in self._workers)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Pool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Begin warming ``min_idle`` workers; returns at once (see `wait_ready`)."""
+        if self._started:
+            return
+        self._started = True
+        self._maintenance = asyncio.create_task(self._maintain(), name=f"pool-{self.profile.name}-maintenance")
+        self._step()
+
+    async def wait_ready(self, timeout_s: float | None = None, *, idle: int | None = None) -> None:
+        """Wait until ``idle`` (default ``min_idle``, capped by ``max_workers``) warm workers are idle."""
+        target = min(self.config.min_idle if idle is None else idle, self.max_workers)
+        async with asyncio.timeout(timeout_s):
+            while len(self._idle) < target:
+                if self._closed:
+                    raise PoolClosed(f"pool {self.profile.name} is closed")
+                if self.breaker_state is BreakerState.OPEN:
+                    raise PoolUnhealthy(f"pool {self.profile.name}: workers keep failing to start")
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def close(self) -> None:
+        """Stop everything: fail waiters, cancel pending work, close every worker (bounded)."""
+        if self._closed:
+            await self._join_workers()
+            return
+        self._closed = True
+        if self._breaker_timer is not None:
+            self._breaker_timer.cancel()
+        for waiter in self._waiters:
+            if not waiter.future.done():
+                waiter.future.set_exception(PoolClosed(f"pool {self.profile.name} is closing"))
+        self._waiters.clear()
+        tasks = list(self._tasks)
+        if self._maintenance is not None:
+            tasks.append(self._maintenance)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        await self._join_workers()
+        self._changed.set()
+        log.info("pool %s closed: %s", self.profile.name, self.stats)
+
+    async def _join_workers(self) -> None:
+        workers = list(self._workers)
+        if workers:
+            await asyncio.gather(*(w.close(graceful=w.is_idle()) for w in workers), return_exceptions=True)
+        for worker in workers:
+            self._forget(worker)
+
+    # -- leasing -----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lease(self, tenant: str, *, timeout_s: float | None = None) -> AsyncIterator[Lease]:
+        """Borrow a clean warm worker for one request of ``tenant``; it is reset after release."""
+        lease = await self.acquire(tenant, timeout_s=timeout_s)
+        try:
+            yield lease
+        finally:
+            lease.release()
+
+    async def acquire(self, tenant: str, *, timeout_s: float | None = None) -> Lease:
+        """Wait for a worker (up to ``timeout_s``, default ``lease_timeout_s``). Prefer `lease`."""
+        if self._closed:
+            raise PoolClosed(f"pool {self.profile.name} is closed")
+        if not self._started:
+            await self.start()
+        if self._cannot_serve():
+            raise PoolUnhealthy(f"pool {self.profile.name}: workers keep failing to start; spawning is paused")
+        timeout_s = self.config.lease_timeout_s if timeout_s is None else timeout_s
+        future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        self._waiters.append(_Waiter(tenant, future, time.monotonic()))
+        self._step()
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await future
+        except BaseException as exc:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                # Cancelled or timed out just as a worker was assigned: hand it straight back.
+                future.result().release()
+            else:
+                future.cancel()
+            if isinstance(exc, TimeoutError):
+                self.stats.lease_timeouts += 1
+                raise PoolTimeout(
+                    f"no {self.profile.name} worker became free within {timeout_s:g}s ({self!r})"
+                ) from None
+            raise
+
+    def _release(self, lease: Lease) -> None:
+        if lease.released:
+            return
+        lease.released = True
+        worker = lease.worker
+        if self._leased.pop(worker, None) is not None:
+            self._returned.append(worker)
+        self._step()
+
+    def _on_result(self, tenant: str, result: TurnResult) -> None:
+        self.stats.turns += 1
+        self.stats.cost_usd += result.cost_usd
+        if self._on_turn_result is not None:
+            self._on_turn_result(tenant, result)
+
+    # -- the decision step ---------------------------------------------------------------------
+
+    def _step(self) -> None:
+        for action in self._plan(time.monotonic()):
+            self._launch(action)
+        self._changed.set()
+
+    def _plan(self, now: float) -> list[_Action]:
+        """Decide everything that can be decided now. Synchronous and await-free by design."""
+        actions: list[_Action] = []
+        if self._closed:
+            # `close` stops every worker it still holds; nothing new starts.
+            self._returned.clear()
+            return actions
+
+        # Workers coming back from a lease or an operation.
+        while self._returned:
+            worker = self._returned.popleft()
+            reason = self._retire_reason(worker, now)
+            if reason is not None:
+                actions.append(self._retire(worker, reason))
+            elif worker.dirty or worker.in_turn():
+                self._cleaning.add(worker)
+                actions.append(_Clean(worker))
+            else:
+                self._idle.append(worker)
+
+        # Idle workers that died, aged, grew or sat unused for too long.
+        for worker in list(self._idle):
+            reason = self._retire_reason(worker, now)
+            if reason is not None:
+                self._idle.remove(worker)
+                actions.append(self._retire(worker, reason))
+        surplus = len(self._idle) - self.config.min_idle
+        for worker in list(self._idle):  # the bottom of the LIFO stack has waited longest
+            if surplus <= 0:
+                break
+            if worker.idle_s(now) >= self.config.max_idle_s:
+                self._idle.remove(worker)
+                actions.append(self._retire(worker, "idle"))
+                surplus -= 1
+        actions.extend(self._shed_memory())
+
+        # Hand idle workers to waiters, first come first served.
+        while self._waiters and self._idle:
+            if self._waiters[0].future.done():
+                self._waiters.popleft()
+                continue
+            worker = self._idle.pop()
+            if worker.dirty or not worker.is_idle():
+                # Defence in depth: a worker that is not provably clean is never lent.
+                actions.append(self._retire(worker, "failed" if not worker.is_alive() else "unclean"))
+                continue
+            waiter = self._waiters.popleft()
+            lease = Lease(self, worker, waiter.tenant, now - waiter.enqueued_at)
+            worker.on_result = lease._record
+            self._leased[worker] = lease
+            self.stats.leases += 1
+            waiter.future.set_result(lease)
+        while self._waiters and self._waiters[0].future.done():
+            self._waiters.popleft()
+
+        if self._cannot_serve():
+            for waiter in self._waiters:
+                if not waiter.future.done():
+                    waiter.future.set_exception(
+                        PoolUnhealthy(f"pool {self.profile.name}: workers keep failing to start")
+                    )
+            self._waiters.clear()
+
+        for _ in range(self._spawn_count()):
+            worker = Worker(
+                self.profile,
+                timeouts=self.config.timeouts,
+                max_line_bytes=self.config.max_line_bytes,
+                workdir_root=self.config.workdir,
+                reaper=self._reaper,
+                on_failure=self._on_worker_failure,
+            )
+            self._workers.add(worker)
+            self._starting.add(worker)
+            self._turn_limits[worker] = self.config.max_turns + random.randint(0, self.config.max_turns_jitter)
+            actions.append(_Spawn(worker))
+        return actions
+
+    def _retire_reason(self, worker: Worker, now: float) -> str | None:
+        if not worker.is_alive():
+            return "failed"
+        if worker in self._recycle_on_release:
+            return "memory_pressure"
+        if worker.turns >= self._turn_limits.get(worker, self.config.max_turns):
+            return "turns"
+        if worker.age_s(now) >= self.config.max_age_s:
+            return "age"
+        if worker.pss_bytes is not None and worker.pss_bytes > self.config.max_worker_pss_bytes:
+            return "memory"
+        if worker.context_tokens > self.config.max_context_tokens:
+            return "context"
+        return None
+
+    def _retire(self, worker: Worker, reason: str) -> _Retire:
+        self._closing.add(worker)
+        self.stats.retired[reason] += 1
+        return _Retire(worker, reason)
+
+    def _shed_memory(self) -> list[_Action]:
+        """Past the hard limit: close idle workers, largest first; recycle leased ones on release."""
+        excess = self.total_pss_bytes() - self.memory.hard_limit_bytes
+        actions: list[_Action] = []
+        if excess <= 0:
+            return actions
+        for worker in sorted(self._idle, key=lambda w: w.pss_bytes or 0, reverse=True):
+            if excess <= 0:
+                break
+            self._idle.remove(worker)
+            excess -= worker.pss_bytes or 0
+            actions.append(self._retire(worker, "memory_pressure"))
+        for worker in sorted(self._leased, key=lambda w: w.pss_bytes or 0, reverse=True):
+            if excess <= 0:
+                break
+            self._recycle_on_release.add(worker)
+            excess -= worker.pss_bytes or 0
+        return actions
+
+    def _spawn_count(self) -> int:
+        breaker = self.breaker_state
+        if breaker is BreakerState.OPEN:
+            return 0
+        waiting = sum(1 for w in self._waiters if not w.future.done())
+        ready_soon = len(self._idle) + len(self._starting) + len(self._cleaning)
+        need = waiting + self.config.min_idle - ready_soon
+        live = ready_soon + len(self._leased)
+        room = min(self.max_workers - live, self.config.spawn_limit() - len(self._starting))
+        if live and self.total_pss_bytes() >= self.memory.soft_limit_bytes:
+            room = 0
+        if breaker is BreakerState.HALF_OPEN:
+            room = min(room, 1 - len(self._starting))  # one probe at a time until a worker boots
+        return max(0, min(need, room))
+
+    def _cannot_serve(self) -> bool:
+        """The breaker is open and no worker exists that could come back to serve a waiter."""
+        return self.breaker_state is BreakerState.OPEN and not (
+            self._idle or self._leased or self._cleaning or self._returned or self._starting
+        )
+
+    # -- I/O, run as tasks that report back through _step ----------------------------------------
+
+    def _launch(self, action: _Action) -> None:
+        if isinstance(action, _Spawn):
+            coro, name = self._spawn(action.worker), f"spawn-{action.worker.id}"
+        elif isinstance(action, _Clean):
+            coro, name = self._clean(action.worker), f"clean-{action.worker.id}"
+        else:
+            coro, name = self._close_worker(action.worker, action.reason), f"retire-{action.worker.id}"
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _spawn(self, worker: Worker) -> None:
+        ok = False
+        try:
+            await worker.start()
+            ok = True
+        except Exception as exc:
+            self._on_boot_failure(exc)
+        finally:
+            self._starting.discard(worker)
+            if ok:
+                self.stats.spawned += 1
+                self._consecutive_boot_failures = 0
+                self._breaker_trips_in_row = 0
+                self._breaker_open_until = None
+                self._returned.append(worker)
+            elif worker.state is WorkerState.CLOSED:
+                # A cancelled start may still be closing: `close` joins it through _workers.
+                self._forget(worker)
+            if not self._closed:
+                self._step()
+
+    async def _clean(self, worker: Worker) -> None:
+        try:
+            if worker.in_turn():
+                self.stats.abandoned_turns += 1
+                await worker.finish_abandoned_turn()
+            await worker.reset()
+            self.stats.resets += 1
+        except Exception as exc:
+            # Unconfirmed: the worker may still hold the last tenant's context. The failed exchange
+            # poisoned it, so _plan retires it.
+            self.stats.reset_failures += 1
+            log.warning("pool %s: cleaning %s failed: %s", self.profile.name, worker.id, exc)
+        finally:
+            worker.on_result = None
+            self._cleaning.discard(worker)
+            if not self._closed:
+                self._returned.append(worker)
+                self._step()
+
+    async def _close_worker(self, worker: Worker, reason: str) -> None:
+        log.info("pool %s: retiring %s (%s)", self.profile.name, worker.id, reason)
+        try:
+            await worker.close(graceful=reason != "failed")
+        finally:
+            self._closing.discard(worker)
+            if worker.state is WorkerState.CLOSED:
+                self._forget(worker)
+            if not self._closed:
+                self._step()
+
+    def _forget(self, worker: Worker) -> None:
+        self._workers.discard(worker)
+        self._turn_limits.pop(worker, None)
+        self._recycle_on_release.discard(worker)
+
+    def _on_worker_failure(self, worker: Worker) -> None:
+        # An idle worker died on its own: take it out now rather than at the next lease.
+        if worker in self._idle:
+            self._idle.remove(worker)
+            self._returned.append(worker)
+            if not self._closed:
+                self._step()
+
+    def _on_boot_failure(self, exc: Exception) -> None:
+        self.stats.boot_failures += 1
+        self._consecutive_boot_failures += 1
+        log.warning("pool %s: worker failed to start: %s", self.profile.name, exc)
+        if self._consecutive_boot_failures < self.config.boot_failure_threshold:
+            return
+        cooldown_s = min(self.config.breaker_cooldown_s * 2**self._breaker_trips_in_row,
+                         self.config.breaker_max_cooldown_s)
+        self._breaker_trips_in_row += 1
+        self.stats.breaker_trips += 1
+        self._breaker_open_until = time.monotonic() + cooldown_s
+        log.error("pool %s: %d workers in a row failed to start; pausing spawns for %.0fs",
+                  self.profile.name, self._consecutive_boot_failures, cooldown_s)
+        if self._breaker_timer is not None:
+            self._breaker_timer.cancel()
+        self._breaker_timer = asyncio.get_running_loop().call_later(cooldown_s, self._step)
+
+    # -- memory --------------------------------------------------------------------------------
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.maintenance_interval_s)
+            self.refresh_memory()
+            self._step()
+
+    def refresh_memory(self) -> MemoryPlan:
+        """Measure every worker's PSS and re-derive the memory plan from it."""
+        measured = [pss for w in list(self._workers) if (pss := w.measure_memory())]
+        per_worker = max(measured) if measured else self.config.worker_pss_estimate_bytes
+        self.memory = self._plan_memory(pool_pss_bytes=sum(measured), per_worker_bytes=per_worker)
+        return self.memory
+
+    def _plan_memory(self, *, pool_pss_bytes: int, per_worker_bytes: int) -> MemoryPlan:
+        return plan_memory(
+            available_bytes=self._memory_probe(),
+            pool_pss_bytes=pool_pss_bytes,
+            memory_fraction=self.config.memory_fraction,
+            per_worker_bytes=per_worker_bytes,
+            configured_max_workers=self.config.max_workers,
+            soft_limit_bytes=self.config.memory_soft_limit_bytes,
+            hard_limit_bytes=self.config.memory_hard_limit_bytes,
+        )

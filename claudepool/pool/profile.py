@@ -1,0 +1,109 @@
+"""Spawn settings for a family of interchangeable workers, with a safe default.
+
+A `Profile` says how to start `claude`: binary, model, system prompt, tools, extra arguments and
+environment. Every worker of a profile is started the same way, so any of them can serve any request
+made for that profile once its conversation is reset.
+
+The defaults are the safe ones (DESIGN.md part 2): no tools, no session files, no auto-memory, no
+CLAUDE.md discovery, no telemetry or update traffic, a per-worker private HOME/TMPDIR/cwd (added by
+the worker), and few upstream retries so a failing upstream costs seconds, not minutes.
+
+>>> p = Profile(name="lean", system_prompt="Answer briefly.", env={"ANTHROPIC_BASE_URL": "http://127.0.0.1:9"})
+>>> "--tools" in p.argv() and p.argv()[p.argv().index("--tools") + 1] == ""
+True
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# What a worker may inherit from the daemon's environment. Everything else (API keys, Redis URLs,
+# admin keys, NOTIFY_SOCKET, LISTEN_FDS, CLAUDE_* settings) is dropped: workers start clean.
+INHERITED_ENV = (
+    "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS",
+    "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "no_proxy",
+)  # fmt: skip
+
+QUIET_ENV = {
+    "DISABLE_AUTOUPDATER": "1",
+    "DISABLE_TELEMETRY": "1",
+    "DISABLE_ERROR_REPORTING": "1",
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    # Auto-memory is injected into every prompt and survives /clear: a cross-tenant channel.
+    "CLAUDE_CODE_DISABLE_AUTO_MEMORY": "1",
+}
+
+# Arguments that would break how a worker is driven or reset.
+_FORBIDDEN_ARGS = frozenset({"--disable-slash-commands", "--input-format", "--output-format", "-p", "--print"})
+
+
+class Profile(BaseModel):
+    """How to start the workers of one pool."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    claude_bin: str = "claude"
+    model: str | None = None
+    system_prompt: str | None = None
+    # Tools the model may use; empty means none (`--tools ""`), the safe default.
+    tools: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = Field(default_factory=dict)
+    # Text deltas as they arrive (`stream_event` lines); needed to stream answers to clients.
+    include_partial_messages: bool = True
+    # CLAUDE.md files in the cwd and its parents would reach every tenant's prompt.
+    read_claude_md: bool = False
+    upstream_max_retries: int = Field(default=2, ge=0)
+    upstream_timeout_ms: int = Field(default=60_000, gt=0)
+
+    @field_validator("args")
+    @classmethod
+    def _no_forbidden_args(cls, args: tuple[str, ...]) -> tuple[str, ...]:
+        bad = sorted({a.split("=", 1)[0] for a in args} & _FORBIDDEN_ARGS)
+        if bad:
+            raise ValueError(f"profile args may not contain {', '.join(bad)}: workers would break")
+        return args
+
+    def argv(self) -> list[str]:
+        """The full command line of a worker."""
+        argv = [
+            self.claude_bin, "-p",
+            "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
+            "--no-session-persistence",
+            # Keeps HOME and cwd out of the system prompt, so every worker of a profile shares one
+            # prompt-cache prefix even though each has a private HOME.
+            "--exclude-dynamic-system-prompt-sections",
+            "--tools", ",".join(self.tools),
+        ]  # fmt: skip
+        if self.include_partial_messages:
+            argv.append("--include-partial-messages")
+        if self.model:
+            argv += ["--model", self.model]
+        if self.system_prompt is not None:
+            argv += ["--system-prompt", self.system_prompt]
+        argv += self.args
+        return argv
+
+    def environ(self, *, home: Path, tmpdir: Path, inherited: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The worker's whole environment: a scrubbed base, quiet settings, the profile, private dirs."""
+        source = os.environ if inherited is None else inherited
+        env = {k: source[k] for k in INHERITED_ENV if k in source}
+        env.update(QUIET_ENV)
+        env["CLAUDE_CODE_MAX_RETRIES"] = str(self.upstream_max_retries)
+        env["API_TIMEOUT_MS"] = str(self.upstream_timeout_ms)
+        if not self.read_claude_md:
+            env["CLAUDE_CODE_DISABLE_CLAUDE_MDS"] = "1"
+        env.update(self.env)
+        # Private directories are not the profile's to override.
+        env["HOME"] = str(home)
+        env["TMPDIR"] = str(tmpdir)
+        for var, sub in (("XDG_CONFIG_HOME", ".config"), ("XDG_CACHE_HOME", ".cache"),
+                         ("XDG_DATA_HOME", ".local/share"), ("XDG_STATE_HOME", ".local/state")):
+            env[var] = str(home / sub)
+        return env

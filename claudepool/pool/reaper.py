@@ -1,0 +1,148 @@
+"""Make worker process groups die with the daemon, even when the daemon dies by SIGKILL.
+
+Two mechanisms, because each covers a gap in the other:
+
+* ``PR_SET_PDEATHSIG`` (set in the child between fork and exec by `child_setup`): the kernel sends
+  SIGKILL to the `claude` process the moment the daemon's thread that spawned it dies. It covers the
+  window before a worker is registered, but only reaches the direct child, not tool subprocesses.
+* A *reaper* helper process (this file run as a script) holds the read end of a pipe and a
+  list of live process groups. When the daemon dies, for any reason, the kernel closes the pipe; the
+  helper reads EOF and SIGKILLs every registered group, grandchildren included, then exits.
+
+The helper runs in its own session and ignores SIGINT/SIGTERM so a Ctrl-C or a service manager's
+SIGTERM to the daemon's group cannot take it down before the daemon has finished its own cleanup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import IO
+
+_PR_SET_PDEATHSIG = 1
+_libc: ctypes.CDLL | None = None
+
+
+def child_setup(parent_pid: int) -> None:
+    """Runs in the forked child before exec: die with the parent. Must stay async-signal-simple."""
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # The parent may have died between fork and prctl: then nobody will signal us.
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _load_libc() -> None:
+    global _libc
+    if sys.platform.startswith("linux") and _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+
+
+_load_libc()
+
+
+class Reaper:
+    """Client side: registers process groups with the helper process, spawning it on first use."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._groups: set[int] = set()
+
+    @property
+    def helper_pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def register(self, pgid: int) -> None:
+        with self._lock:
+            self._groups.add(pgid)
+            self._send(f"+{pgid}\n")
+
+    def unregister(self, pgid: int) -> None:
+        with self._lock:
+            self._groups.discard(pgid)
+            self._send(f"-{pgid}\n")
+
+    def close(self) -> None:
+        """Stop the helper; it kills whatever is still registered, as on the daemon's death."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        assert proc.stdin is not None
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def _send(self, line: str) -> None:
+        stdin = self._ensure_helper()
+        try:
+            stdin.write(line.encode())
+            stdin.flush()
+        except OSError:
+            # The helper died (OOM killer, operator): start a new one and tell it everything.
+            self._proc = None
+            stdin = self._ensure_helper()
+            stdin.write(line.encode())
+            stdin.flush()
+
+    def _ensure_helper(self) -> IO[bytes]:
+        if self._proc is not None and self._proc.poll() is None:
+            assert self._proc.stdin is not None
+            return self._proc.stdin
+        self._proc = subprocess.Popen(
+            # Run as a plain script in isolated mode: no package import, starts in ~20 ms.
+            [sys.executable, "-I", "-S", os.path.abspath(__file__)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
+        assert self._proc.stdin is not None
+        if self._groups:
+            self._proc.stdin.write("".join(f"+{g}\n" for g in self._groups).encode())
+            self._proc.stdin.flush()
+        return self._proc.stdin
+
+
+_default: Reaper | None = None
+
+
+def default_reaper() -> Reaper:
+    """The process-wide reaper shared by every pool of this daemon."""
+    global _default
+    if _default is None:
+        _default = Reaper()
+    return _default
+
+
+def _helper_main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    groups: set[int] = set()
+    for raw in sys.stdin.buffer:
+        line = raw.strip()
+        if not line:
+            continue
+        op, pgid = line[:1], int(line[1:])
+        if op == b"+":
+            groups.add(pgid)
+        elif op == b"-":
+            groups.discard(pgid)
+    # EOF: the daemon is gone (or closed us on purpose). Nothing registered may outlive it.
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    _helper_main()

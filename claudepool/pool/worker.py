@@ -1,0 +1,596 @@
+"""One warm `claude` process in persistent stream-json mode.
+
+A `Worker` owns the process, its private directories, and two reader tasks (stdout events, stderr
+tail). It serves one exchange at a time: a turn (`run_turn`), a reset (`reset`) or the start-up
+handshake. It never writes a user line while another exchange runs, because the CLI would merge the
+two prompts into one turn.
+
+Failures are sticky and fan out: when the reader sees EOF, a corrupt or oversize line, every waiter
+(the running turn, pending control requests) gets the same `WorkerError` at once and the worker is
+never used again. Closing escalates EOF → SIGTERM → SIGKILL of the whole process group, each step
+bounded, and is shielded from the caller's cancellation.
+
+>>> async def demo(profile):                                   # doctest: +SKIP
+...     worker = Worker(profile)
+...     await worker.start()
+...     async for item in worker.run_turn("hello"):
+...         if isinstance(item, TurnResult):
+...             print(item.text, item.cost_usd)
+...     await worker.reset()
+...     await worker.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import itertools
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from claudepool.errors import (
+    ProtocolError,
+    ResetFailed,
+    TurnStalled,
+    WorkerBusy,
+    WorkerDied,
+    WorkerError,
+    WorkerProtocolError,
+    WorkerStartError,
+)
+from claudepool.pool.memory import tree_pss_bytes
+from claudepool.pool.profile import Profile
+from claudepool.pool.reaper import Reaper, child_setup, default_reaper
+from claudepool.protocol.cli_events import (
+    AssistantEvent,
+    CliEvent,
+    ControlRequestEvent,
+    ControlResponseBody,
+    ControlResponseEvent,
+    ConversationReset,
+    ResultEvent,
+    StreamEvent,
+    Usage,
+    UserContent,
+    encode_control_error,
+    encode_control_request,
+    encode_user_message,
+    parse_event,
+)
+from claudepool.protocol.framing import DEFAULT_MAX_LINE_BYTES, LineFramer, decode_object
+
+log = logging.getLogger(__name__)
+
+_READ_CHUNK_BYTES = 1 << 16
+_ids = itertools.count(1)
+
+
+class WorkerState(enum.StrEnum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    RESETTING = "resetting"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class WorkerTimeouts(BaseModel):
+    """Deadlines of every exchange with the process, in seconds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ready_timeout_s: float = Field(default=30.0, gt=0)
+    # Watchdog: a turn that produces no event for this long is interrupted, then killed.
+    turn_idle_timeout_s: float = Field(default=120.0, gt=0)
+    interrupt_timeout_s: float = Field(default=5.0, gt=0)
+    reset_timeout_s: float = Field(default=10.0, gt=0)
+    close_eof_timeout_s: float = Field(default=2.0, ge=0)
+    close_term_timeout_s: float = Field(default=2.0, ge=0)
+    close_kill_timeout_s: float = Field(default=5.0, gt=0)
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    """The settled outcome of one turn, parsed from its ``result`` line."""
+
+    text: str
+    is_error: bool
+    subtype: str
+    terminal_reason: str | None
+    stop_reason: str | None
+    api_error_status: int | None
+    usage: Usage
+    # Cost of this turn: the CLI reports a total since the last reset; this is the delta.
+    cost_usd: float
+    session_id: str
+    duration_ms: float
+    context_tokens: int
+    interrupted: bool = False
+
+
+@dataclass
+class _Channel:
+    """Events of the running exchange, handed from the reader task to one consumer."""
+
+    items: deque[CliEvent] = field(default_factory=deque)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    error: BaseException | None = None
+
+    def push(self, event: CliEvent) -> None:
+        self.items.append(event)
+        self.ready.set()
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.ready.set()
+
+    async def get(self) -> CliEvent:
+        while not self.items:
+            if self.error is not None:
+                raise self.error
+            self.ready.clear()
+            await self.ready.wait()
+        return self.items.popleft()
+
+
+class Worker:
+    """One `claude` process. Not safe for concurrent exchanges: the pool leases it to one caller."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        *,
+        timeouts: WorkerTimeouts | None = None,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        workdir_root: Path | None = None,
+        reaper: Reaper | None = None,
+        on_failure: Callable[[Worker], None] | None = None,
+    ) -> None:
+        self.id = f"{profile.name}-{next(_ids)}"
+        self.profile = profile
+        self.timeouts = timeouts or WorkerTimeouts()
+        self.max_line_bytes = max_line_bytes
+        self.state = WorkerState.STARTING
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        self.created_at = time.monotonic()
+        self.ready_at: float | None = None
+        self.last_active_at = self.created_at
+        self.turns = 0
+        self.resets = 0
+        self.session_id = ""
+        self.context_tokens = 0
+        self.pss_bytes: int | None = None
+        # True once a prompt reached this conversation; cleared by a confirmed reset.
+        self.dirty = False
+        self.failure: WorkerError | None = None
+        self.on_failure = on_failure
+        # Receives every settled turn, including one drained after its consumer went away.
+        self.on_result: Callable[[TurnResult], None] | None = None
+
+        self._workdir_root = workdir_root
+        self._reaper = reaper or default_reaper()
+        self._dir: Path | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._channel: _Channel | None = None
+        self._controls: dict[str, asyncio.Future[ControlResponseBody]] = {}
+        self._control_ids = itertools.count(1)
+        self._cost_baseline_usd = 0.0
+        self._stderr_tail = bytearray()
+        self._close_task: asyncio.Task[None] | None = None
+        self._registered = False
+
+    def __repr__(self) -> str:
+        pss = f"{self.pss_bytes / 2**20:.0f}MiB" if self.pss_bytes else "?"
+        return (f"<Worker {self.id} {self.state} pid={self.pid} turns={self.turns} "
+                f"age={self.age_s():.1f}s pss={pss}>")
+
+    # -- predicates --------------------------------------------------------------------------
+
+    def age_s(self, now: float | None = None) -> float:
+        return (now if now is not None else time.monotonic()) - self.created_at
+
+    def idle_s(self, now: float | None = None) -> float:
+        return (now if now is not None else time.monotonic()) - self.last_active_at
+
+    def is_alive(self) -> bool:
+        return self.failure is None and self.state not in (WorkerState.CLOSING, WorkerState.CLOSED)
+
+    def is_idle(self) -> bool:
+        return self.state is WorkerState.IDLE and self.failure is None
+
+    def in_turn(self) -> bool:
+        return self.state is WorkerState.BUSY
+
+    @property
+    def stderr_tail(self) -> str:
+        return self._stderr_tail.decode("utf-8", "replace")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Spawn the process and wait for its answer to ``initialize`` (the ready signal)."""
+        if self._proc is not None or self.state is not WorkerState.STARTING:
+            raise WorkerBusy(f"worker {self.id} was already started")
+        try:
+            await self._spawn()
+            await self._control("initialize", self.timeouts.ready_timeout_s)
+        except BaseException as exc:
+            await self.close(graceful=False)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            reason = "did not confirm readiness in time" if isinstance(exc, TimeoutError) else str(exc)
+            tail = self.stderr_tail.strip()[-500:]
+            raise WorkerStartError(
+                f"worker {self.id} failed to start: {reason}" + (f" (stderr: {tail})" if tail else "")
+            ) from None
+        self.ready_at = time.monotonic()
+        self.last_active_at = self.ready_at
+        self.state = WorkerState.IDLE
+
+    async def _spawn(self) -> None:
+        root = self._workdir_root
+        if root is not None:
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{self.id}-", dir=root))
+        home, tmp, cwd = self._dir / "home", self._dir / "tmp", self._dir / "cwd"
+        for d in (home, tmp, cwd):
+            d.mkdir(mode=0o700)
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.profile.argv(),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self.profile.environ(home=home, tmpdir=tmp),
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=functools.partial(child_setup, os.getpid()),
+            )
+        except OSError as exc:
+            raise WorkerStartError(f"cannot execute {self.profile.claude_bin!r}: {exc.strerror}") from None
+        self.pid = self._proc.pid
+        self._reaper.register(self.pid)
+        self._registered = True
+        self._tasks = [
+            asyncio.create_task(self._read_events(), name=f"{self.id}-stdout"),
+            asyncio.create_task(self._read_stderr(), name=f"{self.id}-stderr"),
+        ]
+
+    async def close(self, *, graceful: bool = True) -> None:
+        """Stop the process and remove its directories. Idempotent; survives caller cancellation.
+
+        ``graceful`` starts with EOF on stdin (an idle CLI exits at once); otherwise with SIGTERM.
+        """
+        if self._close_task is None:
+            self._close_task = asyncio.create_task(self._close(graceful), name=f"{self.id}-close")
+        await asyncio.shield(self._close_task)
+
+    async def _close(self, graceful: bool) -> None:
+        self.state = WorkerState.CLOSING
+        if self.failure is None:
+            self.failure = WorkerDied(f"worker {self.id} is closed")
+        self._fan_out(self.failure)
+        proc = self._proc
+        if proc is not None:
+            t = self.timeouts
+            if proc.returncode is None and graceful:
+                with contextlib.suppress(Exception):
+                    assert proc.stdin is not None
+                    proc.stdin.close()
+                await self._wait_exit(proc, t.close_eof_timeout_s)
+            if proc.returncode is None:
+                self._signal_group(signal.SIGTERM)
+                await self._wait_exit(proc, t.close_term_timeout_s)
+            if proc.returncode is None:
+                self._signal_group(signal.SIGKILL)
+                await self._wait_exit(proc, t.close_kill_timeout_s)
+            # Tool subprocesses that outlived the CLI share its group.
+            self._signal_group(signal.SIGKILL)
+            self.returncode = proc.returncode
+            _, pending = await asyncio.wait(self._tasks, timeout=1.0) if self._tasks else (set(), set())
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+            transport = getattr(proc, "_transport", None)
+            if transport is not None:
+                # A grandchild holding our pipes would keep the transport open past exit.
+                transport.close()
+            if proc.returncode is not None and self._registered and self.pid is not None:
+                # A group leaves the reaper's list only once its leader has been reaped.
+                self._reaper.unregister(self.pid)
+                self._registered = False
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        self.state = WorkerState.CLOSED
+
+    @staticmethod
+    async def _wait_exit(proc: asyncio.subprocess.Process, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), timeout_s)
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        if self.pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+    # -- exchanges ---------------------------------------------------------------------------
+
+    def run_turn(
+        self, content: UserContent, *, idle_timeout_s: float | None = None
+    ) -> AsyncIterator[CliEvent | TurnResult]:
+        """Send one prompt; iterate the events of exactly that turn, ending with its `TurnResult`.
+
+        The prompt is written at once. If the caller stops iterating early the turn keeps running
+        in the CLI and the worker stays `BUSY` until `finish_abandoned_turn` settles it.
+        """
+        channel = self._begin(WorkerState.BUSY)
+        self.dirty = True
+        self._write(encode_user_message(content))
+        return self._turn_events(channel, idle_timeout_s or self.timeouts.turn_idle_timeout_s)
+
+    async def _turn_events(self, channel: _Channel, idle_timeout_s: float) -> AsyncIterator[CliEvent | TurnResult]:
+        try:
+            await self._drain(idle_timeout_s)
+        except TimeoutError:
+            await self.close(graceful=False)
+            raise TurnStalled(f"the worker did not take its prompt within {idle_timeout_s:g}s; killed") from None
+        text_parts: list[str] = []
+        while True:
+            try:
+                async with asyncio.timeout(idle_timeout_s):
+                    event = await channel.get()
+            except TimeoutError:
+                await self._on_stall(channel, idle_timeout_s)
+            if isinstance(event, ResultEvent):
+                yield self._settle(event, channel, "".join(text_parts))
+                return
+            if isinstance(event, AssistantEvent):
+                if event.message.usage is not None and event.parent_tool_use_id is None:
+                    self.context_tokens = event.message.usage.context_tokens
+                if event.parent_tool_use_id is None:
+                    text_parts.append(event.text())
+            yield event
+
+    async def _on_stall(self, channel: _Channel, idle_timeout_s: float) -> NoReturn:
+        """Watchdog expiry: interrupt; if even that is not confirmed, kill. Always raises."""
+        log.warning("worker %s: no event for %.1fs, interrupting the turn", self.id, idle_timeout_s)
+        try:
+            await self._interrupt_and_settle(channel)
+        except (TimeoutError, WorkerError):
+            await self.close(graceful=False)
+            raise TurnStalled(
+                f"no event for {idle_timeout_s:g}s and the interrupt was not confirmed; worker killed"
+            ) from None
+        raise TurnStalled(f"no event for {idle_timeout_s:g}s; the turn was interrupted")
+
+    async def interrupt(self) -> None:
+        """Ask the CLI to stop the running turn. Its ``result`` (``is_error``) still arrives through
+        the turn's iterator; returns once the CLI acknowledged. No-op when no turn runs."""
+        if self.state is WorkerState.BUSY:
+            await self._control("interrupt", self.timeouts.interrupt_timeout_s)
+
+    async def finish_abandoned_turn(self) -> TurnResult | None:
+        """Settle a turn whose consumer went away: interrupt it and drain to its result.
+
+        On failure, cancellation included, the worker is poisoned: it must be closed.
+        """
+        channel = self._channel
+        if self.state is not WorkerState.BUSY or channel is None:
+            return None
+        try:
+            return await self._interrupt_and_settle(channel)
+        except BaseException as exc:
+            reason = "did not end in time" if isinstance(exc, TimeoutError) else f"failed: {exc!r}"
+            failure = WorkerError(f"worker {self.id}: interrupted turn {reason}")
+            self._poison(failure)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise failure from None
+
+    async def _interrupt_and_settle(self, channel: _Channel) -> TurnResult:
+        await self._control("interrupt", self.timeouts.interrupt_timeout_s)
+        async with asyncio.timeout(self.timeouts.interrupt_timeout_s):
+            while True:
+                event = await channel.get()
+                if isinstance(event, ResultEvent):
+                    return self._settle(event, channel, "", interrupted=True)
+
+    async def reset(self) -> None:
+        """Forget the conversation with ``/clear``: wait for ``conversation_reset`` and its result.
+
+        On any failure, cancellation included, the worker is poisoned and must be closed: a worker
+        whose reset is unconfirmed may still hold the last tenant's context.
+        """
+        channel = self._begin(WorkerState.RESETTING)
+        try:
+            self._write(encode_user_message("/clear"))
+            async with asyncio.timeout(self.timeouts.reset_timeout_s):
+                await self._drain(self.timeouts.reset_timeout_s)
+                confirmed = False
+                while True:
+                    event = await channel.get()
+                    if isinstance(event, ConversationReset):
+                        confirmed = True
+                    elif isinstance(event, ResultEvent):
+                        break
+        except BaseException as exc:
+            reason = "not confirmed in time" if isinstance(exc, TimeoutError) else f"failed: {exc}"
+            failure = ResetFailed(f"worker {self.id}: /clear {reason}")
+            self._poison(failure)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise failure from None
+        if not confirmed or event.is_error:
+            failure = ResetFailed(f"worker {self.id}: /clear ended without a conversation_reset")
+            self._poison(failure)
+            raise failure
+        self._channel = None
+        self._cost_baseline_usd = event.total_cost_usd
+        self.session_id = event.session_id
+        self.context_tokens = 0
+        self.dirty = False
+        self.resets += 1
+        self.last_active_at = time.monotonic()
+        self.state = WorkerState.IDLE
+
+    def measure_memory(self) -> int | None:
+        """Refresh and return the PSS of the worker's process tree."""
+        if self.pid is not None and self.is_alive():
+            self.pss_bytes = tree_pss_bytes(self.pid)
+        return self.pss_bytes
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _begin(self, state: WorkerState) -> _Channel:
+        if self.failure is not None:
+            raise self.failure
+        if self.state is not WorkerState.IDLE:
+            raise WorkerBusy(f"worker {self.id} is {self.state}, not idle")
+        self.state = state
+        self._channel = _Channel()
+        return self._channel
+
+    def _settle(self, event: ResultEvent, channel: _Channel, streamed_text: str,
+                interrupted: bool = False) -> TurnResult:
+        cost = max(0.0, event.total_cost_usd - self._cost_baseline_usd)
+        self._cost_baseline_usd = event.total_cost_usd
+        if event.session_id:
+            self.session_id = event.session_id
+        result = TurnResult(
+            text=event.result if event.result is not None else streamed_text,
+            is_error=event.is_error,
+            subtype=event.subtype,
+            terminal_reason=event.terminal_reason,
+            stop_reason=event.stop_reason,
+            api_error_status=event.api_error_status,
+            usage=event.usage,
+            cost_usd=cost,
+            session_id=event.session_id,
+            duration_ms=event.duration_ms,
+            context_tokens=self.context_tokens,
+            interrupted=interrupted,
+        )
+        if self._channel is channel:
+            self._channel = None
+        self.turns += 1
+        self.last_active_at = time.monotonic()
+        if self.state is WorkerState.BUSY:
+            self.state = WorkerState.IDLE
+        if self.on_result is not None:
+            self.on_result(result)
+        return result
+
+    async def _control(self, subtype: str, timeout_s: float) -> ControlResponseBody:
+        if self.failure is not None:
+            raise self.failure
+        request_id = f"cp-{next(self._control_ids)}"
+        future: asyncio.Future[ControlResponseBody] = asyncio.get_running_loop().create_future()
+        self._controls[request_id] = future
+        try:
+            self._write(encode_control_request(request_id, subtype))
+            async with asyncio.timeout(timeout_s):
+                body = await future
+        finally:
+            self._controls.pop(request_id, None)
+        if body.subtype != "success":
+            raise WorkerError(f"worker {self.id}: {subtype} refused: {body.error}")
+        return body
+
+    def _write(self, line: bytes) -> None:
+        proc = self._proc
+        if proc is None or proc.stdin is None or proc.stdin.is_closing():
+            raise self.failure or WorkerDied(f"worker {self.id} has no open stdin")
+        proc.stdin.write(line)
+
+    async def _drain(self, timeout_s: float) -> None:
+        """Wait until a large prompt has been taken by the process (pipe backpressure)."""
+        assert self._proc is not None and self._proc.stdin is not None
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._proc.stdin.drain()
+        except (ConnectionError, BrokenPipeError):
+            raise self.failure or WorkerDied(f"worker {self.id}: stdin closed") from None
+
+    async def _read_events(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        stdout = self._proc.stdout
+        framer = LineFramer(self.max_line_bytes)
+        try:
+            while chunk := await stdout.read(_READ_CHUNK_BYTES):
+                for line in framer.feed(chunk):
+                    if line.strip():
+                        self._dispatch(parse_event(decode_object(line)))
+            tail = framer.finish()
+            if tail.strip():
+                self._dispatch(parse_event(decode_object(tail)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._proc.wait(), 2.0)
+            self._poison(WorkerDied(f"worker {self.id} exited with code {self._proc.returncode}"))
+        except ProtocolError as exc:
+            # A corrupt or oversize line: the stream can no longer be trusted to delimit turns.
+            failure = WorkerProtocolError(f"worker {self.id}: {exc}")
+            failure.__cause__ = exc
+            self._poison(failure)
+        except Exception as exc:
+            log.exception("worker %s: event reader crashed", self.id)
+            self._poison(WorkerDied(f"worker {self.id}: event reader crashed: {exc!r}"))
+
+    async def _read_stderr(self) -> None:
+        assert self._proc is not None and self._proc.stderr is not None
+        while chunk := await self._proc.stderr.read(_READ_CHUNK_BYTES):
+            self._stderr_tail += chunk
+            del self._stderr_tail[:-8192]
+
+    def _dispatch(self, event: CliEvent) -> None:
+        if isinstance(event, ControlResponseEvent):
+            future = self._controls.get(event.response.request_id)
+            if future is not None and not future.done():
+                future.set_result(event.response)
+            return
+        if isinstance(event, ControlRequestEvent):
+            # Permission prompts and hook callbacks: the safe answer is no.
+            with contextlib.suppress(WorkerError):
+                self._write(encode_control_error(event.request_id, "not supported by claudepool"))
+            return
+        channel = self._channel
+        if channel is not None:
+            channel.push(event)
+        elif not isinstance(event, StreamEvent):
+            log.debug("worker %s: %s event outside an exchange", self.id, event.type)
+
+    def _poison(self, exc: WorkerError) -> None:
+        """Record the first failure and hand it to every waiter; the pool then closes the worker."""
+        if self.failure is not None:
+            return
+        self.failure = exc
+        closing = self.state in (WorkerState.CLOSING, WorkerState.CLOSED)
+        if not closing:
+            log.warning("worker %s failed: %s", self.id, exc)
+            log.debug("worker %s stderr tail: %s", self.id, self.stderr_tail[-2000:])
+        self._fan_out(exc)
+        if not closing and self.on_failure is not None:
+            self.on_failure(self)
+
+    def _fan_out(self, exc: WorkerError) -> None:
+        if self._channel is not None:
+            self._channel.fail(exc)
+        for future in self._controls.values():
+            if not future.done():
+                future.set_exception(exc)

@@ -1,0 +1,1 @@
+"""Typed models of every line we read or write: the CLI's stream-json and our client frames."""

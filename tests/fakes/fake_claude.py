@@ -1,0 +1,338 @@
+#!/usr/bin/env python3
+"""A protocol-faithful fake of `claude -p --input-format stream-json --output-format stream-json`.
+
+It reproduces the behaviours of the real CLI (2.1.328) that claudepool relies on, as measured in
+DESIGN.md part 2, without a model or network, and adds fault modes. Standard library only, so it
+starts in ~30 ms.
+
+Faithful behaviours
+  * nothing is printed until the first message; ``system/init`` precedes every turn
+  * ``control_request``/``initialize`` gets a ``control_response`` (the ready signal)
+  * user lines written while a turn runs are queued and merged into one next turn
+  * ``/clear`` (also ``/reset``, ``/new``) emits ``conversation_reset`` with a new session id, then a
+    ``result`` with ``local_command: "clear"``; history and cumulative cost are forgotten
+  * ``interrupt`` stops a running turn: ``result`` with ``is_error`` and ``error_during_execution``
+  * an upstream failure ends as ``subtype: "success", is_error: true, terminal_reason: "api_error"``
+    and the failed prompt stays in the history
+  * ``total_cost_usd`` is cumulative since the last reset; ``usage`` is this turn's
+  * a line that is not JSON, a user line without ``message.role``, or a ``control_request`` without
+    ``request`` kills the process (exit 1, no result); unknown control subtypes answer an error
+  * stdin EOF when idle exits 0 (1 if the last result was an error); EOF mid-turn finishes the turn
+  * SIGTERM exits 143 without a result; SIGINT mid-turn acts like an interrupt
+
+Per-turn directives, in the prompt text
+  [[reply:TEXT]]   answer TEXT             [[echo]]          answer with the whole conversation
+  [[api_error:529]] fail like the upstream [[sleep:S]]       take S seconds, streaming as it goes
+  [[hang]]         stream a little, then never finish (until interrupted)
+  [[crash]]        stream a little, then exit 3 mid-turn
+  [[huge:N]]       print one line of N bytes                 [[garbage]]  print a non-JSON line
+  [[grow:MB]]      allocate and keep MB of memory            [[child]]    spawn a sleeping grandchild
+  [[env]]          answer with the environment as JSON       [[cwd]]      answer with the cwd
+
+Process-wide faults, in FAKE_CLAUDE_FAULTS (comma-separated)
+  slow_start=S     answer ``initialize`` only S seconds after start
+  never_ready      never answer ``initialize``
+  exit_at_start    exit 1 at once
+  exit_at_start_if=PATH  exit 1 at once while PATH exists (a fault that can be healed)
+  ignore_sigterm   ignore SIGTERM (only SIGKILL stops it)
+  ignore_interrupt acknowledge nothing: ``interrupt`` requests get no answer and change nothing
+  clear_hangs      accept ``/clear`` but never confirm it
+  clear_no_reset   answer ``/clear`` with a result but no ``conversation_reset``
+
+FAKE_CLAUDE_LOG=PATH appends every stdin line received, as JSON lines, for tests to inspect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any, NoReturn
+
+DIRECTIVE = re.compile(r"\[\[(\w+)(?::([^\]]*))?\]\]")
+FAULTS: dict[str, str] = {}
+for item in filter(None, os.environ.get("FAKE_CLAUDE_FAULTS", "").split(",")):
+    key, _, value = item.partition("=")
+    FAULTS[key.strip()] = value.strip()
+
+PRICE_IN_USD = 3e-6
+PRICE_OUT_USD = 15e-6
+HOLD: list[bytearray] = []
+
+
+def emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def log_input(line: bytes) -> None:
+    path = os.environ.get("FAKE_CLAUDE_LOG")
+    if path:
+        with open(path, "ab") as f:
+            f.write(line.rstrip(b"\n") + b"\n")
+
+
+def die(message: str, code: int = 1) -> NoReturn:
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class FakeClaude:
+    def __init__(self, argv: list[str]) -> None:
+        self.partial = "--include-partial-messages" in argv
+        self.model = argv[argv.index("--model") + 1] if "--model" in argv else "claude-fake-1"
+        self.started_at = time.monotonic()
+        self.session_id = str(uuid.uuid4())
+        self.history: list[dict[str, str]] = []
+        self.cost_usd = 0.0
+        self.last_error = False
+        self.pending: list[str] = []
+        self.turn: asyncio.Task[None] | None = None
+        self.wakeup = asyncio.Event()
+        self.eof = False
+        self.initialized = False
+
+    # -- input ---------------------------------------------------------------------------------
+
+    async def read_stdin(self) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 30)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while line := await reader.readline():
+            log_input(line)
+            if not line.strip():
+                continue
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                die(f"Error parsing streaming input line (type=unknown, {len(line.strip())} chars): SyntaxError")
+            if not isinstance(msg, dict):
+                die("Error parsing streaming input line: not an object")
+            await self.handle(msg)
+        self.eof = True
+        self.wakeup.set()
+
+    async def handle(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind == "control_request":
+            request = msg.get("request")
+            if not isinstance(request, dict):
+                die("Error: control_request without request")
+            await self.control(str(msg.get("request_id")), request)
+        elif kind == "user":
+            message = msg.get("message") or {}
+            if message.get("role") != "user":
+                die(f"Error: Expected message role 'user', got '{message.get('role', 'undefined')}'")
+            content = message.get("content")
+            text = content if isinstance(content, str) else "".join(
+                b.get("text", "") for b in content or [] if isinstance(b, dict))
+            self.pending.append(text)
+            self.wakeup.set()
+        # Other types are ignored, as the real CLI does.
+
+    async def control(self, request_id: str, request: dict[str, Any]) -> None:
+        subtype = request.get("subtype")
+        if subtype == "initialize":
+            asyncio.get_running_loop().create_task(self.answer_initialize(request_id))
+        elif subtype == "interrupt":
+            if "ignore_interrupt" in FAULTS:
+                return
+            if self.turn is not None and not self.turn.done():
+                self.turn.cancel()
+            emit({"type": "control_response",
+                  "response": {"subtype": "success", "request_id": request_id, "response": {"still_queued": []}}})
+        else:
+            emit({"type": "control_response", "response": {
+                "subtype": "error", "request_id": request_id,
+                "error": f"Unsupported control request subtype: {subtype}", "error_code": "unsupported_request"}})
+
+    async def answer_initialize(self, request_id: str) -> None:
+        if "never_ready" in FAULTS:
+            return
+        delay = float(FAULTS.get("slow_start", "0")) - (time.monotonic() - self.started_at)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.initialized = True
+        emit({"type": "control_response", "response": {
+            "subtype": "success", "request_id": request_id,
+            "response": {"commands": [{"name": "clear"}], "models": [], "account": {}}}})
+
+    # -- turns ---------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        asyncio.get_running_loop().create_task(self.read_stdin())
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            if self.pending:
+                # Everything queued while the last turn ran becomes one turn.
+                prompt = "\n".join(self.pending)
+                self.pending.clear()
+                self.turn = asyncio.get_running_loop().create_task(self.one_turn(prompt))
+                try:
+                    await self.turn
+                except asyncio.CancelledError:
+                    self.finish_interrupted(prompt)
+                self.turn = None
+                if self.pending:
+                    self.wakeup.set()
+                continue
+            if self.eof:
+                return 1 if self.last_error else 0
+
+    def init_event(self) -> None:
+        emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "session_id": self.session_id,
+              "tools": [], "mcp_servers": [], "model": self.model, "permissionMode": "default",
+              "slash_commands": ["clear", "compact"], "apiKeySource": "ANTHROPIC_API_KEY",
+              "uuid": str(uuid.uuid4())})
+
+    async def one_turn(self, prompt: str) -> None:
+        stripped = prompt.strip()
+        if stripped in ("/clear", "/reset", "/new"):
+            await self.clear()
+            return
+        self.init_event()
+        emit({"type": "system", "subtype": "status", "status": "requesting", "session_id": self.session_id})
+        plan = {m.group(1): m.group(2) or "" for m in DIRECTIVE.finditer(prompt)}
+        self.history.append({"role": "user", "text": prompt})
+        if "api_error" in plan:
+            status = int(plan["api_error"] or 529)
+            self.result(f"API Error: {status} injected by the fake", is_error=True, subtype="success",
+                        terminal_reason="api_error", api_error_status=status, usage=(0, 0))
+            return
+        if "garbage" in plan:
+            sys.stdout.write("this is not json {\n")
+            sys.stdout.flush()
+        if "huge" in plan:
+            n = int(plan["huge"])
+            emit({"type": "system", "subtype": "padding", "data": "x" * n})
+        if "grow" in plan:
+            block = bytearray(int(float(plan["grow"]) * 1024 * 1024))
+            for i in range(0, len(block), 4096):
+                block[i] = 1
+            HOLD.append(block)
+        if "child" in plan:
+            child = subprocess.Popen(["sleep", "300"])
+            plan["reply"] = f"child {child.pid}"
+        answer = self.answer(plan, prompt)
+        pieces = [answer[i:i + 8] for i in range(0, len(answer), 8)] or [""]
+        msg_id = f"msg_{uuid.uuid4().hex[:12]}"
+        if self.partial:
+            self.stream({"type": "message_start", "message": {"id": msg_id, "role": "assistant"}})
+        sleep_s = float(plan.get("sleep", "0"))
+        for i, piece in enumerate(pieces):
+            if self.partial:
+                self.stream({"type": "content_block_delta", "index": 0,
+                             "delta": {"type": "text_delta", "text": piece}})
+            if "crash" in plan and i == 0:
+                die("fake crash mid-turn", 3)
+            if "hang" in plan and i == 0:
+                await asyncio.Event().wait()
+            if sleep_s:
+                await asyncio.sleep(sleep_s / len(pieces))
+        in_tokens = self.context_tokens()
+        out_tokens = max(1, math.ceil(len(answer) / 4))
+        emit({"type": "assistant", "message": {
+            "id": msg_id, "type": "message", "role": "assistant", "model": self.model,
+            "content": [{"type": "text", "text": answer}],
+            "usage": {"input_tokens": in_tokens, "output_tokens": out_tokens,
+                      "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}},
+            "parent_tool_use_id": None, "session_id": self.session_id})
+        self.history.append({"role": "assistant", "text": answer})
+        self.result(answer, is_error=False, subtype="success", terminal_reason="completed",
+                    api_error_status=None, usage=(in_tokens, out_tokens))
+
+    def answer(self, plan: dict[str, str], prompt: str) -> str:
+        if "reply" in plan:
+            return plan["reply"]
+        if "echo" in plan:
+            return "\n".join(m["text"] for m in self.history if m["role"] == "user")
+        if "env" in plan:
+            return json.dumps(dict(os.environ))
+        if "cwd" in plan:
+            return os.getcwd()
+        return f"ok: {DIRECTIVE.sub('', prompt).strip()[:40]}"
+
+    def context_tokens(self) -> int:
+        return max(1, math.ceil(sum(len(m["text"]) for m in self.history) / 4))
+
+    def stream(self, event: dict[str, Any]) -> None:
+        emit({"type": "stream_event", "event": event, "session_id": self.session_id, "parent_tool_use_id": None})
+
+    def result(self, text: str | None, *, is_error: bool, subtype: str, terminal_reason: str,
+               api_error_status: int | None, usage: tuple[int, int]) -> None:
+        self.cost_usd += usage[0] * PRICE_IN_USD + usage[1] * PRICE_OUT_USD
+        self.last_error = is_error
+        emit({"type": "result", "subtype": subtype, "is_error": is_error, "result": text,
+              "session_id": self.session_id, "total_cost_usd": self.cost_usd,
+              "usage": {"input_tokens": usage[0], "output_tokens": usage[1],
+                        "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+              "terminal_reason": terminal_reason, "api_error_status": api_error_status,
+              "stop_reason": "end_turn" if not is_error else None, "num_turns": 1,
+              "duration_ms": 1, "uuid": str(uuid.uuid4())})
+
+    def finish_interrupted(self, prompt: str) -> None:
+        # The interrupted turn was billed for what the upstream already sent.
+        self.cost_usd += self.context_tokens() * PRICE_IN_USD
+        self.last_error = True
+        emit({"type": "user", "message": {"role": "user", "content": [
+            {"type": "text", "text": "[Request interrupted by user]"}]}, "session_id": self.session_id})
+        emit({"type": "result", "subtype": "error_during_execution", "is_error": True, "result": None,
+              "session_id": self.session_id, "total_cost_usd": self.cost_usd,
+              "usage": {"input_tokens": 0, "output_tokens": 0}, "terminal_reason": "aborted_streaming",
+              "stop_reason": None, "num_turns": 1, "duration_ms": 1, "uuid": str(uuid.uuid4())})
+
+    async def clear(self) -> None:
+        if "clear_hangs" in FAULTS:
+            await asyncio.Event().wait()
+        old = self.session_id
+        self.session_id = str(uuid.uuid4())
+        self.history.clear()
+        self.cost_usd = 0.0
+        if "clear_no_reset" not in FAULTS:
+            emit({"type": "conversation_reset", "new_conversation_id": self.session_id,
+                  "trigger": "clear", "session_id": old})
+        emit({"type": "system", "subtype": "background_tasks_changed", "tasks": [], "session_id": old})
+        self.init_event()
+        self.last_error = False
+        emit({"type": "result", "subtype": "success", "is_error": False, "result": "",
+              "session_id": self.session_id, "total_cost_usd": 0, "usage": {}, "local_command": "clear",
+              "num_turns": 0, "duration_ms": 1, "uuid": str(uuid.uuid4())})
+
+
+def main() -> None:
+    if "exit_at_start" in FAULTS:
+        die("fake: exit_at_start", 1)
+    if "exit_at_start_if" in FAULTS and os.path.exists(FAULTS["exit_at_start_if"]):
+        die("fake: exit_at_start_if", 1)
+    fake = FakeClaude(sys.argv[1:])
+    if "ignore_sigterm" in FAULTS:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
+
+    async def runner() -> int:
+        loop = asyncio.get_running_loop()
+
+        def on_sigint() -> None:
+            if fake.turn is not None and not fake.turn.done():
+                fake.turn.cancel()
+
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        return await fake.run()
+
+    code = asyncio.run(runner())
+    sys.stdout.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""A loopback fake of the Anthropic Messages API for driving the real `claude` CLI.
+
+It streams answers as server-sent events the way the real API does, reports usage with a small
+prompt-cache simulation, injects errors and stalls on request, and keeps a log of every request so
+tests can prove what did (and did not) reach the model.
+
+Behaviour is chosen per request from directives in the text of the *last* user message, so old
+history never re-triggers them:
+
+    [[reply:TEXT]]     answer exactly TEXT
+    [[echo]]           answer with every user text of the request (what the model "sees")
+    [[status:529]]     answer with that HTTP error status and an Anthropic error body
+    [[delay_s:0.5]]    wait before the answer starts
+    [[chunks:5]]       split the answer into this many text deltas
+    [[chunk_delay_s:0.1]] pause between deltas
+    [[stall]]          start the stream, send one delta, then never finish
+
+Without a directive the answer is ``ok: <first 40 chars of the prompt>``.
+
+Run standalone with ``python -m tests.fakes.fake_upstream --port 8788``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import math
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+_DIRECTIVE = re.compile(r"\[\[(\w+)(?::([^\]]*))?\]\]")
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    body: bytes
+    headers: dict[str, str]
+    received_at: float
+    status: int = 0
+
+    def json(self) -> Any:
+        return orjson.loads(self.body) if self.body else None
+
+    def contains(self, needle: str) -> bool:
+        """True when the raw request, body or headers, holds ``needle``."""
+        raw = needle.encode()
+        return raw in self.body or any(needle in v for v in self.headers.values())
+
+
+@dataclass
+class FakeUpstream:
+    """Fake Messages API bound to 127.0.0.1 on an ephemeral port."""
+
+    requests: list[RecordedRequest] = field(default_factory=list)
+    # When set, overrides the directive parser: each request pops one plan from the left.
+    scripted: list[dict[str, str]] = field(default_factory=list)
+    base_url: str = ""
+    _runner: web.AppRunner | None = None
+    _seen_prefixes: set[bytes] = field(default_factory=set)
+    _ids: Iterator[int] = field(default_factory=itertools.count)
+    _stalled: list[asyncio.Event] = field(default_factory=list)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        app = web.Application(client_max_size=256 * 1024 * 1024)
+        app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
+        app.router.add_route("*", "/{tail:.*}", self._other)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        sockets = getattr(server, "sockets", None) or []
+        bound_port = sockets[0].getsockname()[1]
+        self.base_url = f"http://{host}:{bound_port}"
+        return self.base_url
+
+    async def stop(self) -> None:
+        for ev in self._stalled:
+            ev.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- inspection helpers ------------------------------------------------------------------
+
+    def message_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path == "/v1/messages"]
+
+    def requests_containing(self, needle: str) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.contains(needle)]
+
+    # -- handlers ----------------------------------------------------------------------------
+
+    async def _record(self, request: web.Request) -> RecordedRequest:
+        body = await request.read()
+        rec = RecordedRequest(
+            method=request.method,
+            path=request.path,
+            body=body,
+            headers={k.lower(): v for k, v in request.headers.items()},
+            received_at=time.monotonic(),
+        )
+        self.requests.append(rec)
+        return rec
+
+    async def _other(self, request: web.Request) -> web.Response:
+        rec = await self._record(request)
+        rec.status = 404
+        return web.json_response(_error_body(404, "not found in fake upstream"), status=404)
+
+    async def _count_tokens(self, request: web.Request) -> web.Response:
+        rec = await self._record(request)
+        rec.status = 200
+        return web.json_response({"input_tokens": _tokens(rec.body)})
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        rec = await self._record(request)
+        body = rec.json() or {}
+        plan = self.scripted.pop(0) if self.scripted else _directives(_last_user_text(body))
+        if "delay_s" in plan:
+            await asyncio.sleep(float(plan["delay_s"]))
+        if "status" in plan:
+            status = int(plan["status"])
+            rec.status = status
+            return web.json_response(_error_body(status, f"fake upstream injected {status}"), status=status)
+        text = _answer_text(plan, body)
+        usage = {**self._usage(body), "output_tokens": max(1, _tokens(text.encode()))}
+        rec.status = 200
+        if not body.get("stream"):
+            return web.json_response(self._message_object(body, text, usage, "end_turn"))
+        return await self._stream(request, body, text, usage, plan)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        text: str,
+        usage: dict[str, int],
+        plan: dict[str, str],
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
+        await resp.prepare(request)
+
+        async def send(event: str, data: dict[str, Any]) -> None:
+            await resp.write(b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n")
+
+        start = self._message_object(body, "", {**usage, "output_tokens": 1}, None)
+        await send("message_start", {"type": "message_start", "message": start})
+        await send("content_block_start", {"type": "content_block_start", "index": 0,
+                                           "content_block": {"type": "text", "text": ""}})
+        await send("ping", {"type": "ping"})
+        n_chunks = max(1, int(plan.get("chunks", "1")))
+        chunk_delay_s = float(plan.get("chunk_delay_s", "0"))
+        size = max(1, math.ceil(len(text) / n_chunks))
+        pieces = [text[i:i + size] for i in range(0, len(text), size)] or [""]
+        if "stall" in plan:
+            await send("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                               "delta": {"type": "text_delta", "text": pieces[0]}})
+            stalled = asyncio.Event()
+            self._stalled.append(stalled)
+            await stalled.wait()
+            return resp
+        for i, piece in enumerate(pieces):
+            if i and chunk_delay_s:
+                await asyncio.sleep(chunk_delay_s)
+            await send("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                               "delta": {"type": "text_delta", "text": piece}})
+        await send("content_block_stop", {"type": "content_block_stop", "index": 0})
+        await send("message_delta", {"type": "message_delta",
+                                     "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                     "usage": {"output_tokens": usage["output_tokens"]}})
+        await send("message_stop", {"type": "message_stop"})
+        await resp.write_eof()
+        return resp
+
+    def _message_object(
+        self, body: dict[str, Any], text: str, usage: dict[str, int], stop_reason: str | None
+    ) -> dict[str, Any]:
+        return {
+            "id": f"msg_fake_{next(self._ids):06d}",
+            "type": "message",
+            "role": "assistant",
+            "model": body.get("model", "claude-fake"),
+            "content": [{"type": "text", "text": text}] if text else [],
+            "stop_reason": stop_reason,
+            "stop_sequence": None,
+            "usage": usage,
+        }
+
+    def _usage(self, body: dict[str, Any]) -> dict[str, int]:
+        """Usage with prompt caching simulated at the request's cache_control breakpoints."""
+        segments = _segments(body)
+        total = sum(_tokens(s) for s, _ in segments)
+        prefix = b""
+        breakpoints: list[tuple[bytes, int]] = []
+        running = 0
+        for seg, cached in segments:
+            prefix += seg
+            running += _tokens(seg)
+            if cached:
+                breakpoints.append((hashlib.sha256(prefix).digest(), running))
+        read = max((n for h, n in breakpoints if h in self._seen_prefixes), default=0)
+        cached_total = breakpoints[-1][1] if breakpoints else 0
+        self._seen_prefixes.update(h for h, _ in breakpoints)
+        return {
+            "input_tokens": total - cached_total,
+            "cache_creation_input_tokens": cached_total - read,
+            "cache_read_input_tokens": read,
+            "output_tokens": 0,
+        }
+
+
+def _segments(body: dict[str, Any]) -> list[tuple[bytes, bool]]:
+    """The request's prompt blocks in cache order (tools, system, messages), each with its flag."""
+    out: list[tuple[bytes, bool]] = []
+    for tool in body.get("tools") or []:
+        out.append((orjson.dumps(tool), "cache_control" in tool))
+    system = body.get("system")
+    if isinstance(system, str):
+        out.append((system.encode(), False))
+    elif isinstance(system, list):
+        out.extend((orjson.dumps(b), "cache_control" in b) for b in system)
+    for msg in body.get("messages") or []:
+        content = msg.get("content")
+        if isinstance(content, str):
+            out.append((content.encode(), False))
+        else:
+            out.extend((orjson.dumps(b), isinstance(b, dict) and "cache_control" in b) for b in content or [])
+    return out
+
+
+def _tokens(raw: bytes) -> int:
+    return math.ceil(len(raw) / 4)
+
+
+def _user_texts(msg: dict[str, Any]) -> list[str]:
+    content = msg.get("content")
+    if isinstance(content, str):
+        return [content]
+    return [b.get("text", "") for b in content or [] if isinstance(b, dict) and b.get("type") == "text"]
+
+
+def _last_user_text(body: dict[str, Any]) -> str:
+    users = [m for m in body.get("messages") or [] if m.get("role") == "user"]
+    return "\n".join(_user_texts(users[-1])) if users else ""
+
+
+def _directives(text: str) -> dict[str, str]:
+    plan = {m.group(1): m.group(2) or "" for m in _DIRECTIVE.finditer(text)}
+    plan["_prompt"] = _DIRECTIVE.sub("", text).strip()
+    return plan
+
+
+def _answer_text(plan: dict[str, str], body: dict[str, Any]) -> str:
+    if "reply" in plan:
+        return plan["reply"]
+    if "echo" in plan:
+        texts = [t for m in body.get("messages") or [] if m.get("role") == "user" for t in _user_texts(m)]
+        return "\n".join(texts)
+    prompt = plan.get("_prompt", "")
+    # The CLI wraps prompts in <system-reminder> blocks; answer about the user's own words.
+    visible = re.sub(r"<system-reminder>.*?</system-reminder>", "", prompt, flags=re.S).strip()
+    return f"ok: {visible[:40]}"
+
+
+def _error_body(status: int, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": _ERROR_TYPES.get(status, "api_error"), "message": message}}
+
+
+async def _serve(port: int) -> None:
+    upstream = FakeUpstream()
+    url = await upstream.start(port=port)
+    print(f"fake upstream listening on {url}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await upstream.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=8788)
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(args.port))
+
+
+if __name__ == "__main__":
+    main()

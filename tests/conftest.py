@@ -66,11 +66,18 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
 
 
 @pytest.fixture
-def real_profile(upstream: FakeUpstream) -> Callable[..., Profile]:
-    """Profiles for the real CLI pointed at the loopback fake upstream. Fails, not skips, without it."""
+def real_claude() -> str:
+    """Path of the real CLI. Fails, never skips, when it is missing: CI must run these tests."""
     binary = real_claude_bin()
     if binary is None:
         pytest.fail("the real `claude` CLI is not installed: run .ci/run or set CLAUDEPOOL_TEST_CLAUDE")
+    return binary
+
+
+@pytest.fixture
+def real_profile(upstream: FakeUpstream, real_claude: str) -> Callable[..., Profile]:
+    """Profiles for the real CLI pointed at the loopback fake upstream."""
+    binary = real_claude
 
     def make(name: str = "real", **kwargs: Any) -> Profile:
         env = {"ANTHROPIC_BASE_URL": upstream.base_url, "ANTHROPIC_API_KEY": "sk-ant-test-key"}

@@ -96,7 +96,9 @@ class AssistantEvent(_Event):
     parent_tool_use_id: str | None = None
 
     def text(self) -> str:
-        return "".join(b.get("text", "") for b in self.message.content if b.get("type") == "text")
+        return "".join(
+            text for b in self.message.content if b.get("type") == "text" and isinstance(text := b.get("text"), str)
+        )
 
 
 class UserEvent(_Event):
@@ -119,8 +121,8 @@ class StreamEvent(_Event):
         """The text of a top-level ``text_delta``, else None."""
         if self.parent_tool_use_id is not None or self.event.get("type") != "content_block_delta":
             return None
-        delta = self.event.get("delta") or {}
-        if delta.get("type") != "text_delta":
+        delta = self.event.get("delta")
+        if not isinstance(delta, dict) or delta.get("type") != "text_delta":
             return None
         text = delta.get("text")
         return text if isinstance(text, str) else None

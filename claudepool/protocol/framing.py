@@ -73,6 +73,7 @@ class LineFramer:
 
     def _check_line(self, size: int) -> None:
         if size > self.max_line_bytes:
+            self._buf.clear()
             raise FrameTooLarge(f"line of {size} bytes exceeds the limit of {self.max_line_bytes} bytes")
 
     def _check_pending(self) -> None:

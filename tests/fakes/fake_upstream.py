@@ -55,6 +55,8 @@ class RecordedRequest:
     headers: dict[str, str]
     received_at: float
     status: int = 0
+    # The usage this fake reported for the request (message requests that succeeded).
+    usage: dict[str, int] | None = None
 
     def json(self) -> Any:
         return orjson.loads(self.body) if self.body else None
@@ -146,6 +148,7 @@ class FakeUpstream:
         text = _answer_text(plan, body)
         usage = {**self._usage(body), "output_tokens": max(1, _tokens(text.encode()))}
         rec.status = 200
+        rec.usage = usage
         if not body.get("stream"):
             return web.json_response(self._message_object(body, text, usage, "end_turn"))
         return await self._stream(request, body, text, usage, plan)

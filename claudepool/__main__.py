@@ -1,0 +1,3 @@
+from claudepool.cli import main
+
+main()

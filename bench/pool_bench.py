@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,6 +78,21 @@ def self_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+async def run_requests(one: Callable[[], Awaitable[float]], requests: int, concurrency: int) -> list[float]:
+    """Run ``requests`` calls of ``one`` with ``concurrency`` in flight; return their latencies."""
+    remaining = requests
+    latencies: list[float] = []
+
+    async def runner() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            latencies.append(await one())
+
+    await asyncio.gather(*(runner() for _ in range(concurrency)))
+    return latencies
+
+
 async def bench_cold(profile: Profile, home: Path, requests: int, concurrency: int) -> Run:
     # The same safe flags as a worker, in one-shot mode.
     argv = [profile.claude_bin, "-p", PROMPT, "--output-format", "json", "--tools", "",
@@ -84,25 +100,19 @@ async def bench_cold(profile: Profile, home: Path, requests: int, concurrency: i
     if profile.bare:
         argv.append("--bare")
     env = profile.environ(home=home, tmpdir=home)
-    latencies: list[float] = []
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(requests):
-        queue.put_nowait(i)
 
-    async def runner() -> None:
-        while not queue.empty():
-            queue.get_nowait()
-            t0 = time.perf_counter()
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                env=env, cwd=home)
-            out, _ = await proc.communicate()
-            latencies.append(time.perf_counter() - t0)
-            if proc.returncode != 0 or orjson.loads(out).get("is_error"):
-                raise RuntimeError(f"cold request failed: {out[:300]!r}")
+    async def one() -> float:
+        t0 = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env=env, cwd=home)
+        out, _ = await proc.communicate()
+        if proc.returncode != 0 or orjson.loads(out).get("is_error"):
+            raise RuntimeError(f"cold request failed: {out[:300]!r}")
+        return time.perf_counter() - t0
 
     cpu0, wall0 = children_cpu_s(), time.perf_counter()
-    await asyncio.gather(*(runner() for _ in range(concurrency)))
+    latencies = await run_requests(one, requests, concurrency)
     wall, cpu = time.perf_counter() - wall0, children_cpu_s() - cpu0
     peak_rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return Run("cold", concurrency, requests, percentile(latencies, 0.5) * 1000,
@@ -152,19 +162,9 @@ async def bench_pool(profile: Profile, workdir: Path, requests: int, concurrency
         for _ in range(3):
             await asyncio.gather(*(one() for _ in range(concurrency)))
         await settle(pool)
-        latencies: list[float] = []
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(requests):
-            queue.put_nowait(i)
-
-        async def runner() -> None:
-            while not queue.empty():
-                queue.get_nowait()
-                latencies.append(await one())
-
         cpu0, self0, wall0 = workers_cpu_s(pool), self_cpu_s(), time.perf_counter()
         spawned0 = pool.stats.spawned
-        await asyncio.gather(*(runner() for _ in range(concurrency)))
+        latencies = await run_requests(one, requests, concurrency)
         wall = time.perf_counter() - wall0
         print(f"  pool c={concurrency}: {len(pool.workers())} workers, {pool.stats.spawned - spawned0} spawned "
               f"during the run", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -13,6 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
+from claudepool.pool.pool import Pool, PoolConfig
 from claudepool.pool.profile import Profile
 from claudepool.pool.reaper import default_reaper
 from tests.fakes.fake_upstream import FakeUpstream
@@ -87,6 +89,31 @@ def real_profile(upstream: FakeUpstream, real_claude: str) -> Callable[..., Prof
         return Profile(name=name, claude_bin=binary, env=env, **kwargs)
 
     return make
+
+
+@pytest.fixture
+def pool_defaults() -> dict[str, Any]:
+    """PoolConfig defaults for `make_pool`; a test module overrides this fixture with its own."""
+    return {}
+
+
+@pytest.fixture
+async def make_pool(tmp_path: Path, pool_defaults: dict[str, Any]) -> AsyncIterator[Callable[..., Pool]]:
+    """Build pools that are closed after the test. Keywords are PoolConfig fields, except
+    ``on_turn_result`` and ``memory_probe``, which go to the Pool."""
+    pools: list[Pool] = []
+
+    def make(profile: Profile, **kw: Any) -> Pool:
+        extra = {k: kw.pop(k) for k in ("on_turn_result", "memory_probe") if k in kw}
+        config = PoolConfig(**{"workdir": tmp_path / "workers", **pool_defaults, **kw})
+        pool = Pool(profile, config, **extra)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        async with asyncio.timeout(30):
+            await pool.close()
 
 
 def _descendants() -> list[psutil.Process]:

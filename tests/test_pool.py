@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from claudepool.errors import PoolClosed, PoolTimeout, PoolUnhealthy, TurnStalled, WorkerDied
 from claudepool.pool.memory import MiB
-from claudepool.pool.pool import BreakerState, Lease, Pool, PoolConfig
+from claudepool.pool.pool import BreakerState, Lease, Pool
 from claudepool.pool.profile import Profile
 from claudepool.pool.worker import TurnResult, WorkerTimeouts
+from tests.helpers import collect, pid_gone, until
 
 TIMEOUTS = WorkerTimeouts(
     ready_timeout_s=5.0, turn_idle_timeout_s=5.0, interrupt_timeout_s=2.0, reset_timeout_s=2.0,
@@ -24,56 +24,14 @@ TIMEOUTS = WorkerTimeouts(
 )
 
 
-def config(tmp_path: Path, **kw: Any) -> PoolConfig:
-    kw.setdefault("min_idle", 1)
-    kw.setdefault("max_workers", 2)
-    kw.setdefault("max_turns_jitter", 0)
-    kw.setdefault("lease_timeout_s", 5.0)
-    kw.setdefault("maintenance_interval_s", 0.1)
-    kw.setdefault("timeouts", TIMEOUTS)
-    return PoolConfig(workdir=tmp_path / "workers", **kw)
-
-
 @pytest.fixture
-async def make_pool(tmp_path: Path) -> AsyncIterator[Callable[..., Pool]]:
-    pools: list[Pool] = []
-
-    def make(profile: Profile, **kw: Any) -> Pool:
-        on_result = kw.pop("on_turn_result", None)
-        memory_probe = kw.pop("memory_probe", None)
-        extra: dict[str, Any] = {"on_turn_result": on_result}
-        if memory_probe is not None:
-            extra["memory_probe"] = memory_probe
-        pool = Pool(profile, config(tmp_path, **kw), **extra)
-        pools.append(pool)
-        return pool
-
-    yield make
-    for pool in pools:
-        async with asyncio.timeout(15):
-            await pool.close()
+def pool_defaults() -> dict[str, Any]:
+    return {"min_idle": 1, "max_workers": 2, "max_turns_jitter": 0, "lease_timeout_s": 5.0,
+            "maintenance_interval_s": 0.1, "timeouts": TIMEOUTS}
 
 
 async def turn(lease: Lease, prompt: str, **kw: float) -> TurnResult:
-    async with asyncio.timeout(10):
-        async for item in lease.run_turn(prompt, **kw):
-            if isinstance(item, TurnResult):
-                return item
-    raise AssertionError("no result")
-
-
-async def until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-
-def pid_gone(pid: int | None) -> bool:
-    assert pid is not None
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+    return (await collect(lease.run_turn(prompt, **kw)))[1]
 
 
 async def test_warms_min_idle_and_reports_in_repr(make_pool: Callable[..., Pool], fake_profile: Profile) -> None:

@@ -9,18 +9,19 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from claudepool.errors import TurnStalled, WorkerDied
-from claudepool.pool.pool import Lease, Pool, PoolConfig
+from claudepool.pool.pool import Lease, Pool
 from claudepool.pool.profile import Profile
 from claudepool.pool.worker import TurnResult, Worker, WorkerTimeouts
 from claudepool.protocol.cli_events import CliEvent, StreamEvent, SystemApiRetry
 from tests.fakes.fake_upstream import FakeUpstream
+from tests.helpers import collect
 
 pytestmark = pytest.mark.real_cli
 
@@ -28,32 +29,12 @@ TIMEOUTS = WorkerTimeouts(ready_timeout_s=30, turn_idle_timeout_s=30, interrupt_
 
 
 @pytest.fixture
-async def make_pool(tmp_path: Path) -> AsyncIterator[Callable[..., Pool]]:
-    pools: list[Pool] = []
-
-    def make(profile: Profile, **kw: Any) -> Pool:
-        kw.setdefault("min_idle", 1)
-        kw.setdefault("max_workers", 1)
-        kw.setdefault("lease_timeout_s", 30)
-        kw.setdefault("timeouts", TIMEOUTS)
-        pool = Pool(profile, PoolConfig(workdir=tmp_path / "workers", **kw))
-        pools.append(pool)
-        return pool
-
-    yield make
-    for pool in pools:
-        async with asyncio.timeout(30):
-            await pool.close()
+def pool_defaults() -> dict[str, Any]:
+    return {"min_idle": 1, "max_workers": 1, "lease_timeout_s": 30, "timeouts": TIMEOUTS}
 
 
 async def turn(lease: Lease, prompt: str, **kw: float) -> tuple[list[CliEvent], TurnResult]:
-    events: list[CliEvent] = []
-    async with asyncio.timeout(60):
-        async for item in lease.run_turn(prompt, **kw):
-            if isinstance(item, TurnResult):
-                return events, item
-            events.append(item)
-    raise AssertionError("no result")
+    return await collect(lease.run_turn(prompt, **kw), timeout_s=60)
 
 
 async def test_warm_start_makes_no_upstream_request(

@@ -24,6 +24,7 @@ from claudepool.errors import (
 from claudepool.pool.profile import Profile
 from claudepool.pool.worker import TurnResult, Worker, WorkerState, WorkerTimeouts
 from claudepool.protocol.cli_events import CliEvent, StreamEvent, SystemInit
+from tests.helpers import collect, pid_gone
 
 FAST = WorkerTimeouts(
     ready_timeout_s=5.0,
@@ -37,13 +38,7 @@ FAST = WorkerTimeouts(
 
 
 async def run(worker: Worker, prompt: str, **kw: float) -> tuple[list[CliEvent], TurnResult]:
-    events: list[CliEvent] = []
-    async with asyncio.timeout(10):
-        async for item in worker.run_turn(prompt, **kw):
-            if isinstance(item, TurnResult):
-                return events, item
-            events.append(item)
-    raise AssertionError("turn ended without a result")
+    return await collect(worker.run_turn(prompt, **kw), timeout_s=10)
 
 
 @pytest.fixture
@@ -75,13 +70,6 @@ def user_lines(log: Path) -> list[str]:
 def state(w: Worker) -> WorkerState:
     """Read the state afresh (keeps mypy from narrowing across awaits)."""
     return w.state
-
-
-def pid_gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 async def test_start_turn_close_lifecycle(make_worker: Callable[..., Worker], fake_profile: Profile) -> None:

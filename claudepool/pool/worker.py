@@ -34,7 +34,7 @@ import signal
 import tempfile
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -394,15 +394,8 @@ class Worker:
         channel = self._channel
         if self.state is not WorkerState.BUSY or channel is None:
             return None
-        try:
+        with self._poison_on_failure("interrupted turn did not end", WorkerError):
             return await self._interrupt_and_settle(channel)
-        except BaseException as exc:
-            reason = "did not end in time" if isinstance(exc, TimeoutError) else f"failed: {exc!r}"
-            failure = WorkerError(f"worker {self.id}: interrupted turn {reason}")
-            self._poison(failure)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise failure from None
 
     async def _interrupt_and_settle(self, channel: _Channel) -> TurnResult:
         await self._control("interrupt", self.timeouts.interrupt_timeout_s)
@@ -419,7 +412,7 @@ class Worker:
         whose reset is unconfirmed may still hold the last tenant's context.
         """
         channel = self._begin(WorkerState.RESETTING)
-        try:
+        with self._poison_on_failure("/clear was not confirmed", ResetFailed):
             self._write(encode_user_message("/clear"))
             async with asyncio.timeout(self.timeouts.reset_timeout_s):
                 await self._drain(self.timeouts.reset_timeout_s)
@@ -430,13 +423,6 @@ class Worker:
                         confirmed = True
                     elif isinstance(event, ResultEvent):
                         break
-        except BaseException as exc:
-            reason = "not confirmed in time" if isinstance(exc, TimeoutError) else f"failed: {exc}"
-            failure = ResetFailed(f"worker {self.id}: /clear {reason}")
-            self._poison(failure)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise failure from None
         if not confirmed or event.is_error:
             failure = ResetFailed(f"worker {self.id}: /clear ended without a conversation_reset")
             self._poison(failure)
@@ -457,6 +443,20 @@ class Worker:
         return self.pss_bytes
 
     # -- internals ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _poison_on_failure(self, what: str, error: type[WorkerError]) -> Iterator[None]:
+        """Any failure of an exchange, cancellation included, leaves the CLI in an unknown state:
+        poison the worker so it is closed, never reused. Cancellation itself passes through."""
+        try:
+            yield
+        except BaseException as exc:
+            reason = "in time" if isinstance(exc, TimeoutError) else f"({exc})"
+            failure = error(f"worker {self.id}: {what} {reason}")
+            self._poison(failure)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise failure from None
 
     def _begin(self, state: WorkerState) -> _Channel:
         if self.failure is not None:

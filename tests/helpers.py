@@ -1,0 +1,40 @@
+"""Small helpers shared by the tests: collect a turn, wait for a condition, check a pid."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import psutil
+
+from claudepool.pool.worker import TurnResult
+from claudepool.protocol.cli_events import CliEvent
+
+
+async def collect(turn: AsyncIterator[CliEvent | TurnResult], timeout_s: float = 30.0) -> tuple[
+    list[CliEvent], TurnResult
+]:
+    """Iterate one turn to its end: the events, then the result."""
+    events: list[CliEvent] = []
+    async with asyncio.timeout(timeout_s):
+        async for item in turn:
+            if isinstance(item, TurnResult):
+                return events, item
+            events.append(item)
+    raise AssertionError("the turn ended without a result")
+
+
+async def until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Poll ``predicate`` until it holds; fail the test after ``timeout_s``."""
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def pid_gone(pid: int | None) -> bool:
+    """True once the process no longer runs (gone, or a zombie waiting to be reaped)."""
+    assert pid is not None
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

@@ -387,3 +387,18 @@ async def test_many_concurrent_requests_are_all_served(make_pool: Callable[..., 
     assert answers == [f"ans-{i}" for i in range(24)]
     assert pool.stats.leases == 24
     assert len({w.pid for w in pool.workers()}) <= 3
+
+
+async def test_cancelled_close_still_closes_everything(make_pool: Callable[..., Pool], fake_profile: Profile) -> None:
+    pool = make_pool(fake_profile, min_idle=2, max_workers=2)
+    await pool.start()
+    await pool.wait_ready(10)
+    pids = [w.pid for w in pool.workers()]
+    closing = asyncio.create_task(pool.close())
+    await asyncio.sleep(0)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await pool.close()  # joins the shutdown that kept going
+    assert all(pid_gone(pid) for pid in pids)
+    assert pool.workers() == []

@@ -209,6 +209,7 @@ class Pool:
         self._breaker_trips_in_row = 0
         self._started = False
         self._closed = False
+        self._close_task: asyncio.Task[None] | None = None
         self.memory = self._plan_memory(pool_pss_bytes=0, per_worker_bytes=self.config.worker_pss_estimate_bytes)
 
     def __repr__(self) -> str:
@@ -293,10 +294,16 @@ class Pool:
                 await self._changed.wait()
 
     async def close(self) -> None:
-        """Stop everything: fail waiters, cancel pending work, close every worker (bounded)."""
-        if self._closed:
-            await self._join_workers()
-            return
+        """Stop everything: fail waiters, cancel pending work, close every worker.
+
+        Idempotent, bounded by the workers' close timeouts, and shielded: cancelling the caller
+        does not stop the shutdown, and a second call joins it.
+        """
+        if self._close_task is None:
+            self._close_task = asyncio.create_task(self._close(), name=f"pool-{self.profile.name}-close")
+        await asyncio.shield(self._close_task)
+
+    async def _close(self) -> None:
         self._closed = True
         if self._breaker_timer is not None:
             self._breaker_timer.cancel()
@@ -310,17 +317,15 @@ class Pool:
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.wait(tasks)
-        await self._join_workers()
-        self._changed.set()
-        log.info("pool %s closed: %s", self.profile.name, self.stats)
-
-    async def _join_workers(self) -> None:
+            # Cancelled spawns and cleanings end fast; their workers are closed just below anyway.
+            await asyncio.wait(tasks, timeout=self.config.timeouts.close_kill_timeout_s)
         workers = list(self._workers)
         if workers:
             await asyncio.gather(*(w.close(graceful=w.is_idle()) for w in workers), return_exceptions=True)
         for worker in workers:
             self._forget(worker)
+        self._changed.set()
+        log.info("pool %s closed: %s", self.profile.name, self.stats)
 
     # -- leasing -----------------------------------------------------------------------------
 

@@ -184,7 +184,7 @@ async def main() -> None:
     args = parser.parse_args()
     claude = find_claude(args.claude)
 
-    upstream = subprocess.Popen([sys.executable, "-m", "tests.fakes.fake_upstream", "--port", "0"],
+    upstream = subprocess.Popen([sys.executable, "-m", "claudepool.testing.fake_upstream", "--port", "0"],
                                 stdout=subprocess.PIPE, cwd=REPO)
     assert upstream.stdout is not None
     base_url = upstream.stdout.readline().decode().split()[-1]

@@ -1,24 +1,195 @@
 """The `claudepool` command.
 
-    claudepool check [--claude PATH]    start one worker, reset it, report timings and memory
+    claudepool serve [--config FILE] [--dev]      run the daemon
+    claudepool run [--socket PATH | --url URL] [--key KEY] PROMPT
+                                                  stream one answer to stdout
+    claudepool status [--socket PATH | --url URL] [--key KEY]
+                                                  the workers (admin key) or readiness (tenant key)
+    claudepool check [--claude PATH]              start one worker and reset it
     claudepool version
+
+``--key`` defaults to ``$CLAUDEPOOL_KEY``; the socket defaults to the daemon's default path.
+Exit codes: 0 success, 1 the request or command failed, 2 invalid configuration or usage.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from claudepool import __version__
-from claudepool.errors import ClaudepoolError
+from claudepool.client import AsyncClient
+from claudepool.config import Settings, default_socket_path, load_settings
+from claudepool.errors import ClaudepoolError, ConfigError, RemoteError
 from claudepool.pool.memory import MiB
 from claudepool.pool.profile import Profile
 from claudepool.pool.worker import Worker
+from claudepool.protocol.wire import PromptResult
+
+DEV_KEY = "dev"
+DEV_ADMIN_KEY = "dev-admin"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="claudepool", description="A multi-tenant pool of warm Claude Code CLIs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the daemon")
+    serve.add_argument("--config", help="TOML config file (default: $CLAUDEPOOL_CONFIG, else built-in defaults)")
+    serve.add_argument("--dev", action="store_true",
+                       help=f"development mode: a tenant with key {DEV_KEY!r}, admin key {DEV_ADMIN_KEY!r}, "
+                            "and a loopback fake upstream unless ANTHROPIC_API_KEY is set")
+
+    for name, text in (("run", "send one prompt and stream the answer"), ("status", "show the pool")):
+        cmd = sub.add_parser(name, help=text)
+        where = cmd.add_mutually_exclusive_group()
+        where.add_argument("--socket", help="daemon socket path (default: the daemon's default)")
+        where.add_argument("--url", help="daemon HTTP base URL, e.g. http://127.0.0.1:8787")
+        cmd.add_argument("--key", default=os.environ.get("CLAUDEPOOL_KEY"), help="API key ($CLAUDEPOOL_KEY)")
+        if name == "run":
+            cmd.add_argument("prompt")
+            cmd.add_argument("--profile")
+            cmd.add_argument("--timeout", type=float, dest="timeout_s")
+
+    check = sub.add_parser("check", help="start one worker and reset it, to validate the installed CLI")
+    check.add_argument("--claude", default="claude", help="path of the claude binary (default: claude on PATH)")
+    sub.add_parser("version", help="print the version")
+
+    args = parser.parse_args(argv)
+    if args.command == "version":
+        print(__version__)
+        return
+    if args.command == "check":
+        sys.exit(asyncio.run(_check(args.claude)))
+    if args.command == "serve":
+        sys.exit(_serve(args.config, args.dev))
+    if not args.key:
+        parser.error("a key is needed: --key or $CLAUDEPOOL_KEY")
+    client = AsyncClient(key=args.key, url=args.url, socket_path=None if args.url else (args.socket or
+                                                                                        default_socket_path()))
+    sys.exit(asyncio.run(_run(client, args) if args.command == "run" else _status(client)))
+
+
+# -- serve -------------------------------------------------------------------------------------------
+
+
+def _serve(config: str | None, dev: bool) -> int:
+    from claudepool.daemon.app import Daemon, configure_logging
+
+    configure_logging(os.environ.get("CLAUDEPOOL_LOG_LEVEL", "INFO"))
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        print(f"claudepool: {exc}", file=sys.stderr)
+        return 2
+
+    async def serve() -> int:
+        fake = None
+        final = settings
+        if dev:
+            overrides, fake = await _dev_overrides(settings)
+            final = load_settings(config, **overrides)
+        try:
+            return await Daemon(final).run()
+        finally:
+            if fake is not None:
+                await fake.stop()
+
+    try:
+        return asyncio.run(serve())
+    except ConfigError as exc:
+        print(f"claudepool: {exc}", file=sys.stderr)
+        return 2
+
+
+async def _dev_overrides(settings: Settings) -> tuple[dict[str, Any], Any]:
+    """Make a bare checkout answer requests: a known key, and an upstream."""
+    from claudepool.testing.fake_upstream import FakeUpstream
+
+    overrides: dict[str, Any] = {}
+    if not settings.tenants:
+        overrides["tenants"] = {"dev": {"key": os.environ.get("CLAUDEPOOL_DEV_KEY", DEV_KEY)}}
+    if not settings.server.admin_key.get_secret_value():
+        overrides["server"] = {"admin_key": DEV_ADMIN_KEY}
+    pool: dict[str, Any] = {}
+    pinned = _pinned_cli()
+    if settings.pool.claude_bin == "claude" and shutil.which("claude") is None and pinned:
+        pool["claude_bin"] = pinned
+    fake = None
+    if "ANTHROPIC_API_KEY" not in settings.pool.env and "ANTHROPIC_BASE_URL" not in settings.pool.env:
+        if os.environ.get("ANTHROPIC_API_KEY"):
+            pool["env"] = {k: os.environ[k] for k in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL") if k in os.environ}
+        else:
+            fake = FakeUpstream()
+            url = await fake.start()
+            pool["env"] = {"ANTHROPIC_BASE_URL": url, "ANTHROPIC_API_KEY": "sk-ant-dev-fake"}
+            print(f"claudepool: --dev without ANTHROPIC_API_KEY: answers come from a loopback fake upstream at {url}",
+                  flush=True)
+    if pool:
+        overrides["pool"] = pool
+    keys = overrides.get("tenants", {}).get("dev", {}).get("key")
+    if keys:
+        print(f"claudepool: --dev tenant 'dev' has key {keys!r}; admin key {DEV_ADMIN_KEY!r}", flush=True)
+    return overrides, fake
+
+
+def _pinned_cli() -> str | None:
+    """The CLI that `.ci/run` installs into the checkout, if we run from one."""
+    local = Path(".cache/claude-cli/node_modules/.bin/claude")
+    return str(local.resolve()) if local.exists() else None
+
+
+# -- client commands ---------------------------------------------------------------------------------
+
+
+async def _run(client: AsyncClient, args: argparse.Namespace) -> int:
+    try:
+        async with client:
+            async for piece in client.stream(args.prompt, profile=args.profile, timeout_s=args.timeout_s):
+                if isinstance(piece, str):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                elif isinstance(piece, PromptResult):
+                    if piece.is_error:
+                        print(f"\nclaudepool: the model call failed: {piece.text}", file=sys.stderr)
+                        return 1
+                    sys.stdout.write("\n")
+    except RemoteError as exc:
+        print(f"claudepool: {exc.remote_code}: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _status(client: AsyncClient) -> int:
+    try:
+        async with client:
+            status = await client.status()
+    except RemoteError as exc:
+        print(f"claudepool: {exc.remote_code}: {exc.message}", file=sys.stderr)
+        return 1
+    if "pools" in status and any("workers" in p for p in status["pools"].values()):
+        print(f"{'WORKER':<14} {'STATE':<9} {'PID':>7} {'PROFILE':<10} {'TURNS':>6} {'AGE_S':>8} {'PSS_MIB':>8}")
+        for pool in status["pools"].values():
+            for w in pool["workers"]:
+                pss = f"{w['pss_bytes'] / MiB:.0f}" if w["pss_bytes"] else "-"
+                print(f"{w['id']:<14} {w['state']:<9} {w['pid'] or '-':>7} {w['profile']:<10} "
+                      f"{w['turns']:>6} {w['age_s']:>8.1f} {pss:>8}")
+        print(f"waiting: {status['queue']['waiting']}  in flight: {status['in_flight']}  "
+              f"draining: {status['draining']}")
+    else:
+        ready = status.get("ready")
+        print(f"ready: {ready}")
+        for name, pool in status.get("pools", {}).items():
+            print(f"  {name}: healthy={pool['healthy']} warm={pool['warm']} idle={pool['idle']}")
+    return 0
 
 
 async def _check(claude_bin: str) -> int:
@@ -43,16 +214,3 @@ async def _check(claude_bin: str) -> int:
     print(f"ok: {claude_bin} is ready in {ready_ms:.0f} ms, resets in {reset_ms:.0f} ms, "
           f"PSS {pss / MiB if pss else 0:.0f} MiB")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="claudepool", description="A multi-tenant pool of warm Claude Code CLIs.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="start one worker and reset it, to validate the installed CLI")
-    check.add_argument("--claude", default="claude", help="path of the claude binary (default: claude on PATH)")
-    sub.add_parser("version", help="print the version")
-    args = parser.parse_args(argv)
-    if args.command == "version":
-        print(__version__)
-        return
-    sys.exit(asyncio.run(_check(args.claude)))

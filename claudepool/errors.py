@@ -15,6 +15,8 @@ class ClaudepoolError(Exception):
     code: ClassVar[str] = "internal_error"
     status: ClassVar[int] = 500
     retryable: ClassVar[bool] = False
+    # Seconds a client should wait before retrying (sent as Retry-After), when retrying makes sense.
+    retry_after_s: ClassVar[float | None] = None
 
 
 # -- protocol: a peer sent bytes we cannot accept ---------------------------------------------
@@ -38,6 +40,84 @@ class CorruptFrame(ProtocolError):
     """A line was not a JSON object, or not a valid event of its type."""
 
     code = "corrupt_frame"
+
+
+# -- request: the caller asked for something it cannot have -----------------------------------
+
+
+class RequestError(ClaudepoolError):
+    """The request is malformed or not allowed; sending it again unchanged will not help."""
+
+    code = "bad_request"
+    status = 400
+
+
+class BadRequest(RequestError):
+    """A body or frame that does not match the API's schema."""
+
+
+class Unauthorized(RequestError):
+    """No key, or a key no tenant (or admin) holds."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(RequestError):
+    """The key is valid but may not do this (a profile not granted, an admin endpoint)."""
+
+    code = "forbidden"
+    status = 403
+
+
+class NotFound(RequestError):
+    """An unknown profile, session or request id."""
+
+    code = "not_found"
+    status = 404
+
+
+class PromptTooLarge(RequestError):
+    """The prompt exceeds ``server.max_prompt_bytes``."""
+
+    code = "prompt_too_large"
+    status = 413
+
+
+class RequestTimeout(ClaudepoolError):
+    """No complete answer within the request's ``timeout_s``; the turn was interrupted."""
+
+    code = "timeout"
+    status = 504
+    retryable = True
+
+
+class Cancelled(ClaudepoolError):
+    """The client cancelled the request; the turn was interrupted."""
+
+    code = "cancelled"
+    status = 499
+
+
+class Draining(ClaudepoolError):
+    """The daemon is shutting down and takes no new requests, or stopped this one at its deadline."""
+
+    code = "draining"
+    status = 503
+    retryable = True
+    retry_after_s = 5.0
+
+
+class RemoteError(ClaudepoolError):
+    """An error the daemon answered with, as the client library sees it."""
+
+    code = "remote_error"
+
+    def __init__(self, remote_code: str, message: str, http_status: int | None = None) -> None:
+        super().__init__(f"{remote_code}: {message}")
+        self.remote_code = remote_code
+        self.message = message
+        self.http_status = http_status
 
 
 # -- worker: one `claude` process failed; the pool discards it --------------------------------
@@ -98,6 +178,7 @@ class PoolError(ClaudepoolError):
     code = "pool_error"
     status = 503
     retryable = True
+    retry_after_s = 1.0
 
 
 class PoolTimeout(PoolError):
@@ -116,3 +197,13 @@ class PoolClosed(PoolError):
     """The pool is draining or closed and takes no new leases."""
 
     code = "pool_closed"
+
+
+# -- config: the daemon cannot start as configured ---------------------------------------------
+
+
+class ConfigError(ClaudepoolError):
+    """The configuration or the service environment is invalid."""
+
+    code = "config_error"
+    status = 500

@@ -17,7 +17,7 @@ import pytest
 from claudepool.pool.pool import Pool, PoolConfig
 from claudepool.pool.profile import Profile
 from claudepool.pool.reaper import default_reaper
-from tests.fakes.fake_upstream import FakeUpstream
+from claudepool.testing.fake_upstream import FakeUpstream
 
 FAKE_CLAUDE = Path(__file__).parent / "fakes" / "fake_claude.py"
 REPO = Path(__file__).resolve().parent.parent

@@ -509,3 +509,24 @@ def test_random_chunkings_match_a_reference_under_a_tight_limit(seed: int) -> No
         assert not raised
         assert out == lines[:-1]
         assert framer.finish() == (lines[-1] if lines else b"")
+
+
+def test_lenient_feed_reports_an_oversize_line_in_place_and_keeps_the_rest() -> None:
+    framer = LineFramer(4)
+    items = framer.feed_lenient(b"ok\ntoolong\nfine\n")
+    assert items[0] == b"ok"
+    assert isinstance(items[1], FrameTooLarge)
+    assert items[2] == b"fine"
+    assert len(items) == 3
+
+
+def test_lenient_feed_skips_an_oversize_unterminated_line_until_its_newline() -> None:
+    framer = LineFramer(4)
+    items = framer.feed_lenient(b"a\nxxxxxx")
+    assert items[0] == b"a"
+    assert isinstance(items[1], FrameTooLarge)
+    assert framer.pending_bytes == 0
+    # The rest of the oversize line is discarded, not taken for a new line...
+    assert framer.feed_lenient(b"yyyyyyyyyyyy") == []
+    # ...and framing resumes right after its newline.
+    assert framer.feed_lenient(b"zz\nnext\n") == [b"next"]

@@ -15,8 +15,8 @@ import orjson
 import psutil
 import pytest
 
+from claudepool.testing.fake_upstream import FakeUpstream
 from tests.conftest import FAKE_CLAUDE, REPO
-from tests.fakes.fake_upstream import FakeUpstream
 
 
 def _alive(pid: int) -> bool:

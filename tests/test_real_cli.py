@@ -20,7 +20,7 @@ from claudepool.pool.pool import Lease, Pool
 from claudepool.pool.profile import Profile
 from claudepool.pool.worker import TurnResult, Worker, WorkerTimeouts
 from claudepool.protocol.cli_events import CliEvent, StreamEvent, SystemApiRetry
-from tests.fakes.fake_upstream import FakeUpstream
+from claudepool.testing.fake_upstream import FakeUpstream
 from tests.helpers import collect, until
 
 pytestmark = pytest.mark.real_cli

@@ -257,6 +257,21 @@ class Pool:
             "waiting": self.waiting,
         }
 
+    def snapshot(self) -> list[dict[str, object]]:
+        """One row per worker, with the pool's view of its state (for status pages)."""
+        now = time.monotonic()
+        placed = [("starting", self._starting), ("idle", self._idle), ("leased", self._leased),
+                  ("cleaning", self._cleaning), ("cleaning", self._returned), ("closing", self._closing)]
+        rows: list[dict[str, object]] = []
+        for state, workers in placed:
+            for w in workers:
+                rows.append({"id": w.id, "state": state, "pid": w.pid, "profile": self.profile.name,
+                             "turns": w.turns, "resets": w.resets, "age_s": round(w.age_s(now), 3),
+                             "idle_s": round(w.idle_s(now), 3), "pss_bytes": w.pss_bytes,
+                             "context_tokens": w.context_tokens})
+        rows.sort(key=lambda r: str(r["id"]))
+        return rows
+
     def workers(self) -> list[Worker]:
         """Every worker the pool holds, in any state (for status pages and tests)."""
         return sorted(self._workers, key=lambda w: w.created_at)

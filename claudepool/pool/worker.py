@@ -451,10 +451,11 @@ class Worker:
         try:
             yield
         except BaseException as exc:
-            reason = "in time" if isinstance(exc, TimeoutError) else f"({exc})"
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            reason = "in time" if isinstance(exc, TimeoutError) else "(cancelled)" if cancelled else f"({exc!r})"
             failure = error(f"worker {self.id}: {what} {reason}")
-            self._poison(failure)
-            if isinstance(exc, asyncio.CancelledError):
+            self._poison(failure, quiet=cancelled)
+            if cancelled:
                 raise
             raise failure from None
 
@@ -575,13 +576,13 @@ class Worker:
         elif not isinstance(event, StreamEvent):
             log.debug("worker %s: %s event outside an exchange", self.id, event.type)
 
-    def _poison(self, exc: WorkerError) -> None:
+    def _poison(self, exc: WorkerError, *, quiet: bool = False) -> None:
         """Record the first failure and hand it to every waiter; the pool then closes the worker."""
         if self.failure is not None:
             return
         self.failure = exc
         closing = self.state in (WorkerState.CLOSING, WorkerState.CLOSED)
-        if not closing:
+        if not closing and not quiet:
             log.warning("worker %s failed: %s", self.id, exc)
             log.debug("worker %s stderr tail: %s", self.id, self.stderr_tail[-2000:])
         self._fan_out(exc)

@@ -30,6 +30,7 @@ class LineFramer:
             raise ValueError("max_line_bytes must be positive")
         self.max_line_bytes = max_line_bytes
         self._buf = bytearray()
+        self._skipping = False
 
     @property
     def pending_bytes(self) -> int:
@@ -38,51 +39,71 @@ class LineFramer:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Add a chunk; return every line it completes. Raises `FrameTooLarge` past the bound."""
-        lines: list[bytes] = []
-        start = 0
-        # Only the new chunk can hold newlines we have not seen yet.
-        search_from = 0
-        if self._buf:
-            nl = chunk.find(b"\n")
-            if nl < 0:
-                self._buf += chunk
-                self._check_pending()
-                return lines
-            self._buf += chunk[:nl]
-            self._check_line(len(self._buf))
-            lines.append(bytes(self._buf))
-            self._buf.clear()
-            start = search_from = nl + 1
-        while True:
-            nl = chunk.find(b"\n", search_from)
-            if nl < 0:
-                break
-            self._check_line(nl - start)
-            lines.append(chunk[start:nl])
-            start = search_from = nl + 1
-        if start < len(chunk):
-            self._buf += chunk[start:]
-            self._check_pending()
-        return lines
+        items = self._split(chunk)
+        for item in items:
+            if isinstance(item, FrameTooLarge):
+                raise item
+        return items  # type: ignore[return-value]
+
+    def feed_lenient(self, chunk: bytes) -> list[bytes | FrameTooLarge]:
+        """Like `feed`, but an oversize line becomes a `FrameTooLarge` item in place, and framing
+        resumes after that line's newline: for peers whose connection should survive one bad frame."""
+        return self._split(chunk)
 
     def finish(self) -> bytes:
         """At end of stream: return the unterminated tail (empty if the stream ended cleanly)."""
         tail = bytes(self._buf)
         self._buf.clear()
+        self._skipping = False
         return tail
 
-    def _check_line(self, size: int) -> None:
-        if size > self.max_line_bytes:
+    def _split(self, chunk: bytes) -> list[bytes | FrameTooLarge]:
+        out: list[bytes | FrameTooLarge] = []
+        start = 0
+        if self._skipping:
+            # Discarding the rest of an oversize line until its newline.
+            nl = chunk.find(b"\n")
+            if nl < 0:
+                return out
+            self._skipping = False
+            start = nl + 1
+        if self._buf:
+            nl = chunk.find(b"\n", start)
+            if nl < 0:
+                self._buf += chunk[start:]
+                if len(self._buf) > self.max_line_bytes:
+                    out.append(self._pending_overflow())
+                return out
+            size = len(self._buf) + nl - start
+            if size > self.max_line_bytes:
+                out.append(self._line_overflow(size))
+            else:
+                self._buf += chunk[start:nl]
+                out.append(bytes(self._buf))
             self._buf.clear()
-            raise FrameTooLarge(f"line of {size} bytes exceeds the limit of {self.max_line_bytes} bytes")
+            start = nl + 1
+        while True:
+            nl = chunk.find(b"\n", start)
+            if nl < 0:
+                break
+            out.append(chunk[start:nl] if nl - start <= self.max_line_bytes else self._line_overflow(nl - start))
+            start = nl + 1
+        if start < len(chunk):
+            self._buf += chunk[start:]
+            if len(self._buf) > self.max_line_bytes:
+                out.append(self._pending_overflow())
+        return out
 
-    def _check_pending(self) -> None:
-        if len(self._buf) > self.max_line_bytes:
-            size = len(self._buf)
-            self._buf.clear()
-            raise FrameTooLarge(
-                f"unterminated line of over {size} bytes exceeds the limit of {self.max_line_bytes} bytes"
-            )
+    def _line_overflow(self, size: int) -> FrameTooLarge:
+        return FrameTooLarge(f"line of {size} bytes exceeds the limit of {self.max_line_bytes} bytes")
+
+    def _pending_overflow(self) -> FrameTooLarge:
+        size = len(self._buf)
+        self._buf.clear()
+        self._skipping = True
+        return FrameTooLarge(
+            f"unterminated line of over {size} bytes exceeds the limit of {self.max_line_bytes} bytes"
+        )
 
 
 def decode_object(line: bytes) -> dict[str, Any]:

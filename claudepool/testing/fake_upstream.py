@@ -17,7 +17,7 @@ history never re-triggers them:
 
 Without a directive the answer is ``ok: <first 40 chars of the prompt>``.
 
-Run standalone with ``python -m tests.fakes.fake_upstream --port 8788``.
+Run standalone with ``python -m claudepool.testing.fake_upstream --port 8788``.
 """
 
 from __future__ import annotations
@@ -270,7 +270,8 @@ def _last_user_text(body: dict[str, Any]) -> str:
 
 def _directives(text: str) -> dict[str, str]:
     plan = {m.group(1): m.group(2) or "" for m in _DIRECTIVE.finditer(text)}
-    plan["_prompt"] = _DIRECTIVE.sub("", text).strip()
+    # The user's own words are the last block: after a /clear the CLI puts caveat blocks first.
+    plan["_prompt"] = _DIRECTIVE.sub("", text.rsplit("\n<local-command-stdout></local-command-stdout>\n", 1)[-1])
     return plan
 
 
@@ -283,7 +284,7 @@ def _answer_text(plan: dict[str, str], body: dict[str, Any]) -> str:
     prompt = plan.get("_prompt", "")
     # The CLI wraps prompts in <system-reminder> blocks; answer about the user's own words.
     visible = re.sub(r"<system-reminder>.*?</system-reminder>", "", prompt, flags=re.S).strip()
-    return f"ok: {visible[:40]}"
+    return f"ok: {visible.strip()[:40]}"
 
 
 def _error_body(status: int, message: str) -> dict[str, Any]:

@@ -1,0 +1,248 @@
+"""Clients for the daemon, over the Unix socket or HTTP, async and sync.
+
+>>> async def demo():                                                  # doctest: +SKIP
+...     async with AsyncClient(key="…", socket_path="/run/claudepool/claudepool.sock") as client:
+...         async for piece in client.stream("Tell me a story"):
+...             if isinstance(piece, str):
+...                 print(piece, end="")
+...         result = await client.prompt("And another")
+>>> Client(key="…", url="http://127.0.0.1:8787").prompt("Hi").text    # doctest: +SKIP
+
+Errors the daemon answers with are raised as `RemoteError` (with the wire ``remote_code``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Self
+
+import aiohttp
+import orjson
+
+from claudepool.errors import RemoteError
+from claudepool.protocol.framing import LineFramer
+from claudepool.protocol.wire import PromptResult
+
+_TERMINAL_EVENTS = frozenset({"result", "error", "status", "cancelled"})
+
+
+class AsyncClient:
+    """One client, one connection (socket) or session (HTTP); many concurrent requests."""
+
+    def __init__(self, *, key: str, socket_path: str | None = None, url: str | None = None) -> None:
+        if (socket_path is None) == (url is None):
+            raise ValueError("give exactly one of socket_path or url")
+        self.key = key
+        self.socket_path = socket_path
+        self.url = url.rstrip("/") if url else None
+        self._session: aiohttp.ClientSession | None = None
+        self._unix: _UnixConnection | None = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._unix is not None:
+            await self._unix.close()
+            self._unix = None
+
+    async def prompt(self, prompt: str, **options: Any) -> PromptResult:
+        """Send one prompt and wait for the whole answer."""
+        async for item in self._prompt(prompt, stream=False, **options):
+            if isinstance(item, PromptResult):
+                return item
+        raise RemoteError("protocol_error", "the daemon ended the request without a result")
+
+    def stream(self, prompt: str, **options: Any) -> AsyncIterator[str | PromptResult]:
+        """Send one prompt; yield text as it arrives, then the `PromptResult`."""
+        return self._prompt(prompt, stream=True, **options)
+
+    async def status(self) -> dict[str, Any]:
+        if self.url is not None:
+            async with (await self._http()).get(f"{self.url}/v1/pool", headers=self._auth()) as resp:
+                return await _json_or_raise(resp)
+        body: dict[str, Any] = {}
+        async for frame in (await self._socket()).request({"op": "status", "key": self.key}):
+            if frame.get("event") == "error":
+                raise RemoteError(frame["code"], frame["message"])
+            body = {k: v for k, v in frame.items() if k not in ("id", "event")}
+        if "error" in body:
+            raise RemoteError(body["error"]["code"], body["error"]["message"])
+        return body
+
+    # -- transports ------------------------------------------------------------------------------
+
+    async def _prompt(self, prompt: str, *, stream: bool, **options: Any) -> AsyncIterator[str | PromptResult]:
+        body = {"prompt": prompt, "stream": stream, **{k: v for k, v in options.items() if v is not None}}
+        if self.url is not None:
+            async for item in self._http_prompt(body):
+                yield item
+            return
+        async for frame in (await self._socket()).request({"op": "prompt", "key": self.key, **body}):
+            event = frame.get("event")
+            if event == "delta":
+                yield frame["text"]
+            elif event == "result":
+                body = {k: v for k, v in frame.items() if k not in ("id", "event", "request_id")}
+                yield PromptResult.model_validate({**body, "id": frame["request_id"]})
+            elif event == "error":
+                raise RemoteError(frame["code"], frame["message"])
+
+    async def _http_prompt(self, body: dict[str, Any]) -> AsyncIterator[str | PromptResult]:
+        session = await self._http()
+        async with session.post(f"{self.url}/v1/prompt", data=orjson.dumps(body),
+                                headers={**self._auth(), "Content-Type": "application/json"}) as resp:
+            if not body["stream"] or resp.content_type != "text/event-stream":
+                yield PromptResult.model_validate(await _json_or_raise(resp))
+                return
+            async for event, data in _sse_events(resp):
+                if event == "delta":
+                    yield orjson.loads(data)["text"]
+                elif event == "result":
+                    yield PromptResult.model_validate_json(data)
+                elif event == "error":
+                    error = orjson.loads(data)
+                    raise RemoteError(error["code"], error["message"], resp.status)
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    async def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        return self._session
+
+    async def _socket(self) -> _UnixConnection:
+        if self._unix is None:
+            assert self.socket_path is not None
+            self._unix = await _UnixConnection.open(self.socket_path)
+        return self._unix
+
+
+async def _json_or_raise(resp: aiohttp.ClientResponse) -> dict[str, Any]:
+    raw = await resp.read()
+    try:
+        body: dict[str, Any] = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise RemoteError("protocol_error", f"HTTP {resp.status}: not JSON", resp.status) from None
+    if resp.status >= 400:
+        error = body.get("error") or {}
+        raise RemoteError(error.get("code", "http_error"), error.get("message", f"HTTP {resp.status}"), resp.status)
+    return body
+
+
+async def _sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, str]]:
+    event, data = "message", list[str]()
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\r\n")
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+
+
+class _UnixConnection:
+    """One socket connection; a reader task routes frames to their request by ``id``."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self.ids = itertools.count(1)
+        self.failure: BaseException | None = None
+        self.task = asyncio.create_task(self._read())
+
+    @classmethod
+    async def open(cls, path: str) -> _UnixConnection:
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+        except OSError as exc:
+            raise RemoteError("unavailable", f"cannot connect to {path}: {exc.strerror}") from None
+        return cls(reader, writer)
+
+    async def request(self, frame: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        frame_id = f"c{next(self.ids)}"
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.queues[frame_id] = queue
+        try:
+            self.writer.write(orjson.dumps({"id": frame_id, **frame}) + b"\n")
+            await self.writer.drain()
+            while True:
+                item = await queue.get()
+                yield item
+                if item.get("event") in _TERMINAL_EVENTS:
+                    return
+        finally:
+            self.queues.pop(frame_id, None)
+
+    async def _read(self) -> None:
+        framer = LineFramer()
+        try:
+            while chunk := await self.reader.read(1 << 16):
+                for line in framer.feed(chunk):
+                    frame = orjson.loads(line)
+                    queue = self.queues.get(frame.get("id"))
+                    if queue is not None:
+                        queue.put_nowait(frame)
+        except Exception as exc:  # the connection is unusable; every waiter learns why
+            self.failure = exc
+        lost = {"event": "error", "code": "unavailable", "message": "the daemon closed the connection"}
+        for queue in self.queues.values():
+            queue.put_nowait(lost)
+
+    async def close(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+class Client:
+    """The synchronous client: the same API, each call run to completion on a private loop."""
+
+    def __init__(self, *, key: str, socket_path: str | None = None, url: str | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = AsyncClient(key=key, socket_path=socket_path, url=url)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def prompt(self, prompt: str, **options: Any) -> PromptResult:
+        return self._loop.run_until_complete(self._client.prompt(prompt, **options))
+
+    def stream(self, prompt: str, **options: Any) -> Iterator[str | PromptResult]:
+        events = self._client.stream(prompt, **options)
+        try:
+            while True:
+                try:
+                    yield self._loop.run_until_complete(anext(events))
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._loop.run_until_complete(events.aclose())  # type: ignore[attr-defined]
+
+    def status(self) -> dict[str, Any]:
+        return self._loop.run_until_complete(self._client.status())
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            self._loop.run_until_complete(self._client.close())
+            self._loop.close()

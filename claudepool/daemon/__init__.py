@@ -1,0 +1,1 @@
+"""The long-running service: config, front ends, lifecycle, systemd integration."""

@@ -1,0 +1,216 @@
+"""The daemon: composition and lifecycle.
+
+Start-up: pools begin warming → front ends bind (or adopt systemd's sockets) → print where we listen
+→ once every pool has ``min_idle`` warm workers, ``READY=1``.
+
+Shutdown, on SIGTERM or SIGINT, in a fixed order: ``STOPPING=1`` and stop admitting (new requests
+get 503 ``draining``, /readyz turns 503) → wait for requests in flight up to
+``server.drain_timeout_s`` → stop the stragglers (each answers 503 ``draining``) → close the front
+ends → close every worker → exit 0. A second signal skips the wait and exits 1 once workers are
+closed. Previous signal handlers are restored on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from aiohttp import web
+
+from claudepool.config import Settings
+from claudepool.daemon.http_api import build_app
+from claudepool.daemon.listen_fds import inherited_sockets, split_by_kind
+from claudepool.daemon.metrics import Metrics
+from claudepool.daemon.notify import Notifier
+from claudepool.daemon.service import PromptService, ServiceLimits
+from claudepool.daemon.unix_api import UnixFrontEnd
+from claudepool.errors import ClaudepoolError, ConfigError
+from claudepool.pool.pool import Pool
+from claudepool.tenancy.tenants import TenantRegistry
+
+log = logging.getLogger(__name__)
+
+# How long closing HTTP connections may take once requests are done or stopped.
+_HTTP_SHUTDOWN_TIMEOUT_S = 5.0
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, notifier: Notifier | None = None) -> None:
+        self.settings = settings
+        self.tenants = TenantRegistry.from_settings(settings)
+        self.pools = {name: Pool(settings.profile(name), settings.pool_config(name)) for name in settings.profiles}
+        server = settings.server
+        self.service = PromptService(
+            self.pools, ServiceLimits(server.max_prompt_bytes, server.default_timeout_s, server.max_timeout_s)
+        )
+        self.metrics = Metrics(self)
+        self.notifier = notifier or Notifier()
+        self.listening: dict[str, str] = {}
+        self.started_at = time.monotonic()
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._warm = False
+        self._signals = 0
+
+    # -- status ------------------------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        pools: dict[str, Any] = {}
+        ready = self._warm and not self.service.draining
+        for name, pool in self.pools.items():
+            counts = pool.counts()
+            warm = counts["idle"] + counts["leased"] + counts["cleaning"]
+            pools[name] = {"healthy": pool.healthy, "warm": warm, "idle": counts["idle"]}
+            ready = ready and pool.healthy and warm > 0
+        return ready, {"ready": ready, "draining": self.service.draining, "pools": pools}
+
+    def pool_status(self) -> dict[str, Any]:
+        pools = {}
+        for name, pool in self.pools.items():
+            pools[name] = {
+                "max_workers": pool.max_workers,
+                "breaker": str(pool.breaker_state),
+                "counts": pool.counts(),
+                "total_pss_bytes": pool.total_pss_bytes(),
+                "workers": pool.snapshot(),
+            }
+        return {
+            "pools": pools,
+            "queue": {"waiting": sum(p.waiting for p in self.pools.values())},
+            "in_flight": self.service.in_flight,
+            "draining": self.service.draining,
+            "uptime_s": round(time.monotonic() - self.started_at, 3),
+        }
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """What a signal does: the first one drains, the second one forces."""
+        self._signals += 1
+        if self._signals == 1:
+            log.info("stopping: draining requests in flight (signal again to force)")
+            self._stop.set()
+        else:
+            log.warning("second stop request: forcing exit")
+            self._force.set()
+
+    async def run(self, *, handle_signals: bool = True) -> int:
+        """Serve until stopped. Returns the process exit code."""
+        loop = asyncio.get_running_loop()
+        installed: list[signal.Signals] = []
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+                installed.append(sig)
+        runner: web.AppRunner | None = None
+        unix: UnixFrontEnd | None = None
+        background: list[asyncio.Task[None]] = []
+        try:
+            for pool in self.pools.values():
+                await pool.start()
+            runner, unix = await self._start_front_ends()
+            where = " and ".join(f"{kind} {addr}" for kind, addr in self.listening.items()) or "nothing"
+            print(f"claudepool: listening on {where}", flush=True)
+            background.append(asyncio.create_task(self._announce_ready(), name="announce-ready"))
+            background.append(asyncio.create_task(self.notifier.run_watchdog(), name="watchdog"))
+            await self._stop.wait()
+            return await self._shutdown()
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            if unix is not None:
+                await unix.close(_HTTP_SHUTDOWN_TIMEOUT_S)
+            if runner is not None:
+                await runner.cleanup()
+            for pool in self.pools.values():
+                await pool.close()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            self.notifier.close()
+
+    async def _start_front_ends(self) -> tuple[web.AppRunner | None, UnixFrontEnd]:
+        server = self.settings.server
+        adopted = inherited_sockets()
+        unix_socks, inet_socks = split_by_kind(s.sock for s in adopted)
+        runner: web.AppRunner | None = None
+        if inet_socks or server.http:
+            # handler_cancellation: a client that disconnects cancels its handler, which abandons the
+            # turn; the pool then interrupts and resets the worker.
+            runner = web.AppRunner(build_app(self), handler_cancellation=True, access_log=None,
+                                   shutdown_timeout=_HTTP_SHUTDOWN_TIMEOUT_S)
+            await runner.setup()
+            if inet_socks:
+                for sock in inet_socks:
+                    await web.SockSite(runner, sock).start()
+                self.listening["http"] = ", ".join(_address(s) for s in inet_socks)
+            else:
+                host, port = server.http_host_port()
+                try:
+                    sock = socket.create_server(
+                        (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=1024
+                    )
+                except OSError as exc:
+                    raise ConfigError(f"cannot listen on {server.http}: {exc.strerror}") from None
+                sock.setblocking(False)
+                await web.SockSite(runner, sock).start()
+                self.listening["http"] = f"http://{_address(sock)}"
+        unix = UnixFrontEnd(self)
+        if unix_socks:
+            for sock in unix_socks:
+                await unix.listen("", server.socket_mode, sock=sock)
+            self.listening["unix"] = ", ".join(_address(s) for s in unix_socks)
+        elif server.socket:
+            await unix.listen(server.socket, server.socket_mode)
+            self.listening["unix"] = server.socket
+        return runner, unix
+
+    async def _announce_ready(self) -> None:
+        try:
+            for pool in self.pools.values():
+                await pool.wait_ready(self.settings.server.ready_timeout_s)
+        except (TimeoutError, ClaudepoolError) as exc:
+            # Not fatal: the pool keeps trying and /readyz says why; systemd will time the start out.
+            log.error("pools did not warm up: %r", exc)
+            self.notifier.status(f"warming failed: {exc!r}")
+            return
+        self._warm = True
+        warm = sum(p.idle_count for p in self.pools.values())
+        self.notifier.ready()
+        self.notifier.status(f"serving with {warm} warm workers")
+        log.info("ready: %d warm workers", warm)
+
+    async def _shutdown(self) -> int:
+        """Drain; the front ends and pools are closed by `run` on the way out."""
+        self.notifier.stopping()
+        self.service.draining = True
+        self.notifier.status(f"draining {self.service.in_flight} requests")
+        drained = asyncio.create_task(self.service.wait_idle(self.settings.server.drain_timeout_s))
+        forced = asyncio.create_task(self._force.wait())
+        await asyncio.wait({drained, forced}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (drained, forced):
+            task.cancel()
+        await asyncio.gather(drained, forced, return_exceptions=True)
+        stopped = await self.service.stop_in_flight()
+        self.notifier.status("closing workers")
+        counts = {name: pool.stats for name, pool in self.pools.items()}
+        log.info("shutdown: %d requests stopped at the deadline; pool stats %s", stopped, counts)
+        return 1 if self._force.is_set() else 0
+
+
+def _address(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if isinstance(name, tuple):
+        host, port = name[0], name[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(name)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(stream=sys.stderr, level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")

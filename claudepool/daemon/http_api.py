@@ -1,0 +1,158 @@
+"""The HTTP front end (aiohttp): JSON and server-sent events.
+
+    POST /v1/prompt   Authorization: Bearer <tenant key>; a `PromptRequest` body
+    GET  /healthz     the process is alive
+    GET  /readyz      warm capacity is available (503 while draining or a boot breaker is open)
+    GET  /metrics     Prometheus text
+    GET  /v1/pool     admin: every worker's state, pid, profile, turns, age, PSS; queue depths
+
+Errors are ``{"error": {"code", "message"}}`` with the status of the `ClaudepoolError` raised, and
+``Retry-After`` when retrying later makes sense. A streaming request opens its event stream only
+when the first text arrives, so anything that fails before that (a full queue, a timeout) is still a
+plain HTTP error with its real status; after that, failures arrive as one ``event: error``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from claudepool.errors import BadRequest, ClaudepoolError, NotFound, PromptTooLarge, RequestError
+from claudepool.protocol.wire import PromptRequest, PromptResult, describe_validation_error, error_body
+
+if TYPE_CHECKING:
+    from claudepool.daemon.app import Daemon
+
+log = logging.getLogger(__name__)
+
+DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def build_app(daemon: Daemon) -> web.Application:
+    app = web.Application(
+        middlewares=[_errors],
+        # The body is a prompt plus a small envelope; larger bodies get 413 before being read whole.
+        client_max_size=daemon.settings.server.max_prompt_bytes + 64 * 1024,
+    )
+    app[DAEMON] = daemon
+    app.router.add_post("/v1/prompt", _prompt)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/v1/pool", _pool)
+    return app
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json",
+                        headers=headers)
+
+
+def error_response(exc: ClaudepoolError) -> web.Response:
+    headers = {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(math.ceil(exc.retry_after_s))
+    return json_response({"error": error_body(exc)}, status=exc.status, headers=headers)
+
+
+def bearer(request: web.Request) -> str | None:
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ClaudepoolError as exc:
+        return error_response(exc)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(PromptTooLarge("request body too large"))
+    except web.HTTPNotFound:
+        return error_response(NotFound(f"no route {request.method} {request.path}"))
+    except web.HTTPMethodNotAllowed:
+        return json_response({"error": {"code": "method_not_allowed", "message": f"{request.method} not allowed"}},
+                             status=405)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return json_response({"error": {"code": "internal_error", "message": "internal error"}}, status=500)
+
+
+async def _read_request(request: web.Request) -> PromptRequest:
+    raw = await request.read()
+    try:
+        return PromptRequest.model_validate(orjson.loads(raw))
+    except orjson.JSONDecodeError:
+        raise BadRequest("the body is not valid JSON") from None
+    except ValidationError as exc:
+        raise BadRequest(describe_validation_error(exc)) from None
+
+
+async def _prompt(request: web.Request) -> web.StreamResponse:
+    daemon = request.app[DAEMON]
+    tenant = daemon.tenants.authenticate(bearer(request))
+    body = await _read_request(request)
+    admission = daemon.service.admit(tenant, body)
+    if not body.stream:
+        result = await daemon.service.run(admission)
+        return json_response(result.model_dump())
+
+    stream: EventSourceResponse | None = None
+
+    async def opened() -> EventSourceResponse:
+        nonlocal stream
+        if stream is None:
+            stream = EventSourceResponse(allow_all_methods=True, headers={"X-Request-Id": admission.request_id})
+            await stream.prepare(request)
+        return stream
+
+    async def on_delta(text: str) -> None:
+        await (await opened()).send(orjson.dumps({"text": text}).decode(), event="delta")
+
+    try:
+        answer: PromptResult = await daemon.service.run(admission, on_delta)
+    except ClaudepoolError as exc:
+        if stream is None:
+            raise
+        await stream.send(orjson.dumps(error_body(exc)).decode(), event="error")
+    else:
+        await (await opened()).send(answer.model_dump_json(), event="result")
+    assert stream is not None
+    stream.stop_streaming()
+    await stream.wait()
+    return stream
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    ready, detail = daemon.readiness()
+    return json_response(detail, status=200 if ready else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[DAEMON].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _pool(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    try:
+        daemon.tenants.require_admin(bearer(request))
+    except RequestError as exc:
+        return error_response(exc)
+    return json_response(daemon.pool_status())

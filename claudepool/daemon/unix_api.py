@@ -1,0 +1,200 @@
+"""The Unix-socket front end: NDJSON frames, many requests multiplexed on one connection.
+
+Each ``prompt`` frame becomes a task keyed by the client's ``id``; its frames (``delta``…, then one
+``result`` or ``error``) are written whole, so frames of concurrent requests interleave only at line
+boundaries. ``cancel`` stops a request on the same connection (it then ends with ``error``/
+``cancelled``); ``status`` reports the pools. A malformed or oversize frame is answered with an
+``error`` frame and the connection stays usable. When the client disconnects, its requests are
+cancelled and their workers interrupted and reset. See `claudepool.protocol.wire` for the frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from claudepool.daemon.service import Admission
+from claudepool.errors import BadRequest, Cancelled, ClaudepoolError, ConfigError, CorruptFrame, FrameTooLarge
+from claudepool.protocol.framing import LineFramer, decode_object
+from claudepool.protocol.wire import (
+    CancelFrame,
+    Frame,
+    PromptFrame,
+    PromptRequest,
+    StatusFrame,
+    delta_frame,
+    describe_validation_error,
+    error_frame,
+    event_frame,
+    result_frame,
+)
+
+if TYPE_CHECKING:
+    from claudepool.daemon.app import Daemon
+
+log = logging.getLogger(__name__)
+
+_FRAMES: TypeAdapter[PromptFrame | CancelFrame | StatusFrame] = TypeAdapter(Frame)
+_READ_CHUNK_BYTES = 1 << 16
+
+
+class UnixFrontEnd:
+    """The listening sockets and the open connections, so shutdown can close both."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.servers: list[asyncio.Server] = []
+        self.connections: dict[_Connection, asyncio.Task[Any]] = {}
+
+    async def listen(self, path: str, mode: int, sock: socket.socket | None = None) -> None:
+        """Listen on ``sock`` (inherited from systemd) or bind ``path`` with ``mode``."""
+        if sock is not None:
+            self.servers.append(await asyncio.start_unix_server(self._on_connection, sock=sock))
+            return
+        _prepare_socket_path(Path(path))
+        self.servers.append(await asyncio.start_unix_server(self._on_connection, path=path))
+        os.chmod(path, mode)
+
+    async def close(self, timeout_s: float) -> None:
+        """Stop listening and close every connection (call once requests are done or stopped)."""
+        for server in self.servers:
+            server.close()
+        for connection in list(self.connections):
+            connection.writer.close()
+        tasks = list(self.connections.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = _Connection(self.daemon, writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections[connection] = task
+        try:
+            await connection.serve(reader)
+        finally:
+            del self.connections[connection]
+
+
+def _prepare_socket_path(target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    if target.exists() or target.is_symlink():
+        if not stat.S_ISSOCK(target.lstat().st_mode):
+            raise ConfigError(f"{target} exists and is not a socket; refusing to replace it")
+        target.unlink()  # a stale socket from a previous run
+
+
+class _Connection:
+    def __init__(self, daemon: Daemon, writer: asyncio.StreamWriter) -> None:
+        self.daemon = daemon
+        self.writer = writer
+        self.requests: dict[str, asyncio.Task[None]] = {}
+        self.cancelled: set[str] = set()
+
+    async def serve(self, reader: asyncio.StreamReader) -> None:
+        framer = LineFramer(self.daemon.settings.server.max_frame_bytes)
+        try:
+            while chunk := await reader.read(_READ_CHUNK_BYTES):
+                for line in framer.feed_lenient(chunk):
+                    if isinstance(line, FrameTooLarge):
+                        self.send(error_frame(None, line))
+                    elif line.strip():
+                        await self.handle(line)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            # The client is gone: its turns are abandoned, so the pool interrupts and resets them.
+            tasks = list(self.requests.values())
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=5.0)
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+
+    def send(self, frame: bytes) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(frame)
+
+    async def handle(self, line: bytes) -> None:
+        frame_id: str | None = None
+        try:
+            obj = decode_object(line)
+            raw_id = obj.get("id")
+            frame_id = raw_id if isinstance(raw_id, str) else None
+            frame = _FRAMES.validate_python(obj)
+        except CorruptFrame as exc:
+            self.send(error_frame(None, BadRequest(str(exc))))
+            return
+        except ValidationError as exc:
+            self.send(error_frame(frame_id, BadRequest(describe_validation_error(exc))))
+            return
+        if isinstance(frame, PromptFrame):
+            self.start_prompt(frame)
+        elif isinstance(frame, CancelFrame):
+            task = self.requests.get(frame.target)
+            if task is not None:
+                self.cancelled.add(frame.target)
+                task.cancel()
+            self.send(event_frame(frame.id, "cancelled", {"target": frame.target, "found": task is not None}))
+        else:
+            self.send(event_frame(frame.id, "status", self.status(frame)))
+        await self.writer.drain()
+
+    def status(self, frame: StatusFrame) -> dict[str, Any]:
+        if self.daemon.tenants.is_admin(frame.key):
+            return self.daemon.pool_status()
+        try:
+            self.daemon.tenants.authenticate(frame.key)
+        except ClaudepoolError as exc:
+            return {"error": {"code": exc.code, "message": str(exc)}}
+        return self.daemon.readiness()[1]
+
+    def start_prompt(self, frame: PromptFrame) -> None:
+        if frame.id in self.requests:
+            self.send(error_frame(frame.id, BadRequest(f"request id {frame.id!r} is already in flight")))
+            return
+        try:
+            tenant = self.daemon.tenants.authenticate(frame.key)
+            request = PromptRequest.model_validate(frame.model_dump(exclude={"id", "op", "key"}))
+            admission = self.daemon.service.admit(tenant, request)
+        except ClaudepoolError as exc:
+            self.send(error_frame(frame.id, exc))
+            return
+        self.requests[frame.id] = asyncio.create_task(self.run_prompt(frame, admission), name=f"unix-{frame.id}")
+
+    async def run_prompt(self, frame: PromptFrame, admission: Admission) -> None:
+        async def on_delta(text: str) -> None:
+            self.send(delta_frame(frame.id, text))
+            await self.writer.drain()
+
+        try:
+            result = await self.daemon.service.run(admission, on_delta if frame.stream else None)
+            self.send(result_frame(frame.id, result))
+        except ClaudepoolError as exc:
+            self.send(error_frame(frame.id, exc))
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if frame.id in self.cancelled and task is not None and task.uncancel() == 0:
+                self.send(error_frame(frame.id, Cancelled("cancelled by the client")))
+                return
+            raise
+        except (ConnectionError, OSError):
+            pass  # the client went away while we wrote to it
+        except Exception:
+            log.exception("request %s failed", admission.request_id)
+            self.send(error_frame(frame.id, ClaudepoolError("internal error")))
+        finally:
+            self.requests.pop(frame.id, None)
+            self.cancelled.discard(frame.id)

@@ -1,0 +1,129 @@
+"""Our client protocol: the HTTP bodies and the Unix-socket NDJSON frames, as typed models.
+
+HTTP ``POST /v1/prompt`` takes a `PromptRequest` and answers a `PromptResult` (or, with
+``"stream": true``, server-sent ``delta`` events then exactly one ``result`` or ``error`` event).
+
+The Unix socket carries one JSON object per line in each direction, many requests multiplexed on one
+connection by a client-chosen ``id``:
+
+    → {"id": "r1", "op": "prompt", "key": "…", "prompt": "Hi", "stream": true}
+    ← {"id": "r1", "event": "delta", "text": "Hel"}
+    ← {"id": "r1", "event": "result", "request_id": "…", "text": "Hello", …}
+    → {"id": "c1", "op": "cancel", "target": "r1"}
+    → {"id": "s1", "op": "status", "key": "…"}
+
+Every accepted request ends in exactly one terminal frame: ``result`` or ``error``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from claudepool.errors import ClaudepoolError
+from claudepool.protocol.cli_events import Usage
+
+_ID = Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
+
+
+class PromptRequest(BaseModel):
+    """One prompt. ``session`` continues a conversation (sessions arrive with a later release)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    session: str | None = None
+    profile: str | None = None
+    stream: bool = False
+    timeout_s: float | None = Field(default=None, gt=0)
+
+
+class UsageOut(BaseModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+
+    @classmethod
+    def of(cls, usage: Usage) -> UsageOut:
+        return cls(
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cache_read_input_tokens=usage.cache_read_input_tokens,
+            cache_creation_input_tokens=usage.cache_creation_input_tokens,
+        )
+
+
+class PromptResult(BaseModel):
+    """The answer to one prompt: the non-streaming body, and the ``result`` event's data."""
+
+    id: str
+    tenant: str
+    session: str | None
+    text: str
+    is_error: bool
+    stop_reason: str | None
+    usage: UsageOut
+    cost_usd: float
+    duration_ms: float
+    queue_ms: float
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """Name the bad fields without echoing their values (a prompt may be secret)."""
+    parts = [f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()[:5]]
+    return "invalid request: " + "; ".join(parts)
+
+
+def error_body(exc: ClaudepoolError) -> dict[str, Any]:
+    return {"code": exc.code, "message": str(exc)}
+
+
+# -- Unix socket frames ----------------------------------------------------------------------------
+
+
+class PromptFrame(PromptRequest):
+    id: str = _ID
+    op: Literal["prompt"]
+    key: str
+
+
+class CancelFrame(BaseModel):
+    """Cancel the request ``target`` sent earlier on the same connection."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = _ID
+    op: Literal["cancel"]
+    target: str = _ID
+
+
+class StatusFrame(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = _ID
+    op: Literal["status"]
+    key: str
+
+
+Frame = Annotated[PromptFrame | CancelFrame | StatusFrame, Field(discriminator="op")]
+
+
+def delta_frame(frame_id: str, text: str) -> bytes:
+    return orjson.dumps({"id": frame_id, "event": "delta", "text": text}) + b"\n"
+
+
+def result_frame(frame_id: str, result: PromptResult) -> bytes:
+    body = result.model_dump()
+    body["request_id"] = body.pop("id")
+    return orjson.dumps({"id": frame_id, "event": "result", **body}) + b"\n"
+
+
+def error_frame(frame_id: str | None, exc: ClaudepoolError) -> bytes:
+    return orjson.dumps({"id": frame_id, "event": "error", **error_body(exc)}) + b"\n"
+
+
+def event_frame(frame_id: str, event: str, body: dict[str, Any]) -> bytes:
+    return orjson.dumps({"id": frame_id, "event": event, **body}) + b"\n"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -121,7 +120,7 @@ async def _dev_overrides(settings: Settings) -> tuple[dict[str, Any], Any]:
         overrides["server"] = {"admin_key": DEV_ADMIN_KEY}
     pool: dict[str, Any] = {}
     pinned = _pinned_cli()
-    if settings.pool.claude_bin == "claude" and shutil.which("claude") is None and pinned:
+    if settings.pool.claude_bin == "claude" and pinned:
         pool["claude_bin"] = pinned
     fake = None
     if "ANTHROPIC_API_KEY" not in settings.pool.env and "ANTHROPIC_BASE_URL" not in settings.pool.env:
@@ -151,17 +150,20 @@ def _pinned_cli() -> str | None:
 
 
 async def _run(client: AsyncClient, args: argparse.Namespace) -> int:
+    streamed = False
     try:
         async with client:
             async for piece in client.stream(args.prompt, profile=args.profile, timeout_s=args.timeout_s):
                 if isinstance(piece, str):
+                    streamed = True
                     sys.stdout.write(piece)
                     sys.stdout.flush()
                 elif isinstance(piece, PromptResult):
                     if piece.is_error:
                         print(f"\nclaudepool: the model call failed: {piece.text}", file=sys.stderr)
                         return 1
-                    sys.stdout.write("\n")
+                    # A profile without partial messages streams no deltas: the text is all here.
+                    sys.stdout.write("\n" if streamed else piece.text + "\n")
     except RemoteError as exc:
         print(f"claudepool: {exc.remote_code}: {exc.message}", file=sys.stderr)
         return 1

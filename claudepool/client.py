@@ -40,6 +40,7 @@ class AsyncClient:
         self.url = url.rstrip("/") if url else None
         self._session: aiohttp.ClientSession | None = None
         self._unix: _UnixConnection | None = None
+        self._connecting = asyncio.Lock()
 
     async def __aenter__(self) -> Self:
         return self
@@ -67,9 +68,14 @@ class AsyncClient:
         return self._prompt(prompt, stream=True, **options)
 
     async def status(self) -> dict[str, Any]:
+        """The pool (admin key) or, for a tenant key, the daemon's readiness."""
         if self.url is not None:
-            async with (await self._http()).get(f"{self.url}/v1/pool", headers=self._auth()) as resp:
-                return await _json_or_raise(resp)
+            try:
+                return await self._http_get("/v1/pool")
+            except RemoteError as exc:
+                if exc.remote_code != "forbidden":
+                    raise
+            return await self._http_get("/readyz", ok_statuses=(200, 503))
         body: dict[str, Any] = {}
         async for frame in (await self._socket()).request({"op": "status", "key": self.key}):
             if frame.get("event") == "error":
@@ -97,21 +103,31 @@ class AsyncClient:
             elif event == "error":
                 raise RemoteError(frame["code"], frame["message"])
 
+    async def _http_get(self, path: str, ok_statuses: tuple[int, ...] = (200,)) -> dict[str, Any]:
+        try:
+            async with (await self._http()).get(f"{self.url}{path}", headers=self._auth()) as resp:
+                return await _json_or_raise(resp, ok_statuses)
+        except aiohttp.ClientConnectionError as exc:
+            raise RemoteError("unavailable", f"cannot reach {self.url}: {exc}") from None
+
     async def _http_prompt(self, body: dict[str, Any]) -> AsyncIterator[str | PromptResult]:
         session = await self._http()
-        async with session.post(f"{self.url}/v1/prompt", data=orjson.dumps(body),
-                                headers={**self._auth(), "Content-Type": "application/json"}) as resp:
-            if not body["stream"] or resp.content_type != "text/event-stream":
-                yield PromptResult.model_validate(await _json_or_raise(resp))
-                return
-            async for event, data in _sse_events(resp):
-                if event == "delta":
-                    yield orjson.loads(data)["text"]
-                elif event == "result":
-                    yield PromptResult.model_validate_json(data)
-                elif event == "error":
-                    error = orjson.loads(data)
-                    raise RemoteError(error["code"], error["message"], resp.status)
+        try:
+            async with session.post(f"{self.url}/v1/prompt", data=orjson.dumps(body),
+                                    headers={**self._auth(), "Content-Type": "application/json"}) as resp:
+                if not body["stream"] or resp.content_type != "text/event-stream":
+                    yield PromptResult.model_validate(await _json_or_raise(resp))
+                    return
+                async for event, data in _sse_events(resp):
+                    if event == "delta":
+                        yield orjson.loads(data)["text"]
+                    elif event == "result":
+                        yield PromptResult.model_validate_json(data)
+                    elif event == "error":
+                        error = orjson.loads(data)
+                        raise RemoteError(error["code"], error["message"], resp.status)
+        except aiohttp.ClientConnectionError as exc:
+            raise RemoteError("unavailable", f"cannot reach {self.url}: {exc}") from None
 
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"}
@@ -122,19 +138,24 @@ class AsyncClient:
         return self._session
 
     async def _socket(self) -> _UnixConnection:
-        if self._unix is None:
-            assert self.socket_path is not None
-            self._unix = await _UnixConnection.open(self.socket_path)
+        # Concurrent first requests must share one connection, not each open their own.
+        async with self._connecting:
+            if self._unix is not None and self._unix.task.done():
+                await self._unix.close()  # the daemon closed it (restart, drain): connect again
+                self._unix = None
+            if self._unix is None:
+                assert self.socket_path is not None
+                self._unix = await _UnixConnection.open(self.socket_path)
         return self._unix
 
 
-async def _json_or_raise(resp: aiohttp.ClientResponse) -> dict[str, Any]:
+async def _json_or_raise(resp: aiohttp.ClientResponse, ok_statuses: tuple[int, ...] = (200,)) -> dict[str, Any]:
     raw = await resp.read()
     try:
         body: dict[str, Any] = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise RemoteError("protocol_error", f"HTTP {resp.status}: not JSON", resp.status) from None
-    if resp.status >= 400:
+    if resp.status not in ok_statuses:
         error = body.get("error") or {}
         raise RemoteError(error.get("code", "http_error"), error.get("message", f"HTTP {resp.status}"), resp.status)
     return body
@@ -177,16 +198,25 @@ class _UnixConnection:
         frame_id = f"c{next(self.ids)}"
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.queues[frame_id] = queue
+        finished = False
         try:
-            self.writer.write(orjson.dumps({"id": frame_id, **frame}) + b"\n")
-            await self.writer.drain()
+            try:
+                self.writer.write(orjson.dumps({"id": frame_id, **frame}) + b"\n")
+                await self.writer.drain()
+            except (ConnectionError, OSError) as exc:
+                raise RemoteError("unavailable", f"the daemon connection is gone: {exc}") from None
             while True:
                 item = await queue.get()
+                finished = item.get("event") in _TERMINAL_EVENTS
                 yield item
-                if item.get("event") in _TERMINAL_EVENTS:
+                if finished:
                     return
         finally:
             self.queues.pop(frame_id, None)
+            if not finished and frame.get("op") == "prompt" and not self.writer.is_closing():
+                # The caller stopped listening: stop the turn too, as closing an HTTP response does.
+                cancel = {"id": f"{frame_id}-cancel", "op": "cancel", "target": frame_id}
+                self.writer.write(orjson.dumps(cancel) + b"\n")
 
     async def _read(self) -> None:
         framer = LineFramer()

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import orjson
 import pytest
 
 from claudepool.config import load_settings
 from claudepool.daemon.app import Daemon
 from claudepool.daemon.notify import Notifier
-from tests.conftest import FAKE_CLAUDE
+from tests.conftest import FAKE_CLAUDE, REPO
 from tests.helpers import until
 
+ADMIN = "lifecycle-admin"
+KEY = "lifecycle-key"
 ADMIN_KEY = "admin-key-0123"
 KEYS = {"acme": "acme-key-0123", "beta": "beta-key-0123"}
 
@@ -76,3 +82,89 @@ async def make_daemon(tmp_path: Path, fake_log: Path) -> AsyncIterator[Callable[
         handle.daemon.request_stop()
         async with asyncio.timeout(30):
             await handle.task
+
+
+# -- the daemon as a separate process ------------------------------------------------------------
+
+@dataclass
+class DaemonProcess:
+    proc: asyncio.subprocess.Process
+    url: str = ""
+    socket: str = ""
+    output: list[str] = field(default_factory=list)
+
+    async def status(self) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as session, session.get(
+            f"{self.url}/v1/pool", headers={"Authorization": f"Bearer {ADMIN}"}
+        ) as resp:
+            body: dict[str, Any] = await resp.json()
+            return body
+
+    async def worker_pids(self) -> list[int]:
+        return [w["pid"] for p in (await self.status())["pools"].values() for w in p["workers"] if w["pid"]]
+
+    async def wait_exit(self, timeout_s: float = 20) -> int:
+        async with asyncio.timeout(timeout_s):
+            return await self.proc.wait()
+
+
+async def post(url: str, body: dict[str, Any], key: str = KEY) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as session, session.post(
+        f"{url}/v1/prompt", data=orjson.dumps(body), headers={"Authorization": f"Bearer {key}"}
+    ) as resp:
+        return resp.status, await resp.json()
+
+
+@pytest.fixture
+async def start_daemon() -> AsyncIterator[Callable[..., Awaitable[DaemonProcess]]]:
+    started: list[DaemonProcess] = []
+
+    async def start(*args: str, env: dict[str, str] | None = None, wait_ready: bool = True,
+                    argv: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> DaemonProcess:
+        proc = await asyncio.create_subprocess_exec(
+            *(argv or [sys.executable, "-m", "claudepool", "serve", *args]),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, pass_fds=pass_fds,
+        )
+        daemon = DaemonProcess(proc)
+        started.append(daemon)
+        assert proc.stdout is not None
+        async with asyncio.timeout(20):
+            while True:
+                line = (await proc.stdout.readline()).decode()
+                if not line:
+                    return daemon  # exited early: the test looks at the output
+                daemon.output.append(line)
+                if "claudepool: listening on" in line:
+                    break
+        listening = line.split("listening on ", 1)[1].strip()
+        for part in listening.split(" and "):
+            kind, _, where = part.partition(" ")
+            if kind == "http":
+                daemon.url = where if where.startswith("http") else f"http://{where}"
+            elif kind == "unix":
+                daemon.socket = where
+        asyncio.get_running_loop().create_task(_collect(proc, daemon.output))
+        if wait_ready:
+            assert daemon.url, "the daemon must listen on HTTP for wait_ready"
+            async with asyncio.timeout(20), aiohttp.ClientSession() as session:
+                while True:
+                    async with session.get(f"{daemon.url}/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                    await asyncio.sleep(0.05)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.proc.returncode is None:
+            daemon.proc.kill()
+            await daemon.proc.wait()
+
+
+async def _collect(proc: asyncio.subprocess.Process, output: list[str]) -> None:
+    assert proc.stdout is not None
+    while line := await proc.stdout.readline():
+        output.append(line.decode())
+
+

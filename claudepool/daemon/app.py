@@ -161,13 +161,20 @@ class Daemon:
                 await web.SockSite(runner, sock).start()
                 self.listening["http"] = f"http://{_address(sock)}"
         unix = UnixFrontEnd(self)
-        if unix_socks:
-            for sock in unix_socks:
-                await unix.listen("", server.socket_mode, sock=sock)
-            self.listening["unix"] = ", ".join(_address(s) for s in unix_socks)
-        elif server.socket:
-            await unix.listen(server.socket, server.socket_mode)
-            self.listening["unix"] = server.socket
+        try:
+            if unix_socks:
+                for sock in unix_socks:
+                    await unix.listen("", server.socket_mode, sock=sock)
+                self.listening["unix"] = ", ".join(_address(s) for s in unix_socks)
+            elif server.socket:
+                await unix.listen(server.socket, server.socket_mode)
+                self.listening["unix"] = server.socket
+        except BaseException:
+            # Do not leave the HTTP port listening behind a daemon that failed to start.
+            await unix.close(_HTTP_SHUTDOWN_TIMEOUT_S)
+            if runner is not None:
+                await runner.cleanup()
+            raise
         return runner, unix
 
     async def _announce_ready(self) -> None:

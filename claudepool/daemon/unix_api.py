@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -53,20 +54,29 @@ class UnixFrontEnd:
         self.daemon = daemon
         self.servers: list[asyncio.Server] = []
         self.connections: dict[_Connection, asyncio.Task[Any]] = {}
+        # Paths we bound ourselves and so remove on close (never a socket systemd handed us).
+        self.bound_paths: list[str] = []
 
     async def listen(self, path: str, mode: int, sock: socket.socket | None = None) -> None:
         """Listen on ``sock`` (inherited from systemd) or bind ``path`` with ``mode``."""
         if sock is not None:
             self.servers.append(await asyncio.start_unix_server(self._on_connection, sock=sock))
             return
-        _prepare_socket_path(Path(path))
-        self.servers.append(await asyncio.start_unix_server(self._on_connection, path=path))
-        os.chmod(path, mode)
+        try:
+            _prepare_socket_path(Path(path))
+            self.servers.append(await asyncio.start_unix_server(self._on_connection, path=path))
+            os.chmod(path, mode)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+        self.bound_paths.append(path)
 
     async def close(self, timeout_s: float) -> None:
         """Stop listening and close every connection (call once requests are done or stopped)."""
         for server in self.servers:
             server.close()
+        for path in self.bound_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         for connection in list(self.connections):
             connection.writer.close()
         tasks = list(self.connections.values())
@@ -172,7 +182,18 @@ class _Connection:
         except ClaudepoolError as exc:
             self.send(error_frame(frame.id, exc))
             return
-        self.requests[frame.id] = asyncio.create_task(self.run_prompt(frame, admission), name=f"unix-{frame.id}")
+        task = asyncio.create_task(self.run_prompt(frame, admission), name=f"unix-{frame.id}")
+        self.requests[frame.id] = task
+        # A done callback, not a `finally`: a task cancelled before it first runs never enters its
+        # coroutine, and it still owes the client its one terminal frame.
+        task.add_done_callback(functools.partial(self.finished, frame.id))
+
+    def finished(self, frame_id: str, task: asyncio.Task[None]) -> None:
+        if self.requests.get(frame_id) is task:
+            del self.requests[frame_id]
+        if task.cancelled() and frame_id in self.cancelled:
+            self.send(error_frame(frame_id, Cancelled("cancelled by the client")))
+        self.cancelled.discard(frame_id)
 
     async def run_prompt(self, frame: PromptFrame, admission: Admission) -> None:
         async def on_delta(text: str) -> None:
@@ -184,17 +205,8 @@ class _Connection:
             self.send(result_frame(frame.id, result))
         except ClaudepoolError as exc:
             self.send(error_frame(frame.id, exc))
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if frame.id in self.cancelled and task is not None and task.uncancel() == 0:
-                self.send(error_frame(frame.id, Cancelled("cancelled by the client")))
-                return
-            raise
         except (ConnectionError, OSError):
             pass  # the client went away while we wrote to it
         except Exception:
             log.exception("request %s failed", admission.request_id)
             self.send(error_frame(frame.id, ClaudepoolError("internal error")))
-        finally:
-            self.requests.pop(frame.id, None)
-            self.cancelled.discard(frame.id)

@@ -414,6 +414,7 @@ class Pool:
         # Workers coming back from a lease or an operation.
         while self._returned:
             worker = self._returned.popleft()
+            worker.last_active_at = now  # a lease without a turn still counts as use
             reason = self._retire_reason(worker, now)
             if reason is not None:
                 actions.append(self._retire(worker, reason))

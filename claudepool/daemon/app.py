@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -26,7 +27,7 @@ from claudepool.config import Settings
 from claudepool.daemon.http_api import build_app
 from claudepool.daemon.listen_fds import inherited_sockets, split_by_kind
 from claudepool.daemon.metrics import Metrics
-from claudepool.daemon.notify import Notifier
+from claudepool.daemon.notify import Notifier, unset_environment
 from claudepool.daemon.service import PromptService, ServiceLimits
 from claudepool.daemon.unix_api import UnixFrontEnd
 from claudepool.errors import ClaudepoolError, ConfigError
@@ -137,6 +138,8 @@ class Daemon:
     async def _start_front_ends(self) -> tuple[web.AppRunner | None, UnixFrontEnd]:
         server = self.settings.server
         adopted = inherited_sockets()
+        # Both the notifier and socket activation have read their variables: no child may see them.
+        unset_environment(os.environ)
         unix_socks, inet_socks = split_by_kind(s.sock for s in adopted)
         runner: web.AppRunner | None = None
         if inet_socks or server.http:

@@ -5,6 +5,9 @@
                                                   stream one answer to stdout
     claudepool status [--socket PATH | --url URL] [--key KEY]
                                                   the workers (admin key) or readiness (tenant key)
+    claudepool usage [--socket PATH | --url URL] [--key KEY] [--tenant T] [--window day|month]
+                     [--date D] [--ledger [--since TS] [--limit N]]
+                                                  usage and budgets, or the ledger as JSON lines
     claudepool check [--claude PATH]              start one worker and reset it
     claudepool version
 
@@ -23,6 +26,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from claudepool import __version__
 from claudepool.client import AsyncClient
@@ -47,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                        help=f"development mode: a tenant with key {DEV_KEY!r}, admin key {DEV_ADMIN_KEY!r}, "
                             "and a loopback fake upstream unless ANTHROPIC_API_KEY is set")
 
-    for name, text in (("run", "send one prompt and stream the answer"), ("status", "show the pool")):
+    for name, text in (("run", "send one prompt and stream the answer"), ("status", "show the pool"),
+                       ("usage", "usage and budgets per tenant and model, or the ledger")):
         cmd = sub.add_parser(name, help=text)
         where = cmd.add_mutually_exclusive_group()
         where.add_argument("--socket", help="daemon socket path (default: the daemon's default)")
@@ -57,6 +63,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             cmd.add_argument("prompt")
             cmd.add_argument("--profile")
             cmd.add_argument("--timeout", type=float, dest="timeout_s")
+        if name == "usage":
+            cmd.add_argument("--tenant", help="one tenant (admin key); a tenant key sees only itself")
+            cmd.add_argument("--window", choices=("day", "month"), default="day")
+            cmd.add_argument("--date", help="YYYY-MM-DD for a day, YYYY-MM for a month (default: now, UTC)")
+            cmd.add_argument("--ledger", action="store_true", help="print the ledger as JSON lines (needs --url)")
+            cmd.add_argument("--since", type=float, help="with --ledger: records at or after this unix time")
+            cmd.add_argument("--limit", type=int, default=1000)
 
     check = sub.add_parser("check", help="start one worker and reset it, to validate the installed CLI")
     check.add_argument("--claude", default="claude", help="path of the claude binary (default: claude on PATH)")
@@ -74,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("a key is needed: --key or $CLAUDEPOOL_KEY")
     client = AsyncClient(key=args.key, url=args.url, socket_path=None if args.url else (args.socket or
                                                                                         default_socket_path()))
-    sys.exit(asyncio.run(_run(client, args) if args.command == "run" else _status(client)))
+    commands = {"run": _run, "status": _status, "usage": _usage}
+    sys.exit(asyncio.run(commands[args.command](client, args)))
 
 
 # -- serve -------------------------------------------------------------------------------------------
@@ -170,7 +184,33 @@ async def _run(client: AsyncClient, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _status(client: AsyncClient) -> int:
+async def _usage(client: AsyncClient, args: argparse.Namespace) -> int:
+    try:
+        async with client:
+            if args.ledger:
+                for record in await client.ledger(tenant=args.tenant, since=args.since, limit=args.limit):
+                    print(orjson.dumps(record).decode())
+                return 0
+            report = await client.usage(window=args.window, date=args.date, tenant=args.tenant)
+    except (RemoteError, ValueError) as exc:
+        print(f"claudepool: {exc}", file=sys.stderr)
+        return 1
+    print(f"usage for {report['window']['kind']} {report['window']['key']} (UTC)")
+    print(f"{'TENANT':<16} {'MODEL':<28} {'REQUESTS':>8} {'INPUT':>10} {'OUTPUT':>10} {'CACHE_R':>10} "
+          f"{'CACHE_W':>10} {'COST_USD':>12}")
+    for tenant, entry in report["tenants"].items():
+        for model, t in entry["models"].items():
+            print(f"{tenant:<16} {model:<28} {t['requests']:>8} {t['input_tokens']:>10} {t['output_tokens']:>10} "
+                  f"{t['cache_read_input_tokens']:>10} {t['cache_creation_input_tokens']:>10} {t['cost_usd']:>12.6f}")
+        budget = entry.get("budget")
+        if budget:
+            print(f"{tenant:<16} budget: today ${budget['day_spent_usd']:.6f} of "
+                  f"{budget['daily_limit_usd'] or 'unlimited'}, month ${budget['month_spent_usd']:.6f} of "
+                  f"{budget['monthly_limit_usd'] or 'unlimited'}, reserved ${budget['reserved_usd']:.6f}")
+    return 0
+
+
+async def _status(client: AsyncClient, args: argparse.Namespace | None = None) -> int:
     try:
         async with client:
             status = await client.status()

@@ -18,6 +18,7 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Self
+from urllib.parse import urlencode
 
 import aiohttp
 import orjson
@@ -26,7 +27,7 @@ from claudepool.errors import RemoteError
 from claudepool.protocol.framing import LineFramer
 from claudepool.protocol.wire import PromptResult
 
-_TERMINAL_EVENTS = frozenset({"result", "error", "status", "cancelled"})
+_TERMINAL_EVENTS = frozenset({"result", "error", "status", "cancelled", "usage"})
 
 
 class AsyncClient:
@@ -84,6 +85,36 @@ class AsyncClient:
         if "error" in body:
             raise RemoteError(body["error"]["code"], body["error"]["message"])
         return body
+
+    async def usage(self, *, window: str = "day", date: str | None = None, tenant: str | None = None) -> dict[str, Any]:
+        """Usage per tenant and model for a UTC day (``date`` YYYY-MM-DD) or month (YYYY-MM)."""
+        query = {"window": window, **({"date": date} if date else {}), **({"tenant": tenant} if tenant else {})}
+        if self.url is not None:
+            return await self._http_get("/v1/usage?" + urlencode(query))
+        async for frame in (await self._socket()).request({"op": "usage", "key": self.key, **query}):
+            if frame.get("event") == "error":
+                raise RemoteError(frame["code"], frame["message"])
+            return {k: v for k, v in frame.items() if k not in ("id", "event")}
+        raise RemoteError("protocol_error", "no answer to the usage request")
+
+    async def ledger(self, *, tenant: str | None = None, since: float | None = None,
+                     limit: int = 1000) -> list[dict[str, Any]]:
+        """Settled usage records, oldest first (HTTP only)."""
+        if self.url is None:
+            raise ValueError("the ledger is served over HTTP: create the client with url=")
+        query: dict[str, str] = {"limit": str(limit)}
+        if tenant:
+            query["tenant"] = tenant
+        if since is not None:
+            query["since"] = str(since)
+        try:
+            async with (await self._http()).get(f"{self.url}/v1/ledger?{urlencode(query)}",
+                                                headers=self._auth()) as resp:
+                if resp.status != 200:
+                    await _json_or_raise(resp)
+                return [orjson.loads(line) for line in (await resp.read()).splitlines() if line]
+        except aiohttp.ClientConnectionError as exc:
+            raise RemoteError("unavailable", f"cannot reach {self.url}: {exc}") from None
 
     # -- transports ------------------------------------------------------------------------------
 

@@ -78,6 +78,8 @@ class ServerSettings(BaseModel):
     default_timeout_s: float = Field(default=300.0, gt=0)
     max_timeout_s: float = Field(default=3600.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
+    # Requests admitted but waiting for a worker, across all tenants and profiles.
+    max_queued: int = Field(default=1000, gt=0)
     ready_timeout_s: float = Field(default=120.0, gt=0)
 
     @field_validator("http")
@@ -123,6 +125,9 @@ class ProfileSettings(BaseModel):
     upstream_timeout_ms: int = Field(default=60_000, gt=0)
     min_idle: int | None = Field(default=None, ge=0)
     max_workers: int | None = Field(default=None, ge=0)
+    # Passed to the CLI as --max-budget-usd: a per-request cap (the CLI stops after the model call
+    # that crosses it, so one call can overshoot). 0 = none.
+    max_budget_usd: float = Field(default=0.0, ge=0)
 
 
 class TenantSettings(BaseModel):
@@ -132,6 +137,16 @@ class TenantSettings(BaseModel):
     profile: str = "default"
     # Defaults to [profile].
     profiles: list[str] | None = None
+    # Scheduling: share of the workers when several tenants wait, and bounds. 0 = unlimited.
+    weight: float = Field(default=1.0, gt=0)
+    max_concurrency: int = Field(default=0, ge=0)
+    max_queued: int = Field(default=100, ge=0)
+    max_queue_wait_s: float | None = Field(default=None, gt=0)
+    # Limits and budgets. 0 = unlimited.
+    requests_per_minute: int = Field(default=0, ge=0)
+    tokens_per_minute: int = Field(default=0, ge=0)
+    daily_budget_usd: float = Field(default=0.0, ge=0)
+    monthly_budget_usd: float = Field(default=0.0, ge=0)
 
     @field_validator("key")
     @classmethod
@@ -142,6 +157,53 @@ class TenantSettings(BaseModel):
 
     def allowed_profiles(self) -> frozenset[str]:
         return frozenset(self.profiles if self.profiles is not None else [self.profile])
+
+
+class StoreSettings(BaseModel):
+    """``[store]``: where limits, budgets and usage live."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # "" keeps everything in this process; "redis://host:6379/0" or "unix:///path/redis.sock" shares it.
+    url: SecretStr = SecretStr("")
+    key_prefix: str = Field(default="cp", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    # A reservation not settled within this time is released (a daemon crashed mid-turn).
+    reservation_ttl_s: float = Field(default=900.0, gt=0)
+    ledger_max_records: int = Field(default=100_000, gt=0)
+    socket_timeout_s: float = Field(default=2.0, gt=0)
+
+
+class PriceSettings(BaseModel):
+    """USD per million tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+    cache_read_per_mtok: float = Field(ge=0)
+    cache_write_per_mtok: float = Field(ge=0)
+
+
+def _default_prices() -> dict[str, PriceSettings]:
+    # Deliberately high (Opus-class) so an unpriced model's reservation still bounds its cost.
+    return {"default": PriceSettings(input_per_mtok=15, output_per_mtok=75, cache_read_per_mtok=1.5,
+                                     cache_write_per_mtok=18.75)}
+
+
+class MeteringSettings(BaseModel):
+    """``[metering]``: how turns are recorded and how reservations are estimated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # A local JSON-lines copy of every usage record, written at once (kept through store outages).
+    ledger_file: str = ""
+    # The reservation for a turn: prompt tokens (bytes / 3) + this overhead at the cache-write price,
+    # plus this many output tokens at the output price. Raise them for long answers or tool use.
+    reservation_overhead_tokens: int = Field(default=8_000, ge=0)
+    reservation_output_tokens: int = Field(default=8_192, ge=0)
+    # Usage records waiting for the store when it is down; past this, the oldest are written to the
+    # log at error level rather than held.
+    max_buffered_records: int = Field(default=100_000, gt=0)
 
 
 class Settings(BaseSettings):
@@ -156,6 +218,9 @@ class Settings(BaseSettings):
     pool: PoolSettings = Field(default_factory=PoolSettings)
     profiles: dict[str, ProfileSettings] = Field(default_factory=lambda: {"default": ProfileSettings()})
     tenants: dict[str, TenantSettings] = Field(default_factory=dict)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    pricing: dict[str, PriceSettings] = Field(default_factory=_default_prices)
+    metering: MeteringSettings = Field(default_factory=MeteringSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -178,6 +243,8 @@ class Settings(BaseSettings):
                 raise ValueError(f"name {name!r} must match {_NAME}")
         if not self.profiles:
             raise ValueError("at least one profile must be defined")
+        # Models without their own entry are priced by pricing.default, which always exists.
+        self.pricing.setdefault("default", _default_prices()["default"])
         digests: dict[str, str] = {}
         for name, tenant in self.tenants.items():
             allowed = tenant.allowed_profiles()
@@ -211,6 +278,7 @@ class Settings(BaseSettings):
             read_claude_md=p.read_claude_md,
             upstream_max_retries=p.upstream_max_retries,
             upstream_timeout_ms=p.upstream_timeout_ms,
+            max_budget_usd=p.max_budget_usd or None,
         )
 
     def pool_config(self, name: str) -> PoolConfig:

@@ -16,7 +16,13 @@ class ClaudepoolError(Exception):
     status: ClassVar[int] = 500
     retryable: ClassVar[bool] = False
     # Seconds a client should wait before retrying (sent as Retry-After), when retrying makes sense.
-    retry_after_s: ClassVar[float | None] = None
+    # A class default that an instance may refine (a rate limit knows when its window frees up).
+    retry_after_s: float | None = None
+
+    def __init__(self, *args: object, retry_after_s: float | None = None) -> None:
+        super().__init__(*args)
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
 
 
 # -- protocol: a peer sent bytes we cannot accept ---------------------------------------------
@@ -118,6 +124,53 @@ class RemoteError(ClaudepoolError):
         self.remote_code = remote_code
         self.message = message
         self.http_status = http_status
+
+
+# -- tenancy: limits, budgets and queues --------------------------------------------------------
+
+
+class TenancyError(ClaudepoolError):
+    """The tenant may not be served right now: a limit, budget or queue bound says no."""
+
+    code = "tenancy_error"
+    status = 429
+    retryable = True
+
+
+class RateLimited(TenancyError):
+    """Requests or tokens per minute exhausted; ``Retry-After`` says when the window frees up."""
+
+    code = "rate_limited"
+    status = 429
+    retry_after_s = 1.0
+
+
+class BudgetExhausted(TenancyError):
+    """The tenant's daily or monthly budget cannot cover this request's reservation."""
+
+    code = "budget_exhausted"
+    status = 402
+    retryable = False
+
+
+class QueueFull(TenancyError):
+    """The tenant's or the daemon's queue bound is reached."""
+
+    code = "queue_full"
+    status = 503
+    retry_after_s = 1.0
+
+
+# -- store: where limits, budgets and usage live --------------------------------------------------
+
+
+class StoreError(ClaudepoolError):
+    """The state store (Redis) is unreachable or failed; budgets fail closed on it."""
+
+    code = "store_unavailable"
+    status = 503
+    retryable = True
+    retry_after_s = 2.0
 
 
 # -- worker: one `claude` process failed; the pool discards it --------------------------------

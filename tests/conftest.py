@@ -18,6 +18,10 @@ from claudepool.pool.pool import Pool, PoolConfig
 from claudepool.pool.profile import Profile
 from claudepool.pool.reaper import default_reaper
 from claudepool.testing.fake_upstream import FakeUpstream
+from tests.redis_server import _redis_server, redis_url
+
+# Re-exported so every test module can use a real redis-server without importing it.
+__all__ = ["_redis_server", "redis_url"]
 
 FAKE_CLAUDE = Path(__file__).parent / "fakes" / "fake_claude.py"
 REPO = Path(__file__).resolve().parent.parent

@@ -134,7 +134,7 @@ async def test_abandoned_turn_is_interrupted_settled_and_billed(
 ) -> None:
     settled: list[tuple[str, TurnResult]] = []
     pool = make_pool(fake_profile, min_idle=1, max_workers=1,
-                     on_turn_result=lambda tenant, r: settled.append((tenant, r)))
+                     on_turn_result=lambda lease, r: settled.append((lease.tenant, r)))
     async with pool.lease("acme") as lease:
         async for _event in lease.run_turn("[[hang]] long job"):
             break  # the client disconnected

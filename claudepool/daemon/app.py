@@ -30,8 +30,14 @@ from claudepool.daemon.metrics import Metrics
 from claudepool.daemon.notify import Notifier, unset_environment
 from claudepool.daemon.service import PromptService, ServiceLimits
 from claudepool.daemon.unix_api import UnixFrontEnd
-from claudepool.errors import ClaudepoolError, ConfigError
+from claudepool.errors import BadRequest, ClaudepoolError, ConfigError, Forbidden
 from claudepool.pool.pool import Pool
+from claudepool.store.base import UsageTotals, Window
+from claudepool.store.factory import build_store
+from claudepool.tenancy.budgets import PricingTable
+from claudepool.tenancy.limits import RateLimiter
+from claudepool.tenancy.metering import Meter
+from claudepool.tenancy.scheduler import TenantSlots
 from claudepool.tenancy.tenants import TenantRegistry
 
 log = logging.getLogger(__name__)
@@ -44,10 +50,25 @@ class Daemon:
     def __init__(self, settings: Settings, *, notifier: Notifier | None = None) -> None:
         self.settings = settings
         self.tenants = TenantRegistry.from_settings(settings)
-        self.pools = {name: Pool(settings.profile(name), settings.pool_config(name)) for name in settings.profiles}
+        self.store = build_store(settings.store)
+        store_url = settings.store.url.get_secret_value()
+        self.limiter = RateLimiter(store_url, key_prefix=settings.store.key_prefix,
+                                   socket_timeout_s=settings.store.socket_timeout_s)
+        self.pricing = PricingTable.of(settings.pricing)
+        self.meter = Meter(self.store, self.limiter, self.pricing, settings.metering)
+        slots = TenantSlots()
+        self.pools = {
+            name: Pool(settings.profile(name), settings.pool_config(name), on_turn_result=self.meter.on_turn_result,
+                       on_lease_done=self.meter.on_lease_done, slots=slots)
+            for name in settings.profiles
+        }
         server = settings.server
         self.service = PromptService(
-            self.pools, ServiceLimits(server.max_prompt_bytes, server.default_timeout_s, server.max_timeout_s)
+            self.pools,
+            ServiceLimits(server.max_prompt_bytes, server.default_timeout_s, server.max_timeout_s, server.max_queued,
+                          settings.store.reservation_ttl_s),
+            store=self.store, limiter=self.limiter, meter=self.meter, pricing=self.pricing,
+            metering=settings.metering,
         )
         self.metrics = Metrics(self)
         self.notifier = notifier or Notifier()
@@ -88,6 +109,45 @@ class Daemon:
             "uptime_s": round(time.monotonic() - self.started_at, 3),
         }
 
+    def caller_scope(self, key: str | None, tenant: str | None) -> list[str] | None:
+        """Which tenants' usage ``key`` may read: the admin any (None = all), a tenant only itself."""
+        if self.tenants.is_admin(key):
+            return [tenant] if tenant else None
+        caller = self.tenants.authenticate(key)
+        if tenant and tenant != caller.name:
+            raise Forbidden("a tenant key reads only its own usage")
+        return [caller.name]
+
+    async def usage_report(self, key: str | None, *, tenant: str | None = None, window: str = "day",
+                           date: str | None = None) -> dict[str, Any]:
+        """Usage per tenant and model for one UTC day or month, with each tenant's budget state."""
+        scope = self.caller_scope(key, tenant)
+        try:
+            span = Window.parse(window, date)
+        except ValueError as exc:
+            raise BadRequest(f"bad usage window: {exc}") from None
+        usage = await self.store.usage(span, scope)
+        tenants: dict[str, Any] = {}
+        for name in sorted(set(usage) | set(scope or [])):
+            models = usage.get(name, {})
+            total = UsageTotals()
+            for totals in models.values():
+                for field, value in totals.to_dict().items():
+                    setattr(total, field, getattr(total, field) + value)
+            entry: dict[str, Any] = {"models": {m: t.to_dict() for m, t in models.items()}, "total": total.to_dict()}
+            configured = self.tenants.get(name)
+            if configured is not None:
+                state = await self.store.budget(name)
+                entry["budget"] = {
+                    "daily_limit_usd": configured.daily_budget_usd,
+                    "monthly_limit_usd": configured.monthly_budget_usd,
+                    "day_spent_usd": round(state.day_spent_usd, 10),
+                    "month_spent_usd": round(state.month_spent_usd, 10),
+                    "reserved_usd": round(state.reserved_usd, 10),
+                }
+            tenants[name] = entry
+        return {"window": {"kind": span.kind, "key": span.label()}, "tenants": tenants}
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     def request_stop(self) -> None:
@@ -111,6 +171,7 @@ class Daemon:
         runner: web.AppRunner | None = None
         unix: UnixFrontEnd | None = None
         background: list[asyncio.Task[None]] = []
+        metering = asyncio.create_task(self.meter.run(), name="metering")
         try:
             for pool in self.pools.values():
                 await pool.start()
@@ -131,6 +192,12 @@ class Daemon:
                 await runner.cleanup()
             for pool in self.pools.values():
                 await pool.close()
+            # Every turn has settled now; give its record a bounded chance to reach the store.
+            await self.meter.flush(_HTTP_SHUTDOWN_TIMEOUT_S)
+            metering.cancel()
+            await asyncio.gather(metering, return_exceptions=True)
+            await self.store.close()
+            await self.limiter.close()
             for sig in installed:
                 loop.remove_signal_handler(sig)
             self.notifier.close()

@@ -49,6 +49,8 @@ def build_app(daemon: Daemon) -> web.Application:
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/v1/pool", _pool)
+    app.router.add_get("/v1/usage", _usage)
+    app.router.add_get("/v1/ledger", _ledger)
     return app
 
 
@@ -103,7 +105,7 @@ async def _prompt(request: web.Request) -> web.StreamResponse:
     daemon = request.app[DAEMON]
     tenant = daemon.tenants.authenticate(bearer(request))
     body = await _read_request(request)
-    admission = daemon.service.admit(tenant, body)
+    admission = await daemon.service.admit(tenant, body)
     if not body.stream:
         result = await daemon.service.run(admission)
         return json_response(result.model_dump())
@@ -147,6 +149,32 @@ async def _readyz(request: web.Request) -> web.Response:
 async def _metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[DAEMON].metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _usage(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    q = request.query
+    report = await daemon.usage_report(bearer(request), tenant=q.get("tenant") or None,
+                                       window=q.get("window", "day"), date=q.get("date") or None)
+    return json_response(report)
+
+
+async def _ledger(request: web.Request) -> web.StreamResponse:
+    """The usage ledger as JSON lines, oldest first: one record per settled turn."""
+    daemon = request.app[DAEMON]
+    q = request.query
+    scope = daemon.caller_scope(bearer(request), q.get("tenant") or None)
+    try:
+        since = float(q["since"]) if "since" in q else None
+        limit = min(int(q.get("limit", "1000")), 100_000)
+    except ValueError:
+        raise BadRequest("since must be unix seconds and limit an integer") from None
+    records = []
+    for tenant in scope if scope is not None else [None]:
+        records += await daemon.store.ledger(tenant, since=since, limit=limit)
+    records.sort(key=lambda r: r.at)
+    body = b"".join(orjson.dumps(r.to_dict()) + b"\n" for r in records[:limit])
+    return web.Response(body=body, content_type="application/x-ndjson")
 
 
 async def _pool(request: web.Request) -> web.Response:

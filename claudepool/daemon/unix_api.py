@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from claudepool.daemon.service import Admission
+from claudepool.daemon.service import new_request_id
 from claudepool.errors import BadRequest, Cancelled, ClaudepoolError, ConfigError, CorruptFrame, FrameTooLarge
 from claudepool.protocol.framing import LineFramer, decode_object
 from claudepool.protocol.wire import (
@@ -31,6 +31,7 @@ from claudepool.protocol.wire import (
     PromptFrame,
     PromptRequest,
     StatusFrame,
+    UsageFrame,
     delta_frame,
     describe_validation_error,
     error_frame,
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_FRAMES: TypeAdapter[PromptFrame | CancelFrame | StatusFrame] = TypeAdapter(Frame)
+_FRAMES: TypeAdapter[PromptFrame | CancelFrame | StatusFrame | UsageFrame] = TypeAdapter(Frame)
 _READ_CHUNK_BYTES = 1 << 16
 
 
@@ -158,8 +159,16 @@ class _Connection:
                 self.cancelled.add(frame.target)
                 task.cancel()
             self.send(event_frame(frame.id, "cancelled", {"target": frame.target, "found": task is not None}))
-        else:
+        elif isinstance(frame, StatusFrame):
             self.send(event_frame(frame.id, "status", self.status(frame)))
+        else:
+            try:
+                report = await self.daemon.usage_report(frame.key, tenant=frame.tenant, window=frame.window,
+                                                        date=frame.date)
+            except ClaudepoolError as exc:
+                self.send(error_frame(frame.id, exc))
+            else:
+                self.send(event_frame(frame.id, "usage", report))
         await self.writer.drain()
 
     def status(self, frame: StatusFrame) -> dict[str, Any]:
@@ -175,14 +184,7 @@ class _Connection:
         if frame.id in self.requests:
             self.send(error_frame(frame.id, BadRequest(f"request id {frame.id!r} is already in flight")))
             return
-        try:
-            tenant = self.daemon.tenants.authenticate(frame.key)
-            request = PromptRequest.model_validate(frame.model_dump(exclude={"id", "op", "key"}))
-            admission = self.daemon.service.admit(tenant, request)
-        except ClaudepoolError as exc:
-            self.send(error_frame(frame.id, exc))
-            return
-        task = asyncio.create_task(self.run_prompt(frame, admission), name=f"unix-{frame.id}")
+        task = asyncio.create_task(self.run_prompt(frame), name=f"unix-{frame.id}")
         self.requests[frame.id] = task
         # A done callback, not a `finally`: a task cancelled before it first runs never enters its
         # coroutine, and it still owes the client its one terminal frame.
@@ -195,12 +197,16 @@ class _Connection:
             self.send(error_frame(frame_id, Cancelled("cancelled by the client")))
         self.cancelled.discard(frame_id)
 
-    async def run_prompt(self, frame: PromptFrame, admission: Admission) -> None:
+    async def run_prompt(self, frame: PromptFrame) -> None:
         async def on_delta(text: str) -> None:
             self.send(delta_frame(frame.id, text))
             await self.writer.drain()
 
+        request_id = new_request_id()
         try:
+            tenant = self.daemon.tenants.authenticate(frame.key)
+            request = PromptRequest.model_validate(frame.model_dump(exclude={"id", "op", "key"}))
+            admission = await self.daemon.service.admit(tenant, request, request_id)
             result = await self.daemon.service.run(admission, on_delta if frame.stream else None)
             self.send(result_frame(frame.id, result))
         except ClaudepoolError as exc:
@@ -208,5 +214,5 @@ class _Connection:
         except (ConnectionError, OSError):
             pass  # the client went away while we wrote to it
         except Exception:
-            log.exception("request %s failed", admission.request_id)
+            log.exception("request %s failed", request_id)
             self.send(error_frame(frame.id, ClaudepoolError("internal error")))

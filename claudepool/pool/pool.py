@@ -34,6 +34,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,8 +45,11 @@ from claudepool.pool.reaper import Reaper
 from claudepool.pool.worker import TurnResult, Worker, WorkerState, WorkerTimeouts
 from claudepool.protocol.cli_events import CliEvent, UserContent
 from claudepool.protocol.framing import DEFAULT_MAX_LINE_BYTES
+from claudepool.tenancy.scheduler import FairQueue, Priority, TenantShare, TenantSlots
 
 log = logging.getLogger(__name__)
+
+_EQUAL_SHARE = TenantShare()
 
 
 class PoolConfig(BaseModel):
@@ -79,6 +83,8 @@ class PoolConfig(BaseModel):
     breaker_cooldown_s: float = Field(default=30.0, gt=0)
     breaker_max_cooldown_s: float = Field(default=600.0, gt=0)
     max_line_bytes: int = Field(default=DEFAULT_MAX_LINE_BYTES, gt=0)
+    # Batch requests run only on spare capacity and on at most this share of max_workers.
+    batch_max_share: float = Field(default=0.5, gt=0, le=1)
     workdir: Path | None = None
     timeouts: WorkerTimeouts = Field(default_factory=WorkerTimeouts)
 
@@ -133,20 +139,28 @@ class _Waiter:
     tenant: str
     future: asyncio.Future[Lease]
     enqueued_at: float
+    priority: Priority
 
 
 class Lease:
     """One worker lent to one request of one tenant. Release it exactly once (the context manager
     of `Pool.lease` does); the pool then resets the worker before anyone else gets it."""
 
-    def __init__(self, pool: Pool, worker: Worker, tenant: str, queued_s: float) -> None:
+    def __init__(self, pool: Pool, worker: Worker, tenant: str, queued_s: float,
+                 priority: Priority = Priority.INTERACTIVE) -> None:
         self.pool = pool
         self.worker = worker
         self.tenant = tenant
+        self.priority = priority
         self.queued_s = queued_s
         self.acquired_at = time.monotonic()
         self.results: list[TurnResult] = []
+        self.turns_started = 0
         self.released = False
+        # Whatever the caller wants the turn-result and lease-done callbacks to see (the metering
+        # context of the request this lease serves).
+        self.context: Any = None
+        self.settled = False
 
     def __repr__(self) -> str:
         return f"<Lease {self.tenant} on {self.worker.id}{' released' if self.released else ''}>"
@@ -157,7 +171,9 @@ class Lease:
         """Run one turn on the leased worker; see `Worker.run_turn`."""
         if self.released:
             raise PoolClosed("this lease was released")
-        return self.worker.run_turn(content, idle_timeout_s=idle_timeout_s)
+        turn = self.worker.run_turn(content, idle_timeout_s=idle_timeout_s)
+        self.turns_started += 1
+        return turn
 
     async def interrupt(self) -> None:
         await self.worker.interrupt()
@@ -167,7 +183,7 @@ class Lease:
 
     def _record(self, result: TurnResult) -> None:
         self.results.append(result)
-        self.pool._on_result(self.tenant, result)
+        self.pool._on_result(self, result)
 
 
 class Pool:
@@ -180,14 +196,20 @@ class Pool:
         *,
         reaper: Reaper | None = None,
         memory_probe: Callable[[], int] = available_memory_bytes,
-        on_turn_result: Callable[[str, TurnResult], None] | None = None,
+        on_turn_result: Callable[[Lease, TurnResult], None] | None = None,
+        on_lease_done: Callable[[Lease], None] | None = None,
+        slots: TenantSlots | None = None,
     ) -> None:
         self.profile = profile
         self.config = config or PoolConfig()
         self.stats = PoolStats()
         self._reaper = reaper
         self._memory_probe = memory_probe
+        # Every settled turn, including one drained after its consumer left; then, once per lease,
+        # the moment no further result can come (metering settles the request there).
         self._on_turn_result = on_turn_result
+        self._on_lease_done = on_lease_done
+        self._unsettled: dict[Worker, Lease] = {}
 
         self._workers: set[Worker] = set()
         self._starting: set[Worker] = set()
@@ -196,7 +218,10 @@ class Pool:
         self._returned: deque[Worker] = deque()
         self._cleaning: set[Worker] = set()
         self._closing: set[Worker] = set()
-        self._waiters: deque[_Waiter] = deque()
+        # Leases held per tenant, shared by every pool of a daemon (max_concurrency spans profiles).
+        self._slots = slots or TenantSlots()
+        self._queue: FairQueue[_Waiter] = FairQueue(self._slots, batch_max_running=self._batch_room)
+        self._slots.add_listener(self._on_tenant_released)
         self._turn_limits: dict[Worker, int] = {}
         self._recycle_on_release: set[Worker] = set()
 
@@ -228,7 +253,7 @@ class Pool:
 
     @property
     def waiting(self) -> int:
-        return sum(1 for w in self._waiters if not w.future.done())
+        return len(self._queue)
 
     @property
     def idle_count(self) -> int:
@@ -322,10 +347,10 @@ class Pool:
         self._closed = True
         if self._breaker_timer is not None:
             self._breaker_timer.cancel()
-        for waiter in self._waiters:
+        self._slots.remove_listener(self._on_tenant_released)
+        for waiter in self._queue.drain():
             if not waiter.future.done():
                 waiter.future.set_exception(PoolClosed(f"pool {self.profile.name} is closing"))
-        self._waiters.clear()
         tasks = list(self._tasks)
         if self._maintenance is not None:
             tasks.append(self._maintenance)
@@ -339,22 +364,31 @@ class Pool:
             await asyncio.gather(*(w.close(graceful=w.is_idle()) for w in workers), return_exceptions=True)
         for worker in workers:
             self._forget(worker)
+        for lease in [*self._unsettled.values(), *self._leased.values()]:
+            self._settle_lease(lease)
+        self._unsettled.clear()
         self._changed.set()
         log.info("pool %s closed: %s", self.profile.name, self.stats)
 
     # -- leasing -----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def lease(self, tenant: str, *, timeout_s: float | None = None) -> AsyncIterator[Lease]:
+    async def lease(self, tenant: str, *, timeout_s: float | None = None, share: TenantShare = _EQUAL_SHARE,
+                    priority: Priority = Priority.INTERACTIVE) -> AsyncIterator[Lease]:
         """Borrow a clean warm worker for one request of ``tenant``; it is reset after release."""
-        lease = await self.acquire(tenant, timeout_s=timeout_s)
+        lease = await self.acquire(tenant, timeout_s=timeout_s, share=share, priority=priority)
         try:
             yield lease
         finally:
             lease.release()
 
-    async def acquire(self, tenant: str, *, timeout_s: float | None = None) -> Lease:
-        """Wait for a worker (up to ``timeout_s``, default ``lease_timeout_s``). Prefer `lease`."""
+    async def acquire(self, tenant: str, *, timeout_s: float | None = None, share: TenantShare = _EQUAL_SHARE,
+                      priority: Priority = Priority.INTERACTIVE) -> Lease:
+        """Wait for a worker (up to ``timeout_s``, default ``lease_timeout_s``). Prefer `lease`.
+
+        Waiting requests are served by weighted fair queuing across tenants (``share.weight``), at most
+        ``share.max_concurrency`` at once per tenant, batch only on spare capacity.
+        """
         if self._closed:
             raise PoolClosed(f"pool {self.profile.name} is closed")
         if not self._started:
@@ -363,7 +397,7 @@ class Pool:
             raise PoolUnhealthy(f"pool {self.profile.name}: workers keep failing to start; spawning is paused")
         timeout_s = self.config.lease_timeout_s if timeout_s is None else timeout_s
         future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        self._waiters.append(_Waiter(tenant, future, time.monotonic()))
+        ticket = self._queue.push(_Waiter(tenant, future, time.monotonic(), priority), tenant, share, priority)
         self._step()
         try:
             async with asyncio.timeout(timeout_s):
@@ -374,6 +408,7 @@ class Pool:
                 future.result().release()
             else:
                 future.cancel()
+                self._queue.cancel(ticket)
             if isinstance(exc, TimeoutError):
                 self.stats.lease_timeouts += 1
                 raise PoolTimeout(
@@ -388,13 +423,26 @@ class Pool:
         worker = lease.worker
         if self._leased.pop(worker, None) is not None:
             self._returned.append(worker)
+        if worker.in_turn():
+            self._unsettled[worker] = lease  # its result may still arrive, drained by _clean
+        else:
+            self._settle_lease(lease)
         self._step()
+        # Every pool sharing the slots steps again: this tenant may now be under its cap elsewhere.
+        self._slots.release(lease.tenant, lease.priority)
 
-    def _on_result(self, tenant: str, result: TurnResult) -> None:
+    def _on_result(self, lease: Lease, result: TurnResult) -> None:
         self.stats.turns += 1
         self.stats.cost_usd += result.cost_usd
         if self._on_turn_result is not None:
-            self._on_turn_result(tenant, result)
+            self._on_turn_result(lease, result)
+
+    def _settle_lease(self, lease: Lease | None) -> None:
+        if lease is None or lease.settled:
+            return
+        lease.settled = True
+        if self._on_lease_done is not None:
+            self._on_lease_done(lease)
 
     # -- the decision step ---------------------------------------------------------------------
 
@@ -440,32 +488,34 @@ class Pool:
                 surplus -= 1
         actions.extend(self._shed_memory())
 
-        # Hand idle workers to waiters, first come first served.
-        while self._waiters and self._idle:
-            if self._waiters[0].future.done():
-                self._waiters.popleft()
-                continue
-            worker = self._idle.pop()
+        # Hand idle workers to waiters, in the fair queue's order.
+        while self._idle:
+            worker = self._idle[-1]
             if worker.dirty or not worker.is_idle():
                 # Defence in depth: a worker that is not provably clean is never lent.
+                self._idle.pop()
                 actions.append(self._retire(worker, "failed" if not worker.is_alive() else "unclean"))
                 continue
-            waiter = self._waiters.popleft()
-            lease = Lease(self, worker, waiter.tenant, now - waiter.enqueued_at)
+            popped = self._queue.pop()
+            if popped is None:
+                break
+            waiter = popped[0]
+            if waiter.future.done():
+                continue
+            self._idle.pop()
+            lease = Lease(self, worker, waiter.tenant, now - waiter.enqueued_at, waiter.priority)
             worker.on_result = lease._record
             self._leased[worker] = lease
+            self._slots.acquire(waiter.tenant, waiter.priority)
             self.stats.leases += 1
             waiter.future.set_result(lease)
-        while self._waiters and self._waiters[0].future.done():
-            self._waiters.popleft()
 
         if self._cannot_serve():
-            for waiter in self._waiters:
+            for waiter in self._queue.drain():
                 if not waiter.future.done():
                     waiter.future.set_exception(
                         PoolUnhealthy(f"pool {self.profile.name}: workers keep failing to start")
                     )
-            self._waiters.clear()
 
         for _ in range(self._spawn_count()):
             worker = Worker(
@@ -525,7 +575,7 @@ class Pool:
         breaker = self.breaker_state
         if breaker is BreakerState.OPEN:
             return 0
-        waiting = sum(1 for w in self._waiters if not w.future.done())
+        waiting = self._queue.eligible()
         ready_soon = len(self._idle) + len(self._starting) + len(self._cleaning)
         need = waiting + self.config.min_idle - ready_soon
         live = ready_soon + len(self._leased)
@@ -590,6 +640,7 @@ class Pool:
             log.warning("pool %s: cleaning %s failed: %s", self.profile.name, worker.id, exc)
         finally:
             worker.on_result = None
+            self._settle_lease(self._unsettled.pop(worker, None))
             self._cleaning.discard(worker)
             if not self._closed:
                 self._returned.append(worker)
@@ -600,11 +651,20 @@ class Pool:
         try:
             await worker.close(graceful=reason != "failed")
         finally:
+            worker.on_result = None
+            self._settle_lease(self._unsettled.pop(worker, None))
             self._closing.discard(worker)
             if worker.state is WorkerState.CLOSED:
                 self._forget(worker)
             if not self._closed:
                 self._step()
+
+    def _batch_room(self) -> int:
+        return max(1, int(self.max_workers * self.config.batch_max_share))
+
+    def _on_tenant_released(self, tenant: str) -> None:
+        if not self._closed and self._queue.waiting(tenant):
+            self._step()
 
     def _forget(self, worker: Worker) -> None:
         self._workers.discard(worker)

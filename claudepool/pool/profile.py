@@ -64,6 +64,8 @@ class Profile(BaseModel):
     bare: bool = True
     upstream_max_retries: int = Field(default=2, ge=0)
     upstream_timeout_ms: int = Field(default=60_000, gt=0)
+    # --max-budget-usd: the CLI ends a conversation (a request, since each is reset) that costs more.
+    max_budget_usd: float | None = Field(default=None, gt=0)
 
     @field_validator("args")
     @classmethod
@@ -92,6 +94,8 @@ class Profile(BaseModel):
             argv += ["--model", self.model]
         if self.system_prompt is not None:
             argv += ["--system-prompt", self.system_prompt]
+        if self.max_budget_usd is not None:
+            argv += ["--max-budget-usd", f"{self.max_budget_usd:g}"]
         argv += self.args
         return argv
 

@@ -63,6 +63,7 @@ from claudepool.protocol.cli_events import (
     ConversationReset,
     ResultEvent,
     StreamEvent,
+    SystemInit,
     Usage,
     UserContent,
     encode_control_error,
@@ -119,6 +120,8 @@ class TurnResult:
     duration_ms: float
     context_tokens: int
     interrupted: bool = False
+    # The model that served the turn, as the CLI's system/init reported it ("" if it never said).
+    model: str = ""
 
 
 @dataclass
@@ -172,6 +175,7 @@ class Worker:
         self.turns = 0
         self.resets = 0
         self.session_id = ""
+        self.model = ""
         self.context_tokens = 0
         self.pss_bytes: int | None = None
         # True once a prompt reached this conversation; cleared by a confirmed reset.
@@ -487,6 +491,7 @@ class Worker:
             duration_ms=event.duration_ms,
             context_tokens=self.context_tokens,
             interrupted=interrupted,
+            model=self.model,
         )
         if self._channel is channel:
             self._channel = None
@@ -570,6 +575,8 @@ class Worker:
             with contextlib.suppress(WorkerError):
                 self._write(encode_control_error(event.request_id, "not supported by claudepool"))
             return
+        if isinstance(event, SystemInit):
+            self.model = event.model
         channel = self._channel
         if channel is not None:
             channel.push(event)

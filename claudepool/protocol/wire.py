@@ -38,6 +38,8 @@ class PromptRequest(BaseModel):
     profile: str | None = None
     stream: bool = False
     timeout_s: float | None = Field(default=None, gt=0)
+    # batch requests run only on capacity no interactive request is waiting for.
+    priority: Literal["interactive", "batch"] = "interactive"
 
 
 class UsageOut(BaseModel):
@@ -108,7 +110,20 @@ class StatusFrame(BaseModel):
     key: str
 
 
-Frame = Annotated[PromptFrame | CancelFrame | StatusFrame, Field(discriminator="op")]
+class UsageFrame(BaseModel):
+    """Usage for one window, as ``GET /v1/usage`` answers it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = _ID
+    op: Literal["usage"]
+    key: str
+    tenant: str | None = None
+    window: Literal["day", "month"] = "day"
+    date: str | None = None
+
+
+Frame = Annotated[PromptFrame | CancelFrame | StatusFrame | UsageFrame, Field(discriminator="op")]
 
 
 def delta_frame(frame_id: str, text: str) -> bytes:

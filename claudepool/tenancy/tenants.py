@@ -31,6 +31,18 @@ class Tenant:
     key_sha256: str
     profile: str
     profiles: frozenset[str]
+    weight: float = 1.0
+    max_concurrency: int = 0
+    max_queued: int = 100
+    max_queue_wait_s: float | None = None
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    daily_budget_usd: float = 0.0
+    monthly_budget_usd: float = 0.0
+
+    @property
+    def has_budget(self) -> bool:
+        return self.daily_budget_usd > 0 or self.monthly_budget_usd > 0
 
     def __repr__(self) -> str:
         return f"Tenant({self.name!r}, profile={self.profile!r})"  # never the digest
@@ -47,10 +59,16 @@ class TenantRegistry:
     def from_settings(cls, settings: Settings) -> TenantRegistry:
         admin = settings.server.admin_key.get_secret_value()
         return cls(
-            (Tenant(name, key_digest(t.key.get_secret_value()), t.profile, t.allowed_profiles())
+            (Tenant(name, key_digest(t.key.get_secret_value()), t.profile, t.allowed_profiles(), weight=t.weight,
+                    max_concurrency=t.max_concurrency, max_queued=t.max_queued, max_queue_wait_s=t.max_queue_wait_s,
+                    requests_per_minute=t.requests_per_minute, tokens_per_minute=t.tokens_per_minute,
+                    daily_budget_usd=t.daily_budget_usd, monthly_budget_usd=t.monthly_budget_usd)
              for name, t in settings.tenants.items()),
             key_digest(admin) if admin else "",
         )
+
+    def get(self, name: str) -> Tenant | None:
+        return self._tenants.get(name)
 
     def __len__(self) -> int:
         return len(self._tenants)

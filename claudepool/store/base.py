@@ -1,0 +1,161 @@
+"""The state store interface: budgets, usage aggregates and the usage ledger.
+
+Two backends implement it: `MemoryStore` (the default, one daemon) and `RedisStore` (several daemons
+share one Redis). Both pass one conformance suite (tests/test_store_conformance.py).
+
+Budgets are reserve-then-settle. Before a turn the daemon *reserves* an upper bound of its cost; the
+reservation succeeds only if spend plus every live reservation plus this one stays within the
+tenant's daily and monthly budgets. After the turn, *settle* atomically drops the reservation, adds
+the real cost to spend, adds the usage to the aggregates and appends the ledger record. A
+reservation expires after its TTL, so a daemon that crashes mid-turn cannot hold budget forever.
+Concurrent requests therefore never push spend past a budget by more than the reservations in
+flight, as long as a reservation bounds its turn's cost.
+
+Time buckets are UTC days (``YYYYMMDD``) and months (``YYYYMM``). A settled turn counts in the
+buckets of its own time (``UsageRecord.at``), so records flushed late still land in the right day.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+WindowKind = Literal["day", "month"]
+USAGE_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_input_tokens",
+                "cache_creation_input_tokens", "cost_usd")
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """One settled turn: the unit of metering, of budget settlement and of the ledger."""
+
+    record_id: str  # idempotency key: settling the same record twice counts it once
+    request_id: str
+    tenant: str
+    profile: str
+    model: str
+    outcome: str  # ok | model_error | interrupted | failed
+    at: float  # unix seconds when the turn ended
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cost_usd: float = 0.0
+    session: str | None = None
+    # The budget reservation this turn settles, if any.
+    reservation_id: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens + self.cache_read_input_tokens + self.cache_creation_input_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UsageRecord:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass
+class UsageTotals:
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def add(self, record: UsageRecord) -> None:
+        self.requests += 1
+        self.input_tokens += record.input_tokens
+        self.output_tokens += record.output_tokens
+        self.cache_read_input_tokens += record.cache_read_input_tokens
+        self.cache_creation_input_tokens += record.cache_creation_input_tokens
+        self.cost_usd += record.cost_usd
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "cost_usd": round(self.cost_usd, 10)}
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    day_spent_usd: float
+    month_spent_usd: float
+    reserved_usd: float
+
+
+@dataclass(frozen=True)
+class Window:
+    """A usage window: one UTC day (``key`` YYYYMMDD) or one UTC month (``key`` YYYYMM)."""
+
+    kind: WindowKind
+    key: str = field(default="")
+
+    @classmethod
+    def current(cls, kind: WindowKind, at: float | None = None) -> Window:
+        stamp = time.time() if at is None else at
+        return cls(kind, day_key(stamp) if kind == "day" else month_key(stamp))
+
+    @classmethod
+    def parse(cls, kind: str, value: str | None) -> Window:
+        """From an API query: ``day`` with ``2026-11-24`` or ``month`` with ``2026-11``; default now."""
+        if kind not in ("day", "month"):
+            raise ValueError("window must be 'day' or 'month'")
+        if not value:
+            return cls.current(kind)  # type: ignore[arg-type]
+        fmt = "%Y-%m-%d" if kind == "day" else "%Y-%m"
+        parsed = datetime.strptime(value, fmt).replace(tzinfo=UTC)
+        return cls.current(kind, parsed.timestamp())  # type: ignore[arg-type]
+
+    def label(self) -> str:
+        k = self.key
+        return f"{k[:4]}-{k[4:6]}-{k[6:]}" if self.kind == "day" else f"{k[:4]}-{k[4:]}"
+
+
+def day_key(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y%m%d")
+
+
+def month_key(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y%m")
+
+
+Usage = dict[str, dict[str, UsageTotals]]  # tenant -> model -> totals
+
+
+class Store(Protocol):
+    """What limits, budgets and metering need from shared state. Raise `StoreError` on outage."""
+
+    backend: str
+
+    async def reserve(self, tenant: str, reservation_id: str, amount_usd: float, *, daily_limit_usd: float,
+                      monthly_limit_usd: float, ttl_s: float) -> None:
+        """Hold ``amount_usd`` of budget, or raise `BudgetExhausted`. A limit of 0 means none."""
+        ...
+
+    async def settle(self, record: UsageRecord) -> bool:
+        """Drop the record's reservation, add its cost and usage, append it to the ledger; atomically.
+        Returns False (and changes nothing) if this ``record_id`` was settled before."""
+        ...
+
+    async def release(self, tenant: str, reservation_id: str) -> None:
+        """Drop a reservation without spending (the request never ran a turn)."""
+        ...
+
+    async def budget(self, tenant: str) -> BudgetState: ...
+
+    async def usage(self, window: Window, tenants: list[str] | None = None) -> Usage:
+        """Aggregates per tenant and model for one window; ``None`` means every tenant with data."""
+        ...
+
+    async def ledger(self, tenant: str | None = None, *, since: float | None = None,
+                     limit: int = 1000) -> list[UsageRecord]:
+        """Settled records, oldest first."""
+        ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...

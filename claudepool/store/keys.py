@@ -1,0 +1,104 @@
+"""Every Redis key the Redis store uses, in one place.
+
+All of a tenant's keys start with ``{prefix}:{{{tenant}}}:`` — the braces are a Redis Cluster *hash
+tag*, so one tenant's keys hash to one slot and a script may touch all of them. The only key outside
+a tenant's tag is the global set of tenants (``cp:tenants``).
+
+=======================================  ======  ==========================================================
+key (prefix ``cp``, tenant ``acme``)     type    content and lifetime
+=======================================  ======  ==========================================================
+``cp:tenants``                           SET     tenants that ever settled a record; no TTL
+``cp:{acme}:res``                        ZSET    live reservation id -> expiry (unix s); TTL refreshed to
+                                                 outlive the longest reservation by `RESERVATION_GRACE_S`
+``cp:{acme}:res:amt``                    HASH    reservation id -> amount (USD, decimal string); as above
+``cp:{acme}:spend:d:20260124``           STRING  USD spent that UTC day (INCRBYFLOAT); `DAY_TTL_S`
+``cp:{acme}:spend:m:202601``             STRING  USD spent that UTC month; `MONTH_TTL_S`
+``cp:{acme}:usage:d:20260124``           HASH    ``<model>\\x1f<field>`` -> total, one field per
+                                                 `USAGE_FIELDS` entry and model; `DAY_TTL_S`
+``cp:{acme}:usage:m:202601``             HASH    the same for the month; `MONTH_TTL_S`
+``cp:{acme}:settled``                    ZSET    settled record id -> settle time (unix s), for
+                                                 idempotency; ids older than `SETTLED_TTL_S` are dropped
+``cp:{acme}:ledger``                     STREAM  one entry per settled record, field ``r`` = JSON;
+                                                 trimmed to about ``ledger_max_records``; no TTL
+=======================================  ======  ==========================================================
+
+TTLs are relative and refreshed on every write, so a day bucket lives about 40 days after its last
+settlement. Model names may contain ``:`` and ``-``; the usage field separator is the ASCII unit
+separator (``\\x1f``), which no model name contains.
+"""
+
+from __future__ import annotations
+
+from claudepool.store.base import WindowKind
+
+DEFAULT_PREFIX = "cp"
+
+DAY_TTL_S = 40 * 86400
+MONTH_TTL_S = 400 * 86400
+SETTLED_TTL_S = 3 * 86400
+# Reservation keys outlive their longest reservation by this much; expired entries are dropped
+# by the next reserve anyway, the TTL only cleans up after a tenant that stops sending requests.
+RESERVATION_GRACE_S = 60
+
+USAGE_FIELD_SEP = "\x1f"
+
+
+def tenants(prefix: str = DEFAULT_PREFIX) -> str:
+    """SET of every tenant with data: the one key not tagged per tenant."""
+    return f"{prefix}:tenants"
+
+
+def tenant_prefix(prefix: str, tenant: str) -> str:
+    """``cp:{acme}:`` — what every key of ``tenant`` starts with."""
+    return f"{prefix}:{{{tenant}}}:"
+
+
+def reservations(prefix: str, tenant: str) -> str:
+    """ZSET reservation id -> expiry (unix seconds)."""
+    return tenant_prefix(prefix, tenant) + "res"
+
+
+def reservation_amounts(prefix: str, tenant: str) -> str:
+    """HASH reservation id -> amount in USD."""
+    return tenant_prefix(prefix, tenant) + "res:amt"
+
+
+def bucket(kind: WindowKind, key: str) -> str:
+    """``d:20260124`` or ``m:202601``: the time bucket part of a spend or usage key."""
+    return f"{kind[0]}:{key}"
+
+
+def spend_prefix(prefix: str, tenant: str, kind: WindowKind) -> str:
+    """``cp:{acme}:spend:d:`` — the reserve script appends the day (or month) it reads from Redis's clock."""
+    return tenant_prefix(prefix, tenant) + "spend:" + bucket(kind, "")
+
+
+def spend(prefix: str, tenant: str, kind: WindowKind, key: str) -> str:
+    """STRING: USD spent in one UTC day (``key`` YYYYMMDD) or month (YYYYMM)."""
+    return spend_prefix(prefix, tenant, kind) + key
+
+
+def usage(prefix: str, tenant: str, kind: WindowKind, key: str) -> str:
+    """HASH of usage totals for one UTC day or month; fields from `usage_field`."""
+    return tenant_prefix(prefix, tenant) + "usage:" + bucket(kind, key)
+
+
+def usage_field(model: str, name: str) -> str:
+    """The hash field holding total ``name`` (one of `USAGE_FIELDS`) for ``model``."""
+    return f"{model}{USAGE_FIELD_SEP}{name}"
+
+
+def split_usage_field(field: str) -> tuple[str, str]:
+    """``usage_field`` inverted: ``(model, name)``."""
+    model, _, name = field.rpartition(USAGE_FIELD_SEP)
+    return model, name
+
+
+def settled(prefix: str, tenant: str) -> str:
+    """ZSET settled record id -> settle time (unix seconds)."""
+    return tenant_prefix(prefix, tenant) + "settled"
+
+
+def ledger(prefix: str, tenant: str) -> str:
+    """STREAM of settled records, oldest first."""
+    return tenant_prefix(prefix, tenant) + "ledger"

@@ -1,0 +1,296 @@
+"""The Redis store: budgets, usage and the ledger shared by every daemon pointed at one Redis.
+
+Each write is one Lua script, so it is atomic exactly like a `MemoryStore` method on the event loop.
+Scripts read the clock inside Redis (``TIME``), so daemons with skewed clocks still agree on when a
+reservation expires and which UTC day and month a reserve counts against. A settled record counts
+in the day and month of its own ``at``, as in the memory store. Key names live in `keys`.
+
+Usage::
+
+    store = RedisStore("redis://:password@redis.internal:6379/0", key_prefix="cp")
+    await store.reserve("acme", "req-1", 0.50, daily_limit_usd=20, monthly_limit_usd=300, ttl_s=600)
+    ...
+    await store.settle(record)
+    await store.close()
+
+Every Redis failure (unreachable, timeout, refused command) surfaces as `StoreError`, whose message
+names the server without its password. Commands are retried once on a connection error, which
+heals a pooled connection broken by a Redis restart; that is safe because every script is
+idempotent (reserve replaces by id, settle is keyed on record id, release deletes). A settle whose
+first attempt ran but whose reply was lost therefore answers False on the retry: counted once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import orjson
+import redis.asyncio
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from claudepool.errors import BudgetExhausted, ConfigError, StoreError
+from claudepool.store import keys
+from claudepool.store.base import USAGE_FIELDS, BudgetState, Usage, UsageRecord, UsageTotals, Window, day_key, month_key
+
+# Ledger reads for ``since`` start this far before it in stream-id time (Redis's clock at settle),
+# because ``at`` is the daemon's clock: a record may carry an ``at`` slightly after its settle time.
+_LEDGER_CLOCK_SKEW_S = 3600.0
+_LEDGER_PAGE = 1000
+# No ``health_check_interval``: in redis-py 8.1 it recurses through connect -> on_connect -> PING when
+# combined with a retry (redis/redis-py#3745) and hangs forever against a server that demands AUTH.
+# The one retry below replaces a dead pooled connection instead, which is what a health check is for.
+
+
+def script_file(filename: str) -> str:
+    """One file of ``claudepool/store/scripts``, as packaged."""
+    return resources.files("claudepool.store").joinpath("scripts", filename).read_text("utf-8")
+
+
+def script_source(name: str) -> str:
+    """Script ``name`` as sent to Redis: the shared clock library (``clock.lua``), then the script."""
+    return script_file("clock.lua") + "\n" + script_file(f"{name}.lua")
+
+
+def redact_url(url: str) -> str:
+    """The URL without credentials or query (where a ``unix://`` URL may carry its password)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+    except ValueError:
+        return "<unparsable Redis URL>"
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisStore:
+    """`Store` on one Redis server (``redis://``, ``rediss://`` or ``unix://`` URL)."""
+
+    backend = "redis"
+
+    def __init__(self, url: str, *, key_prefix: str = keys.DEFAULT_PREFIX, ledger_max_records: int = 100_000,
+                 socket_timeout_s: float = 2.0) -> None:
+        self._prefix = key_prefix
+        self._ledger_max_records = ledger_max_records
+        self._where = redact_url(url)
+        # A guard over each round trip: two attempts, each a connect and a reply, plus the backoff.
+        # Socket timeouts normally fire first; this turns any hang inside the client into StoreError.
+        self._deadline_s = 4 * socket_timeout_s + 1.0
+        self._secrets = self._url_secrets(url)
+        try:
+            self._redis: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_timeout=socket_timeout_s,
+                socket_connect_timeout=socket_timeout_s,
+                # One quick retry: enough to replace a connection a restart broke, short enough that
+                # an outage fails the request within about two socket timeouts.
+                retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), retries=1),
+                client_name="claudepool",
+            )
+        except ValueError as exc:
+            raise ConfigError(f"invalid Redis URL {self._where}: {self._scrub(str(exc))}") from None
+        self._reserve = self._redis.register_script(script_source("reserve"))
+        self._settle = self._redis.register_script(script_source("settle"))
+        self._release = self._redis.register_script(script_source("release"))
+        self._budget = self._redis.register_script(script_source("budget"))
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self._where!r}, key_prefix={self._prefix!r})"
+
+    async def reserve(self, tenant: str, reservation_id: str, amount_usd: float, *, daily_limit_usd: float,
+                      monthly_limit_usd: float, ttl_s: float) -> None:
+        async with self._errors("reserve"):
+            reply = await self._reserve(
+                keys=[keys.reservations(self._prefix, tenant), keys.reservation_amounts(self._prefix, tenant)],
+                args=[keys.spend_prefix(self._prefix, tenant, "day"), keys.spend_prefix(self._prefix, tenant, "month"),
+                      reservation_id, _num(amount_usd), _limit(daily_limit_usd), _limit(monthly_limit_usd),
+                      _num(ttl_s), keys.RESERVATION_GRACE_S],
+            )
+        if reply[0] != "ok":
+            name, spent, reserved = reply[0], float(reply[1]), float(reply[2])
+            limit = daily_limit_usd if name == "daily" else monthly_limit_usd
+            # The memory store's message, word for word.
+            raise BudgetExhausted(
+                f"the {name} budget of ${limit:g} cannot cover this request "
+                f"(spent ${spent:.4f}, reserved ${reserved:.4f}, needs up to ${amount_usd:.4f})"
+            )
+
+    async def settle(self, record: UsageRecord) -> bool:
+        p, t = self._prefix, record.tenant
+        day, month = day_key(record.at), month_key(record.at)
+        amounts: dict[str, Any] = {
+            "requests": 1, "input_tokens": record.input_tokens, "output_tokens": record.output_tokens,
+            "cache_read_input_tokens": record.cache_read_input_tokens,
+            "cache_creation_input_tokens": record.cache_creation_input_tokens, "cost_usd": _num(record.cost_usd),
+        }
+        # (field, increment) pairs in USAGE_FIELDS order; the script adds the last one, the cost, as a float.
+        fields = [x for name in USAGE_FIELDS for x in (keys.usage_field(record.model, name), amounts[name])]
+        async with self._errors("settle"):
+            settled = await self._settle(
+                keys=[keys.settled(p, t), keys.reservations(p, t), keys.reservation_amounts(p, t),
+                      keys.spend(p, t, "day", day), keys.spend(p, t, "month", month),
+                      keys.usage(p, t, "day", day), keys.usage(p, t, "month", month),
+                      keys.ledger(p, t), keys.tenants(p)],
+                args=[record.record_id, "1" if record.reservation_id is not None else "0",
+                      record.reservation_id or "", t, orjson.dumps(record.to_dict()).decode(),
+                      self._ledger_max_records, keys.DAY_TTL_S, keys.MONTH_TTL_S, keys.SETTLED_TTL_S, *fields],
+            )
+        return bool(settled)
+
+    async def release(self, tenant: str, reservation_id: str) -> None:
+        async with self._errors("release"):
+            await self._release(
+                keys=[keys.reservations(self._prefix, tenant), keys.reservation_amounts(self._prefix, tenant)],
+                args=[reservation_id],
+            )
+
+    async def budget(self, tenant: str) -> BudgetState:
+        async with self._errors("budget"):
+            day, month, reserved = await self._budget(
+                keys=[keys.reservations(self._prefix, tenant), keys.reservation_amounts(self._prefix, tenant)],
+                args=[keys.spend_prefix(self._prefix, tenant, "day"), keys.spend_prefix(self._prefix, tenant, "month")],
+            )
+        return BudgetState(day_spent_usd=float(day), month_spent_usd=float(month), reserved_usd=float(reserved))
+
+    async def usage(self, window: Window, tenants: list[str] | None = None) -> Usage:
+        async with self._errors("usage"):
+            if tenants is None:
+                names = sorted(_text(m) for m in await self._redis.smembers(keys.tenants(self._prefix)))
+            else:
+                names = list(dict.fromkeys(tenants))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for tenant in names:
+                    pipe.hgetall(keys.usage(self._prefix, tenant, window.kind, window.key))
+                replies: list[dict[str, str]] = await pipe.execute()
+        out: Usage = {}
+        for tenant, raw in zip(names, replies, strict=True):
+            if raw:
+                out[tenant] = _totals(raw)
+        return out
+
+    async def ledger(self, tenant: str | None = None, *, since: float | None = None,
+                     limit: int = 1000) -> list[UsageRecord]:
+        if limit <= 0 or (since is not None and not since < math.inf):  # +inf or NaN: nothing is that late
+            return []
+        if tenant is not None:
+            return [record for _, record in await self._tenant_ledger(tenant, since, limit)]
+        async with self._errors("ledger"):
+            names = await self._redis.smembers(keys.tenants(self._prefix))
+        merged: list[tuple[float, tuple[int, int], UsageRecord]] = []
+        for name in sorted(_text(n) for n in names):
+            records = await self._tenant_ledger(name, since, limit)
+            merged += [(record.at, entry_id, record) for entry_id, record in records]
+        # Across tenants, oldest by the record's time; ties keep the order they were settled in.
+        merged.sort(key=lambda item: (item[0], item[1]))
+        return [record for _, _, record in merged[:limit]]
+
+    async def ping(self) -> None:
+        async with self._errors("ping"):
+            await self._redis.ping()
+
+    async def close(self) -> None:
+        async with self._errors("close"):
+            await self._redis.aclose()
+
+    async def _tenant_ledger(self, tenant: str, since: float | None,
+                             limit: int) -> list[tuple[tuple[int, int], UsageRecord]]:
+        """The first ``limit`` records of one tenant's stream with ``at >= since``, in settle order."""
+        key = keys.ledger(self._prefix, tenant)
+        start = "-"
+        if since is not None and since - _LEDGER_CLOCK_SKEW_S > 0:
+            start = f"{math.floor((since - _LEDGER_CLOCK_SKEW_S) * 1000)}-0"
+        out: list[tuple[tuple[int, int], UsageRecord]] = []
+        while len(out) < limit:
+            async with self._errors("ledger"):
+                entries = await self._redis.xrange(key, min=start, max="+", count=_LEDGER_PAGE) or []
+            for raw_id, fields in entries:
+                if raw_id is None or fields is None:  # only XCLAIM answers these; never XRANGE
+                    continue
+                start = "(" + _text(raw_id)
+                record = UsageRecord.from_dict(orjson.loads(fields["r"]))
+                if since is None or record.at >= since:
+                    out.append((_entry_id(_text(raw_id)), record))
+                    if len(out) == limit:
+                        break
+            if len(entries) < _LEDGER_PAGE:
+                break
+        return out
+
+    @contextlib.asynccontextmanager
+    async def _errors(self, op: str) -> AsyncIterator[None]:
+        """One round trip under a deadline; any Redis or socket failure becomes `StoreError`, with no secret
+        in its message."""
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                yield
+        except TimeoutError as exc:  # the builtin: our deadline, or a socket's
+            raise StoreError(f"Redis at {self._where} did not answer {op} within {self._deadline_s:g}s") from exc
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            raise StoreError(f"Redis at {self._where} is unavailable ({op}): "
+                             f"{self._scrub(_describe(exc))}") from exc
+        except redis.exceptions.RedisError as exc:
+            raise StoreError(f"Redis at {self._where} failed {op}: {self._scrub(_describe(exc))}") from exc
+
+    @staticmethod
+    def _url_secrets(url: str) -> list[str]:
+        found: list[str] = []
+        with contextlib.suppress(ValueError):
+            parts = urlsplit(url)
+            if parts.password:
+                found += [parts.password, unquote(parts.password)]
+            for item in parts.query.split("&"):  # unix://...?password=... as written and as parsed
+                name, _, value = item.partition("=")
+                if name == "password":
+                    found += [value, unquote(value)]
+            found += parse_qs(parts.query).get("password", [])
+        # Longest first, so a secret that contains another is removed whole.
+        return sorted({s for s in found if s}, key=len, reverse=True)
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def _num(value: float) -> str:
+    """A float as the shortest decimal string that reads back as the same float."""
+    return repr(float(value))
+
+
+def _limit(value: float) -> str:
+    """A budget limit for the script; like the memory store, anything not above 0 (or inf, NaN) is none."""
+    return _num(value) if math.isfinite(value) and value > 0 else "0"
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _entry_id(raw: str) -> tuple[int, int]:
+    ms, _, seq = raw.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _totals(raw: dict[str, str]) -> dict[str, UsageTotals]:
+    by_model: dict[str, UsageTotals] = {}
+    for field, value in raw.items():
+        model, name = keys.split_usage_field(field)
+        if name not in USAGE_FIELDS:
+            continue
+        totals = by_model.setdefault(model, UsageTotals())
+        # Rounded like UsageTotals.to_dict(), which is what the memory store returns.
+        setattr(totals, name, round(float(value), 10) if name == "cost_usd" else int(value))
+    return by_model

@@ -1,0 +1,61 @@
+"""Prices, and the budget reservation a request must hold before it may run.
+
+The cost of record is the CLI's own ``total_cost_usd`` delta for the turn. This price table has two
+other jobs: estimating an upper bound of a turn's cost *before* it runs (the reservation), and
+cross-checking the CLI's figure afterwards (a disagreement is counted and logged, never billed).
+
+>>> table = PricingTable({"default": Price(3.0, 15.0, 0.3, 3.75)})
+>>> round(table.cost("any-model", input_tokens=1000, output_tokens=1000), 6)
+0.018
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from claudepool.config import MeteringSettings, PriceSettings
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per million tokens."""
+
+    input_per_mtok: float
+    output_per_mtok: float
+    cache_read_per_mtok: float
+    cache_write_per_mtok: float
+
+    @classmethod
+    def of(cls, settings: PriceSettings) -> Price:
+        return cls(settings.input_per_mtok, settings.output_per_mtok, settings.cache_read_per_mtok,
+                   settings.cache_write_per_mtok)
+
+
+class PricingTable:
+    def __init__(self, prices: dict[str, Price]) -> None:
+        if "default" not in prices:
+            raise ValueError("a pricing table needs a 'default' entry")
+        self.prices = prices
+
+    @classmethod
+    def of(cls, settings: dict[str, PriceSettings]) -> PricingTable:
+        return cls({model: Price.of(p) for model, p in settings.items()})
+
+    def price(self, model: str) -> Price:
+        return self.prices.get(model) or self.prices["default"]
+
+    def cost(self, model: str, *, input_tokens: int = 0, output_tokens: int = 0, cache_read_input_tokens: int = 0,
+             cache_creation_input_tokens: int = 0) -> float:
+        p = self.price(model)
+        return (input_tokens * p.input_per_mtok + output_tokens * p.output_per_mtok
+                + cache_read_input_tokens * p.cache_read_per_mtok
+                + cache_creation_input_tokens * p.cache_write_per_mtok) / 1_000_000
+
+    def reservation_usd(self, model: str, prompt_bytes: int, metering: MeteringSettings) -> float:
+        """An upper bound of one turn's cost: every input token priced as a cache write (the dearest
+        input), prompt tokens counted generously (3 bytes each), plus the configured output."""
+        p = self.price(model)
+        input_tokens = math.ceil(prompt_bytes / 3) + metering.reservation_overhead_tokens
+        dearest_input = max(p.input_per_mtok, p.cache_write_per_mtok)
+        return (input_tokens * dearest_input + metering.reservation_output_tokens * p.output_per_mtok) / 1_000_000

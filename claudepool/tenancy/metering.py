@@ -1,0 +1,197 @@
+"""Exact usage metering and budget settlement, at the one place every turn passes through.
+
+The pool reports every settled turn of every lease (`on_turn_result`), including a turn drained
+after its client went away, then tells when a lease can produce no further result
+(`on_lease_done`). The meter turns each into a `UsageRecord` with the CLI's own cost, writes it to
+the local ledger file at once (if configured), and queues it for the store, where one atomic
+operation settles the budget reservation, adds the usage to the aggregates and appends the ledger.
+A lease whose turn started but never reported a result is recorded as a ``failed`` turn with the
+usage it reported: none. A request that never got a worker releases its reservation.
+
+The queue is drained by one task. When the store is down, records wait (bounded) and are retried
+with back-off; settlement is idempotent on the record id, so a retry never counts twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from claudepool.config import MeteringSettings
+from claudepool.errors import StoreError
+from claudepool.pool.pool import Lease
+from claudepool.pool.worker import TurnResult
+from claudepool.store.base import Store, UsageRecord
+from claudepool.tenancy.budgets import PricingTable
+from claudepool.tenancy.limits import RateLimiter
+
+log = logging.getLogger(__name__)
+
+_BACKOFF_MAX_S = 5.0
+
+
+@dataclass
+class RequestContext:
+    """What the meter knows about the request a lease serves."""
+
+    request_id: str
+    tenant: str
+    profile: str
+    model: str
+    reservation_id: str | None
+    session: str | None = None
+    results: int = 0
+
+
+@dataclass(frozen=True)
+class _Release:
+    tenant: str
+    reservation_id: str
+
+
+_Op = UsageRecord | _Release
+
+
+class Meter:
+    def __init__(self, store: Store, limiter: RateLimiter, pricing: PricingTable, settings: MeteringSettings) -> None:
+        self.store = store
+        self.limiter = limiter
+        self.pricing = pricing
+        self.settings = settings
+        self._pending: deque[_Op] = deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._ledger_path = Path(settings.ledger_file) if settings.ledger_file else None
+        self.settled = 0
+        self.store_failures = 0
+        self.dropped = 0
+        self.price_mismatches = 0
+
+    @property
+    def backlog(self) -> int:
+        return len(self._pending)
+
+    # -- pool callbacks (synchronous: they run inside the pool's bookkeeping) ----------------------
+
+    def on_turn_result(self, lease: Lease, result: TurnResult) -> None:
+        ctx: RequestContext | None = lease.context
+        if ctx is None:
+            return  # a lease taken outside the service (tests, tools): nothing to bill
+        outcome = "interrupted" if result.interrupted else "model_error" if result.is_error else "ok"
+        record = UsageRecord(
+            record_id=f"{ctx.request_id}:{ctx.results}",
+            request_id=ctx.request_id,
+            tenant=ctx.tenant,
+            profile=ctx.profile,
+            model=result.model or ctx.model,
+            outcome=outcome,
+            at=time.time(),
+            input_tokens=result.usage.input_tokens,
+            output_tokens=result.usage.output_tokens,
+            cache_read_input_tokens=result.usage.cache_read_input_tokens,
+            cache_creation_input_tokens=result.usage.cache_creation_input_tokens,
+            cost_usd=result.cost_usd,
+            session=ctx.session,
+            # Only a request's first turn settles its reservation; later ones just add spend.
+            reservation_id=ctx.reservation_id if ctx.results == 0 else None,
+        )
+        ctx.results += 1
+        self._cross_check(record)
+        self._submit(record)
+
+    def on_lease_done(self, lease: Lease) -> None:
+        ctx: RequestContext | None = lease.context
+        if ctx is None or ctx.results:
+            return
+        if lease.turns_started:
+            # The turn ran but its worker died or was killed before a result: whatever it cost
+            # upstream, the CLI reported nothing. Record the turn so the ledger shows it.
+            self._submit(UsageRecord(record_id=f"{ctx.request_id}:0", request_id=ctx.request_id,
+                                     tenant=ctx.tenant, profile=ctx.profile, model=ctx.model, outcome="failed",
+                                     at=time.time(), session=ctx.session, reservation_id=ctx.reservation_id))
+        else:
+            self.release(ctx)
+
+    def release(self, ctx: RequestContext) -> None:
+        """The request never ran a turn: give its reservation back."""
+        if ctx.reservation_id is not None:
+            self._enqueue(_Release(ctx.tenant, ctx.reservation_id))
+
+    # -- the flusher ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Apply queued records to the store, in order, retrying through outages. Runs forever."""
+        backoff_s = 0.2
+        while True:
+            if not self._pending:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+            op = self._pending[0]
+            try:
+                await self._apply(op)
+            except StoreError as exc:
+                self.store_failures += 1
+                log.warning("usage store unavailable, %d records waiting: %s", len(self._pending), exc)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, _BACKOFF_MAX_S)
+                continue
+            backoff_s = 0.2
+            self._pending.popleft()
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Wait until every queued record reached the store; False if ``timeout_s`` passed first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        if self._pending:
+            log.error("%d usage records could not reach the store before shutdown%s", len(self._pending),
+                      "; they are in the ledger file" if self._ledger_path else "")
+            return False
+        return True
+
+    async def _apply(self, op: _Op) -> None:
+        if isinstance(op, _Release):
+            await self.store.release(op.tenant, op.reservation_id)
+            return
+        if await self.store.settle(op):
+            self.settled += 1
+            await self.limiter.record_tokens(op.tenant, op.tokens)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _submit(self, record: UsageRecord) -> None:
+        if self._ledger_path is not None:
+            try:
+                with self._ledger_path.open("ab") as ledger:
+                    ledger.write(orjson.dumps(record.to_dict()) + b"\n")
+            except OSError as exc:
+                log.error("cannot append to the ledger file %s: %s", self._ledger_path, exc)
+        self._enqueue(record)
+
+    def _enqueue(self, op: _Op) -> None:
+        if len(self._pending) >= self.settings.max_buffered_records:
+            lost = self._pending.popleft()
+            self.dropped += 1
+            log.error("usage buffer full while the store is down; dropping the oldest: %s",
+                      orjson.dumps(lost.to_dict() if isinstance(lost, UsageRecord) else vars(lost)).decode())
+        self._pending.append(op)
+        self._idle.clear()
+        self._wake.set()
+
+    def _cross_check(self, record: UsageRecord) -> None:
+        expected = self.pricing.cost(record.model, input_tokens=record.input_tokens,
+                                     output_tokens=record.output_tokens,
+                                     cache_read_input_tokens=record.cache_read_input_tokens,
+                                     cache_creation_input_tokens=record.cache_creation_input_tokens)
+        if abs(expected - record.cost_usd) > max(1e-6, 0.05 * record.cost_usd):
+            self.price_mismatches += 1
+            log.debug("price table says $%.6f for %s, the CLI says $%.6f (the CLI's figure is billed)",
+                      expected, record.model, record.cost_usd)

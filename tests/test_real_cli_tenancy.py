@@ -1,0 +1,51 @@
+"""Metering on the real CLI: what the daemon bills equals what the upstream reported."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from claudepool.client import AsyncClient
+from claudepool.store.base import Window
+from claudepool.testing.fake_upstream import FakeUpstream
+from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
+from tests.helpers import until
+
+pytestmark = pytest.mark.real_cli
+__all__ = ["make_daemon"]
+
+
+async def test_metered_usage_equals_the_upstream_request_log(
+    make_daemon: Callable[..., Awaitable[RunningDaemon]], real_claude: str, upstream: FakeUpstream
+) -> None:
+    d = await make_daemon(pool={
+        "claude_bin": real_claude, "min_idle": 1, "max_workers": 2,
+        "env": {"ANTHROPIC_BASE_URL": upstream.base_url, "ANTHROPIC_API_KEY": "sk-ant-test"},
+        "timeouts": {"ready_timeout_s": 30},
+    }, profiles={"default": {"upstream_max_retries": 0}, "lean": {}, "other": {}},
+        tenants={"acme": {"daily_budget_usd": 5.0}})
+    answers = []
+    async with AsyncClient(key=KEYS["acme"], url=d.url) as acme, AsyncClient(key=KEYS["beta"], url=d.url) as beta:
+        answers.append(await acme.prompt("first [[reply:one]]"))
+        answers.append(await beta.prompt("second, a longer prompt " * 20))
+        answers.append(await acme.prompt("third [[reply:three three three]]"))
+        answers.append(await acme.prompt("fails upstream [[status:529]]"))
+    assert [a.is_error for a in answers] == [False, False, False, True]
+    await until(lambda: d.daemon.meter.backlog == 0 and d.daemon.meter.settled == 4, 10)
+
+    usage = await d.daemon.store.usage(Window.current("day"))
+    metered = {field: sum(getattr(t, field) for tenant in usage.values() for t in tenant.values())
+               for field in ("requests", "input_tokens", "output_tokens", "cache_read_input_tokens",
+                             "cache_creation_input_tokens", "cost_usd")}
+    reported = [r.usage for r in upstream.message_requests() if r.usage is not None]
+    assert len(reported) == 3  # the 529 carried no usage
+    for field in ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"):
+        assert metered[field] == sum(u[field] for u in reported), field
+    assert metered["requests"] == 4
+    assert metered["cost_usd"] == pytest.approx(sum(a.cost_usd for a in answers), rel=1e-9)
+    assert metered["cost_usd"] > 0
+    assert set(usage) == {"acme", "beta"}
+    state = await d.daemon.store.budget("acme")
+    assert state.day_spent_usd == pytest.approx(sum(a.cost_usd for a in answers if a.tenant == "acme"), rel=1e-9)
+    assert state.reserved_usd == pytest.approx(0, abs=1e-12)

@@ -1,0 +1,286 @@
+"""What only the Redis store has: outages, secrets in URLs, the key layout, TTLs, the Lua calendar."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+
+import pytest
+import redis.asyncio
+from redis.crc import key_slot
+
+from claudepool.errors import BudgetExhausted, ConfigError, StoreError
+from claudepool.store import keys
+from claudepool.store.base import UsageRecord, Window, day_key, month_key
+from claudepool.store.redis import RedisStore, script_file
+from tests.redis_server import RedisServer
+
+DAY = 86400
+
+
+def record(record_id: str, tenant: str = "acme", *, cost: float = 1.0, at: float | None = None,
+           reservation_id: str | None = None) -> UsageRecord:
+    return UsageRecord(record_id=record_id, request_id=f"req-{record_id}", tenant=tenant, profile="default",
+                       model="claude-sonnet-4-5", outcome="ok", at=time.time() if at is None else at,
+                       input_tokens=10, cost_usd=cost, reservation_id=reservation_id)
+
+
+@pytest.fixture
+async def raw(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    """A plain client on the test's Redis, to look at what the store wrote."""
+    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[RedisStore]:
+    s = RedisStore(redis_url)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def closed_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def operations(store: RedisStore) -> dict[str, Callable[[], Awaitable[object]]]:
+    return {
+        "reserve": lambda: store.reserve("acme", "r-out", 1.0, daily_limit_usd=10, monthly_limit_usd=0, ttl_s=60),
+        "settle": lambda: store.settle(record("during-outage")),
+        "release": lambda: store.release("acme", "r-out"),
+        "budget": lambda: store.budget("acme"),
+        "usage": lambda: store.usage(Window.current("day")),
+        "ledger": lambda: store.ledger(),
+        "ping": lambda: store.ping(),
+    }
+
+
+# -- outages --------------------------------------------------------------------------------------
+
+
+async def test_an_outage_raises_store_error_quickly_and_the_store_recovers_with_its_data() -> None:
+    with RedisServer(persistent=True) as server:
+        store = RedisStore(server.url, socket_timeout_s=1.0)
+        try:
+            assert await store.settle(record("before"))
+            await store.reserve("acme", "held", 2.0, daily_limit_usd=10, monthly_limit_usd=0, ttl_s=60)
+            server.stop()
+            for name, op in operations(store).items():
+                started = time.monotonic()
+                with pytest.raises(StoreError, match=r"Redis at unix://.* is unavailable") as failed:
+                    await op()
+                assert time.monotonic() - started < 3.0, name
+                assert name in str(failed.value)
+                assert failed.value.retryable
+            server.start()
+            # The pooled connections died with the old server: the first command reconnects.
+            await store.ping()
+            assert await store.settle(record("before")) is False  # settled ids survived the restart
+            assert await store.settle(record("after"))
+            state = await store.budget("acme")
+            assert (state.day_spent_usd, state.reserved_usd) == (2.0, 2.0)
+            assert [r.record_id for r in await store.ledger("acme")] == ["before", "after"]
+            # A restart between two calls: the pooled connection is dead but looks idle; one retry heals it.
+            server.restart()
+            assert (await store.budget("acme")).day_spent_usd == 2.0
+            # A crash, not a clean stop: appendfsync=always loses nothing the store was told is done.
+            server.kill()
+            with pytest.raises(StoreError):
+                await store.ping()
+            server.start()
+            assert (await store.usage(Window.current("day")))["acme"]["claude-sonnet-4-5"].requests == 2
+        finally:
+            await store.close()
+
+
+async def test_a_store_on_a_server_that_never_ran_fails_fast() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{closed_tcp_port()}/0", socket_timeout_s=0.5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=r"^Redis at redis://127\.0\.0\.1:\d+/0 is unavailable \(ping\)"):
+            await store.ping()
+        assert time.monotonic() - started < 3.0
+    finally:
+        await store.close()
+
+
+# -- secrets --------------------------------------------------------------------------------------
+
+
+async def test_the_password_never_appears_in_errors_or_repr() -> None:
+    secret, wrong = "s3cr3t-pw-7f2a", "wr0ng-pw-91c4"
+    with RedisServer(extra_args=["--requirepass", secret]) as server:
+        good = RedisStore(f"unix://:{secret}@{server.socket}")
+        try:
+            await good.ping()  # the password in the URL is really used
+            assert secret not in repr(good)
+        finally:
+            await good.close()
+        port = closed_tcp_port()
+        urls = [
+            f"redis://:{secret}@127.0.0.1:{port}/0",  # refused before any AUTH
+            f"redis://admin:{secret}@127.0.0.1:{port}/0",
+            f"unix://:{wrong}@{server.socket}",  # AUTH refused by the server
+            f"unix://{server.socket}?password={wrong}",
+            f"unix://{server.socket}",  # NOAUTH: the server wants a password
+        ]
+        for url in urls:
+            store = RedisStore(url, socket_timeout_s=0.5)
+            try:
+                assert secret not in repr(store)
+                assert wrong not in repr(store)
+                # Every operation for the first URL; after that, one read and one script are enough.
+                ops = operations(store)
+                for name, op in ops.items() if url == urls[0] else [("ping", ops["ping"]), ("reserve", ops["reserve"])]:
+                    with pytest.raises(StoreError) as failed:
+                        await op()
+                    for text in (str(failed.value), str(failed.value.__cause__)):
+                        assert secret not in text, (url, name, text)
+                        assert wrong not in text, (url, name, text)
+            finally:
+                await store.close()
+
+
+def test_an_unusable_url_is_a_config_error_without_the_password() -> None:
+    with pytest.raises(ConfigError) as failed:
+        RedisStore("http://:hunter2-secret@example.com/")
+    assert "hunter2-secret" not in str(failed.value)
+    assert "http://example.com/" in str(failed.value)
+
+
+# -- key layout and lifetimes ---------------------------------------------------------------------
+
+
+async def test_every_key_of_a_tenant_carries_its_hash_tag(store: RedisStore, raw: redis.asyncio.Redis) -> None:
+    for tenant in ("acme", "beta"):
+        await store.reserve(tenant, "r1", 1.0, daily_limit_usd=10, monthly_limit_usd=100, ttl_s=60)
+        await store.reserve(tenant, "r2", 1.0, daily_limit_usd=10, monthly_limit_usd=100, ttl_s=60)
+        await store.settle(record(f"{tenant}-1", tenant, reservation_id="r1"))
+        await store.settle(record(f"{tenant}-2", tenant, at=time.time() - 45 * DAY))
+    found = [key async for key in raw.scan_iter(count=1000)]
+    assert "cp:tenants" in found
+    per_tenant = {tenant: [k for k in found if tenant in k] for tenant in ("acme", "beta")}
+    assert set(found) == {"cp:tenants", *per_tenant["acme"], *per_tenant["beta"]}
+    for tenant, tenant_keys in per_tenant.items():
+        # res, res:amt, settled, ledger, and spend + usage for two days and two months
+        assert len(tenant_keys) == 12, sorted(tenant_keys)
+        assert all(k.startswith(f"cp:{{{tenant}}}:") for k in tenant_keys), tenant_keys
+        assert {key_slot(k.encode()) for k in tenant_keys} == {key_slot(tenant.encode())}
+    assert await raw.smembers("cp:tenants") == {"acme", "beta"}
+
+
+async def test_day_month_settled_and_reservation_keys_expire(store: RedisStore, raw: redis.asyncio.Redis) -> None:
+    now = time.time()
+    await store.reserve("acme", "r1", 1.0, daily_limit_usd=0, monthly_limit_usd=0, ttl_s=30)
+    await store.settle(record("one", at=now))
+    day, month = day_key(now), month_key(now)
+    for key, lifetime in [
+        (keys.spend("cp", "acme", "day", day), keys.DAY_TTL_S), (keys.usage("cp", "acme", "day", day), keys.DAY_TTL_S),
+        (keys.spend("cp", "acme", "month", month), keys.MONTH_TTL_S),
+        (keys.usage("cp", "acme", "month", month), keys.MONTH_TTL_S),
+        (keys.settled("cp", "acme"), keys.SETTLED_TTL_S),
+    ]:
+        assert lifetime - 5 <= await raw.ttl(key) <= lifetime, key
+    assert (keys.DAY_TTL_S, keys.MONTH_TTL_S, keys.SETTLED_TTL_S) == (40 * DAY, 400 * DAY, 3 * DAY)
+    for key in (keys.reservations("cp", "acme"), keys.reservation_amounts("cp", "acme")):
+        assert 30 < await raw.ttl(key) <= 30 + keys.RESERVATION_GRACE_S, key
+    # The ledger is bounded by length, the tenants set is tiny: neither expires.
+    assert await raw.ttl(keys.ledger("cp", "acme")) == -1
+    assert await raw.ttl(keys.tenants("cp")) == -1
+
+
+async def test_costs_are_stored_as_exact_decimal_strings(store: RedisStore, raw: redis.asyncio.Redis) -> None:
+    now = time.time()
+    await store.settle(record("a", cost=0.1, at=now))
+    await store.settle(record("b", cost=0.2, at=now))
+    spent = await raw.get(keys.spend("cp", "acme", "day", day_key(now)))
+    assert spent is not None
+    assert abs(float(spent) - 0.3) < 1e-15  # Redis sums in long double: no 14-digit Lua rounding
+    cost = await raw.hget(keys.usage("cp", "acme", "day", day_key(now)),
+                          keys.usage_field("claude-sonnet-4-5", "cost_usd"))
+    assert cost is not None
+    assert abs(float(cost) - 0.3) < 1e-15
+
+
+async def test_the_ledger_is_trimmed_near_its_maximum(redis_url: str, raw: redis.asyncio.Redis) -> None:
+    store = RedisStore(redis_url, ledger_max_records=10)
+    try:
+        for i in range(300):
+            await store.settle(record(f"r{i}"))
+        length = await raw.xlen(keys.ledger("cp", "acme"))
+        # MAXLEN ~ trims whole stream nodes (100 entries by default): near 10, far below 300.
+        assert 10 <= length <= 110
+        assert (await store.ledger("acme"))[-1].record_id == "r299"
+    finally:
+        await store.close()
+
+
+async def test_key_prefixes_separate_stores_on_one_redis(redis_url: str, raw: redis.asyncio.Redis) -> None:
+    a, b = RedisStore(redis_url), RedisStore(redis_url, key_prefix="other")
+    try:
+        await a.settle(record("x", cost=5.0))
+        await b.reserve("acme", "r1", 10.0, daily_limit_usd=10, monthly_limit_usd=10, ttl_s=60)
+        assert await b.usage(Window.current("day")) == {}
+        assert await b.ledger() == []
+        assert (await a.budget("acme")).reserved_usd == 0.0
+        found = [key async for key in raw.scan_iter()]
+        assert {k.split(":", 1)[0] for k in found} == {"cp", "other"}
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_two_daemons_share_one_budget(redis_url: str) -> None:
+    stores = [RedisStore(redis_url) for _ in range(3)]
+    try:
+        results = await asyncio.gather(
+            *(stores[i % 3].reserve("acme", f"r{i}", 1.0, daily_limit_usd=10, monthly_limit_usd=0, ttl_s=60)
+              for i in range(30)),
+            return_exceptions=True,
+        )
+        assert sum(r is None for r in results) == 10
+        assert sum(isinstance(r, BudgetExhausted) for r in results) == 20
+        assert (await stores[2].budget("acme")).reserved_usd == 10.0
+    finally:
+        for s in stores:
+            await s.close()
+
+
+# -- the clock in Lua -----------------------------------------------------------------------------
+
+
+async def test_the_lua_calendar_agrees_with_python(raw: redis.asyncio.Redis) -> None:
+    """``utc_day_month`` in clock.lua against datetime, for every day from 1968 to 2060 and some far ones."""
+    # 1900-01-01, 2100-02-28 and 2100-03-01 (no leap day), 2399-12-31, 2400-02-29 (a leap day), 2400-03-01
+    days = [*range(-730, 33_000), -25567, 47_540, 47_541, 157_053, 157_113, 157_114]
+    stamps: list[float] = []
+    for d in days:  # the first and last instant of each day, and one in between
+        stamps += [d * DAY, d * DAY + (d * 7919) % DAY + 0.5, d * DAY + DAY - 0.25]
+    script = raw.register_script(script_file("clock.lua") + """
+        local out = {}
+        for i = 1, #ARGV do
+          local day, month = utc_day_month(tonumber(ARGV[i]))
+          out[i] = day .. ' ' .. month
+        end
+        local now = now_s()
+        out[#out + 1] = fmt(now)
+        return out
+    """)
+    before = time.time()
+    reply = await script(args=[repr(s) for s in stamps])
+    after = time.time()
+    assert before - 1 <= float(reply[-1]) <= after + 1  # TIME, to the microsecond, as a float
+    expected = [f"{datetime.fromtimestamp(s, UTC):%Y%m%d %Y%m}" for s in stamps]
+    mismatched = [(s, got, want) for s, got, want in zip(stamps, reply[:-1], expected, strict=True) if got != want]
+    assert not mismatched, mismatched[:5]

@@ -1,0 +1,274 @@
+"""Tenancy end to end on an in-process daemon: fair scheduling, limits, budgets, exact metering."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import psutil
+import pytest
+
+from tests.daemon_fixtures import ADMIN_KEY, KEYS, RunningDaemon, make_daemon
+from tests.helpers import until
+
+__all__ = ["make_daemon"]
+
+MakeDaemon = Callable[..., Awaitable[RunningDaemon]]
+# The fake CLI prices tokens at $3/$15 per million (input/output); reservations use the same table
+# with no overhead, so a reservation bounds the fake's cost tightly.
+FAKE_PRICING = {"default": {"input_per_mtok": 3, "output_per_mtok": 15, "cache_read_per_mtok": 0.3,
+                            "cache_write_per_mtok": 3.75}}
+LEAN_METERING = {"reservation_overhead_tokens": 0, "reservation_output_tokens": 120}
+
+
+async def post(d: RunningDaemon, body: dict[str, Any], tenant: str = "acme") -> tuple[int, dict[str, Any],
+                                                                                      dict[str, str]]:
+    async with aiohttp.ClientSession() as session, session.post(
+        f"{d.url}/v1/prompt", data=orjson.dumps(body), headers={"Authorization": f"Bearer {KEYS[tenant]}"}
+    ) as resp:
+        return resp.status, await resp.json(), dict(resp.headers)
+
+
+async def get(d: RunningDaemon, path: str, key: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session, session.get(
+        f"{d.url}{path}", headers={"Authorization": f"Bearer {key}"}
+    ) as resp:
+        raw = await resp.read()
+        if resp.content_type == "application/x-ndjson":
+            return resp.status, [orjson.loads(line) for line in raw.splitlines()]
+        return resp.status, orjson.loads(raw)
+
+
+async def settled(d: RunningDaemon) -> None:
+    """Wait until every turn's record has reached the store."""
+    await until(lambda: d.daemon.meter.backlog == 0 and d.daemon.service.in_flight == 0, 10)
+    await d.idle()
+
+
+# -- rate limits -----------------------------------------------------------------------------------
+
+
+async def test_requests_per_minute_limit_is_429_with_retry_after(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(tenants={"acme": {"requests_per_minute": 3}})
+    for _ in range(3):
+        assert (await post(d, {"prompt": "ok"}))[0] == 200
+    status, body, headers = await post(d, {"prompt": "one too many"})
+    assert status == 429
+    assert body["error"]["code"] == "rate_limited"
+    assert 1 <= int(headers["Retry-After"]) <= 60
+    assert (await post(d, {"prompt": "another tenant"}, tenant="beta"))[0] == 200
+    assert d.daemon.service.rejections[("acme", "rate_limited")] == 1
+
+
+async def test_tokens_per_minute_are_counted_from_real_usage(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(tenants={"acme": {"tokens_per_minute": 100}})
+    status, first, _ = await post(d, {"prompt": "[[reply:" + "x" * 600 + "]]"})
+    assert status == 200
+    used = sum(first["usage"].values())
+    assert used > 100
+    await settled(d)  # the turn's tokens are recorded after it, and checked before the next one
+    status, body, headers = await post(d, {"prompt": "next"})
+    assert status == 429
+    assert f"{used} of 100 tokens per minute" in body["error"]["message"]
+    assert int(headers["Retry-After"]) >= 1
+
+
+# -- budgets ---------------------------------------------------------------------------------------
+
+
+async def test_exhausted_budget_is_402_before_any_worker_is_used(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(tenants={"acme": {"daily_budget_usd": 0.0001}}, pricing=FAKE_PRICING,
+                          metering=LEAN_METERING)
+    leases = d.pool().stats.leases
+    status, body, headers = await post(d, {"prompt": "too expensive"})
+    assert status == 402
+    assert body["error"]["code"] == "budget_exhausted"
+    assert "daily budget" in body["error"]["message"]
+    assert "Retry-After" not in headers
+    assert d.pool().stats.leases == leases
+
+
+async def test_fifty_concurrent_requests_never_overshoot_the_budget(make_daemon: MakeDaemon) -> None:
+    budget = 0.01
+    d = await make_daemon(tenants={"acme": {"daily_budget_usd": budget, "max_queued": 100}},
+                          pool={"max_workers": 4, "min_idle": 2}, pricing=FAKE_PRICING, metering=LEAN_METERING)
+    # Each answer is ~100 output tokens, close to the 120 the reservation allows for.
+    prompt = "[[reply:" + "y" * 400 + "]] [[sleep:0.05]]"
+    results = await asyncio.gather(*(post(d, {"prompt": prompt}) for _ in range(50)))
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) <= {200, 402}
+    assert statuses.count(402) > 0
+    await settled(d)
+    state = await d.daemon.store.budget("acme")
+    assert state.reserved_usd == pytest.approx(0, abs=1e-12)
+    billed = sum(body["cost_usd"] for status, body, _ in results if status == 200)
+    assert state.day_spent_usd == pytest.approx(billed, rel=1e-9)
+    assert state.day_spent_usd <= budget  # zero overshoot: reservations bound the turns in flight
+    assert state.day_spent_usd > budget * 0.5  # and the budget was actually used, not refused wholesale
+    ledger = await d.daemon.store.ledger("acme")
+    assert len(ledger) == statuses.count(200)
+
+
+async def test_a_request_that_never_runs_returns_its_reservation(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(tenants={"acme": {"daily_budget_usd": 1.0}}, pricing=FAKE_PRICING,
+                          metering=LEAN_METERING, pool={"max_workers": 1, "lease_timeout_s": 0.3})
+    hanging = asyncio.create_task(post(d, {"prompt": "[[hang]]", "timeout_s": 2}, tenant="beta"))
+    await until(lambda: d.pool().counts()["leased"] == 1)
+    status, body, _ = await post(d, {"prompt": "queued then refused"})
+    assert (status, body["error"]["code"]) == (503, "pool_timeout")
+    await until(lambda: d.daemon.meter.backlog == 0)
+    assert (await d.daemon.store.budget("acme")).reserved_usd == pytest.approx(0, abs=1e-12)
+    assert (await hanging)[0] == 504
+
+
+async def test_max_budget_usd_is_passed_to_the_cli(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(profiles={"default": {"max_budget_usd": 0.25}, "lean": {}, "other": {}})
+    worker = d.pool().workers()[0]
+    assert worker.pid is not None
+    cmdline = psutil.Process(worker.pid).cmdline()
+    assert cmdline[cmdline.index("--max-budget-usd") + 1] == "0.25"
+
+
+# -- metering ----------------------------------------------------------------------------------------
+
+
+async def test_every_turn_is_metered_including_failures(make_daemon: MakeDaemon, tmp_path: Path) -> None:
+    ledger_file = tmp_path / "usage.jsonl"
+    d = await make_daemon(metering={"ledger_file": str(ledger_file)})
+    ok = await post(d, {"prompt": "fine"})
+    model_error = await post(d, {"prompt": "[[api_error:529]]"})
+    timed_out = await post(d, {"prompt": "[[hang]] long", "timeout_s": 0.5})
+    crashed = await post(d, {"prompt": "[[crash]]"})
+    assert [r[0] for r in (ok, model_error, timed_out, crashed)] == [200, 200, 504, 502]
+    await settled(d)
+    records = await d.daemon.store.ledger("acme")
+    assert sorted(r.outcome for r in records) == ["failed", "interrupted", "model_error", "ok"]
+    assert len({r.request_id for r in records}) == 4
+    by_outcome = {r.outcome: r for r in records}
+    assert by_outcome["ok"].cost_usd == pytest.approx(ok[1]["cost_usd"])
+    assert by_outcome["ok"].output_tokens == ok[1]["usage"]["output_tokens"]
+    assert by_outcome["interrupted"].cost_usd > 0  # the fake bills what the upstream sent before
+    assert by_outcome["failed"].cost_usd == 0
+    file_records = [orjson.loads(line) for line in ledger_file.read_bytes().splitlines()]
+    assert sorted(r["record_id"] for r in file_records) == sorted(r.record_id for r in records)
+    _, report = await get(d, "/v1/usage", KEYS["acme"])
+    total = report["tenants"]["acme"]["total"]
+    assert total["requests"] == 4
+    assert total["cost_usd"] == pytest.approx(sum(r.cost_usd for r in records), rel=1e-9)
+
+
+async def test_usage_and_ledger_are_scoped_to_the_caller(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon()
+    await post(d, {"prompt": "acme's"})
+    await post(d, {"prompt": "beta's"}, tenant="beta")
+    await settled(d)
+    status, own = await get(d, "/v1/usage", KEYS["acme"])
+    assert status == 200
+    assert list(own["tenants"]) == ["acme"]
+    assert own["window"]["kind"] == "day"
+    status, denied = await get(d, "/v1/usage?tenant=beta", KEYS["acme"])
+    assert (status, denied["error"]["code"]) == (403, "forbidden")
+    status, everyone = await get(d, "/v1/usage?window=month", ADMIN_KEY)
+    assert status == 200
+    assert set(everyone["tenants"]) == {"acme", "beta"}
+    assert everyone["tenants"]["beta"]["budget"]["daily_limit_usd"] == 0
+    status, one = await get(d, "/v1/usage?tenant=beta", ADMIN_KEY)
+    assert list(one["tenants"]) == ["beta"]
+    assert (await get(d, "/v1/usage?window=week", ADMIN_KEY))[0] == 400
+    assert (await get(d, "/v1/usage?date=yesterday", ADMIN_KEY))[0] == 400
+    assert (await get(d, "/v1/usage", "nobody"))[0] == 401
+    status, ledger = await get(d, "/v1/ledger", KEYS["beta"])
+    assert status == 200
+    assert [r["tenant"] for r in ledger] == ["beta"]
+    status, ledger = await get(d, "/v1/ledger", ADMIN_KEY)
+    assert sorted(r["tenant"] for r in ledger) == ["acme", "beta"]
+    assert (await get(d, "/v1/ledger?tenant=acme", KEYS["beta"]))[0] == 403
+
+
+async def test_usage_command(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon()
+    await post(d, {"prompt": "count me"})
+    await settled(d)
+    for args in (["--url", d.url], ["--socket", d.socket]):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "claudepool", "usage", *args, "--key", ADMIN_KEY,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(30):
+            out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        table = out.decode()
+        assert "TENANT" in table
+        assert "acme" in table
+        assert "budget: today $" in table
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "claudepool", "usage", "--url", d.url, "--key", KEYS["acme"], "--ledger",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(30):
+        out, _ = await proc.communicate()
+    lines = [orjson.loads(line) for line in out.splitlines()]
+    assert [r["tenant"] for r in lines] == ["acme"]
+    assert lines[0]["outcome"] == "ok"
+
+
+# -- scheduling ------------------------------------------------------------------------------------
+
+
+async def test_a_flooding_tenant_does_not_delay_a_quiet_one(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(pool={"max_workers": 2, "min_idle": 2, "lease_timeout_s": 60},
+                          tenants={"acme": {"max_queued": 200}})
+    flood = [asyncio.create_task(post(d, {"prompt": "[[sleep:0.3]] flood", "timeout_s": 60})) for _ in range(30)]
+    await until(lambda: d.daemon.service.queued >= 25, 10)
+    quiet = []
+    for i in range(3):
+        status, body, _ = await post(d, {"prompt": f"quiet {i}", "timeout_s": 60}, tenant="beta")
+        assert status == 200
+        quiet.append(body["queue_ms"])
+    flooded = [body["queue_ms"] for status, body, _ in await asyncio.gather(*flood)]
+    # First come first served would make each quiet request wait behind ~25 flood turns of 0.3 s on
+    # two workers (~4 s). Fair queuing serves it next: at most one turn in progress ahead of it.
+    assert max(quiet) < 800, quiet
+    assert statistics.median(flooded) > 1500
+
+
+async def test_max_concurrency_serialises_a_tenant(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(pool={"max_workers": 3, "min_idle": 3}, tenants={"acme": {"max_concurrency": 1}})
+    results = await asyncio.gather(*(post(d, {"prompt": "[[sleep:0.3]] one at a time"}) for _ in range(3)))
+    waits = sorted(body["queue_ms"] for _, body, _ in results)
+    assert waits[1] >= 250  # idle workers existed, yet the second waited for the first to finish
+    assert waits[2] >= 550
+    other = await post(d, {"prompt": "not capped"}, tenant="beta")
+    assert other[1]["queue_ms"] < 250
+
+
+async def test_queue_bounds_answer_503_queue_full(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(pool={"max_workers": 1, "lease_timeout_s": 10}, tenants={"acme": {"max_queued": 2}},
+                          server={"max_queued": 3})
+    running = asyncio.create_task(post(d, {"prompt": "[[sleep:1]] busy"}, tenant="beta"))
+    await until(lambda: d.pool().counts()["leased"] == 1)
+    waiting = [asyncio.create_task(post(d, {"prompt": "[[sleep:0.1]] wait"})) for _ in range(2)]
+    await until(lambda: d.daemon.service.queued == 2)
+    status, body, headers = await post(d, {"prompt": "third of acme"})
+    assert (status, body["error"]["code"], headers["Retry-After"]) == (503, "queue_full", "1")
+    third = asyncio.create_task(post(d, {"prompt": "[[sleep:0.1]] beta waits"}, tenant="beta"))
+    await until(lambda: d.daemon.service.queued == 3)
+    status, body, _ = await post(d, {"prompt": "over the global bound"}, tenant="beta")
+    assert (status, body["error"]["code"]) == (503, "queue_full")
+    assert all(r[0] == 200 for r in await asyncio.gather(running, third, *waiting))
+
+
+async def test_batch_runs_only_on_spare_capacity(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(pool={"max_workers": 2, "min_idle": 2, "batch_max_share": 0.5})
+    batch = [asyncio.create_task(post(d, {"prompt": "[[sleep:0.3]] batch", "priority": "batch"}))
+             for _ in range(4)]
+    await until(lambda: d.daemon.service.queued == 3)  # one batch runs; the share allows no second
+    assert d.pool().counts()["leased"] == 1
+    status, body, _ = await post(d, {"prompt": "interactive"}, tenant="beta")
+    assert status == 200
+    assert body["queue_ms"] < 250  # it took the spare worker, ahead of three queued batch requests
+    assert all(r[0] == 200 for r in await asyncio.gather(*batch))

@@ -95,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _serve(config: str | None, dev: bool) -> int:
-    from claudepool.daemon.app import Daemon, configure_logging
+    from claudepool.daemon.app import Daemon
+    from claudepool.logs import configure_logging
 
     configure_logging(os.environ.get("CLAUDEPOOL_LOG_LEVEL", "INFO"))
     try:

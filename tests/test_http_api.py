@@ -222,7 +222,7 @@ async def test_health_ready_metrics_and_pool_status(make_daemon: MakeDaemon) -> 
         async with session.get(f"{d.url}/metrics") as resp:
             text = await resp.text()
             assert resp.status == 200
-            assert 'claudepool_requests_total{outcome="ok"} 1.0' in text
+            assert 'claudepool_requests_total{outcome="ok",tenant="acme"} 1.0' in text
             assert 'claudepool_workers{profile="default",state="idle"}' in text
         async with session.get(f"{d.url}/v1/pool") as resp:
             assert resp.status == 401

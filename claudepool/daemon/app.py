@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 from typing import Any
 
@@ -34,6 +33,7 @@ from claudepool.errors import BadRequest, ClaudepoolError, ConfigError, Forbidde
 from claudepool.pool.pool import Pool
 from claudepool.store.base import UsageTotals, Window
 from claudepool.store.factory import build_store
+from claudepool.store.instrumented import InstrumentedStore
 from claudepool.tenancy.budgets import PricingTable
 from claudepool.tenancy.limits import RateLimiter
 from claudepool.tenancy.metering import Meter
@@ -50,16 +50,19 @@ class Daemon:
     def __init__(self, settings: Settings, *, notifier: Notifier | None = None) -> None:
         self.settings = settings
         self.tenants = TenantRegistry.from_settings(settings)
-        self.store = build_store(settings.store)
+        self.metrics = Metrics(self)
+        self.store = InstrumentedStore(build_store(settings.store))
+        self.store.observer = self.metrics.store_call
         store_url = settings.store.url.get_secret_value()
         self.limiter = RateLimiter(store_url, key_prefix=settings.store.key_prefix,
                                    socket_timeout_s=settings.store.socket_timeout_s)
         self.pricing = PricingTable.of(settings.pricing)
-        self.meter = Meter(self.store, self.limiter, self.pricing, settings.metering)
+        self.meter = Meter(self.store, self.limiter, self.pricing, settings.metering,
+                           on_record=self.metrics.turn_billed)
         slots = TenantSlots()
         self.pools = {
             name: Pool(settings.profile(name), settings.pool_config(name), on_turn_result=self.meter.on_turn_result,
-                       on_lease_done=self.meter.on_lease_done, slots=slots)
+                       on_lease_done=self.meter.on_lease_done, slots=slots, observer=self.metrics)
             for name in settings.profiles
         }
         server = settings.server
@@ -68,9 +71,8 @@ class Daemon:
             ServiceLimits(server.max_prompt_bytes, server.default_timeout_s, server.max_timeout_s, server.max_queued,
                           settings.store.reservation_ttl_s),
             store=self.store, limiter=self.limiter, meter=self.meter, pricing=self.pricing,
-            metering=settings.metering,
+            metering=settings.metering, metrics=self.metrics,
         )
-        self.metrics = Metrics(self)
         self.notifier = notifier or Notifier()
         self.listening: dict[str, str] = {}
         self.started_at = time.monotonic()
@@ -286,8 +288,3 @@ def _address(sock: socket.socket) -> str:
         host, port = name[0], name[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(name)
-
-
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(stream=sys.stderr, level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")

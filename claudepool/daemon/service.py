@@ -22,18 +22,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from claudepool.config import MeteringSettings
+from claudepool.daemon.metrics import Metrics, outcome_of
 from claudepool.errors import (
+    BudgetExhausted,
+    Cancelled,
     Draining,
     Forbidden,
     NotFound,
     PromptTooLarge,
     QueueFull,
+    RateLimited,
     RequestTimeout,
     TenancyError,
 )
 from claudepool.pool.pool import Lease, Pool
 from claudepool.pool.worker import TurnResult
-from claudepool.protocol.cli_events import StreamEvent
+from claudepool.protocol.cli_events import StreamEvent, SystemApiRetry
 from claudepool.protocol.wire import PromptRequest, PromptResult, UsageOut
 from claudepool.store.base import Store
 from claudepool.tenancy.budgets import PricingTable
@@ -43,6 +47,7 @@ from claudepool.tenancy.scheduler import Priority, TenantShare
 from claudepool.tenancy.tenants import Tenant
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("claudepool.request")
 
 OnDelta = Callable[[str], Awaitable[None]]
 
@@ -72,9 +77,29 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+@dataclass
+class _Trace:
+    """What one request went through, for its metrics and its log line."""
+
+    started: float
+    queue_s: float | None = None
+    first_text_s: float | None = None
+    slot: int | None = None
+    result: TurnResult | None = None
+
+
+def _rejection_kind(exc: TenancyError) -> str:
+    if isinstance(exc, RateLimited):
+        return "tokens_per_minute" if "tokens per minute" in str(exc) else "requests_per_minute"
+    if isinstance(exc, BudgetExhausted):
+        return "budget"
+    return "queue_full"
+
+
 class PromptService:
     def __init__(self, pools: dict[str, Pool], limits: ServiceLimits, *, store: Store, limiter: RateLimiter,
-                 meter: Meter, pricing: PricingTable, metering: MeteringSettings) -> None:
+                 meter: Meter, pricing: PricingTable, metering: MeteringSettings,
+                 metrics: Metrics | None = None) -> None:
         self.pools = pools
         self.limits = limits
         self.store = store
@@ -82,6 +107,7 @@ class PromptService:
         self.meter = meter
         self.pricing = pricing
         self.metering = metering
+        self.metrics = metrics
         self.draining = False
         self._in_flight: set[asyncio.Task[object]] = set()
         self._stopped_by_drain: set[asyncio.Task[object]] = set()
@@ -133,6 +159,9 @@ class PromptService:
                 reservation_id = request_id
         except TenancyError as exc:
             self.rejections[(tenant.name, exc.code)] += 1
+            if self.metrics is not None:
+                self.metrics.rejected(tenant.name, _rejection_kind(exc))
+                self.metrics.request_done(tenant.name, exc.code, None, None)
             raise
         timeout_s = min(request.timeout_s or self.limits.default_timeout_s, self.limits.max_timeout_s)
         context = RequestContext(request_id=request_id, tenant=tenant.name, profile=profile, model=model,
@@ -145,50 +174,57 @@ class PromptService:
         assert task is not None
         self._in_flight.add(task)
         self._idle.clear()
-        outcome = "error"
+        trace = _Trace(started=time.monotonic())
+        error: BaseException | None = None
         try:
-            result = await self._serve(admission, on_delta)
-            outcome = "model_error" if result.is_error else "ok"
-            return result
+            return await self._serve(admission, on_delta, trace)
         except asyncio.CancelledError:
             if task in self._stopped_by_drain and task.uncancel() == 0:
-                outcome = "draining"
-                raise Draining("the daemon stopped this request at its drain deadline") from None
-            outcome = "cancelled"
+                error = Draining("the daemon stopped this request at its drain deadline")
+                raise error from None
+            error = Cancelled("the client went away")
+            raise
+        except BaseException as exc:
+            error = exc
             raise
         finally:
             self._in_flight.discard(task)
             self._stopped_by_drain.discard(task)
             if not self._in_flight:
                 self._idle.set()
-            self.requests_by_outcome[outcome] += 1
+            self._finished(admission, trace, error)
 
-    async def _serve(self, admission: Admission, on_delta: OnDelta | None) -> PromptResult:
-        started = time.monotonic()
-        tenant = admission.tenant
-        result: TurnResult | None = None
+    async def _serve(self, admission: Admission, on_delta: OnDelta | None, trace: _Trace) -> PromptResult:
+        started = trace.started
         try:
             async with asyncio.timeout(admission.timeout_s) as deadline:
                 lease = await self._acquire(admission)
-                queue_ms = (time.monotonic() - started) * 1000
+                trace.queue_s = time.monotonic() - started
+                trace.slot = lease.worker.slot
                 try:
                     async for item in lease.run_turn(admission.request.prompt):
                         if isinstance(item, TurnResult):
-                            result = item
-                        elif on_delta is not None and isinstance(item, StreamEvent):
+                            trace.result = item
+                        elif isinstance(item, StreamEvent):
                             text = item.text_delta()
                             if text:
-                                await on_delta(text)
+                                if trace.first_text_s is None:
+                                    trace.first_text_s = time.monotonic() - started
+                                if on_delta is not None:
+                                    await on_delta(text)
+                        elif isinstance(item, SystemApiRetry) and self.metrics is not None:
+                            self.metrics.upstream_retries.labels(str(item.error_status)).inc()
                 finally:
                     lease.release()
         except TimeoutError:
             if deadline.expired():
                 raise RequestTimeout(f"no complete answer within {admission.timeout_s:g}s") from None
             raise
+        result = trace.result
         assert result is not None
         return PromptResult(
             id=admission.request_id,
-            tenant=tenant.name,
+            tenant=admission.tenant.name,
             session=None,
             text=result.text,
             is_error=result.is_error,
@@ -196,8 +232,33 @@ class PromptService:
             usage=UsageOut.of(result.usage),
             cost_usd=result.cost_usd,
             duration_ms=round((time.monotonic() - started) * 1000, 3),
-            queue_ms=round(queue_ms, 3),
+            queue_ms=round(trace.queue_s * 1000, 3),
         )
+
+    def _finished(self, admission: Admission, trace: _Trace, error: BaseException | None) -> None:
+        """Count the request and write its one canonical log line (never the prompt or the answer)."""
+        result = trace.result
+        outcome = outcome_of(error, is_error=result.is_error if result else False)
+        self.requests_by_outcome[outcome] += 1
+        duration_s = time.monotonic() - trace.started
+        if self.metrics is not None:
+            self.metrics.request_done(admission.tenant.name, outcome, duration_s, trace.queue_s)
+            if trace.first_text_s is not None:
+                self.metrics.ttft_seconds.observe(trace.first_text_s)
+            if result is not None and result.api_error_status is not None:
+                self.metrics.upstream_errors.labels(str(result.api_error_status)).inc()
+        usage = result.usage if result is not None else None
+        request_log.info("request", extra={"fields": {
+            "request_id": admission.request_id, "tenant": admission.tenant.name,
+            "session": admission.request.session, "profile": admission.context.profile,
+            "priority": admission.request.priority, "worker_slot": trace.slot, "outcome": outcome,
+            "queue_ms": round(trace.queue_s * 1000, 1) if trace.queue_s is not None else None,
+            "duration_ms": round(duration_s * 1000, 1),
+            "input_tokens": usage.input_tokens if usage else 0, "output_tokens": usage.output_tokens if usage else 0,
+            "cache_read_input_tokens": usage.cache_read_input_tokens if usage else 0,
+            "cache_creation_input_tokens": usage.cache_creation_input_tokens if usage else 0,
+            "cost_usd": result.cost_usd if result else 0.0,
+        }})
 
     async def _acquire(self, admission: Admission) -> Lease:
         """Wait in the pool's fair queue. Until a worker is leased, the reservation is ours to return."""

@@ -18,32 +18,50 @@ import psutil
 MiB = 1024 * 1024
 
 
-def pss_bytes(pid: int) -> int | None:
-    """PSS of one process, or None if it is gone or unreadable."""
+@dataclass(frozen=True)
+class ProcessMemory:
+    pss_bytes: int
+    rss_bytes: int
+
+    def __add__(self, other: ProcessMemory) -> ProcessMemory:
+        return ProcessMemory(self.pss_bytes + other.pss_bytes, self.rss_bytes + other.rss_bytes)
+
+
+def process_memory(pid: int) -> ProcessMemory | None:
+    """PSS and RSS of one process from one read of ``smaps_rollup``; None if it is gone."""
     try:
         with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            fields = {}
             for line in f:
-                if line.startswith(b"Pss:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith((b"Pss:", b"Rss:")):
+                    fields[line[:3]] = int(line.split()[1]) * 1024
+            return ProcessMemory(fields.get(b"Pss", 0), fields.get(b"Rss", 0))
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     except OSError:
         pass
-    # No smaps_rollup (old kernel, other OS): fall back to RSS, an overestimate.
+    # No smaps_rollup (old kernel, other OS): RSS stands in for PSS, an overestimate.
     try:
-        return int(psutil.Process(pid).memory_info().rss)
+        rss = int(psutil.Process(pid).memory_info().rss)
     except psutil.Error:
         return None
+    return ProcessMemory(rss, rss)
 
 
-def tree_pss_bytes(pid: int) -> int | None:
-    """PSS of a process and all its descendants (tool subprocesses count against the worker)."""
-    total = pss_bytes(pid)
+def pss_bytes(pid: int) -> int | None:
+    """PSS of one process, or None if it is gone or unreadable."""
+    memory = process_memory(pid)
+    return memory.pss_bytes if memory is not None else None
+
+
+def tree_memory(pid: int) -> ProcessMemory | None:
+    """Memory of a process and all its descendants (tool subprocesses count against the worker)."""
+    total = process_memory(pid)
     if total is None:
         return None
     with contextlib.suppress(psutil.Error):
         for child in psutil.Process(pid).children(recursive=True):
-            total += pss_bytes(child.pid) or 0
+            total += process_memory(child.pid) or ProcessMemory(0, 0)
     return total
 
 

@@ -34,11 +34,11 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from claudepool.errors import PoolClosed, PoolTimeout, PoolUnhealthy
+from claudepool.errors import PoolClosed, PoolTimeout, PoolUnhealthy, ResetFailed, TurnStalled
 from claudepool.pool.memory import MemoryPlan, MiB, available_memory_bytes, plan_memory
 from claudepool.pool.profile import Profile
 from claudepool.pool.reaper import Reaper
@@ -90,6 +90,31 @@ class PoolConfig(BaseModel):
 
     def spawn_limit(self) -> int:
         return self.max_concurrent_spawns or os.cpu_count() or 1
+
+
+class PoolObserver(Protocol):
+    """Receives the pool's events (the metrics layer implements it)."""
+
+    def worker_spawned(self, profile: str, seconds: float) -> None: ...
+
+    def worker_exited(self, profile: str, reason: str) -> None: ...
+
+    def worker_reset(self, profile: str) -> None: ...
+
+
+_EXIT_REASONS = {"turns": "recycle_turns", "age": "recycle_age", "memory": "recycle_memory",
+                 "context": "recycle_context"}
+
+
+def _exit_reason(worker: Worker, reason: str) -> str:
+    """The metrics name of why a worker left: recycled, idle, or how it failed."""
+    if reason == "failed":
+        if isinstance(worker.failure, TurnStalled):
+            return "watchdog"
+        if isinstance(worker.failure, ResetFailed):
+            return "reset_failed"
+        return "crash"
+    return _EXIT_REASONS.get(reason, reason)
 
 
 class BreakerState(enum.StrEnum):
@@ -199,6 +224,7 @@ class Pool:
         on_turn_result: Callable[[Lease, TurnResult], None] | None = None,
         on_lease_done: Callable[[Lease], None] | None = None,
         slots: TenantSlots | None = None,
+        observer: PoolObserver | None = None,
     ) -> None:
         self.profile = profile
         self.config = config or PoolConfig()
@@ -210,6 +236,7 @@ class Pool:
         self._on_turn_result = on_turn_result
         self._on_lease_done = on_lease_done
         self._unsettled: dict[Worker, Lease] = {}
+        self._observer = observer
 
         self._workers: set[Worker] = set()
         self._starting: set[Worker] = set()
@@ -290,12 +317,16 @@ class Pool:
         rows: list[dict[str, object]] = []
         for state, workers in placed:
             for w in workers:
-                rows.append({"id": w.id, "state": state, "pid": w.pid, "profile": self.profile.name,
+                rows.append({"id": w.id, "slot": w.slot, "state": state, "pid": w.pid, "profile": self.profile.name,
                              "turns": w.turns, "resets": w.resets, "age_s": round(w.age_s(now), 3),
                              "idle_s": round(w.idle_s(now), 3), "pss_bytes": w.pss_bytes,
                              "context_tokens": w.context_tokens})
         rows.sort(key=lambda r: str(r["id"]))
         return rows
+
+    def waiting_by_priority(self) -> dict[str, int]:
+        batch = self._queue.batch_queued()
+        return {"interactive": len(self._queue) - batch, "batch": batch}
 
     def workers(self) -> list[Worker]:
         """Every worker the pool holds, in any state (for status pages and tests)."""
@@ -360,6 +391,10 @@ class Pool:
             # Cancelled spawns and cleanings end fast; their workers are closed just below anyway.
             await asyncio.wait(tasks, timeout=self.config.timeouts.close_kill_timeout_s)
         workers = list(self._workers)
+        if self._observer is not None:
+            for worker in workers:
+                if worker not in self._closing:
+                    self._observer.worker_exited(self.profile.name, "shutdown")
         if workers:
             await asyncio.gather(*(w.close(graceful=w.is_idle()) for w in workers), return_exceptions=True)
         for worker in workers:
@@ -526,6 +561,8 @@ class Pool:
                 reaper=self._reaper,
                 on_failure=self._on_worker_failure,
             )
+            used = {w.slot for w in self._workers}
+            worker.slot = next(i for i in range(len(used) + 1) if i not in used)
             self._workers.add(worker)
             self._starting.add(worker)
             self._turn_limits[worker] = self.config.max_turns + random.randint(0, self.config.max_turns_jitter)
@@ -550,6 +587,8 @@ class Pool:
     def _retire(self, worker: Worker, reason: str) -> _Retire:
         self._closing.add(worker)
         self.stats.retired[reason] += 1
+        if self._observer is not None:
+            self._observer.worker_exited(self.profile.name, _exit_reason(worker, reason))
         return _Retire(worker, reason)
 
     def _shed_memory(self) -> list[_Action]:
@@ -607,11 +646,20 @@ class Pool:
 
     async def _spawn(self, worker: Worker) -> None:
         ok = False
+        started = time.monotonic()
         try:
             await worker.start()
             ok = True
+            spawn_s = time.monotonic() - started
+            log.info("worker ready", extra={"fields": {"profile": self.profile.name, "worker": worker.id,
+                                                       "slot": worker.slot, "pid": worker.pid,
+                                                       "spawn_ms": round(spawn_s * 1000, 1)}})
+            if self._observer is not None:
+                self._observer.worker_spawned(self.profile.name, spawn_s)
         except Exception as exc:
             self._on_boot_failure(exc)
+            if self._observer is not None:
+                self._observer.worker_exited(self.profile.name, "boot_failure")
         finally:
             self._starting.discard(worker)
             if ok:
@@ -633,6 +681,8 @@ class Pool:
                 await worker.finish_abandoned_turn()
             await worker.reset()
             self.stats.resets += 1
+            if self._observer is not None:
+                self._observer.worker_reset(self.profile.name)
         except Exception as exc:
             # Unconfirmed: the worker may still hold the last tenant's context. The failed exchange
             # poisoned it, so _plan retires it.
@@ -647,7 +697,9 @@ class Pool:
                 self._step()
 
     async def _close_worker(self, worker: Worker, reason: str) -> None:
-        log.info("pool %s: retiring %s (%s)", self.profile.name, worker.id, reason)
+        log.info("worker retired", extra={"fields": {"profile": self.profile.name, "worker": worker.id,
+                                                     "slot": worker.slot, "reason": _exit_reason(worker, reason),
+                                                     "turns": worker.turns, "age_s": round(worker.age_s(), 1)}})
         try:
             await worker.close(graceful=reason != "failed")
         finally:

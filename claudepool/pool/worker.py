@@ -51,7 +51,8 @@ from claudepool.errors import (
     WorkerProtocolError,
     WorkerStartError,
 )
-from claudepool.pool.memory import tree_pss_bytes
+from claudepool.logs import RateLimitedLog, scrub
+from claudepool.pool.memory import tree_memory
 from claudepool.pool.profile import Profile
 from claudepool.pool.reaper import Reaper, child_setup, default_reaper
 from claudepool.protocol.cli_events import (
@@ -74,6 +75,7 @@ from claudepool.protocol.cli_events import (
 from claudepool.protocol.framing import DEFAULT_MAX_LINE_BYTES, LineFramer, decode_object
 
 log = logging.getLogger(__name__)
+stderr_log = logging.getLogger("claudepool.worker.stderr")
 
 _READ_CHUNK_BYTES = 1 << 16
 _ids = itertools.count(1)
@@ -178,6 +180,9 @@ class Worker:
         self.model = ""
         self.context_tokens = 0
         self.pss_bytes: int | None = None
+        self.rss_bytes: int | None = None
+        # A small index, stable while the worker lives and reused after it, for metrics labels.
+        self.slot = 0
         # True once a prompt reached this conversation; cleared by a confirmed reset.
         self.dirty = False
         self.failure: WorkerError | None = None
@@ -378,10 +383,11 @@ class Worker:
         try:
             await self._interrupt_and_settle(channel)
         except (TimeoutError, WorkerError):
+            stalled = TurnStalled(
+                f"no event for {idle_timeout_s:g}s and the interrupt was not confirmed; worker killed")
+            self._poison(stalled, quiet=True)  # recorded as the reason this worker is gone
             await self.close(graceful=False)
-            raise TurnStalled(
-                f"no event for {idle_timeout_s:g}s and the interrupt was not confirmed; worker killed"
-            ) from None
+            raise stalled from None
         raise TurnStalled(f"no event for {idle_timeout_s:g}s; the turn was interrupted")
 
     async def interrupt(self) -> None:
@@ -441,9 +447,11 @@ class Worker:
         self.state = WorkerState.IDLE
 
     def measure_memory(self) -> int | None:
-        """Refresh and return the PSS of the worker's process tree."""
+        """Refresh the PSS and RSS of the worker's process tree; return the PSS."""
         if self.pid is not None and self.is_alive():
-            self.pss_bytes = tree_pss_bytes(self.pid)
+            memory = tree_memory(self.pid)
+            if memory is not None:
+                self.pss_bytes, self.rss_bytes = memory.pss_bytes, memory.rss_bytes
         return self.pss_bytes
 
     # -- internals ---------------------------------------------------------------------------
@@ -560,9 +568,17 @@ class Worker:
 
     async def _read_stderr(self) -> None:
         assert self._proc is not None and self._proc.stderr is not None
+        forward = RateLimitedLog(stderr_log)
+        pending = b""
         while chunk := await self._proc.stderr.read(_READ_CHUNK_BYTES):
             self._stderr_tail += chunk
             del self._stderr_tail[:-8192]
+            *lines, pending = (pending + chunk).split(b"\n")
+            pending = pending[-8192:]
+            for line in lines:
+                if line.strip():
+                    forward.info("worker stderr", {"worker": self.id, "slot": self.slot,
+                                                   "line": scrub(line.decode("utf-8", "replace"))})
 
     def _dispatch(self, event: CliEvent) -> None:
         if isinstance(event, ControlResponseEvent):

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,8 +61,10 @@ _Op = UsageRecord | _Release
 
 
 class Meter:
-    def __init__(self, store: Store, limiter: RateLimiter, pricing: PricingTable, settings: MeteringSettings) -> None:
+    def __init__(self, store: Store, limiter: RateLimiter, pricing: PricingTable, settings: MeteringSettings, *,
+                 on_record: Callable[[UsageRecord], None] | None = None) -> None:
         self.store = store
+        self.on_record = on_record
         self.limiter = limiter
         self.pricing = pricing
         self.settings = settings
@@ -168,6 +171,8 @@ class Meter:
     # -- internals -------------------------------------------------------------------------------
 
     def _submit(self, record: UsageRecord) -> None:
+        if self.on_record is not None:
+            self.on_record(record)
         if self._ledger_path is not None:
             try:
                 with self._ledger_path.open("ab") as ledger:

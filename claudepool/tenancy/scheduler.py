@@ -293,6 +293,10 @@ class FairQueue(Generic[T]):
 
     # -- queries -------------------------------------------------------------------------------
 
+    def batch_queued(self) -> int:
+        """Live queued BATCH requests (the rest of `len` are INTERACTIVE)."""
+        return self._live_batch
+
     def eligible(self) -> int:
         """How many queued requests `pop` could hand out now if enough workers were free: what
         tells the pool how many workers are worth spawning.

@@ -206,6 +206,17 @@ class MeteringSettings(BaseModel):
     max_buffered_records: int = Field(default=100_000, gt=0)
 
 
+class MetricsSettings(BaseModel):
+    """``[metrics]``: bounds on label values, so /metrics stays small whatever traffic arrives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Configured tenants beyond this many (sorted by name) are reported as tenant="__other__".
+    max_tenant_labels: int = Field(default=100, ge=1)
+    # Models beyond the first this many seen are reported as model="__other__".
+    max_model_labels: int = Field(default=20, ge=1)
+
+
 class Settings(BaseSettings):
     """The whole daemon configuration."""
 
@@ -221,6 +232,7 @@ class Settings(BaseSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     pricing: dict[str, PriceSettings] = Field(default_factory=_default_prices)
     metering: MeteringSettings = Field(default_factory=MeteringSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -135,14 +135,25 @@ reservation_output_tokens = 120
     assert set(codes) == {200, 402}
     billed = sum(body["cost_usd"] for status, body in spent if status == 200)
     assert billed <= 0.006
-    async with aiohttp.ClientSession() as session:
-        reports = []
-        for d in (a, b):
-            async with session.get(f"{d.url}/v1/usage?tenant=spender",
-                                   headers={"Authorization": "Bearer lifecycle-admin"}) as resp:
-                reports.append(await resp.json())
-    assert reports[0] == reports[1]  # both daemons read the same shared numbers
-    budget = reports[0]["tenants"]["spender"]["budget"]
+    async def reports() -> list[dict[str, Any]]:
+        async with aiohttp.ClientSession() as session:
+            out = []
+            for d in (a, b):
+                async with session.get(f"{d.url}/v1/usage?tenant=spender",
+                                       headers={"Authorization": "Bearer lifecycle-admin"}) as resp:
+                    out.append(await resp.json())
+            return out
+
+    # Each daemon flushes its own records; once both have, both read the same shared numbers.
+    async with asyncio.timeout(10):
+        while True:
+            first = await reports()
+            if first[0] == first[1] and first[0]["tenants"]["spender"]["models"] and first == await reports():
+                break
+            await asyncio.sleep(0.1)
+    reports_now = first
+    assert sum(m["requests"] for m in reports_now[0]["tenants"]["spender"]["models"].values()) == codes.count(200)
+    budget = reports_now[0]["tenants"]["spender"]["budget"]
     assert budget["day_spent_usd"] == pytest.approx(billed, rel=1e-6)
     assert budget["day_spent_usd"] <= 0.006
     for d in (a, b):

@@ -50,7 +50,8 @@ class Daemon:
     def __init__(self, settings: Settings, *, notifier: Notifier | None = None) -> None:
         self.settings = settings
         self.tenants = TenantRegistry.from_settings(settings)
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(self, max_tenant_labels=settings.metrics.max_tenant_labels,
+                               max_model_labels=settings.metrics.max_model_labels)
         self.store = InstrumentedStore(build_store(settings.store))
         self.store.observer = self.metrics.store_call
         store_url = settings.store.url.get_secret_value()
@@ -182,6 +183,7 @@ class Daemon:
             print(f"claudepool: listening on {where}", flush=True)
             background.append(asyncio.create_task(self._announce_ready(), name="announce-ready"))
             background.append(asyncio.create_task(self.notifier.run_watchdog(), name="watchdog"))
+            background.append(asyncio.create_task(self._refresh_spend(), name="spend-gauges"))
             await self._stop.wait()
             return await self._shutdown()
         finally:
@@ -248,6 +250,20 @@ class Daemon:
                 await runner.cleanup()
             raise
         return runner, unix
+
+    async def _refresh_spend(self, interval_s: float = 15.0) -> None:
+        """Keep the spend gauges of budgeted tenants current (a scrape must not wait on the store)."""
+        while True:
+            for name in sorted(self.metrics.labelled_tenants):
+                tenant = self.tenants.get(name)
+                if tenant is None or not tenant.has_budget:
+                    continue
+                try:
+                    state = await self.store.budget(name)
+                except ClaudepoolError:
+                    break  # the store is down: keep the last values; store_up says why
+                self.metrics.spent[name] = (state.day_spent_usd, state.month_spent_usd)
+            await asyncio.sleep(interval_s)
 
     async def _announce_ready(self) -> None:
         try:

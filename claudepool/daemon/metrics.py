@@ -58,6 +58,8 @@ class Metrics:
         self._tenants = frozenset(sorted(daemon.tenants.names())[:max_tenant_labels])
         self._max_models = max_model_labels
         self._models: set[str] = set()
+        # tenant -> (spent today, spent this month), refreshed from the store by the daemon.
+        self.spent: dict[str, tuple[float, float]] = {}
         r = self.registry
         self.requests = Counter("claudepool_requests", "Requests answered, by tenant and outcome.",
                                 ["tenant", "outcome"], registry=r)
@@ -107,6 +109,10 @@ class Metrics:
         for operation in STORE_OPERATIONS:
             self.store_errors.labels(operation)
             self.store_seconds.labels(operation)
+
+    @property
+    def labelled_tenants(self) -> frozenset[str]:
+        return self._tenants
 
     def tenant(self, name: str) -> str:
         return name if name in self._tenants else OTHER
@@ -223,6 +229,24 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("claudepool_memory_available_bytes",
                                 "Memory available to the daemon (host, capped by its cgroup).", value=available)
 
+        limits = GaugeMetricFamily("claudepool_tenant_budget_usd", "Configured budgets (0 = none).",
+                                   labels=["tenant", "period"])
+        spent = GaugeMetricFamily("claudepool_tenant_spent_usd",
+                                  "Spend this UTC day and month of tenants with a budget, from the store "
+                                  "(shared by every daemon on it), refreshed every few seconds.",
+                                  labels=["tenant", "period"])
+        for name in sorted(d.metrics.labelled_tenants):
+            tenant = d.tenants.get(name)
+            if tenant is not None:
+                limits.add_metric([name, "day"], tenant.daily_budget_usd)
+                limits.add_metric([name, "month"], tenant.monthly_budget_usd)
+            if name in d.metrics.spent:
+                day, month = d.metrics.spent[name]
+                spent.add_metric([name, "day"], day)
+                spent.add_metric([name, "month"], month)
+        yield limits
+        yield spent
+
         info = GaugeMetricFamily("claudepool_store_info", "The store backend in use.", labels=["backend"])
         info.add_metric([d.store.backend], 1)
         yield info
@@ -232,6 +256,9 @@ class _StateCollector(Collector):
                                   value=d.limiter.fallbacks)
         yield GaugeMetricFamily("claudepool_metering_backlog_records", "Usage records waiting for the store.",
                                 value=d.meter.backlog)
+        yield CounterMetricFamily("claudepool_metering_dropped_records",
+                                  "Usage records dropped because the store stayed down past the buffer.",
+                                  value=d.meter.dropped)
         yield CounterMetricFamily("claudepool_price_mismatches", "Turns whose cost the price table disagrees with.",
                                   value=d.meter.price_mismatches)
         yield GaugeMetricFamily("claudepool_scrape_timestamp_seconds", "When this scrape was computed.",

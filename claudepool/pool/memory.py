@@ -54,6 +54,24 @@ def pss_bytes(pid: int) -> int | None:
     return memory.pss_bytes if memory is not None else None
 
 
+def measure_trees(pids: list[int]) -> list[ProcessMemory | None]:
+    """`tree_memory` of many processes, finding descendants with one scan of the process table
+    (psutil's per-process ``children()`` scans it once per call). Safe to run in a thread."""
+    children: dict[int, list[int]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        children.setdefault(proc.info["ppid"], []).append(proc.pid)
+    readings: list[ProcessMemory | None] = []
+    for pid in pids:
+        total = process_memory(pid)
+        stack = list(children.get(pid, ()))
+        while total is not None and stack:
+            child = stack.pop()
+            total += process_memory(child) or ProcessMemory(0, 0)
+            stack.extend(children.get(child, ()))
+        readings.append(total)
+    return readings
+
+
 def tree_memory(pid: int) -> ProcessMemory | None:
     """Memory of a process and all its descendants (tool subprocesses count against the worker)."""
     total = process_memory(pid)

@@ -39,7 +39,14 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from claudepool.errors import PoolClosed, PoolTimeout, PoolUnhealthy, ResetFailed, TurnStalled
-from claudepool.pool.memory import MemoryPlan, MiB, available_memory_bytes, plan_memory
+from claudepool.pool.memory import (
+    MemoryPlan,
+    MiB,
+    ProcessMemory,
+    available_memory_bytes,
+    measure_trees,
+    plan_memory,
+)
 from claudepool.pool.profile import Profile
 from claudepool.pool.reaper import Reaper
 from claudepool.pool.worker import TurnResult, Worker, WorkerState, WorkerTimeouts
@@ -753,12 +760,25 @@ class Pool:
     async def _maintain(self) -> None:
         while True:
             await asyncio.sleep(self.config.maintenance_interval_s)
-            self.refresh_memory()
+            # /proc reads take ~1 ms per real worker: off the event loop.
+            workers = self._measurable()
+            readings = await asyncio.to_thread(measure_trees, [w.pid for w in workers if w.pid is not None])
+            self._apply_readings(workers, readings)
             self._step()
 
     def refresh_memory(self) -> MemoryPlan:
-        """Measure every worker's PSS and re-derive the memory plan from it."""
-        measured = [pss for w in list(self._workers) if (pss := w.measure_memory())]
+        """Measure every worker's PSS and RSS now and re-derive the memory plan from them."""
+        workers = self._measurable()
+        return self._apply_readings(workers, measure_trees([w.pid for w in workers if w.pid is not None]))
+
+    def _measurable(self) -> list[Worker]:
+        return [w for w in self._workers if w.pid is not None and w.is_alive()]
+
+    def _apply_readings(self, workers: list[Worker], readings: list[ProcessMemory | None]) -> MemoryPlan:
+        for worker, reading in zip(workers, readings, strict=True):
+            if reading is not None:
+                worker.pss_bytes, worker.rss_bytes = reading.pss_bytes, reading.rss_bytes
+        measured = [w.pss_bytes for w in self._workers if w.pss_bytes]
         per_worker = max(measured) if measured else self.config.worker_pss_estimate_bytes
         self.memory = self._plan_memory(pool_pss_bytes=sum(measured), per_worker_bytes=per_worker)
         return self.memory

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from claudepool.client import AsyncClient
 from claudepool.store.base import Window
@@ -46,6 +48,16 @@ async def test_metered_usage_equals_the_upstream_request_log(
     assert metered["cost_usd"] == pytest.approx(sum(a.cost_usd for a in answers), rel=1e-9)
     assert metered["cost_usd"] > 0
     assert set(usage) == {"acme", "beta"}
+    # The Prometheus counters say the same as the upstream's log.
+    by_type: dict[str, float] = {}
+    for family in text_string_to_metric_families(generate_latest(d.daemon.metrics.registry).decode()):
+        for sample in family.samples:
+            if sample.name == "claudepool_tokens_total":
+                by_type[sample.labels["type"]] = by_type.get(sample.labels["type"], 0) + sample.value
+    assert by_type["input"] == sum(u["input_tokens"] for u in reported)
+    assert by_type["output"] == sum(u["output_tokens"] for u in reported)
+    assert by_type["cache_read"] == sum(u["cache_read_input_tokens"] for u in reported)
+    assert by_type["cache_write"] == sum(u["cache_creation_input_tokens"] for u in reported)
     state = await d.daemon.store.budget("acme")
     assert state.day_spent_usd == pytest.approx(sum(a.cost_usd for a in answers if a.tenant == "acme"), rel=1e-9)
     assert state.reserved_usd == pytest.approx(0, abs=1e-12)

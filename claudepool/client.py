@@ -27,7 +27,7 @@ from claudepool.errors import RemoteError
 from claudepool.protocol.framing import LineFramer
 from claudepool.protocol.wire import PromptResult
 
-_TERMINAL_EVENTS = frozenset({"result", "error", "status", "cancelled", "usage"})
+_TERMINAL_EVENTS = frozenset({"result", "error", "status", "cancelled", "usage", "session", "session_deleted"})
 
 
 class AsyncClient:
@@ -96,6 +96,23 @@ class AsyncClient:
                 raise RemoteError(frame["code"], frame["message"])
             return {k: v for k, v in frame.items() if k not in ("id", "event")}
         raise RemoteError("protocol_error", "no answer to the usage request")
+
+    async def create_session(self, profile: str | None = None) -> dict[str, Any]:
+        """Start a conversation; pass its ``id`` as ``session=`` to `prompt` or `stream`."""
+        body = {"profile": profile} if profile else {}
+        if self.url is not None:
+            try:
+                async with (await self._http()).post(f"{self.url}/v1/sessions", data=orjson.dumps(body),
+                                                     headers=self._auth()) as resp:
+                    return await _json_or_raise(resp, (201,))
+            except aiohttp.ClientConnectionError as exc:
+                raise RemoteError("unavailable", f"cannot reach {self.url}: {exc}") from None
+        async for frame in (await self._socket()).request({"op": "session.create", "key": self.key, **body}):
+            if frame.get("event") == "error":
+                raise RemoteError(frame["code"], frame["message"])
+            session: dict[str, Any] = frame["session"]
+            return session
+        raise RemoteError("protocol_error", "no answer to session.create")
 
     async def ledger(self, *, tenant: str | None = None, since: float | None = None,
                      limit: int = 1000) -> list[dict[str, Any]]:

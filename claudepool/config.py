@@ -128,6 +128,10 @@ class ProfileSettings(BaseModel):
     # Passed to the CLI as --max-budget-usd: a per-request cap (the CLI stops after the model call
     # that crosses it, so one call can overshoot). 0 = none.
     max_budget_usd: float = Field(default=0.0, ge=0)
+    # Session limits for this profile (None = [sessions]).
+    max_session_turns: int | None = Field(default=None, ge=0)
+    max_session_age_s: float | None = Field(default=None, ge=0)
+    max_session_context_tokens: int | None = Field(default=None, ge=0)
 
 
 class TenantSettings(BaseModel):
@@ -147,6 +151,10 @@ class TenantSettings(BaseModel):
     tokens_per_minute: int = Field(default=0, ge=0)
     daily_budget_usd: float = Field(default=0.0, ge=0)
     monthly_budget_usd: float = Field(default=0.0, ge=0)
+    # Session limits for this tenant (None = the profile's, else [sessions]).
+    max_session_turns: int | None = Field(default=None, ge=0)
+    max_session_age_s: float | None = Field(default=None, ge=0)
+    max_session_context_tokens: int | None = Field(default=None, ge=0)
 
     @field_validator("key")
     @classmethod
@@ -206,6 +214,37 @@ class MeteringSettings(BaseModel):
     max_buffered_records: int = Field(default=100_000, gt=0)
 
 
+class SessionSettings(BaseModel):
+    """``[sessions]``: conversations, their session-capable workers, and their transcripts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Transcripts at rest: DIR/<tenant>/<session>.jsonl. Share it between daemons (with Redis) to
+    # resume a session on any of them. "" = a directory under the pool's workdir (or the temp dir).
+    dir: str = ""
+    # Session-capable workers per profile (they keep transcripts; stateless workers never do).
+    min_idle: int = Field(default=1, ge=0)
+    max_workers: int = Field(default=4, ge=1)
+    # An active session idle this long gives its worker back; its next turn resumes it elsewhere.
+    park_idle_s: float = Field(default=120.0, gt=0)
+    # A session unused this long expires (is closed).
+    ttl_s: float = Field(default=86_400.0, gt=0)
+    # Transcripts of closed sessions are deleted after this; 0 = at once.
+    retention_s: float = Field(default=7 * 86_400.0, ge=0)
+    # Bound on the transcripts directory; past it, closed transcripts go first, then the oldest
+    # parked sessions are expired. 0 = unbounded.
+    max_disk_bytes: int = Field(default=0, ge=0)
+    # Limits (0 = none); tenants and profiles may set their own.
+    max_turns: int = Field(default=0, ge=0)
+    max_age_s: float = Field(default=0.0, ge=0)
+    max_context_tokens: int = Field(default=0, ge=0)
+    # At a limit: close with session_limit_reached, or carry on in a fresh session (its id returned).
+    rollover: bool = False
+    # How often to park idle sessions, and how often to sweep for expiry, retention and disk use.
+    maintenance_interval_s: float = Field(default=1.0, gt=0)
+    sweep_interval_s: float = Field(default=15.0, gt=0)
+
+
 class MetricsSettings(BaseModel):
     """``[metrics]``: bounds on label values, so /metrics stays small whatever traffic arrives."""
 
@@ -233,6 +272,7 @@ class Settings(BaseSettings):
     pricing: dict[str, PriceSettings] = Field(default_factory=_default_prices)
     metering: MeteringSettings = Field(default_factory=MeteringSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    sessions: SessionSettings = Field(default_factory=SessionSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -161,6 +161,43 @@ class QueueFull(TenancyError):
     retry_after_s = 1.0
 
 
+# -- sessions: conversations ------------------------------------------------------------------------
+
+
+class SessionError(ClaudepoolError):
+    """The conversation cannot take this turn."""
+
+    code = "session_error"
+    status = 409
+
+
+class SessionClosed(SessionError):
+    """The session was closed (deleted, expired, or at a limit) and takes no more turns."""
+
+    code = "session_closed"
+    status = 410
+
+
+class SessionLimitReached(SessionError):
+    """The session reached max turns, age or context; it is now closed."""
+
+    code = "session_limit_reached"
+
+
+class SessionElsewhere(SessionError):
+    """Another daemon holds this session's worker right now; send the turn there, or retry later."""
+
+    code = "session_elsewhere"
+    retryable = True
+    retry_after_s = 5.0
+
+
+class SessionUnavailable(SessionError):
+    """The session's transcript is not reachable from this daemon (no shared sessions directory)."""
+
+    code = "session_unavailable"
+
+
 # -- store: where limits, budgets and usage live --------------------------------------------------
 
 

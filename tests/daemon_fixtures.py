@@ -62,6 +62,8 @@ async def make_daemon(tmp_path: Path, fake_log: Path) -> AsyncIterator[Callable[
                      "env": {"FAKE_CLAUDE_LOG": str(fake_log)}, "maintenance_interval_s": 0.2,
                      "timeouts": {"close_eof_timeout_s": 1, "close_term_timeout_s": 1}},
             "profiles": {"default": {}, "lean": {"system_prompt": "brief"}, "other": {}},
+            # Session-capable workers only when a test asks: they would double every test's workers.
+            "sessions": {"min_idle": 0, "dir": str(tmp_path / "sessions")},
             "tenants": {"acme": {"key": KEYS["acme"], "profiles": ["default", "lean"]},
                         "beta": {"key": KEYS["beta"]}},
         }

@@ -136,7 +136,8 @@ async def test_status_with_the_admin_key(make_daemon: MakeDaemon, transport: str
     d = await make_daemon()
     async with async_client(d, transport, key=ADMIN_KEY) as client, asyncio.timeout(15):
         status = await client.status()
-    assert set(status["pools"]) == {"default", "lean", "other"}
+    assert set(status["pools"]) == {"default", "lean", "other", "default.sessions", "lean.sessions",
+                                    "other.sessions"}
     workers = status["pools"]["default"]["workers"]
     assert workers
     assert workers[0]["profile"] == "default"

@@ -43,6 +43,10 @@ workdir = "{tmp_path / 'workers'}"
 close_eof_timeout_s = 1
 close_term_timeout_s = 1
 
+[sessions]
+min_idle = 0
+dir = "{tmp_path / 'sessions'}"
+
 [tenants.acme]
 key = "{KEY}"
 {extra}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -126,8 +127,11 @@ async def test_scrape_reads_no_proc_file_per_worker(make_daemon: MakeDaemon, mon
     opened: list[str] = []
     real_open = open
 
+    scraper = threading.current_thread()
+
     def spy(file: Any, *args: Any, **kwargs: Any) -> Any:
-        opened.append(str(file))
+        if threading.current_thread() is scraper:  # not the maintenance loop's measuring thread
+            opened.append(str(file))
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", spy)

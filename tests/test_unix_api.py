@@ -355,7 +355,8 @@ async def test_status_for_admin_tenant_and_bad_key(make_daemon: MakeDaemon) -> N
         missing = await c.next()
 
     assert (admin["id"], admin["event"]) == ("s1", "status")
-    assert set(admin["pools"]) == {"default", "lean", "other"}
+    assert set(admin["pools"]) == {"default", "lean", "other", "default.sessions", "lean.sessions",
+                                   "other.sessions"}
     workers = admin["pools"]["default"]["workers"]
     assert workers
     assert {"id", "state", "pid", "profile", "turns", "age_s", "pss_bytes"} <= set(workers[0])

@@ -31,6 +31,7 @@ from claudepool.daemon.service import PromptService, ServiceLimits
 from claudepool.daemon.unix_api import UnixFrontEnd
 from claudepool.errors import BadRequest, ClaudepoolError, ConfigError, Forbidden
 from claudepool.pool.pool import Pool
+from claudepool.sessions.manager import SessionManager
 from claudepool.store.base import UsageTotals, Window
 from claudepool.store.factory import build_store
 from claudepool.store.instrumented import InstrumentedStore
@@ -61,18 +62,28 @@ class Daemon:
         self.meter = Meter(self.store, self.limiter, self.pricing, settings.metering,
                            on_record=self.metrics.turn_billed)
         slots = TenantSlots()
-        self.pools = {
-            name: Pool(settings.profile(name), settings.pool_config(name), on_turn_result=self.meter.on_turn_result,
-                       on_lease_done=self.meter.on_lease_done, slots=slots, observer=self.metrics)
+        hooks: dict[str, Any] = {"on_turn_result": self.meter.on_turn_result, "on_lease_done": self.meter.on_lease_done,
+                                 "slots": slots, "observer": self.metrics}
+        self.pools = {name: Pool(settings.profile(name), settings.pool_config(name), **hooks)
+                      for name in settings.profiles}
+        # Conversations run on each profile's session-capable twin: the same spawn settings, with
+        # transcripts kept so a parked conversation can resume on any of its workers.
+        sessions = settings.sessions
+        self.session_pools = {
+            name: Pool(settings.profile(name).session_variant(),
+                       settings.pool_config(name).model_copy(update={"min_idle": sessions.min_idle,
+                                                                     "max_workers": sessions.max_workers}),
+                       **hooks)
             for name in settings.profiles
         }
+        self.sessions = SessionManager(self.store, self.session_pools, settings)
         server = settings.server
         self.service = PromptService(
             self.pools,
             ServiceLimits(server.max_prompt_bytes, server.default_timeout_s, server.max_timeout_s, server.max_queued,
                           settings.store.reservation_ttl_s),
             store=self.store, limiter=self.limiter, meter=self.meter, pricing=self.pricing,
-            metering=settings.metering, metrics=self.metrics,
+            metering=settings.metering, metrics=self.metrics, sessions=self.sessions,
         )
         self.notifier = notifier or Notifier()
         self.listening: dict[str, str] = {}
@@ -81,6 +92,10 @@ class Daemon:
         self._force = asyncio.Event()
         self._warm = False
         self._signals = 0
+
+    def all_pools(self) -> dict[str, Pool]:
+        """Stateless and session-capable pools, by pool name (``default``, ``default.sessions``)."""
+        return {pool.profile.name: pool for pool in (*self.pools.values(), *self.session_pools.values())}
 
     # -- status ------------------------------------------------------------------------------------
 
@@ -96,7 +111,7 @@ class Daemon:
 
     def pool_status(self) -> dict[str, Any]:
         pools = {}
-        for name, pool in self.pools.items():
+        for name, pool in self.all_pools().items():
             pools[name] = {
                 "max_workers": pool.max_workers,
                 "breaker": str(pool.breaker_state),
@@ -106,7 +121,7 @@ class Daemon:
             }
         return {
             "pools": pools,
-            "queue": {"waiting": sum(p.waiting for p in self.pools.values())},
+            "queue": {"waiting": sum(p.waiting for p in self.all_pools().values())},
             "in_flight": self.service.in_flight,
             "draining": self.service.draining,
             "uptime_s": round(time.monotonic() - self.started_at, 3),
@@ -176,7 +191,7 @@ class Daemon:
         background: list[asyncio.Task[None]] = []
         metering = asyncio.create_task(self.meter.run(), name="metering")
         try:
-            for pool in self.pools.values():
+            for pool in self.all_pools().values():
                 await pool.start()
             runner, unix = await self._start_front_ends()
             where = " and ".join(f"{kind} {addr}" for kind, addr in self.listening.items()) or "nothing"
@@ -184,6 +199,7 @@ class Daemon:
             background.append(asyncio.create_task(self._announce_ready(), name="announce-ready"))
             background.append(asyncio.create_task(self.notifier.run_watchdog(), name="watchdog"))
             background.append(asyncio.create_task(self._refresh_spend(), name="spend-gauges"))
+            background.append(asyncio.create_task(self.sessions.maintain(), name="sessions"))
             await self._stop.wait()
             return await self._shutdown()
         finally:
@@ -194,7 +210,9 @@ class Daemon:
                 await unix.close(_HTTP_SHUTDOWN_TIMEOUT_S)
             if runner is not None:
                 await runner.cleanup()
-            for pool in self.pools.values():
+            # Conversations keep their checkpoints and resume after a restart (or on another daemon).
+            await self.sessions.park_all()
+            for pool in self.all_pools().values():
                 await pool.close()
             # Every turn has settled now; give its record a bounded chance to reach the store.
             await self.meter.flush(_HTTP_SHUTDOWN_TIMEOUT_S)
@@ -267,7 +285,7 @@ class Daemon:
 
     async def _announce_ready(self) -> None:
         try:
-            for pool in self.pools.values():
+            for pool in self.all_pools().values():
                 await pool.wait_ready(self.settings.server.ready_timeout_s)
         except (TimeoutError, ClaudepoolError) as exc:
             # Not fatal: the pool keeps trying and /readyz says why; systemd will time the start out.
@@ -275,7 +293,7 @@ class Daemon:
             self.notifier.status(f"warming failed: {exc!r}")
             return
         self._warm = True
-        warm = sum(p.idle_count for p in self.pools.values())
+        warm = sum(p.idle_count for p in self.all_pools().values())
         self.notifier.ready()
         self.notifier.status(f"serving with {warm} warm workers")
         log.info("ready: %d warm workers", warm)

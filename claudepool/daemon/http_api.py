@@ -51,6 +51,10 @@ def build_app(daemon: Daemon) -> web.Application:
     app.router.add_get("/v1/pool", _pool)
     app.router.add_get("/v1/usage", _usage)
     app.router.add_get("/v1/ledger", _ledger)
+    app.router.add_post("/v1/sessions", _session_create)
+    app.router.add_get("/v1/sessions", _session_list)
+    app.router.add_get("/v1/sessions/{id}", _session_get)
+    app.router.add_delete("/v1/sessions/{id}", _session_delete)
     return app
 
 
@@ -175,6 +179,50 @@ async def _ledger(request: web.Request) -> web.StreamResponse:
     records.sort(key=lambda r: r.at)
     body = b"".join(orjson.dumps(r.to_dict()) + b"\n" for r in records[:limit])
     return web.Response(body=body, content_type="application/x-ndjson")
+
+
+async def _session_create(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    tenant = daemon.tenants.authenticate(bearer(request))
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw) if raw.strip() else {}
+    except orjson.JSONDecodeError:
+        raise BadRequest("the body is not valid JSON") from None
+    if not isinstance(body, dict) or set(body) - {"profile"} or not isinstance(body.get("profile", ""), str):
+        raise BadRequest('the body is {"profile": str} or empty')
+    record = await daemon.sessions.create(tenant, body.get("profile"))
+    return json_response(daemon.sessions.view(record), status=201)
+
+
+def _session_owner(request: web.Request) -> str | None:
+    """The tenant whose sessions the caller may see: itself, or for the admin ``?tenant=`` (or all)."""
+    daemon = request.app[DAEMON]
+    scope = daemon.caller_scope(bearer(request), request.query.get("tenant") or None)
+    return scope[0] if scope else None
+
+
+async def _session_list(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    records = await daemon.sessions.list(_session_owner(request))
+    return json_response({"sessions": [daemon.sessions.view(r) for r in records]})
+
+
+async def _session_get(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    owner = _session_owner(request)
+    if owner is None:
+        raise BadRequest("the admin key needs ?tenant= to read one session")
+    return json_response(daemon.sessions.view(await daemon.sessions.get(owner, request.match_info["id"])))
+
+
+async def _session_delete(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    owner = _session_owner(request)
+    if owner is None:
+        raise BadRequest("the admin key needs ?tenant= to delete one session")
+    await daemon.sessions.delete(owner, request.match_info["id"])
+    return web.Response(status=204)
 
 
 async def _pool(request: web.Request) -> web.Response:

@@ -32,13 +32,15 @@ if TYPE_CHECKING:
 OTHER = "__other__"
 WORKER_STATES = ("starting", "idle", "leased", "cleaning", "closing")
 EXIT_REASONS = ("recycle_turns", "recycle_age", "recycle_memory", "recycle_context", "watchdog", "crash",
-                "reset_failed", "boot_failure", "memory_pressure", "idle", "unclean", "shutdown")
+                "reset_failed", "boot_failure", "memory_pressure", "idle", "unclean", "shutdown", "respawn")
 OUTCOMES = ("ok", "model_error", "cancelled", "draining", "timeout", "turn_stalled", "worker_died",
             "worker_error", "pool_timeout", "pool_unhealthy", "rate_limited", "budget_exhausted", "queue_full",
-            "store_unavailable", "error")
+            "store_unavailable", "session_closed", "session_limit_reached", "session_elsewhere",
+            "session_unavailable", "error")
 REJECTION_KINDS = ("requests_per_minute", "tokens_per_minute", "budget", "queue_full")
 TOKEN_TYPES = ("input", "output", "cache_read", "cache_write")
-STORE_OPERATIONS = ("reserve", "settle", "release", "budget", "usage", "ledger")
+SESSION_EVENTS = ("created", "parked", "resumed", "rolled_over", "expired", "deleted")
+STORE_OPERATIONS = ("reserve", "settle", "release", "budget", "usage", "ledger", "session")
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _SPAWN_SECONDS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 
@@ -100,7 +102,8 @@ class Metrics:
                 self.requests.labels(tenant, outcome)
             for kind in REJECTION_KINDS:
                 self.rejections.labels(tenant, kind)
-        for profile in self.daemon.settings.profiles:
+        pools = [pool for name in self.daemon.settings.profiles for pool in (name, f"{name}.sessions")]
+        for profile in pools:
             self.spawns.labels(profile)
             self.resets.labels(profile)
             self.spawn_seconds.labels(profile)
@@ -191,7 +194,7 @@ class _StateCollector(Collector):
                                    labels=["profile", "limit"])
         available = available_memory_bytes()
         in_turn = 0
-        for name, pool in d.pools.items():
+        for name, pool in d.all_pools().items():
             counts = pool.counts()
             for state in WORKER_STATES:
                 workers.add_metric([name, state], counts[state])
@@ -215,7 +218,7 @@ class _StateCollector(Collector):
 
         queue = GaugeMetricFamily("claudepool_queue_depth", "Requests waiting for a worker.", labels=["priority"])
         waiting = {"interactive": 0, "batch": 0}
-        for pool in d.pools.values():
+        for pool in d.all_pools().values():
             for priority, count in pool.waiting_by_priority().items():
                 waiting[priority] += count
         for priority, count in waiting.items():
@@ -246,6 +249,17 @@ class _StateCollector(Collector):
                 spent.add_metric([name, "month"], month)
         yield limits
         yield spent
+
+        yield GaugeMetricFamily("claudepool_sessions_active", "Conversations holding a worker on this daemon.",
+                                value=d.sessions.counts()["active_here"])
+        yield GaugeMetricFamily("claudepool_session_transcript_bytes",
+                                "Disk used by conversation transcripts at rest (as of the last sweep).",
+                                value=d.sessions.transcript_bytes)
+        events = CounterMetricFamily("claudepool_session_events", "Conversation lifecycle events.",
+                                     labels=["event"])
+        for event in SESSION_EVENTS:
+            events.add_metric([event], d.sessions.events[event])
+        yield events
 
         info = GaugeMetricFamily("claudepool_store_info", "The store backend in use.", labels=["backend"])
         info.add_metric([d.store.backend], 1)

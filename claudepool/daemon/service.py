@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from claudepool.config import MeteringSettings
 from claudepool.daemon.metrics import Metrics, outcome_of
 from claudepool.errors import (
+    BadRequest,
     BudgetExhausted,
     Cancelled,
     Draining,
@@ -33,13 +34,15 @@ from claudepool.errors import (
     QueueFull,
     RateLimited,
     RequestTimeout,
+    SessionClosed,
     TenancyError,
 )
 from claudepool.pool.pool import Lease, Pool
 from claudepool.pool.worker import TurnResult
 from claudepool.protocol.cli_events import StreamEvent, SystemApiRetry
 from claudepool.protocol.wire import PromptRequest, PromptResult, UsageOut
-from claudepool.store.base import Store
+from claudepool.sessions.manager import SessionManager
+from claudepool.store.base import SessionRecord, Store
 from claudepool.tenancy.budgets import PricingTable
 from claudepool.tenancy.limits import RateLimiter
 from claudepool.tenancy.metering import Meter, RequestContext
@@ -99,7 +102,7 @@ def _rejection_kind(exc: TenancyError) -> str:
 class PromptService:
     def __init__(self, pools: dict[str, Pool], limits: ServiceLimits, *, store: Store, limiter: RateLimiter,
                  meter: Meter, pricing: PricingTable, metering: MeteringSettings,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, sessions: SessionManager | None = None) -> None:
         self.pools = pools
         self.limits = limits
         self.store = store
@@ -108,6 +111,7 @@ class PromptService:
         self.pricing = pricing
         self.metering = metering
         self.metrics = metrics
+        self.sessions = sessions
         self.draining = False
         self._in_flight: set[asyncio.Task[object]] = set()
         self._stopped_by_drain: set[asyncio.Task[object]] = set()
@@ -130,13 +134,20 @@ class PromptService:
         if self.draining:
             raise Draining("the daemon is shutting down; retry on another instance")
         profile = request.profile or tenant.profile
-        if profile not in self.pools:
+        pools = self.pools
+        if request.session is not None:
+            if self.sessions is None:
+                raise NotFound("unknown session")
+            record = await self.sessions.get(tenant.name, request.session)
+            if record.state == "closed":
+                raise SessionClosed(f"session {record.id} is closed ({record.close_reason})")
+            if request.profile is not None and request.profile != record.profile:
+                raise BadRequest(f"session {record.id} runs on profile {record.profile!r}")
+            profile, pools = record.profile, self.sessions.pools
+        if profile not in pools:
             raise NotFound(f"unknown profile {profile!r}")
         if profile not in tenant.profiles:
             raise Forbidden(f"profile {profile!r} is not allowed for this tenant")
-        if request.session is not None:
-            # Conversations are not served yet: no session id exists, so any id is unknown.
-            raise NotFound("unknown session")
         size = len(request.prompt.encode())
         if size > self.limits.max_prompt_bytes:
             raise PromptTooLarge(f"prompt of {size} bytes exceeds the limit of {self.limits.max_prompt_bytes}")
@@ -148,7 +159,7 @@ class PromptService:
             await self.limiter.check(tenant.name, requests_per_minute=tenant.requests_per_minute,
                                      tokens_per_minute=tenant.tokens_per_minute)
             request_id = request_id or new_request_id()
-            pool = self.pools[profile]
+            pool = pools[profile]
             model = pool.profile.model or "default"
             reservation_id = None
             if tenant.has_budget:
@@ -196,26 +207,17 @@ class PromptService:
 
     async def _serve(self, admission: Admission, on_delta: OnDelta | None, trace: _Trace) -> PromptResult:
         started = trace.started
+        session: str | None = None
         try:
             async with asyncio.timeout(admission.timeout_s) as deadline:
-                lease = await self._acquire(admission)
-                trace.queue_s = time.monotonic() - started
-                trace.slot = lease.worker.slot
-                try:
-                    async for item in lease.run_turn(admission.request.prompt):
-                        if isinstance(item, TurnResult):
-                            trace.result = item
-                        elif isinstance(item, StreamEvent):
-                            text = item.text_delta()
-                            if text:
-                                if trace.first_text_s is None:
-                                    trace.first_text_s = time.monotonic() - started
-                                if on_delta is not None:
-                                    await on_delta(text)
-                        elif isinstance(item, SystemApiRetry) and self.metrics is not None:
-                            self.metrics.upstream_retries.labels(str(item.error_status)).inc()
-                finally:
-                    lease.release()
+                if admission.request.session is None:
+                    lease = await self._acquire(admission)
+                    try:
+                        await self._drive(lease, admission, on_delta, trace)
+                    finally:
+                        lease.release()
+                else:
+                    session = await self._serve_session(admission, on_delta, trace)
         except TimeoutError:
             if deadline.expired():
                 raise RequestTimeout(f"no complete answer within {admission.timeout_s:g}s") from None
@@ -225,15 +227,77 @@ class PromptService:
         return PromptResult(
             id=admission.request_id,
             tenant=admission.tenant.name,
-            session=None,
+            session=session,
             text=result.text,
             is_error=result.is_error,
             stop_reason=result.stop_reason,
             usage=UsageOut.of(result.usage),
             cost_usd=result.cost_usd,
             duration_ms=round((time.monotonic() - started) * 1000, 3),
-            queue_ms=round(trace.queue_s * 1000, 3),
+            queue_ms=round((trace.queue_s or 0.0) * 1000, 3),
         )
+
+    async def _serve_session(self, admission: Admission, on_delta: OnDelta | None, trace: _Trace) -> str:
+        """One turn of a conversation, on the worker that holds it (or resumed on a new one)."""
+        assert self.sessions is not None and admission.request.session is not None
+        tenant = admission.tenant
+        ctx = admission.context
+
+        dequeued = False
+
+        def dequeue() -> None:
+            nonlocal dequeued
+            if not dequeued:
+                dequeued = True
+                self._queued[tenant.name] -= 1
+                if self._queued[tenant.name] <= 0:
+                    del self._queued[tenant.name]
+
+        async def drive(lease: Lease, record: SessionRecord) -> TurnResult:
+            dequeue()
+            ctx.session = record.id
+            lease.context = ctx
+            try:
+                return await self._drive(lease, admission, on_delta, trace)
+            except BaseException:
+                if not lease.worker.in_turn():
+                    # The worker died mid-turn (an abandoned turn is still draining and will bill itself).
+                    self.meter.finish(ctx, turn_started=lease.turns_started > 0)
+                raise
+
+        self._queued[tenant.name] += 1
+        try:
+            record, _ = await self.sessions.run_turn(
+                tenant, admission.request.session,
+                share=TenantShare(tenant.weight, tenant.max_concurrency), priority=Priority(admission.request.priority),
+                wait_s=tenant.max_queue_wait_s or admission.pool.config.lease_timeout_s, drive=drive,
+            )
+        except BaseException:
+            if trace.slot is None:
+                self.meter.release(ctx)  # it never reached a worker: give the reservation back
+            raise
+        finally:
+            dequeue()
+        return record.id
+
+    async def _drive(self, lease: Lease, admission: Admission, on_delta: OnDelta | None, trace: _Trace) -> TurnResult:
+        """Run the admitted prompt on ``lease``'s worker, streaming text and noting what happened."""
+        trace.queue_s = time.monotonic() - trace.started
+        trace.slot = lease.worker.slot
+        async for item in lease.run_turn(admission.request.prompt):
+            if isinstance(item, TurnResult):
+                trace.result = item
+            elif isinstance(item, StreamEvent):
+                text = item.text_delta()
+                if text:
+                    if trace.first_text_s is None:
+                        trace.first_text_s = time.monotonic() - trace.started
+                    if on_delta is not None:
+                        await on_delta(text)
+            elif isinstance(item, SystemApiRetry) and self.metrics is not None:
+                self.metrics.upstream_retries.labels(str(item.error_status)).inc()
+        assert trace.result is not None
+        return trace.result
 
     def _finished(self, admission: Admission, trace: _Trace, error: BaseException | None) -> None:
         """Count the request and write its one canonical log line (never the prompt or the answer)."""

@@ -30,6 +30,8 @@ from claudepool.protocol.wire import (
     Frame,
     PromptFrame,
     PromptRequest,
+    SessionCreateFrame,
+    SessionDeleteFrame,
     StatusFrame,
     UsageFrame,
     delta_frame,
@@ -44,7 +46,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_FRAMES: TypeAdapter[PromptFrame | CancelFrame | StatusFrame | UsageFrame] = TypeAdapter(Frame)
+_FRAMES: TypeAdapter[
+    PromptFrame | CancelFrame | StatusFrame | UsageFrame | SessionCreateFrame | SessionDeleteFrame
+] = TypeAdapter(Frame)
 _READ_CHUNK_BYTES = 1 << 16
 
 
@@ -161,6 +165,17 @@ class _Connection:
             self.send(event_frame(frame.id, "cancelled", {"target": frame.target, "found": task is not None}))
         elif isinstance(frame, StatusFrame):
             self.send(event_frame(frame.id, "status", self.status(frame)))
+        elif isinstance(frame, SessionCreateFrame | SessionDeleteFrame):
+            try:
+                tenant = self.daemon.tenants.authenticate(frame.key)
+                if isinstance(frame, SessionCreateFrame):
+                    record = await self.daemon.sessions.create(tenant, frame.profile)
+                    self.send(event_frame(frame.id, "session", {"session": self.daemon.sessions.view(record)}))
+                else:
+                    await self.daemon.sessions.delete(tenant.name, frame.session)
+                    self.send(event_frame(frame.id, "session_deleted", {"session": frame.session}))
+            except ClaudepoolError as exc:
+                self.send(error_frame(frame.id, exc))
         else:
             try:
                 report = await self.daemon.usage_report(frame.key, tenant=frame.tenant, window=frame.window,

@@ -458,6 +458,38 @@ class Pool:
                 ) from None
             raise
 
+    async def respawn_leased(self, lease: Lease, *, extra_args: tuple[str, ...],
+                             prepare: Callable[[Worker], None] | None = None) -> None:
+        """Swap the lease's (clean, idle) worker for a new process started with ``extra_args``
+        (``--resume ID``). The lease keeps its place in the pool's accounting, so a resumed
+        conversation waits its fair turn for capacity like any request; raises `WorkerStartError`."""
+        old = lease.worker
+        if lease.released or old.in_turn() or old.dirty:
+            raise PoolClosed("only a fresh lease's worker can be replaced")
+        new = Worker(
+            self.profile.with_args(*extra_args),
+            timeouts=self.config.timeouts,
+            max_line_bytes=self.config.max_line_bytes,
+            workdir_root=self.config.workdir,
+            reaper=self._reaper,
+            on_failure=self._on_worker_failure,
+            prepare=prepare,
+        )
+        new.slot = old.slot
+        self._workers.add(new)
+        self._turn_limits[new] = self._turn_limits.get(old, self.config.max_turns)
+        del self._leased[old]
+        self._leased[new] = lease
+        lease.worker = new
+        new.on_result = lease._record
+        old.on_result = None
+        self._launch(self._retire(old, "respawn"))
+        started = time.monotonic()
+        # On failure the lease holds a dead worker, which its release retires.
+        await new.start()
+        if self._observer is not None:
+            self._observer.worker_spawned(self.profile.name, time.monotonic() - started)
+
     def _release(self, lease: Lease) -> None:
         if lease.released:
             return

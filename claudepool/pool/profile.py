@@ -66,6 +66,16 @@ class Profile(BaseModel):
     upstream_timeout_ms: int = Field(default=60_000, gt=0)
     # --max-budget-usd: the CLI ends a conversation (a request, since each is reset) that costs more.
     max_budget_usd: float | None = Field(default=None, gt=0)
+    # Transcripts on disk, so a conversation can be resumed elsewhere (--resume). Only the
+    # session-capable variant of a profile turns this on; stateless workers write nothing.
+    session_persistence: bool = False
+
+    def session_variant(self) -> Profile:
+        """The same spawn settings with transcripts kept, for conversations."""
+        return self.model_copy(update={"name": f"{self.name}.sessions", "session_persistence": True})
+
+    def with_args(self, *extra: str) -> Profile:
+        return self.model_copy(update={"args": (*self.args, *extra)})
 
     @field_validator("args")
     @classmethod
@@ -80,12 +90,13 @@ class Profile(BaseModel):
         argv = [
             self.claude_bin, "-p",
             "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
-            "--no-session-persistence",
             # Keeps HOME and cwd out of the system prompt, so every worker of a profile shares one
             # prompt-cache prefix even though each has a private HOME.
             "--exclude-dynamic-system-prompt-sections",
             "--tools", ",".join(self.tools),
         ]  # fmt: skip
+        if not self.session_persistence:
+            argv.append("--no-session-persistence")
         if self.bare:
             argv.append("--bare")
         if self.include_partial_messages:

@@ -29,6 +29,7 @@ import functools
 import itertools
 import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -163,6 +164,7 @@ class Worker:
         workdir_root: Path | None = None,
         reaper: Reaper | None = None,
         on_failure: Callable[[Worker], None] | None = None,
+        prepare: Callable[[Worker], None] | None = None,
     ) -> None:
         self.id = f"{profile.name}-{next(_ids)}"
         self.profile = profile
@@ -187,6 +189,9 @@ class Worker:
         self.dirty = False
         self.failure: WorkerError | None = None
         self.on_failure = on_failure
+        # Runs once the private directories exist, before the process starts (a resumed
+        # conversation's transcript is put in place here).
+        self.prepare = prepare
         # Receives every settled turn, including one drained after its consumer went away.
         self.on_result: Callable[[TurnResult], None] | None = None
 
@@ -226,6 +231,17 @@ class Worker:
         return self.state is WorkerState.BUSY
 
     @property
+    def home(self) -> Path | None:
+        return self._dir / "home" if self._dir is not None else None
+
+    def transcript_path(self, cli_session_id: str) -> Path | None:
+        """Where the CLI keeps (or, resuming, looks for) a conversation's transcript."""
+        if self._dir is None:
+            return None
+        slug = re.sub(r"[^a-zA-Z0-9]", "-", str(self._dir / "cwd"))  # the CLI's own rule
+        return self._dir / "home" / ".claude" / "projects" / slug / f"{cli_session_id}.jsonl"
+
+    @property
     def stderr_tail(self) -> str:
         return self._stderr_tail.decode("utf-8", "replace")
 
@@ -259,6 +275,8 @@ class Worker:
         home, tmp, cwd = self._dir / "home", self._dir / "tmp", self._dir / "cwd"
         for d in (home, tmp, cwd):
             d.mkdir(mode=0o700)
+        if self.prepare is not None:
+            self.prepare(self)
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.profile.argv(),

@@ -123,7 +123,28 @@ class UsageFrame(BaseModel):
     date: str | None = None
 
 
-Frame = Annotated[PromptFrame | CancelFrame | StatusFrame | UsageFrame, Field(discriminator="op")]
+class SessionCreateFrame(BaseModel):
+    """Start a conversation; answered by a ``session`` frame carrying its ``session`` id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = _ID
+    op: Literal["session.create"]
+    key: str
+    profile: str | None = None
+
+
+class SessionDeleteFrame(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = _ID
+    op: Literal["session.delete"]
+    key: str
+    session: str
+
+
+Frame = Annotated[PromptFrame | CancelFrame | StatusFrame | UsageFrame | SessionCreateFrame | SessionDeleteFrame,
+                  Field(discriminator="op")]
 
 
 def delta_frame(frame_id: str, text: str) -> bytes:

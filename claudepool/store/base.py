@@ -60,6 +60,37 @@ class UsageRecord:
 
 
 @dataclass
+class SessionRecord:
+    """A conversation: who owns it, where it lives, and what it has cost so far."""
+
+    id: str
+    tenant: str
+    profile: str
+    created_at: float
+    last_used_at: float
+    state: str = "active"  # active (holds a worker) | parked (transcript on disk) | closed
+    cli_session_id: str = ""  # the CLI's own conversation id, what --resume takes
+    owner: str = ""  # the daemon holding its worker while active
+    turns: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cost_usd: float = 0.0
+    context_tokens: int = 0
+    transcript: str = ""  # the parked transcript, relative to the sessions directory
+    closed_at: float | None = None
+    close_reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SessionRecord:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass
 class UsageTotals:
     requests: int = 0
     input_tokens: int = 0
@@ -155,6 +186,20 @@ class Store(Protocol):
                      limit: int = 1000) -> list[UsageRecord]:
         """Settled records, oldest first."""
         ...
+
+    async def session_put(self, record: SessionRecord) -> None:
+        """Create or replace a session record."""
+        ...
+
+    async def session_get(self, tenant: str, session_id: str) -> SessionRecord | None:
+        """The tenant's session, or None: another tenant's id is simply not found."""
+        ...
+
+    async def session_list(self, tenant: str | None = None) -> list[SessionRecord]:
+        """A tenant's sessions, or every tenant's (``None``), oldest first."""
+        ...
+
+    async def session_delete(self, tenant: str, session_id: str) -> None: ...
 
     async def ping(self) -> None: ...
 

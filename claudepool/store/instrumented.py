@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from claudepool.errors import StoreError
-from claudepool.store.base import BudgetState, Store, Usage, UsageRecord, Window
+from claudepool.store.base import BudgetState, SessionRecord, Store, Usage, UsageRecord, Window
 
 T = TypeVar("T")
 CallObserver = Callable[[str, float, bool], None]
@@ -56,6 +56,18 @@ class InstrumentedStore:
     async def ledger(self, tenant: str | None = None, *, since: float | None = None,
                      limit: int = 1000) -> list[UsageRecord]:
         return await self._timed("ledger", self.inner.ledger(tenant, since=since, limit=limit))
+
+    async def session_put(self, record: SessionRecord) -> None:
+        await self._timed("session", self.inner.session_put(record))
+
+    async def session_get(self, tenant: str, session_id: str) -> SessionRecord | None:
+        return await self._timed("session", self.inner.session_get(tenant, session_id))
+
+    async def session_list(self, tenant: str | None = None) -> list[SessionRecord]:
+        return await self._timed("session", self.inner.session_list(tenant))
+
+    async def session_delete(self, tenant: str, session_id: str) -> None:
+        await self._timed("session", self.inner.session_delete(tenant, session_id))
 
     async def ping(self) -> None:
         await self.inner.ping()

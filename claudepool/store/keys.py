@@ -20,6 +20,8 @@ key (prefix ``cp``, tenant ``acme``)     type    content and lifetime
                                                  idempotency; ids older than `SETTLED_TTL_S` are dropped
 ``cp:{acme}:ledger``                     STREAM  one entry per settled record, field ``r`` = JSON;
                                                  trimmed to about ``ledger_max_records``; no TTL
+``cp:{acme}:sessions``                   HASH    session id -> session record (JSON); entries are
+                                                 deleted by the daemon's retention sweep
 =======================================  ======  ==========================================================
 
 TTLs are relative and refreshed on every write, so a day bucket lives about 40 days after its last
@@ -102,3 +104,8 @@ def settled(prefix: str, tenant: str) -> str:
 def ledger(prefix: str, tenant: str) -> str:
     """STREAM of settled records, oldest first."""
     return tenant_prefix(prefix, tenant) + "ledger"
+
+
+def sessions(prefix: str, tenant: str) -> str:
+    """HASH session id -> session record JSON."""
+    return tenant_prefix(prefix, tenant) + "sessions"

@@ -11,7 +11,16 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 
 from claudepool.errors import BudgetExhausted
-from claudepool.store.base import BudgetState, Usage, UsageRecord, UsageTotals, Window, day_key, month_key
+from claudepool.store.base import (
+    BudgetState,
+    SessionRecord,
+    Usage,
+    UsageRecord,
+    UsageTotals,
+    Window,
+    day_key,
+    month_key,
+)
 
 # Settled record ids are remembered this long for idempotency (a retried flush arrives much sooner).
 _SETTLED_MEMORY_S = 3 * 86400.0
@@ -31,6 +40,7 @@ class MemoryStore:
         self._settled: dict[str, float] = {}
         self._ledger: deque[UsageRecord] = deque(maxlen=ledger_max_records)
         self.ledger_dropped = 0
+        self._sessions: dict[tuple[str, str], SessionRecord] = {}
         self._last_pruned_at = 0.0
 
     async def reserve(self, tenant: str, reservation_id: str, amount_usd: float, *, daily_limit_usd: float,
@@ -93,6 +103,20 @@ class MemoryStore:
         picked = [r for r in self._ledger
                   if (tenant is None or r.tenant == tenant) and (since is None or r.at >= since)]
         return picked[:limit]
+
+    async def session_put(self, record: SessionRecord) -> None:
+        self._sessions[(record.tenant, record.id)] = SessionRecord.from_dict(record.to_dict())
+
+    async def session_get(self, tenant: str, session_id: str) -> SessionRecord | None:
+        found = self._sessions.get((tenant, session_id))
+        return SessionRecord.from_dict(found.to_dict()) if found is not None else None
+
+    async def session_list(self, tenant: str | None = None) -> list[SessionRecord]:
+        picked = [r for (t, _), r in self._sessions.items() if tenant is None or t == tenant]
+        return [SessionRecord.from_dict(r.to_dict()) for r in sorted(picked, key=lambda r: r.created_at)]
+
+    async def session_delete(self, tenant: str, session_id: str) -> None:
+        self._sessions.pop((tenant, session_id), None)
 
     async def ping(self) -> None:
         return None

@@ -38,7 +38,17 @@ from redis.backoff import ExponentialBackoff
 
 from claudepool.errors import BudgetExhausted, ConfigError, StoreError
 from claudepool.store import keys
-from claudepool.store.base import USAGE_FIELDS, BudgetState, Usage, UsageRecord, UsageTotals, Window, day_key, month_key
+from claudepool.store.base import (
+    USAGE_FIELDS,
+    BudgetState,
+    SessionRecord,
+    Usage,
+    UsageRecord,
+    UsageTotals,
+    Window,
+    day_key,
+    month_key,
+)
 
 # Ledger reads for ``since`` start this far before it in stream-id time (Redis's clock at settle),
 # because ``at`` is the daemon's clock: a record may carry an ``at`` slightly after its settle time.
@@ -196,6 +206,31 @@ class RedisStore:
         # Across tenants, oldest by the record's time; ties keep the order they were settled in.
         merged.sort(key=lambda item: (item[0], item[1]))
         return [record for _, _, record in merged[:limit]]
+
+    async def session_put(self, record: SessionRecord) -> None:
+        async with self._errors("session_put"), self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.sessions(self._prefix, record.tenant), record.id, orjson.dumps(record.to_dict()))
+            pipe.sadd(keys.tenants(self._prefix), record.tenant)
+            await pipe.execute()
+
+    async def session_get(self, tenant: str, session_id: str) -> SessionRecord | None:
+        async with self._errors("session_get"):
+            raw = await self._redis.hget(keys.sessions(self._prefix, tenant), session_id)
+        return SessionRecord.from_dict(orjson.loads(raw)) if raw else None
+
+    async def session_list(self, tenant: str | None = None) -> list[SessionRecord]:
+        async with self._errors("session_list"):
+            names = [tenant] if tenant is not None else sorted(
+                _text(m) for m in await self._redis.smembers(keys.tenants(self._prefix)))
+            records: list[SessionRecord] = []
+            for name in names:
+                for raw in (await self._redis.hgetall(keys.sessions(self._prefix, name))).values():
+                    records.append(SessionRecord.from_dict(orjson.loads(raw)))
+        return sorted(records, key=lambda r: r.created_at)
+
+    async def session_delete(self, tenant: str, session_id: str) -> None:
+        async with self._errors("session_delete"):
+            await self._redis.hdel(keys.sessions(self._prefix, tenant), session_id)
 
     async def ping(self) -> None:
         async with self._errors("ping"):

@@ -49,6 +49,7 @@ class RequestContext:
     reservation_id: str | None
     session: str | None = None
     results: int = 0
+    finished: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,17 @@ class Meter:
 
     def on_lease_done(self, lease: Lease) -> None:
         ctx: RequestContext | None = lease.context
-        if ctx is None or ctx.results:
+        if ctx is not None:
+            self.finish(ctx, turn_started=lease.turns_started > 0)
+
+    def finish(self, ctx: RequestContext, *, turn_started: bool) -> None:
+        """No further result can come for this request: settle what is still open, once."""
+        if ctx.finished:
             return
-        if lease.turns_started:
+        ctx.finished = True
+        if ctx.results:
+            return
+        if turn_started:
             # The turn ran but its worker died or was killed before a result: whatever it cost
             # upstream, the CLI reported nothing. Record the turn so the ledger shows it.
             self._submit(UsageRecord(record_id=f"{ctx.request_id}:0", request_id=ctx.request_id,

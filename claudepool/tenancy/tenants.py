@@ -39,6 +39,9 @@ class Tenant:
     tokens_per_minute: int = 0
     daily_budget_usd: float = 0.0
     monthly_budget_usd: float = 0.0
+    max_session_turns: int | None = None
+    max_session_age_s: float | None = None
+    max_session_context_tokens: int | None = None
 
     @property
     def has_budget(self) -> bool:
@@ -62,7 +65,9 @@ class TenantRegistry:
             (Tenant(name, key_digest(t.key.get_secret_value()), t.profile, t.allowed_profiles(), weight=t.weight,
                     max_concurrency=t.max_concurrency, max_queued=t.max_queued, max_queue_wait_s=t.max_queue_wait_s,
                     requests_per_minute=t.requests_per_minute, tokens_per_minute=t.tokens_per_minute,
-                    daily_budget_usd=t.daily_budget_usd, monthly_budget_usd=t.monthly_budget_usd)
+                    daily_budget_usd=t.daily_budget_usd, monthly_budget_usd=t.monthly_budget_usd,
+                    max_session_turns=t.max_session_turns, max_session_age_s=t.max_session_age_s,
+                    max_session_context_tokens=t.max_session_context_tokens)
              for name, t in settings.tenants.items()),
             key_digest(admin) if admin else "",
         )

@@ -54,6 +54,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any, NoReturn
 
 DIRECTIVE = re.compile(r"\[\[(\w+)(?::([^\]]*))?\]\]")
@@ -99,6 +100,28 @@ class FakeClaude:
         self.wakeup = asyncio.Event()
         self.eof = False
         self.initialized = False
+        # Like the real CLI: transcripts under $HOME/.claude/projects/<cwd slug>/<session>.jsonl
+        # unless --no-session-persistence; --resume <id> continues one.
+        self.persist = "--no-session-persistence" not in argv
+        if "--resume" in argv:
+            self.session_id = argv[argv.index("--resume") + 1]
+            path = self.transcript()
+            if not path.exists():
+                die(f"No conversation found with session ID: {self.session_id}")
+            self.history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def transcript(self) -> Path:
+        slug = re.sub(r"[^a-zA-Z0-9]", "-", os.getcwd())
+        return Path(os.environ["HOME"]) / ".claude" / "projects" / slug / f"{self.session_id}.jsonl"
+
+    def remember(self, role: str, text: str) -> None:
+        entry = {"role": role, "text": text}
+        self.history.append(entry)
+        if self.persist:
+            path = self.transcript()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
 
     # -- input ---------------------------------------------------------------------------------
 
@@ -202,7 +225,7 @@ class FakeClaude:
         self.init_event()
         emit({"type": "system", "subtype": "status", "status": "requesting", "session_id": self.session_id})
         plan = {m.group(1): m.group(2) or "" for m in DIRECTIVE.finditer(prompt)}
-        self.history.append({"role": "user", "text": prompt})
+        self.remember("user", prompt)
         if "api_error" in plan:
             status = int(plan["api_error"] or 529)
             self.result(f"API Error: {status} injected by the fake", is_error=True, subtype="success",
@@ -246,7 +269,7 @@ class FakeClaude:
             "usage": {"input_tokens": in_tokens, "output_tokens": out_tokens,
                       "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}},
             "parent_tool_use_id": None, "session_id": self.session_id})
-        self.history.append({"role": "assistant", "text": answer})
+        self.remember("assistant", answer)
         self.result(answer, is_error=False, subtype="success", terminal_reason="completed",
                     api_error_status=None, usage=(in_tokens, out_tokens))
 

@@ -1,0 +1,1 @@
+"""Conversations that continue across requests: affinity, parking, resume, limits, retention."""

@@ -1,0 +1,407 @@
+"""Conversations: sessions with worker affinity, parking, resume, limits and retention.
+
+A session belongs to one tenant and one profile. While it is *active* it holds one worker of the
+profile's session-capable pool (workers that keep transcripts; stateless workers never do), so a
+follow-up turn goes straight to the warm process that already holds its context: no reset, no
+queue, a warm prompt cache. One turn at a time: a second concurrent turn on the same session waits
+behind the first (within its own deadline).
+
+After every turn the CLI's transcript is checkpointed to ``<sessions dir>/<tenant>/<session>.jsonl``.
+When the worker is needed elsewhere (the session sat idle for ``park_idle_s``, or other sessions wait
+for a worker: least recently used first) the session is *parked*: its worker gives up the transcript
+and is reset for others. The next turn *resumes* it on any free worker of the pool, started with
+``--resume`` from the checkpoint, with its full history. A daemon restart, or another daemon sharing
+the store and the sessions directory, resumes it the same way.
+
+Limits (turns, age, context tokens; per tenant, else per profile, else ``[sessions]``) close a
+session with ``session_limit_reached``, or roll it over into a fresh session whose id the answer
+carries. Idle sessions expire after ``ttl_s``. Transcripts of closed sessions are deleted after
+``retention_s``; the directory is bounded by ``max_disk_bytes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from claudepool.config import SessionSettings, Settings
+from claudepool.errors import (
+    ClaudepoolError,
+    Forbidden,
+    NotFound,
+    SessionClosed,
+    SessionElsewhere,
+    SessionLimitReached,
+    SessionUnavailable,
+)
+from claudepool.pool.pool import Lease, Pool
+from claudepool.pool.worker import TurnResult, Worker
+from claudepool.store.base import SessionRecord, Store
+from claudepool.tenancy.scheduler import Priority, TenantShare
+from claudepool.tenancy.tenants import Tenant
+
+log = logging.getLogger(__name__)
+
+_SESSION_ID = re.compile(r"^s_[A-Za-z0-9_-]{8,64}$")
+# How long past its last turn an active session still belongs to the daemon holding it. After that
+# (a crashed daemon), another daemon may resume it from its checkpoint.
+_OWNERSHIP_GRACE_S = 30.0
+
+Drive = Callable[[Lease], Awaitable[TurnResult]]
+
+
+@dataclass
+class _Binding:
+    """An active session on this daemon: its worker, and the session's lock (one turn at a time)."""
+
+    record: SessionRecord
+    lease: Lease
+    lock: asyncio.Lock
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    max_turns: int
+    max_age_s: float
+    max_context_tokens: int
+
+
+def new_session_id() -> str:
+    return "s_" + secrets.token_urlsafe(18)
+
+
+class SessionManager:
+    def __init__(self, store: Store, pools: dict[str, Pool], settings: Settings, *,
+                 daemon_id: str | None = None) -> None:
+        self.store = store
+        self.pools = pools  # profile name -> its session-capable pool
+        self.settings = settings
+        self.config: SessionSettings = settings.sessions
+        self.daemon_id = daemon_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.dir = Path(self.config.dir) if self.config.dir else (
+            (settings.pool.workdir or Path(os.environ.get("TMPDIR", "/tmp"))) / "claudepool-sessions")
+        self._bindings: dict[str, _Binding] = {}
+        self._locks: dict[str, asyncio.Lock] = {}  # per session, also while it has no worker
+        self.events: Counter[str] = Counter()
+        self.transcript_bytes = 0
+
+    # -- records ---------------------------------------------------------------------------------
+
+    async def create(self, tenant: Tenant, profile: str | None = None) -> SessionRecord:
+        name = profile or tenant.profile
+        if name not in self.pools:
+            raise NotFound(f"unknown profile {name!r}")
+        if name not in tenant.profiles:
+            raise Forbidden(f"profile {name!r} is not allowed for this tenant")
+        now = time.time()
+        record = SessionRecord(id=new_session_id(), tenant=tenant.name, profile=name, created_at=now,
+                               last_used_at=now, state="new")
+        await self.store.session_put(record)
+        self.events["created"] += 1
+        return record
+
+    async def get(self, tenant: str, session_id: str) -> SessionRecord:
+        """The tenant's session. Anything else (another tenant's id, a malformed id) is 404."""
+        if not _SESSION_ID.match(session_id):
+            raise NotFound("unknown session")
+        record = await self.store.session_get(tenant, session_id)
+        if record is None:
+            raise NotFound("unknown session")
+        return record
+
+    async def list(self, tenant: str | None) -> list[SessionRecord]:
+        return await self.store.session_list(tenant)
+
+    async def delete(self, tenant: str, session_id: str) -> None:
+        """Close now and delete the transcript now (an explicit delete does not wait for retention)."""
+        record = await self.get(tenant, session_id)
+        async with self._lock(session_id):
+            self._unbind(session_id)
+            self._transcript(record).unlink(missing_ok=True)
+            await self.store.session_delete(tenant, session_id)
+        self._locks.pop(session_id, None)
+        self.events["deleted"] += 1
+
+    def view(self, record: SessionRecord) -> dict[str, Any]:
+        """What the API shows of a session: counters, age, and where it lives."""
+        binding = self._bindings.get(record.id)
+        where: dict[str, Any] = {"state": record.state}
+        if record.state == "active":
+            where["daemon"] = record.owner
+            if binding is not None:
+                where["worker_slot"] = binding.lease.worker.slot
+        body = record.to_dict()
+        for private in ("cli_session_id", "transcript", "owner", "state"):
+            body.pop(private)
+        return {**body, "age_s": round(time.time() - record.created_at, 3), "where": where}
+
+    # -- turns -----------------------------------------------------------------------------------
+
+    async def run_turn(self, tenant: Tenant, session_id: str, *, share: TenantShare, priority: Priority,
+                       wait_s: float, drive: Callable[[Lease, SessionRecord], Awaitable[TurnResult | None]],
+                       ) -> tuple[SessionRecord, TurnResult | None]:
+        """Run one turn of the session (``drive`` runs it on the lease); returns the session the turn
+        ran in (a fresh one after a rollover) and its result."""
+        record = await self.get(tenant.name, session_id)
+        async with self._lock(record.id):
+            record = await self.get(tenant.name, session_id)  # it may have changed while we waited
+            record = await self._check_limits(tenant, record)
+            binding = await self._bind(record, tenant, share=share, priority=priority, wait_s=wait_s)
+            lease = binding.lease
+            if lease.worker.in_turn():
+                # The previous turn's client went away mid-answer: finish it before writing again.
+                await lease.worker.finish_abandoned_turn()
+            result = await drive(lease, binding.record)
+            await self._after_turn(binding, result)
+            return binding.record, result
+
+    async def _bind(self, record: SessionRecord, tenant: Tenant, *, share: TenantShare, priority: Priority,
+                    wait_s: float) -> _Binding:
+        binding = self._bindings.get(record.id)
+        if binding is not None and binding.lease.worker.is_alive():
+            return binding
+        if binding is not None:
+            self._unbind(record.id)  # its worker died: resume from the checkpoint
+        now = time.time()
+        if (record.state == "active" and record.owner and record.owner != self.daemon_id
+                and now < record.last_used_at + self.config.park_idle_s + _OWNERSHIP_GRACE_S):
+            raise SessionElsewhere(f"session {record.id} is active on daemon {record.owner}")
+        pool = self.pools[record.profile]
+        resume = bool(record.cli_session_id)
+        checkpoint = self._transcript(record)
+        if resume and not checkpoint.exists():
+            raise SessionUnavailable(f"session {record.id}'s transcript is not in this daemon's sessions directory "
+                                     f"({self.dir}); share that directory between daemons to resume it here")
+        lease = await pool.acquire(tenant.name, timeout_s=wait_s, share=share, priority=priority)
+        try:
+            if resume:
+                cli_id = record.cli_session_id
+
+                def put_transcript(worker: Worker) -> None:
+                    target = worker.transcript_path(cli_id)
+                    assert target is not None
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(checkpoint, target)
+
+                await pool.respawn_leased(lease, extra_args=("--resume", cli_id), prepare=put_transcript)
+                self.events["resumed"] += 1
+        except BaseException:
+            lease.release()
+            raise
+        record.state, record.owner = "active", self.daemon_id
+        binding = _Binding(record, lease, self._lock(record.id))
+        self._bindings[record.id] = binding
+        await self.store.session_put(record)
+        return binding
+
+    async def _after_turn(self, binding: _Binding, result: TurnResult | None) -> None:
+        record = binding.record
+        record.last_used_at = time.time()
+        if result is not None:
+            record.turns += 1
+            record.cli_session_id = result.session_id or record.cli_session_id
+            record.input_tokens += result.usage.input_tokens
+            record.output_tokens += result.usage.output_tokens
+            record.cache_read_input_tokens += result.usage.cache_read_input_tokens
+            record.cache_creation_input_tokens += result.usage.cache_creation_input_tokens
+            record.cost_usd += result.cost_usd
+            record.context_tokens = result.context_tokens
+            self._checkpoint(binding)
+        await self.store.session_put(record)
+        if not binding.lease.worker.is_alive():
+            self._unbind(record.id)
+
+    def _checkpoint(self, binding: _Binding) -> None:
+        """Copy the CLI's transcript to the session's file at rest (atomically: write, then rename)."""
+        record = binding.record
+        source = binding.lease.worker.transcript_path(record.cli_session_id)
+        if source is None or not source.exists():
+            log.warning("session %s: no transcript to checkpoint", record.id)
+            return
+        target = self._transcript(record)
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        partial = target.with_suffix(".partial")
+        shutil.copyfile(source, partial)
+        os.replace(partial, target)
+        record.transcript = str(target.relative_to(self.dir))
+
+    async def _check_limits(self, tenant: Tenant, record: SessionRecord) -> SessionRecord:
+        if record.state == "closed":
+            raise SessionClosed(f"session {record.id} is closed ({record.close_reason})")
+        limits = self.limits(tenant, record.profile)
+        reached = None
+        if limits.max_turns and record.turns >= limits.max_turns:
+            reached = f"max_turns ({limits.max_turns})"
+        elif limits.max_age_s and time.time() - record.created_at >= limits.max_age_s:
+            reached = f"max_age_s ({limits.max_age_s:g})"
+        elif limits.max_context_tokens and record.context_tokens >= limits.max_context_tokens:
+            reached = f"max_context_tokens ({limits.max_context_tokens})"
+        if reached is None:
+            return record
+        await self._close(record, f"limit: {reached}")
+        if not self.config.rollover:
+            raise SessionLimitReached(f"session {record.id} reached {reached} and is closed")
+        fresh = await self.create(tenant, record.profile)
+        self.events["rolled_over"] += 1
+        return fresh
+
+    def limits(self, tenant: Tenant, profile: str) -> SessionLimits:
+        p = self.settings.profiles[profile]
+        c = self.config
+
+        def pick(t: Any, pr: Any, default: Any) -> Any:
+            return t if t is not None else pr if pr is not None else default
+
+        return SessionLimits(
+            max_turns=pick(tenant.max_session_turns, p.max_session_turns, c.max_turns),
+            max_age_s=pick(tenant.max_session_age_s, p.max_session_age_s, c.max_age_s),
+            max_context_tokens=pick(tenant.max_session_context_tokens, p.max_session_context_tokens,
+                                    c.max_context_tokens),
+        )
+
+    # -- parking, expiry, retention ----------------------------------------------------------------
+
+    async def park(self, session_id: str) -> bool:
+        """Give the session's worker back (its checkpoint stays). False if it is mid-turn."""
+        binding = self._bindings.get(session_id)
+        if binding is None or binding.lock.locked():
+            return False
+        async with binding.lock:
+            await self._park(binding)
+        return True
+
+    async def _park(self, binding: _Binding) -> None:
+        record = binding.record
+        worker = binding.lease.worker
+        if worker.in_turn():
+            with contextlib.suppress(ClaudepoolError):
+                await worker.finish_abandoned_turn()
+                self._checkpoint(binding)
+        self._unbind(record.id)
+        if record.state == "active":
+            record.state, record.owner = "parked", ""
+            await self.store.session_put(record)
+        self.events["parked"] += 1
+
+    async def park_all(self) -> None:
+        """At shutdown: every session keeps its checkpoint and can resume after a restart."""
+        for session_id in list(self._bindings):
+            with contextlib.suppress(ClaudepoolError):
+                binding = self._bindings.get(session_id)
+                if binding is not None:
+                    async with asyncio.timeout(10):
+                        async with binding.lock:
+                            await self._park(binding)
+
+    async def maintain(self) -> None:
+        """Park idle sessions and sessions others wait for (every ``maintenance_interval_s``); expire,
+        delete and bound the disk (every ``sweep_interval_s``). Forever."""
+        last_sweep = 0.0
+        while True:
+            await asyncio.sleep(self.config.maintenance_interval_s)
+            try:
+                await self.park_some()
+                if time.monotonic() - last_sweep >= self.config.sweep_interval_s:
+                    last_sweep = time.monotonic()
+                    await self.sweep()
+            except ClaudepoolError as exc:
+                log.warning("session maintenance failed: %s", exc)
+
+    async def park_some(self) -> None:
+        now = time.time()
+        for binding in list(self._bindings.values()):
+            if now - binding.record.last_used_at >= self.config.park_idle_s:
+                await self.park(binding.record.id)
+        for profile, pool in self.pools.items():
+            needed = pool.waiting - pool.idle_count
+            idle_bound = sorted((b for b in self._bindings.values()
+                                 if b.record.profile == profile and not b.lock.locked()),
+                                key=lambda b: b.record.last_used_at)
+            for binding in idle_bound[:max(0, needed)]:
+                await self.park(binding.record.id)
+
+    async def sweep(self) -> None:
+        now = time.time()
+        for record in await self.store.session_list(None):
+            if record.state != "closed" and now - record.last_used_at >= self.config.ttl_s:
+                lock = self._lock(record.id)
+                if lock.locked():
+                    continue  # a turn is running right now: not idle after all
+                async with lock:
+                    self._unbind(record.id)
+                    await self._close(record, "expired")
+                self.events["expired"] += 1
+            elif record.state == "closed" and record.closed_at is not None and (
+                    now - record.closed_at >= self.config.retention_s):
+                self._transcript(record).unlink(missing_ok=True)
+                await self.store.session_delete(record.tenant, record.id)
+                self._locks.pop(record.id, None)
+                self.events["deleted"] += 1
+        self.transcript_bytes = await asyncio.to_thread(self._disk_usage)
+        if self.config.max_disk_bytes and self.transcript_bytes > self.config.max_disk_bytes:
+            await self._shrink(self.transcript_bytes - self.config.max_disk_bytes)
+
+    async def _shrink(self, excess: int) -> None:
+        records = await self.store.session_list(None)
+        closed = sorted((r for r in records if r.state == "closed"), key=lambda r: r.closed_at or 0)
+        parked = sorted((r for r in records if r.state == "parked"), key=lambda r: r.last_used_at)
+        for record in [*closed, *parked]:
+            if excess <= 0:
+                break
+            path = self._transcript(record)
+            size = path.stat().st_size if path.exists() else 0
+            if record.state == "parked":
+                await self._close(record, "disk")
+            path.unlink(missing_ok=True)
+            excess -= size
+
+    async def _close(self, record: SessionRecord, reason: str) -> None:
+        record.state, record.owner = "closed", ""
+        record.closed_at, record.close_reason = time.time(), reason
+        await self.store.session_put(record)
+        if self.config.retention_s == 0:
+            self._transcript(record).unlink(missing_ok=True)
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        return {"active_here": len(self._bindings)}
+
+    def _lock(self, session_id: str) -> asyncio.Lock:
+        """The session's one lock, whether or not it holds a worker right now."""
+        return self._locks.setdefault(session_id, asyncio.Lock())
+
+    def _unbind(self, session_id: str) -> None:
+        """Give the worker back. Its copy of the transcript goes first: the worker is reset and lent
+        to other tenants next, and only the checkpoint at rest may keep this conversation."""
+        binding = self._bindings.pop(session_id, None)
+        if binding is None:
+            return
+        cli_id = binding.record.cli_session_id
+        copy = binding.lease.worker.transcript_path(cli_id) if cli_id else None
+        if copy is not None:
+            copy.unlink(missing_ok=True)
+        binding.lease.release()
+
+    def _transcript(self, record: SessionRecord) -> Path:
+        return self.dir / record.tenant / f"{record.id}.jsonl"
+
+    def _disk_usage(self) -> int:
+        total = 0
+        for root, _, files in os.walk(self.dir):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    total += os.stat(os.path.join(root, name)).st_size
+        return total

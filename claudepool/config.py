@@ -291,8 +291,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         for name in [*self.profiles, *self.tenants]:
-            if not re.match(_NAME, name):
-                raise ValueError(f"name {name!r} must match {_NAME}")
+            if not re.match(_NAME, name) or name in (".", ".."):
+                raise ValueError(f"name {name!r} must match {_NAME} (and not be . or ..: it names directories)")
         if not self.profiles:
             raise ValueError("at least one profile must be defined")
         # Models without their own entry are priced by pricing.default, which always exists.

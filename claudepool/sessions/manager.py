@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from claudepool.config import SessionSettings, Settings
 from claudepool.errors import (
     ClaudepoolError,
@@ -89,7 +91,7 @@ class SessionManager:
         self.pools = pools  # profile name -> its session-capable pool
         self.settings = settings
         self.config: SessionSettings = settings.sessions
-        self.daemon_id = daemon_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.daemon_id = daemon_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.dir = Path(self.config.dir) if self.config.dir else (
             (settings.pool.workdir or Path(os.environ.get("TMPDIR", "/tmp"))) / "claudepool-sessions")
         self._bindings: dict[str, _Binding] = {}
@@ -118,7 +120,11 @@ class SessionManager:
             raise NotFound("unknown session")
         record = await self.store.session_get(tenant, session_id)
         if record is None:
-            raise NotFound("unknown session")
+            record = self._from_disk(tenant, session_id)
+            if record is None:
+                raise NotFound("unknown session")
+            # A restart with the in-memory store forgot it; its checkpoint remembers.
+            await self.store.session_put(record)
         return record
 
     async def list(self, tenant: str | None) -> list[SessionRecord]:
@@ -129,7 +135,7 @@ class SessionManager:
         record = await self.get(tenant, session_id)
         async with self._lock(session_id):
             self._unbind(session_id)
-            self._transcript(record).unlink(missing_ok=True)
+            self._remove_files(record)
             await self.store.session_delete(tenant, session_id)
         self._locks.pop(session_id, None)
         self.events["deleted"] += 1
@@ -236,6 +242,19 @@ class SessionManager:
         shutil.copyfile(source, partial)
         os.replace(partial, target)
         record.transcript = str(target.relative_to(self.dir))
+        meta = self._meta(record)
+        meta.write_bytes(orjson.dumps({**record.to_dict(), "state": "parked", "owner": ""}))
+
+    def _from_disk(self, tenant: str, session_id: str) -> SessionRecord | None:
+        meta = self.dir / tenant / f"{session_id}.meta.json"
+        try:
+            record = SessionRecord.from_dict(orjson.loads(meta.read_bytes()))
+        except (OSError, orjson.JSONDecodeError):
+            return None
+        return record if record.tenant == tenant and record.id == session_id else None
+
+    def _meta(self, record: SessionRecord) -> Path:
+        return self.dir / record.tenant / f"{record.id}.meta.json"
 
     async def _check_limits(self, tenant: Tenant, record: SessionRecord) -> SessionRecord:
         if record.state == "closed":
@@ -345,7 +364,7 @@ class SessionManager:
                 self.events["expired"] += 1
             elif record.state == "closed" and record.closed_at is not None and (
                     now - record.closed_at >= self.config.retention_s):
-                self._transcript(record).unlink(missing_ok=True)
+                self._remove_files(record)
                 await self.store.session_delete(record.tenant, record.id)
                 self._locks.pop(record.id, None)
                 self.events["deleted"] += 1
@@ -372,7 +391,12 @@ class SessionManager:
         record.closed_at, record.close_reason = time.time(), reason
         await self.store.session_put(record)
         if self.config.retention_s == 0:
-            self._transcript(record).unlink(missing_ok=True)
+            self._remove_files(record)
+        else:
+            with contextlib.suppress(OSError):  # a restart must not revive it
+                meta = self._meta(record)
+                if meta.exists():
+                    meta.write_bytes(orjson.dumps(record.to_dict()))
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -394,6 +418,10 @@ class SessionManager:
         if copy is not None:
             copy.unlink(missing_ok=True)
         binding.lease.release()
+
+    def _remove_files(self, record: SessionRecord) -> None:
+        self._transcript(record).unlink(missing_ok=True)
+        self._meta(record).unlink(missing_ok=True)
 
     def _transcript(self, record: SessionRecord) -> Path:
         return self.dir / record.tenant / f"{record.id}.jsonl"

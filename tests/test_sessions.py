@@ -1,0 +1,257 @@
+"""Conversations on the fake CLI: affinity, isolation, parking and resume, limits, expiry, retention."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import psutil
+import pytest
+
+from tests.daemon_fixtures import ADMIN_KEY, KEYS, RunningDaemon, make_daemon
+from tests.helpers import until
+
+__all__ = ["make_daemon"]
+
+MakeDaemon = Callable[..., Awaitable[RunningDaemon]]
+
+
+async def call(d: RunningDaemon, method: str, path: str, body: Any = None, tenant: str = "acme",
+               key: str | None = None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {key or KEYS[tenant]}"}
+    async with aiohttp.ClientSession() as session, session.request(
+        method, f"{d.url}{path}", data=orjson.dumps(body) if body is not None else None, headers=headers
+    ) as resp:
+        raw = await resp.read()
+        return resp.status, orjson.loads(raw) if raw else None
+
+
+async def new_session(d: RunningDaemon, tenant: str = "acme") -> str:
+    status, body = await call(d, "POST", "/v1/sessions", {}, tenant)
+    assert status == 201, body
+    return str(body["id"])
+
+
+async def say(d: RunningDaemon, session: str | None, prompt: str, tenant: str = "acme",
+              **extra: Any) -> tuple[int, Any]:
+    return await call(d, "POST", "/v1/prompt", {"prompt": prompt, "session": session, **extra}, tenant)
+
+
+def sessions_config(**kw: Any) -> dict[str, Any]:
+    return {"sessions": {"min_idle": 0, "max_workers": 2, "maintenance_interval_s": 0.05, "sweep_interval_s": 0.05,
+                         **kw}}
+
+
+async def test_a_session_continues_on_the_same_warm_worker(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(**sessions_config())
+    sid = await new_session(d)
+    assert sid.startswith("s_")
+    status, first = await say(d, sid, "remember PELICAN-42 [[reply:noted]]")
+    assert (status, first["session"], first["text"]) == (200, sid, "noted")
+    pool = d.daemon.session_pools["default"]
+    pid = pool.workers()[0].pid
+    status, second = await say(d, sid, "[[echo]]")
+    assert status == 200
+    assert "remember PELICAN-42" in second["text"]  # the conversation continued
+    assert [w.pid for w in pool.workers()] == [pid]  # on the same process
+    assert pool.stats.resets == 0  # with no reset between turns
+    status, view = await call(d, "GET", f"/v1/sessions/{sid}")
+    assert status == 200
+    assert view["turns"] == 2
+    assert view["where"]["state"] == "active"
+    assert view["where"]["worker_slot"] == pool.workers()[0].slot
+    assert view["cost_usd"] == pytest.approx(first["cost_usd"] + second["cost_usd"])
+    assert view["output_tokens"] == first["usage"]["output_tokens"] + second["usage"]["output_tokens"]
+    assert "cli_session_id" not in view
+
+
+async def test_sessions_and_stateless_requests_never_mix(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(**sessions_config())
+    sid = await new_session(d)
+    await say(d, sid, "the vault code is OSPREY-17")
+    for tenant in ("acme", "beta"):
+        status, stateless = await say(d, None, "[[echo]]", tenant)
+        assert status == 200
+        assert "OSPREY-17" not in stateless["text"]
+    # Stateless workers keep no transcripts; the session pool's worker does.
+    for worker in d.pool().workers():
+        assert worker.home is not None
+        assert not list(worker.home.rglob("*.jsonl"))
+
+
+async def test_another_tenant_gets_404_never_the_conversation(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(**sessions_config())
+    sid = await new_session(d)
+    await say(d, sid, "acme's secret is HERON-99")
+    assert await say(d, sid, "[[echo]]", "beta") == (404, {"error": {"code": "not_found",
+                                                                       "message": "unknown session"}})
+    assert (await call(d, "GET", f"/v1/sessions/{sid}", tenant="beta"))[0] == 404
+    assert (await call(d, "DELETE", f"/v1/sessions/{sid}", tenant="beta"))[0] == 404
+    status, listed = await call(d, "GET", "/v1/sessions", tenant="beta")
+    assert (status, listed) == (200, {"sessions": []})
+    status, own = await say(d, sid, "[[echo]]")
+    assert status == 200  # beta's attempts changed nothing
+    assert "HERON-99" in own["text"]
+    status, everyone = await call(d, "GET", "/v1/sessions", key=ADMIN_KEY)
+    assert [s["id"] for s in everyone["sessions"]] == [sid]
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "s_", "s_../../x", "S_AAAAAAAAAA", "s_" + "A" * 100])
+async def test_malformed_session_ids_are_unknown(make_daemon: MakeDaemon, bad: str) -> None:
+    d = await make_daemon(**sessions_config())
+    status, body = await say(d, bad, "hi")
+    assert (status, body["error"]["code"]) == (404, "not_found")
+
+
+async def test_idle_session_is_parked_and_resumed_with_its_history(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(**sessions_config(park_idle_s=0.3))
+    sid = await new_session(d)
+    await say(d, sid, "first: KESTREL-5")
+    await say(d, sid, "second: PLOVER-8")
+    pool = d.daemon.session_pools["default"]
+    first_pid = pool.workers()[0].pid
+
+    async def state() -> str:
+        return str((await call(d, "GET", f"/v1/sessions/{sid}"))[1]["where"]["state"])
+
+    async with asyncio.timeout(5):
+        while await state() != "parked":
+            await asyncio.sleep(0.05)
+    await until(lambda: pool.stats.resets == 1, 5)  # its worker was reset for others
+    for worker in pool.workers():  # and kept no copy of the conversation
+        assert worker.home is not None
+        assert not [p for p in worker.home.rglob("*.jsonl") if "KESTREL" in p.read_text()]
+    status, resumed = await say(d, sid, "[[echo]]")
+    assert status == 200
+    assert "first: KESTREL-5" in resumed["text"]
+    assert "second: PLOVER-8" in resumed["text"]
+    worker = next(w for w in pool.workers() if w.in_turn() or w.pid != first_pid)
+    assert worker.pid is not None
+    assert "--resume" in psutil.Process(worker.pid).cmdline()
+    assert d.daemon.sessions.events["resumed"] == 1
+    assert (await call(d, "GET", f"/v1/sessions/{sid}"))[1]["turns"] == 3
+
+
+async def test_a_waiting_session_parks_the_least_recently_used(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(**sessions_config(max_workers=1, park_idle_s=600))
+    a, b = await new_session(d), await new_session(d, "beta")
+    await say(d, a, "a says ALBATROSS")
+    status, _answer = await say(d, b, "b says BITTERN", "beta", timeout_s=10)
+    assert status == 200  # a gave its only worker to b
+    status, a_again = await say(d, a, "[[echo]]", timeout_s=10)
+    assert status == 200  # and a resumed, taking it back from b
+    assert "ALBATROSS" in a_again["text"]
+    assert "BITTERN" not in a_again["text"]
+    status, b_again = await say(d, b, "[[echo]]", "beta", timeout_s=10)
+    assert "BITTERN" in b_again["text"]
+    assert "ALBATROSS" not in b_again["text"]
+    assert d.daemon.sessions.events["parked"] >= 2
+
+
+async def test_concurrent_turns_on_one_session_run_one_after_the_other(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(**sessions_config())
+    sid = await new_session(d)
+    first, second = await asyncio.gather(say(d, sid, "one [[sleep:0.5]] [[reply:ONE]]"),
+                                         say(d, sid, "two [[reply:TWO]]"))
+    assert (first[0], second[0]) == (200, 200)
+    waits = sorted([first[1]["queue_ms"], second[1]["queue_ms"]])
+    assert waits[1] >= 400  # the later one waited for the earlier turn to end
+    _status, history = await say(d, sid, "[[echo]]")
+    assert history["text"].count("[[reply:") == 2  # both turns are in the conversation, once each
+
+
+async def test_limits_close_a_session(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(**sessions_config(max_turns=2))
+    sid = await new_session(d)
+    assert (await say(d, sid, "one"))[0] == 200
+    assert (await say(d, sid, "two"))[0] == 200
+    status, body = await say(d, sid, "three")
+    assert (status, body["error"]["code"]) == (409, "session_limit_reached")
+    assert "max_turns (2)" in body["error"]["message"]
+    status, body = await say(d, sid, "four")
+    assert (status, body["error"]["code"]) == (410, "session_closed")
+    status, view = await call(d, "GET", f"/v1/sessions/{sid}")
+    assert view["where"]["state"] == "closed"
+    assert view["close_reason"] == "limit: max_turns (2)"
+
+
+async def test_tenant_limits_override_and_rollover_starts_fresh(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(**sessions_config(max_turns=100, rollover=True),
+                          tenants={"acme": {"max_session_turns": 1}})
+    sid = await new_session(d)
+    await say(d, sid, "old: GREBE-3")
+    status, body = await say(d, sid, "[[echo]] after the limit")
+    assert status == 200
+    assert body["session"] != sid  # rolled over into a fresh session, whose id comes back
+    assert "GREBE-3" not in body["text"]
+    assert d.daemon.sessions.events["rolled_over"] == 1
+
+
+async def test_idle_sessions_expire_and_their_transcripts_go_after_retention(make_daemon: MakeDaemon,
+                                                                             tmp_path: Path) -> None:
+    d = await make_daemon(**sessions_config(ttl_s=0.4, retention_s=0.6, park_idle_s=0.2))
+    sid = await new_session(d)
+    await say(d, sid, "short-lived")
+    transcript = tmp_path / "sessions" / "acme" / f"{sid}.jsonl"
+    assert transcript.exists()
+    async with asyncio.timeout(5):
+        while (await call(d, "GET", f"/v1/sessions/{sid}"))[1]["where"]["state"] != "closed":
+            await asyncio.sleep(0.05)
+    status, body = await say(d, sid, "too late")
+    assert (status, body["error"]["code"]) == (410, "session_closed")
+    await until(lambda: not transcript.exists(), 5)
+    assert (await call(d, "GET", f"/v1/sessions/{sid}"))[0] == 404
+    assert d.daemon.sessions.events["expired"] == 1
+
+
+async def test_delete_removes_the_transcript_at_once(make_daemon: MakeDaemon, tmp_path: Path) -> None:
+    d = await make_daemon(**sessions_config(retention_s=3600))
+    sid = await new_session(d)
+    await say(d, sid, "delete me")
+    transcript = tmp_path / "sessions" / "acme" / f"{sid}.jsonl"
+    assert transcript.exists()
+    assert (await call(d, "DELETE", f"/v1/sessions/{sid}"))[0] == 204
+    assert not transcript.exists()
+    assert (await say(d, sid, "again"))[0] == 404
+    assert d.daemon.session_pools["default"].counts()["leased"] == 0
+
+
+async def test_transcript_disk_use_is_measured_and_bounded(make_daemon: MakeDaemon, tmp_path: Path) -> None:
+    d = await make_daemon(**sessions_config(max_disk_bytes=2000, park_idle_s=0.1))
+    old, new = await new_session(d), await new_session(d)
+    await say(d, old, "x" * 1500)
+    await until(lambda: d.daemon.sessions.transcript_bytes > 1500, 5)
+    await say(d, new, "y" * 1500)
+    # Over the bound: the least recently used parked session is expired and its transcript removed.
+    await until(lambda: not (tmp_path / "sessions" / "acme" / f"{old}.jsonl").exists(), 5)
+    assert (await call(d, "GET", f"/v1/sessions/{old}"))[1]["close_reason"] == "disk"
+    assert (tmp_path / "sessions" / "acme" / f"{new}.jsonl").exists()
+
+
+async def test_sessions_over_the_unix_socket(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(**sessions_config())
+    reader, writer = await asyncio.open_unix_connection(d.socket)
+
+    async def ask(frame: dict[str, Any]) -> dict[str, Any]:
+        writer.write(orjson.dumps(frame) + b"\n")
+        async with asyncio.timeout(10):
+            while True:
+                reply = orjson.loads(await reader.readline())
+                if reply["id"] == frame["id"] and reply["event"] != "delta":
+                    return dict(reply)
+
+    created = await ask({"id": "c", "op": "session.create", "key": KEYS["acme"]})
+    sid = created["session"]["id"]
+    await ask({"id": "1", "op": "prompt", "key": KEYS["acme"], "prompt": "socket turn: WREN-1", "session": sid})
+    echoed = await ask({"id": "2", "op": "prompt", "key": KEYS["acme"], "prompt": "[[echo]]", "session": sid})
+    assert "WREN-1" in echoed["text"]
+    assert echoed["session"] == sid
+    denied = await ask({"id": "3", "op": "session.delete", "key": KEYS["beta"], "session": sid})
+    assert (denied["event"], denied["code"]) == ("error", "not_found")
+    deleted = await ask({"id": "4", "op": "session.delete", "key": KEYS["acme"], "session": sid})
+    assert deleted["event"] == "session_deleted"
+    writer.close()

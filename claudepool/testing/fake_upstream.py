@@ -38,6 +38,8 @@ import orjson
 from aiohttp import web
 
 _DIRECTIVE = re.compile(r"\[\[(\w+)(?::([^\]]*))?\]\]")
+# The API looks for earlier cache entries at most this many blocks back from a breakpoint.
+_CACHE_LOOKBACK_BLOCKS = 20
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -211,20 +213,28 @@ class FakeUpstream:
         }
 
     def _usage(self, body: dict[str, Any]) -> dict[str, int]:
-        """Usage with prompt caching simulated at the request's cache_control breakpoints."""
+        """Usage with prompt caching simulated the way the API documents it: each cache_control
+        breakpoint writes its prefix; a read is the longest prefix written before that ends at a block
+        boundary at most ``_CACHE_LOOKBACK_BLOCKS`` blocks before a breakpoint. So turn k of a
+        conversation reads what turn k-1 wrote, though the breakpoint has moved to the new message."""
         segments = _segments(body)
         total = sum(_tokens(s) for s, _ in segments)
-        prefix = b""
-        breakpoints: list[tuple[bytes, int]] = []
+        digest = hashlib.sha256()
+        boundaries: list[tuple[bytes, int]] = []  # (hash of the prefix through block i, its tokens)
         running = 0
-        for seg, cached in segments:
-            prefix += seg
+        for seg, _ in segments:
+            digest.update(seg)
             running += _tokens(seg)
-            if cached:
-                breakpoints.append((hashlib.sha256(prefix).digest(), running))
-        read = max((n for h, n in breakpoints if h in self._seen_prefixes), default=0)
-        cached_total = breakpoints[-1][1] if breakpoints else 0
-        self._seen_prefixes.update(h for h, _ in breakpoints)
+            boundaries.append((digest.copy().digest(), running))
+        breakpoints = [i for i, (_, cached) in enumerate(segments) if cached]
+        read = 0
+        for i in breakpoints:
+            for j in range(i, max(-1, i - _CACHE_LOOKBACK_BLOCKS), -1):
+                if boundaries[j][0] in self._seen_prefixes:
+                    read = max(read, boundaries[j][1])
+                    break
+        cached_total = boundaries[breakpoints[-1]][1] if breakpoints else 0
+        self._seen_prefixes.update(boundaries[i][0] for i in breakpoints)
         return {
             "input_tokens": total - cached_total,
             "cache_creation_input_tokens": cached_total - read,
@@ -234,21 +244,30 @@ class FakeUpstream:
 
 
 def _segments(body: dict[str, Any]) -> list[tuple[bytes, bool]]:
-    """The request's prompt blocks in cache order (tools, system, messages), each with its flag."""
+    """The request's prompt blocks in cache order (tools, system, messages), each with its flag.
+    A block's bytes leave out its cache_control: moving a breakpoint does not change the prefix."""
     out: list[tuple[bytes, bool]] = []
+
+    def block(b: Any) -> tuple[bytes, bool]:
+        if not isinstance(b, dict):
+            return orjson.dumps(b), False
+        return orjson.dumps({k: v for k, v in b.items() if k != "cache_control"}), "cache_control" in b
+
     for tool in body.get("tools") or []:
-        out.append((orjson.dumps(tool), "cache_control" in tool))
+        out.append(block(tool))
+    # A string is one text block: the API caches "content": "hi" and [{"type": "text", "text": "hi"}]
+    # alike (a resumed CLI sends some old turns as strings that it first sent as blocks).
     system = body.get("system")
     if isinstance(system, str):
-        out.append((system.encode(), False))
+        out.append(block({"type": "text", "text": system}))
     elif isinstance(system, list):
-        out.extend((orjson.dumps(b), "cache_control" in b) for b in system)
+        out.extend(block(b) for b in system)
     for msg in body.get("messages") or []:
         content = msg.get("content")
         if isinstance(content, str):
-            out.append((content.encode(), False))
+            out.append(block({"type": "text", "text": content}))
         else:
-            out.extend((orjson.dumps(b), isinstance(b, dict) and "cache_control" in b) for b in content or [])
+            out.extend(block(b) for b in content or [])
     return out
 
 

@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -154,16 +155,16 @@ async def run(claude: str, base_url: str, tmp: Path, rounds: int) -> dict[str, A
                 await turn(warm, "warm-up")
                 await http.delete(f"{url}/v1/sessions/{warm}")
             for _ in range(rounds):
-                kept = await recorder.measure("create", lambda: request("POST", "/v1/sessions", {}))
+                kept = await recorder.measure("create", partial(request, "POST", "/v1/sessions", {}))
                 parked = (await request("POST", "/v1/sessions", {}))
                 for sid in (kept["id"], parked["id"]):
-                    await recorder.measure("new", lambda s=sid: turn(s, HISTORY[0]))
+                    await recorder.measure("new", partial(turn, sid, HISTORY[0]))
                     for prompt in HISTORY[1:]:
-                        await recorder.measure("affine", lambda s=sid, p=prompt: turn(s, p))
-                await recorder.measure("park", lambda s=parked["id"]: park(daemon, s))
-                await recorder.measure("affine turn 4", lambda s=kept["id"]: turn(s, TURN_FOUR))
-                await recorder.measure("resumed turn 4", lambda s=parked["id"]: turn(s, TURN_FOUR))
-                await recorder.measure("stateless", lambda: turn(None, TURN_FOUR))
+                        await recorder.measure("affine", partial(turn, sid, prompt))
+                await recorder.measure("park", partial(park, daemon, parked["id"]))
+                await recorder.measure("affine turn 4", partial(turn, kept["id"], TURN_FOUR))
+                await recorder.measure("resumed turn 4", partial(turn, parked["id"], TURN_FOUR))
+                await recorder.measure("stateless", partial(turn, None, TURN_FOUR))
                 for sid in (kept["id"], parked["id"]):
                     await http.delete(f"{url}/v1/sessions/{sid}")
         return summarise(recorder.samples, rounds, claude)
@@ -173,9 +174,10 @@ async def run(claude: str, base_url: str, tmp: Path, rounds: int) -> dict[str, A
             await task
 
 
-async def park(daemon: Daemon, session_id: str) -> None:
+async def park(daemon: Daemon, session_id: str) -> dict[str, Any] | None:
     if not await daemon.sessions.park(session_id):
         raise RuntimeError(f"could not park {session_id}")
+    return None
 
 
 def summarise(samples: dict[str, list[dict[str, float]]], rounds: int, claude: str) -> dict[str, Any]:

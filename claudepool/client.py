@@ -18,7 +18,7 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Self
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import orjson
@@ -113,6 +113,24 @@ class AsyncClient:
             session: dict[str, Any] = frame["session"]
             return session
         raise RemoteError("protocol_error", "no answer to session.create")
+
+    async def delete_session(self, session: str) -> None:
+        """Close a conversation and delete its transcript now."""
+        if self.url is not None:
+            try:
+                async with (await self._http()).delete(f"{self.url}/v1/sessions/{quote(session, safe='')}",
+                                                       headers=self._auth()) as resp:
+                    if resp.status != 204:
+                        await _json_or_raise(resp)
+                    return
+            except aiohttp.ClientConnectionError as exc:
+                raise RemoteError("unavailable", f"cannot reach {self.url}: {exc}") from None
+        async for frame in (await self._socket()).request({"op": "session.delete", "key": self.key,
+                                                           "session": session}):
+            if frame.get("event") == "error":
+                raise RemoteError(frame["code"], frame["message"])
+            return
+        raise RemoteError("protocol_error", "no answer to session.delete")
 
     async def ledger(self, *, tenant: str | None = None, since: float | None = None,
                      limit: int = 1000) -> list[dict[str, Any]]:

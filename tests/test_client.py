@@ -249,3 +249,20 @@ async def test_abandoning_a_socket_stream_cancels_the_turn(make_daemon: MakeDaem
         await stream.aclose()  # type: ignore[attr-defined]
         # The client sent a cancel: the daemon stops the turn long before its 5 s are up.
         await until(lambda: pool.stats.abandoned_turns == 1, 3)
+
+
+async def test_a_conversation_through_the_client(make_daemon: MakeDaemon, transport: str) -> None:
+    d = await make_daemon(sessions={"max_workers": 1})
+    async with async_client(d, transport) as client, async_client(d, transport, KEYS["beta"]) as other:
+        session = await client.create_session()
+        assert session["where"] == {"state": "new"}
+        await client.prompt("the client's word is PUFFIN-3", session=session["id"])
+        follow_up = await client.prompt("[[echo]]", session=session["id"])
+        assert (follow_up.session, "PUFFIN-3" in follow_up.text) == (session["id"], True)
+        with pytest.raises(RemoteError) as denied:
+            await other.delete_session(session["id"])
+        assert denied.value.remote_code == "not_found"
+        await client.delete_session(session["id"])
+        with pytest.raises(RemoteError) as gone:
+            await client.prompt("again", session=session["id"])
+        assert gone.value.remote_code == "not_found"

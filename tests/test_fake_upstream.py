@@ -48,8 +48,7 @@ async def test_a_conversation_reads_what_its_previous_turn_wrote(upstream: FakeU
 async def test_a_string_and_its_text_block_are_the_same_prefix(upstream: FakeUpstream) -> None:
     as_block = [{"role": "user", "content": [text("X" * 120)]}, {"role": "assistant", "content": [text("ok")]},
                 {"role": "user", "content": [text("next", cached=True)]}]
-    as_string = [{"role": "user", "content": "X" * 120}, {"role": "assistant", "content": [text("ok")]},
-                 {"role": "user", "content": [text("next", cached=True)]}]
+    as_string: list[dict[str, Any]] = [{"role": "user", "content": "X" * 120}, *as_block[1:]]
     first = await usage(upstream, as_block)
     second = await usage(upstream, as_string)
     assert second["cache_read_input_tokens"] == first["cache_creation_input_tokens"]

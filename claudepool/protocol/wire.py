@@ -29,7 +29,7 @@ _ID = Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
 
 
 class PromptRequest(BaseModel):
-    """One prompt. ``session`` continues a conversation (sessions arrive with a later release)."""
+    """One prompt. ``session`` continues that conversation; without one the request is stateless."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -47,6 +47,7 @@ ROWS: dict[str, set[str]] = {
                 "Budget left today"},
     "Store": {"Store backend", "Store up", "Store errors per second by operation", "Store operation latency p95",
               "Rate-limit fallbacks", "Metering backlog"},
+    "Sessions": {"Active sessions", "Session events per minute", "Transcript disk use"},
 }
 TEMPLATE_VARIABLES = ("profile", "tenant")
 # Allowed metrics that are not claudepool's: Prometheus' scrape health, for the daemon-down alert only.

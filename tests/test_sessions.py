@@ -255,3 +255,28 @@ async def test_sessions_over_the_unix_socket(make_daemon: MakeDaemon) -> None:
     deleted = await ask({"id": "4", "op": "session.delete", "key": KEYS["acme"], "session": sid})
     assert deleted["event"] == "session_deleted"
     writer.close()
+
+
+async def test_a_worker_crash_mid_turn_loses_only_that_turn(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(**sessions_config())
+    sid = await new_session(d)
+    await say(d, sid, "kept: TERN-21")
+    status, body = await say(d, sid, "lost [[crash]]")
+    assert (status, body["error"]["code"]) == (502, "worker_died")
+    status, after = await say(d, sid, "[[echo]]")
+    assert status == 200  # resumed from the last checkpoint on a fresh worker
+    assert "kept: TERN-21" in after["text"]
+    assert "[[crash]]" not in after["text"]
+    assert d.daemon.sessions.events["resumed"] == 1
+    assert (await call(d, "GET", f"/v1/sessions/{sid}"))[1]["turns"] == 2
+
+
+async def test_a_timed_out_turn_does_not_wedge_the_session(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(**sessions_config())
+    sid = await new_session(d)
+    await say(d, sid, "before: SKUA-6")
+    status, body = await say(d, sid, "slow [[hang]]", timeout_s=0.5)
+    assert (status, body["error"]["code"]) == (504, "timeout")
+    status, after = await say(d, sid, "[[echo]]", timeout_s=10)
+    assert status == 200
+    assert "before: SKUA-6" in after["text"]

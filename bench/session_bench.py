@@ -36,9 +36,8 @@ from typing import Any
 
 import aiohttp
 import orjson
-import psutil
 
-from bench.pool_bench import children_cpu_s, find_claude, percentile, self_cpu_s
+from bench.pool_bench import children_cpu_s, find_claude, percentile, self_cpu_s, workers_cpu_s
 from claudepool.config import load_settings
 from claudepool.daemon.app import Daemon
 from claudepool.daemon.notify import Notifier
@@ -54,17 +53,8 @@ TURN_FOUR = "Turn four. What was the codename, and what do sessions keep bound?"
 
 def all_cpu_s(daemon: Daemon) -> float:
     """CPU of every CLI process this daemon ran (reaped ones via RUSAGE_CHILDREN) and of itself."""
-    total = children_cpu_s() + self_cpu_s()
-    for pool in [*daemon.pools.values(), *daemon.session_pools.values()]:
-        for worker in pool.workers():
-            if worker.pid is None:
-                continue
-            try:
-                times = psutil.Process(worker.pid).cpu_times()
-            except psutil.Error:
-                continue
-            total += times.user + times.system + times.children_user + times.children_system
-    return total
+    pools = [*daemon.pools.values(), *daemon.session_pools.values()]
+    return children_cpu_s() + self_cpu_s() + sum(workers_cpu_s(pool) for pool in pools)
 
 
 async def settle(daemon: Daemon) -> None:

@@ -88,9 +88,12 @@ async def test_metrics_after_scripted_traffic(make_daemon: MakeDaemon) -> None:
 
 
 async def test_memory_series_come_from_measurements_not_scrapes(make_daemon: MakeDaemon) -> None:
-    d = await make_daemon(pool={"maintenance_interval_s": 0.1})
+    # No maintenance refresh during the test: the scrape must show exactly what was last measured.
+    d = await make_daemon(pool={"maintenance_interval_s": 3600})
     pool = d.pool()
-    await until(lambda: all(w.pss_bytes for w in pool.workers()), 5)
+    await d.idle()
+    pool.refresh_memory()
+    assert all(w.pss_bytes for w in pool.workers())
     samples = await scrape(d)
     slots = {dict(k)["slot"] for k in samples["claudepool_worker_pss_bytes"] if dict(k)["profile"] == "default"}
     assert slots == {str(w.slot) for w in pool.workers()}

@@ -152,6 +152,17 @@ async def test_a_waiting_session_parks_the_least_recently_used(make_daemon: Make
     assert d.daemon.sessions.events["parked"] >= 2
 
 
+async def test_a_session_keeps_its_worker_while_the_pool_can_grow(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(**sessions_config(max_workers=2, park_idle_s=600))
+    a, b = await new_session(d), await new_session(d, "beta")
+    await say(d, a, "a first")
+    status, _ = await say(d, b, "b waits for a second worker to start", "beta", timeout_s=10)
+    assert status == 200
+    await asyncio.sleep(0.3)  # several maintenance rounds
+    assert d.daemon.sessions.events["parked"] == 0  # a was not evicted for a worker that was coming anyway
+    assert (await call(d, "GET", f"/v1/sessions/{a}"))[1]["where"]["state"] == "active"
+
+
 async def test_concurrent_turns_on_one_session_run_one_after_the_other(make_daemon: MakeDaemon) -> None:
     d = await make_daemon(**sessions_config())
     sid = await new_session(d)
@@ -221,14 +232,17 @@ async def test_delete_removes_the_transcript_at_once(make_daemon: MakeDaemon, tm
 
 
 async def test_transcript_disk_use_is_measured_and_bounded(make_daemon: MakeDaemon, tmp_path: Path) -> None:
-    d = await make_daemon(**sessions_config(max_disk_bytes=2000, park_idle_s=0.1))
+    d = await make_daemon(**sessions_config(max_disk_bytes=2000, park_idle_s=600))
     old, new = await new_session(d), await new_session(d)
     await say(d, old, "x" * 1500)
     await until(lambda: d.daemon.sessions.transcript_bytes > 1500, 5)
     await say(d, new, "y" * 1500)
-    # Over the bound: the least recently used parked session is expired and its transcript removed.
+    assert await d.daemon.sessions.park(old)
+    # Over the bound: the least recently used parked session is closed and its transcript removed.
+    # An active session is never evicted (its worker holds the conversation anyway).
     await until(lambda: not (tmp_path / "sessions" / "acme" / f"{old}.jsonl").exists(), 5)
     assert (await call(d, "GET", f"/v1/sessions/{old}"))[1]["close_reason"] == "disk"
+    assert (await call(d, "GET", f"/v1/sessions/{new}"))[1]["where"]["state"] == "active"
     assert (tmp_path / "sessions" / "acme" / f"{new}.jsonl").exists()
 
 

@@ -294,6 +294,17 @@ class Pool:
         return len(self._idle)
 
     @property
+    def unserved(self) -> int:
+        """Waiters that no idle, starting or resetting worker, and no room to spawn one, will serve:
+        only a worker given back (a parked session) can serve them."""
+        ready_soon = len(self._idle) + len(self._starting) + len(self._cleaning) + len(self._returned)
+        live = ready_soon + len(self._leased)
+        room = max(0, self.max_workers - live)
+        if live and self.total_pss_bytes() >= self.memory.soft_limit_bytes:
+            room = 0
+        return max(0, self._queue.eligible() - ready_soon - room)
+
+    @property
     def breaker_state(self) -> BreakerState:
         if self._breaker_open_until is None:
             return BreakerState.CLOSED

@@ -344,7 +344,7 @@ class SessionManager:
             if now - binding.record.last_used_at >= self.config.park_idle_s:
                 await self.park(binding.record.id)
         for profile, pool in self.pools.items():
-            needed = pool.waiting - pool.idle_count
+            needed = pool.unserved
             idle_bound = sorted((b for b in self._bindings.values()
                                  if b.record.profile == profile and not b.lock.locked()),
                                 key=lambda b: b.record.last_used_at)

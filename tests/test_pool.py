@@ -218,6 +218,19 @@ async def test_recycle_by_context_size(make_pool: Callable[..., Pool], fake_prof
     await until(lambda: pool.stats.retired["context"] == 1)
 
 
+async def test_a_held_worker_reports_when_it_is_due_for_recycling(make_pool: Callable[..., Pool],
+                                                                   fake_profile: Profile) -> None:
+    # A conversation keeps its lease between turns and asks; context never counts (a resume keeps it).
+    pool = make_pool(fake_profile, min_idle=1, max_workers=1, max_turns=2, max_turns_jitter=0,
+                     max_context_tokens=100)
+    async with pool.lease("a") as lease:
+        await turn(lease, "x" * 1000)
+        assert lease.worker.context_tokens > 100
+        assert pool.recycle_due(lease.worker) is None
+        await turn(lease, "second")
+        assert pool.recycle_due(lease.worker) == "turns"
+
+
 async def test_watchdog_through_a_lease(make_pool: Callable[..., Pool], fake_profile: Profile) -> None:
     pool = make_pool(fake_profile, min_idle=1, max_workers=1)
     async with pool.lease("a") as lease:

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from tests.daemon_fixtures import ADMIN_KEY, KEYS, RunningDaemon, make_daemon
-from tests.helpers import until
+from tests.helpers import pid_gone, until
 
 __all__ = ["make_daemon"]
 
@@ -161,6 +161,40 @@ async def test_a_session_keeps_its_worker_while_the_pool_can_grow(make_daemon: M
     await asyncio.sleep(0.3)  # several maintenance rounds
     assert d.daemon.sessions.events["parked"] == 0  # a was not evicted for a worker that was coming anyway
     assert (await call(d, "GET", f"/v1/sessions/{a}"))[1]["where"]["state"] == "active"
+
+
+async def test_a_long_conversation_is_recycled_by_turns_and_resumes(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(**sessions_config(park_idle_s=600), pool={"max_turns": 2, "max_turns_jitter": 0})
+    sid = await new_session(d)
+    pool = d.daemon.session_pools["default"]
+    await say(d, sid, "remember HERON-5")
+    first_pid = pool.workers()[0].pid
+    await say(d, sid, "second turn")
+    # The worker reached the pool's turn limit: the session gave it back and the pool retired it.
+    assert d.daemon.sessions.events["recycled"] == 1
+    assert (await call(d, "GET", f"/v1/sessions/{sid}"))[1]["where"]["state"] == "parked"
+    await until(lambda: pool.stats.retired["turns"] == 1 and pid_gone(first_pid), 5)
+    status, third = await say(d, sid, "[[echo]]")
+    assert status == 200
+    assert "remember HERON-5" in third["text"]
+    assert d.daemon.sessions.events["resumed"] == 1
+    assert first_pid not in [w.pid for w in pool.workers()]
+
+
+async def test_a_conversation_whose_worker_grows_is_recycled_between_turns(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(**sessions_config(park_idle_s=600),
+                          pool={"max_worker_pss_bytes": 80 * 1024 * 1024, "maintenance_interval_s": 0.05})
+    sid = await new_session(d)
+    pool = d.daemon.session_pools["default"]
+    await say(d, sid, "remember IBIS-3 [[grow:120]]")
+    grown_pid = pool.workers()[0].pid
+    # Measured between turns: the session parks and the pool retires the grown process.
+    await until(lambda: d.daemon.sessions.events["recycled"] == 1, 5)
+    await until(lambda: pool.stats.retired["memory"] == 1 and pid_gone(grown_pid), 5)
+    status, second = await say(d, sid, "[[echo]]")
+    assert status == 200
+    assert "remember IBIS-3" in second["text"]
+    assert d.daemon.sessions.events["resumed"] == 1
 
 
 async def test_concurrent_turns_on_one_session_run_one_after_the_other(make_daemon: MakeDaemon) -> None:

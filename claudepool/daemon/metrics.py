@@ -39,7 +39,7 @@ OUTCOMES = ("ok", "model_error", "cancelled", "draining", "timeout", "turn_stall
             "session_unavailable", "error")
 REJECTION_KINDS = ("requests_per_minute", "tokens_per_minute", "budget", "queue_full")
 TOKEN_TYPES = ("input", "output", "cache_read", "cache_write")
-SESSION_EVENTS = ("created", "parked", "resumed", "rolled_over", "expired", "deleted")
+SESSION_EVENTS = ("created", "parked", "recycled", "resumed", "rolled_over", "expired", "deleted")
 STORE_OPERATIONS = ("reserve", "settle", "release", "budget", "usage", "ledger", "session")
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _SPAWN_SECONDS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)

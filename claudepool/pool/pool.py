@@ -634,6 +634,14 @@ class Pool:
             return "context"
         return None
 
+    def recycle_due(self, worker: Worker) -> str | None:
+        """Why the pool would retire this leased worker when it comes back (turns, age, memory), or
+        None. A conversation holding its worker between turns asks after each turn and gives the
+        worker back, so a long conversation is no exception to recycling. Context is not a reason:
+        the resumed conversation would carry the same context (sessions have their own limit)."""
+        reason = self._retire_reason(worker, time.monotonic())
+        return None if reason in (None, "failed", "context") else reason
+
     def _retire(self, worker: Worker, reason: str) -> _Retire:
         self._closing.add(worker)
         self.stats.retired[reason] += 1

@@ -228,6 +228,8 @@ class SessionManager:
         await self.store.session_put(record)
         if not binding.lease.worker.is_alive():
             self._unbind(record.id)
+        elif result is not None:
+            await self._park_if_recycle_due(binding)
 
     def _checkpoint(self, binding: _Binding) -> None:
         """Copy the CLI's transcript to the session's file at rest (atomically: write, then rename)."""
@@ -314,6 +316,18 @@ class SessionManager:
             await self.store.session_put(record)
         self.events["parked"] += 1
 
+    async def _park_if_recycle_due(self, binding: _Binding) -> None:
+        """Give the worker back when its pool would recycle it (the caller holds the session lock);
+        the next turn resumes the conversation on a fresh process."""
+        if self._bindings.get(binding.record.id) is not binding:
+            return  # parked meanwhile
+        reason = self.pools[binding.record.profile].recycle_due(binding.lease.worker)
+        if reason is None:
+            return
+        log.info("session %s: its worker is due for recycling (%s); parking it", binding.record.id, reason)
+        await self._park(binding)
+        self.events["recycled"] += 1
+
     async def park_all(self) -> None:
         """At shutdown: every session keeps its checkpoint and can resume after a restart."""
         for session_id in list(self._bindings):
@@ -343,6 +357,10 @@ class SessionManager:
         for binding in list(self._bindings.values()):
             if now - binding.record.last_used_at >= self.config.park_idle_s:
                 await self.park(binding.record.id)
+            elif not binding.lock.locked():
+                # Memory readings and the pool's hard limit arrive between turns.
+                async with binding.lock:
+                    await self._park_if_recycle_due(binding)
         for profile, pool in self.pools.items():
             needed = pool.unserved
             idle_bound = sorted((b for b in self._bindings.values()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,8 +15,9 @@ from redis.crc import key_slot
 
 from claudepool.errors import BudgetExhausted, ConfigError, StoreError
 from claudepool.store import keys
-from claudepool.store.base import UsageRecord, Window, day_key, month_key
+from claudepool.store.base import SessionRecord, UsageRecord, Window, day_key, month_key
 from claudepool.store.redis import RedisStore, script_file
+from claudepool.tenancy.limits import RateLimiter
 from tests.redis_server import RedisServer
 
 DAY = 86400
@@ -284,3 +286,60 @@ async def test_the_lua_calendar_agrees_with_python(raw: redis.asyncio.Redis) -> 
     expected = [f"{datetime.fromtimestamp(s, UTC):%Y%m%d %Y%m}" for s in stamps]
     mismatched = [(s, got, want) for s, got, want in zip(stamps, reply[:-1], expected, strict=True) if got != want]
     assert not mismatched, mismatched[:5]
+
+
+# -- cancellation ---------------------------------------------------------------------------------
+
+async def test_a_cancelled_task_stops_in_the_store_and_the_shared_rate_limiter(store: RedisStore,
+                                                                               redis_url: str) -> None:
+    # Background loops and request handlers end by cancellation; a client library that drops a cancel
+    # (redis-py 8 does on Python 3.11: it sends through asyncio.wait_for) leaves them running forever.
+    limiter = RateLimiter(redis_url)
+    await store.session_put(SessionRecord(id="s_x", tenant="acme", profile="default", created_at=0, last_used_at=0))
+
+    async def forever() -> None:
+        while True:
+            await store.budget("acme")
+            await store.session_list(None)
+            await limiter.check("acme", requests_per_minute=1_000_000, tokens_per_minute=1_000_000)
+
+    kept_running = 0
+    try:
+        for _ in range(200):
+            task = asyncio.create_task(forever())
+            await asyncio.sleep(random.uniform(0, 0.003))
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=0.2)
+            if not done:
+                kept_running += 1
+                while not task.done():  # cancel until one is not swallowed, so nothing outlives the test
+                    task.cancel()
+                    await asyncio.wait({task}, timeout=0.05)
+    finally:
+        await limiter.close()
+    assert kept_running == 0
+
+
+async def test_a_redis_that_never_answers_is_an_outage_within_the_deadline() -> None:
+    # Accepts connections and reads, never replies: only our own per-operation deadlines end the wait.
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(-1)
+        writer.close()
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", socket_timeout_s=0.2)
+    limiter = RateLimiter(f"redis://127.0.0.1:{port}/0", socket_timeout_s=0.2)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="did not answer budget"):
+            await store.budget("acme")
+        assert time.monotonic() - started < 2.0
+        started = time.monotonic()
+        await limiter.check("acme", requests_per_minute=10, tokens_per_minute=0)  # fails open, locally
+        assert time.monotonic() - started < 2.0
+        assert limiter.fallbacks == 1
+    finally:
+        await store.close()
+        await limiter.close()
+        server.close()

@@ -136,7 +136,8 @@ class _Connection:
                 await asyncio.wait(tasks, timeout=5.0)
             self.writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self.writer.wait_closed()
 
     def send(self, frame: bytes) -> None:
         if not self.writer.is_closing():

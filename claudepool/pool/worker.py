@@ -349,7 +349,8 @@ class Worker:
     @staticmethod
     async def _wait_exit(proc: asyncio.subprocess.Process, timeout_s: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await proc.wait()
 
     def _signal_group(self, sig: signal.Signals) -> None:
         if self.pid is None:
@@ -573,7 +574,8 @@ class Worker:
             if tail.strip():
                 self._dispatch(parse_event(decode_object(tail)))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._proc.wait(), 2.0)
+                async with asyncio.timeout(2.0):
+                    await self._proc.wait()
             self._poison(WorkerDied(f"worker {self.id} exited with code {self._proc.returncode}"))
         except ProtocolError as exc:
             # A corrupt or oversize line: the stream can no longer be trusted to delimit turns.

@@ -95,15 +95,17 @@ class RedisStore:
         self._prefix = key_prefix
         self._ledger_max_records = ledger_max_records
         self._where = redact_url(url)
-        # A guard over each round trip: two attempts, each a connect and a reply, plus the backoff.
-        # Socket timeouts normally fire first; this turns any hang inside the client into StoreError.
-        self._deadline_s = 4 * socket_timeout_s + 1.0
+        # Each operation's deadline: two attempts and the backoff. It is ours, not a redis-py
+        # `socket_timeout`: with one, redis-py sends through asyncio.wait_for, which on Python 3.11
+        # drops a cancellation that lands as the send completes, so a cancelled task runs on (a
+        # background loop never stops, a handler outlives its client). Our code uses asyncio.timeout.
+        self._deadline_s = 2 * socket_timeout_s + 1.0
         self._secrets = self._url_secrets(url)
         try:
             self._redis: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
                 url,
                 decode_responses=True,
-                socket_timeout=socket_timeout_s,
+                socket_timeout=None,  # redis-py 8 defaults to 5 s
                 socket_connect_timeout=socket_timeout_s,
                 # One quick retry: enough to replace a connection a restart broke, short enough that
                 # an outage fails the request within about two socket timeouts.

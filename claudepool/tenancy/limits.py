@@ -14,9 +14,12 @@ and each fallback is logged and counted. Budgets, which cost money, fail closed 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import redis.asyncio
 from limits import RateLimitItem, RateLimitItemPerMinute
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _COUNTING_LIMIT = 10**15  # tokens are counted against this, then compared with the tenant's limit
 _RETRYABLE = (StorageError, ConnectionError, TimeoutError, OSError)
+T = TypeVar("T")
 
 
 def limits_storage_uri(store_url: str) -> str:
@@ -46,13 +50,16 @@ class RateLimiter:
 
     def __init__(self, store_url: str = "", *, key_prefix: str = "cp", socket_timeout_s: float = 2.0) -> None:
         self.key_prefix = key_prefix
+        self._deadline_s = 2 * socket_timeout_s
         self._local = SlidingWindowCounterRateLimiter(MemoryStorage())
         self._shared: SlidingWindowCounterRateLimiter | None = None
         self._pool: redis.asyncio.ConnectionPool | None = None
         if store_url:
-            # Our own pool, closed by `close`: `limits` would otherwise open one nobody closes.
-            self._pool = redis.asyncio.ConnectionPool.from_url(
-                store_url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s)
+            # Our own pool, closed by `close`: `limits` would otherwise open one nobody closes. No
+            # socket_timeout (see RedisStore: it makes redis-py drop cancellations); `_shared_call`
+            # bounds each call instead.
+            self._pool = redis.asyncio.ConnectionPool.from_url(store_url, socket_timeout=None,
+                                                               socket_connect_timeout=socket_timeout_s)
             storage = RedisStorage(limits_storage_uri(store_url), implementation="redispy", wrap_exceptions=True,
                                    key_prefix=f"{key_prefix}:limits", connection_pool=self._pool)  # type: ignore[arg-type]  # documented, typed as scalars
             self._shared = SlidingWindowCounterRateLimiter(storage)
@@ -91,7 +98,7 @@ class RateLimiter:
     async def _hit(self, item: RateLimitItem, tenant: str, kind: str, *, cost: int) -> bool:
         if self._shared is not None:
             try:
-                return await self._shared.hit(item, *self._ids(tenant, kind), cost=cost)
+                return await self._shared_call(self._shared.hit(item, *self._ids(tenant, kind), cost=cost))
             except _RETRYABLE as exc:
                 self._fell_back(exc)
         return await self._local.hit(item, *self._ids(tenant, kind), cost=cost)
@@ -99,10 +106,15 @@ class RateLimiter:
     async def _stats(self, item: RateLimitItem, tenant: str, kind: str) -> WindowStats:
         if self._shared is not None:
             try:
-                return await self._shared.get_window_stats(item, *self._ids(tenant, kind))
+                return await self._shared_call(self._shared.get_window_stats(item, *self._ids(tenant, kind)))
             except _RETRYABLE as exc:
                 self._fell_back(exc)
         return await self._local.get_window_stats(item, *self._ids(tenant, kind))
+
+    async def _shared_call(self, call: Awaitable[T]) -> T:
+        """A call to the shared storage, bounded: a Redis that accepts and never answers is an outage."""
+        async with asyncio.timeout(self._deadline_s):
+            return await call
 
     async def _reject(self, tenant: str, kind: str, item: RateLimitItem, key: str, why: str) -> None:
         self.rejections[(tenant, kind)] = self.rejections.get((tenant, kind), 0) + 1

@@ -162,7 +162,8 @@ class Meter:
     async def flush(self, timeout_s: float) -> bool:
         """Wait until every queued record reached the store; False if ``timeout_s`` passed first."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
         if self._pending:
             log.error("%d usage records could not reach the store before shutdown%s", len(self._pending),
                       "; they are in the ledger file" if self._ledger_path else "")

@@ -61,7 +61,8 @@ async def make_daemon(tmp_path: Path, fake_log: Path) -> AsyncIterator[Callable[
             "pool": {"claude_bin": str(FAKE_CLAUDE), "min_idle": 1, "max_workers": 2, "workdir": str(tmp_path / "w"),
                      "env": {"FAKE_CLAUDE_LOG": str(fake_log)}, "maintenance_interval_s": 0.2,
                      "timeouts": {"close_eof_timeout_s": 1, "close_term_timeout_s": 1}},
-            "profiles": {"default": {}, "lean": {"system_prompt": "brief"}, "other": {}},
+            # Only the default profile is kept warm: the others start a worker when a test uses them.
+            "profiles": {"default": {}, "lean": {"system_prompt": "brief", "min_idle": 0}, "other": {"min_idle": 0}},
             # Session-capable workers only when a test asks: they would double every test's workers.
             "sessions": {"min_idle": 0, "dir": str(tmp_path / "sessions")},
             "tenants": {"acme": {"key": KEYS["acme"], "profiles": ["default", "lean"]},

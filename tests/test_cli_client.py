@@ -122,7 +122,7 @@ async def test_run_reports_a_model_error(make_daemon: MakeDaemon, transport: str
 
 
 async def test_status_with_the_admin_key_prints_the_workers(make_daemon: MakeDaemon, transport: str) -> None:
-    d = await make_daemon()
+    d = await make_daemon(profiles={"lean": {"min_idle": 1}, "other": {"min_idle": 1}})
     done = await claudepool("status", *where(d, transport), "--key", ADMIN_KEY)
     assert done.code == 0, done.err
     lines = done.out.splitlines()

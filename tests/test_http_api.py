@@ -219,6 +219,8 @@ async def test_health_ready_metrics_and_pool_status(make_daemon: MakeDaemon) -> 
             assert resp.status == 200
             assert ready["ready"] is True
             assert ready["pools"]["default"]["healthy"] is True
+            # A profile started on demand (min_idle 0) has nothing warm and does not hold readiness back.
+            assert (ready["pools"]["other"]["warm"], ready["pools"]["other"]["healthy"]) == (0, True)
         async with session.get(f"{d.url}/metrics") as resp:
             text = await resp.text()
             assert resp.status == 200

@@ -106,7 +106,8 @@ class Daemon:
             counts = pool.counts()
             warm = counts["idle"] + counts["leased"] + counts["cleaning"]
             pools[name] = {"healthy": pool.healthy, "warm": warm, "idle": counts["idle"]}
-            ready = ready and pool.healthy and warm > 0
+            # A profile started on demand (min_idle 0) is ready with no warm worker.
+            ready = ready and pool.healthy and (warm > 0 or pool.config.min_idle == 0)
         return ready, {"ready": ready, "draining": self.service.draining, "pools": pools}
 
     def pool_status(self) -> dict[str, Any]:

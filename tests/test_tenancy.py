@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from tests.daemon_fixtures import ADMIN_KEY, KEYS, RunningDaemon, make_daemon
-from tests.helpers import until
+from tests.helpers import inside_one_minute, until
 
 __all__ = ["make_daemon"]
 
@@ -56,6 +56,7 @@ async def settled(d: RunningDaemon) -> None:
 
 async def test_requests_per_minute_limit_is_429_with_retry_after(make_daemon: MakeDaemon) -> None:
     d = await make_daemon(tenants={"acme": {"requests_per_minute": 3}})
+    await inside_one_minute()
     for _ in range(3):
         assert (await post(d, {"prompt": "ok"}))[0] == 200
     status, body, headers = await post(d, {"prompt": "one too many"})
@@ -68,6 +69,7 @@ async def test_requests_per_minute_limit_is_429_with_retry_after(make_daemon: Ma
 
 async def test_tokens_per_minute_are_counted_from_real_usage(make_daemon: MakeDaemon) -> None:
     d = await make_daemon(tenants={"acme": {"tokens_per_minute": 100}})
+    await inside_one_minute()
     status, first, _ = await post(d, {"prompt": "[[reply:" + "x" * 600 + "]]"})
     assert status == 200
     used = sum(first["usage"].values())

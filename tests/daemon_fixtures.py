@@ -110,6 +110,14 @@ class DaemonProcess:
         async with asyncio.timeout(timeout_s):
             return await self.proc.wait()
 
+    async def start_request(self, prompt: str, timeout_s: float = 10) -> asyncio.Task[tuple[int, dict[str, Any]]]:
+        """Post ``prompt`` in the background; return once the daemon counts it in flight."""
+        answer = asyncio.create_task(post(self.url, {"prompt": prompt}))
+        async with asyncio.timeout(timeout_s):
+            while (await self.status())["in_flight"] != 1:
+                await asyncio.sleep(0.02)
+        return answer
+
 
 async def post(url: str, body: dict[str, Any], key: str = KEY) -> tuple[int, dict[str, Any]]:
     async with aiohttp.ClientSession() as session, session.post(

@@ -109,10 +109,7 @@ async def test_sigterm_drains_a_turn_in_flight_then_exits_0(
     daemon = await start_daemon("--config", str(write_config(tmp_path)))
     pids = await daemon.worker_pids()
     assert len(pids) == 2
-    in_flight = asyncio.create_task(post(daemon.url, {"prompt": "[[sleep:1.5]] [[reply:finished anyway]]"}))
-    async with asyncio.timeout(10):
-        while (await daemon.status())["in_flight"] != 1:
-            await asyncio.sleep(0.02)
+    in_flight = await daemon.start_request("[[sleep:1.5]] [[reply:finished anyway]]")
     daemon.proc.send_signal(signal.SIGTERM)
     await asyncio.sleep(0.2)
     late_status, late = await post(daemon.url, {"prompt": "too late"})
@@ -129,10 +126,7 @@ async def test_drain_deadline_answers_stragglers_with_draining(
 ) -> None:
     daemon = await start_daemon("--config", str(write_config(tmp_path, drain_timeout_s=0.5)))
     pids = await daemon.worker_pids()
-    stuck = asyncio.create_task(post(daemon.url, {"prompt": "[[hang]]"}))
-    async with asyncio.timeout(10):
-        while (await daemon.status())["in_flight"] != 1:
-            await asyncio.sleep(0.02)
+    stuck = await daemon.start_request("[[hang]]")
     daemon.proc.send_signal(signal.SIGTERM)
     status, body = await stuck
     assert (status, body["error"]["code"]) == (503, "draining")
@@ -145,10 +139,7 @@ async def test_second_signal_forces_exit(
 ) -> None:
     daemon = await start_daemon("--config", str(write_config(tmp_path, drain_timeout_s=60)))
     pids = await daemon.worker_pids()
-    stuck = asyncio.create_task(post(daemon.url, {"prompt": "[[hang]]"}))
-    async with asyncio.timeout(10):
-        while (await daemon.status())["in_flight"] != 1:
-            await asyncio.sleep(0.02)
+    stuck = await daemon.start_request("[[hang]]")
     daemon.proc.send_signal(signal.SIGTERM)
     await asyncio.sleep(0.3)
     assert daemon.proc.returncode is None  # still draining: the deadline is a minute away
@@ -165,10 +156,7 @@ async def test_sigkill_of_the_daemon_leaves_no_worker(
     tmp_path: Path, start_daemon: Callable[..., Awaitable[DaemonProcess]]
 ) -> None:
     daemon = await start_daemon("--config", str(write_config(tmp_path)))
-    stuck = asyncio.create_task(post(daemon.url, {"prompt": "[[hang]]"}))
-    async with asyncio.timeout(10):
-        while (await daemon.status())["in_flight"] != 1:
-            await asyncio.sleep(0.02)
+    stuck = await daemon.start_request("[[hang]]")
     pids = await daemon.worker_pids()
     assert len(pids) >= 2
     daemon.proc.kill()

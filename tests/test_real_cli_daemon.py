@@ -79,10 +79,7 @@ async def test_sigkill_of_a_real_cli_daemon_leaves_no_worker(
 ) -> None:
     extra = f'\n[profiles.default]\nenv = {{ ANTHROPIC_BASE_URL = "{upstream.base_url}", ANTHROPIC_API_KEY = "x" }}\n'
     daemon = await start_daemon("--config", str(write_config(tmp_path, claude_bin=real_claude, extra=extra)))
-    stuck = asyncio.create_task(post(daemon.url, {"prompt": "[[stall]]"}))
-    async with asyncio.timeout(20):
-        while (await daemon.status())["in_flight"] != 1:
-            await asyncio.sleep(0.05)
+    stuck = await daemon.start_request("[[stall]]", timeout_s=20)
     pids = await daemon.worker_pids()
     assert len(pids) >= 2
     daemon.proc.send_signal(signal.SIGKILL)

@@ -92,54 +92,45 @@ class PromptFrame(PromptRequest):
     key: str
 
 
-class CancelFrame(BaseModel):
-    """Cancel the request ``target`` sent earlier on the same connection."""
-
+class _Frame(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = _ID
+
+
+class _KeyedFrame(_Frame):
+    key: str
+
+
+class CancelFrame(_Frame):
+    """Cancel the request ``target`` sent earlier on the same connection."""
+
     op: Literal["cancel"]
     target: str = _ID
 
 
-class StatusFrame(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    id: str = _ID
+class StatusFrame(_KeyedFrame):
     op: Literal["status"]
-    key: str
 
 
-class UsageFrame(BaseModel):
+class UsageFrame(_KeyedFrame):
     """Usage for one window, as ``GET /v1/usage`` answers it."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    id: str = _ID
     op: Literal["usage"]
-    key: str
     tenant: str | None = None
     window: Literal["day", "month"] = "day"
     date: str | None = None
 
 
-class SessionCreateFrame(BaseModel):
+class SessionCreateFrame(_KeyedFrame):
     """Start a conversation; answered by a ``session`` frame carrying its ``session`` id."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    id: str = _ID
     op: Literal["session.create"]
-    key: str
     profile: str | None = None
 
 
-class SessionDeleteFrame(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    id: str = _ID
+class SessionDeleteFrame(_KeyedFrame):
     op: Literal["session.delete"]
-    key: str
     session: str
 
 

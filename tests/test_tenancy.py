@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,12 @@ import orjson
 import psutil
 import pytest
 
+from claudepool.config import MeteringSettings, Settings
+from claudepool.store.base import UsageRecord
+from claudepool.store.memory import MemoryStore
+from claudepool.tenancy.budgets import PricingTable
+from claudepool.tenancy.limits import RateLimiter
+from claudepool.tenancy.metering import Meter
 from tests.daemon_fixtures import ADMIN_KEY, KEYS, RunningDaemon, make_daemon
 from tests.helpers import inside_one_minute, until
 
@@ -274,3 +281,34 @@ async def test_batch_runs_only_on_spare_capacity(make_daemon: MakeDaemon) -> Non
     assert status == 200
     assert body["queue_ms"] < 250  # it took the spare worker, ahead of three queued batch requests
     assert all(r[0] == 200 for r in await asyncio.gather(*batch))
+
+
+async def test_a_full_usage_buffer_drops_the_oldest_waiting_record_never_the_one_being_settled() -> None:
+    class GatedStore(MemoryStore):
+        """A real memory store whose settles wait for a gate: the store is slow to come back."""
+
+        gate = asyncio.Event()
+
+        async def settle(self, record: UsageRecord) -> bool:
+            await self.gate.wait()
+            return await super().settle(record)
+
+    store = GatedStore()
+    meter = Meter(store, RateLimiter(), PricingTable.of(Settings().pricing), MeteringSettings(max_buffered_records=2))
+    flusher = asyncio.create_task(meter.run())
+    try:
+        def record(n: int) -> UsageRecord:
+            return UsageRecord(record_id=f"r{n}", request_id=f"q{n}", tenant="acme", profile="default",
+                               model="m", outcome="ok", at=time.time(), output_tokens=n)
+
+        meter._submit(record(1))
+        await until(lambda: meter._applying is not None, 5)  # r1 is on its way to the store
+        for n in (2, 3, 4):
+            meter._submit(record(n))  # r2 is the oldest waiting when r4 arrives: it is the one dropped
+        store.gate.set()
+        assert await meter.flush(5)
+        assert [r.record_id for r in await store.ledger("acme")] == ["r1", "r3", "r4"]
+        assert (meter.dropped, meter.settled) == (1, 3)
+    finally:
+        flusher.cancel()
+

@@ -77,6 +77,7 @@ class Meter:
         self.settled = 0
         self.store_failures = 0
         self.dropped = 0
+        self._applying: _Op | None = None
         self.price_mismatches = 0
 
     @property
@@ -147,7 +148,7 @@ class Meter:
                 self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
-            op = self._pending[0]
+            op = self._applying = self._pending[0]
             try:
                 await self._apply(op)
             except StoreError as exc:
@@ -156,8 +157,10 @@ class Meter:
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, _BACKOFF_MAX_S)
                 continue
+            finally:
+                self._applying = None
             backoff_s = 0.2
-            self._pending.popleft()
+            self._pending.popleft()  # `_enqueue` never drops the record being applied: this is `op`
 
     async def flush(self, timeout_s: float) -> bool:
         """Wait until every queued record reached the store; False if ``timeout_s`` passed first."""
@@ -192,8 +195,11 @@ class Meter:
         self._enqueue(record)
 
     def _enqueue(self, op: _Op) -> None:
-        if len(self._pending) >= self.settings.max_buffered_records:
-            lost = self._pending.popleft()
+        # The record on its way to the store right now stays at the head, outside the bound.
+        head = 1 if self._applying is not None else 0
+        if len(self._pending) - head >= self.settings.max_buffered_records:
+            lost = self._pending[head]
+            del self._pending[head]
             self.dropped += 1
             log.error("usage buffer full while the store is down; dropping the oldest: %s",
                       orjson.dumps(lost.to_dict() if isinstance(lost, UsageRecord) else vars(lost)).decode())

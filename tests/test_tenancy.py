@@ -312,3 +312,23 @@ async def test_a_full_usage_buffer_drops_the_oldest_waiting_record_never_the_one
     finally:
         flusher.cancel()
 
+
+async def test_a_request_cancelled_while_reserving_gives_the_reservation_back(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(tenants={"acme": {"daily_budget_usd": 1.0}}, pricing=FAKE_PRICING)
+    memory = d.daemon.store.inner
+    made = asyncio.Event()
+    real_reserve = memory.reserve
+
+    async def reserve_then_lose_the_reply(*args: Any, **kwargs: Any) -> None:
+        await real_reserve(*args, **kwargs)  # the store made it, as a remote store would ...
+        made.set()
+        await asyncio.Event().wait()  # ... but its reply never comes
+
+    memory.reserve = reserve_then_lose_the_reply  # type: ignore[method-assign]  # a fault in a real store
+    client = asyncio.create_task(post(d, {"prompt": "hello"}))
+    await asyncio.wait_for(made.wait(), 5)
+    assert (await d.daemon.store.budget("acme")).reserved_usd > 0
+    client.cancel()  # the client gives up: its handler is cancelled in the middle of reserving
+    async with asyncio.timeout(5):
+        while (await d.daemon.store.budget("acme")).reserved_usd > 0:
+            await asyncio.sleep(0.02)

@@ -161,12 +161,23 @@ class PromptService:
             request_id = request_id or new_request_id()
             pool = pools[profile]
             model = pool.profile.model or "default"
+            timeout_s = min(request.timeout_s or self.limits.default_timeout_s, self.limits.max_timeout_s)
             reservation_id = None
             if tenant.has_budget:
                 amount = self.pricing.reservation_usd(model, size, self.metering)
-                await self.store.reserve(tenant.name, request_id, amount, daily_limit_usd=tenant.daily_budget_usd,
-                                         monthly_limit_usd=tenant.monthly_budget_usd,
-                                         ttl_s=self.limits.reservation_ttl_s)
+                # It must outlive the request (queue wait and turn), or others could spend it meanwhile.
+                wait_s = tenant.max_queue_wait_s or pool.config.lease_timeout_s
+                ttl_s = max(self.limits.reservation_ttl_s, wait_s + timeout_s + 60)
+                try:
+                    await self.store.reserve(tenant.name, request_id, amount, daily_limit_usd=tenant.daily_budget_usd,
+                                             monthly_limit_usd=tenant.monthly_budget_usd, ttl_s=ttl_s)
+                except BudgetExhausted:
+                    raise
+                except BaseException:
+                    # Cancelled or failed mid-call, the reservation may exist: give it back (idempotent).
+                    self.meter.release(RequestContext(request_id=request_id, tenant=tenant.name, profile=profile,
+                                                      model=model, reservation_id=request_id))
+                    raise
                 reservation_id = request_id
         except TenancyError as exc:
             self.rejections[(tenant.name, exc.code)] += 1
@@ -174,7 +185,6 @@ class PromptService:
                 self.metrics.rejected(tenant.name, _rejection_kind(exc))
                 self.metrics.request_done(tenant.name, exc.code, None, None)
             raise
-        timeout_s = min(request.timeout_s or self.limits.default_timeout_s, self.limits.max_timeout_s)
         context = RequestContext(request_id=request_id, tenant=tenant.name, profile=profile, model=model,
                                  reservation_id=reservation_id, session=request.session)
         return Admission(request_id, tenant, request, pool, timeout_s, context)

@@ -217,6 +217,9 @@ async def test_limits_close_a_session(make_daemon: MakeDaemon) -> None:
     status, body = await say(d, sid, "three")
     assert (status, body["error"]["code"]) == (409, "session_limit_reached")
     assert "max_turns (2)" in body["error"]["message"]
+    # Closed means closed: its worker went back to the pool, and parking everything cannot revive it.
+    assert d.daemon.sessions.counts()["active_here"] == 0
+    await d.daemon.sessions.park_all()
     status, body = await say(d, sid, "four")
     assert (status, body["error"]["code"]) == (410, "session_closed")
     status, view = await call(d, "GET", f"/v1/sessions/{sid}")

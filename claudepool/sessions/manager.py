@@ -271,6 +271,7 @@ class SessionManager:
             reached = f"max_context_tokens ({limits.max_context_tokens})"
         if reached is None:
             return record
+        self._unbind(record.id)  # the worker, and its copy of the conversation, go back to the pool
         await self._close(record, f"limit: {reached}")
         if not self.config.rollover:
             raise SessionLimitReached(f"session {record.id} reached {reached} and is closed")
@@ -331,12 +332,16 @@ class SessionManager:
     async def park_all(self) -> None:
         """At shutdown: every session keeps its checkpoint and can resume after a restart."""
         for session_id in list(self._bindings):
-            with contextlib.suppress(ClaudepoolError):
-                binding = self._bindings.get(session_id)
-                if binding is not None:
-                    async with asyncio.timeout(10):
-                        async with binding.lock:
-                            await self._park(binding)
+            binding = self._bindings.get(session_id)
+            if binding is None:
+                continue
+            try:
+                async with asyncio.timeout(10):
+                    async with binding.lock:
+                        await self._park(binding)
+            except (ClaudepoolError, TimeoutError, OSError) as exc:
+                # Its last checkpoint stays; the rest of shutdown must go on.
+                log.warning("session %s: not parked cleanly at shutdown: %r", session_id, exc)
 
     async def maintain(self) -> None:
         """Park idle sessions and sessions others wait for (every ``maintenance_interval_s``); expire,
@@ -349,8 +354,8 @@ class SessionManager:
                 if time.monotonic() - last_sweep >= self.config.sweep_interval_s:
                     last_sweep = time.monotonic()
                     await self.sweep()
-            except ClaudepoolError as exc:
-                log.warning("session maintenance failed: %s", exc)
+            except (ClaudepoolError, OSError) as exc:  # a full disk or a racing delete: try again next round
+                log.warning("session maintenance failed: %r", exc)
 
     async def park_some(self) -> None:
         now = time.time()

@@ -422,3 +422,13 @@ async def test_cancelled_close_still_closes_everything(make_pool: Callable[..., 
     await pool.close()  # joins the shutdown that kept going
     assert all(pid_gone(pid) for pid in pids)
     assert pool.workers() == []
+
+
+async def test_a_resume_after_the_pool_closed_starts_no_process(make_pool: Callable[..., Pool],
+                                                                fake_profile: Profile) -> None:
+    pool = make_pool(fake_profile, min_idle=1, max_workers=1)
+    lease = await pool.acquire("a")
+    await pool.close()  # shutdown stops every worker it knows of, the leased one included
+    with pytest.raises(PoolClosed):
+        await pool.respawn_leased(lease, extra_args=("--resume", "s1"))
+    assert pool.workers() == []  # nothing was started that nobody would stop

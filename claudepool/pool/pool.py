@@ -477,6 +477,9 @@ class Pool:
         old = lease.worker
         if lease.released or old.in_turn() or old.dirty:
             raise PoolClosed("only a fresh lease's worker can be replaced")
+        if self._closed:
+            # `_close` has already listed the workers to stop: a process started now would outlive it.
+            raise PoolClosed(f"pool {self.profile.name} is closed")
         new = Worker(
             self.profile.with_args(*extra_args),
             timeouts=self.config.timeouts,

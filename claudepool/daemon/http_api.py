@@ -14,6 +14,7 @@ plain HTTP error with its real status; after that, failures arrive as one ``even
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -92,7 +93,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return json_response({"error": {"code": "internal_error", "message": "internal error"}}, status=500)
+        return error_response(ClaudepoolError("internal error"))
 
 
 async def _read_request(request: web.Request) -> PromptRequest:
@@ -128,10 +129,16 @@ async def _prompt(request: web.Request) -> web.StreamResponse:
 
     try:
         answer: PromptResult = await daemon.service.run(admission, on_delta)
-    except ClaudepoolError as exc:
+    except Exception as exc:
         if stream is None:
             raise
-        await stream.send(orjson.dumps(error_body(exc)).decode(), event="error")
+        # The stream is open, so it must end with one error event, never a second HTTP response.
+        if not isinstance(exc, ClaudepoolError):
+            if not isinstance(exc, ConnectionResetError):  # the client left: nothing to tell anyone
+                log.exception("unhandled error in a streamed %s %s", request.method, request.path)
+            exc = ClaudepoolError("internal error")
+        with contextlib.suppress(ConnectionResetError):
+            await stream.send(orjson.dumps(error_body(exc)).decode(), event="error")
     else:
         await (await opened()).send(answer.model_dump_json(), event="result")
     assert stream is not None

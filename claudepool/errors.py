@@ -144,6 +144,10 @@ class RateLimited(TenancyError):
     status = 429
     retry_after_s = 1.0
 
+    def __init__(self, *args: object, kind: str, retry_after_s: float | None = None) -> None:
+        super().__init__(*args, retry_after_s=retry_after_s)
+        self.kind = kind  # requests_per_minute | tokens_per_minute
+
 
 class BudgetExhausted(TenancyError):
     """The tenant's daily or monthly budget cannot cover this request's reservation."""

@@ -93,7 +93,7 @@ class _Trace:
 
 def _rejection_kind(exc: TenancyError) -> str:
     if isinstance(exc, RateLimited):
-        return "tokens_per_minute" if "tokens per minute" in str(exc) else "requests_per_minute"
+        return exc.kind
     if isinstance(exc, BudgetExhausted):
         return "budget"
     return "queue_full"

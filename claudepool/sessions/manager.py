@@ -61,8 +61,6 @@ _SESSION_ID = re.compile(r"^s_[A-Za-z0-9_-]{8,64}$")
 # (a crashed daemon), another daemon may resume it from its checkpoint.
 _OWNERSHIP_GRACE_S = 30.0
 
-Drive = Callable[[Lease], Awaitable[TurnResult]]
-
 
 @dataclass
 class _Binding:

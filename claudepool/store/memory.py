@@ -39,7 +39,6 @@ class MemoryStore:
         self._usage: dict[tuple[str, str], dict[str, UsageTotals]] = defaultdict(dict)
         self._settled: dict[str, float] = {}
         self._ledger: deque[UsageRecord] = deque(maxlen=ledger_max_records)
-        self.ledger_dropped = 0
         self._sessions: dict[tuple[str, str], SessionRecord] = {}
         self._last_pruned_at = 0.0
 
@@ -72,8 +71,6 @@ class MemoryStore:
         for bucket in (f"d:{day_key(record.at)}", f"m:{month_key(record.at)}"):
             self._spend[(record.tenant, bucket)] += record.cost_usd
             self._usage[(record.tenant, bucket)].setdefault(record.model, UsageTotals()).add(record)
-        if len(self._ledger) == self._ledger.maxlen:
-            self.ledger_dropped += 1
         self._ledger.append(record)
         return True
 

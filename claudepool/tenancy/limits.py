@@ -49,7 +49,6 @@ class RateLimiter:
     daemon on that Redis (call `close` to drop its connections)."""
 
     def __init__(self, store_url: str = "", *, key_prefix: str = "cp", socket_timeout_s: float = 2.0) -> None:
-        self.key_prefix = key_prefix
         self._deadline_s = 2 * socket_timeout_s
         self._local = SlidingWindowCounterRateLimiter(MemoryStorage())
         self._shared: SlidingWindowCounterRateLimiter | None = None
@@ -64,7 +63,6 @@ class RateLimiter:
                                    key_prefix=f"{key_prefix}:limits", connection_pool=self._pool)  # type: ignore[arg-type]  # documented, typed as scalars
             self._shared = SlidingWindowCounterRateLimiter(storage)
         self.fallbacks = 0
-        self.rejections: dict[tuple[str, str], int] = {}
         self._last_fallback_log = 0.0
 
     async def check(self, tenant: str, *, requests_per_minute: int, tokens_per_minute: int) -> None:
@@ -117,10 +115,9 @@ class RateLimiter:
             return await call
 
     async def _reject(self, tenant: str, kind: str, item: RateLimitItem, key: str, why: str) -> None:
-        self.rejections[(tenant, kind)] = self.rejections.get((tenant, kind), 0) + 1
         stats = await self._stats(item, tenant, key)
         wait_s = max(1.0, math.ceil(stats.reset_time - time.time()))
-        raise RateLimited(f"rate limited: {why}", retry_after_s=wait_s)
+        raise RateLimited(f"rate limited: {why}", kind=kind, retry_after_s=wait_s)
 
     def _fell_back(self, exc: BaseException) -> None:
         self.fallbacks += 1

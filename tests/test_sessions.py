@@ -283,6 +283,26 @@ async def test_transcript_disk_use_is_measured_and_bounded(make_daemon: MakeDaem
     assert (tmp_path / "sessions" / "acme" / f"{new}.jsonl").exists()
 
 
+async def test_the_disk_bound_never_closes_a_session_that_resumed_after_its_listing(make_daemon: MakeDaemon,
+                                                                                   tmp_path: Path) -> None:
+    d = await make_daemon(**sessions_config(park_idle_s=600))
+    sid = await new_session(d)
+    await say(d, sid, "remember OSPREY-8 " + "x" * 1500)
+    sessions = d.daemon.sessions
+    listing = await sessions.store.session_list(None)
+    for record in listing:
+        record.state = "parked"  # as listed just before the session resumed
+
+    async def stale_listing(tenant: str | None = None) -> list[Any]:
+        return listing
+
+    sessions.store.session_list = stale_listing  # type: ignore[method-assign]  # the race, made certain
+    await sessions._shrink(10**9)
+    assert (await call(d, "GET", f"/v1/sessions/{sid}"))[1]["where"]["state"] == "active"
+    assert (tmp_path / "sessions" / "acme" / f"{sid}.jsonl").exists()
+    assert "OSPREY-8" in (await say(d, sid, "[[echo]]"))[1]["text"]
+
+
 async def test_sessions_over_the_unix_socket(make_daemon: MakeDaemon) -> None:
     d = await make_daemon(**sessions_config())
     reader, writer = await asyncio.open_unix_connection(d.socket)

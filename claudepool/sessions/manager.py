@@ -380,8 +380,12 @@ class SessionManager:
                 if lock.locked():
                     continue  # a turn is running right now: not idle after all
                 async with lock:
+                    # The listing may be stale by now: act on the record as it is.
+                    fresh = await self.store.session_get(record.tenant, record.id)
+                    if fresh is None or fresh.state == "closed" or now - fresh.last_used_at < self.config.ttl_s:
+                        continue
                     self._unbind(record.id)
-                    await self._close(record, "expired")
+                    await self._close(fresh, "expired")
                 self.events["expired"] += 1
             elif record.state == "closed" and record.closed_at is not None and (
                     now - record.closed_at >= self.config.retention_s):
@@ -401,9 +405,19 @@ class SessionManager:
             if excess <= 0:
                 break
             path = self._transcript(record)
-            size = path.stat().st_size if path.exists() else 0
             if record.state == "parked":
-                await self._close(record, "disk")
+                lock = self._lock(record.id)
+                if lock.locked() or record.id in self._bindings:
+                    continue  # resuming or active here: an active session is never evicted
+                async with lock:
+                    fresh = await self.store.session_get(record.tenant, record.id)
+                    if fresh is None or fresh.state != "parked":
+                        continue  # resumed (here or on another daemon) since the listing
+                    await self._close(fresh, "disk")
+            try:
+                size = path.stat().st_size
+            except OSError:
+                continue  # deleted meanwhile
             path.unlink(missing_ok=True)
             excess -= size
 

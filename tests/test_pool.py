@@ -13,9 +13,10 @@ import pytest
 
 from claudepool.errors import PoolClosed, PoolTimeout, PoolUnhealthy, TurnStalled, WorkerDied
 from claudepool.pool.memory import MiB
-from claudepool.pool.pool import BreakerState, Lease, Pool
+from claudepool.pool.pool import BreakerState, Lease, Pool, PoolConfig
 from claudepool.pool.profile import Profile
 from claudepool.pool.worker import TurnResult, WorkerTimeouts
+from claudepool.tenancy.scheduler import Priority, TenantSlots
 from tests.helpers import collect, pid_gone, until
 
 TIMEOUTS = WorkerTimeouts(
@@ -432,3 +433,23 @@ async def test_a_resume_after_the_pool_closed_starts_no_process(make_pool: Calla
     with pytest.raises(PoolClosed):
         await pool.respawn_leased(lease, extra_args=("--resume", "s1"))
     assert pool.workers() == []  # nothing was started that nobody would stop
+
+
+async def test_the_batch_share_is_of_each_pool_not_of_every_pool_sharing_the_tenant_slots(
+        fake_profile: Profile, tmp_path: Path, pool_defaults: dict[str, Any]) -> None:
+    # As the daemon builds them: a profile's stateless pool and its session pool share the slots.
+    slots = TenantSlots()
+    config = PoolConfig(**{**pool_defaults, "min_idle": 2, "max_workers": 2, "batch_max_share": 0.5,
+                           "workdir": tmp_path / "w"})
+    stateless, sessions = Pool(fake_profile, config, slots=slots), Pool(fake_profile, config, slots=slots)
+    try:
+        await asyncio.gather(stateless.start(), sessions.start())
+        await asyncio.gather(stateless.wait_ready(10), sessions.wait_ready(10))
+        held = await sessions.acquire("a", priority=Priority.BATCH)  # the session pool's one batch lease
+        other = await stateless.acquire("b", timeout_s=2, priority=Priority.BATCH)  # this pool's own
+        with pytest.raises(PoolTimeout):  # and its share is still one: a second waits
+            await stateless.acquire("c", timeout_s=0.3, priority=Priority.BATCH)
+        held.release()
+        other.release()
+    finally:
+        await asyncio.gather(stateless.close(), sessions.close())

@@ -254,7 +254,10 @@ class Pool:
         self._closing: set[Worker] = set()
         # Leases held per tenant, shared by every pool of a daemon (max_concurrency spans profiles).
         self._slots = slots or TenantSlots()
-        self._queue: FairQueue[_Waiter] = FairQueue(self._slots, batch_max_running=self._batch_room)
+        # batch_max_share is of this pool: count this pool's batch leases, not every pool's.
+        self._batch_leased = 0
+        self._queue: FairQueue[_Waiter] = FairQueue(self._slots, batch_max_running=self._batch_room,
+                                                    batch_running=lambda: self._batch_leased)
         self._slots.add_listener(self._on_tenant_released)
         self._turn_limits: dict[Worker, int] = {}
         self._recycle_on_release: set[Worker] = set()
@@ -508,6 +511,8 @@ class Pool:
         if lease.released:
             return
         lease.released = True
+        if lease.priority is Priority.BATCH:
+            self._batch_leased -= 1
         worker = lease.worker
         if self._leased.pop(worker, None) is not None:
             self._returned.append(worker)
@@ -595,6 +600,8 @@ class Pool:
             worker.on_result = lease._record
             self._leased[worker] = lease
             self._slots.acquire(waiter.tenant, waiter.priority)
+            if waiter.priority is Priority.BATCH:
+                self._batch_leased += 1
             self.stats.leases += 1
             waiter.future.set_result(lease)
 

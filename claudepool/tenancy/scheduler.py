@@ -268,9 +268,12 @@ class FairQueue(Generic[T]):
     True
     """
 
-    def __init__(self, slots: TenantSlots, *, batch_max_running: Callable[[], int]) -> None:
+    def __init__(self, slots: TenantSlots, *, batch_max_running: Callable[[], int],
+                 batch_running: Callable[[], int] | None = None) -> None:
         self._slots = slots
         self._batch_max_running = batch_max_running
+        # What the cap counts: by default every BATCH lease on the slots; a pool passes its own.
+        self._batch_running = batch_running or slots.batch_running
         self._tenants: dict[str, _Tenant[T]] = {}
         self._clocks: tuple[_Clock[T], _Clock[T]] = (_Clock(), _Clock())
         self._seq = itertools.count()
@@ -305,7 +308,7 @@ class FairQueue(Generic[T]):
         at its cap), its INTERACTIVE requests first; BATCH requests count only up to the room left
         under ``batch_max_running()``. O(1).
         """
-        batch_room = max(0, self._batch_max_running() - self._slots.batch_running())
+        batch_room = max(0, self._batch_max_running() - self._batch_running())
         return self._eligible_interactive + min(self._eligible_batch, batch_room)
 
     def waiting(self, tenant: str) -> int:
@@ -380,7 +383,7 @@ class FairQueue(Generic[T]):
         (`TenantSlots.acquire`) once it has a worker for the item.
         """
         served = self._pop_from(0)
-        if served is None and self._slots.batch_running() < self._batch_max_running():
+        if served is None and self._batch_running() < self._batch_max_running():
             served = self._pop_from(1)
         if served is None:
             return None

@@ -41,6 +41,10 @@ class FrameTooLarge(ProtocolError):
     code = "frame_too_large"
     status = 413
 
+    def __init__(self, *args: object, head: bytes = b"") -> None:
+        super().__init__(*args)
+        self.head = head  # the line's first bytes: enough to find the id the answer belongs to
+
 
 class CorruptFrame(ProtocolError):
     """A line was not a JSON object, or not a valid event of its type."""

@@ -266,3 +266,13 @@ async def test_a_conversation_through_the_client(make_daemon: MakeDaemon, transp
         with pytest.raises(RemoteError) as gone:
             await client.prompt("again", session=session["id"])
         assert gone.value.remote_code == "not_found"
+
+
+async def test_a_prompt_over_the_socket_frame_limit_is_an_error_not_a_hang(make_daemon: MakeDaemon) -> None:
+    # The socket frame limit is below the prompt limit here, as when an operator lowers it.
+    d = await make_daemon(server={"max_frame_bytes": 4096})
+    async with async_client(d, "socket") as client, asyncio.timeout(15):
+        with pytest.raises(RemoteError) as refused:
+            await client.prompt("[[reply:never]] " + "x" * 20_000)
+        assert refused.value.remote_code == "frame_too_large"
+        assert (await client.prompt("[[reply:still here]]")).text == "still here"  # the connection lives on

@@ -297,16 +297,30 @@ async def test_oversize_frames_are_refused_and_skipped_whole(make_daemon: MakeDa
                 if end < len(line):
                     await asyncio.sleep(0.05)
             error = await c.next()
-            assert error == {"id": None, "event": "error", "code": "frame_too_large", "message": error["message"]}
+            # Answered under the id the oversize frame starts with, so a client waiting on it hears back.
+            assert error == {"id": f"{tag}-0", "event": "error", "code": "frame_too_large",
+                             "message": error["message"]}
             assert "4096" in error["message"]
             # A valid frame right after the oversize line is served, on the same connection.
             await c.send(prompt(f"ok-{tag}", "[[reply:still here]]"))
             result = (await c.until_terminals(f"ok-{tag}"))[f"ok-{tag}"][-1]
             assert (result["event"], result["text"]) == ("result", "still here")
         await c.barrier()
-    assert [f["id"] for f in c.frames] == [None, "ok-whole", None, "ok-split-small", None, "ok-split-large",
-                                           "barrier-1"]
+    assert [f["id"] for f in c.frames] == ["whole-0", "ok-whole", "split-small-0", "ok-split-small",
+                                           "split-large-0", "ok-split-large", "barrier-1"]
     assert d.pool().stats.turns == 3  # the smuggled prompts never reached a worker
+
+
+async def test_an_oversize_frame_reusing_an_id_in_flight_does_not_answer_that_request(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(server={"max_frame_bytes": 4096})
+    async with connect(d) as c:
+        await c.send(prompt("r1", "[[sleep:0.5]] [[reply:done]]"))
+        await until(lambda: d.daemon.service.in_flight == 1, 5)
+        await c.send(orjson.dumps(prompt("r1", "x" * 10_000)) + b"\n")
+        error = await c.next()
+        assert (error["id"], error["code"]) == (None, "frame_too_large")
+        answers = (await c.until_terminals("r1"))["r1"]
+        assert [(f["event"], f.get("text")) for f in answers] == [("result", "done")]  # one answer, its own
 
 
 async def test_blank_lines_are_ignored(make_daemon: MakeDaemon) -> None:

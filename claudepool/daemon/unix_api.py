@@ -38,6 +38,7 @@ from claudepool.protocol.wire import (
     describe_validation_error,
     error_frame,
     event_frame,
+    leading_frame_id,
     result_frame,
 )
 
@@ -122,7 +123,9 @@ class _Connection:
             while chunk := await reader.read(_READ_CHUNK_BYTES):
                 for line in framer.feed_lenient(chunk):
                     if isinstance(line, FrameTooLarge):
-                        self.send(error_frame(None, line))
+                        frame_id = leading_frame_id(line.head)
+                        # Never a second answer to a request already in flight under that id.
+                        self.send(error_frame(None if frame_id in self.requests else frame_id, line))
                     elif line.strip():
                         await self.handle(line)
         except (ConnectionError, OSError):

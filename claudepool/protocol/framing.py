@@ -22,6 +22,10 @@ from claudepool.errors import CorruptFrame, FrameTooLarge
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 
 
+# How much of an oversize line is kept, to tell whose it was (the id a client writes first).
+_HEAD_BYTES = 256
+
+
 class LineFramer:
     """Splits a byte stream into lines (without the newline), bounded by ``max_line_bytes``."""
 
@@ -76,7 +80,7 @@ class LineFramer:
                 return out
             size = len(self._buf) + nl - start
             if size > self.max_line_bytes:
-                out.append(self._line_overflow(size))
+                out.append(self._line_overflow(size, bytes(self._buf[:_HEAD_BYTES])))
             else:
                 self._buf += chunk[start:nl]
                 out.append(bytes(self._buf))
@@ -86,7 +90,10 @@ class LineFramer:
             nl = chunk.find(b"\n", start)
             if nl < 0:
                 break
-            out.append(chunk[start:nl] if nl - start <= self.max_line_bytes else self._line_overflow(nl - start))
+            if nl - start <= self.max_line_bytes:
+                out.append(chunk[start:nl])
+            else:
+                out.append(self._line_overflow(nl - start, chunk[start:start + _HEAD_BYTES]))
             start = nl + 1
         if start < len(chunk):
             self._buf += chunk[start:]
@@ -94,15 +101,15 @@ class LineFramer:
                 out.append(self._pending_overflow())
         return out
 
-    def _line_overflow(self, size: int) -> FrameTooLarge:
-        return FrameTooLarge(f"line of {size} bytes exceeds the limit of {self.max_line_bytes} bytes")
+    def _line_overflow(self, size: int, head: bytes) -> FrameTooLarge:
+        return FrameTooLarge(f"line of {size} bytes exceeds the limit of {self.max_line_bytes} bytes", head=head)
 
     def _pending_overflow(self) -> FrameTooLarge:
-        size = len(self._buf)
+        size, head = len(self._buf), bytes(self._buf[:_HEAD_BYTES])
         self._buf.clear()
         self._skipping = True
         return FrameTooLarge(
-            f"unterminated line of over {size} bytes exceeds the limit of {self.max_line_bytes} bytes"
+            f"unterminated line of over {size} bytes exceeds the limit of {self.max_line_bytes} bytes", head=head
         )
 
 

@@ -17,6 +17,7 @@ Every accepted request ends in exactly one terminal frame: ``result`` or ``error
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -136,6 +137,16 @@ class SessionDeleteFrame(_KeyedFrame):
 
 Frame = Annotated[PromptFrame | CancelFrame | StatusFrame | UsageFrame | SessionCreateFrame | SessionDeleteFrame,
                   Field(discriminator="op")]
+
+
+_LEADING_ID = re.compile(rb'^\s*\{\s*"id"\s*:\s*"([\x21\x23-\x5b\x5d-\x7e]{1,128})"')
+
+
+def leading_frame_id(head: bytes) -> str | None:
+    """The id of a frame that was too large to parse, when it is the frame's first key (as our
+    client writes it): so its error answers the request that waits for it."""
+    found = _LEADING_ID.match(head)
+    return found.group(1).decode() if found else None
 
 
 def delta_frame(frame_id: str, text: str) -> bytes:

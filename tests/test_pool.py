@@ -453,3 +453,4 @@ async def test_the_batch_share_is_of_each_pool_not_of_every_pool_sharing_the_ten
         other.release()
     finally:
         await asyncio.gather(stateless.close(), sessions.close())
+

@@ -186,7 +186,6 @@ class Lease:
         self.priority = priority
         self.queued_s = queued_s
         self.acquired_at = time.monotonic()
-        self.results: list[TurnResult] = []
         self.turns_started = 0
         self.released = False
         # Whatever the caller wants the turn-result and lease-done callbacks to see (the metering
@@ -214,7 +213,6 @@ class Lease:
         self.pool._release(self)
 
     def _record(self, result: TurnResult) -> None:
-        self.results.append(result)
         self.pool._on_result(self, result)
 
 

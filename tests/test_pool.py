@@ -454,3 +454,20 @@ async def test_the_batch_share_is_of_each_pool_not_of_every_pool_sharing_the_ten
     finally:
         await asyncio.gather(stateless.close(), sessions.close())
 
+
+async def test_a_failing_lease_callback_still_gives_the_tenant_its_slot_back(
+        fake_profile: Profile, tmp_path: Path, pool_defaults: dict[str, Any]) -> None:
+    def broken_meter(lease: Lease) -> None:
+        raise RuntimeError("a bug in a callback")
+
+    slots = TenantSlots()
+    pool = Pool(fake_profile, PoolConfig(**{**pool_defaults, "min_idle": 1, "max_workers": 1,
+                                            "workdir": tmp_path / "w"}), slots=slots, on_lease_done=broken_meter)
+    try:
+        await pool.start()
+        lease = await pool.acquire("a", timeout_s=5)
+        with pytest.raises(RuntimeError, match="a bug in a callback"):
+            lease.release()
+        assert slots.running("a") == 0  # not capped for good
+    finally:
+        await pool.close()

@@ -514,13 +514,16 @@ class Pool:
         worker = lease.worker
         if self._leased.pop(worker, None) is not None:
             self._returned.append(worker)
-        if worker.in_turn():
-            self._unsettled[worker] = lease  # its result may still arrive, drained by _clean
-        else:
-            self._settle_lease(lease)
-        self._step()
-        # Every pool sharing the slots steps again: this tenant may now be under its cap elsewhere.
-        self._slots.release(lease.tenant, lease.priority)
+        try:
+            if worker.in_turn():
+                self._unsettled[worker] = lease  # its result may still arrive, drained by _clean
+            else:
+                self._settle_lease(lease)  # runs the lease-done callback
+            self._step()
+        finally:
+            # Whatever a callback raised, the tenant's slot is given back (or it stays capped for good);
+            # every pool sharing the slots steps again: this tenant may now be under its cap elsewhere.
+            self._slots.release(lease.tenant, lease.priority)
 
     def _on_result(self, lease: Lease, result: TurnResult) -> None:
         self.stats.turns += 1

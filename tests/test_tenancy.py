@@ -335,3 +335,22 @@ async def test_a_request_cancelled_while_reserving_gives_the_reservation_back(ma
     async with asyncio.timeout(5):
         while (await d.daemon.store.budget("acme")).reserved_usd > 0:
             await asyncio.sleep(0.02)
+
+
+async def test_a_drain_sees_a_request_still_being_admitted_and_answers_it(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(tenants={"acme": {"daily_budget_usd": 1.0}}, pricing=FAKE_PRICING,
+                          server={"drain_timeout_s": 0.5})
+    memory = d.daemon.store.inner
+    reserving = asyncio.Event()
+
+    async def slow_reserve(*args: Any, **kwargs: Any) -> None:
+        reserving.set()
+        await asyncio.Event().wait()  # the store never answers
+
+    memory.reserve = slow_reserve  # type: ignore[method-assign]  # a fault in a real store
+    client = asyncio.create_task(post(d, {"prompt": "hello"}))
+    await asyncio.wait_for(reserving.wait(), 5)
+    assert d.daemon.service.in_flight == 1  # counted while it is admitted, not only once it runs
+    d.daemon.request_stop()
+    status, body, _ = await asyncio.wait_for(client, 10)
+    assert (status, body["error"]["code"]) == (503, "draining")

@@ -130,9 +130,29 @@ class PromptService:
         return self._queued.total()
 
     async def admit(self, tenant: Tenant, request: PromptRequest, request_id: str | None = None) -> Admission:
-        """Every check that needs no worker, and the budget reservation. Raises the error to answer."""
+        """Every check that needs no worker, and the budget reservation. Raises the error to answer.
+
+        The request counts as in flight from here (a drain waits for it, or stops it); `run`, which
+        the caller awaits straight after, ends that."""
         if self.draining:
             raise Draining("the daemon is shutting down; retry on another instance")
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        self._idle.clear()
+        try:
+            return await self._admit(tenant, request, request_id)
+        except BaseException as exc:
+            self._in_flight.discard(task)
+            stopped = task in self._stopped_by_drain
+            self._stopped_by_drain.discard(task)
+            if not self._in_flight:
+                self._idle.set()
+            if isinstance(exc, asyncio.CancelledError) and stopped and task.uncancel() == 0:
+                raise Draining("the daemon stopped this request at its drain deadline") from None
+            raise
+
+    async def _admit(self, tenant: Tenant, request: PromptRequest, request_id: str | None) -> Admission:
         profile = request.profile or tenant.profile
         pools = self.pools
         if request.session is not None:

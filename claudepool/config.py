@@ -254,6 +254,11 @@ class MetricsSettings(BaseModel):
     max_tenant_labels: int = Field(default=100, ge=1)
     # Models beyond the first this many seen are reported as model="__other__".
     max_model_labels: int = Field(default=20, ge=1)
+    # /metrics names every configured tenant with its traffic and spend, so it takes a bearer key:
+    # this one (for the scraper: it opens nothing else) or the admin key. `public = true` drops the
+    # check, for a listener no tenant can reach.
+    key: SecretStr = SecretStr("")
+    public: bool = False
 
 
 class Settings(BaseSettings):

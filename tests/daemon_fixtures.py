@@ -36,6 +36,14 @@ class RunningDaemon:
     def pool(self, name: str = "default") -> Any:
         return self.daemon.pools[name]
 
+    async def metrics_text(self) -> str:
+        """GET /metrics as a scraper does: with a key that may read it (the admin key here)."""
+        async with aiohttp.ClientSession() as session, session.get(
+            f"{self.url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.text()
+
     async def idle(self, count: int = 1, profile: str = "default") -> None:
         """Wait until the pool has settled with ``count`` idle workers (resets done)."""
         pool = self.daemon.pools[profile]

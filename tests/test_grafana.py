@@ -351,9 +351,7 @@ async def post(d: RunningDaemon, body: dict[str, Any], tenant: str) -> int:
 
 
 async def scrape(d: RunningDaemon) -> dict[str, Metric]:
-    async with aiohttp.ClientSession() as session, session.get(f"{d.url}/metrics") as resp:
-        assert resp.status == 200
-        text = await resp.text()
+    text = await d.metrics_text()
     return {family.name: family for family in text_string_to_metric_families(text)}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -236,11 +237,9 @@ async def test_health_ready_metrics_and_pool_status(make_daemon: MakeDaemon) -> 
             assert ready["pools"]["default"]["healthy"] is True
             # A profile started on demand (min_idle 0) has nothing warm and does not hold readiness back.
             assert (ready["pools"]["other"]["warm"], ready["pools"]["other"]["healthy"]) == (0, True)
-        async with session.get(f"{d.url}/metrics") as resp:
-            text = await resp.text()
-            assert resp.status == 200
-            assert 'claudepool_requests_total{outcome="ok",tenant="acme"} 1.0' in text
-            assert 'claudepool_workers{profile="default",state="idle"}' in text
+        text = await d.metrics_text()
+        assert 'claudepool_requests_total{outcome="ok",tenant="acme"} 1.0' in text
+        assert 'claudepool_workers{profile="default",state="idle"}' in text
         async with session.get(f"{d.url}/v1/pool") as resp:
             assert resp.status == 401
         async with session.get(f"{d.url}/v1/pool", headers=auth()) as resp:
@@ -259,6 +258,27 @@ async def test_health_ready_metrics_and_pool_status(make_daemon: MakeDaemon) -> 
             assert (await resp.json())["draining"] is True
         status_code, body, headers = await post(d.url, {"prompt": "late"})
         assert (status_code, body["error"]["code"], headers["Retry-After"]) == (503, "draining", "5")
+
+
+async def test_metrics_are_for_the_scraper_never_for_a_tenant(make_daemon: MakeDaemon, tmp_path: Path) -> None:
+    # /metrics names every configured tenant with its traffic and spend: no tenant may read it.
+    d = await make_daemon(metrics={"key": "scrape-key-0123"})
+    await post(d.url, {"prompt": "count me"}, auth("beta"))
+
+    async def scrape_with(url: str, headers: dict[str, str]) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics", headers=headers) as resp:
+            return resp.status, await resp.text()
+
+    assert (await scrape_with(d.url, {}))[0] == 401
+    status, text = await scrape_with(d.url, auth("acme"))
+    assert (status, "beta" in text) == (403, False)
+    for key in ("scrape-key-0123", ADMIN_KEY):
+        status, text = await scrape_with(d.url, {"Authorization": f"Bearer {key}"})
+        assert (status, 'tenant="beta"' in text) == (200, True)
+    # Where no tenant can reach the listener, an operator may open it.
+    public = await make_daemon(metrics={"public": True}, server={"socket": str(tmp_path / "public.sock")})
+    status, text = await scrape_with(public.url, {})
+    assert (status, "claudepool_requests_total" in text) == (200, True)
 
 
 async def test_unknown_route_and_method_are_json_errors(make_daemon: MakeDaemon) -> None:

@@ -26,8 +26,7 @@ FORBIDDEN_LABELS = {"pid", "request_id", "session", "session_id", "id", "worker"
 
 
 async def scrape(d: RunningDaemon) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    async with aiohttp.ClientSession() as session, session.get(f"{d.url}/metrics") as resp:
-        text = await resp.text()
+    text = await d.metrics_text()
     samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -102,5 +102,10 @@ async def test_dev_mode_answers_through_the_real_cli(
     status, body = await post(daemon.url, {"prompt": "hello from the readme"}, key="dev")
     assert status == 200
     assert body["text"] == "ok: hello from the readme"
+    async with aiohttp.ClientSession() as session, session.get(
+        f"{daemon.url}/metrics", headers={"Authorization": "Bearer dev-admin"}
+    ) as resp:
+        assert resp.status == 200
+        assert 'claudepool_requests_total{outcome="ok",tenant="dev"} 1.0' in await resp.text()
     daemon.proc.send_signal(signal.SIGTERM)
     assert await daemon.wait_exit() == 0

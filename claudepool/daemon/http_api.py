@@ -3,7 +3,7 @@
     POST /v1/prompt   Authorization: Bearer <tenant key>; a `PromptRequest` body
     GET  /healthz     the process is alive
     GET  /readyz      warm capacity is available (503 while draining or a boot breaker is open)
-    GET  /metrics     Prometheus text
+    GET  /metrics     Prometheus text (the metrics or admin key, unless metrics.public)
     GET  /v1/pool     admin: every worker's state, pid, profile, turns, age, PSS; queue depths
 
 Errors are ``{"error": {"code", "message"}}`` with the status of the `ClaudepoolError` raised, and
@@ -158,7 +158,10 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[DAEMON].metrics.registry)
+    daemon = request.app[DAEMON]
+    if not daemon.settings.metrics.public:
+        daemon.tenants.require_scraper(bearer(request))
+    body = generate_latest(daemon.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -54,13 +54,15 @@ class Tenant:
 class TenantRegistry:
     """Authenticates bearer keys to tenants, and the admin key."""
 
-    def __init__(self, tenants: Iterable[Tenant], admin_key_sha256: str = "") -> None:
+    def __init__(self, tenants: Iterable[Tenant], admin_key_sha256: str = "", metrics_key_sha256: str = "") -> None:
         self._tenants = {t.name: t for t in tenants}
         self._admin = admin_key_sha256
+        self._metrics = metrics_key_sha256
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TenantRegistry:
         admin = settings.server.admin_key.get_secret_value()
+        scraper = settings.metrics.key.get_secret_value()
         return cls(
             (Tenant(name, key_digest(t.key.get_secret_value()), t.profile, t.allowed_profiles(), weight=t.weight,
                     max_concurrency=t.max_concurrency, max_queued=t.max_queued, max_queue_wait_s=t.max_queue_wait_s,
@@ -70,6 +72,7 @@ class TenantRegistry:
                     max_session_context_tokens=t.max_session_context_tokens)
              for name, t in settings.tenants.items()),
             key_digest(admin) if admin else "",
+            key_digest(scraper) if scraper else "",
         )
 
     def get(self, name: str) -> Tenant | None:
@@ -95,6 +98,14 @@ class TenantRegistry:
 
     def is_admin(self, key: str | None) -> bool:
         return bool(key and self._admin and hmac.compare_digest(self._admin, _presented_digest(key)))
+
+    def require_scraper(self, key: str | None) -> None:
+        """For /metrics: the metrics key or the admin key; `Forbidden` for a tenant's key."""
+        if self.is_admin(key) or bool(
+                key and self._metrics and hmac.compare_digest(self._metrics, _presented_digest(key))):
+            return
+        self.authenticate(key)  # raises Unauthorized for a key nobody holds
+        raise Forbidden("/metrics needs the metrics key or the admin key")
 
     def require_admin(self, key: str | None) -> None:
         """`Unauthorized` without a valid key; `Forbidden` for a tenant key on an admin endpoint."""

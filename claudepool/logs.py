@@ -24,8 +24,11 @@ _KEY_SHAPED = re.compile(r"(sk-ant-[A-Za-z0-9_-]{4})[A-Za-z0-9_-]+|((?:api[_-]?k
 
 def scrub(text: str, limit: int = 300) -> str:
     """Truncate foreign text and mask anything that looks like a credential."""
-    text = _KEY_SHAPED.sub(lambda m: (m.group(1) or m.group(2)) + "…", text)
-    return text if len(text) <= limit else text[:limit] + "…"
+    # Mask first (a cut could leave part of a key unmatched), but only over what can be kept, plus a
+    # margin for a key that starts before the cut: a huge line costs no more than a short one.
+    head = text[: limit + 200]
+    head = _KEY_SHAPED.sub(lambda m: (m.group(1) or m.group(2)) + "…", head)
+    return head if len(text) <= limit and len(head) <= limit else head[:limit] + "…"
 
 
 class JsonFormatter(logging.Formatter):

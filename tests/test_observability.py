@@ -212,6 +212,9 @@ def test_scrub_masks_keys_and_truncates() -> None:
     assert "zzz" not in cleaned
     assert cleaned.startswith("failed with key sk-ant-api0")
     assert len(scrub("x" * 1000)) == 301
+    # A key across the cut is masked before the cut, so no part of its secret survives it.
+    straddling = scrub("x" * 280 + " api_key=" + "S3CRET" * 20 + " " + "y" * 100_000)
+    assert "S3C" not in straddling and len(straddling) == 301
 
 
 def test_worker_stderr_forwarding_is_rate_limited() -> None:

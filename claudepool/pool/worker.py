@@ -598,7 +598,7 @@ class Worker:
             for line in lines:
                 if line.strip():
                     forward.info("worker stderr", {"worker": self.id, "slot": self.slot,
-                                                   "line": scrub(line.decode("utf-8", "replace"))})
+                                                   "line": scrub(line[:2048].decode("utf-8", "replace"))})
 
     def _dispatch(self, event: CliEvent) -> None:
         if isinstance(event, ControlResponseEvent):

@@ -471,3 +471,15 @@ async def test_a_failing_lease_callback_still_gives_the_tenant_its_slot_back(
         assert slots.running("a") == 0  # not capped for good
     finally:
         await pool.close()
+
+
+async def test_a_worker_that_stops_reading_its_prompt_is_killed_as_stalled(make_pool: Callable[..., Pool],
+                                                                          fake_profile: Profile) -> None:
+    pool = make_pool(fake_profile, min_idle=1, max_workers=1)
+    async with pool.lease("a") as lease:
+        assert lease.worker.pid is not None
+        os.kill(lease.worker.pid, signal.SIGSTOP)  # alive, but reads nothing: the pipe fills up
+        with pytest.raises(TurnStalled, match="did not take its prompt"):
+            await turn(lease, "x" * 1_000_000, idle_timeout_s=0.5)
+        assert isinstance(lease.worker.failure, TurnStalled)  # counted as the watchdog's, not a crash
+        assert pid_gone(lease.worker.pid)

@@ -377,8 +377,10 @@ class Worker:
         try:
             await self._drain(idle_timeout_s)
         except TimeoutError:
+            stalled = TurnStalled(f"the worker did not take its prompt within {idle_timeout_s:g}s; killed")
+            self._poison(stalled, quiet=True)  # the watchdog's kill, as in `_on_stall`, not a crash
             await self.close(graceful=False)
-            raise TurnStalled(f"the worker did not take its prompt within {idle_timeout_s:g}s; killed") from None
+            raise stalled from None
         text_parts: list[str] = []
         while True:
             try:

@@ -78,6 +78,14 @@ class SessionLimits:
     max_context_tokens: int
 
 
+def _write_checkpoint(source: Path, target: Path, meta_path: Path, meta: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    partial = target.with_suffix(".partial")
+    shutil.copyfile(source, partial)
+    os.replace(partial, target)  # a cancelled caller leaves the old checkpoint or the new, never half
+    meta_path.write_bytes(meta)
+
+
 def new_session_id() -> str:
     return "s_" + secrets.token_urlsafe(18)
 
@@ -222,28 +230,25 @@ class SessionManager:
             record.cache_creation_input_tokens += result.usage.cache_creation_input_tokens
             record.cost_usd += result.cost_usd
             record.context_tokens = result.context_tokens
-            self._checkpoint(binding)
+            await self._checkpoint(binding)
         await self.store.session_put(record)
         if not binding.lease.worker.is_alive():
             self._unbind(record.id)
         elif result is not None:
             await self._park_if_recycle_due(binding)
 
-    def _checkpoint(self, binding: _Binding) -> None:
-        """Copy the CLI's transcript to the session's file at rest (atomically: write, then rename)."""
+    async def _checkpoint(self, binding: _Binding) -> None:
+        """Copy the CLI's transcript to the session's file at rest (atomically: write, then rename),
+        in a thread: a long conversation's transcript must not hold up every other tenant's turn."""
         record = binding.record
         source = binding.lease.worker.transcript_path(record.cli_session_id)
         if source is None or not source.exists():
             log.warning("session %s: no transcript to checkpoint", record.id)
             return
         target = self._transcript(record)
-        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        partial = target.with_suffix(".partial")
-        shutil.copyfile(source, partial)
-        os.replace(partial, target)
         record.transcript = str(target.relative_to(self.dir))
-        meta = self._meta(record)
-        meta.write_bytes(orjson.dumps({**record.to_dict(), "state": "parked", "owner": ""}))
+        meta = orjson.dumps({**record.to_dict(), "state": "parked", "owner": ""})
+        await asyncio.to_thread(_write_checkpoint, source, target, self._meta(record), meta)
 
     def _from_disk(self, tenant: str, session_id: str) -> SessionRecord | None:
         meta = self.dir / tenant / f"{session_id}.meta.json"
@@ -308,7 +313,7 @@ class SessionManager:
         if worker.in_turn():
             with contextlib.suppress(ClaudepoolError):
                 await worker.finish_abandoned_turn()
-                self._checkpoint(binding)
+                await self._checkpoint(binding)
         self._unbind(record.id)
         if record.state == "active":
             record.state, record.owner = "parked", ""

@@ -247,6 +247,14 @@ class WorkerProtocolError(WorkerError):
     code = "worker_protocol_error"
 
 
+class PromptRanAsCommand(WorkerError):
+    """The CLI ran a tenant's prompt as a slash command although it was marked as text; the worker's
+    process state can no longer be trusted, so it is retired."""
+
+    code = "prompt_ran_as_command"
+    retryable = False
+
+
 class WorkerBusy(WorkerError):
     """A second exchange was attempted while one was running (a caller bug, never sent to the CLI)."""
 

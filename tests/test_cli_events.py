@@ -26,6 +26,7 @@ from claudepool.protocol.cli_events import (
     UnknownEvent,
     Usage,
     UserEvent,
+    encode_command,
     encode_control_error,
     encode_control_request,
     encode_user_message,
@@ -652,7 +653,20 @@ def _single_line(data: bytes) -> Any:
 def test_encode_user_message_text() -> None:
     data = encode_user_message("hello")
     assert isinstance(data, bytes)
-    assert _single_line(data) == {"type": "user", "message": {"role": "user", "content": "hello"}}
+    assert _single_line(data) == {"type": "user", "message": {"role": "user", "content": "hello"},
+                                  "text_not_typed": True}
+
+
+@pytest.mark.parametrize("content", ["/model haiku", [{"type": "text", "text": "/heapdump"}]])
+def test_encode_user_message_marks_every_prompt_as_text_never_a_command(content: Any) -> None:
+    # Issue 10: a tenant's "/model haiku" must reach the model, not run on a shared worker.
+    assert _single_line(encode_user_message(content))["text_not_typed"] is True
+
+
+def test_encode_command_is_the_only_unmarked_line() -> None:
+    assert _single_line(encode_command("/clear")) == {"type": "user", "message": {"role": "user", "content": "/clear"}}
+    with pytest.raises(ValueError, match="starts with /"):
+        encode_command("clear")
 
 
 def test_encode_user_message_blocks() -> None:

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from claudepool.errors import PoolClosed, PoolTimeout, PoolUnhealthy, ResetFailed, TurnStalled
+from claudepool.errors import PoolClosed, PoolTimeout, PoolUnhealthy, PromptRanAsCommand, ResetFailed, TurnStalled
 from claudepool.pool.memory import (
     MemoryPlan,
     MiB,
@@ -120,6 +120,8 @@ def _exit_reason(worker: Worker, reason: str) -> str:
             return "watchdog"
         if isinstance(worker.failure, ResetFailed):
             return "reset_failed"
+        if isinstance(worker.failure, PromptRanAsCommand):
+            return "unclean"
         return "crash"
     return _EXIT_REASONS.get(reason, reason)
 

@@ -38,11 +38,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from claudepool.errors import (
+    PromptRanAsCommand,
     ProtocolError,
     ResetFailed,
     TurnStalled,
@@ -68,6 +69,7 @@ from claudepool.protocol.cli_events import (
     SystemInit,
     Usage,
     UserContent,
+    encode_command,
     encode_control_error,
     encode_control_request,
     encode_user_message,
@@ -180,6 +182,11 @@ class Worker:
         self.resets = 0
         self.session_id = ""
         self.model = ""
+        # The process settings as started: what ``get_settings`` answers at start (model, effort, …)
+        # and what the first ``system/init`` reports (permission mode, tools, output style, …). Each
+        # reset must leave the process exactly so, or the worker is retired.
+        self.started_applied: dict[str, Any] = {}
+        self.started_settings: dict[str, Any] | None = None
         self.context_tokens = 0
         self.pss_bytes: int | None = None
         self.rss_bytes: int | None = None
@@ -253,7 +260,9 @@ class Worker:
             raise WorkerBusy(f"worker {self.id} was already started")
         try:
             await self._spawn()
-            await self._control("initialize", self.timeouts.ready_timeout_s)
+            async with asyncio.timeout(self.timeouts.ready_timeout_s):
+                await self._control("initialize", self.timeouts.ready_timeout_s)
+                self.started_applied = await self._applied_settings()
         except BaseException as exc:
             await self.close(graceful=False)
             if isinstance(exc, asyncio.CancelledError):
@@ -370,8 +379,13 @@ class Worker:
         """
         channel = self._begin(WorkerState.BUSY)
         self.dirty = True
-        self._write(encode_user_message(content))
+        self._write(self._prompt_line(content))
         return self._turn_events(channel, idle_timeout_s or self.timeouts.turn_idle_timeout_s)
+
+    @staticmethod
+    def _prompt_line(content: UserContent) -> bytes:
+        # Marked as text: a prompt reaches the model exactly and never runs as a slash command.
+        return encode_user_message(content)
 
     async def _turn_events(self, channel: _Channel, idle_timeout_s: float) -> AsyncIterator[CliEvent | TurnResult]:
         try:
@@ -389,7 +403,13 @@ class Worker:
             except TimeoutError:
                 await self._on_stall(channel, idle_timeout_s)
             if isinstance(event, ResultEvent):
-                yield self._settle(event, channel, "".join(text_parts))
+                result = self._settle(event, channel, "".join(text_parts))  # billed either way
+                command = self._ran_command(event)
+                if command is not None:
+                    ran = PromptRanAsCommand(f"worker {self.id}: the CLI ran the prompt as /{command}; retired")
+                    self._poison(ran)
+                    raise ran
+                yield result
                 return
             if isinstance(event, AssistantEvent):
                 if event.message.usage is not None and event.parent_tool_use_id is None:
@@ -410,6 +430,29 @@ class Worker:
             await self.close(graceful=False)
             raise stalled from None
         raise TurnStalled(f"no event for {idle_timeout_s:g}s; the turn was interrupted")
+
+    @staticmethod
+    def _ran_command(event: ResultEvent) -> str | None:
+        # A turn that ran a command says which (`local_command`), even one the prompt's marker should
+        # have kept from running: the process state may have changed, so the worker is not reused.
+        return event.local_command
+
+    async def _applied_settings(self) -> dict[str, Any]:
+        """The settings in force, as the CLI reports them (``get_settings``: model, effort, …)."""
+        body = await self._control("get_settings", self.timeouts.reset_timeout_s)
+        response = body.response or {}
+        applied, effective = response.get("applied"), response.get("effective")
+        if not isinstance(applied, dict):
+            raise WorkerProtocolError(f"worker {self.id}: get_settings answered no applied settings")
+        return {**applied, "effective": effective}
+
+    async def set_model(self, model: str | None) -> str:
+        """Switch the model for the next turns (None: the CLI's default); returns the model in force."""
+        body = await self._control("set_model", self.timeouts.interrupt_timeout_s, model=model)
+        resolved = (body.response or {}).get("model")
+        if not isinstance(resolved, str):
+            raise WorkerProtocolError(f"worker {self.id}: set_model answered no model")
+        return resolved
 
     async def interrupt(self) -> None:
         """Ask the CLI to stop the running turn. Its ``result`` (``is_error``) still arrives through
@@ -437,25 +480,45 @@ class Worker:
                     return self._settle(event, channel, "", interrupted=True)
 
     async def reset(self) -> None:
-        """Forget the conversation with ``/clear``: wait for ``conversation_reset`` and its result.
+        """Forget the conversation with ``/clear`` (wait for ``conversation_reset`` and its result),
+        restore the profile's model, and check that every process setting the CLI reports is as it
+        was at start.
 
         On any failure, cancellation included, the worker is poisoned and must be closed: a worker
-        whose reset is unconfirmed may still hold the last tenant's context.
+        whose reset is unconfirmed may still hold the last tenant's context or settings.
         """
         channel = self._begin(WorkerState.RESETTING)
+        reported: dict[str, Any] | None = None
+        applied: dict[str, Any] = {}
         with self._poison_on_failure("/clear was not confirmed", ResetFailed):
-            self._write(encode_user_message("/clear"))
             async with asyncio.timeout(self.timeouts.reset_timeout_s):
+                self._write(encode_command("/clear"))
                 await self._drain(self.timeouts.reset_timeout_s)
                 confirmed = False
                 while True:
                     event = await channel.get()
                     if isinstance(event, ConversationReset):
                         confirmed = True
+                    elif isinstance(event, SystemInit):
+                        reported = event.settings()
                     elif isinstance(event, ResultEvent):
                         break
+                if confirmed and not event.is_error:
+                    # Process settings survive /clear: a model set for one request (or by anything
+                    # else) must not serve the next.
+                    applied = await self._applied_settings()
+                    if applied.get("model") != self.started_applied.get("model"):
+                        await self.set_model(self.profile.model)
+                        applied = await self._applied_settings()
         if not confirmed or event.is_error:
             failure = ResetFailed(f"worker {self.id}: /clear ended without a conversation_reset")
+            self._poison(failure)
+            raise failure
+        # /clear's system/init was reported before the model was restored: get_settings checks that.
+        changed = _changed(self.started_applied, applied) + [
+            name for name in _changed(self.started_settings or {}, reported or {}) if name != "model"]
+        if changed:
+            failure = ResetFailed(f"worker {self.id}: process settings changed since start ({', '.join(changed)})")
             self._poison(failure)
             raise failure
         self._channel = None
@@ -532,14 +595,14 @@ class Worker:
             self.on_result(result)
         return result
 
-    async def _control(self, subtype: str, timeout_s: float) -> ControlResponseBody:
+    async def _control(self, subtype: str, timeout_s: float, **fields: object) -> ControlResponseBody:
         if self.failure is not None:
             raise self.failure
         request_id = f"cp-{next(self._control_ids)}"
         future: asyncio.Future[ControlResponseBody] = asyncio.get_running_loop().create_future()
         self._controls[request_id] = future
         try:
-            self._write(encode_control_request(request_id, subtype))
+            self._write(encode_control_request(request_id, subtype, **fields))
             async with asyncio.timeout(timeout_s):
                 body = await future
         finally:
@@ -615,6 +678,9 @@ class Worker:
             return
         if isinstance(event, SystemInit):
             self.model = event.model
+            if self.started_settings is None:
+                # Reported at the start of a turn, before its prompt is read: the process as started.
+                self.started_settings = event.settings()
         channel = self._channel
         if channel is not None:
             channel.push(event)
@@ -640,3 +706,10 @@ class Worker:
         for future in self._controls.values():
             if not future.done():
                 future.set_exception(exc)
+
+
+def _changed(started: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Names of the settings whose values differ (a setting only one side has counts as changed)."""
+    if not started or not now:
+        return []  # nothing to compare with: a turn or reset that never reported
+    return sorted(name for name in started.keys() | now.keys() if started.get(name) != now.get(name))

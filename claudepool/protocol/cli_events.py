@@ -8,6 +8,15 @@ wrong shape raises `CorruptFrame`: metering and turn boundaries depend on them.
 Writing: `encode_user_message` and `encode_control_request` build lines with orjson. A line that is
 not JSON, or a user line without ``message.role``, makes the CLI exit, so lines are never built by
 string concatenation.
+
+Slash commands: the CLI runs a user line whose text (a string, or the *last* text block of a list)
+starts with ``/`` and a command name (``^/[a-zA-Z0-9_][a-zA-Z0-9:_-]*``) as one of its commands, on
+the process other tenants share: ``/model`` survives ``/clear``, ``/heapdump`` writes earlier prompts
+to disk. Measured on CLI 2.1.328: content blocks do not help; leading whitespace, ``//`` or an unknown
+name reach the model as text. The line field ``text_not_typed: true`` makes the CLI skip command
+parsing for that line and send the text to the model exactly (it is how the CLI marks text that a
+person did not type; the transcript records it as ``textNotTyped``). Every prompt is written with it;
+only our own `encode_command` (``/clear``) is not.
 """
 
 from __future__ import annotations
@@ -48,6 +57,12 @@ class Usage(BaseModel):
         )
 
 
+# The process settings ``system/init`` reports that a tenant must never be able to change: a worker
+# whose settings after a reset differ from those it started with is retired.
+SETTINGS_FIELDS = ("model", "permissionMode", "tools", "mcp_servers", "output_style", "fast_mode_state",
+                   "additional_directories", "cwd", "apiKeySource", "agents", "plugins")
+
+
 class SystemInit(_Event):
     """``system/init``: sent once a message arrives, then again each turn."""
 
@@ -57,6 +72,11 @@ class SystemInit(_Event):
     model: str = ""
     cwd: str = ""
     tools: list[str] = Field(default_factory=list)
+
+    def settings(self) -> dict[str, Any]:
+        """The process settings this event reports (`SETTINGS_FIELDS`; absent ones are None)."""
+        values = {**(self.model_extra or {}), "model": self.model, "cwd": self.cwd, "tools": self.tools}
+        return {name: values.get(name) for name in SETTINGS_FIELDS}
 
 
 class SystemApiRetry(_Event):
@@ -246,10 +266,20 @@ UserContent = str | list[dict[str, Any]]
 
 
 def encode_user_message(content: UserContent) -> bytes:
-    """One ``user`` line. ``content`` is text or a list of content blocks."""
+    """One ``user`` line whose text the model receives exactly: never run as a slash command.
+
+    ``content`` is text or a list of content blocks."""
     if not isinstance(content, str | list):
         raise TypeError("content must be a string or a list of content blocks")
-    return orjson.dumps({"type": "user", "message": {"role": "user", "content": content}}) + b"\n"
+    line = {"type": "user", "message": {"role": "user", "content": content}, "text_not_typed": True}
+    return orjson.dumps(line) + b"\n"
+
+
+def encode_command(command: str) -> bytes:
+    """One ``user`` line the CLI runs as a slash command (ours only: ``/clear``)."""
+    if not command.startswith("/"):
+        raise ValueError("a command starts with /")
+    return orjson.dumps({"type": "user", "message": {"role": "user", "content": command}}) + b"\n"
 
 
 def encode_control_request(request_id: str, subtype: str, **fields: Any) -> bytes:

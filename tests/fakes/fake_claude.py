@@ -11,6 +11,13 @@ Faithful behaviours
   * user lines written while a turn runs are queued and merged into one next turn
   * ``/clear`` (also ``/reset``, ``/new``) emits ``conversation_reset`` with a new session id, then a
     ``result`` with ``local_command: "clear"``; history and cumulative cost are forgotten
+  * a line whose text (a string, or the last text block) starts with ``/NAME`` runs command NAME,
+    unless the line carries ``text_not_typed: true``; ``/model X``, ``/effort X`` and
+    ``/output-style X`` change process settings that survive ``/clear``; ``/heapdump`` writes a 2 MiB
+    file into HOME; other listed commands just answer; an unknown NAME is a prompt. A command's ``result`` names it in
+    ``local_command`` and costs nothing
+  * ``set_model`` (a control request; ``model`` null = the default) answers the model in force;
+    ``get_settings`` answers the settings in force (``applied``: model, effort)
   * ``interrupt`` stops a running turn: ``result`` with ``is_error`` and ``error_during_execution``
   * an upstream failure ends as ``subtype: "success", is_error: true, terminal_reason: "api_error"``
     and the failed prompt stays in the history
@@ -38,6 +45,9 @@ Process-wide faults, in FAKE_CLAUDE_FAULTS (comma-separated)
   ignore_interrupt acknowledge nothing: ``interrupt`` requests get no answer and change nothing
   clear_hangs      accept ``/clear`` but never confirm it
   clear_no_reset   answer ``/clear`` with a result but no ``conversation_reset``
+  ignore_text_not_typed  run commands even from lines marked ``text_not_typed``
+  silent_commands  leave ``local_command`` out of the results of commands other than ``/clear``
+  set_model_noop   answer ``set_model`` as done but change nothing
 
 FAKE_CLAUDE_LOG=PATH appends every stdin line received, as JSON lines, for tests to inspect.
 """
@@ -58,6 +68,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 DIRECTIVE = re.compile(r"\[\[(\w+)(?::([^\]]*))?\]\]")
+# The real CLI's rule: "/" then a command name, at the very start of the text.
+COMMAND = re.compile(r"/([a-zA-Z0-9_][a-zA-Z0-9:_-]*)(?:\s+(.*))?$", re.S)
+COMMANDS = ("clear", "reset", "new", "compact", "model", "effort", "output-style", "heapdump", "config", "cost")
 FAULTS: dict[str, str] = {}
 for item in filter(None, os.environ.get("FAKE_CLAUDE_FAULTS", "").split(",")):
     key, _, value = item.partition("=")
@@ -89,13 +102,17 @@ def die(message: str, code: int = 1) -> NoReturn:
 class FakeClaude:
     def __init__(self, argv: list[str]) -> None:
         self.partial = "--include-partial-messages" in argv
-        self.model = argv[argv.index("--model") + 1] if "--model" in argv else "claude-fake-1"
+        self.default_model = argv[argv.index("--model") + 1] if "--model" in argv else "claude-fake-1"
+        self.model = self.default_model
+        self.output_style = "default"
+        self.effort = "medium"
         self.started_at = time.monotonic()
         self.session_id = str(uuid.uuid4())
         self.history: list[dict[str, str]] = []
         self.cost_usd = 0.0
         self.last_error = False
-        self.pending: list[str] = []
+        # (text, runs as a command if it is one)
+        self.pending: list[tuple[str, bool]] = []
         self.turn: asyncio.Task[None] | None = None
         self.wakeup = asyncio.Event()
         self.eof = False
@@ -157,7 +174,13 @@ class FakeClaude:
             content = message.get("content")
             text = content if isinstance(content, str) else "".join(
                 b.get("text", "") for b in content or [] if isinstance(b, dict))
-            self.pending.append(text)
+            if isinstance(content, str):
+                last = content
+            else:
+                blocks = [b for b in content or [] if isinstance(b, dict)]
+                last = blocks[-1].get("text", "") if blocks and blocks[-1].get("type") == "text" else ""
+            marked = msg.get("text_not_typed") is True and "ignore_text_not_typed" not in FAULTS
+            self.pending.append((text, not marked and bool(COMMAND.match(last))))
             self.wakeup.set()
         # Other types are ignored, as the real CLI does.
 
@@ -172,6 +195,15 @@ class FakeClaude:
                 self.turn.cancel()
             emit({"type": "control_response",
                   "response": {"subtype": "success", "request_id": request_id, "response": {"still_queued": []}}})
+        elif subtype == "set_model":
+            if "set_model_noop" not in FAULTS:
+                model = request.get("model")
+                self.model = self.default_model if model in (None, "default") else str(model)
+            emit({"type": "control_response",
+                  "response": {"subtype": "success", "request_id": request_id, "response": {"model": self.model}}})
+        elif subtype == "get_settings":
+            emit({"type": "control_response", "response": {"subtype": "success", "request_id": request_id, "response": {
+                "effective": {}, "sources": [], "applied": {"model": self.model, "effort": self.effort}}}})
         else:
             emit({"type": "control_response", "response": {
                 "subtype": "error", "request_id": request_id,
@@ -186,7 +218,7 @@ class FakeClaude:
         self.initialized = True
         emit({"type": "control_response", "response": {
             "subtype": "success", "request_id": request_id,
-            "response": {"commands": [{"name": "clear"}], "models": [], "account": {}}}})
+            "response": {"commands": [{"name": name} for name in COMMANDS], "models": [], "account": {}}}})
 
     # -- turns ---------------------------------------------------------------------------------
 
@@ -197,9 +229,11 @@ class FakeClaude:
             self.wakeup.clear()
             if self.pending:
                 # Everything queued while the last turn ran becomes one turn.
-                prompt = "\n".join(self.pending)
+                prompt = "\n".join(text for text, _ in self.pending)
+                command = len(self.pending) == 1 and self.pending[0][1]
                 self.pending.clear()
-                self.turn = asyncio.get_running_loop().create_task(self.one_turn(prompt))
+                self.turn = asyncio.get_running_loop().create_task(
+                    self.command(prompt) if command else self.one_turn(prompt))
                 try:
                     await self.turn
                 except asyncio.CancelledError:
@@ -214,14 +248,37 @@ class FakeClaude:
     def init_event(self) -> None:
         emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "session_id": self.session_id,
               "tools": [], "mcp_servers": [], "model": self.model, "permissionMode": "default",
-              "slash_commands": ["clear", "compact"], "apiKeySource": "ANTHROPIC_API_KEY",
-              "uuid": str(uuid.uuid4())})
+              "slash_commands": list(COMMANDS), "apiKeySource": "ANTHROPIC_API_KEY",
+              "output_style": self.output_style, "fast_mode_state": "off", "uuid": str(uuid.uuid4())})
 
-    async def one_turn(self, prompt: str) -> None:
-        stripped = prompt.strip()
-        if stripped in ("/clear", "/reset", "/new"):
+    async def command(self, text: str) -> None:
+        found = COMMAND.match(text)
+        assert found is not None
+        name, arg = found.group(1), (found.group(2) or "").strip()
+        if name not in COMMANDS:
+            await self.one_turn(text)  # an unknown command is a prompt, as in the real CLI
+            return
+        if name in ("clear", "reset", "new"):
             await self.clear()
             return
+        self.init_event()
+        answer = f"ran /{name}"
+        if name == "model" and arg:
+            self.model, answer = arg, f"Set model to {arg}"
+        elif name == "output-style" and arg:
+            self.output_style = arg
+        elif name == "effort" and arg:
+            self.effort = arg
+        elif name == "heapdump":
+            dump = Path(os.environ["HOME"]) / f"fake-{uuid.uuid4().hex[:8]}.heapsnapshot"
+            dump.write_bytes(b"\0" * (2 << 20))
+        self.last_error = False
+        emit({"type": "result", "subtype": "success", "is_error": False, "result": answer,
+              "session_id": self.session_id, "total_cost_usd": self.cost_usd, "usage": {}, "num_turns": 0,
+              "duration_ms": 1, "uuid": str(uuid.uuid4()),
+              **({} if "silent_commands" in FAULTS else {"local_command": name})})
+
+    async def one_turn(self, prompt: str) -> None:
         self.init_event()
         emit({"type": "system", "subtype": "status", "status": "requesting", "session_id": self.session_id})
         plan = {m.group(1): m.group(2) or "" for m in DIRECTIVE.finditer(prompt)}

@@ -8,7 +8,7 @@
     claudepool usage [--socket PATH | --url URL] [--key KEY] [--tenant T] [--window day|month]
                      [--date D] [--ledger [--since TS] [--limit N]]
                                                   usage and budgets, or the ledger as JSON lines
-    claudepool check [--claude PATH]              start one worker and reset it
+    claudepool check [--claude PATH]              one worker: start, a slash-command-looking prompt, a reset
     claudepool version
 
 ``--key`` defaults to ``$CLAUDEPOOL_KEY``; the socket defaults to the daemon's default path.
@@ -80,7 +80,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(__version__)
         return
     if args.command == "check":
-        sys.exit(asyncio.run(_check(args.claude)))
+        # The worker runs in a directory of its own: a relative path must not change meaning.
+        claude_bin = os.path.abspath(args.claude) if os.sep in args.claude else args.claude
+        sys.exit(asyncio.run(_check(claude_bin)))
     if args.command == "serve":
         sys.exit(_serve(args.config, args.dev))
     if not args.key:
@@ -236,15 +238,26 @@ async def _status(client: AsyncClient, args: argparse.Namespace | None = None) -
 
 
 async def _check(claude_bin: str) -> int:
-    """Prove the installed CLI speaks the protocol the pool relies on. Needs no upstream: the
-    handshake and ``/clear`` make no model call."""
+    """Prove the installed CLI speaks the protocol the pool relies on: the handshake, a prompt that
+    looks like a slash command reaching the model as text (on a loopback fake of the Messages API),
+    and a reset that restores and verifies the process settings."""
+    from claudepool.testing.fake_upstream import FakeUpstream
+
+    upstream = FakeUpstream()
+    await upstream.start()
+    probe = "/model claude-check-probe"
     with tempfile.TemporaryDirectory(prefix="claudepool-check-") as tmp:
-        worker = Worker(Profile(name="check", claude_bin=claude_bin), workdir_root=Path(tmp))
+        env = {"ANTHROPIC_BASE_URL": upstream.base_url, "ANTHROPIC_API_KEY": "sk-ant-claudepool-check"}
+        worker = Worker(Profile(name="check", claude_bin=claude_bin, env=env, upstream_max_retries=0),
+                        workdir_root=Path(tmp))
         t0 = time.perf_counter()
         try:
             await worker.start()
             ready_ms = (time.perf_counter() - t0) * 1000
-            worker.dirty = True  # force a real /clear round trip
+            answered = [item async for item in worker.run_turn(f"{probe} [[reply:as text]]")]
+            if getattr(answered[-1], "text", None) != "as text":  # the model's answer, not /model's
+                print(f"check failed: the prompt {probe!r} did not reach the model as text", file=sys.stderr)
+                return 1
             t1 = time.perf_counter()
             await worker.reset()
             reset_ms = (time.perf_counter() - t1) * 1000
@@ -254,6 +267,7 @@ async def _check(claude_bin: str) -> int:
             return 1
         finally:
             await worker.close()
-    print(f"ok: {claude_bin} is ready in {ready_ms:.0f} ms, resets in {reset_ms:.0f} ms, "
-          f"PSS {pss / MiB if pss else 0:.0f} MiB")
+            await upstream.stop()
+    print(f"ok: {claude_bin} is ready in {ready_ms:.0f} ms, sends slash-command text to the model, "
+          f"resets in {reset_ms:.0f} ms, PSS {pss / MiB if pss else 0:.0f} MiB")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,15 @@ def test_check_passes_on_a_protocol_faithful_cli() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"ok: {FAKE_CLAUDE} is ready in ")
     assert "resets in" in done.stdout
+
+
+def test_check_fails_on_a_cli_that_runs_marked_prompts_as_commands(tmp_path: Path) -> None:
+    wrapper = tmp_path / "claude"
+    wrapper.write_text(f"#!/bin/sh\nFAKE_CLAUDE_FAULTS=ignore_text_not_typed exec {FAKE_CLAUDE} \"$@\"\n")
+    wrapper.chmod(0o755)
+    done = claudepool("check", "--claude", str(wrapper))
+    assert done.returncode == 1
+    assert "ran the prompt as /model" in done.stderr
 
 
 def test_check_fails_clearly_on_a_missing_binary() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from claudepool.errors import PoolClosed, PoolTimeout, PoolUnhealthy, TurnStalled, WorkerDied
+from claudepool.errors import PoolClosed, PoolTimeout, PoolUnhealthy, TurnStalled, WorkerDied, WorkerStartError
 from claudepool.pool.memory import MiB
 from claudepool.pool.pool import BreakerState, Lease, Pool, PoolConfig
 from claudepool.pool.profile import Profile
@@ -483,3 +483,68 @@ async def test_a_worker_that_stops_reading_its_prompt_is_killed_as_stalled(make_
             await turn(lease, "x" * 1_000_000, idle_timeout_s=0.5)
         assert isinstance(lease.worker.failure, TurnStalled)  # counted as the watchdog's, not a crash
         assert pid_gone(lease.worker.pid)
+
+
+class _Exits:
+    """A PoolObserver that records why workers left."""
+
+    def __init__(self) -> None:
+        self.exits: list[str] = []
+
+    def worker_spawned(self, profile: str, seconds: float) -> None:
+        pass
+
+    def worker_exited(self, profile: str, reason: str) -> None:
+        self.exits.append(reason)
+
+    def worker_reset(self, profile: str) -> None:
+        pass
+
+
+async def test_a_resume_waits_for_a_spawn_slot(make_fake_profile: Callable[..., Profile], tmp_path: Path,
+                                               pool_defaults: dict[str, Any]) -> None:
+    # Issue 10: a resumed conversation's start bypassed max_concurrent_spawns.
+    config = PoolConfig(**{**pool_defaults, "min_idle": 1, "max_workers": 3, "max_concurrent_spawns": 1,
+                           "workdir": tmp_path / "w"})
+    pool = Pool(make_fake_profile("slow_start=0.4"), config)
+    try:
+        await pool.start()
+        await pool.wait_ready(10)
+        lease = await pool.acquire("a")  # the pool starts a worker to stay at min_idle: the one slot
+        assert pool.counts()["starting"] == 1
+        resume = asyncio.create_task(pool.respawn_leased(lease, extra_args=()))
+        most = 0
+        while not resume.done():
+            booting = [w for w in pool.workers() if w.pid is not None and w.state == "starting"]
+            most = max(most, len(booting))
+            await asyncio.sleep(0.005)
+        await resume
+        assert most == 1
+        lease.release()
+    finally:
+        await pool.close()
+
+
+async def test_a_failed_resume_is_a_boot_failure_and_trips_the_breaker(
+        fake_profile: Profile, tmp_path: Path, pool_defaults: dict[str, Any]) -> None:
+    exits = _Exits()
+    config = PoolConfig(**{**pool_defaults, "min_idle": 1, "max_workers": 2, "boot_failure_threshold": 1,
+                           "breaker_cooldown_s": 60, "workdir": tmp_path / "w"})
+    pool = Pool(fake_profile, config, observer=exits)
+    try:
+        await pool.start()
+        await pool.wait_ready(10)
+        lease = await pool.acquire("a")
+        await until(lambda: pool.counts()["starting"] == 0)  # a start that succeeds would close the breaker
+        with pytest.raises(WorkerStartError, match="No conversation found"):
+            await pool.respawn_leased(lease, extra_args=("--resume", "no-such-session"))
+        assert pool.breaker_state is BreakerState.OPEN
+        lease.release()
+        await until(lambda: "boot_failure" in exits.exits)
+        assert "crash" not in exits.exits
+        second = await pool.acquire("b")
+        with pytest.raises(PoolUnhealthy):  # no start while the breaker is open, not even a resume
+            await pool.respawn_leased(second, extra_args=("--resume", "other"))
+        second.release()
+    finally:
+        await pool.close()

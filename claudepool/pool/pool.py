@@ -38,7 +38,15 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from claudepool.errors import PoolClosed, PoolTimeout, PoolUnhealthy, PromptRanAsCommand, ResetFailed, TurnStalled
+from claudepool.errors import (
+    PoolClosed,
+    PoolTimeout,
+    PoolUnhealthy,
+    PromptRanAsCommand,
+    ResetFailed,
+    TurnStalled,
+    WorkerStartError,
+)
 from claudepool.pool.memory import (
     MemoryPlan,
     MiB,
@@ -116,6 +124,8 @@ _EXIT_REASONS = {"turns": "recycle_turns", "age": "recycle_age", "memory": "recy
 def _exit_reason(worker: Worker, reason: str) -> str:
     """The metrics name of why a worker left: recycled, idle, or how it failed."""
     if reason == "failed":
+        if isinstance(worker.failure, WorkerStartError):
+            return "boot_failure"  # a resumed conversation's process that never became ready
         if isinstance(worker.failure, TurnStalled):
             return "watchdog"
         if isinstance(worker.failure, ResetFailed):
@@ -247,6 +257,9 @@ class Pool:
 
         self._workers: set[Worker] = set()
         self._starting: set[Worker] = set()
+        # Processes started for a lease that already holds its place (a resumed conversation): they
+        # count against the spawn limit, but will not become idle.
+        self._respawning: set[Worker] = set()
         self._idle: list[Worker] = []
         self._leased: dict[Worker, Lease] = {}
         self._returned: deque[Worker] = deque()
@@ -476,13 +489,22 @@ class Pool:
                              prepare: Callable[[Worker], None] | None = None) -> None:
         """Swap the lease's (clean, idle) worker for a new process started with ``extra_args``
         (``--resume ID``). The lease keeps its place in the pool's accounting, so a resumed
-        conversation waits its fair turn for capacity like any request; raises `WorkerStartError`."""
+        conversation waits its fair turn for capacity like any request, then for a spawn slot like
+        any start; a start that fails counts towards the boot breaker. Raises `WorkerStartError`, or
+        `PoolUnhealthy` while the breaker is open."""
         old = lease.worker
         if lease.released or old.in_turn() or old.dirty:
             raise PoolClosed("only a fresh lease's worker can be replaced")
-        if self._closed:
-            # `_close` has already listed the workers to stop: a process started now would outlive it.
-            raise PoolClosed(f"pool {self.profile.name} is closed")
+        while True:
+            if self._closed:
+                # `_close` has already listed the workers to stop: a process started now would outlive it.
+                raise PoolClosed(f"pool {self.profile.name} is closed")
+            if self.breaker_state is BreakerState.OPEN:
+                raise PoolUnhealthy(f"pool {self.profile.name}: workers keep failing to start; spawning is paused")
+            if self._spawn_room() > 0:
+                break
+            self._changed.clear()
+            await self._changed.wait()
         new = Worker(
             self.profile.with_args(*extra_args),
             timeouts=self.config.timeouts,
@@ -502,8 +524,18 @@ class Pool:
         old.on_result = None
         self._launch(self._retire(old, "respawn"))
         started = time.monotonic()
-        # On failure the lease holds a dead worker, which its release retires.
-        await new.start()
+        self._respawning.add(new)
+        try:
+            await new.start()
+        except Exception as exc:
+            # The lease holds a dead worker, which its release retires (as a boot failure).
+            self._on_boot_failure(exc)
+            raise
+        finally:
+            self._respawning.discard(new)
+            if not self._closed:
+                self._step()
+        self._on_boot_success()
         if self._observer is not None:
             self._observer.worker_spawned(self.profile.name, time.monotonic() - started)
 
@@ -682,19 +714,22 @@ class Pool:
         return actions
 
     def _spawn_count(self) -> int:
-        breaker = self.breaker_state
-        if breaker is BreakerState.OPEN:
+        if self.breaker_state is BreakerState.OPEN:
             return 0
         waiting = self._queue.eligible()
         ready_soon = len(self._idle) + len(self._starting) + len(self._cleaning)
         need = waiting + self.config.min_idle - ready_soon
         live = ready_soon + len(self._leased)
-        room = min(self.max_workers - live, self.config.spawn_limit() - len(self._starting))
+        room = min(self.max_workers - live, self._spawn_room())
         if live and self.total_pss_bytes() >= self.memory.soft_limit_bytes:
             room = 0
-        if breaker is BreakerState.HALF_OPEN:
-            room = min(room, 1 - len(self._starting))  # one probe at a time until a worker boots
         return max(0, min(need, room))
+
+    def _spawn_room(self) -> int:
+        """Starts that may begin now: start-up is CPU-bound, and a half-open breaker allows one probe."""
+        starting = len(self._starting) + len(self._respawning)
+        limit = 1 if self.breaker_state is BreakerState.HALF_OPEN else self.config.spawn_limit()
+        return limit - starting
 
     def _cannot_serve(self) -> bool:
         """The breaker is open and no worker exists that could come back to serve a waiter."""
@@ -734,10 +769,7 @@ class Pool:
         finally:
             self._starting.discard(worker)
             if ok:
-                self.stats.spawned += 1
-                self._consecutive_boot_failures = 0
-                self._breaker_trips_in_row = 0
-                self._breaker_open_until = None
+                self._on_boot_success()
                 self._returned.append(worker)
             elif worker.state is WorkerState.CLOSED:
                 # A cancelled start may still be closing: `close` joins it through _workers.
@@ -801,6 +833,12 @@ class Pool:
             self._returned.append(worker)
             if not self._closed:
                 self._step()
+
+    def _on_boot_success(self) -> None:
+        self.stats.spawned += 1
+        self._consecutive_boot_failures = 0
+        self._breaker_trips_in_row = 0
+        self._breaker_open_until = None
 
     def _on_boot_failure(self, exc: Exception) -> None:
         self.stats.boot_failures += 1

@@ -269,9 +269,10 @@ class Worker:
                 raise
             reason = "did not confirm readiness in time" if isinstance(exc, TimeoutError) else str(exc)
             tail = self.stderr_tail.strip()[-500:]
-            raise WorkerStartError(
-                f"worker {self.id} failed to start: {reason}" + (f" (stderr: {tail})" if tail else "")
-            ) from None
+            failure = WorkerStartError(
+                f"worker {self.id} failed to start: {reason}" + (f" (stderr: {tail})" if tail else ""))
+            self.failure = failure  # why this worker is gone, as the pool reports it
+            raise failure from None
         self.ready_at = time.monotonic()
         self.last_active_at = self.ready_at
         self.state = WorkerState.IDLE

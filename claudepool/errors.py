@@ -200,6 +200,14 @@ class SessionElsewhere(SessionError):
     retry_after_s = 5.0
 
 
+class SessionCheckpointFailed(SessionError):
+    """The turn ran (and was billed) and stays in the conversation, but its transcript could not be
+    saved (a full disk): the session keeps its worker, and is not parked, until a save succeeds."""
+
+    code = "session_checkpoint_failed"
+    status = 507
+
+
 class SessionUnavailable(SessionError):
     """The session's transcript is not reachable from this daemon (no shared sessions directory)."""
 

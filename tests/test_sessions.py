@@ -351,3 +351,26 @@ async def test_a_timed_out_turn_does_not_wedge_the_session(make_daemon: MakeDaem
     status, after = await say(d, sid, "[[echo]]", timeout_s=10)
     assert status == 200
     assert "before: SKUA-6" in after["text"]
+
+
+async def test_a_turn_whose_transcript_cannot_be_saved_is_a_typed_error_and_loses_nothing(
+        make_daemon: MakeDaemon) -> None:
+    # Issue 10: a failed checkpoint (a full disk) answered 500 internal_error.
+    d = await make_daemon(**sessions_config(park_idle_s=0.2))
+    sid = await new_session(d)
+    assert (await say(d, sid, "first [[reply:one]]"))[0] == 200
+    blocker = d.daemon.sessions.dir / "acme" / f"{sid}.partial"
+    blocker.mkdir()  # the copy lands on a directory: an OSError as a full disk gives one
+    status, body = await say(d, sid, "second MARTEN-8 [[reply:two]]")
+    assert status == 507
+    assert body["error"]["code"] == "session_checkpoint_failed"
+    assert "was billed and stays in session" in body["error"]["message"]
+    # Past park_idle_s the session is due for parking, which tries to save it again, and fails.
+    await until(lambda: d.daemon.sessions.events["checkpoint_failed"] >= 2, 5)
+    status, view = await call(d, "GET", f"/v1/sessions/{sid}")
+    assert (view["turns"], view["where"]["state"]) == (2, "active")  # counted, and its worker kept
+    blocker.rmdir()
+    await until(lambda: d.daemon.sessions.counts()["active_here"] == 0, 5)  # saved, then parked
+    status, echo = await say(d, sid, "[[echo]]")  # resumed from disk
+    assert status == 200
+    assert "second MARTEN-8" in echo["text"]

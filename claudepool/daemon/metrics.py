@@ -36,10 +36,11 @@ EXIT_REASONS = ("recycle_turns", "recycle_age", "recycle_memory", "recycle_conte
 OUTCOMES = ("ok", "model_error", "cancelled", "draining", "timeout", "turn_stalled", "worker_died",
             "worker_error", "pool_timeout", "pool_unhealthy", "rate_limited", "budget_exhausted", "queue_full",
             "store_unavailable", "session_closed", "session_limit_reached", "session_elsewhere",
-            "session_unavailable", "error")
+            "session_unavailable", "session_checkpoint_failed", "error")
 REJECTION_KINDS = ("requests_per_minute", "tokens_per_minute", "budget", "queue_full")
 TOKEN_TYPES = ("input", "output", "cache_read", "cache_write")
-SESSION_EVENTS = ("created", "parked", "recycled", "resumed", "rolled_over", "expired", "deleted")
+SESSION_EVENTS = ("created", "parked", "recycled", "resumed", "rolled_over", "expired", "deleted",
+                  "checkpoint_failed")
 STORE_OPERATIONS = ("reserve", "settle", "release", "budget", "usage", "ledger", "session")
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _SPAWN_SECONDS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)

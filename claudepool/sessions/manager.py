@@ -43,6 +43,7 @@ from claudepool.errors import (
     ClaudepoolError,
     Forbidden,
     NotFound,
+    SessionCheckpointFailed,
     SessionClosed,
     SessionElsewhere,
     SessionLimitReached,
@@ -69,6 +70,9 @@ class _Binding:
     record: SessionRecord
     lease: Lease
     lock: asyncio.Lock
+    # Turns the checkpoint on disk lacks (its save failed): until a save succeeds they live only in
+    # the worker, which therefore is not given back.
+    unsaved: bool = False
 
 
 @dataclass(frozen=True)
@@ -230,7 +234,11 @@ class SessionManager:
             record.cache_creation_input_tokens += result.usage.cache_creation_input_tokens
             record.cost_usd += result.cost_usd
             record.context_tokens = result.context_tokens
-            await self._checkpoint(binding)
+            try:
+                await self._checkpoint(binding)
+            except SessionCheckpointFailed:
+                await self.store.session_put(record)  # the turn happened: count it
+                raise
         await self.store.session_put(record)
         if not binding.lease.worker.is_alive():
             self._unbind(record.id)
@@ -248,7 +256,17 @@ class SessionManager:
         target = self._transcript(record)
         record.transcript = str(target.relative_to(self.dir))
         meta = orjson.dumps({**record.to_dict(), "state": "parked", "owner": ""})
-        await asyncio.to_thread(_write_checkpoint, source, target, self._meta(record), meta)
+        try:
+            await asyncio.to_thread(_write_checkpoint, source, target, self._meta(record), meta)
+        except OSError as exc:
+            binding.unsaved = True
+            self.events["checkpoint_failed"] += 1
+            log.error("session %s: transcript not saved: %s", record.id, exc.strerror or exc)
+            raise SessionCheckpointFailed(
+                f"the turn ran, was billed and stays in session {record.id}, but its transcript could not be "
+                f"saved ({exc.strerror or type(exc).__name__}); the session keeps its worker until a save "
+                "succeeds") from None
+        binding.unsaved = False
 
     def _from_disk(self, tenant: str, session_id: str) -> SessionRecord | None:
         meta = self.dir / tenant / f"{session_id}.meta.json"
@@ -299,26 +317,32 @@ class SessionManager:
     # -- parking, expiry, retention ----------------------------------------------------------------
 
     async def park(self, session_id: str) -> bool:
-        """Give the session's worker back (its checkpoint stays). False if it is mid-turn."""
+        """Give the session's worker back (its checkpoint stays). False if it is mid-turn, or if
+        its last turns could not be saved (it keeps its worker)."""
         binding = self._bindings.get(session_id)
         if binding is None or binding.lock.locked():
             return False
         async with binding.lock:
-            await self._park(binding)
-        return True
+            return await self._park(binding)
 
-    async def _park(self, binding: _Binding) -> None:
+    async def _park(self, binding: _Binding) -> bool:
         record = binding.record
         worker = binding.lease.worker
         if worker.in_turn():
             with contextlib.suppress(ClaudepoolError):
                 await worker.finish_abandoned_turn()
+                binding.unsaved = True
+        if binding.unsaved and worker.is_alive():
+            try:
                 await self._checkpoint(binding)
+            except SessionCheckpointFailed:
+                return False  # the worker holds turns the disk does not: keep it
         self._unbind(record.id)
         if record.state == "active":
             record.state, record.owner = "parked", ""
             await self.store.session_put(record)
         self.events["parked"] += 1
+        return True
 
     async def _park_if_recycle_due(self, binding: _Binding) -> None:
         """Give the worker back when its pool would recycle it (the caller holds the session lock);
@@ -329,8 +353,8 @@ class SessionManager:
         if reason is None:
             return
         log.info("session %s: its worker is due for recycling (%s); parking it", binding.record.id, reason)
-        await self._park(binding)
-        self.events["recycled"] += 1
+        if await self._park(binding):
+            self.events["recycled"] += 1
 
     async def park_all(self) -> None:
         """At shutdown: every session keeps its checkpoint and can resume after a restart."""
@@ -341,7 +365,9 @@ class SessionManager:
             try:
                 async with asyncio.timeout(10):
                     async with binding.lock:
-                        await self._park(binding)
+                        if not await self._park(binding):
+                            log.error("session %s: its last turns could not be saved and are lost at shutdown",
+                                      session_id)
             except (ClaudepoolError, TimeoutError, OSError) as exc:
                 # Its last checkpoint stays; the rest of shutdown must go on.
                 log.warning("session %s: not parked cleanly at shutdown: %r", session_id, exc)

@@ -15,6 +15,7 @@ import orjson
 import psutil
 import pytest
 
+from claudepool.pool import reaper
 from claudepool.testing.fake_upstream import FakeUpstream
 from tests.conftest import FAKE_CLAUDE, REPO
 
@@ -81,11 +82,13 @@ def test_without_protection_the_same_check_finds_orphans(tmp_path: Path) -> None
     host, report = _host(tmp_path, "--claude", str(FAKE_CLAUDE), "--child", "--unprotected")
     pids = _all_pids(report)
     try:
+        started = {pid: reaper.start_time(pid) for pid in pids}
         survivors = _kill_host_and_wait(host, pids, deadline_s=1.0)
         # Idle workers exit on stdin EOF by themselves; a worker mid-turn and a tool subprocess
         # do not, and those are what the protections exist for.
-        assert report["busy"] in survivors
-        assert set(report["grandchildren"]) <= set(survivors)  # type: ignore[arg-type]
+        seen = {pid: (pid in survivors, started[pid], reaper.start_time(pid)) for pid in pids}
+        assert report["busy"] in survivors, (report, seen)
+        assert set(report["grandchildren"]) <= set(survivors), (report, seen)  # type: ignore[arg-type]
     finally:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -104,6 +107,27 @@ def test_pdeathsig_alone_misses_tool_subprocesses(tmp_path: Path) -> None:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_the_reaper_spares_a_group_whose_id_now_names_another_process() -> None:
+    """Process ids are reused: a worker reaped just before the daemon died, not yet unregistered,
+    must not cost an innocent process group its life (issue 10: a flaky orphan test)."""
+    ours = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    reused = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        helper = subprocess.Popen([sys.executable, "-I", "-S", reaper.__file__], stdin=subprocess.PIPE)
+        assert helper.stdin is not None
+        # As the helper would see it had `reused` taken the id of a group registered earlier.
+        registered_start = reaper.start_time(reused.pid) - 1
+        helper.stdin.write(f"+{ours.pid} {reaper.start_time(ours.pid)}\n+{reused.pid} {registered_start}\n".encode())
+        helper.stdin.close()  # EOF: the daemon is gone
+        assert helper.wait(timeout=5) == 0
+        assert ours.wait(timeout=5) == -signal.SIGKILL
+        assert reused.poll() is None
+    finally:
+        for proc in (ours, reused):
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.real_cli

@@ -11,6 +11,11 @@ Two mechanisms, because each covers a gap in the other:
 
 The helper runs in its own session and ignores SIGINT/SIGTERM so a Ctrl-C or a service manager's
 SIGTERM to the daemon's group cannot take it down before the daemon has finished its own cleanup.
+
+Process ids are reused (``pid_max`` is often 32768). A group is registered with its leader's start
+time, and the helper leaves alone a group whose id now belongs to another process: a worker that
+died and was reaped just before the daemon's death, before it could be unregistered, must not take
+an innocent process group down with it.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ class Reaper:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
-        self._groups: set[int] = set()
+        self._groups: dict[int, int] = {}  # pgid -> its leader's start time (0: unknown)
 
     @property
     def helper_pid(self) -> int | None:
@@ -60,12 +65,12 @@ class Reaper:
 
     def register(self, pgid: int) -> None:
         with self._lock:
-            self._groups.add(pgid)
-            self._send(f"+{pgid}\n")
+            self._groups[pgid] = start_time(pgid)
+            self._send(f"+{pgid} {self._groups[pgid]}\n")
 
     def unregister(self, pgid: int) -> None:
         with self._lock:
-            self._groups.discard(pgid)
+            self._groups.pop(pgid, None)
             self._send(f"-{pgid}\n")
 
     def close(self) -> None:
@@ -109,7 +114,7 @@ class Reaper:
         )
         assert self._proc.stdin is not None
         if self._groups:
-            self._proc.stdin.write("".join(f"+{g}\n" for g in self._groups).encode())
+            self._proc.stdin.write("".join(f"+{g} {t}\n" for g, t in self._groups.items()).encode())
             self._proc.stdin.flush()
         return self._proc.stdin
 
@@ -125,23 +130,43 @@ def default_reaper() -> Reaper:
     return _default
 
 
+def start_time(pid: int) -> int:
+    """When ``pid`` started, in clock ticks since boot (``/proc/PID/stat`` field 22); 0 if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0
+    # The command name (field 2) may hold spaces and parentheses: count fields after its last ")".
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+def _is_ours(pgid: int, started: int) -> bool:
+    """False when ``pgid`` now names another process: ours exited and the id was reused. While any
+    member of a group lives its id cannot be given to a new process, so a leader that is gone (or
+    unknown) still means a group of ours, perhaps with orphans to kill."""
+    now = start_time(pgid)
+    return not (started and now and now != started)
+
+
 def _helper_main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    groups: set[int] = set()
+    groups: dict[int, int] = {}
     for raw in sys.stdin.buffer:
-        line = raw.strip()
-        if not line:
+        fields = raw.split()
+        if not fields:
             continue
-        op, pgid = line[:1], int(line[1:])
+        op, pgid = fields[0][:1], int(fields[0][1:])
         if op == b"+":
-            groups.add(pgid)
+            groups[pgid] = int(fields[1]) if len(fields) > 1 else 0
         elif op == b"-":
-            groups.discard(pgid)
+            groups.pop(pgid, None)
     # EOF: the daemon is gone (or closed us on purpose). Nothing registered may outlive it.
-    for pgid in groups:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
+    for pgid, started in groups.items():
+        if _is_ours(pgid, started):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import psutil
 
@@ -50,3 +52,12 @@ async def inside_one_minute(needed_s: float = 5.0) -> None:
     into_s = time.time() % 60
     if into_s > 60 - needed_s:
         await asyncio.sleep(60 - into_s + 0.05)
+
+
+@contextlib.contextmanager
+def closed_port_url() -> Iterator[str]:
+    """An HTTP URL on which nothing listens, for as long as the block runs: the port stays bound (and
+    not listening, so a connect is refused) so no other test's server can take it meanwhile."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{holder.getsockname()[1]}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.daemon_fixtures import ADMIN_KEY, KEYS, RunningDaemon, make_daemon
+from tests.helpers import closed_port_url
 
 __all__ = ["make_daemon"]
 
@@ -172,18 +172,11 @@ async def test_socket_and_url_are_mutually_exclusive(tmp_path: Path) -> None:
     assert "not allowed with argument" in done.err
 
 
-def closed_port_url() -> str:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
 @pytest.mark.parametrize("command", ["run", "status"])
 async def test_no_daemon_is_a_one_line_error(tmp_path: Path, transport: str, command: str) -> None:
-    target = ["--socket", str(tmp_path / "nobody-listens.sock")] if transport == "socket" else [
-        "--url", closed_port_url()]
-    done = await claudepool(command, *target, "--key", "k", *(["hello"] if command == "run" else []))
+    with closed_port_url() as url:
+        target = ["--socket", str(tmp_path / "nobody-listens.sock")] if transport == "socket" else ["--url", url]
+        done = await claudepool(command, *target, "--key", "k", *(["hello"] if command == "run" else []))
     assert done.code == 1
     assert done.err.startswith("claudepool: unavailable: "), done.err
     assert "Traceback" not in done.err

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from claudepool.client import AsyncClient, Client
 from claudepool.errors import RemoteError
 from claudepool.protocol.wire import PromptResult
 from tests.daemon_fixtures import ADMIN_KEY, KEYS, RunningDaemon, make_daemon
-from tests.helpers import until
+from tests.helpers import closed_port_url, until
 
 __all__ = ["make_daemon"]
 
@@ -185,22 +184,14 @@ async def test_missing_socket_is_unavailable(tmp_path: Path) -> None:
         assert raised_status.value.remote_code == "unavailable"
 
 
-def closed_port_url() -> str:
-    """An HTTP URL on which nothing listens."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
 async def test_unreachable_daemon_is_unavailable(tmp_path: Path, transport: str) -> None:
     """Over either transport, a daemon that is not running is a `RemoteError` ``unavailable``
     (that is what `claudepool run` turns into a one-line message and exit code 1)."""
-    target = ({"socket_path": str(tmp_path / "nobody-listens.sock")} if transport == "socket"
-              else {"url": closed_port_url()})
-    async with AsyncClient(key=KEYS["acme"], **target) as client, asyncio.timeout(10):
-        with pytest.raises(RemoteError) as raised:
-            await client.prompt("hello")
+    with closed_port_url() as url:
+        target = {"socket_path": str(tmp_path / "nobody-listens.sock")} if transport == "socket" else {"url": url}
+        async with AsyncClient(key=KEYS["acme"], **target) as client, asyncio.timeout(10):
+            with pytest.raises(RemoteError) as raised:
+                await client.prompt("hello")
     assert raised.value.remote_code == "unavailable"
 
 

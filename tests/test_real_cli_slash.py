@@ -87,7 +87,9 @@ async def test_every_command_the_cli_knows_reaches_the_model_as_text(
     baseline = request_shape(upstream.message_requests()[-1])
     prompts: list[UserContent] = [f"/{name}" for name in sorted(listed | set(UNLISTED))]
     prompts += [f"/{name} {arg}" for name, arg in ARGS.items()]
-    prompts += ["/model haiku\n", [{"type": "text", "text": "/model haiku"}], "/heapdump\n/heapdump"]
+    # A full model id (its switch made an upstream call billed to no one), a trailing newline, a block.
+    prompts += ["/model claude-haiku-4-5-20251001", "/model haiku\n", [{"type": "text", "text": "/model haiku"}],
+                "/heapdump\n/heapdump"]
     assert len(prompts) > 90
 
     for prompt in prompts:

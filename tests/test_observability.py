@@ -116,7 +116,8 @@ async def test_labels_are_bounded(make_daemon: MakeDaemon) -> None:
     samples = await scrape(d)
     tenant_values = {dict(k).get("tenant") for series in samples.values() for k in series} - {None}
     # Eight configured tenants (the fixture's acme and beta too); the first three by name get labels.
-    assert tenant_values == {"acme", "beta", "t00", "__other__"}
+    # (Refusals before authentication have a label of their own.)
+    assert tenant_values == {"acme", "beta", "t00", "__other__", "__unauthenticated__"}
     assert value(samples, "claudepool_requests_total", tenant="t00", outcome="ok") == 1
     assert value(samples, "claudepool_requests_total", tenant="__other__", outcome="ok") == 5
     for name, series in samples.items():

@@ -7,8 +7,9 @@ own RSS and the host's available memory.
 
 Label rules: one ``claudepool_`` prefix, base units, ``_total`` on counters, known series set to 0
 at start, never a pid, request or session id. ``tenant`` is a configured tenant's name (the first
-``max_tenant_labels`` of them, sorted) or ``__other__``; ``model`` is one of the first
-``max_model_labels`` models seen, or ``__other__``; ``slot`` is a small per-pool worker index.
+``max_tenant_labels`` of them, sorted) or ``__other__``, or ``__unauthenticated__`` for a request
+refused before any tenant was known; ``model`` is one of the first ``max_model_labels`` models seen,
+or ``__other__``; ``slot`` is a small per-pool worker index.
 """
 
 from __future__ import annotations
@@ -30,13 +31,19 @@ if TYPE_CHECKING:
     from claudepool.daemon.app import Daemon
 
 OTHER = "__other__"
+# The tenant label of a request refused before any tenant was known (no or a wrong key, a socket
+# frame that could not be read): never the key it presented.
+UNAUTHENTICATED = "__unauthenticated__"
 WORKER_STATES = ("starting", "idle", "leased", "cleaning", "closing")
 EXIT_REASONS = ("recycle_turns", "recycle_age", "recycle_memory", "recycle_context", "watchdog", "crash",
                 "reset_failed", "boot_failure", "memory_pressure", "idle", "unclean", "shutdown", "respawn")
 OUTCOMES = ("ok", "model_error", "cancelled", "draining", "timeout", "turn_stalled", "worker_died",
             "worker_error", "pool_timeout", "pool_unhealthy", "rate_limited", "budget_exhausted", "queue_full",
             "store_unavailable", "session_closed", "session_limit_reached", "session_elsewhere",
-            "session_unavailable", "error")
+            "session_unavailable", "bad_request", "unauthorized", "forbidden", "not_found", "prompt_too_large",
+            "frame_too_large", "error")
+# What a request can end in before its tenant is known.
+UNAUTHENTICATED_OUTCOMES = ("unauthorized", "bad_request", "prompt_too_large", "frame_too_large")
 REJECTION_KINDS = ("requests_per_minute", "tokens_per_minute", "budget", "queue_full")
 TOKEN_TYPES = ("input", "output", "cache_read", "cache_write")
 SESSION_EVENTS = ("created", "parked", "recycled", "resumed", "rolled_over", "expired", "deleted")
@@ -102,6 +109,8 @@ class Metrics:
                 self.requests.labels(tenant, outcome)
             for kind in REJECTION_KINDS:
                 self.rejections.labels(tenant, kind)
+        for outcome in UNAUTHENTICATED_OUTCOMES:
+            self.requests.labels(UNAUTHENTICATED, outcome)
         pools = [pool for name in self.daemon.settings.profiles for pool in (name, f"{name}.sessions")]
         for profile in pools:
             self.spawns.labels(profile)
@@ -130,8 +139,10 @@ class Metrics:
 
     # -- event hooks -----------------------------------------------------------------------------
 
-    def request_done(self, tenant: str, outcome: str, duration_s: float | None, queue_s: float | None) -> None:
-        self.requests.labels(self.tenant(tenant), outcome if outcome in OUTCOMES else "error").inc()
+    def request_done(self, tenant: str | None, outcome: str, duration_s: float | None, queue_s: float | None) -> None:
+        """One answered request; ``tenant`` None when it was refused before authentication."""
+        label = UNAUTHENTICATED if tenant is None else self.tenant(tenant)
+        self.requests.labels(label, outcome if outcome in OUTCOMES else "error").inc()
         if duration_s is not None:
             self.request_seconds.observe(duration_s)
         if queue_s is not None:

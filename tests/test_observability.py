@@ -103,6 +103,27 @@ async def test_memory_series_come_from_measurements_not_scrapes(make_daemon: Mak
         samples, "claudepool_memory_budget_bytes", profile="default", limit="soft")
 
 
+async def test_upstream_statuses_and_spend_are_present_at_zero_and_count_by_status(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(tenants={"gamma": {"key": "gamma-key-0123", "daily_budget_usd": 1.0}})
+    d.daemon.metrics.spent.clear()  # as before the first refresh from the store
+    before = await scrape(d)
+    for status in ("400", "429", "500", "502", "503", "504", "529", "none", "other"):
+        for name in ("claudepool_upstream_errors_total", "claudepool_upstream_retries_total"):
+            assert before[name][(("status", status),)] == 0, (name, status)
+    spent = {dict(k)["tenant"] for k in before["claudepool_tenant_spent_usd"]}
+    assert spent == {"gamma"}  # every tenant with a budget, and only those
+    assert value(before, "claudepool_tenant_spent_usd", tenant="gamma", period="day") == 0
+
+    assert (await post(d, {"prompt": "[[api_retry:529,none,418]] [[reply:after retries]]"}))[0] == 200
+    assert (await post(d, {"prompt": "[[api_retry:503]] [[api_error:503]]"}))[0] == 200
+    await d.idle()
+    after = await scrape(d)
+    retries = {dict(k)["status"]: v for k, v in after["claudepool_upstream_retries_total"].items() if v}
+    errors = {dict(k)["status"]: v for k, v in after["claudepool_upstream_errors_total"].items() if v}
+    assert retries == {"529": 1, "none": 1, "other": 1, "503": 1}  # 418 is no status we name: "other"
+    assert errors == {"503": 1}
+
+
 async def test_labels_are_bounded(make_daemon: MakeDaemon) -> None:
     tenants = {f"t{i:02d}": {"key": f"key-{i:02d}"} for i in range(6)}
     d = await make_daemon(tenants=tenants, metrics={"max_tenant_labels": 3})

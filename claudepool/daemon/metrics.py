@@ -46,10 +46,22 @@ OUTCOMES = ("ok", "model_error", "cancelled", "draining", "timeout", "turn_stall
 UNAUTHENTICATED_OUTCOMES = ("unauthorized", "bad_request", "prompt_too_large", "frame_too_large")
 REJECTION_KINDS = ("requests_per_minute", "tokens_per_minute", "budget", "queue_full")
 TOKEN_TYPES = ("input", "output", "cache_read", "cache_write")
+# Upstream HTTP statuses the CLI reports on a retry or a failed turn, every one present from the start;
+# ``none`` when it gave no status (a connection failure), ``other`` for anything not listed.
+UPSTREAM_STATUSES = ("400", "401", "403", "404", "408", "409", "413", "429", "500", "502", "503", "504", "529",
+                     "none", "other")
 SESSION_EVENTS = ("created", "parked", "recycled", "resumed", "rolled_over", "expired", "deleted")
 STORE_OPERATIONS = ("reserve", "settle", "release", "budget", "usage", "ledger", "session")
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _SPAWN_SECONDS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+
+
+def upstream_status(status: int | None) -> str:
+    """The bounded ``status`` label of an upstream retry or error."""
+    if status is None:
+        return "none"
+    label = str(status)
+    return label if label in UPSTREAM_STATUSES else "other"
 
 
 def outcome_of(exc: BaseException | None, *, is_error: bool = False) -> str:
@@ -118,6 +130,9 @@ class Metrics:
             self.spawn_seconds.labels(profile)
             for reason in EXIT_REASONS:
                 self.exits.labels(profile, reason)
+        for status in UPSTREAM_STATUSES:
+            self.upstream_retries.labels(status)
+            self.upstream_errors.labels(status)
         for operation in STORE_OPERATIONS:
             self.store_errors.labels(operation)
             self.store_seconds.labels(operation)
@@ -254,8 +269,9 @@ class _StateCollector(Collector):
             if tenant is not None:
                 limits.add_metric([name, "day"], tenant.daily_budget_usd)
                 limits.add_metric([name, "month"], tenant.monthly_budget_usd)
-            if name in d.metrics.spent:
-                day, month = d.metrics.spent[name]
+            if tenant is not None and tenant.has_budget:
+                # 0 until the first refresh from the store (at start-up), so a panel is never empty.
+                day, month = d.metrics.spent.get(name, (0.0, 0.0))
                 spent.add_metric([name, "day"], day)
                 spent.add_metric([name, "month"], month)
         yield limits

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from claudepool.config import MeteringSettings
-from claudepool.daemon.metrics import Metrics, outcome_of
+from claudepool.daemon.metrics import Metrics, outcome_of, upstream_status
 from claudepool.errors import (
     BadRequest,
     BudgetExhausted,
@@ -355,7 +355,7 @@ class PromptService:
                     if on_delta is not None:
                         await on_delta(text)
             elif isinstance(item, SystemApiRetry) and self.metrics is not None:
-                self.metrics.upstream_retries.labels(str(item.error_status)).inc()
+                self.metrics.upstream_retries.labels(upstream_status(item.error_status)).inc()
         assert trace.result is not None
         return trace.result
 
@@ -369,8 +369,8 @@ class PromptService:
             self.metrics.request_done(admission.tenant.name, outcome, duration_s, trace.queue_s)
             if trace.first_text_s is not None:
                 self.metrics.ttft_seconds.observe(trace.first_text_s)
-            if result is not None and result.api_error_status is not None:
-                self.metrics.upstream_errors.labels(str(result.api_error_status)).inc()
+            if result is not None and (result.api_error_status is not None or result.terminal_reason == "api_error"):
+                self.metrics.upstream_errors.labels(upstream_status(result.api_error_status)).inc()
         usage = result.usage if result is not None else None
         request_log.info("request", extra={"fields": {
             "request_id": admission.request_id, "tenant": admission.tenant.name,

@@ -149,10 +149,10 @@ async def test_no_window_ever_holds_more_than_the_limit(limiter: RateLimiter) ->
     for tenant, attempts in runs.items():
         assert not overflows(attempts, LIMIT, WINDOW_S), tenant
         assert not unjustified_refusals(attempts, LIMIT, WINDOW_S), tenant
-    # Not a limiter that refuses everything: a burst into an empty window gets exactly the limit.
+    # Not a limiter that refuses everything: a burst into an empty window gets the whole limit
+    # (and, when it is sent within one window, which the overflow check sees, no more).
     for phase in PHASES:
-        first = runs[f"burst_at_start@{phase}"][: int(1.5 * LIMIT)]
-        assert [a.admitted for a in first] == [True] * LIMIT + [False] * (len(first) - LIMIT)
+        assert all(a.admitted for a in runs[f"burst_at_start@{phase}"][:LIMIT])
     assert limiter.fallbacks == 0
 
 

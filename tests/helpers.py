@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import psutil
@@ -41,17 +40,6 @@ def pid_gone(pid: int | None) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
-
-
-async def inside_one_minute(needed_s: float = 5.0) -> None:
-    """Wait, if need be, until the next ``needed_s`` fall inside one calendar minute.
-
-    Rate limits are sliding-window counters over calendar minutes: just past a minute's edge the
-    previous minute's count is weighted by the time left and floored, so a full minute counts one
-    less and one more request is admitted. A test counting requests to the limit must not straddle it."""
-    into_s = time.time() % 60
-    if into_s > 60 - needed_s:
-        await asyncio.sleep(60 - into_s + 0.05)
 
 
 @contextlib.contextmanager

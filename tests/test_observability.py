@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from claudepool.logs import HumanFormatter, JsonFormatter, RateLimitedLog, scrub
 from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
-from tests.helpers import inside_one_minute, until
+from tests.helpers import until
 from tests.test_tenancy import post
 
 __all__ = ["make_daemon"]
@@ -45,7 +45,6 @@ def total(samples: dict[str, dict[tuple[tuple[str, str], ...], float]], name: st
 
 async def test_metrics_after_scripted_traffic(make_daemon: MakeDaemon) -> None:
     d = await make_daemon(tenants={"acme": {"requests_per_minute": 4}})
-    await inside_one_minute()
     before = await scrape(d)
     # Known series exist at zero before anything happened.
     assert value(before, "claudepool_worker_exits_total", profile="default", reason="crash") == 0
@@ -104,6 +103,27 @@ async def test_memory_series_come_from_measurements_not_scrapes(make_daemon: Mak
         samples, "claudepool_memory_budget_bytes", profile="default", limit="soft")
 
 
+async def test_upstream_statuses_and_spend_are_present_at_zero_and_count_by_status(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(tenants={"gamma": {"key": "gamma-key-0123", "daily_budget_usd": 1.0}})
+    d.daemon.metrics.spent.clear()  # as before the first refresh from the store
+    before = await scrape(d)
+    for status in ("400", "429", "500", "502", "503", "504", "529", "none", "other"):
+        for name in ("claudepool_upstream_errors_total", "claudepool_upstream_retries_total"):
+            assert before[name][(("status", status),)] == 0, (name, status)
+    spent = {dict(k)["tenant"] for k in before["claudepool_tenant_spent_usd"]}
+    assert spent == {"gamma"}  # every tenant with a budget, and only those
+    assert value(before, "claudepool_tenant_spent_usd", tenant="gamma", period="day") == 0
+
+    assert (await post(d, {"prompt": "[[api_retry:529,none,418]] [[reply:after retries]]"}))[0] == 200
+    assert (await post(d, {"prompt": "[[api_retry:503]] [[api_error:503]]"}))[0] == 200
+    await d.idle()
+    after = await scrape(d)
+    retries = {dict(k)["status"]: v for k, v in after["claudepool_upstream_retries_total"].items() if v}
+    errors = {dict(k)["status"]: v for k, v in after["claudepool_upstream_errors_total"].items() if v}
+    assert retries == {"529": 1, "none": 1, "other": 1, "503": 1}  # 418 is no status we name: "other"
+    assert errors == {"503": 1}
+
+
 async def test_labels_are_bounded(make_daemon: MakeDaemon) -> None:
     tenants = {f"t{i:02d}": {"key": f"key-{i:02d}"} for i in range(6)}
     d = await make_daemon(tenants=tenants, metrics={"max_tenant_labels": 3})
@@ -117,7 +137,8 @@ async def test_labels_are_bounded(make_daemon: MakeDaemon) -> None:
     samples = await scrape(d)
     tenant_values = {dict(k).get("tenant") for series in samples.values() for k in series} - {None}
     # Eight configured tenants (the fixture's acme and beta too); the first three by name get labels.
-    assert tenant_values == {"acme", "beta", "t00", "__other__"}
+    # (Refusals before authentication have a label of their own.)
+    assert tenant_values == {"acme", "beta", "t00", "__other__", "__unauthenticated__"}
     assert value(samples, "claudepool_requests_total", tenant="t00", outcome="ok") == 1
     assert value(samples, "claudepool_requests_total", tenant="__other__", outcome="ok") == 5
     for name, series in samples.items():

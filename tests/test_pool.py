@@ -335,19 +335,38 @@ async def test_soft_memory_limit_stops_spawning(make_pool: Callable[..., Pool], 
         assert pool.counts()["idle"] == 0
 
 
-async def test_hard_memory_limit_sheds_idle_and_recycles_busy(
+async def test_hard_memory_limit_sheds_idle_and_recycles_busy_down_to_one_worker(
     make_pool: Callable[..., Pool], fake_profile: Profile
 ) -> None:
-    pool = make_pool(fake_profile, min_idle=2, max_workers=2, memory_hard_limit_bytes=1,
+    # A 1-byte limit: every worker is over it from its first measurement, taken when it is ready.
+    pool = make_pool(fake_profile, min_idle=2, max_workers=3, memory_hard_limit_bytes=1,
                      memory_soft_limit_bytes=1, maintenance_interval_s=60)
     await pool.start()
-    await pool.wait_ready(10)
-    lease = await pool.acquire("a")
+
+    def settled_at_one() -> bool:
+        counts = pool.counts()
+        return (counts["idle"], counts["starting"], counts["closing"]) == (1, 0, 0) and all(
+            w.pss_bytes for w in pool.workers())
+
+    await until(settled_at_one, 10)
+    assert pool.stats.retired["memory_pressure"] >= 1  # idle workers were shed...
+    spawned, shed = pool.stats.spawned, pool.stats.retired["memory_pressure"]
     pool.refresh_memory()
     pool._step()
-    await until(lambda: pool.stats.retired["memory_pressure"] >= 1)
-    lease.release()
-    await until(lambda: pool.stats.retired["memory_pressure"] == 2)
+    # ...down to one, which stays: shedding it would only start another (min_idle), over and over.
+    assert (pool.stats.spawned, pool.stats.retired["memory_pressure"]) == (spawned, shed)
+    assert settled_at_one()
+
+    busy = make_pool(fake_profile, min_idle=0, max_workers=2, memory_hard_limit_bytes=1,
+                     memory_soft_limit_bytes=1, maintenance_interval_s=60)
+    leases = await asyncio.gather(busy.acquire("a"), busy.acquire("b"))
+    await until(lambda: all(w.pss_bytes for w in busy.workers()))
+    busy._step()
+    assert busy.stats.retired["memory_pressure"] == 0  # leased workers are recycled on release only
+    for lease in leases:
+        lease.release()
+    await until(lambda: busy.counts() == {**busy.counts(), "idle": 1, "leased": 0, "cleaning": 0, "closing": 0})
+    assert busy.stats.retired["memory_pressure"] == 1  # one of the two; the last stays
 
 
 async def test_idle_surplus_shrinks_to_min_idle(make_pool: Callable[..., Pool], fake_profile: Profile) -> None:

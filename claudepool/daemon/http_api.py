@@ -31,6 +31,7 @@ from claudepool.protocol.wire import PromptRequest, PromptResult, describe_valid
 
 if TYPE_CHECKING:
     from claudepool.daemon.app import Daemon
+    from claudepool.tenancy.tenants import Tenant
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _read_request(request: web.Request) -> PromptRequest:
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PromptTooLarge("request body too large") from None
     try:
         return PromptRequest.model_validate(orjson.loads(raw))
     except orjson.JSONDecodeError:
@@ -108,8 +112,13 @@ async def _read_request(request: web.Request) -> PromptRequest:
 
 async def _prompt(request: web.Request) -> web.StreamResponse:
     daemon = request.app[DAEMON]
-    tenant = daemon.tenants.authenticate(bearer(request))
-    body = await _read_request(request)
+    tenant: Tenant | None = None
+    try:
+        tenant = daemon.tenants.authenticate(bearer(request))
+        body = await _read_request(request)
+    except ClaudepoolError as exc:
+        daemon.service.refused(exc, tenant=tenant)  # what `admit` refuses, it counts itself
+        raise
     admission = await daemon.service.admit(tenant, body)
     if not body.stream:
         result = await daemon.service.run(admission)

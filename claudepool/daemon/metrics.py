@@ -7,8 +7,9 @@ own RSS and the host's available memory.
 
 Label rules: one ``claudepool_`` prefix, base units, ``_total`` on counters, known series set to 0
 at start, never a pid, request or session id. ``tenant`` is a configured tenant's name (the first
-``max_tenant_labels`` of them, sorted) or ``__other__``; ``model`` is one of the first
-``max_model_labels`` models seen, or ``__other__``; ``slot`` is a small per-pool worker index.
+``max_tenant_labels`` of them, sorted) or ``__other__``, or ``__unauthenticated__`` for a request
+refused before any tenant was known; ``model`` is one of the first ``max_model_labels`` models seen,
+or ``__other__``; ``slot`` is a small per-pool worker index.
 """
 
 from __future__ import annotations
@@ -30,20 +31,38 @@ if TYPE_CHECKING:
     from claudepool.daemon.app import Daemon
 
 OTHER = "__other__"
+# The tenant label of a request refused before any tenant was known (no or a wrong key, a socket
+# frame that could not be read): never the key it presented.
+UNAUTHENTICATED = "__unauthenticated__"
 WORKER_STATES = ("starting", "idle", "leased", "cleaning", "closing")
 EXIT_REASONS = ("recycle_turns", "recycle_age", "recycle_memory", "recycle_context", "watchdog", "crash",
                 "reset_failed", "boot_failure", "memory_pressure", "idle", "unclean", "shutdown", "respawn")
 OUTCOMES = ("ok", "model_error", "cancelled", "draining", "timeout", "turn_stalled", "worker_died",
             "worker_error", "pool_timeout", "pool_unhealthy", "rate_limited", "budget_exhausted", "queue_full",
             "store_unavailable", "session_closed", "session_limit_reached", "session_elsewhere",
-            "session_unavailable", "session_checkpoint_failed", "error")
+            "session_unavailable", "bad_request", "unauthorized", "forbidden", "not_found", "prompt_too_large",
+            "frame_too_large", "session_checkpoint_failed", "error")
+# What a request can end in before its tenant is known.
+UNAUTHENTICATED_OUTCOMES = ("unauthorized", "bad_request", "prompt_too_large", "frame_too_large")
 REJECTION_KINDS = ("requests_per_minute", "tokens_per_minute", "budget", "queue_full")
 TOKEN_TYPES = ("input", "output", "cache_read", "cache_write")
+# Upstream HTTP statuses the CLI reports on a retry or a failed turn, every one present from the start;
+# ``none`` when it gave no status (a connection failure), ``other`` for anything not listed.
+UPSTREAM_STATUSES = ("400", "401", "403", "404", "408", "409", "413", "429", "500", "502", "503", "504", "529",
+                     "none", "other")
 SESSION_EVENTS = ("created", "parked", "recycled", "resumed", "rolled_over", "expired", "deleted",
                   "checkpoint_failed")
 STORE_OPERATIONS = ("reserve", "settle", "release", "budget", "usage", "ledger", "session")
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _SPAWN_SECONDS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+
+
+def upstream_status(status: int | None) -> str:
+    """The bounded ``status`` label of an upstream retry or error."""
+    if status is None:
+        return "none"
+    label = str(status)
+    return label if label in UPSTREAM_STATUSES else "other"
 
 
 def outcome_of(exc: BaseException | None, *, is_error: bool = False) -> str:
@@ -103,6 +122,8 @@ class Metrics:
                 self.requests.labels(tenant, outcome)
             for kind in REJECTION_KINDS:
                 self.rejections.labels(tenant, kind)
+        for outcome in UNAUTHENTICATED_OUTCOMES:
+            self.requests.labels(UNAUTHENTICATED, outcome)
         pools = [pool for name in self.daemon.settings.profiles for pool in (name, f"{name}.sessions")]
         for profile in pools:
             self.spawns.labels(profile)
@@ -110,6 +131,9 @@ class Metrics:
             self.spawn_seconds.labels(profile)
             for reason in EXIT_REASONS:
                 self.exits.labels(profile, reason)
+        for status in UPSTREAM_STATUSES:
+            self.upstream_retries.labels(status)
+            self.upstream_errors.labels(status)
         for operation in STORE_OPERATIONS:
             self.store_errors.labels(operation)
             self.store_seconds.labels(operation)
@@ -131,8 +155,10 @@ class Metrics:
 
     # -- event hooks -----------------------------------------------------------------------------
 
-    def request_done(self, tenant: str, outcome: str, duration_s: float | None, queue_s: float | None) -> None:
-        self.requests.labels(self.tenant(tenant), outcome if outcome in OUTCOMES else "error").inc()
+    def request_done(self, tenant: str | None, outcome: str, duration_s: float | None, queue_s: float | None) -> None:
+        """One answered request; ``tenant`` None when it was refused before authentication."""
+        label = UNAUTHENTICATED if tenant is None else self.tenant(tenant)
+        self.requests.labels(label, outcome if outcome in OUTCOMES else "error").inc()
         if duration_s is not None:
             self.request_seconds.observe(duration_s)
         if queue_s is not None:
@@ -244,8 +270,9 @@ class _StateCollector(Collector):
             if tenant is not None:
                 limits.add_metric([name, "day"], tenant.daily_budget_usd)
                 limits.add_metric([name, "month"], tenant.monthly_budget_usd)
-            if name in d.metrics.spent:
-                day, month = d.metrics.spent[name]
+            if tenant is not None and tenant.has_budget:
+                # 0 until the first refresh from the store (at start-up), so a panel is never empty.
+                day, month = d.metrics.spent.get(name, (0.0, 0.0))
                 spent.add_metric([name, "day"], day)
                 spent.add_metric([name, "month"], month)
         yield limits

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from claudepool.config import MeteringSettings
-from claudepool.daemon.metrics import Metrics, outcome_of
+from claudepool.daemon.metrics import Metrics, outcome_of, upstream_status
 from claudepool.errors import (
     BadRequest,
     BudgetExhausted,
@@ -133,7 +133,45 @@ class PromptService:
         """Every check that needs no worker, and the budget reservation. Raises the error to answer.
 
         The request counts as in flight from here (a drain waits for it, or stops it); `run`, which
-        the caller awaits straight after, ends that."""
+        the caller awaits straight after, ends that. A refusal is counted and logged here, once."""
+        started = time.monotonic()
+        request_id = request_id or new_request_id()
+        try:
+            return await self._admit_in_flight(tenant, request, request_id)
+        except asyncio.CancelledError:
+            self.refused(Cancelled("the client went away"), tenant=tenant, request=request, request_id=request_id,
+                         started=started)
+            raise
+        except BaseException as exc:
+            self.refused(exc, tenant=tenant, request=request, request_id=request_id, started=started)
+            raise
+
+    def refused(self, exc: BaseException, *, tenant: Tenant | None = None, request: PromptRequest | None = None,
+                request_id: str | None = None, started: float | None = None) -> None:
+        """Count a request that ends before admission and write its one canonical log line.
+
+        `admit` calls it for its own refusals; a front end calls it for what it refuses before
+        `admit` (no or a wrong key, a body or frame it cannot read). Never the prompt or the key."""
+        outcome = outcome_of(exc)
+        self.requests_by_outcome[outcome] += 1
+        if tenant is not None and isinstance(exc, TenancyError):
+            self.rejections[(tenant.name, exc.code)] += 1
+        if self.metrics is not None:
+            if tenant is not None and isinstance(exc, TenancyError):
+                self.metrics.rejected(tenant.name, _rejection_kind(exc))
+            self.metrics.request_done(tenant.name if tenant is not None else None, outcome, None, None)
+        request_log.info("request", extra={"fields": {
+            "request_id": request_id or new_request_id(), "tenant": tenant.name if tenant is not None else None,
+            "session": request.session if request is not None else None,
+            "profile": (request.profile if request is not None else None) or (tenant.profile if tenant else None),
+            "priority": request.priority if request is not None else None, "worker_slot": None,
+            "outcome": outcome, "queue_ms": None,
+            "duration_ms": round((time.monotonic() - started) * 1000, 1) if started is not None else 0.0,
+            "input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0,
+            "cost_usd": 0.0,
+        }})
+
+    async def _admit_in_flight(self, tenant: Tenant, request: PromptRequest, request_id: str) -> Admission:
         if self.draining:
             raise Draining("the daemon is shutting down; retry on another instance")
         task = asyncio.current_task()
@@ -152,7 +190,7 @@ class PromptService:
                 raise Draining("the daemon stopped this request at its drain deadline") from None
             raise
 
-    async def _admit(self, tenant: Tenant, request: PromptRequest, request_id: str | None) -> Admission:
+    async def _admit(self, tenant: Tenant, request: PromptRequest, request_id: str) -> Admission:
         profile = request.profile or tenant.profile
         pools = self.pools
         if request.session is not None:
@@ -171,40 +209,32 @@ class PromptService:
         size = len(request.prompt.encode())
         if size > self.limits.max_prompt_bytes:
             raise PromptTooLarge(f"prompt of {size} bytes exceeds the limit of {self.limits.max_prompt_bytes}")
-        try:
-            if self.queued >= self.limits.max_queued:
-                raise QueueFull(f"the daemon has {self.queued} requests waiting for a worker")
-            if tenant.max_queued and self._queued[tenant.name] >= tenant.max_queued:
-                raise QueueFull(f"this tenant has {self._queued[tenant.name]} requests waiting, its limit")
-            await self.limiter.check(tenant.name, requests_per_minute=tenant.requests_per_minute,
-                                     tokens_per_minute=tenant.tokens_per_minute)
-            request_id = request_id or new_request_id()
-            pool = pools[profile]
-            model = pool.profile.model or "default"
-            timeout_s = min(request.timeout_s or self.limits.default_timeout_s, self.limits.max_timeout_s)
-            reservation_id = None
-            if tenant.has_budget:
-                amount = self.pricing.reservation_usd(model, size, self.metering)
-                # It must outlive the request (queue wait and turn), or others could spend it meanwhile.
-                wait_s = tenant.max_queue_wait_s or pool.config.lease_timeout_s
-                ttl_s = max(self.limits.reservation_ttl_s, wait_s + timeout_s + 60)
-                try:
-                    await self.store.reserve(tenant.name, request_id, amount, daily_limit_usd=tenant.daily_budget_usd,
-                                             monthly_limit_usd=tenant.monthly_budget_usd, ttl_s=ttl_s)
-                except BudgetExhausted:
-                    raise
-                except BaseException:
-                    # Cancelled or failed mid-call, the reservation may exist: give it back (idempotent).
-                    self.meter.release(RequestContext(request_id=request_id, tenant=tenant.name, profile=profile,
-                                                      model=model, reservation_id=request_id))
-                    raise
-                reservation_id = request_id
-        except TenancyError as exc:
-            self.rejections[(tenant.name, exc.code)] += 1
-            if self.metrics is not None:
-                self.metrics.rejected(tenant.name, _rejection_kind(exc))
-                self.metrics.request_done(tenant.name, exc.code, None, None)
-            raise
+        if self.queued >= self.limits.max_queued:
+            raise QueueFull(f"the daemon has {self.queued} requests waiting for a worker")
+        if tenant.max_queued and self._queued[tenant.name] >= tenant.max_queued:
+            raise QueueFull(f"this tenant has {self._queued[tenant.name]} requests waiting, its limit")
+        await self.limiter.check(tenant.name, requests_per_minute=tenant.requests_per_minute,
+                                 tokens_per_minute=tenant.tokens_per_minute)
+        pool = pools[profile]
+        model = pool.profile.model or "default"
+        timeout_s = min(request.timeout_s or self.limits.default_timeout_s, self.limits.max_timeout_s)
+        reservation_id = None
+        if tenant.has_budget:
+            amount = self.pricing.reservation_usd(model, size, self.metering)
+            # It must outlive the request (queue wait and turn), or others could spend it meanwhile.
+            wait_s = tenant.max_queue_wait_s or pool.config.lease_timeout_s
+            ttl_s = max(self.limits.reservation_ttl_s, wait_s + timeout_s + 60)
+            try:
+                await self.store.reserve(tenant.name, request_id, amount, daily_limit_usd=tenant.daily_budget_usd,
+                                         monthly_limit_usd=tenant.monthly_budget_usd, ttl_s=ttl_s)
+            except BudgetExhausted:
+                raise
+            except BaseException:
+                # Cancelled or failed mid-call, the reservation may exist: give it back (idempotent).
+                self.meter.release(RequestContext(request_id=request_id, tenant=tenant.name, profile=profile,
+                                                  model=model, reservation_id=request_id))
+                raise
+            reservation_id = request_id
         context = RequestContext(request_id=request_id, tenant=tenant.name, profile=profile, model=model,
                                  reservation_id=reservation_id, session=request.session)
         return Admission(request_id, tenant, request, pool, timeout_s, context)
@@ -325,7 +355,7 @@ class PromptService:
                     if on_delta is not None:
                         await on_delta(text)
             elif isinstance(item, SystemApiRetry) and self.metrics is not None:
-                self.metrics.upstream_retries.labels(str(item.error_status)).inc()
+                self.metrics.upstream_retries.labels(upstream_status(item.error_status)).inc()
         assert trace.result is not None
         return trace.result
 
@@ -339,8 +369,8 @@ class PromptService:
             self.metrics.request_done(admission.tenant.name, outcome, duration_s, trace.queue_s)
             if trace.first_text_s is not None:
                 self.metrics.ttft_seconds.observe(trace.first_text_s)
-            if result is not None and result.api_error_status is not None:
-                self.metrics.upstream_errors.labels(str(result.api_error_status)).inc()
+            if result is not None and (result.api_error_status is not None or result.terminal_reason == "api_error"):
+                self.metrics.upstream_errors.labels(upstream_status(result.api_error_status)).inc()
         usage = result.usage if result is not None else None
         request_log.info("request", extra={"fields": {
             "request_id": admission.request_id, "tenant": admission.tenant.name,

@@ -124,6 +124,7 @@ class _Connection:
                 for line in framer.feed_lenient(chunk):
                     if isinstance(line, FrameTooLarge):
                         frame_id = leading_frame_id(line.head)
+                        self.daemon.service.refused(line)  # most likely a prompt; unreadable either way
                         # Never a second answer to a request already in flight under that id.
                         self.send(error_frame(None if frame_id in self.requests else frame_id, line))
                     elif line.strip():
@@ -148,16 +149,23 @@ class _Connection:
 
     async def handle(self, line: bytes) -> None:
         frame_id: str | None = None
+        op: object = None
         try:
             obj = decode_object(line)
             raw_id = obj.get("id")
             frame_id = raw_id if isinstance(raw_id, str) else None
+            op = obj.get("op")
             frame = _FRAMES.validate_python(obj)
         except CorruptFrame as exc:
-            self.send(error_frame(None, BadRequest(str(exc))))
+            refusal = BadRequest(str(exc))
+            self.daemon.service.refused(refusal)  # a line we cannot read may be a prompt: count it
+            self.send(error_frame(None, refusal))
             return
         except ValidationError as exc:
-            self.send(error_frame(frame_id, BadRequest(describe_validation_error(exc))))
+            refusal = BadRequest(describe_validation_error(exc))
+            if op in (None, "prompt"):  # a prompt, or a frame that does not say what it is
+                self.daemon.service.refused(refusal)
+            self.send(error_frame(frame_id, refusal))
             return
         if isinstance(frame, PromptFrame):
             self.start_prompt(frame)
@@ -201,7 +209,9 @@ class _Connection:
 
     def start_prompt(self, frame: PromptFrame) -> None:
         if frame.id in self.requests:
-            self.send(error_frame(frame.id, BadRequest(f"request id {frame.id!r} is already in flight")))
+            refusal = BadRequest(f"request id {frame.id!r} is already in flight")
+            self.daemon.service.refused(refusal)
+            self.send(error_frame(frame.id, refusal))
             return
         task = asyncio.create_task(self.run_prompt(frame), name=f"unix-{frame.id}")
         self.requests[frame.id] = task
@@ -223,7 +233,11 @@ class _Connection:
 
         request_id = new_request_id()
         try:
-            tenant = self.daemon.tenants.authenticate(frame.key)
+            try:
+                tenant = self.daemon.tenants.authenticate(frame.key)
+            except ClaudepoolError as exc:
+                self.daemon.service.refused(exc, request_id=request_id)  # what `admit` refuses, it counts
+                raise
             request = PromptRequest.model_validate(frame.model_dump(exclude={"id", "op", "key"}))
             admission = await self.daemon.service.admit(tenant, request, request_id)
             result = await self.daemon.service.run(admission, on_delta if frame.stream else None)

@@ -695,21 +695,29 @@ class Pool:
         return _Retire(worker, reason)
 
     def _shed_memory(self) -> list[_Action]:
-        """Past the hard limit: close idle workers, largest first; recycle leased ones on release."""
+        """Past the hard limit: close idle workers, largest first; recycle leased ones on release.
+
+        Never the last ready worker: with none, the pool spawns one at once (it may past the soft
+        limit too), so shedding it would only churn processes, one start-up's CPU each time. Workers
+        still starting do not count: their memory is not known yet, and they may not boot."""
         excess = self.total_pss_bytes() - self.memory.hard_limit_bytes
         actions: list[_Action] = []
         if excess <= 0:
             return actions
+        live = len(self._idle) + len(self._cleaning) + len(self._leased) - len(self._recycle_on_release)
         for worker in sorted(self._idle, key=lambda w: w.pss_bytes or 0, reverse=True):
-            if excess <= 0:
-                break
+            if excess <= 0 or live <= 1 or not worker.pss_bytes:
+                break  # (one not measured yet frees nothing we know of: it is measured once ready)
             self._idle.remove(worker)
             excess -= worker.pss_bytes or 0
+            live -= 1
             actions.append(self._retire(worker, "memory_pressure"))
         for worker in sorted(self._leased, key=lambda w: w.pss_bytes or 0, reverse=True):
-            if excess <= 0:
+            if excess <= 0 or live <= 1 or not worker.pss_bytes:
                 break
-            self._recycle_on_release.add(worker)
+            if worker not in self._recycle_on_release:
+                self._recycle_on_release.add(worker)
+                live -= 1
             excess -= worker.pss_bytes or 0
         return actions
 
@@ -776,6 +784,18 @@ class Pool:
                 self._forget(worker)
             if not self._closed:
                 self._step()
+        if ok:
+            await self._measure_ready(worker)
+
+    async def _measure_ready(self, worker: Worker) -> None:
+        """A worker's first PSS/RSS reading as soon as it is ready (off the event loop, after it joined
+        the pool, so no request waits for it): its memory gauges need not wait for maintenance."""
+        if worker.pid is None:
+            return
+        readings = await asyncio.to_thread(measure_trees, [worker.pid])
+        if worker.pss_bytes is None and worker.is_alive() and not self._closed:
+            self._apply_readings([worker], readings)
+            self._step()  # as after a maintenance pass: the limits see the new reading
 
     async def _clean(self, worker: Worker) -> None:
         try:

@@ -22,6 +22,11 @@ key (prefix ``cp``, tenant ``acme``)     type    content and lifetime
                                                  trimmed to about ``ledger_max_records``; no TTL
 ``cp:{acme}:sessions``                   HASH    session id -> session record (JSON); entries are
                                                  deleted by the daemon's retention sweep
+``cp:{acme}:rate:requests``              HASH    rate-limit sub-bucket (Redis time in us // bucket width)
+                                                 -> requests admitted in it; at most one window of
+                                                 buckets plus one (older ones are deleted by the next
+                                                 check); TTL one window plus two buckets
+``cp:{acme}:rate:tokens``                HASH    the same for the tokens of settled turns
 =======================================  ======  ==========================================================
 
 TTLs are relative and refreshed on every write, so a day bucket lives about 40 days after its last
@@ -109,3 +114,13 @@ def ledger(prefix: str, tenant: str) -> str:
 def sessions(prefix: str, tenant: str) -> str:
     """HASH session id -> session record JSON."""
     return tenant_prefix(prefix, tenant) + "sessions"
+
+
+def rate_requests(prefix: str, tenant: str) -> str:
+    """HASH rate-limit sub-bucket index -> requests admitted in that bucket."""
+    return tenant_prefix(prefix, tenant) + "rate:requests"
+
+
+def rate_tokens(prefix: str, tenant: str) -> str:
+    """HASH rate-limit sub-bucket index -> tokens of the turns settled in that bucket."""
+    return tenant_prefix(prefix, tenant) + "rate:tokens"

@@ -30,6 +30,7 @@ Faithful behaviours
 Per-turn directives, in the prompt text
   [[reply:TEXT]]   answer TEXT             [[echo]]          answer with the whole conversation
   [[api_error:529]] fail like the upstream [[sleep:S]]       take S seconds, streaming as it goes
+  [[api_retry:529,none]] report an upstream retry per status (``none``: no status), then go on
   [[hang]]         stream a little, then never finish (until interrupted)
   [[crash]]        stream a little, then exit 3 mid-turn
   [[huge:N]]       print one line of N bytes                 [[garbage]]  print a non-JSON line
@@ -283,6 +284,10 @@ class FakeClaude:
         emit({"type": "system", "subtype": "status", "status": "requesting", "session_id": self.session_id})
         plan = {m.group(1): m.group(2) or "" for m in DIRECTIVE.finditer(prompt)}
         self.remember("user", prompt)
+        for attempt, status in enumerate(filter(None, plan.get("api_retry", "").split(",")), 1):
+            emit({"type": "system", "subtype": "api_retry", "attempt": attempt, "max_retries": 2,
+                  "retry_delay_ms": 0, "error_status": None if status == "none" else int(status),
+                  "error": "injected by the fake", "session_id": self.session_id})
         if "api_error" in plan:
             status = int(plan["api_error"] or 529)
             self.result(f"API Error: {status} injected by the fake", is_error=True, subtype="success",

@@ -567,3 +567,12 @@ async def test_a_failed_resume_is_a_boot_failure_and_trips_the_breaker(
         second.release()
     finally:
         await pool.close()
+
+
+async def test_a_resumed_worker_is_measured_once_ready(make_pool: Callable[..., Pool], fake_profile: Profile) -> None:
+    # Issue 10 item 9: memory gauges need a sample from the start, not from the next maintenance pass.
+    pool = make_pool(fake_profile, min_idle=1, max_workers=1, maintenance_interval_s=3600)
+    lease = await pool.acquire("a")
+    await pool.respawn_leased(lease, extra_args=())
+    await until(lambda: lease.worker.pss_bytes is not None and lease.worker.rss_bytes is not None)
+    lease.release()

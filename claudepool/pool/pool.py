@@ -538,6 +538,10 @@ class Pool:
         self._on_boot_success()
         if self._observer is not None:
             self._observer.worker_spawned(self.profile.name, time.monotonic() - started)
+        # Measured in the background: the resumed conversation's turn does not wait for /proc.
+        measuring = asyncio.create_task(self._measure_ready(new), name=f"measure-{new.id}")
+        self._tasks.add(measuring)
+        measuring.add_done_callback(self._tasks.discard)
 
     def _release(self, lease: Lease) -> None:
         if lease.released:

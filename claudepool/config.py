@@ -81,6 +81,9 @@ class ServerSettings(BaseModel):
     # Requests admitted but waiting for a worker, across all tenants and profiles.
     max_queued: int = Field(default=1000, gt=0)
     ready_timeout_s: float = Field(default=120.0, gt=0)
+    # Listen backlog of every listener, HTTP and Unix, sockets handed over by systemd included (a
+    # listen() on them again sets it): connections a burst of clients can queue before accept.
+    backlog: int = Field(default=1024, gt=0)
 
     @field_validator("http")
     @classmethod

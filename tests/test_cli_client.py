@@ -183,7 +183,8 @@ def closed_port_url() -> str:
 async def test_no_daemon_is_a_one_line_error(tmp_path: Path, transport: str, command: str) -> None:
     target = ["--socket", str(tmp_path / "nobody-listens.sock")] if transport == "socket" else [
         "--url", closed_port_url()]
-    done = await claudepool(command, *target, "--key", "k", *(["hello"] if command == "run" else []))
+    done = await claudepool(command, *target, "--key", "k", "--connect-timeout", "0.2",
+                            *(["hello"] if command == "run" else []))
     assert done.code == 1
     assert done.err.startswith("claudepool: unavailable: "), done.err
     assert "Traceback" not in done.err

@@ -240,27 +240,28 @@ class Daemon:
             await runner.setup()
             if inet_socks:
                 for sock in inet_socks:
-                    await web.SockSite(runner, sock).start()
+                    await web.SockSite(runner, sock, backlog=server.backlog).start()
                 self.listening["http"] = ", ".join(_address(s) for s in inet_socks)
             else:
                 host, port = server.http_host_port()
                 try:
                     sock = socket.create_server(
-                        (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=1024
+                        (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=server.backlog
                     )
                 except OSError as exc:
                     raise ConfigError(f"cannot listen on {server.http}: {exc.strerror}") from None
                 sock.setblocking(False)
-                await web.SockSite(runner, sock).start()
+                # SockSite listens again with its own backlog (128 unless told), so it must be told.
+                await web.SockSite(runner, sock, backlog=server.backlog).start()
                 self.listening["http"] = f"http://{_address(sock)}"
         unix = UnixFrontEnd(self)
         try:
             if unix_socks:
                 for sock in unix_socks:
-                    await unix.listen("", server.socket_mode, sock=sock)
+                    await unix.listen("", server.socket_mode, sock=sock, backlog=server.backlog)
                 self.listening["unix"] = ", ".join(_address(s) for s in unix_socks)
             elif server.socket:
-                await unix.listen(server.socket, server.socket_mode)
+                await unix.listen(server.socket, server.socket_mode, backlog=server.backlog)
                 self.listening["unix"] = server.socket
         except BaseException:
             # Do not leave the HTTP port listening behind a daemon that failed to start.

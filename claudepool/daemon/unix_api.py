@@ -63,14 +63,17 @@ class UnixFrontEnd:
         # Paths we bound ourselves and so remove on close (never a socket systemd handed us).
         self.bound_paths: list[str] = []
 
-    async def listen(self, path: str, mode: int, sock: socket.socket | None = None) -> None:
-        """Listen on ``sock`` (inherited from systemd) or bind ``path`` with ``mode``."""
+    async def listen(self, path: str, mode: int, sock: socket.socket | None = None, *, backlog: int = 1024) -> None:
+        """Listen on ``sock`` (inherited from systemd) or bind ``path`` with ``mode``.
+
+        asyncio calls listen(``backlog``) on an inherited socket too (its default is 100), so the
+        backlog applies to both."""
         if sock is not None:
-            self.servers.append(await asyncio.start_unix_server(self._on_connection, sock=sock))
+            self.servers.append(await asyncio.start_unix_server(self._on_connection, sock=sock, backlog=backlog))
             return
         try:
             _prepare_socket_path(Path(path))
-            self.servers.append(await asyncio.start_unix_server(self._on_connection, path=path))
+            self.servers.append(await asyncio.start_unix_server(self._on_connection, path=path, backlog=backlog))
             os.chmod(path, mode)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {path}: {exc.strerror or exc}") from None

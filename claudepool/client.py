@@ -309,6 +309,7 @@ class _UnixConnection:
 
     async def _read(self) -> None:
         framer = LineFramer()
+        lost = {"event": "error", "code": "unavailable", "message": "the daemon closed the connection"}
         try:
             while chunk := await self.reader.read(1 << 16):
                 for line in framer.feed(chunk):
@@ -316,9 +317,10 @@ class _UnixConnection:
                     queue = self.queues.get(frame.get("id"))
                     if queue is not None:
                         queue.put_nowait(frame)
+                    elif frame.get("id") is None and frame.get("event") == "error":
+                        lost = frame  # about the connection (too_many_connections): why it is closing
         except Exception as exc:  # the connection is unusable; every waiter learns why
             self.failure = exc
-        lost = {"event": "error", "code": "unavailable", "message": "the daemon closed the connection"}
         for queue in self.queues.values():
             queue.put_nowait(lost)
 

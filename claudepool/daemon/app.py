@@ -24,9 +24,11 @@ from aiohttp import web
 
 from claudepool.config import Settings
 from claudepool.daemon.http_api import build_app
+from claudepool.daemon.http_guard import GuardedSockSite, HttpGuard
 from claudepool.daemon.listen_fds import inherited_sockets, split_by_kind
 from claudepool.daemon.metrics import Metrics
 from claudepool.daemon.notify import Notifier, unset_environment
+from claudepool.daemon.rlimit import ensure_open_files
 from claudepool.daemon.service import PromptService, ServiceLimits
 from claudepool.daemon.unix_api import UnixFrontEnd
 from claudepool.errors import BadRequest, ClaudepoolError, ConfigError, Forbidden
@@ -227,6 +229,7 @@ class Daemon:
 
     async def _start_front_ends(self) -> tuple[web.AppRunner | None, UnixFrontEnd]:
         server = self.settings.server
+        ensure_open_files(2 * server.max_connections)  # each front end admits max_connections
         adopted = inherited_sockets()
         # Both the notifier and socket activation have read their variables: no child may see them.
         unset_environment(os.environ)
@@ -235,12 +238,15 @@ class Daemon:
         if inet_socks or server.http:
             # handler_cancellation: a client that disconnects cancels its handler, which abandons the
             # turn; the pool then interrupts and resets the worker.
-            runner = web.AppRunner(build_app(self), handler_cancellation=True, access_log=None,
-                                   shutdown_timeout=_HTTP_SHUTDOWN_TIMEOUT_S)
+            guard = HttpGuard(max_connections=server.max_connections, header_timeout_s=server.header_timeout_s,
+                              body_timeout_s=server.body_timeout_s)
+            runner = web.AppRunner(build_app(self, guard.middleware()), handler_cancellation=True, access_log=None,
+                                   shutdown_timeout=_HTTP_SHUTDOWN_TIMEOUT_S,
+                                   keepalive_timeout=server.keepalive_timeout_s)
             await runner.setup()
             if inet_socks:
                 for sock in inet_socks:
-                    await web.SockSite(runner, sock, backlog=server.backlog).start()
+                    await GuardedSockSite(runner, sock, guard, backlog=server.backlog).start()
                 self.listening["http"] = ", ".join(_address(s) for s in inet_socks)
             else:
                 host, port = server.http_host_port()
@@ -251,10 +257,9 @@ class Daemon:
                 except OSError as exc:
                     raise ConfigError(f"cannot listen on {server.http}: {exc.strerror}") from None
                 sock.setblocking(False)
-                # SockSite listens again with its own backlog (128 unless told), so it must be told.
-                await web.SockSite(runner, sock, backlog=server.backlog).start()
+                await GuardedSockSite(runner, sock, guard, backlog=server.backlog).start()
                 self.listening["http"] = f"http://{_address(sock)}"
-        unix = UnixFrontEnd(self)
+        unix = UnixFrontEnd(self, max_connections=server.max_connections)
         try:
             if unix_socks:
                 for sock in unix_socks:

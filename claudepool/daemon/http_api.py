@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from aiohttp_sse import EventSourceResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
@@ -38,9 +39,10 @@ DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def build_app(daemon: Daemon) -> web.Application:
+def build_app(daemon: Daemon, *middlewares: Middleware) -> web.Application:
+    """``middlewares`` run inside the error mapping, so what they raise is answered like a handler's."""
     app = web.Application(
-        middlewares=[_errors],
+        middlewares=[_errors, *middlewares],
         # The body is a prompt plus a small envelope; larger bodies get 413 before being read whole.
         client_max_size=daemon.settings.server.max_prompt_bytes + 64 * 1024,
     )

@@ -13,8 +13,10 @@ closed. Previous signal handlers are restored on the way out.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -22,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from claudepool.config import Settings
+from claudepool.config import Settings, key_digest
 from claudepool.daemon.http_api import build_app
 from claudepool.daemon.http_guard import GuardedSockSite, HttpGuard
 from claudepool.daemon.listen_fds import inherited_sockets, split_by_kind
@@ -32,6 +34,7 @@ from claudepool.daemon.rlimit import ensure_open_files
 from claudepool.daemon.service import PromptService, ServiceLimits
 from claudepool.daemon.unix_api import UnixFrontEnd
 from claudepool.errors import BadRequest, ClaudepoolError, ConfigError, Forbidden
+from claudepool.logs import add_key_digests
 from claudepool.pool.pool import Pool
 from claudepool.sessions.manager import SessionManager
 from claudepool.store.base import UsageTotals, Window
@@ -53,6 +56,7 @@ class Daemon:
     def __init__(self, settings: Settings, *, notifier: Notifier | None = None) -> None:
         self.settings = settings
         self.tenants = TenantRegistry.from_settings(settings)
+        add_key_digests(_held_key_digests(settings))  # masked wherever a log line would show one
         self.metrics = Metrics(self, max_tenant_labels=settings.metrics.max_tenant_labels,
                                max_model_labels=settings.metrics.max_model_labels)
         self.store = InstrumentedStore(build_store(settings.store))
@@ -321,6 +325,19 @@ class Daemon:
         counts = {name: pool.stats for name, pool in self.pools.items()}
         log.info("shutdown: %d requests stopped at the deadline; pool stats %s", stopped, counts)
         return 1 if self._force.is_set() else 0
+
+
+# Worker variables whose values are credentials, masked in logs like the keys.
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
+
+
+def _held_key_digests(settings: Settings) -> set[str]:
+    """The SHA-256 of every key and credential the daemon holds (see `claudepool.logs.mask_secrets`)."""
+    keys = [t.key for t in settings.tenants.values()] + [settings.server.admin_key, settings.metrics.key]
+    digests = {key_digest(k.get_secret_value()) for k in keys if k.get_secret_value()}
+    for env in (settings.pool.env, *(p.env for p in settings.profiles.values())):
+        digests |= {hashlib.sha256(v.encode()).hexdigest() for k, v in env.items() if v and _SECRET_NAME.search(k)}
+    return digests
 
 
 def _address(sock: socket.socket) -> str:

@@ -27,7 +27,7 @@ __all__ = ["make_daemon"]
 MakeDaemon = Callable[..., Awaitable[RunningDaemon]]
 # Seconds beyond a deadline within which the daemon must have closed the connection: loop lag on a
 # loaded 2-core machine, plus the guard's own 1 s grace after a body timeout.
-SLACK_S = 3.0
+SLACK_S = 5.0
 PROMPT = orjson.dumps({"prompt": "[[reply:served]]"})
 AUTH = f"Authorization: Bearer {KEYS['acme']}\r\n"
 

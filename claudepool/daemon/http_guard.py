@@ -114,6 +114,7 @@ class GuardedProtocol(asyncio.Protocol):
         self._in_request = False
         self._body_read = False
         self._next_head_started = False
+        self._lost = False
 
     # -- the asyncio protocol, forwarded -----------------------------------------------------------
 
@@ -152,6 +153,7 @@ class GuardedProtocol(asyncio.Protocol):
             self._handler.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True  # a handler still finishing must not arm a deadline on a dead connection
         self._cancel_timer()
         if self._handler is None:
             if self._transport is not None:
@@ -217,6 +219,8 @@ class GuardedProtocol(asyncio.Protocol):
 
     def _arm(self, delay_s: float, callback: Callable[[], None]) -> None:
         self._cancel_timer()
+        if self._lost:
+            return
         self._timer = asyncio.get_running_loop().call_later(delay_s, callback)
 
     def _cancel_timer(self) -> None:

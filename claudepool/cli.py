@@ -11,7 +11,8 @@
     claudepool check [--claude PATH]              one worker: start, a slash-command-looking prompt, a reset
     claudepool version
 
-``--key`` defaults to ``$CLAUDEPOOL_KEY``; the socket defaults to the daemon's default path.
+``--key`` defaults to ``$CLAUDEPOOL_KEY``; the socket defaults to the daemon's default path. A refused
+connect is retried for ``--connect-timeout`` seconds (default 10) before the command fails.
 Exit codes: 0 success, 1 the request or command failed, 2 invalid configuration or usage.
 """
 
@@ -59,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         where.add_argument("--socket", help="daemon socket path (default: the daemon's default)")
         where.add_argument("--url", help="daemon HTTP base URL, e.g. http://127.0.0.1:8787")
         cmd.add_argument("--key", default=os.environ.get("CLAUDEPOOL_KEY"), help="API key ($CLAUDEPOOL_KEY)")
+        cmd.add_argument("--connect-timeout", type=float, default=10.0, dest="connect_timeout_s",
+                         help="seconds to keep retrying a refused connect (daemon restarting or flooded)")
         if name == "run":
             cmd.add_argument("prompt")
             cmd.add_argument("--profile")
@@ -88,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.key:
         parser.error("a key is needed: --key or $CLAUDEPOOL_KEY")
     client = AsyncClient(key=args.key, url=args.url, socket_path=None if args.url else (args.socket or
-                                                                                        default_socket_path()))
+                                                                                        default_socket_path()),
+                         connect_timeout_s=args.connect_timeout_s)
     commands = {"run": _run, "status": _status, "usage": _usage}
     sys.exit(asyncio.run(commands[args.command](client, args)))
 

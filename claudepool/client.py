@@ -8,7 +8,10 @@
 ...         result = await client.prompt("And another")
 >>> Client(key="…", url="http://127.0.0.1:8787").prompt("Hi").text    # doctest: +SKIP
 
-Errors the daemon answers with are raised as `RemoteError` (with the wire ``remote_code``).
+Errors the daemon answers with are raised as `RemoteError` (with the wire ``remote_code``). A connect
+that is refused (the daemon restarting, or its listen backlog full under a burst of clients) is
+retried with capped exponential back-off and jitter for up to ``connect_timeout_s``; after that it is
+`RemoteError` ``unavailable``.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Iterator
-from typing import Any, Self
+import random
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, Self, TypeVar
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -28,17 +33,26 @@ from claudepool.protocol.framing import LineFramer
 from claudepool.protocol.wire import PromptResult
 
 _TERMINAL_EVENTS = frozenset({"result", "error", "status", "cancelled", "usage", "session", "session_deleted"})
+# Back-off between connect attempts: full jitter over a doubling ceiling, from 10 ms up to 0.5 s.
+_RETRY_FIRST_S = 0.01
+_RETRY_MAX_S = 0.5
+# A Unix socket whose backlog is full answers EAGAIN; one not (yet) bound, ENOENT or ECONNREFUSED.
+_UNIX_RETRYABLE = (BlockingIOError, ConnectionRefusedError, FileNotFoundError)
+
+T = TypeVar("T")
 
 
 class AsyncClient:
     """One client, one connection (socket) or session (HTTP); many concurrent requests."""
 
-    def __init__(self, *, key: str, socket_path: str | None = None, url: str | None = None) -> None:
+    def __init__(self, *, key: str, socket_path: str | None = None, url: str | None = None,
+                 connect_timeout_s: float = 10.0) -> None:
         if (socket_path is None) == (url is None):
             raise ValueError("give exactly one of socket_path or url")
         self.key = key
         self.socket_path = socket_path
         self.url = url.rstrip("/") if url else None
+        self.connect_timeout_s = connect_timeout_s
         self._session: aiohttp.ClientSession | None = None
         self._unix: _UnixConnection | None = None
         self._connecting = asyncio.Lock()
@@ -102,8 +116,8 @@ class AsyncClient:
         body = {"profile": profile} if profile else {}
         if self.url is not None:
             try:
-                async with (await self._http()).post(f"{self.url}/v1/sessions", data=orjson.dumps(body),
-                                                     headers=self._auth()) as resp:
+                async with await self._request("POST", "/v1/sessions", data=orjson.dumps(body),
+                                               headers=self._auth()) as resp:
                     return await _json_or_raise(resp, (201,))
             except aiohttp.ClientConnectionError as exc:
                 raise RemoteError("unavailable", f"cannot reach {self.url}: {exc}") from None
@@ -118,8 +132,8 @@ class AsyncClient:
         """Close a conversation and delete its transcript now."""
         if self.url is not None:
             try:
-                async with (await self._http()).delete(f"{self.url}/v1/sessions/{quote(session, safe='')}",
-                                                       headers=self._auth()) as resp:
+                async with await self._request("DELETE", f"/v1/sessions/{quote(session, safe='')}",
+                                               headers=self._auth()) as resp:
                     if resp.status != 204:
                         await _json_or_raise(resp)
                     return
@@ -143,8 +157,7 @@ class AsyncClient:
         if since is not None:
             query["since"] = str(since)
         try:
-            async with (await self._http()).get(f"{self.url}/v1/ledger?{urlencode(query)}",
-                                                headers=self._auth()) as resp:
+            async with await self._request("GET", f"/v1/ledger?{urlencode(query)}", headers=self._auth()) as resp:
                 if resp.status != 200:
                     await _json_or_raise(resp)
                 return [orjson.loads(line) for line in (await resp.read()).splitlines() if line]
@@ -171,16 +184,15 @@ class AsyncClient:
 
     async def _http_get(self, path: str, ok_statuses: tuple[int, ...] = (200,)) -> dict[str, Any]:
         try:
-            async with (await self._http()).get(f"{self.url}{path}", headers=self._auth()) as resp:
+            async with await self._request("GET", path, headers=self._auth()) as resp:
                 return await _json_or_raise(resp, ok_statuses)
         except aiohttp.ClientConnectionError as exc:
             raise RemoteError("unavailable", f"cannot reach {self.url}: {exc}") from None
 
     async def _http_prompt(self, body: dict[str, Any]) -> AsyncIterator[str | PromptResult]:
-        session = await self._http()
         try:
-            async with session.post(f"{self.url}/v1/prompt", data=orjson.dumps(body),
-                                    headers={**self._auth(), "Content-Type": "application/json"}) as resp:
+            async with await self._request("POST", "/v1/prompt", data=orjson.dumps(body),
+                                           headers={**self._auth(), "Content-Type": "application/json"}) as resp:
                 if not body["stream"] or resp.content_type != "text/event-stream":
                     yield PromptResult.model_validate(await _json_or_raise(resp))
                     return
@@ -200,8 +212,18 @@ class AsyncClient:
 
     async def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         return self._session
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        """Send one HTTP request; a refused connect is retried (nothing was sent) until the connect deadline."""
+        session = await self._http()
+
+        async def attempt(left_s: float) -> aiohttp.ClientResponse:
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=max(left_s, 0.001))
+            return await session.request(method, f"{self.url}{path}", timeout=timeout, **kwargs)
+
+        return await _retry_connect(attempt, self.connect_timeout_s, _refused_http)
 
     async def _socket(self) -> _UnixConnection:
         # Concurrent first requests must share one connection, not each open their own.
@@ -211,7 +233,7 @@ class AsyncClient:
                 self._unix = None
             if self._unix is None:
                 assert self.socket_path is not None
-                self._unix = await _UnixConnection.open(self.socket_path)
+                self._unix = await _UnixConnection.open(self.socket_path, self.connect_timeout_s)
         return self._unix
 
 
@@ -253,11 +275,12 @@ class _UnixConnection:
         self.task = asyncio.create_task(self._read())
 
     @classmethod
-    async def open(cls, path: str) -> _UnixConnection:
+    async def open(cls, path: str, connect_timeout_s: float) -> _UnixConnection:
         try:
-            reader, writer = await asyncio.open_unix_connection(path)
+            reader, writer = await _retry_connect(lambda _left_s: _connect_unix(path), connect_timeout_s,
+                                                  lambda exc: isinstance(exc, _UNIX_RETRYABLE))
         except OSError as exc:
-            raise RemoteError("unavailable", f"cannot connect to {path}: {exc.strerror}") from None
+            raise RemoteError("unavailable", f"cannot connect to {path}: {exc.strerror or exc}") from None
         return cls(reader, writer)
 
     async def request(self, frame: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -286,6 +309,7 @@ class _UnixConnection:
 
     async def _read(self) -> None:
         framer = LineFramer()
+        lost = {"event": "error", "code": "unavailable", "message": "the daemon closed the connection"}
         try:
             while chunk := await self.reader.read(1 << 16):
                 for line in framer.feed(chunk):
@@ -293,9 +317,10 @@ class _UnixConnection:
                     queue = self.queues.get(frame.get("id"))
                     if queue is not None:
                         queue.put_nowait(frame)
+                    elif frame.get("id") is None and frame.get("event") == "error":
+                        lost = frame  # about the connection (too_many_connections): why it is closing
         except Exception as exc:  # the connection is unusable; every waiter learns why
             self.failure = exc
-        lost = {"event": "error", "code": "unavailable", "message": "the daemon closed the connection"}
         for queue in self.queues.values():
             queue.put_nowait(lost)
 
@@ -308,12 +333,50 @@ class _UnixConnection:
             await self.writer.wait_closed()
 
 
+async def _retry_connect(attempt: Callable[[float], Awaitable[T]], timeout_s: float,
+                         retryable: Callable[[BaseException], bool]) -> T:
+    """``attempt(seconds_left)`` until it succeeds or raises what ``retryable`` rejects, or the deadline passes.
+
+    Sleeps are capped exponential back-off with full jitter, so a burst of clients refused together
+    does not come back together; no sleep runs past the deadline, and the last error is raised."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    for failures in itertools.count():
+        try:
+            return await attempt(deadline - loop.time())
+        except Exception as exc:
+            left_s = deadline - loop.time()
+            if not retryable(exc) or left_s <= 0:
+                raise
+            ceiling_s = min(_RETRY_MAX_S, _RETRY_FIRST_S * 2 ** min(failures, 16))
+            await asyncio.sleep(min(left_s, random.uniform(0, ceiling_s)))
+    raise AssertionError("unreachable")
+
+
+def _refused_http(exc: BaseException) -> bool:
+    return isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, ConnectionRefusedError)
+
+
+async def _connect_unix(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect without asyncio's own connect, which takes a full backlog's EAGAIN for "in progress" on a
+    Unix socket and hands back a socket that never connected (the first write then fails)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.connect(path)  # a Unix socket connects at once or fails: there is no EINPROGRESS
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_unix_connection(sock=sock)
+
+
 class Client:
     """The synchronous client: the same API, each call run to completion on a private loop."""
 
-    def __init__(self, *, key: str, socket_path: str | None = None, url: str | None = None) -> None:
+    def __init__(self, *, key: str, socket_path: str | None = None, url: str | None = None,
+                 connect_timeout_s: float = 10.0) -> None:
         self._loop = asyncio.new_event_loop()
-        self._client = AsyncClient(key=key, socket_path=socket_path, url=url)
+        self._client = AsyncClient(key=key, socket_path=socket_path, url=url, connect_timeout_s=connect_timeout_s)
 
     def __enter__(self) -> Self:
         return self

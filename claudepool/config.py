@@ -81,6 +81,17 @@ class ServerSettings(BaseModel):
     # Requests admitted but waiting for a worker, across all tenants and profiles.
     max_queued: int = Field(default=1000, gt=0)
     ready_timeout_s: float = Field(default=120.0, gt=0)
+    # Listen backlog of every listener, HTTP and Unix, sockets handed over by systemd included (a
+    # listen() on them again sets it): connections a burst of clients can queue before accept.
+    backlog: int = Field(default=1024, gt=0)
+    # HTTP deadlines against slow clients: accept (or a keep-alive connection's next byte) to the end of
+    # the request head; the head to the end of the body; an idle keep-alive connection. Above the
+    # aiohttp client's own 15 s keep-alive, so clients drop idle connections before the daemon does.
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    keepalive_timeout_s: float = Field(default=20.0, gt=0)
+    # Client connections open at once, per front end (all HTTP listeners; all Unix sockets).
+    max_connections: int = Field(default=1024, gt=0)
 
     @field_validator("http")
     @classmethod

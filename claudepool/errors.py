@@ -118,6 +118,22 @@ class Draining(ClaudepoolError):
     retry_after_s = 5.0
 
 
+class TooManyConnections(ClaudepoolError):
+    """A front end already holds ``server.max_connections`` client connections; this one is closed."""
+
+    code = "too_many_connections"
+    status = 503
+    retryable = True
+    retry_after_s = 1.0
+
+
+class RequestReadTimeout(RequestError):
+    """The request head or body did not arrive within ``server.header_timeout_s``/``body_timeout_s``."""
+
+    code = "request_timeout"
+    status = 408
+
+
 class RemoteError(ClaudepoolError):
     """An error the daemon answered with, as the client library sees it."""
 

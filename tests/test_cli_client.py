@@ -176,7 +176,8 @@ async def test_socket_and_url_are_mutually_exclusive(tmp_path: Path) -> None:
 async def test_no_daemon_is_a_one_line_error(tmp_path: Path, transport: str, command: str) -> None:
     with closed_port_url() as url:
         target = ["--socket", str(tmp_path / "nobody-listens.sock")] if transport == "socket" else ["--url", url]
-        done = await claudepool(command, *target, "--key", "k", *(["hello"] if command == "run" else []))
+        done = await claudepool(command, *target, "--key", "k", "--connect-timeout", "0.2",
+                                *(["hello"] if command == "run" else []))
     assert done.code == 1
     assert done.err.startswith("claudepool: unavailable: "), done.err
     assert "Traceback" not in done.err

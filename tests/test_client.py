@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import pytest
 
@@ -28,7 +30,12 @@ def transport(request: pytest.FixtureRequest) -> str:
     return value
 
 
-def where(d: RunningDaemon, transport: str) -> dict[str, str]:
+class Where(TypedDict, total=False):
+    socket_path: str
+    url: str
+
+
+def where(d: RunningDaemon, transport: str) -> Where:
     return {"socket_path": d.socket} if transport == "socket" else {"url": d.url}
 
 
@@ -146,7 +153,7 @@ async def test_status_with_the_admin_key(make_daemon: MakeDaemon, transport: str
     assert status["draining"] is False
 
 
-def sync_session(key: str, admin_key: str, **where: str) -> tuple[PromptResult, list[str | PromptResult],
+def sync_session(key: str, admin_key: str, **where: Unpack[Where]) -> tuple[PromptResult, list[str | PromptResult],
                                                                    dict[str, Any]]:
     """Runs in a worker thread: the sync client drives its own event loop."""
     with Client(key=key, **where) as client:
@@ -174,9 +181,12 @@ async def test_sync_client_prompt_stream_and_status(make_daemon: MakeDaemon, tra
 
 async def test_missing_socket_is_unavailable(tmp_path: Path) -> None:
     path = str(tmp_path / "nobody-listens.sock")
-    async with AsyncClient(key=KEYS["acme"], socket_path=path) as client, asyncio.timeout(10):
+    # The client retries a connect refused for connect_timeout_s (a restarting daemon); then gives up.
+    async with AsyncClient(key=KEYS["acme"], socket_path=path, connect_timeout_s=0.2) as client, asyncio.timeout(10):
+        started = time.monotonic()
         with pytest.raises(RemoteError) as raised:
             await client.prompt("hello")
+        assert time.monotonic() - started >= 0.2  # it kept trying until its deadline
         assert raised.value.remote_code == "unavailable"
         assert path in raised.value.message
         with pytest.raises(RemoteError) as raised_status:
@@ -189,17 +199,36 @@ async def test_unreachable_daemon_is_unavailable(tmp_path: Path, transport: str)
     (that is what `claudepool run` turns into a one-line message and exit code 1)."""
     with closed_port_url() as url:
         target = {"socket_path": str(tmp_path / "nobody-listens.sock")} if transport == "socket" else {"url": url}
-        async with AsyncClient(key=KEYS["acme"], **target) as client, asyncio.timeout(10):
+        async with AsyncClient(key=KEYS["acme"], connect_timeout_s=0.2, **target) as client, asyncio.timeout(10):
             with pytest.raises(RemoteError) as raised:
                 await client.prompt("hello")
     assert raised.value.remote_code == "unavailable"
+
+
+async def test_a_client_started_before_the_daemon_is_served_once_it_listens(make_daemon: MakeDaemon, transport: str,
+                                                                             tmp_path: Path) -> None:
+    """A refused connect (no socket file yet, nothing on the port) is retried with back-off within
+    ``connect_timeout_s``: a daemon (re)starting meanwhile answers the request (issue item 3)."""
+    path = str(tmp_path / "late.sock")
+    with contextlib.ExitStack() as port:
+        url = port.enter_context(closed_port_url())
+        target: Where = {"socket_path": path} if transport == "socket" else {"url": url}
+        async with AsyncClient(key=KEYS["acme"], connect_timeout_s=30, **target) as client, asyncio.timeout(30):
+            answer = asyncio.create_task(client.prompt("[[reply:worth the wait]]"))
+            for _ in range(5):
+                await asyncio.sleep(0)  # the first attempts run, and fail: nothing listens
+            assert not answer.done()
+            port.close()  # the port is the daemon's to take now
+            await make_daemon(server={"socket": path, "http": url.removeprefix("http://")})
+            assert (await answer).text == "worth the wait"
 
 
 async def test_daemon_gone_after_connecting_is_unavailable(make_daemon: MakeDaemon, transport: str) -> None:
     """A client that outlives its daemon's connection gets `RemoteError` ``unavailable``, not a raw
     socket or aiohttp exception."""
     d = await make_daemon()
-    async with async_client(d, transport) as client, asyncio.timeout(20):
+    async with AsyncClient(key=KEYS["acme"], connect_timeout_s=0.2, **where(d, transport)) as client, \
+            asyncio.timeout(20):
         assert (await client.prompt("[[reply:before]]")).text == "before"
         d.daemon.request_stop()
         assert await d.task == 0
@@ -211,7 +240,8 @@ async def test_daemon_gone_after_connecting_is_unavailable(make_daemon: MakeDaem
 
 async def test_sync_client_on_a_missing_socket_is_unavailable(tmp_path: Path) -> None:
     def attempt() -> RemoteError:
-        with Client(key=KEYS["acme"], socket_path=str(tmp_path / "nobody-listens.sock")) as client:
+        with Client(key=KEYS["acme"], socket_path=str(tmp_path / "nobody-listens.sock"),
+                    connect_timeout_s=0.2) as client:
             try:
                 client.prompt("hello")
             except RemoteError as exc:

@@ -13,8 +13,10 @@ closed. Previous signal handlers are restored on the way out.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -22,14 +24,17 @@ from typing import Any
 
 from aiohttp import web
 
-from claudepool.config import Settings
+from claudepool.config import Settings, key_digest
 from claudepool.daemon.http_api import build_app
+from claudepool.daemon.http_guard import GuardedSockSite, HttpGuard
 from claudepool.daemon.listen_fds import inherited_sockets, split_by_kind
 from claudepool.daemon.metrics import Metrics
 from claudepool.daemon.notify import Notifier, unset_environment
+from claudepool.daemon.rlimit import ensure_open_files
 from claudepool.daemon.service import PromptService, ServiceLimits
 from claudepool.daemon.unix_api import UnixFrontEnd
 from claudepool.errors import BadRequest, ClaudepoolError, ConfigError, Forbidden
+from claudepool.logs import add_key_digests
 from claudepool.pool.pool import Pool
 from claudepool.sessions.manager import SessionManager
 from claudepool.store.base import UsageTotals, Window
@@ -51,6 +56,7 @@ class Daemon:
     def __init__(self, settings: Settings, *, notifier: Notifier | None = None) -> None:
         self.settings = settings
         self.tenants = TenantRegistry.from_settings(settings)
+        add_key_digests(_held_key_digests(settings))  # masked wherever a log line would show one
         self.metrics = Metrics(self, max_tenant_labels=settings.metrics.max_tenant_labels,
                                max_model_labels=settings.metrics.max_model_labels)
         self.store = InstrumentedStore(build_store(settings.store))
@@ -227,6 +233,7 @@ class Daemon:
 
     async def _start_front_ends(self) -> tuple[web.AppRunner | None, UnixFrontEnd]:
         server = self.settings.server
+        ensure_open_files(2 * server.max_connections)  # each front end admits max_connections
         adopted = inherited_sockets()
         # Both the notifier and socket activation have read their variables: no child may see them.
         unset_environment(os.environ)
@@ -235,32 +242,35 @@ class Daemon:
         if inet_socks or server.http:
             # handler_cancellation: a client that disconnects cancels its handler, which abandons the
             # turn; the pool then interrupts and resets the worker.
-            runner = web.AppRunner(build_app(self), handler_cancellation=True, access_log=None,
-                                   shutdown_timeout=_HTTP_SHUTDOWN_TIMEOUT_S)
+            guard = HttpGuard(max_connections=server.max_connections, header_timeout_s=server.header_timeout_s,
+                              body_timeout_s=server.body_timeout_s)
+            runner = web.AppRunner(build_app(self, guard.middleware()), handler_cancellation=True, access_log=None,
+                                   shutdown_timeout=_HTTP_SHUTDOWN_TIMEOUT_S,
+                                   keepalive_timeout=server.keepalive_timeout_s)
             await runner.setup()
             if inet_socks:
                 for sock in inet_socks:
-                    await web.SockSite(runner, sock).start()
+                    await GuardedSockSite(runner, sock, guard, backlog=server.backlog).start()
                 self.listening["http"] = ", ".join(_address(s) for s in inet_socks)
             else:
                 host, port = server.http_host_port()
                 try:
                     sock = socket.create_server(
-                        (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=1024
+                        (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=server.backlog
                     )
                 except OSError as exc:
                     raise ConfigError(f"cannot listen on {server.http}: {exc.strerror}") from None
                 sock.setblocking(False)
-                await web.SockSite(runner, sock).start()
+                await GuardedSockSite(runner, sock, guard, backlog=server.backlog).start()
                 self.listening["http"] = f"http://{_address(sock)}"
-        unix = UnixFrontEnd(self)
+        unix = UnixFrontEnd(self, max_connections=server.max_connections)
         try:
             if unix_socks:
                 for sock in unix_socks:
-                    await unix.listen("", server.socket_mode, sock=sock)
+                    await unix.listen("", server.socket_mode, sock=sock, backlog=server.backlog)
                 self.listening["unix"] = ", ".join(_address(s) for s in unix_socks)
             elif server.socket:
-                await unix.listen(server.socket, server.socket_mode)
+                await unix.listen(server.socket, server.socket_mode, backlog=server.backlog)
                 self.listening["unix"] = server.socket
         except BaseException:
             # Do not leave the HTTP port listening behind a daemon that failed to start.
@@ -315,6 +325,19 @@ class Daemon:
         counts = {name: pool.stats for name, pool in self.pools.items()}
         log.info("shutdown: %d requests stopped at the deadline; pool stats %s", stopped, counts)
         return 1 if self._force.is_set() else 0
+
+
+# Worker variables whose values are credentials, masked in logs like the keys.
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
+
+
+def _held_key_digests(settings: Settings) -> set[str]:
+    """The SHA-256 of every key and credential the daemon holds (see `claudepool.logs.mask_secrets`)."""
+    keys = [t.key for t in settings.tenants.values()] + [settings.server.admin_key, settings.metrics.key]
+    digests = {key_digest(k.get_secret_value()) for k in keys if k.get_secret_value()}
+    for env in (settings.pool.env, *(p.env for p in settings.profiles.values())):
+        digests |= {hashlib.sha256(v.encode()).hexdigest() for k, v in env.items() if v and _SECRET_NAME.search(k)}
+    return digests
 
 
 def _address(sock: socket.socket) -> str:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from aiohttp_sse import EventSourceResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
@@ -39,9 +40,10 @@ DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def build_app(daemon: Daemon) -> web.Application:
+def build_app(daemon: Daemon, *middlewares: Middleware) -> web.Application:
+    """``middlewares`` run inside the error mapping, so what they raise is answered like a handler's."""
     app = web.Application(
-        middlewares=[_errors],
+        middlewares=[_errors, _refused_before_the_handler, *middlewares],
         # The body is a prompt plus a small envelope; larger bodies get 413 before being read whole.
         client_max_size=daemon.settings.server.max_prompt_bytes + 64 * 1024,
     )
@@ -97,6 +99,29 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(ClaudepoolError("internal error"))
 
 
+_PROMPT_HANDLED: web.RequestKey[bool] = web.RequestKey("prompt_handled")
+
+
+@web.middleware
+async def _refused_before_the_handler(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A prompt refused before its handler runs (the connection guard reads the body first: too
+    large, or too slow) still gets its one canonical log line and count; the handler and `admit`
+    count what they refuse themselves."""
+    try:
+        return await handler(request)
+    except (ClaudepoolError, web.HTTPRequestEntityTooLarge) as exc:
+        if request.path != "/v1/prompt" or request.get(_PROMPT_HANDLED):
+            raise
+        refusal = PromptTooLarge("request body too large") if isinstance(exc, web.HTTPRequestEntityTooLarge) else exc
+        daemon = request.app[DAEMON]
+        try:
+            tenant: Tenant | None = daemon.tenants.authenticate(bearer(request))
+        except ClaudepoolError:
+            tenant = None
+        daemon.service.refused(refusal, tenant=tenant)
+        raise refusal from None
+
+
 async def _read_request(request: web.Request) -> PromptRequest:
     try:
         raw = await request.read()
@@ -111,6 +136,7 @@ async def _read_request(request: web.Request) -> PromptRequest:
 
 
 async def _prompt(request: web.Request) -> web.StreamResponse:
+    request[_PROMPT_HANDLED] = True
     daemon = request.app[DAEMON]
     tenant: Tenant | None = None
     try:

@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING, Any
 from pydantic import TypeAdapter, ValidationError
 
 from claudepool.daemon.service import new_request_id
-from claudepool.errors import BadRequest, Cancelled, ClaudepoolError, ConfigError, CorruptFrame, FrameTooLarge
+from claudepool.errors import (
+    BadRequest,
+    Cancelled,
+    ClaudepoolError,
+    ConfigError,
+    CorruptFrame,
+    FrameTooLarge,
+    TooManyConnections,
+)
 from claudepool.protocol.framing import LineFramer, decode_object
 from claudepool.protocol.wire import (
     CancelFrame,
@@ -56,21 +64,28 @@ _READ_CHUNK_BYTES = 1 << 16
 class UnixFrontEnd:
     """The listening sockets and the open connections, so shutdown can close both."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, *, max_connections: int = 1024) -> None:
         self.daemon = daemon
+        # Clients here are local and hold one connection for many requests, idle in between, so
+        # there is no idle timeout: this bound is what caps connections a client can open and hold.
+        self.max_connections = max_connections
+        self.refused = 0
         self.servers: list[asyncio.Server] = []
         self.connections: dict[_Connection, asyncio.Task[Any]] = {}
         # Paths we bound ourselves and so remove on close (never a socket systemd handed us).
         self.bound_paths: list[str] = []
 
-    async def listen(self, path: str, mode: int, sock: socket.socket | None = None) -> None:
-        """Listen on ``sock`` (inherited from systemd) or bind ``path`` with ``mode``."""
+    async def listen(self, path: str, mode: int, sock: socket.socket | None = None, *, backlog: int = 1024) -> None:
+        """Listen on ``sock`` (inherited from systemd) or bind ``path`` with ``mode``.
+
+        asyncio calls listen(``backlog``) on an inherited socket too (its default is 100), so the
+        backlog applies to both."""
         if sock is not None:
-            self.servers.append(await asyncio.start_unix_server(self._on_connection, sock=sock))
+            self.servers.append(await asyncio.start_unix_server(self._on_connection, sock=sock, backlog=backlog))
             return
         try:
             _prepare_socket_path(Path(path))
-            self.servers.append(await asyncio.start_unix_server(self._on_connection, path=path))
+            self.servers.append(await asyncio.start_unix_server(self._on_connection, path=path, backlog=backlog))
             os.chmod(path, mode)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {path}: {exc.strerror or exc}") from None
@@ -92,6 +107,9 @@ class UnixFrontEnd:
                 task.cancel()
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self.connections) >= self.max_connections:
+            await self._refuse(writer)
+            return
         connection = _Connection(self.daemon, writer)
         task = asyncio.current_task()
         assert task is not None
@@ -100,6 +118,17 @@ class UnixFrontEnd:
             await connection.serve(reader)
         finally:
             del self.connections[connection]
+
+
+    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        """One connection-level error frame (``id`` null), then close, unread."""
+        self.refused += 1
+        writer.write(error_frame(None, TooManyConnections(
+            f"the daemon holds its {self.max_connections} socket connections; retry shortly")))
+        writer.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await writer.wait_closed()
 
 
 def _prepare_socket_path(target: Path) -> None:

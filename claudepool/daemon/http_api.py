@@ -28,7 +28,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from claudepool.errors import BadRequest, ClaudepoolError, NotFound, PromptTooLarge, RequestError
-from claudepool.protocol.wire import PromptRequest, PromptResult, describe_validation_error, error_body
+from claudepool.protocol.wire import (
+    LedgerQuery,
+    PromptRequest,
+    PromptResult,
+    SessionCreateRequest,
+    TenantQuery,
+    UsageQuery,
+    describe_validation_error,
+    error_body,
+    parse_query,
+)
 
 if TYPE_CHECKING:
     from claudepool.daemon.app import Daemon
@@ -202,22 +212,17 @@ async def _metrics(request: web.Request) -> web.Response:
 
 async def _usage(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
-    q = request.query
-    report = await daemon.usage_report(bearer(request), tenant=q.get("tenant") or None,
-                                       window=q.get("window", "day"), date=q.get("date") or None)
+    q = parse_query(UsageQuery, request.query.items())
+    report = await daemon.usage_report(bearer(request), tenant=q.tenant, window=q.window, date=q.date)
     return json_response(report)
 
 
 async def _ledger(request: web.Request) -> web.StreamResponse:
     """The usage ledger as JSON lines, oldest first: one record per settled turn."""
     daemon = request.app[DAEMON]
-    q = request.query
-    scope = daemon.caller_scope(bearer(request), q.get("tenant") or None)
-    try:
-        since = float(q["since"]) if "since" in q else None
-        limit = min(int(q.get("limit", "1000")), 100_000)
-    except ValueError:
-        raise BadRequest("since must be unix seconds and limit an integer") from None
+    q = parse_query(LedgerQuery, request.query.items())
+    scope = daemon.caller_scope(bearer(request), q.tenant)
+    since, limit = q.since, min(q.limit, 100_000)
     records = []
     for tenant in scope if scope is not None else [None]:
         records += await daemon.store.ledger(tenant, since=since, limit=limit)
@@ -231,19 +236,19 @@ async def _session_create(request: web.Request) -> web.Response:
     tenant = daemon.tenants.authenticate(bearer(request))
     raw = await request.read()
     try:
-        body = orjson.loads(raw) if raw.strip() else {}
+        body = SessionCreateRequest.model_validate(orjson.loads(raw) if raw.strip() else {})
     except orjson.JSONDecodeError:
         raise BadRequest("the body is not valid JSON") from None
-    if not isinstance(body, dict) or set(body) - {"profile"} or not isinstance(body.get("profile", ""), str):
-        raise BadRequest('the body is {"profile": str} or empty')
-    record = await daemon.sessions.create(tenant, body.get("profile"))
+    except ValidationError as exc:
+        raise BadRequest(describe_validation_error(exc)) from None
+    record = await daemon.sessions.create(tenant, body.profile)
     return json_response(daemon.sessions.view(record), status=201)
 
 
 def _session_owner(request: web.Request) -> str | None:
     """The tenant whose sessions the caller may see: itself, or for the admin ``?tenant=`` (or all)."""
     daemon = request.app[DAEMON]
-    scope = daemon.caller_scope(bearer(request), request.query.get("tenant") or None)
+    scope = daemon.caller_scope(bearer(request), parse_query(TenantQuery, request.query.items()).tenant)
     return scope[0] if scope else None
 
 

@@ -20,8 +20,6 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import TypeAdapter, ValidationError
-
 from claudepool.daemon.service import new_request_id
 from claudepool.errors import (
     BadRequest,
@@ -35,18 +33,17 @@ from claudepool.errors import (
 from claudepool.protocol.framing import LineFramer, decode_object
 from claudepool.protocol.wire import (
     CancelFrame,
-    Frame,
     PromptFrame,
     PromptRequest,
     SessionCreateFrame,
     SessionDeleteFrame,
     StatusFrame,
-    UsageFrame,
     delta_frame,
-    describe_validation_error,
     error_frame,
     event_frame,
+    frame_id_of,
     leading_frame_id,
+    parse_frame,
     result_frame,
 )
 
@@ -55,9 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_FRAMES: TypeAdapter[
-    PromptFrame | CancelFrame | StatusFrame | UsageFrame | SessionCreateFrame | SessionDeleteFrame
-] = TypeAdapter(Frame)
 _READ_CHUNK_BYTES = 1 << 16
 
 
@@ -181,20 +175,18 @@ class _Connection:
         op: object = None
         try:
             obj = decode_object(line)
-            raw_id = obj.get("id")
-            frame_id = raw_id if isinstance(raw_id, str) else None
+            frame_id = frame_id_of(obj)
             op = obj.get("op")
-            frame = _FRAMES.validate_python(obj)
+            frame = parse_frame(obj)
         except CorruptFrame as exc:
             refusal = BadRequest(str(exc))
             self.daemon.service.refused(refusal)  # a line we cannot read may be a prompt: count it
             self.send(error_frame(None, refusal))
             return
-        except ValidationError as exc:
-            refusal = BadRequest(describe_validation_error(exc))
+        except BadRequest as exc:
             if op in (None, "prompt"):  # a prompt, or a frame that does not say what it is
-                self.daemon.service.refused(refusal)
-            self.send(error_frame(frame_id, refusal))
+                self.daemon.service.refused(exc)
+            self.send(error_frame(frame_id, exc))
             return
         if isinstance(frame, PromptFrame):
             self.start_prompt(frame)

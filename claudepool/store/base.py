@@ -138,7 +138,12 @@ class Window:
         if not value:
             return cls.current(kind)  # type: ignore[arg-type]
         fmt = "%Y-%m-%d" if kind == "day" else "%Y-%m"
-        parsed = datetime.strptime(value, fmt).replace(tzinfo=UTC)
+        try:
+            parsed = datetime.strptime(value, fmt).replace(tzinfo=UTC)
+        except ValueError:
+            # Not strptime's message: it quotes the value, and errors never echo what was sent.
+            raise ValueError(f"date must be {'YYYY-MM-DD' if kind == 'day' else 'YYYY-MM'} "
+                             f"for a {kind} window") from None
         return cls.current(kind, parsed.timestamp())  # type: ignore[arg-type]
 
     def label(self) -> str:

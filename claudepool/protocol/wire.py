@@ -12,7 +12,8 @@ connection by a client-chosen ``id``:
     → {"id": "c1", "op": "cancel", "target": "r1"}
     → {"id": "s1", "op": "status", "key": "…"}
 
-Every accepted request ends in exactly one terminal frame: ``result`` or ``error``.
+Every accepted request ends in exactly one terminal frame: ``result`` or ``error`` (what answers
+each socket frame, precisely: `claudepool.daemon.unix_api`).
 
 Every model here is strict (pydantic strict mode): a field of the wrong JSON type is refused, never
 coerced (``"stream": "yes"`` or ``1`` is not ``true``, ``"timeout_s": "30"`` is not a number; a
@@ -247,8 +248,13 @@ def result_frame(frame_id: str, result: PromptResult) -> bytes:
     return orjson.dumps({"id": frame_id, "event": "result", **body}) + b"\n"
 
 
-def error_frame(frame_id: str | None, exc: ClaudepoolError) -> bytes:
-    return orjson.dumps({"id": frame_id, "event": "error", **error_body(exc)}) + b"\n"
+def error_frame(frame_id: str | None, exc: ClaudepoolError, *, about: str | None = None) -> bytes:
+    """An ``error`` frame. With ``about``: the answer (id null) to a frame refused because its id
+    ``about`` belongs to a request still in flight, whose own answer is still to come."""
+    body = error_body(exc)
+    if about is not None:
+        body["message"] = f"refused a frame with id {about!r}, which a request in flight holds: {body['message']}"
+    return orjson.dumps({"id": frame_id, "event": "error", **body}) + b"\n"
 
 
 def event_frame(frame_id: str, event: str, body: dict[str, Any]) -> bytes:

@@ -75,6 +75,9 @@ class ServerSettings(BaseModel):
     max_prompt_bytes: int = Field(default=1 * MiB, gt=0)
     # A socket frame holds a prompt plus its envelope.
     max_frame_bytes: int = Field(default=2 * MiB, gt=0)
+    # Prompts in flight on one socket connection; more get too_many_in_flight (each holds a task and
+    # its prompt, and a tenant's own queue bound cannot stop a flood of tasks that fail fast).
+    max_requests_per_connection: int = Field(default=256, gt=0)
     default_timeout_s: float = Field(default=300.0, gt=0)
     max_timeout_s: float = Field(default=3600.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)

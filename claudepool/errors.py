@@ -185,6 +185,15 @@ class QueueFull(TenancyError):
     retry_after_s = 1.0
 
 
+class TooManyInFlight(TenancyError):
+    """Too many of the caller's requests are in flight at once (prompts on one socket connection,
+    ledger reads of one tenant); retry when one of them has ended."""
+
+    code = "too_many_in_flight"
+    status = 429
+    retry_after_s = 1.0
+
+
 # -- sessions: conversations ------------------------------------------------------------------------
 
 

@@ -5,6 +5,8 @@ Frames are handled one at a time, in the order they arrive. What answers what:
 - ``prompt``, accepted: a task keyed by the frame's ``id``; zero or more ``delta`` frames, then
   exactly one terminal frame, ``result`` or ``error``, and nothing more under that id (the id may
   then be reused). Authentication, limits and every failure after acceptance end in that ``error``.
+  Past ``server.max_requests_per_connection`` prompts in flight, a prompt is refused at once with
+  ``error``/``too_many_in_flight`` under its id.
 - ``cancel``: one ``cancelled`` frame ``{"target", "found"}``. ``found`` is true when the target was
   in flight and not finished; it then ends with its one terminal frame, normally ``error``/``cancelled``
   (an answer already complete may win the race). An unknown or finished target is ``found: false``
@@ -44,6 +46,7 @@ from claudepool.errors import (
     CorruptFrame,
     FrameTooLarge,
     TooManyConnections,
+    TooManyInFlight,
 )
 from claudepool.protocol.framing import LineFramer, decode_object
 from claudepool.protocol.wire import (
@@ -265,6 +268,13 @@ class _Connection:
         return self.daemon.readiness()[1]
 
     def start_prompt(self, frame: PromptFrame) -> None:
+        bound = self.daemon.settings.server.max_requests_per_connection
+        if len(self.requests) >= bound:
+            refusal = TooManyInFlight(f"{bound} requests are in flight on this connection, its limit; wait for one "
+                                      "to end")
+            self.daemon.service.refused(refusal)  # a prompt that will not run: counted, like any refusal
+            self.refuse(frame.id, refusal)
+            return
         task = asyncio.create_task(self.run_prompt(frame), name=f"unix-{frame.id}")
         self.requests[frame.id] = task
         # A done callback, not a `finally`: a task cancelled before it first runs never enters its

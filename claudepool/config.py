@@ -169,6 +169,8 @@ class TenantSettings(BaseModel):
     max_session_turns: int | None = Field(default=None, ge=0)
     max_session_age_s: float | None = Field(default=None, ge=0)
     max_session_context_tokens: int | None = Field(default=None, ge=0)
+    # Open (not closed) sessions this tenant may hold (None = [sessions] max_sessions; 0 = no bound).
+    max_sessions: int | None = Field(default=None, ge=0)
 
     @field_validator("key")
     @classmethod
@@ -254,6 +256,8 @@ class SessionSettings(BaseModel):
     max_context_tokens: int = Field(default=0, ge=0)
     # At a limit: close with session_limit_reached, or carry on in a fresh session (its id returned).
     rollover: bool = False
+    # Open (not closed) sessions per tenant; past it, creating one is 429 too_many_sessions. 0 = no bound.
+    max_sessions: int = Field(default=100, ge=0)
     # How often to park idle sessions, and how often to sweep for expiry, retention and disk use.
     maintenance_interval_s: float = Field(default=1.0, gt=0)
     sweep_interval_s: float = Field(default=15.0, gt=0)

@@ -194,6 +194,15 @@ class TooManyInFlight(TenancyError):
     retry_after_s = 1.0
 
 
+class TooManySessions(TenancyError):
+    """The tenant has ``max_sessions`` open sessions. Not retryable as such: close one (DELETE) or
+    wait for one to expire, then create again."""
+
+    code = "too_many_sessions"
+    status = 429
+    retryable = False
+
+
 # -- sessions: conversations ------------------------------------------------------------------------
 
 

@@ -5,9 +5,15 @@ reads, and prompts in flight on one socket connection."""
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any
 
-from tests.daemon_fixtures import RunningDaemon, make_daemon
+import aiohttp
+import pytest
+
+from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
 from tests.helpers import until
 from tests.test_unix_api import TERMINAL, connect, prompt
 
@@ -43,3 +49,72 @@ async def test_a_connection_holds_at_most_max_requests_per_connection_prompts(ma
     await until(lambda: d.daemon.service.in_flight == 0, 10)
     assert d.daemon.service.requests_by_outcome["cancelled"] == 3
     assert d.daemon.service.requests_by_outcome["too_many_in_flight"] == 2  # refusals are counted too
+
+
+# -- open sessions per tenant ---------------------------------------------------------------------------
+
+
+async def create_session(d: RunningDaemon, tenant: str = "acme") -> tuple[int, Any, dict[str, str]]:
+    async with aiohttp.ClientSession() as s, s.post(
+        f"{d.url}/v1/sessions", data=b"{}", headers={"Authorization": f"Bearer {KEYS[tenant]}"}
+    ) as resp:
+        return resp.status, await resp.json(), dict(resp.headers)
+
+
+async def delete_session(d: RunningDaemon, session_id: str) -> int:
+    async with aiohttp.ClientSession() as s, s.delete(
+        f"{d.url}/v1/sessions/{session_id}", headers={"Authorization": f"Bearer {KEYS['acme']}"}
+    ) as resp:
+        return resp.status
+
+
+async def test_five_hundred_session_creates_at_once_keep_the_default_hundred(make_daemon: MakeDaemon) -> None:
+    """The report: 500 POST /v1/sessions from one tenant in 0.1 s kept 500 sessions for a day."""
+    d = await make_daemon(pool={"min_idle": 0})
+    answers = await asyncio.gather(*(create_session(d) for _ in range(500)))
+    statuses = Counter(status for status, _, _ in answers)
+    assert statuses == {201: 100, 429: 400}
+    refused = next(body for status, body, _ in answers if status == 429)
+    assert refused["error"]["code"] == "too_many_sessions"
+    assert "100 open sessions" in refused["error"]["message"]
+    assert all("Retry-After" not in headers for status, _, headers in answers if status == 429)
+    assert len(await d.daemon.store.session_list("acme")) == 100
+    # Another tenant has its own bound.
+    assert (await create_session(d, "beta"))[0] == 201
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_fifty_concurrent_creates_never_overshoot_max_sessions(
+    make_daemon: MakeDaemon, request: pytest.FixtureRequest, backend: str
+) -> None:
+    store = {"url": request.getfixturevalue("redis_url")} if backend == "redis" else {}
+    d = await make_daemon(pool={"min_idle": 0}, store=store, tenants={"acme": {"max_sessions": 10}})
+    answers = await asyncio.gather(*(create_session(d) for _ in range(50)))
+    assert Counter(status for status, _, _ in answers) == {201: 10, 429: 40}
+    kept = await d.daemon.store.session_list("acme")
+    assert {r.id for r in kept} == {body["id"] for status, body, _ in answers if status == 201}
+
+
+async def test_a_closed_or_deleted_session_makes_room_and_the_socket_says_too_many_sessions(
+    make_daemon: MakeDaemon
+) -> None:
+    d = await make_daemon(pool={"min_idle": 0}, sessions={"max_sessions": 5, "min_idle": 0, "max_workers": 1,
+                                                          "ttl_s": 0.3, "sweep_interval_s": 0.05,
+                                                          "maintenance_interval_s": 0.05},
+                          tenants={"acme": {"max_sessions": 2}})
+    first, second = [(await create_session(d))[1]["id"] for _ in range(2)]
+    status, body, _ = await create_session(d)
+    assert (status, body["error"]["code"]) == (429, "too_many_sessions")  # the tenant's 2, not [sessions]' 5
+    async with connect(d) as c:
+        await c.send({"id": "n1", "op": "session.create", "key": KEYS["acme"]})
+        refused = await c.next()
+        assert (refused["id"], refused["event"], refused["code"]) == ("n1", "error", "too_many_sessions")
+        assert await delete_session(d, first) == 204
+        await c.send({"id": "n2", "op": "session.create", "key": KEYS["acme"]})
+        made = await c.next()
+        assert (made["id"], made["event"]) == ("n2", "session")
+    # Unused, both expire (ttl_s): closed sessions stay until retention_s but no longer count.
+    await until(lambda: d.daemon.sessions.events["expired"] >= 2, 10)
+    closed = {r.id for r in await d.daemon.store.session_list("acme") if r.state == "closed"}
+    assert {second, made["session"]["id"]} <= closed
+    assert [(await create_session(d))[0] for _ in range(3)] == [201, 201, 429]

@@ -196,6 +196,12 @@ class Store(Protocol):
         """Create or replace a session record."""
         ...
 
+    async def session_create(self, record: SessionRecord, *, max_open: int) -> bool:
+        """Store a new session record unless its tenant already has ``max_open`` open (not closed)
+        sessions; 0 means no bound. The count and the insert are one atomic step, so concurrent
+        creates never overshoot, and the count costs O(1), not a listing. False if refused."""
+        ...
+
     async def session_get(self, tenant: str, session_id: str) -> SessionRecord | None:
         """The tenant's session, or None: another tenant's id is simply not found."""
         ...

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
@@ -118,3 +119,60 @@ async def test_a_closed_or_deleted_session_makes_room_and_the_socket_says_too_ma
     closed = {r.id for r in await d.daemon.store.session_list("acme") if r.state == "closed"}
     assert {second, made["session"]["id"]} <= closed
     assert [(await create_session(d))[0] for _ in range(3)] == [201, 201, 429]
+
+
+# -- queued requests under concurrency --------------------------------------------------------------------
+
+
+async def post_prompt(d: RunningDaemon, body: dict[str, Any], tenant: str = "acme") -> tuple[int, str]:
+    async with aiohttp.ClientSession() as s, s.post(
+        f"{d.url}/v1/prompt", data=orjson.dumps(body), headers={"Authorization": f"Bearer {KEYS[tenant]}"}
+    ) as resp:
+        answer = await resp.json()
+        return resp.status, answer["error"]["code"] if "error" in answer else "ok"
+
+
+def awaiting_admission(redis_url: str) -> dict[str, Any]:
+    """A daemon where admission really waits (a budget reserved on Redis) before a request queues:
+    the window in which concurrent requests could all pass the queue bound."""
+    return {"store": {"url": redis_url}, "pool": {"max_workers": 1, "min_idle": 1},
+            "sessions": {"min_idle": 0, "max_workers": 1},
+            "tenants": {"acme": {"max_queued": 5, "daily_budget_usd": 1000, "max_queue_wait_s": 1.5}}}
+
+
+async def test_fifty_concurrent_requests_never_overshoot_max_queued(make_daemon: MakeDaemon, redis_url: str) -> None:
+    d = await make_daemon(**awaiting_admission(redis_url))
+    busy = asyncio.create_task(post_prompt(d, {"prompt": "[[hang]]", "timeout_s": 3}, tenant="beta"))
+    await until(lambda: d.pool().counts()["leased"] == 1)
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, d.daemon.service.queued)
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
+    answers = await asyncio.gather(*(post_prompt(d, {"prompt": "[[reply:x]]"}) for _ in range(50)))
+    watcher.cancel()
+    assert Counter(answers) == {(503, "queue_full"): 45, (503, "pool_timeout"): 5}, Counter(answers)
+    assert peak <= 5
+    assert await busy == (504, "timeout")
+    await until(lambda: d.daemon.service.queued == 0 and d.daemon.service.in_flight == 0, 10)
+    assert (await d.daemon.store.budget("acme")).reserved_usd == 0  # every refused request gave its back
+
+
+async def test_turns_waiting_on_one_session_count_against_max_queued(make_daemon: MakeDaemon, redis_url: str) -> None:
+    d = await make_daemon(**awaiting_admission(redis_url))
+    async with aiohttp.ClientSession() as s, s.post(
+        f"{d.url}/v1/sessions", data=b"{}", headers={"Authorization": f"Bearer {KEYS['acme']}"}
+    ) as resp:
+        sid = (await resp.json())["id"]
+    busy = asyncio.create_task(post_prompt(d, {"prompt": "[[hang]]", "session": sid, "timeout_s": 3}))
+    await until(lambda: d.daemon.session_pools["default"].counts()["leased"] == 1, 10)
+    answers = await asyncio.gather(*(post_prompt(d, {"prompt": "[[reply:x]]", "session": sid, "timeout_s": 1})
+                                     for _ in range(20)))
+    # Five wait for the session (until their deadline); the rest are refused at once.
+    assert Counter(answers) == {(503, "queue_full"): 15, (504, "timeout"): 5}, Counter(answers)
+    assert await busy == (504, "timeout")
+    await until(lambda: d.daemon.service.queued == 0 and d.daemon.service.in_flight == 0, 10)

@@ -78,6 +78,10 @@ class ServerSettings(BaseModel):
     # Prompts in flight on one socket connection; more get too_many_in_flight (each holds a task and
     # its prompt, and a tenant's own queue bound cannot stop a flood of tasks that fail fast).
     max_requests_per_connection: int = Field(default=256, gt=0)
+    # GET /v1/ledger: most records in one answer (a larger limit is lowered to it; page with since),
+    # and reads of one tenant (or of the admin) at once; more get too_many_in_flight.
+    ledger_page_records: int = Field(default=10_000, gt=0)
+    max_ledger_reads_per_tenant: int = Field(default=2, gt=0)
     default_timeout_s: float = Field(default=300.0, gt=0)
     max_timeout_s: float = Field(default=3600.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)

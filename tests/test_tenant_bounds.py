@@ -6,6 +6,7 @@ reads, and prompts in flight on one socket connection."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,6 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
+from claudepool.store.base import UsageRecord
 from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
 from tests.helpers import until
 from tests.test_unix_api import TERMINAL, connect, prompt
@@ -176,3 +178,64 @@ async def test_turns_waiting_on_one_session_count_against_max_queued(make_daemon
     assert Counter(answers) == {(503, "queue_full"): 15, (504, "timeout"): 5}, Counter(answers)
     assert await busy == (504, "timeout")
     await until(lambda: d.daemon.service.queued == 0 and d.daemon.service.in_flight == 0, 10)
+
+
+# -- ledger reads ------------------------------------------------------------------------------------------
+
+
+async def settle_records(d: RunningDaemon, tenant: str, count: int) -> None:
+    now = time.time()
+    for i in range(count):
+        await d.daemon.store.settle(UsageRecord(record_id=f"{tenant}-{i}", request_id=f"req-{tenant}-{i}",
+                                                tenant=tenant, profile="default", model="m", outcome="ok",
+                                                at=now - 100 + i, output_tokens=i))
+
+
+async def read_ledger(d: RunningDaemon, query: str, tenant: str = "acme") -> tuple[int, list[Any], dict[str, str]]:
+    async with aiohttp.ClientSession() as s, s.get(
+        f"{d.url}/v1/ledger?{query}", headers={"Authorization": f"Bearer {KEYS[tenant]}"}
+    ) as resp:
+        raw = await resp.read()
+        if resp.status != 200:
+            return resp.status, [orjson.loads(raw)], dict(resp.headers)
+        return resp.status, [orjson.loads(line) for line in raw.splitlines()], dict(resp.headers)
+
+
+async def test_one_ledger_answer_carries_at_most_ledger_page_records(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(pool={"min_idle": 0}, server={"ledger_page_records": 5})
+    await settle_records(d, "acme", 8)
+    status, records, headers = await read_ledger(d, "limit=100000")
+    assert (status, headers["X-Ledger-Limit"]) == (200, "5")
+    assert [r["output_tokens"] for r in records] == [0, 1, 2, 3, 4]
+    # The next page starts where this one ended.
+    status, records, _ = await read_ledger(d, f"since={records[-1]['at']}&limit=3")
+    assert [r["output_tokens"] for r in records] == [4, 5, 6]
+    assert set(records[0]) == set(UsageRecord.__dataclass_fields__)  # the same fields as before
+
+
+async def test_a_tenant_has_at_most_max_ledger_reads_per_tenant_in_flight(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(pool={"min_idle": 0}, server={"max_ledger_reads_per_tenant": 2})
+    await settle_records(d, "acme", 3)
+    await settle_records(d, "beta", 1)
+    memory = d.daemon.store.inner
+    real_ledger = memory.ledger
+    gate = asyncio.Event()
+    reading: Counter[str | None] = Counter()
+
+    async def slow_ledger(tenant: str | None = None, **kwargs: Any) -> list[UsageRecord]:
+        reading[tenant] += 1
+        await gate.wait()  # a slow store (a large Redis stream, a congested link)
+        return await real_ledger(tenant, **kwargs)
+
+    memory.ledger = slow_ledger  # type: ignore[method-assign]  # a slow real store
+    slow = [asyncio.create_task(read_ledger(d, "")) for _ in range(2)]
+    other = asyncio.create_task(read_ledger(d, "", tenant="beta"))  # its own bound
+    await until(lambda: reading == {"acme": 2, "beta": 1})
+    async with asyncio.timeout(5):  # refused at once, or it would wait on the gate with the others
+        status, (body,), headers = await read_ledger(d, "")
+    assert (status, body["error"]["code"], headers["Retry-After"]) == (429, "too_many_in_flight", "1")
+    assert reading["acme"] == 2  # refused before it reached the store
+    gate.set()
+    answers = await asyncio.gather(*slow, other)
+    assert [(status, len(records)) for status, records, _ in answers] == [(200, 3), (200, 3), (200, 1)]
+    assert (await read_ledger(d, ""))[0] == 200  # room again once they ended

@@ -6,6 +6,7 @@ what the Lua scripts give the Redis store.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -98,9 +99,9 @@ class MemoryStore:
                      limit: int = 1000) -> list[UsageRecord]:
         if limit <= 0:
             return []
-        picked = [r for r in self._ledger
-                  if (tenant is None or r.tenant == tenant) and (since is None or r.at >= since)]
-        return picked[:limit]
+        picked = (r for r in self._ledger
+                  if (tenant is None or r.tenant == tenant) and (since is None or r.at >= since))
+        return list(itertools.islice(picked, limit))  # stops at the limit-th match, not at the ledger's end
 
     async def session_put(self, record: SessionRecord) -> None:
         self._sessions[(record.tenant, record.id)] = SessionRecord.from_dict(record.to_dict())

@@ -75,6 +75,13 @@ class ServerSettings(BaseModel):
     max_prompt_bytes: int = Field(default=1 * MiB, gt=0)
     # A socket frame holds a prompt plus its envelope.
     max_frame_bytes: int = Field(default=2 * MiB, gt=0)
+    # Prompts in flight on one socket connection; more get too_many_in_flight (each holds a task and
+    # its prompt, and a tenant's own queue bound cannot stop a flood of tasks that fail fast).
+    max_requests_per_connection: int = Field(default=256, gt=0)
+    # GET /v1/ledger: most records in one answer (a larger limit is lowered to it; page with since),
+    # and reads of one tenant (or of the admin) at once; more get too_many_in_flight.
+    ledger_page_records: int = Field(default=10_000, gt=0)
+    max_ledger_reads_per_tenant: int = Field(default=2, gt=0)
     default_timeout_s: float = Field(default=300.0, gt=0)
     max_timeout_s: float = Field(default=3600.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
@@ -166,6 +173,8 @@ class TenantSettings(BaseModel):
     max_session_turns: int | None = Field(default=None, ge=0)
     max_session_age_s: float | None = Field(default=None, ge=0)
     max_session_context_tokens: int | None = Field(default=None, ge=0)
+    # Open (not closed) sessions this tenant may hold (None = [sessions] max_sessions; 0 = no bound).
+    max_sessions: int | None = Field(default=None, ge=0)
 
     @field_validator("key")
     @classmethod
@@ -251,6 +260,8 @@ class SessionSettings(BaseModel):
     max_context_tokens: int = Field(default=0, ge=0)
     # At a limit: close with session_limit_reached, or carry on in a fresh session (its id returned).
     rollover: bool = False
+    # Open (not closed) sessions per tenant; past it, creating one is 429 too_many_sessions. 0 = no bound.
+    max_sessions: int = Field(default=100, ge=0)
     # How often to park idle sessions, and how often to sweep for expiry, retention and disk use.
     maintenance_interval_s: float = Field(default=1.0, gt=0)
     sweep_interval_s: float = Field(default=15.0, gt=0)

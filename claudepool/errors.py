@@ -185,6 +185,24 @@ class QueueFull(TenancyError):
     retry_after_s = 1.0
 
 
+class TooManyInFlight(TenancyError):
+    """Too many of the caller's requests are in flight at once (prompts on one socket connection,
+    ledger reads of one tenant); retry when one of them has ended."""
+
+    code = "too_many_in_flight"
+    status = 429
+    retry_after_s = 1.0
+
+
+class TooManySessions(TenancyError):
+    """The tenant has ``max_sessions`` open sessions. Not retryable as such: close one (DELETE) or
+    wait for one to expire, then create again."""
+
+    code = "too_many_sessions"
+    status = 429
+    retryable = False
+
+
 # -- sessions: conversations ------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import pytest
 
 from claudepool.errors import BudgetExhausted
-from claudepool.store.base import BudgetState, Store, UsageRecord, UsageTotals, Window
+from claudepool.store.base import BudgetState, SessionRecord, Store, UsageRecord, UsageTotals, Window
 from claudepool.store.memory import MemoryStore
 from claudepool.store.redis import RedisStore
 
@@ -305,6 +305,53 @@ async def test_ledger_since_filters_on_the_records_own_time(store: Store) -> Non
     assert await store.ledger(since=now - 9 * DAY) == [ahead]
     assert await store.ledger("acme", since=now + 300) == [ahead]
     assert await store.ledger(since=now + 601) == []
+
+
+# -- sessions -----------------------------------------------------------------------------------
+
+
+def session(tenant: str = "acme", state: str = "new") -> SessionRecord:
+    global _seq
+    _seq += 1
+    now = time.time()
+    return SessionRecord(id=f"s_conformance{_seq:06d}", tenant=tenant, profile="default", created_at=now,
+                         last_used_at=now, state=state)
+
+
+async def test_session_create_stops_at_max_open_and_only_open_sessions_count(store: Store) -> None:
+    created = [session() for _ in range(3)]
+    for record_ in created:
+        assert await store.session_create(record_, max_open=3)
+    refused = session()
+    assert not await store.session_create(refused, max_open=3)
+    assert await store.session_get("acme", refused.id) is None  # refused means not stored
+    assert await store.session_create(session("beta"), max_open=3)  # the bound is per tenant
+    # A closed session does not count; a deleted one neither; a parked or active one does.
+    created[0].state = "closed"
+    await store.session_put(created[0])
+    assert await store.session_create(session(), max_open=3)
+    assert not await store.session_create(session(), max_open=3)
+    await store.session_delete("acme", created[1].id)
+    created[2].state = "parked"
+    await store.session_put(created[2])
+    assert await store.session_create(session(), max_open=3)
+    assert not await store.session_create(session(), max_open=3)
+    # A closed session reopened by a put (a restart restoring it from disk) counts again.
+    created[0].state = "parked"
+    await store.session_put(created[0])
+    created[2].state = "closed"
+    await store.session_put(created[2])
+    assert not await store.session_create(session(), max_open=3)
+    assert await store.session_create(session(), max_open=0)  # 0 = no bound
+    assert len([r for r in await store.session_list("acme") if r.state != "closed"]) == 4
+
+
+async def test_fifty_concurrent_session_creates_never_overshoot(store: Store) -> None:
+    attempts = [session() for _ in range(50)]
+    stored = await asyncio.gather(*(store.session_create(r, max_open=10) for r in attempts))
+    assert stored.count(True) == 10
+    kept = {r.id for r in await store.session_list("acme")}
+    assert kept == {r.id for r, ok in zip(attempts, stored, strict=True) if ok}
 
 
 # -- isolation ----------------------------------------------------------------------------------

@@ -64,9 +64,32 @@ class ServiceLimits:
     reservation_ttl_s: float
 
 
+class QueueSlot:
+    """One place under the daemon's and the tenant's queue bounds (``server.max_queued``,
+    ``tenants.NAME.max_queued``), held from admission until the request has a worker or ends.
+
+    It is taken in the same step as the bounds are checked, with no await between, so concurrent
+    requests cannot all pass the check while they are still checking limits or reserving budget."""
+
+    def __init__(self, counts: Counter[str], tenant: str) -> None:
+        self._counts = counts
+        self._tenant = tenant
+        self._held = True
+        counts[tenant] += 1
+
+    def release(self) -> None:
+        """Give the place back; idempotent."""
+        if self._held:
+            self._held = False
+            self._counts[self._tenant] -= 1
+            if self._counts[self._tenant] <= 0:
+                del self._counts[self._tenant]
+
+
 @dataclass(frozen=True)
 class Admission:
-    """A request that passed every check, holds its budget reservation, and may queue for a worker."""
+    """A request that passed every check, holds its budget reservation and its place in the queue
+    bounds, and may queue for a worker."""
 
     request_id: str
     tenant: Tenant
@@ -74,6 +97,7 @@ class Admission:
     pool: Pool
     timeout_s: float
     context: RequestContext
+    queue_slot: QueueSlot
 
 
 def new_request_id() -> str:
@@ -127,6 +151,7 @@ class PromptService:
 
     @property
     def queued(self) -> int:
+        """Requests admitted (or being admitted) that have no worker yet: what the queue bounds count."""
         return self._queued.total()
 
     async def admit(self, tenant: Tenant, request: PromptRequest, request_id: str | None = None) -> Admission:
@@ -213,31 +238,36 @@ class PromptService:
             raise QueueFull(f"the daemon has {self.queued} requests waiting for a worker")
         if tenant.max_queued and self._queued[tenant.name] >= tenant.max_queued:
             raise QueueFull(f"this tenant has {self._queued[tenant.name]} requests waiting, its limit")
-        await self.limiter.check(tenant.name, requests_per_minute=tenant.requests_per_minute,
-                                 tokens_per_minute=tenant.tokens_per_minute)
-        pool = pools[profile]
-        model = pool.profile.model or "default"
-        timeout_s = min(request.timeout_s or self.limits.default_timeout_s, self.limits.max_timeout_s)
-        reservation_id = None
-        if tenant.has_budget:
-            amount = self.pricing.reservation_usd(model, size, self.metering)
-            # It must outlive the request (queue wait and turn), or others could spend it meanwhile.
-            wait_s = tenant.max_queue_wait_s or pool.config.lease_timeout_s
-            ttl_s = max(self.limits.reservation_ttl_s, wait_s + timeout_s + 60)
-            try:
-                await self.store.reserve(tenant.name, request_id, amount, daily_limit_usd=tenant.daily_budget_usd,
-                                         monthly_limit_usd=tenant.monthly_budget_usd, ttl_s=ttl_s)
-            except BudgetExhausted:
-                raise
-            except BaseException:
-                # Cancelled or failed mid-call, the reservation may exist: give it back (idempotent).
-                self.meter.release(RequestContext(request_id=request_id, tenant=tenant.name, profile=profile,
-                                                  model=model, reservation_id=request_id))
-                raise
-            reservation_id = request_id
+        slot = QueueSlot(self._queued, tenant.name)  # no await since the check
+        try:
+            await self.limiter.check(tenant.name, requests_per_minute=tenant.requests_per_minute,
+                                     tokens_per_minute=tenant.tokens_per_minute)
+            pool = pools[profile]
+            model = pool.profile.model or "default"
+            timeout_s = min(request.timeout_s or self.limits.default_timeout_s, self.limits.max_timeout_s)
+            reservation_id = None
+            if tenant.has_budget:
+                amount = self.pricing.reservation_usd(model, size, self.metering)
+                # It must outlive the request (queue wait and turn), or others could spend it meanwhile.
+                wait_s = tenant.max_queue_wait_s or pool.config.lease_timeout_s
+                ttl_s = max(self.limits.reservation_ttl_s, wait_s + timeout_s + 60)
+                try:
+                    await self.store.reserve(tenant.name, request_id, amount, daily_limit_usd=tenant.daily_budget_usd,
+                                             monthly_limit_usd=tenant.monthly_budget_usd, ttl_s=ttl_s)
+                except BudgetExhausted:
+                    raise
+                except BaseException:
+                    # Cancelled or failed mid-call, the reservation may exist: give it back (idempotent).
+                    self.meter.release(RequestContext(request_id=request_id, tenant=tenant.name, profile=profile,
+                                                      model=model, reservation_id=request_id))
+                    raise
+                reservation_id = request_id
+        except BaseException:
+            slot.release()
+            raise
         context = RequestContext(request_id=request_id, tenant=tenant.name, profile=profile, model=model,
                                  reservation_id=reservation_id, session=request.session)
-        return Admission(request_id, tenant, request, pool, timeout_s, context)
+        return Admission(request_id, tenant, request, pool, timeout_s, context, slot)
 
     async def run(self, admission: Admission, on_delta: OnDelta | None = None) -> PromptResult:
         """Serve an admitted request. ``on_delta`` receives text as it streams (if given)."""
@@ -259,6 +289,7 @@ class PromptService:
             error = exc
             raise
         finally:
+            admission.queue_slot.release()  # if it never reached the queue's end (a deadline, a cancel)
             self._in_flight.discard(task)
             self._stopped_by_drain.discard(task)
             if not self._in_flight:
@@ -303,18 +334,8 @@ class PromptService:
         tenant = admission.tenant
         ctx = admission.context
 
-        dequeued = False
-
-        def dequeue() -> None:
-            nonlocal dequeued
-            if not dequeued:
-                dequeued = True
-                self._queued[tenant.name] -= 1
-                if self._queued[tenant.name] <= 0:
-                    del self._queued[tenant.name]
-
         async def drive(lease: Lease, record: SessionRecord) -> TurnResult:
-            dequeue()
+            admission.queue_slot.release()  # it waited for the session and its worker: it has one now
             ctx.session = record.id
             lease.context = ctx
             try:
@@ -325,7 +346,6 @@ class PromptService:
                     self.meter.finish(ctx, turn_started=lease.turns_started > 0)
                 raise
 
-        self._queued[tenant.name] += 1
         try:
             record, _ = await self.sessions.run_turn(
                 tenant, admission.request.session,
@@ -337,7 +357,7 @@ class PromptService:
                 self.meter.release(ctx)  # it never reached a worker: give the reservation back
             raise
         finally:
-            dequeue()
+            admission.queue_slot.release()
         return record.id
 
     async def _drive(self, lease: Lease, admission: Admission, on_delta: OnDelta | None, trace: _Trace) -> TurnResult:
@@ -389,7 +409,6 @@ class PromptService:
         tenant = admission.tenant
         pool = admission.pool
         wait_s = tenant.max_queue_wait_s or pool.config.lease_timeout_s
-        self._queued[tenant.name] += 1
         try:
             lease = await pool.acquire(
                 tenant.name, timeout_s=wait_s, share=TenantShare(tenant.weight, tenant.max_concurrency),
@@ -399,9 +418,7 @@ class PromptService:
             self.meter.release(admission.context)
             raise
         finally:
-            self._queued[tenant.name] -= 1
-            if self._queued[tenant.name] <= 0:
-                del self._queued[tenant.name]
+            admission.queue_slot.release()
         lease.context = admission.context
         return lease
 

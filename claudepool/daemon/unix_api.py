@@ -1,11 +1,28 @@
 """The Unix-socket front end: NDJSON frames, many requests multiplexed on one connection.
 
-Each ``prompt`` frame becomes a task keyed by the client's ``id``; its frames (``delta``…, then one
-``result`` or ``error``) are written whole, so frames of concurrent requests interleave only at line
-boundaries. ``cancel`` stops a request on the same connection (it then ends with ``error``/
-``cancelled``); ``status`` reports the pools. A malformed or oversize frame is answered with an
-``error`` frame and the connection stays usable. When the client disconnects, its requests are
-cancelled and their workers interrupted and reset. See `claudepool.protocol.wire` for the frames.
+Frames are handled one at a time, in the order they arrive. What answers what:
+
+- ``prompt``, accepted: a task keyed by the frame's ``id``; zero or more ``delta`` frames, then
+  exactly one terminal frame, ``result`` or ``error``, and nothing more under that id (the id may
+  then be reused). Authentication, limits and every failure after acceptance end in that ``error``.
+  Past ``server.max_requests_per_connection`` prompts in flight, a prompt is refused at once with
+  ``error``/``too_many_in_flight`` under its id.
+- ``cancel``: one ``cancelled`` frame ``{"target", "found"}``. ``found`` is true when the target was
+  in flight and not finished; it then ends with its one terminal frame, normally ``error``/``cancelled``
+  (an answer already complete may win the race). An unknown or finished target is ``found: false``
+  and changes nothing.
+- ``status``, ``usage``, ``session.create``, ``session.delete``: one frame, ``status``, ``usage``,
+  ``session`` or ``session_deleted``, or an ``error``.
+- A frame refused before it runs (not JSON, not an object, unknown op, bad fields, larger than
+  ``server.max_frame_bytes``): one ``error`` under its id when it has a valid one (for an oversize
+  frame, when the id is its first key), else under ``"id": null``.
+- Any frame whose id is a prompt in flight on this connection (a second prompt, an invalid frame,
+  a status, a cancel, an oversize frame), whatever its op: one ``error`` under ``"id": null``
+  whose message names the id. The prompt in flight is not touched and still ends once.
+
+Frames of concurrent requests are written whole, so they interleave only at line boundaries. When
+the client disconnects, its requests are cancelled and their workers interrupted and reset. See
+`claudepool.protocol.wire` for the frames.
 """
 
 from __future__ import annotations
@@ -20,8 +37,6 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import TypeAdapter, ValidationError
-
 from claudepool.daemon.service import new_request_id
 from claudepool.errors import (
     BadRequest,
@@ -31,22 +46,22 @@ from claudepool.errors import (
     CorruptFrame,
     FrameTooLarge,
     TooManyConnections,
+    TooManyInFlight,
 )
 from claudepool.protocol.framing import LineFramer, decode_object
 from claudepool.protocol.wire import (
     CancelFrame,
-    Frame,
     PromptFrame,
     PromptRequest,
     SessionCreateFrame,
     SessionDeleteFrame,
     StatusFrame,
-    UsageFrame,
     delta_frame,
-    describe_validation_error,
     error_frame,
     event_frame,
+    frame_id_of,
     leading_frame_id,
+    parse_frame,
     result_frame,
 )
 
@@ -55,9 +70,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_FRAMES: TypeAdapter[
-    PromptFrame | CancelFrame | StatusFrame | UsageFrame | SessionCreateFrame | SessionDeleteFrame
-] = TypeAdapter(Frame)
 _READ_CHUNK_BYTES = 1 << 16
 
 
@@ -140,10 +152,16 @@ def _prepare_socket_path(target: Path) -> None:
 
 
 class _Connection:
+    """One client connection: its frames in order, and its prompts in flight.
+
+    ``requests`` maps each prompt id in flight to its task. An id enters it when its prompt is
+    accepted and leaves it in `finished`, which writes that prompt's one terminal frame, so a frame
+    arriving meanwhile with the same id is refused (answered with id null) whatever it is."""
+
     def __init__(self, daemon: Daemon, writer: asyncio.StreamWriter) -> None:
         self.daemon = daemon
         self.writer = writer
-        self.requests: dict[str, asyncio.Task[None]] = {}
+        self.requests: dict[str, asyncio.Task[bytes]] = {}
         self.cancelled: set[str] = set()
 
     async def serve(self, reader: asyncio.StreamReader) -> None:
@@ -152,10 +170,8 @@ class _Connection:
             while chunk := await reader.read(_READ_CHUNK_BYTES):
                 for line in framer.feed_lenient(chunk):
                     if isinstance(line, FrameTooLarge):
-                        frame_id = leading_frame_id(line.head)
                         self.daemon.service.refused(line)  # most likely a prompt; unreadable either way
-                        # Never a second answer to a request already in flight under that id.
-                        self.send(error_frame(None if frame_id in self.requests else frame_id, line))
+                        self.refuse(leading_frame_id(line.head), line)
                     elif line.strip():
                         await self.handle(line)
         except (ConnectionError, OSError):
@@ -176,34 +192,49 @@ class _Connection:
         if not self.writer.is_closing():
             self.writer.write(frame)
 
+    def refuse(self, frame_id: str | None, exc: ClaudepoolError) -> None:
+        """Answer a frame that will not run: under its id, unless a prompt in flight holds that id.
+        That prompt's one terminal frame is still to come, so this answer goes to id null and says
+        which id it is about."""
+        if frame_id is not None and frame_id in self.requests:
+            self.send(error_frame(None, exc, about=frame_id))
+        else:
+            self.send(error_frame(frame_id, exc))
+
     async def handle(self, line: bytes) -> None:
         frame_id: str | None = None
         op: object = None
         try:
             obj = decode_object(line)
-            raw_id = obj.get("id")
-            frame_id = raw_id if isinstance(raw_id, str) else None
+            frame_id = frame_id_of(obj)
             op = obj.get("op")
-            frame = _FRAMES.validate_python(obj)
+            frame = parse_frame(obj)
         except CorruptFrame as exc:
             refusal = BadRequest(str(exc))
             self.daemon.service.refused(refusal)  # a line we cannot read may be a prompt: count it
-            self.send(error_frame(None, refusal))
+            self.refuse(None, refusal)
             return
-        except ValidationError as exc:
-            refusal = BadRequest(describe_validation_error(exc))
+        except BadRequest as exc:
             if op in (None, "prompt"):  # a prompt, or a frame that does not say what it is
-                self.daemon.service.refused(refusal)
-            self.send(error_frame(frame_id, refusal))
+                self.daemon.service.refused(exc)
+            self.refuse(frame_id, exc)
             return
-        if isinstance(frame, PromptFrame):
+        if frame.id in self.requests:
+            refusal = BadRequest("a request with this id has not ended yet; wait for its result or error before "
+                                 "reusing the id")
+            if isinstance(frame, PromptFrame):
+                self.daemon.service.refused(refusal)  # a prompt that will not run: counted, like any refusal
+            self.refuse(frame.id, refusal)
+        elif isinstance(frame, PromptFrame):
             self.start_prompt(frame)
         elif isinstance(frame, CancelFrame):
             task = self.requests.get(frame.target)
-            if task is not None:
+            # A task already done has its terminal frame on the way (`finished` runs next): too late.
+            found = task is not None and not task.done()
+            if task is not None and found:
                 self.cancelled.add(frame.target)
                 task.cancel()
-            self.send(event_frame(frame.id, "cancelled", {"target": frame.target, "found": task is not None}))
+            self.send(event_frame(frame.id, "cancelled", {"target": frame.target, "found": found}))
         elif isinstance(frame, StatusFrame):
             self.send(event_frame(frame.id, "status", self.status(frame)))
         elif isinstance(frame, SessionCreateFrame | SessionDeleteFrame):
@@ -237,10 +268,12 @@ class _Connection:
         return self.daemon.readiness()[1]
 
     def start_prompt(self, frame: PromptFrame) -> None:
-        if frame.id in self.requests:
-            refusal = BadRequest(f"request id {frame.id!r} is already in flight")
-            self.daemon.service.refused(refusal)
-            self.send(error_frame(frame.id, refusal))
+        bound = self.daemon.settings.server.max_requests_per_connection
+        if len(self.requests) >= bound:
+            refusal = TooManyInFlight(f"{bound} requests are in flight on this connection, its limit; wait for one "
+                                      "to end")
+            self.daemon.service.refused(refusal)  # a prompt that will not run: counted, like any refusal
+            self.refuse(frame.id, refusal)
             return
         task = asyncio.create_task(self.run_prompt(frame), name=f"unix-{frame.id}")
         self.requests[frame.id] = task
@@ -248,14 +281,23 @@ class _Connection:
         # coroutine, and it still owes the client its one terminal frame.
         task.add_done_callback(functools.partial(self.finished, frame.id))
 
-    def finished(self, frame_id: str, task: asyncio.Task[None]) -> None:
-        if self.requests.get(frame_id) is task:
-            del self.requests[frame_id]
-        if task.cancelled() and frame_id in self.cancelled:
-            self.send(error_frame(frame_id, Cancelled("cancelled by the client")))
+    def finished(self, frame_id: str, task: asyncio.Task[bytes]) -> None:
+        """The one place a prompt's terminal frame is written: once per task, after its last delta
+        (deltas are written by the task itself), and as its id leaves ``requests``."""
+        del self.requests[frame_id]
+        by_client = frame_id in self.cancelled
         self.cancelled.discard(frame_id)
+        if task.cancelled():
+            reason = "cancelled by the client" if by_client else "the connection is closing"
+            self.send(error_frame(frame_id, Cancelled(reason)))
+        elif task.exception() is not None:  # run_prompt answers every error; this would be a bug
+            log.error("socket request %s failed", frame_id, exc_info=task.exception())
+            self.send(error_frame(frame_id, ClaudepoolError("internal error")))
+        else:
+            self.send(task.result())
 
-    async def run_prompt(self, frame: PromptFrame) -> None:
+    async def run_prompt(self, frame: PromptFrame) -> bytes:
+        """Serve one prompt, writing its deltas; return its terminal frame (`finished` writes it)."""
         async def on_delta(text: str) -> None:
             self.send(delta_frame(frame.id, text))
             await self.writer.drain()
@@ -270,11 +312,12 @@ class _Connection:
             request = PromptRequest.model_validate(frame.model_dump(exclude={"id", "op", "key"}))
             admission = await self.daemon.service.admit(tenant, request, request_id)
             result = await self.daemon.service.run(admission, on_delta if frame.stream else None)
-            self.send(result_frame(frame.id, result))
+            return result_frame(frame.id, result)
         except ClaudepoolError as exc:
-            self.send(error_frame(frame.id, exc))
+            return error_frame(frame.id, exc)
         except (ConnectionError, OSError):
-            pass  # the client went away while we wrote to it
+            # The client went away while we wrote to it: nobody reads this, but it is the answer.
+            return error_frame(frame.id, Cancelled("the connection failed"))
         except Exception:
             log.exception("request %s failed", request_id)
-            self.send(error_frame(frame.id, ClaudepoolError("internal error")))
+            return error_frame(frame.id, ClaudepoolError("internal error"))

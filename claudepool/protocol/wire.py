@@ -12,38 +12,53 @@ connection by a client-chosen ``id``:
     → {"id": "c1", "op": "cancel", "target": "r1"}
     → {"id": "s1", "op": "status", "key": "…"}
 
-Every accepted request ends in exactly one terminal frame: ``result`` or ``error``.
+Every accepted request ends in exactly one terminal frame: ``result`` or ``error`` (what answers
+each socket frame, precisely: `claudepool.daemon.unix_api`).
+
+Every model here is strict (pydantic strict mode): a field of the wrong JSON type is refused, never
+coerced (``"stream": "yes"`` or ``1`` is not ``true``, ``"timeout_s": "30"`` is not a number; a
+JSON integer is a valid float). HTTP query parameters are strings by nature, so their models are
+validated with `parse_query`: each value is parsed as its field's type (``limit=10``), never more
+loosely. Errors name the field and never echo its value (`describe_validation_error`).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from collections.abc import Iterable
+from typing import Any, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from claudepool.errors import ClaudepoolError
+from claudepool.errors import BadRequest, ClaudepoolError
 from claudepool.protocol.cli_events import Usage
 
 _ID = Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
+_VALID_ID = re.compile(r"[\x21-\x7e]{1,128}")
+# What clients send: unknown fields and wrong types are refused. What we answer: strict types, and
+# unknown fields tolerated (a newer daemon may add some).
+_REQUEST = ConfigDict(extra="forbid", strict=True)
+_ANSWER = ConfigDict(strict=True)
 
 
 class PromptRequest(BaseModel):
     """One prompt. ``session`` continues that conversation; without one the request is stateless."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _REQUEST
 
     prompt: str = Field(min_length=1)
     session: str | None = None
     profile: str | None = None
     stream: bool = False
-    timeout_s: float | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     # batch requests run only on capacity no interactive request is waiting for.
     priority: Literal["interactive", "batch"] = "interactive"
 
 
 class UsageOut(BaseModel):
+    model_config = _ANSWER
+
     input_tokens: int = 0
     output_tokens: int = 0
     cache_read_input_tokens: int = 0
@@ -62,6 +77,8 @@ class UsageOut(BaseModel):
 class PromptResult(BaseModel):
     """The answer to one prompt: the non-streaming body, and the ``result`` event's data."""
 
+    model_config = _ANSWER
+
     id: str
     tenant: str
     session: str | None
@@ -72,6 +89,53 @@ class PromptResult(BaseModel):
     cost_usd: float
     duration_ms: float
     queue_ms: float
+
+
+class SessionCreateRequest(BaseModel):
+    """The body of ``POST /v1/sessions`` (or none at all)."""
+
+    model_config = _REQUEST
+
+    profile: str | None = None
+
+
+class TenantQuery(BaseModel):
+    """``?tenant=``: whose data the admin key asks for (a tenant key may name only itself)."""
+
+    model_config = _REQUEST
+
+    tenant: str | None = None
+
+
+class UsageQuery(TenantQuery):
+    """``GET /v1/usage`` parameters."""
+
+    window: Literal["day", "month"] = "day"
+    date: str | None = None  # YYYY-MM-DD for a day, YYYY-MM for a month; default: the current one
+
+
+class LedgerQuery(TenantQuery):
+    """``GET /v1/ledger`` parameters. ``limit`` above the daemon's page bound is lowered to it."""
+
+    since: float | None = Field(default=None, allow_inf_nan=False)
+    limit: int = Field(default=1000, ge=0)
+
+
+_Query = TypeVar("_Query", bound=BaseModel)
+
+
+def parse_query(model: type[_Query], items: Iterable[tuple[str, str]]) -> _Query:
+    """Validate query parameters (strings) against ``model``. An empty value is the same as none; a
+    parameter given twice is refused. Raises `BadRequest` naming the parameter, never its value."""
+    values: dict[str, str] = {}
+    for name, value in items:
+        if name in values:
+            raise BadRequest(f"invalid request: {name}: given more than once")
+        values[name] = value
+    try:
+        return model.model_validate_strings({k: v for k, v in values.items() if v != ""})
+    except ValidationError as exc:
+        raise BadRequest(describe_validation_error(exc)) from None
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -94,7 +158,7 @@ class PromptFrame(PromptRequest):
 
 
 class _Frame(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _REQUEST
 
     id: str = _ID
 
@@ -135,8 +199,33 @@ class SessionDeleteFrame(_KeyedFrame):
     session: str
 
 
-Frame = Annotated[PromptFrame | CancelFrame | StatusFrame | UsageFrame | SessionCreateFrame | SessionDeleteFrame,
-                  Field(discriminator="op")]
+Frame = PromptFrame | CancelFrame | StatusFrame | UsageFrame | SessionCreateFrame | SessionDeleteFrame
+FRAME_MODELS: dict[str, type[Frame]] = {
+    "prompt": PromptFrame, "cancel": CancelFrame, "status": StatusFrame, "usage": UsageFrame,
+    "session.create": SessionCreateFrame, "session.delete": SessionDeleteFrame,
+}
+
+
+def frame_id_of(obj: dict[str, Any]) -> str | None:
+    """The frame's ``id`` if it is a valid one (what an answer may be addressed to), else None."""
+    raw = obj.get("id")
+    return raw if isinstance(raw, str) and _VALID_ID.fullmatch(raw) else None
+
+
+def parse_frame(obj: dict[str, Any]) -> Frame:
+    """The socket frame ``obj`` as its op's model, or `BadRequest` naming the bad fields.
+
+    The op picks the model itself (rather than a discriminated union), so that an unknown op is
+    refused without pydantic echoing it, and field errors are named as the client wrote them."""
+    op = obj.get("op")
+    model = FRAME_MODELS.get(op) if isinstance(op, str) else None
+    if model is None:
+        why = "Field required" if op is None else "must be one of " + ", ".join(map(repr, FRAME_MODELS))
+        raise BadRequest(f"invalid request: op: {why}")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        raise BadRequest(describe_validation_error(exc)) from None
 
 
 _LEADING_ID = re.compile(rb'^\s*\{\s*"id"\s*:\s*"([\x21\x23-\x5b\x5d-\x7e]{1,128})"')
@@ -159,8 +248,13 @@ def result_frame(frame_id: str, result: PromptResult) -> bytes:
     return orjson.dumps({"id": frame_id, "event": "result", **body}) + b"\n"
 
 
-def error_frame(frame_id: str | None, exc: ClaudepoolError) -> bytes:
-    return orjson.dumps({"id": frame_id, "event": "error", **error_body(exc)}) + b"\n"
+def error_frame(frame_id: str | None, exc: ClaudepoolError, *, about: str | None = None) -> bytes:
+    """An ``error`` frame. With ``about``: the answer (id null) to a frame refused because its id
+    ``about`` belongs to a request still in flight, whose own answer is still to come."""
+    body = error_body(exc)
+    if about is not None:
+        body["message"] = f"refused a frame with id {about!r}, which a request in flight holds: {body['message']}"
+    return orjson.dumps({"id": frame_id, "event": "error", **body}) + b"\n"
 
 
 def event_frame(frame_id: str, event: str, body: dict[str, Any]) -> bytes:

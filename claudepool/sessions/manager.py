@@ -13,6 +13,9 @@ and is reset for others. The next turn *resumes* it on any free worker of the po
 ``--resume`` from the checkpoint, with its full history. A daemon restart, or another daemon sharing
 the store and the sessions directory, resumes it the same way.
 
+A tenant holds at most ``max_sessions`` open (not closed) sessions (its own, else ``[sessions]``);
+creating one more is ``too_many_sessions``, checked by the store atomically with the insert.
+
 Limits (turns, age, context tokens; per tenant, else per profile, else ``[sessions]``) close a
 session with ``session_limit_reached``, or roll it over into a fresh session whose id the answer
 carries. Idle sessions expire after ``ttl_s``. Transcripts of closed sessions are deleted after
@@ -48,6 +51,7 @@ from claudepool.errors import (
     SessionElsewhere,
     SessionLimitReached,
     SessionUnavailable,
+    TooManySessions,
 )
 from claudepool.pool.pool import Lease, Pool
 from claudepool.pool.worker import TurnResult, Worker
@@ -120,7 +124,10 @@ class SessionManager:
         now = time.time()
         record = SessionRecord(id=new_session_id(), tenant=tenant.name, profile=name, created_at=now,
                                last_used_at=now, state="new")
-        await self.store.session_put(record)
+        bound = tenant.max_sessions if tenant.max_sessions is not None else self.config.max_sessions
+        if not await self.store.session_create(record, max_open=bound):
+            raise TooManySessions(f"this tenant has {bound} open sessions, its limit: delete one (or let one "
+                                  "expire) first")
         self.events["created"] += 1
         return record
 

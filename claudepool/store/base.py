@@ -138,7 +138,12 @@ class Window:
         if not value:
             return cls.current(kind)  # type: ignore[arg-type]
         fmt = "%Y-%m-%d" if kind == "day" else "%Y-%m"
-        parsed = datetime.strptime(value, fmt).replace(tzinfo=UTC)
+        try:
+            parsed = datetime.strptime(value, fmt).replace(tzinfo=UTC)
+        except ValueError:
+            # Not strptime's message: it quotes the value, and errors never echo what was sent.
+            raise ValueError(f"date must be {'YYYY-MM-DD' if kind == 'day' else 'YYYY-MM'} "
+                             f"for a {kind} window") from None
         return cls.current(kind, parsed.timestamp())  # type: ignore[arg-type]
 
     def label(self) -> str:
@@ -189,6 +194,12 @@ class Store(Protocol):
 
     async def session_put(self, record: SessionRecord) -> None:
         """Create or replace a session record."""
+        ...
+
+    async def session_create(self, record: SessionRecord, *, max_open: int) -> bool:
+        """Store a new session record unless its tenant already has ``max_open`` open (not closed)
+        sessions; 0 means no bound. The count and the insert are one atomic step, so concurrent
+        creates never overshoot, and the count costs O(1), not a listing. False if refused."""
         ...
 
     async def session_get(self, tenant: str, session_id: str) -> SessionRecord | None:

@@ -60,6 +60,9 @@ class InstrumentedStore:
     async def session_put(self, record: SessionRecord) -> None:
         await self._timed("session", self.inner.session_put(record))
 
+    async def session_create(self, record: SessionRecord, *, max_open: int) -> bool:
+        return await self._timed("session", self.inner.session_create(record, max_open=max_open))
+
     async def session_get(self, tenant: str, session_id: str) -> SessionRecord | None:
         return await self._timed("session", self.inner.session_get(tenant, session_id))
 

@@ -27,6 +27,9 @@ key (prefix ``cp``, tenant ``acme``)     type    content and lifetime
                                                  buckets plus one (older ones are deleted by the next
                                                  check); TTL one window plus two buckets
 ``cp:{acme}:rate:tokens``                HASH    the same for the tokens of settled turns
+``cp:{acme}:sessions:open``              SET     ids of the tenant's sessions not closed, written in
+                                                 the same transaction as the record: the O(1) count
+                                                 ``max_sessions`` is checked against
 =======================================  ======  ==========================================================
 
 TTLs are relative and refreshed on every write, so a day bucket lives about 40 days after its last
@@ -124,3 +127,8 @@ def rate_requests(prefix: str, tenant: str) -> str:
 def rate_tokens(prefix: str, tenant: str) -> str:
     """HASH rate-limit sub-bucket index -> tokens of the turns settled in that bucket."""
     return tenant_prefix(prefix, tenant) + "rate:tokens"
+
+
+def open_sessions(prefix: str, tenant: str) -> str:
+    """SET of the tenant's session ids that are not closed."""
+    return tenant_prefix(prefix, tenant) + "sessions:open"

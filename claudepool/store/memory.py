@@ -6,6 +6,7 @@ what the Lua scripts give the Redis store.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -40,6 +41,7 @@ class MemoryStore:
         self._settled: dict[str, float] = {}
         self._ledger: deque[UsageRecord] = deque(maxlen=ledger_max_records)
         self._sessions: dict[tuple[str, str], SessionRecord] = {}
+        self._open_sessions: dict[str, set[str]] = defaultdict(set)  # tenant -> ids not closed
         self._last_pruned_at = 0.0
 
     async def reserve(self, tenant: str, reservation_id: str, amount_usd: float, *, daily_limit_usd: float,
@@ -97,12 +99,22 @@ class MemoryStore:
                      limit: int = 1000) -> list[UsageRecord]:
         if limit <= 0:
             return []
-        picked = [r for r in self._ledger
-                  if (tenant is None or r.tenant == tenant) and (since is None or r.at >= since)]
-        return picked[:limit]
+        picked = (r for r in self._ledger
+                  if (tenant is None or r.tenant == tenant) and (since is None or r.at >= since))
+        return list(itertools.islice(picked, limit))  # stops at the limit-th match, not at the ledger's end
 
     async def session_put(self, record: SessionRecord) -> None:
         self._sessions[(record.tenant, record.id)] = SessionRecord.from_dict(record.to_dict())
+        if record.state == "closed":
+            self._open_sessions[record.tenant].discard(record.id)
+        else:
+            self._open_sessions[record.tenant].add(record.id)
+
+    async def session_create(self, record: SessionRecord, *, max_open: int) -> bool:
+        if max_open > 0 and len(self._open_sessions[record.tenant]) >= max_open:
+            return False
+        await self.session_put(record)  # returns without suspending: atomic with the count
+        return True
 
     async def session_get(self, tenant: str, session_id: str) -> SessionRecord | None:
         found = self._sessions.get((tenant, session_id))
@@ -114,6 +126,7 @@ class MemoryStore:
 
     async def session_delete(self, tenant: str, session_id: str) -> None:
         self._sessions.pop((tenant, session_id), None)
+        self._open_sessions[tenant].discard(session_id)
 
     async def ping(self) -> None:
         return None

@@ -118,6 +118,7 @@ class RedisStore:
         self._settle = self._redis.register_script(script_source("settle"))
         self._release = self._redis.register_script(script_source("release"))
         self._budget = self._redis.register_script(script_source("budget"))
+        self._session_create = self._redis.register_script(script_file("session_create.lua"))
 
     def __repr__(self) -> str:
         return f"RedisStore({self._where!r}, key_prefix={self._prefix!r})"
@@ -210,10 +211,24 @@ class RedisStore:
         return [record for _, _, record in merged[:limit]]
 
     async def session_put(self, record: SessionRecord) -> None:
+        open_ids = keys.open_sessions(self._prefix, record.tenant)
         async with self._errors("session_put"), self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.sessions(self._prefix, record.tenant), record.id, orjson.dumps(record.to_dict()))
+            if record.state == "closed":
+                pipe.srem(open_ids, record.id)
+            else:
+                pipe.sadd(open_ids, record.id)
             pipe.sadd(keys.tenants(self._prefix), record.tenant)
             await pipe.execute()
+
+    async def session_create(self, record: SessionRecord, *, max_open: int) -> bool:
+        p, t = self._prefix, record.tenant
+        async with self._errors("session_create"):
+            stored = await self._session_create(
+                keys=[keys.sessions(p, t), keys.open_sessions(p, t), keys.tenants(p)],
+                args=[record.id, orjson.dumps(record.to_dict()).decode(), max(max_open, 0), t],
+            )
+        return bool(stored)
 
     async def session_get(self, tenant: str, session_id: str) -> SessionRecord | None:
         async with self._errors("session_get"):
@@ -231,8 +246,10 @@ class RedisStore:
         return sorted(records, key=lambda r: r.created_at)
 
     async def session_delete(self, tenant: str, session_id: str) -> None:
-        async with self._errors("session_delete"):
-            await self._redis.hdel(keys.sessions(self._prefix, tenant), session_id)
+        async with self._errors("session_delete"), self._redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(keys.sessions(self._prefix, tenant), session_id)
+            pipe.srem(keys.open_sessions(self._prefix, tenant), session_id)
+            await pipe.execute()
 
     async def ping(self) -> None:
         async with self._errors("ping"):

@@ -42,6 +42,7 @@ class Tenant:
     max_session_turns: int | None = None
     max_session_age_s: float | None = None
     max_session_context_tokens: int | None = None
+    max_sessions: int | None = None
 
     @property
     def has_budget(self) -> bool:
@@ -69,7 +70,7 @@ class TenantRegistry:
                     requests_per_minute=t.requests_per_minute, tokens_per_minute=t.tokens_per_minute,
                     daily_budget_usd=t.daily_budget_usd, monthly_budget_usd=t.monthly_budget_usd,
                     max_session_turns=t.max_session_turns, max_session_age_s=t.max_session_age_s,
-                    max_session_context_tokens=t.max_session_context_tokens)
+                    max_session_context_tokens=t.max_session_context_tokens, max_sessions=t.max_sessions)
              for name, t in settings.tenants.items()),
             key_digest(admin) if admin else "",
             key_digest(scraper) if scraper else "",

@@ -1,0 +1,15 @@
+-- Store a new session record unless the tenant already has max_open open sessions. Atomic.
+--
+-- KEYS[1] sessions HASH (id -> record JSON), KEYS[2] open session ids SET, KEYS[3] the tenants SET
+-- ARGV[1] session id, ARGV[2] record JSON, ARGV[3] max open sessions (0 = no bound), ARGV[4] tenant
+--
+-- Returns 1 when stored, 0 when refused.
+
+local max_open = tonumber(ARGV[3])
+if max_open > 0 and redis.call('SCARD', KEYS[2]) >= max_open then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[4])
+return 1

@@ -1,0 +1,314 @@
+"""What only the memory store has to prove: no operation does more work as the daemon ages or as
+other tenants add data, and what it keeps stays bounded (issue: the store must not slow down with
+uptime; `settle` used to rebuild its settled-id map on every call past 10,000 ids).
+
+Work is counted, not timed: `opcodes` counts the Python bytecodes the store's own code executes
+during one call (a rebuild or a scan of n entries executes O(n) of them). Memory is measured with
+tracemalloc. Memory store operations never await, so a call runs to completion in `now`.
+"""
+
+from __future__ import annotations
+
+import doctest
+import math
+import random
+import sys
+import tracemalloc
+from collections.abc import Callable, Coroutine
+from types import FrameType
+from typing import Any, TypeVar
+
+import pytest
+
+from claudepool.store import memory_ledger
+from claudepool.store.base import SessionRecord, UsageRecord, UsageTotals, Window
+from claudepool.store.memory import MemoryStore
+
+T = TypeVar("T")
+STORE_CODE = str(memory_ledger.__file__).rsplit("/", 1)[0]  # claudepool/store/
+NOW = 1_800_000_000.0  # a fixed instant (2027-01-15): nothing ages unless a test moves the clock
+DAY = 86400.0
+
+
+def now(call: Coroutine[Any, Any, T]) -> T:
+    """Run a memory store operation, which never awaits, to completion."""
+    try:
+        call.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    call.close()
+    raise AssertionError("a memory store operation awaited")
+
+
+def opcodes(call: Coroutine[Any, Any, T]) -> tuple[int, T]:
+    """The bytecodes executed in claudepool/store/ while ``call`` runs, and its result."""
+    count = 0
+
+    def trace(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal count
+        if not frame.f_code.co_filename.startswith(STORE_CODE):
+            return None
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            count += 1
+        return trace
+
+    sys.settrace(trace)
+    try:
+        result = now(call)
+    finally:
+        sys.settrace(None)
+    return count, result
+
+
+class Clock:
+    def __init__(self, at: float = NOW) -> None:
+        self.at = at
+
+    def __call__(self) -> float:
+        return self.at
+
+
+def record(i: int, tenant: str = "acme", *, at: float = NOW, cost: float = 0.001,
+           reservation_id: str | None = None) -> UsageRecord:
+    return UsageRecord(record_id=f"rec-{tenant}-{i}", request_id=f"req-{i}", tenant=tenant, profile="default",
+                       model="claude-sonnet-4-5", outcome="ok", at=at, input_tokens=10, output_tokens=5,
+                       cost_usd=cost, reservation_id=reservation_id)
+
+
+def reserve(store: MemoryStore, tenant: str, rid: str, amount: float, *, daily: float = 0.0,
+            ttl_s: float = 900.0) -> None:
+    now(store.reserve(tenant, rid, amount, daily_limit_usd=daily, monthly_limit_usd=0.0, ttl_s=ttl_s))
+
+
+def test_the_ledger_module_doctest_passes() -> None:
+    assert doctest.testmod(memory_ledger).failed == 0
+
+
+# -- settled record ids ---------------------------------------------------------------------------
+
+
+def test_settle_does_the_same_work_at_any_uptime() -> None:
+    store = MemoryStore(clock=Clock())  # every default bound; no id is old enough to age out
+    early: list[int] = []
+    late: list[int] = []
+    for i in range(15_000):
+        if 500 <= i < 520 or i >= 14_980:
+            work, settled = opcodes(store.settle(record(i)))
+            assert settled
+            (early if i < 520 else late).append(work)
+        else:
+            assert now(store.settle(record(i)))
+    # The same path each time: no rebuild, no scan of the ids (or anything else) already settled.
+    assert max(late) <= max(early), (early, late)
+
+
+def test_the_settled_ids_are_bounded_by_count_and_the_newest_are_remembered() -> None:
+    store = MemoryStore(clock=Clock(), settled_max_ids=100)
+    for i in range(1000):
+        assert now(store.settle(record(i)))
+    # The newest 100 are still known: settling one of them again counts nothing.
+    assert not any(now(store.settle(record(i))) for i in range(900, 1000))
+    # The older ones were forgotten (a settle of one counts again): the map holds 100 ids, not 1000.
+    assert now(store.settle(record(0)))
+    assert now(store.settle(record(899)))
+
+
+def test_the_settled_ids_are_bounded_by_age() -> None:
+    clock = Clock()
+    store = MemoryStore(clock=clock, settled_memory_s=3600)
+    assert now(store.settle(record(1)))
+    clock.at += 1800
+    assert now(store.settle(record(2)))
+    clock.at += 1801  # record 1 is now over an hour old, record 2 half an hour
+    assert now(store.settle(record(1)))
+    assert not now(store.settle(record(2)))
+
+
+def test_memory_stays_bounded_however_many_records_are_settled() -> None:
+    store = MemoryStore(clock=Clock(), ledger_max_records=100, settled_max_ids=100)
+    tenants = [f"t{i}" for i in range(4)]
+
+    def settle_many(start: int, count: int) -> None:
+        for i in range(start, start + count):
+            tenant = tenants[i % 4]
+            reserve(store, tenant, f"res-{i}", 0.01)
+            assert now(store.settle(record(i, tenant, reservation_id=f"res-{i}")))
+
+    tracemalloc.start()
+    try:
+        settle_many(0, 2_000)  # every bound reached
+        before = tracemalloc.get_traced_memory()[0]
+        settle_many(2_000, 5_000)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # Settled ids, ledger, reservations: all at their bound. 5,000 more remembered ids would be ~0.5 MB.
+    assert grown < 64 * 1024, grown
+
+
+# -- reservations ---------------------------------------------------------------------------------
+
+
+def test_reserve_and_budget_do_not_add_up_every_reservation_held() -> None:
+    store = MemoryStore(clock=Clock())
+    for i in range(10):
+        reserve(store, "acme", f"r{i}", 0.5)
+    few, _ = opcodes(store.reserve("acme", "probe-1", 0.5, daily_limit_usd=1e6, monthly_limit_usd=0, ttl_s=900))
+    few_budget, _ = opcodes(store.budget("acme"))
+    for i in range(10, 3000):
+        reserve(store, "acme", f"r{i}", 0.5)
+    many, _ = opcodes(store.reserve("acme", "probe-2", 0.5, daily_limit_usd=1e6, monthly_limit_usd=0, ttl_s=900))
+    many_budget, state = opcodes(store.budget("acme"))
+    assert state.reserved_usd == 0.5 * 3002
+    # A heap push or pop is O(log n): a few more steps with 300 times the reservations, not 300 times.
+    assert many <= few + 40, (few, many)
+    assert many_budget <= few_budget, (few_budget, many_budget)
+
+
+def test_expired_reservations_go_once_each_and_stop_counting() -> None:
+    clock = Clock()
+    store, fresh = MemoryStore(clock=clock), MemoryStore(clock=clock)
+    reserve(fresh, "acme", "long", 2.0, ttl_s=1000)
+    for i in range(1000):
+        reserve(store, "acme", f"short-{i}", 1.0, ttl_s=10)
+    reserve(store, "acme", "long", 2.0, ttl_s=1000)
+    clock.at += 10  # expiry is at or before now
+    assert now(store.budget("acme")).reserved_usd == 2.0
+    # Nothing left to expire: no step per reservation gone, as if they had never been.
+    assert opcodes(store.budget("acme"))[0] <= opcodes(fresh.budget("acme"))[0]
+    reserve(store, "acme", "next", 8.0, daily=10.0)
+
+
+def test_replaced_and_settled_reservations_do_not_pile_up() -> None:
+    # Every reservation pushes an expiry; those of settled or replaced ids are dropped lazily, and
+    # the heap is rebuilt once they outnumber the live ones.
+    store = MemoryStore(clock=Clock(), ledger_max_records=100, settled_max_ids=100)
+    reserve(store, "acme", "kept", 1.0)
+
+    def cycle(start: int, count: int) -> None:
+        for i in range(start, start + count):
+            reserve(store, "acme", f"r{i}", 0.25)
+            reserve(store, "acme", f"r{i}", 0.5)  # replaced: its first expiry is stale at once
+            assert now(store.settle(record(i, reservation_id=f"r{i}")))
+
+    tracemalloc.start()
+    try:
+        cycle(0, 1000)
+        before = tracemalloc.get_traced_memory()[0]
+        cycle(1000, 5_000)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 64 * 1024, grown  # 10,000 stale heap entries would be ~1 MB
+    assert now(store.budget("acme")).reserved_usd == 1.0
+
+
+def test_the_reserved_total_is_exact_once_nothing_is_held() -> None:
+    store = MemoryStore(clock=Clock())
+    amounts = [0.1, 0.2, 0.3, 1 / 3, 1e-9, 7.25]
+    for _ in range(50):
+        for i, amount in enumerate(amounts):
+            reserve(store, "acme", f"r{i}", amount)
+        for i in random.Random(7).sample(range(len(amounts)), len(amounts)):
+            now(store.release("acme", f"r{i}"))
+        assert now(store.budget("acme")).reserved_usd == 0.0
+
+
+def test_an_infinite_reservation_does_not_poison_the_total_when_it_goes() -> None:
+    store = MemoryStore(clock=Clock())
+    reserve(store, "acme", "inf", math.inf)
+    reserve(store, "acme", "one", 1.0)
+    assert now(store.budget("acme")).reserved_usd == math.inf
+    now(store.release("acme", "inf"))  # inf - inf is NaN: the rest is counted afresh
+    assert now(store.budget("acme")).reserved_usd == 1.0
+    reserve(store, "acme", "two", 2.0, daily=3.0)
+
+
+# -- reads: one tenant's data, one window ---------------------------------------------------------
+
+
+def test_a_tenants_reads_do_not_look_at_other_tenants_data() -> None:
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    mine = [record(i, "acme", at=NOW - 100 + i) for i in range(5)]
+    for r in mine:
+        now(store.settle(r))
+    now(store.session_put(SessionRecord(id="s_acme", tenant="acme", profile="default", created_at=NOW,
+                                        last_used_at=NOW)))
+    reads: dict[str, Callable[[], Coroutine[Any, Any, object]]] = {
+        "ledger": lambda: store.ledger("acme"),
+        "ledger since": lambda: store.ledger("acme", since=NOW - 97),
+        "usage": lambda: store.usage(Window.current("day", NOW), ["acme"]),
+        "sessions": lambda: store.session_list("acme"),
+        "session": lambda: store.session_get("acme", "s_acme"),
+        "budget": lambda: store.budget("acme"),
+    }
+    before = {name: opcodes(read()) for name, read in reads.items()}
+    # Others: many tenants with records on many days, and sessions.
+    for i in range(3000):
+        tenant = f"other{i % 300}"
+        now(store.settle(record(i, tenant, at=NOW - (i % 30) * DAY)))
+        now(store.session_put(SessionRecord(id=f"s_{i}", tenant=tenant, profile="default", created_at=NOW,
+                                            last_used_at=NOW)))
+    for name, read in reads.items():
+        work, result = opcodes(read())
+        assert result == before[name][1], name
+        assert work <= before[name][0] + 20, (name, before[name][0], work)
+
+
+def test_a_ledger_read_since_a_time_starts_near_it() -> None:
+    store = MemoryStore(clock=Clock())
+    for i in range(20_000):
+        now(store.settle(record(i, at=NOW - 20_000 + i)))
+    work, recent = opcodes(store.ledger("acme", since=NOW - 5))
+    assert [r.record_id for r in recent] == [f"rec-acme-{i}" for i in range(19_995, 20_000)]
+    work_all, _ = opcodes(store.ledger(since=NOW - 5))
+    # A binary search (~15 steps) and the five records, not a pass over the 19,995 older ones.
+    assert work < 1000 and work_all < 1000, (work, work_all)
+    limited, first = opcodes(store.ledger("acme", limit=3))
+    assert [r.record_id for r in first] == ["rec-acme-0", "rec-acme-1", "rec-acme-2"]
+    assert limited < 1000, limited
+
+
+def test_the_ledger_index_agrees_with_a_plain_scan() -> None:
+    """Random tenants, late and early records, eviction at the bound: every read equals a brute-force scan."""
+    rng = random.Random(20261124)
+    store = MemoryStore(clock=Clock(), ledger_max_records=300)
+    kept: list[UsageRecord] = []
+    tenants = ["acme", "beta", "gamma"]
+    for i in range(3000):
+        # Mostly in order, some flushed late (an hour earlier), a few from a clock running ahead.
+        at = NOW + i + rng.choice([0.0, 0.0, 0.0, -3600.0 * rng.random(), 600.0 * rng.random()])
+        r = record(i, rng.choice(tenants[: 1 + i % 3]), at=at)
+        now(store.settle(r))
+        kept = [*kept, r][-300:]
+        if i % 37 == 0:
+            for tenant in (None, *tenants, "nobody"):
+                since = rng.choice([None, NOW + i - rng.uniform(0, 400), NOW - 10_000.0, NOW + i + 1000])
+                limit = rng.choice([1, 5, 1000])
+                expected = [k for k in kept if (tenant is None or k.tenant == tenant)
+                            and (since is None or k.at >= since)][:limit]
+                assert now(store.ledger(tenant, since=since, limit=limit)) == expected, (i, tenant, since, limit)
+
+
+def test_old_buckets_are_forgotten_hourly_and_recent_ones_kept() -> None:
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    now(store.settle(record(1, cost=1.0)))
+    clock.at += 41 * DAY
+    now(store.settle(record(2, cost=2.0, at=clock.at)))  # the hourly prune runs here: day of record 1 is 41 days old
+    assert now(store.usage(Window.current("day", NOW))) == {}
+    assert now(store.usage(Window.current("day", clock.at))) == {
+        "acme": {"claude-sonnet-4-5": UsageTotals(requests=1, input_tokens=10, output_tokens=5, cost_usd=2.0)}}
+    month = now(store.usage(Window.current("month", NOW)))  # 400 days for months
+    assert month["acme"]["claude-sonnet-4-5"].requests == 1
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_a_ledger_limit_of_zero_or_less_reads_nothing(limit: int) -> None:
+    store = MemoryStore(clock=Clock())
+    now(store.settle(record(1)))
+    assert now(store.ledger(limit=limit)) == []
+    assert now(store.ledger("acme", limit=limit)) == []

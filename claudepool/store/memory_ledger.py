@@ -26,10 +26,6 @@ import math
 
 from claudepool.store.base import UsageRecord
 
-# Dropped records are cut from the front of the lists in one go once this many have gone and they
-# are at least half of the list: each record is moved O(1) times, amortised.
-_COMPACT_AFTER = 1024
-
 
 class _Queue:
     """Records in settle order, oldest first, with the running maximum of their ``at``."""
@@ -41,7 +37,10 @@ class _Queue:
         # max_at[i] = max(at of records[0..i]), counting records already dropped: an over-estimate
         # after a drop, which can only make `start` earlier, never skip a record.
         self.max_at: list[float] = []
-        self.head = 0  # records[:head] are dropped
+        # records[:head] are dropped. They are cut off in one go once they are as many as the live
+        # ones: each record is moved O(1) times (amortised), and dropped records, which a list keeps
+        # alive, never outnumber the live ones (in every tenant's queue: a bound, not 1,000 per tenant).
+        self.head = 0
 
     def __len__(self) -> int:
         return len(self.records) - self.head
@@ -54,7 +53,7 @@ class _Queue:
     def popleft(self) -> UsageRecord:
         record = self.records[self.head]
         self.head += 1
-        if self.head >= _COMPACT_AFTER and 2 * self.head >= len(self.records):
+        if 2 * self.head >= len(self.records):
             del self.records[:self.head]
             del self.max_at[:self.head]
             self.head = 0

@@ -10,6 +10,7 @@ tracemalloc. Memory store operations never await, so a call runs to completion i
 from __future__ import annotations
 
 import doctest
+import gc
 import math
 import random
 import sys
@@ -281,6 +282,15 @@ def test_a_ledger_read_since_a_time_starts_near_it() -> None:
     limited, first = opcodes(store.ledger("acme", limit=3))
     assert [r.record_id for r in first] == ["rec-acme-0", "rec-acme-1", "rec-acme-2"]
     assert limited < 1000, limited
+
+
+def test_the_ledger_keeps_no_more_records_alive_than_its_bound() -> None:
+    store = MemoryStore(clock=Clock(), ledger_max_records=1000)
+    for i in range(5500):
+        now(store.settle(record(i, f"bound-{i % 3}")))
+    gc.collect()
+    alive = sum(isinstance(o, UsageRecord) and o.tenant.startswith("bound-") for o in gc.get_objects())
+    assert alive == 1000
 
 
 def test_the_ledger_index_agrees_with_a_plain_scan() -> None:

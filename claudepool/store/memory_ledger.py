@@ -26,6 +26,9 @@ import math
 
 from claudepool.store.base import UsageRecord
 
+# Put in a dropped record's place, so the list does not keep the record alive until it is cut.
+_DROPPED = UsageRecord("", "", "", "", "", "", -math.inf)
+
 
 class _Queue:
     """Records in settle order, oldest first, with the running maximum of their ``at``."""
@@ -37,9 +40,8 @@ class _Queue:
         # max_at[i] = max(at of records[0..i]), counting records already dropped: an over-estimate
         # after a drop, which can only make `start` earlier, never skip a record.
         self.max_at: list[float] = []
-        # records[:head] are dropped. They are cut off in one go once they are as many as the live
-        # ones: each record is moved O(1) times (amortised), and dropped records, which a list keeps
-        # alive, never outnumber the live ones (in every tenant's queue: a bound, not 1,000 per tenant).
+        # records[:head] are dropped (each replaced by `_DROPPED` at once). Their slots are cut off in
+        # one go once they are as many as the live ones: each record is moved O(1) times, amortised.
         self.head = 0
 
     def __len__(self) -> int:
@@ -52,6 +54,8 @@ class _Queue:
 
     def popleft(self) -> UsageRecord:
         record = self.records[self.head]
+        # The search starts at head: what lies before it is never read, and must keep nothing alive.
+        self.records[self.head], self.max_at[self.head] = _DROPPED, -math.inf
         self.head += 1
         if 2 * self.head >= len(self.records):
             del self.records[:self.head]

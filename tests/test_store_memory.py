@@ -3,8 +3,10 @@ other tenants add data, and what it keeps stays bounded (issue: the store must n
 uptime; `settle` used to rebuild its settled-id map on every call past 10,000 ids).
 
 Work is counted, not timed: `opcodes` counts the Python bytecodes the store's own code executes
-during one call (a rebuild or a scan of n entries executes O(n) of them). Memory is measured with
-tracemalloc. Memory store operations never await, so a call runs to completion in `now`.
+during one call (a Python loop over n entries executes O(n) of them), and `cost` adds the peak of
+what the call allocates (a rebuild or copy of n entries, even one done in C, allocates O(n)). Memory
+kept is measured with tracemalloc. Memory store operations never await, so a call runs to
+completion in `now`.
 """
 
 from __future__ import annotations
@@ -63,6 +65,17 @@ def opcodes(call: Coroutine[Any, Any, T]) -> tuple[int, T]:
     return count, result
 
 
+def cost(call: Coroutine[Any, Any, T]) -> tuple[int, int, T]:
+    """`opcodes`, and the most memory the call held allocated at once (bytes)."""
+    tracemalloc.start()
+    try:
+        count, result = opcodes(call)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return count, peak, result
+
+
 def kept_bytes() -> int:
     """Memory allocated by the store's code or by this file, and still alive: what the store keeps.
     (Not the process total: pytest-xdist's thread allocates as it likes meanwhile.)"""
@@ -100,17 +113,43 @@ def test_the_ledger_module_doctest_passes() -> None:
 
 def test_settle_does_the_same_work_at_any_uptime() -> None:
     store = MemoryStore(clock=Clock())  # every default bound; no id is old enough to age out
-    early: list[int] = []
-    late: list[int] = []
+    early: list[tuple[int, int]] = []
+    late: list[tuple[int, int]] = []
     for i in range(15_000):
         if 500 <= i < 520 or i >= 14_980:
-            work, settled = opcodes(store.settle(record(i)))
+            work, peak, settled = cost(store.settle(record(i)))
             assert settled
-            (early if i < 520 else late).append(work)
+            (early if i < 520 else late).append((work, peak))
         else:
             assert now(store.settle(record(i)))
     # The same path each time: no rebuild, no scan of the ids (or anything else) already settled.
-    assert max(late) <= max(early), (early, late)
+    assert max(w for w, _ in late) <= max(w for w, _ in early), (early, late)
+    # And no copy: what a settle allocates (the median; a list or dict grows now and then) is the same.
+    assert sorted(p for _, p in late)[10] <= sorted(p for _, p in early)[10] + 256, (early, late)
+
+
+def test_settle_does_the_same_work_once_every_bound_is_reached() -> None:
+    # Past its bounds each settle also forgets the oldest id and drops the oldest ledger record: a
+    # few steps more than before the bounds, the same at any uptime, and no copy of what is kept.
+    store = MemoryStore(clock=Clock(), settled_max_ids=1000, ledger_max_records=1000)
+    work: dict[int, int] = {}
+    peaks: dict[int, int] = {}
+    for i in range(15_000):
+        if 500 <= i < 550 or 3000 <= i < 3050 or i >= 14_950:
+            work[i], peaks[i], _ = cost(store.settle(record(i, f"t{i % 3}")))
+        else:
+            now(store.settle(record(i, f"t{i % 3}")))
+
+    def window(values: dict[int, int], start: int) -> list[int]:
+        return sorted(v for i, v in values.items() if start <= i < start + 50)
+
+    before, past, late = window(work, 500), window(work, 3000), window(work, 14_950)
+    assert past[25] <= before[25] + 200, (before, past)  # forgetting one id, dropping one record
+    # Then the same path (the median), and the same total but for a cut of the ledger's dropped
+    # slots, which happens every ~1000 settles and is a constant number of steps too.
+    assert late[25] <= past[25] and sum(late) <= sum(past) + 100 and late[-1] < 2 * past[-1], (past, late)
+    for start in (3000, 14_950):
+        assert window(peaks, start)[25] <= window(peaks, 500)[25] + 256, (window(peaks, 500), window(peaks, start))
 
 
 def test_the_settled_ids_are_bounded_by_count_and_the_newest_are_remembered() -> None:

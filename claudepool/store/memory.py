@@ -100,7 +100,7 @@ class HeldReservations:
         return held[0] if held is not None else 0.0
 
     def total_usd(self) -> float:
-        return self._total_usd
+        return max(self._total_usd, 0.0)  # no amount is negative: below 0 is rounding
 
     def hold(self, rid: str, amount_usd: float, expires_at: float) -> None:
         """Hold ``amount_usd`` under ``rid``, replacing what ``rid`` held before."""
@@ -148,7 +148,7 @@ class MemoryStore:
             held = HeldReservations()
         held.expire(now)
         # Reserving again under the same id replaces, never doubles.
-        reserved = held.total_usd() - held.amount(reservation_id)
+        reserved = max(held.total_usd() - held.amount(reservation_id), 0.0)
         for limit, spent, name in (
             (daily_limit_usd, self._spend_in(tenant, f"d:{day_key(now)}"), "daily"),
             (monthly_limit_usd, self._spend_in(tenant, f"m:{month_key(now)}"), "monthly"),

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import orjson
@@ -194,6 +194,8 @@ async def main() -> int:
     parser.add_argument("--max-ratio", type=float, default=1.1)
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
+    if args.requests <= 0 or args.block <= 0 or args.requests % args.block:
+        parser.error("--requests must be a positive multiple of --block")
     print(f"{os.cpu_count()} CPUs; daemon from {args.daemon_src}; {args.workers} fake CLI workers, "
           f"{args.clients} requests in flight from {args.tenants} tenants; {args.warmup} warm-up requests")
     print(TABLE_HEADER, flush=True)
@@ -203,7 +205,7 @@ async def main() -> int:
     ratio = blocks[-1].cpu_ms_per_request / blocks[0].cpu_ms_per_request
     print(f"last block / first block CPU per request: {ratio:.2f}× (target ≤ {args.max_ratio}×)")
     if args.json_out:
-        args.json_out.write_bytes(orjson.dumps([b.__dict__ for b in blocks], option=orjson.OPT_INDENT_2))
+        args.json_out.write_bytes(orjson.dumps([asdict(b) for b in blocks], option=orjson.OPT_INDENT_2))
     return 0 if ratio <= args.max_ratio else 1
 
 

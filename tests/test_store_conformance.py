@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -28,6 +29,17 @@ OTHER_MODEL = "claude-haiku-4-5"
 @pytest.fixture(params=["memory", "redis"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     chosen: Store = MemoryStore() if request.param == "memory" else RedisStore(request.getfixturevalue("redis_url"))
+    try:
+        yield chosen
+    finally:
+        await chosen.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def small_store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """A store that remembers only the newest 50 settled record ids."""
+    chosen: Store = MemoryStore(settled_max_ids=50) if request.param == "memory" else RedisStore(
+        request.getfixturevalue("redis_url"), settled_max_ids=50)
     try:
         yield chosen
     finally:
@@ -196,6 +208,59 @@ async def test_settle_drops_only_its_own_reservation(store: Store) -> None:
     assert (await store.budget("beta")).reserved_usd == 4.0
 
 
+async def test_a_duplicate_is_rejected_while_among_the_newest_settled_ids(small_store: Store) -> None:
+    first = record(cost=1.0, record_id="first")
+    assert await small_store.settle(first)
+    for _ in range(49):
+        assert await small_store.settle(record())
+    assert await small_store.settle(first) is False  # 49 settled since: still remembered
+    assert (await small_store.budget("acme")).day_spent_usd == 1.0
+    for _ in range(50):
+        assert await small_store.settle(record())
+    # Pushed out by 50 newer ids: the memory is bounded by count, so this one counts again.
+    assert await small_store.settle(first) is True
+    assert (await small_store.budget("acme")).day_spent_usd == 2.0
+
+
+async def test_the_reserved_total_follows_every_reserve_replace_settle_and_release(store: Store) -> None:
+    rng = random.Random(20261124)
+    live: dict[str, float] = {}
+    for _ in range(300):
+        rid, roll = f"r{rng.randrange(30)}", rng.random()
+        if roll < 0.5:
+            amount = rng.choice([0.1, 0.25, 1 / 3, 2.0, 1e-6, 0.0, 123.456])
+            await reserve(store, rid, amount)
+            live[rid] = amount
+        elif roll < 0.75:
+            await store.release("acme", rid)
+            live.pop(rid, None)
+        else:
+            assert await store.settle(record(reservation_id=rid))
+            live.pop(rid, None)
+        reserved = (await store.budget("acme")).reserved_usd
+        assert math.isclose(reserved, math.fsum(live.values()), rel_tol=1e-12, abs_tol=1e-12), (reserved, live)
+        if not live:
+            assert reserved == 0.0
+    for rid in list(live):
+        await store.release("acme", rid)
+    assert (await store.budget("acme")).reserved_usd == 0.0
+
+
+async def test_nothing_is_reserved_once_every_reservation_is_gone(store: Store) -> None:
+    # A running total of these amounts keeps ~1e-9 of rounding after 20 rounds: none may survive.
+    rng = random.Random(7)
+    amounts = [0.1, 0.2, 0.3, 1 / 3, 1e-9, 7.25, 1e6 / 3]
+    for _ in range(20):
+        for i, amount in enumerate(amounts):
+            await reserve(store, f"r{i}", amount)
+        for i in rng.sample(range(len(amounts)), len(amounts)):
+            if i % 2:
+                await store.release("acme", f"r{i}")
+            else:
+                assert await store.settle(record(reservation_id=f"r{i}"))
+        assert (await store.budget("acme")).reserved_usd == 0.0
+
+
 # -- usage --------------------------------------------------------------------------------------
 
 
@@ -293,6 +358,19 @@ async def test_ledger_since_and_limit(store: Store) -> None:
     assert await store.ledger(limit=0) == []
     assert await store.ledger(since=t0 + 100) == []
     assert await store.ledger(since=0.0) == records
+
+
+async def test_a_tenants_ledger_since_skips_late_records_and_keeps_settle_order(store: Store) -> None:
+    t0 = time.time() - 1000
+    records = [record("acme", at=t0 + i) for i in range(10)]
+    records.insert(5, record("acme", at=t0 - 500))  # flushed late, between records 4 and 5
+    for i, r in enumerate(records):
+        await store.settle(r)
+        await store.settle(record("beta", at=t0 + i))
+    assert await store.ledger("acme", since=t0 + 3) == records[3:5] + records[6:]
+    assert await store.ledger("acme", since=t0 - 600) == records
+    assert await store.ledger("acme", since=t0 - 500, limit=7) == records[:7]
+    assert await store.ledger("acme", since=t0 + 3, limit=3) == [records[3], records[4], records[6]]
 
 
 async def test_ledger_since_filters_on_the_records_own_time(store: Store) -> None:

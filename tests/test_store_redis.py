@@ -175,8 +175,8 @@ async def test_every_key_of_a_tenant_carries_its_hash_tag(store: RedisStore, raw
     per_tenant = {tenant: [k for k in found if tenant in k] for tenant in ("acme", "beta")}
     assert set(found) == {"cp:tenants", *per_tenant["acme"], *per_tenant["beta"]}
     for tenant, tenant_keys in per_tenant.items():
-        # res, res:amt, settled, ledger, and spend + usage for two days and two months
-        assert len(tenant_keys) == 12, sorted(tenant_keys)
+        # res, res:amt, res:sum, settled, ledger, and spend + usage for two days and two months
+        assert len(tenant_keys) == 13, sorted(tenant_keys)
         assert all(k.startswith(f"cp:{{{tenant}}}:") for k in tenant_keys), tenant_keys
         assert {key_slot(k.encode()) for k in tenant_keys} == {key_slot(tenant.encode())}
     assert await raw.smembers("cp:tenants") == {"acme", "beta"}
@@ -195,7 +195,8 @@ async def test_day_month_settled_and_reservation_keys_expire(store: RedisStore, 
     ]:
         assert lifetime - 5 <= await raw.ttl(key) <= lifetime, key
     assert (keys.DAY_TTL_S, keys.MONTH_TTL_S, keys.SETTLED_TTL_S) == (40 * DAY, 400 * DAY, 3 * DAY)
-    for key in (keys.reservations("cp", "acme"), keys.reservation_amounts("cp", "acme")):
+    for key in (keys.reservations("cp", "acme"), keys.reservation_amounts("cp", "acme"),
+                keys.reservation_total("cp", "acme")):
         assert 30 < await raw.ttl(key) <= 30 + keys.RESERVATION_GRACE_S, key
     # The ledger is bounded by length, the tenants set is tiny: neither expires.
     assert await raw.ttl(keys.ledger("cp", "acme")) == -1
@@ -226,6 +227,73 @@ async def test_the_ledger_is_trimmed_near_its_maximum(redis_url: str, raw: redis
         assert (await store.ledger("acme"))[-1].record_id == "r299"
     finally:
         await store.close()
+
+
+async def test_the_settled_set_keeps_only_the_newest_ids(redis_url: str, raw: redis.asyncio.Redis) -> None:
+    store = RedisStore(redis_url, settled_max_ids=20)
+    try:
+        for i in range(100):
+            assert await store.settle(record(f"r{i}"))
+        kept = await raw.zrange(keys.settled("cp", "acme"), 0, -1)
+        assert kept == [f"r{i}" for i in range(80, 100)]
+        await store.settle(record("other", "beta"))  # the bound is per tenant
+        assert await raw.zcard(keys.settled("cp", "acme")) == 20
+    finally:
+        await store.close()
+
+
+async def test_reserve_and_budget_read_one_sum_not_every_reservation(store: RedisStore,
+                                                                     raw: redis.asyncio.Redis) -> None:
+    for i in range(300):
+        await store.reserve("acme", f"held-{i}", 0.5, daily_limit_usd=0, monthly_limit_usd=0, ttl_s=600)
+    await raw.config_resetstat()
+    for i in range(50):
+        await store.reserve("acme", f"r{i}", 0.5, daily_limit_usd=1e6, monthly_limit_usd=0, ttl_s=600)
+        await store.budget("acme")
+    await store.release("acme", "r0")
+    await store.settle(record("s1", reservation_id="r1"))
+    stats = await raw.info("commandstats")
+    # Reading every amount held (HGETALL, HVALS) on each call is O(reservations): none was sent.
+    assert not {"cmdstat_hgetall", "cmdstat_hvals"} & set(stats), sorted(stats)
+    assert stats["cmdstat_hget"]["calls"] >= 50  # what the scripts call is counted, as it should be
+    assert (await store.budget("acme")).reserved_usd == 0.5 * 348
+
+
+async def test_reservations_written_by_a_daemon_that_keeps_no_sum_still_count(store: RedisStore,
+                                                                              raw: redis.asyncio.Redis) -> None:
+    # During an upgrade, a daemon of the previous version reserves and settles without the sum.
+    res, amounts = keys.reservations("cp", "acme"), keys.reservation_amounts("cp", "acme")
+
+    async def old_reserve(rid: str, amount: float) -> None:
+        await raw.zadd(res, {rid: time.time() + 600})
+        await raw.hset(amounts, rid, repr(amount))
+
+    async def old_release(rid: str) -> None:
+        await raw.zrem(res, rid)
+        await raw.hdel(amounts, rid)
+
+    await old_reserve("old-1", 3.0)  # before any sum was kept
+    await store.reserve("acme", "new-1", 1.0, daily_limit_usd=0, monthly_limit_usd=0, ttl_s=600)
+    await old_reserve("old-2", 4.0)
+    with pytest.raises(BudgetExhausted, match=r"reserved \$8\.0000"):
+        await store.reserve("acme", "new-2", 4.0, daily_limit_usd=10, monthly_limit_usd=0, ttl_s=600)
+    await old_release("old-1")
+    await old_release("new-1")
+    assert (await store.budget("acme")).reserved_usd == 4.0
+    await store.reserve("acme", "new-2", 6.0, daily_limit_usd=10, monthly_limit_usd=0, ttl_s=600)
+    assert await raw.hgetall(keys.reservation_total("cp", "acme")) == {"n": "2", "usd": "10"}
+
+
+async def test_expired_reservations_leave_the_sum(store: RedisStore, raw: redis.asyncio.Redis) -> None:
+    await store.reserve("acme", "short", 8.0, daily_limit_usd=0, monthly_limit_usd=0, ttl_s=0.2)
+    await store.reserve("acme", "long", 1.0, daily_limit_usd=0, monthly_limit_usd=0, ttl_s=600)
+    await asyncio.sleep(0.3)
+    assert (await store.budget("acme")).reserved_usd == 1.0  # budget drops what expired, as reserve does
+    assert await raw.hkeys(keys.reservation_amounts("cp", "acme")) == ["long"]
+    await store.release("acme", "long")
+    for key in (keys.reservations("cp", "acme"), keys.reservation_amounts("cp", "acme"),
+                keys.reservation_total("cp", "acme")):
+        assert not await raw.exists(key), key
 
 
 async def test_key_prefixes_separate_stores_on_one_redis(redis_url: str, raw: redis.asyncio.Redis) -> None:

@@ -26,10 +26,24 @@ WindowKind = Literal["day", "month"]
 USAGE_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_input_tokens",
                 "cache_creation_input_tokens", "cost_usd")
 
+# How long settled record ids are remembered, so that settling one again counts nothing. A repeat
+# comes from the metering buffer: it retries only the record at its head, and only after a failure
+# (a settle whose reply was lost), as soon as the store answers again: seconds later, or when an
+# outage ends. That daemon settles nothing else meanwhile. Both stores keep an id for
+# `SETTLED_MEMORY_S` (longer than any outage a daemon's buffer would sit through) and keep at most
+# `SETTLED_MAX_IDS` of the newest: per tenant in Redis, where other daemons may go on settling that
+# tenant's records during one daemon's partition; in all in the memory store, where a settle cannot
+# lose its reply and the memory only guards against a caller settling twice. The bound keeps a
+# busy tenant from growing the memory (and each settle's work) with uptime.
+SETTLED_MEMORY_S = 3 * 86400.0
+SETTLED_MAX_IDS = 100_000
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class UsageRecord:
-    """One settled turn: the unit of metering, of budget settlement and of the ledger."""
+    """One settled turn: the unit of metering, of budget settlement and of the ledger.
+
+    Slotted: the memory store's ledger holds up to ``ledger_max_records`` of them."""
 
     record_id: str  # idempotency key: settling the same record twice counts it once
     request_id: str

@@ -11,13 +11,17 @@ key (prefix ``cp``, tenant ``acme``)     type    content and lifetime
 ``cp:{acme}:res``                        ZSET    live reservation id -> expiry (unix s); TTL refreshed to
                                                  outlive the longest reservation by `RESERVATION_GRACE_S`
 ``cp:{acme}:res:amt``                    HASH    reservation id -> amount (USD, decimal string); as above
+``cp:{acme}:res:sum``                    HASH    ``n`` -> how many ``res:amt`` entries it sums, ``usd`` ->
+                                                 their sum, kept by every script that changes them, so
+                                                 no reserve adds them up; as above
 ``cp:{acme}:spend:d:20260124``           STRING  USD spent that UTC day (INCRBYFLOAT); `DAY_TTL_S`
 ``cp:{acme}:spend:m:202601``             STRING  USD spent that UTC month; `MONTH_TTL_S`
 ``cp:{acme}:usage:d:20260124``           HASH    ``<model>\\x1f<field>`` -> total, one field per
                                                  `USAGE_FIELDS` entry and model; `DAY_TTL_S`
 ``cp:{acme}:usage:m:202601``             HASH    the same for the month; `MONTH_TTL_S`
 ``cp:{acme}:settled``                    ZSET    settled record id -> settle time (unix s), for
-                                                 idempotency; ids older than `SETTLED_TTL_S` are dropped
+                                                 idempotency: the newest `SETTLED_MAX_IDS`, none older
+                                                 than `SETTLED_TTL_S`
 ``cp:{acme}:ledger``                     STREAM  one entry per settled record, field ``r`` = JSON;
                                                  trimmed to about ``ledger_max_records``; no TTL
 ``cp:{acme}:sessions``                   HASH    session id -> session record (JSON); entries are
@@ -39,13 +43,14 @@ separator (``\\x1f``), which no model name contains.
 
 from __future__ import annotations
 
-from claudepool.store.base import WindowKind
+from claudepool.store.base import SETTLED_MAX_IDS as SETTLED_MAX_IDS  # the settled ZSET's length bound
+from claudepool.store.base import SETTLED_MEMORY_S, WindowKind
 
 DEFAULT_PREFIX = "cp"
 
 DAY_TTL_S = 40 * 86400
 MONTH_TTL_S = 400 * 86400
-SETTLED_TTL_S = 3 * 86400
+SETTLED_TTL_S = int(SETTLED_MEMORY_S)
 # Reservation keys outlive their longest reservation by this much; expired entries are dropped
 # by the next reserve anyway, the TTL only cleans up after a tenant that stops sending requests.
 RESERVATION_GRACE_S = 60
@@ -71,6 +76,11 @@ def reservations(prefix: str, tenant: str) -> str:
 def reservation_amounts(prefix: str, tenant: str) -> str:
     """HASH reservation id -> amount in USD."""
     return tenant_prefix(prefix, tenant) + "res:amt"
+
+
+def reservation_total(prefix: str, tenant: str) -> str:
+    """HASH ``n`` (entries summed), ``usd`` (their sum): the `reservation_amounts` hash, added up."""
+    return tenant_prefix(prefix, tenant) + "res:sum"
 
 
 def bucket(kind: WindowKind, key: str) -> str:

@@ -65,8 +65,9 @@ def script_file(filename: str) -> str:
 
 
 def script_source(name: str) -> str:
-    """Script ``name`` as sent to Redis: the shared clock library (``clock.lua``), then the script."""
-    return script_file("clock.lua") + "\n" + script_file(f"{name}.lua")
+    """Script ``name`` as sent to Redis: the shared libraries (``clock.lua``, ``reservations.lua``), then
+    the script."""
+    return "\n".join(script_file(f"{part}.lua") for part in ("clock", "reservations", name))
 
 
 def redact_url(url: str) -> str:
@@ -91,9 +92,10 @@ class RedisStore:
     backend = "redis"
 
     def __init__(self, url: str, *, key_prefix: str = keys.DEFAULT_PREFIX, ledger_max_records: int = 100_000,
-                 socket_timeout_s: float = 2.0) -> None:
+                 socket_timeout_s: float = 2.0, settled_max_ids: int = keys.SETTLED_MAX_IDS) -> None:
         self._prefix = key_prefix
         self._ledger_max_records = ledger_max_records
+        self._settled_max_ids = settled_max_ids
         self._where = redact_url(url)
         # Each operation's deadline: two attempts and the backoff. It is ours, not a redis-py
         # `socket_timeout`: with one, redis-py sends through asyncio.wait_for, which on Python 3.11
@@ -127,7 +129,7 @@ class RedisStore:
                       monthly_limit_usd: float, ttl_s: float) -> None:
         async with self._errors("reserve"):
             reply = await self._reserve(
-                keys=[keys.reservations(self._prefix, tenant), keys.reservation_amounts(self._prefix, tenant)],
+                keys=self._reservation_keys(tenant),
                 args=[keys.spend_prefix(self._prefix, tenant, "day"), keys.spend_prefix(self._prefix, tenant, "month"),
                       reservation_id, _num(amount_usd), _limit(daily_limit_usd), _limit(monthly_limit_usd),
                       _num(ttl_s), keys.RESERVATION_GRACE_S],
@@ -153,27 +155,25 @@ class RedisStore:
         fields = [x for name in USAGE_FIELDS for x in (keys.usage_field(record.model, name), amounts[name])]
         async with self._errors("settle"):
             settled = await self._settle(
-                keys=[keys.settled(p, t), keys.reservations(p, t), keys.reservation_amounts(p, t),
+                keys=[keys.settled(p, t), *self._reservation_keys(t),
                       keys.spend(p, t, "day", day), keys.spend(p, t, "month", month),
                       keys.usage(p, t, "day", day), keys.usage(p, t, "month", month),
                       keys.ledger(p, t), keys.tenants(p)],
                 args=[record.record_id, "1" if record.reservation_id is not None else "0",
                       record.reservation_id or "", t, orjson.dumps(record.to_dict()).decode(),
-                      self._ledger_max_records, keys.DAY_TTL_S, keys.MONTH_TTL_S, keys.SETTLED_TTL_S, *fields],
+                      self._ledger_max_records, keys.DAY_TTL_S, keys.MONTH_TTL_S, keys.SETTLED_TTL_S,
+                      self._settled_max_ids, *fields],
             )
         return bool(settled)
 
     async def release(self, tenant: str, reservation_id: str) -> None:
         async with self._errors("release"):
-            await self._release(
-                keys=[keys.reservations(self._prefix, tenant), keys.reservation_amounts(self._prefix, tenant)],
-                args=[reservation_id],
-            )
+            await self._release(keys=self._reservation_keys(tenant), args=[reservation_id])
 
     async def budget(self, tenant: str) -> BudgetState:
         async with self._errors("budget"):
             day, month, reserved = await self._budget(
-                keys=[keys.reservations(self._prefix, tenant), keys.reservation_amounts(self._prefix, tenant)],
+                keys=self._reservation_keys(tenant),
                 args=[keys.spend_prefix(self._prefix, tenant, "day"), keys.spend_prefix(self._prefix, tenant, "month")],
             )
         return BudgetState(day_spent_usd=float(day), month_spent_usd=float(month), reserved_usd=float(reserved))
@@ -258,6 +258,10 @@ class RedisStore:
     async def close(self) -> None:
         async with self._errors("close"):
             await self._redis.aclose()
+
+    def _reservation_keys(self, tenant: str) -> list[str]:
+        return [keys.reservations(self._prefix, tenant), keys.reservation_amounts(self._prefix, tenant),
+                keys.reservation_total(self._prefix, tenant)]
 
     async def _tenant_ledger(self, tenant: str, since: float | None,
                              limit: int) -> list[tuple[tuple[int, int], UsageRecord]]:

@@ -411,3 +411,16 @@ async def test_a_redis_that_never_answers_is_an_outage_within_the_deadline() -> 
         await store.close()
         await limiter.close()
         server.close()
+
+
+async def test_a_flood_of_operations_waits_for_a_connection_instead_of_failing(store: RedisStore) -> None:
+    # Issue 10 (found with the rate limiter): redis-py's pool refuses a connection past its cap with
+    # "Too many connections", which budgets (failing closed) answered 503 store_unavailable to a flood.
+    async def one(i: int) -> None:
+        await store.reserve("flood", f"r{i}", 0.001, daily_limit_usd=0, monthly_limit_usd=0, ttl_s=60)
+        await store.budget("flood")
+
+    async with asyncio.timeout(60):
+        results = await asyncio.gather(*(one(i) for i in range(600)), return_exceptions=True)
+    assert [r for r in results if r is not None] == []
+    assert (await store.budget("flood")).reserved_usd == pytest.approx(0.6)

@@ -86,6 +86,28 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+# An operation takes ~0.1 ms of Redis time: a few dozen connections carry thousands a second.
+MAX_CONNECTIONS = 64
+
+
+def connect(url: str, *, socket_timeout_s: float, client_name: str) -> redis.asyncio.Redis:
+    """A client as every claudepool user of Redis wants it; raises ValueError for a bad URL.
+
+    A *blocking* pool: past `MAX_CONNECTIONS` an operation waits for a connection (the caller's own
+    deadline bounds the wait) instead of failing with "Too many connections", which a flood of
+    requests would see as an outage (budgets would answer 503, rate limits fall back to local).
+    No `socket_timeout` (redis-py 8 defaults to 5 s): with one, redis-py sends through
+    asyncio.wait_for, which on Python 3.11 drops a cancellation that lands as the send completes.
+    One quick retry: enough to replace a connection a restart broke, short enough that an outage
+    fails the operation within about two socket timeouts."""
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url, max_connections=MAX_CONNECTIONS, timeout=None, decode_responses=True, socket_timeout=None,
+        socket_connect_timeout=socket_timeout_s, retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), retries=1),
+        client_name=client_name)
+    client: redis.asyncio.Redis = redis.asyncio.Redis.from_pool(pool)
+    return client
+
+
 class RedisStore:
     """`Store` on one Redis server (``redis://``, ``rediss://`` or ``unix://`` URL)."""
 
@@ -104,16 +126,7 @@ class RedisStore:
         self._deadline_s = 2 * socket_timeout_s + 1.0
         self._secrets = self._url_secrets(url)
         try:
-            self._redis: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
-                url,
-                decode_responses=True,
-                socket_timeout=None,  # redis-py 8 defaults to 5 s
-                socket_connect_timeout=socket_timeout_s,
-                # One quick retry: enough to replace a connection a restart broke, short enough that
-                # an outage fails the request within about two socket timeouts.
-                retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), retries=1),
-                client_name="claudepool",
-            )
+            self._redis = connect(url, socket_timeout_s=socket_timeout_s, client_name="claudepool")
         except ValueError as exc:
             raise ConfigError(f"invalid Redis URL {self._where}: {self._scrub(str(exc))}") from None
         self._reserve = self._redis.register_script(script_source("reserve"))

@@ -50,12 +50,10 @@ from typing import Any, TypeVar
 
 import redis.asyncio
 import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 
 from claudepool.errors import ConfigError, RateLimited
 from claudepool.store import keys
-from claudepool.store.redis import redact_url, script_source
+from claudepool.store.redis import connect, redact_url, script_source
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +61,6 @@ REQUESTS = "requests_per_minute"
 TOKENS = "tokens_per_minute"
 _RETRYABLE = (redis.exceptions.RedisError, ConnectionError, TimeoutError, OSError)
 T = TypeVar("T")
-# A check takes ~0.1 ms of Redis time: a few dozen connections carry thousands of checks a second.
-_MAX_CONNECTIONS = 32
 
 
 @dataclass(frozen=True)
@@ -168,19 +164,11 @@ class RedisWindows:
         self.width_us = max(1, round(window_s * 1_000_000 / buckets))
         self._prefix = key_prefix
         try:
-            # No socket_timeout (see RedisStore: with one, redis-py drops cancellations); the caller
-            # bounds each call. A blocking pool: a flood of checks waits for a connection instead of
-            # failing with "Too many connections", which would fail open onto the local windows (a
-            # second allowance) exactly when a tenant floods. One retry replaces a connection a Redis
-            # restart broke; a check whose reply was lost then counts twice, which only refuses more.
-            pool = redis.asyncio.BlockingConnectionPool.from_url(
-                url, max_connections=_MAX_CONNECTIONS, timeout=None, decode_responses=True, socket_timeout=None,
-                socket_connect_timeout=socket_timeout_s, retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), retries=1),
-                client_name="claudepool-limits",
-            )
+            # A check whose reply was lost to a broken connection is retried once and then counts
+            # twice, which only refuses more.
+            self._redis = connect(url, socket_timeout_s=socket_timeout_s, client_name="claudepool-limits")
         except ValueError:
             raise ConfigError(f"invalid Redis URL {redact_url(url)}") from None
-        self._redis: redis.asyncio.Redis = redis.asyncio.Redis.from_pool(pool)
         self._script = self._redis.register_script(script_source("rate_limit"))
 
     async def check(self, tenant: str, *, requests_limit: int, tokens_limit: int) -> Verdict:

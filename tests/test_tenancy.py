@@ -85,7 +85,7 @@ async def test_tokens_per_minute_are_counted_from_real_usage(make_daemon: MakeDa
     assert status == 429
     assert f"{used} of 100 tokens per minute" in body["error"]["message"]
     assert int(headers["Retry-After"]) >= 1
-    rejected = d.daemon.metrics.registry.get_sample_value
+    rejected = d.daemon.registry.get_sample_value
     assert rejected("claudepool_rejections_total", {"tenant": "acme", "kind": "tokens_per_minute"}) == 1
     assert rejected("claudepool_rejections_total", {"tenant": "acme", "kind": "requests_per_minute"}) == 0
 

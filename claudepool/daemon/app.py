@@ -23,15 +23,26 @@ import time
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from claudepool.config import Settings, key_digest
+from claudepool.daemon.collectors import (
+    LimiterCollector,
+    MeterCollector,
+    PoolCollector,
+    ProcessCollector,
+    ServiceCollector,
+    SessionCollector,
+    StoreCollector,
+)
 from claudepool.daemon.http_api import build_app
 from claudepool.daemon.http_guard import GuardedSockSite, HttpGuard
 from claudepool.daemon.listen_fds import inherited_sockets, split_by_kind
-from claudepool.daemon.metrics import Metrics
+from claudepool.daemon.metrics import RequestMetrics, StoreMetrics, TenantLabels, UsageMetrics, WorkerMetrics
 from claudepool.daemon.notify import Notifier, unset_environment
 from claudepool.daemon.rlimit import ensure_open_files
 from claudepool.daemon.service import PromptService, ServiceLimits
+from claudepool.daemon.spend import TenantSpend
 from claudepool.daemon.unix_api import UnixFrontEnd
 from claudepool.errors import BadRequest, ClaudepoolError, ConfigError, Forbidden
 from claudepool.logs import add_key_digests
@@ -57,19 +68,24 @@ class Daemon:
         self.settings = settings
         self.tenants = TenantRegistry.from_settings(settings)
         add_key_digests(_held_key_digests(settings))  # masked wherever a log line would show one
-        self.metrics = Metrics(self, max_tenant_labels=settings.metrics.max_tenant_labels,
-                               max_model_labels=settings.metrics.max_model_labels)
+        # One registry, handed to every component that exports something (nothing global).
+        self.registry = CollectorRegistry(auto_describe=True)
+        tenant_labels = TenantLabels(self.tenants.names(), max_labels=settings.metrics.max_tenant_labels)
+        request_metrics = RequestMetrics(self.registry, tenant_labels)
+        worker_metrics = WorkerMetrics(self.registry, [pool for name in settings.profiles
+                                                       for pool in (name, f"{name}.sessions")])
+        usage_metrics = UsageMetrics(self.registry, tenant_labels, max_model_labels=settings.metrics.max_model_labels)
         self.store = InstrumentedStore(build_store(settings.store))
-        self.store.observer = self.metrics.store_call
+        self.store.observer = StoreMetrics(self.registry).store_call
         store_url = settings.store.url.get_secret_value()
         self.limiter = RateLimiter(store_url, key_prefix=settings.store.key_prefix,
                                    socket_timeout_s=settings.store.socket_timeout_s)
         self.pricing = PricingTable.of(settings.pricing)
         self.meter = Meter(self.store, self.limiter, self.pricing, settings.metering,
-                           on_record=self.metrics.turn_billed)
+                           on_record=usage_metrics.turn_billed)
         slots = TenantSlots()
         hooks: dict[str, Any] = {"on_turn_result": self.meter.on_turn_result, "on_lease_done": self.meter.on_lease_done,
-                                 "slots": slots, "observer": self.metrics}
+                                 "slots": slots, "observer": worker_metrics}
         self.pools = {name: Pool(settings.profile(name), settings.pool_config(name), **hooks)
                       for name in settings.profiles}
         # Conversations run on each profile's session-capable twin: the same spawn settings, with
@@ -89,8 +105,16 @@ class Daemon:
             ServiceLimits(server.max_prompt_bytes, server.default_timeout_s, server.max_timeout_s, server.max_queued,
                           settings.store.reservation_ttl_s),
             store=self.store, limiter=self.limiter, meter=self.meter, pricing=self.pricing,
-            metering=settings.metering, metrics=self.metrics, sessions=self.sessions,
+            metering=settings.metering, metrics=request_metrics, sessions=self.sessions,
         )
+        self.spend = TenantSpend(self.tenants, self.store, tenant_labels, self.registry)
+        PoolCollector(self.all_pools(), self.registry)
+        ServiceCollector(self.service, self.registry)
+        ProcessCollector(self.registry)
+        SessionCollector(self.sessions, self.registry)
+        StoreCollector(self.store, self.registry)
+        LimiterCollector(self.limiter, self.registry)
+        MeterCollector(self.meter, self.registry)
         self.notifier = notifier or Notifier()
         self.listening: dict[str, str] = {}
         self.started_at = time.monotonic()
@@ -205,7 +229,7 @@ class Daemon:
             print(f"claudepool: listening on {where}", flush=True)
             background.append(asyncio.create_task(self._announce_ready(), name="announce-ready"))
             background.append(asyncio.create_task(self.notifier.run_watchdog(), name="watchdog"))
-            background.append(asyncio.create_task(self._refresh_spend(), name="spend-gauges"))
+            background.append(asyncio.create_task(self.spend.run(), name="spend-gauges"))
             background.append(asyncio.create_task(self.sessions.maintain(), name="sessions"))
             await self._stop.wait()
             return await self._shutdown()
@@ -279,20 +303,6 @@ class Daemon:
                 await runner.cleanup()
             raise
         return runner, unix
-
-    async def _refresh_spend(self, interval_s: float = 15.0) -> None:
-        """Keep the spend gauges of budgeted tenants current (a scrape must not wait on the store)."""
-        while True:
-            for name in sorted(self.metrics.labelled_tenants):
-                tenant = self.tenants.get(name)
-                if tenant is None or not tenant.has_budget:
-                    continue
-                try:
-                    state = await self.store.budget(name)
-                except ClaudepoolError:
-                    break  # the store is down: keep the last values; store_up says why
-                self.metrics.spent[name] = (state.day_spent_usd, state.month_spent_usd)
-            await asyncio.sleep(interval_s)
 
     async def _announce_ready(self) -> None:
         try:

@@ -211,7 +211,7 @@ async def _metrics(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     if not daemon.settings.metrics.public:
         daemon.tenants.require_scraper(bearer(request))
-    body = generate_latest(daemon.metrics.registry)
+    body = generate_latest(daemon.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from claudepool.config import MeteringSettings
-from claudepool.daemon.metrics import Metrics, outcome_of, upstream_status
+from claudepool.daemon.metrics import RequestMetrics, outcome_of
 from claudepool.errors import (
     BadRequest,
     BudgetExhausted,
@@ -126,7 +126,7 @@ def _rejection_kind(exc: TenancyError) -> str:
 class PromptService:
     def __init__(self, pools: dict[str, Pool], limits: ServiceLimits, *, store: Store, limiter: RateLimiter,
                  meter: Meter, pricing: PricingTable, metering: MeteringSettings,
-                 metrics: Metrics | None = None, sessions: SessionManager | None = None) -> None:
+                 metrics: RequestMetrics | None = None, sessions: SessionManager | None = None) -> None:
         self.pools = pools
         self.limits = limits
         self.store = store
@@ -375,7 +375,7 @@ class PromptService:
                     if on_delta is not None:
                         await on_delta(text)
             elif isinstance(item, SystemApiRetry) and self.metrics is not None:
-                self.metrics.upstream_retries.labels(upstream_status(item.error_status)).inc()
+                self.metrics.upstream_retry(item.error_status)
         assert trace.result is not None
         return trace.result
 
@@ -388,9 +388,9 @@ class PromptService:
         if self.metrics is not None:
             self.metrics.request_done(admission.tenant.name, outcome, duration_s, trace.queue_s)
             if trace.first_text_s is not None:
-                self.metrics.ttft_seconds.observe(trace.first_text_s)
+                self.metrics.first_text(trace.first_text_s)
             if result is not None and (result.api_error_status is not None or result.terminal_reason == "api_error"):
-                self.metrics.upstream_errors.labels(upstream_status(result.api_error_status)).inc()
+                self.metrics.upstream_error(result.api_error_status)
         usage = result.usage if result is not None else None
         request_log.info("request", extra={"fields": {
             "request_id": admission.request_id, "tenant": admission.tenant.name,

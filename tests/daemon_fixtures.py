@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,19 @@ class RunningDaemon:
 
     def pool(self, name: str = "default") -> Any:
         return self.daemon.pools[name]
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        """One sample of the daemon's registry, as a scrape would show it (None: no such series)."""
+        return self.daemon.registry.get_sample_value(name, labels)
+
+    def requests_by_outcome(self) -> Counter[str]:
+        """``claudepool_requests_total`` summed over tenants, by outcome, without the series at zero."""
+        counts: Counter[str] = Counter()
+        for family in self.daemon.registry.collect():
+            for sample in family.samples:
+                if sample.name == "claudepool_requests_total" and sample.value:
+                    counts[sample.labels["outcome"]] += int(sample.value)
+        return counts
 
     async def metrics_text(self) -> str:
         """GET /metrics as a scraper does: with a key that may read it (the admin key here)."""
@@ -80,7 +94,7 @@ async def make_daemon(tmp_path: Path, fake_log: Path) -> AsyncIterator[Callable[
         daemon = Daemon(settings, notifier=Notifier({}))
         task = asyncio.create_task(daemon.run(handle_signals=False))
         async with asyncio.timeout(15):
-            while not daemon.readiness()[0]:
+            while not daemon.status.readiness()[0]:
                 if task.done():
                     task.result()
                 await asyncio.sleep(0.02)

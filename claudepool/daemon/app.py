@@ -1,5 +1,8 @@
 """The daemon: composition and lifecycle.
 
+`Daemon.__init__` builds every component and wires them (the only place that knows them all); the
+front ends get the narrow `claudepool.daemon.facade.Facade`, never the daemon.
+
 Start-up: pools begin warming → front ends bind (or adopt systemd's sockets) → print where we listen
 → once every pool has ``min_idle`` warm workers, ``READY=1``.
 
@@ -7,7 +10,7 @@ Shutdown, on SIGTERM or SIGINT, in a fixed order: ``STOPPING=1`` and stop admitt
 get 503 ``draining``, /readyz turns 503) → wait for requests in flight up to
 ``server.drain_timeout_s`` → stop the stragglers (each answers 503 ``draining``) → close the front
 ends → close every worker → exit 0. A second signal skips the wait and exits 1 once workers are
-closed. Previous signal handlers are restored on the way out.
+closed.
 """
 
 from __future__ import annotations
@@ -15,17 +18,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import re
 import signal
-import socket
-import time
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from claudepool.config import Settings, key_digest
+from claudepool.daemon.admission import Gate, ServiceLimits
 from claudepool.daemon.collectors import (
     LimiterCollector,
     MeterCollector,
@@ -35,20 +35,17 @@ from claudepool.daemon.collectors import (
     SessionCollector,
     StoreCollector,
 )
-from claudepool.daemon.http_api import build_app
-from claudepool.daemon.http_guard import GuardedSockSite, HttpGuard
-from claudepool.daemon.listen_fds import inherited_sockets, split_by_kind
+from claudepool.daemon.facade import Facade
+from claudepool.daemon.front_ends import FrontEnds
 from claudepool.daemon.metrics import RequestMetrics, StoreMetrics, TenantLabels, UsageMetrics, WorkerMetrics
-from claudepool.daemon.notify import Notifier, unset_environment
-from claudepool.daemon.rlimit import ensure_open_files
-from claudepool.daemon.service import PromptService, ServiceLimits
+from claudepool.daemon.notify import Notifier
+from claudepool.daemon.service import PromptService
 from claudepool.daemon.spend import TenantSpend
-from claudepool.daemon.unix_api import UnixFrontEnd
-from claudepool.errors import BadRequest, ClaudepoolError, ConfigError, Forbidden
+from claudepool.daemon.status import Status
+from claudepool.errors import ClaudepoolError
 from claudepool.logs import add_key_digests
 from claudepool.pool.pool import Pool
 from claudepool.sessions.manager import SessionManager
-from claudepool.store.base import UsageTotals, Window
 from claudepool.store.factory import build_store
 from claudepool.store.instrumented import InstrumentedStore
 from claudepool.tenancy.budgets import PricingTable
@@ -100,13 +97,15 @@ class Daemon:
         }
         self.sessions = SessionManager(self.store, self.session_pools, settings)
         server = settings.server
-        self.service = PromptService(
+        gate = Gate(
             self.pools,
             ServiceLimits(server.max_prompt_bytes, server.default_timeout_s, server.max_timeout_s, server.max_queued,
                           settings.store.reservation_ttl_s),
             store=self.store, limiter=self.limiter, meter=self.meter, pricing=self.pricing,
-            metering=settings.metering, metrics=request_metrics, sessions=self.sessions,
+            metering=settings.metering, sessions=self.sessions,
         )
+        self.service = PromptService(gate, self.tenants, self.meter, metrics=request_metrics, sessions=self.sessions)
+        self.status = Status(self.pools, self.all_pools(), self.service)
         self.spend = TenantSpend(self.tenants, self.store, tenant_labels, self.registry)
         PoolCollector(self.all_pools(), self.registry)
         ServiceCollector(self.service, self.registry)
@@ -115,87 +114,19 @@ class Daemon:
         StoreCollector(self.store, self.registry)
         LimiterCollector(self.limiter, self.registry)
         MeterCollector(self.meter, self.registry)
+        self.facade = Facade(tenants=self.tenants, service=self.service, sessions=self.sessions, store=self.store,
+                             status=self.status, registry=self.registry, metrics_public=settings.metrics.public,
+                             ledger_page_records=server.ledger_page_records,
+                             max_ledger_reads_per_tenant=server.max_ledger_reads_per_tenant)
         self.notifier = notifier or Notifier()
         self.listening: dict[str, str] = {}
-        self.started_at = time.monotonic()
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
-        self._warm = False
         self._signals = 0
 
     def all_pools(self) -> dict[str, Pool]:
         """Stateless and session-capable pools, by pool name (``default``, ``default.sessions``)."""
         return {pool.profile.name: pool for pool in (*self.pools.values(), *self.session_pools.values())}
-
-    # -- status ------------------------------------------------------------------------------------
-
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        pools: dict[str, Any] = {}
-        ready = self._warm and not self.service.draining
-        for name, pool in self.pools.items():
-            counts = pool.counts()
-            warm = counts["idle"] + counts["leased"] + counts["cleaning"]
-            pools[name] = {"healthy": pool.healthy, "warm": warm, "idle": counts["idle"]}
-            # A profile started on demand (min_idle 0) is ready with no warm worker.
-            ready = ready and pool.healthy and (warm > 0 or pool.config.min_idle == 0)
-        return ready, {"ready": ready, "draining": self.service.draining, "pools": pools}
-
-    def pool_status(self) -> dict[str, Any]:
-        pools = {}
-        for name, pool in self.all_pools().items():
-            pools[name] = {
-                "max_workers": pool.max_workers,
-                "breaker": str(pool.breaker_state),
-                "counts": pool.counts(),
-                "total_pss_bytes": pool.total_pss_bytes(),
-                "workers": pool.snapshot(),
-            }
-        return {
-            "pools": pools,
-            "queue": {"waiting": sum(p.waiting for p in self.all_pools().values())},
-            "in_flight": self.service.in_flight,
-            "draining": self.service.draining,
-            "uptime_s": round(time.monotonic() - self.started_at, 3),
-        }
-
-    def caller_scope(self, key: str | None, tenant: str | None) -> list[str] | None:
-        """Which tenants' usage ``key`` may read: the admin any (None = all), a tenant only itself."""
-        if self.tenants.is_admin(key):
-            return [tenant] if tenant else None
-        caller = self.tenants.authenticate(key)
-        if tenant and tenant != caller.name:
-            raise Forbidden("a tenant key reads only its own usage")
-        return [caller.name]
-
-    async def usage_report(self, key: str | None, *, tenant: str | None = None, window: str = "day",
-                           date: str | None = None) -> dict[str, Any]:
-        """Usage per tenant and model for one UTC day or month, with each tenant's budget state."""
-        scope = self.caller_scope(key, tenant)
-        try:
-            span = Window.parse(window, date)
-        except ValueError as exc:
-            raise BadRequest(f"bad usage window: {exc}") from None
-        usage = await self.store.usage(span, scope)
-        tenants: dict[str, Any] = {}
-        for name in sorted(set(usage) | set(scope or [])):
-            models = usage.get(name, {})
-            total = UsageTotals()
-            for totals in models.values():
-                for field, value in totals.to_dict().items():
-                    setattr(total, field, getattr(total, field) + value)
-            entry: dict[str, Any] = {"models": {m: t.to_dict() for m, t in models.items()}, "total": total.to_dict()}
-            configured = self.tenants.get(name)
-            if configured is not None:
-                state = await self.store.budget(name)
-                entry["budget"] = {
-                    "daily_limit_usd": configured.daily_budget_usd,
-                    "monthly_limit_usd": configured.monthly_budget_usd,
-                    "day_spent_usd": round(state.day_spent_usd, 10),
-                    "month_spent_usd": round(state.month_spent_usd, 10),
-                    "reserved_usd": round(state.reserved_usd, 10),
-                }
-            tenants[name] = entry
-        return {"window": {"kind": span.kind, "key": span.label()}, "tenants": tenants}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -217,14 +148,15 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
                 installed.append(sig)
-        runner: web.AppRunner | None = None
-        unix: UnixFrontEnd | None = None
+        front: FrontEnds | None = None
         background: list[asyncio.Task[None]] = []
         metering = asyncio.create_task(self.meter.run(), name="metering")
         try:
             for pool in self.all_pools().values():
                 await pool.start()
-            runner, unix = await self._start_front_ends()
+            front = await FrontEnds.start(self.facade, self.settings.server,
+                                          shutdown_timeout_s=_HTTP_SHUTDOWN_TIMEOUT_S)
+            self.listening.update(front.listening)
             where = " and ".join(f"{kind} {addr}" for kind, addr in self.listening.items()) or "nothing"
             print(f"claudepool: listening on {where}", flush=True)
             background.append(asyncio.create_task(self._announce_ready(), name="announce-ready"))
@@ -237,10 +169,8 @@ class Daemon:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            if unix is not None:
-                await unix.close(_HTTP_SHUTDOWN_TIMEOUT_S)
-            if runner is not None:
-                await runner.cleanup()
+            if front is not None:
+                await front.close(_HTTP_SHUTDOWN_TIMEOUT_S)
             # Conversations keep their checkpoints and resume after a restart (or on another daemon).
             await self.sessions.park_all()
             for pool in self.all_pools().values():
@@ -255,55 +185,6 @@ class Daemon:
                 loop.remove_signal_handler(sig)
             self.notifier.close()
 
-    async def _start_front_ends(self) -> tuple[web.AppRunner | None, UnixFrontEnd]:
-        server = self.settings.server
-        ensure_open_files(2 * server.max_connections)  # each front end admits max_connections
-        adopted = inherited_sockets()
-        # Both the notifier and socket activation have read their variables: no child may see them.
-        unset_environment(os.environ)
-        unix_socks, inet_socks = split_by_kind(s.sock for s in adopted)
-        runner: web.AppRunner | None = None
-        if inet_socks or server.http:
-            # handler_cancellation: a client that disconnects cancels its handler, which abandons the
-            # turn; the pool then interrupts and resets the worker.
-            guard = HttpGuard(max_connections=server.max_connections, header_timeout_s=server.header_timeout_s,
-                              body_timeout_s=server.body_timeout_s)
-            runner = web.AppRunner(build_app(self, guard.middleware()), handler_cancellation=True, access_log=None,
-                                   shutdown_timeout=_HTTP_SHUTDOWN_TIMEOUT_S,
-                                   keepalive_timeout=server.keepalive_timeout_s)
-            await runner.setup()
-            if inet_socks:
-                for sock in inet_socks:
-                    await GuardedSockSite(runner, sock, guard, backlog=server.backlog).start()
-                self.listening["http"] = ", ".join(_address(s) for s in inet_socks)
-            else:
-                host, port = server.http_host_port()
-                try:
-                    sock = socket.create_server(
-                        (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=server.backlog
-                    )
-                except OSError as exc:
-                    raise ConfigError(f"cannot listen on {server.http}: {exc.strerror}") from None
-                sock.setblocking(False)
-                await GuardedSockSite(runner, sock, guard, backlog=server.backlog).start()
-                self.listening["http"] = f"http://{_address(sock)}"
-        unix = UnixFrontEnd(self, max_connections=server.max_connections)
-        try:
-            if unix_socks:
-                for sock in unix_socks:
-                    await unix.listen("", server.socket_mode, sock=sock, backlog=server.backlog)
-                self.listening["unix"] = ", ".join(_address(s) for s in unix_socks)
-            elif server.socket:
-                await unix.listen(server.socket, server.socket_mode, backlog=server.backlog)
-                self.listening["unix"] = server.socket
-        except BaseException:
-            # Do not leave the HTTP port listening behind a daemon that failed to start.
-            await unix.close(_HTTP_SHUTDOWN_TIMEOUT_S)
-            if runner is not None:
-                await runner.cleanup()
-            raise
-        return runner, unix
-
     async def _announce_ready(self) -> None:
         try:
             for pool in self.all_pools().values():
@@ -313,7 +194,7 @@ class Daemon:
             log.error("pools did not warm up: %r", exc)
             self.notifier.status(f"warming failed: {exc!r}")
             return
-        self._warm = True
+        self.status.warm = True
         warm = sum(p.idle_count for p in self.all_pools().values())
         self.notifier.ready()
         self.notifier.status(f"serving with {warm} warm workers")
@@ -348,11 +229,3 @@ def _held_key_digests(settings: Settings) -> set[str]:
     for env in (settings.pool.env, *(p.env for p in settings.profiles.values())):
         digests |= {hashlib.sha256(v.encode()).hexdigest() for k, v in env.items() if v and _SECRET_NAME.search(k)}
     return digests
-
-
-def _address(sock: socket.socket) -> str:
-    name = sock.getsockname()
-    if isinstance(name, tuple):
-        host, port = name[0], name[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(name)

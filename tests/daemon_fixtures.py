@@ -76,7 +76,8 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 async def make_daemon(tmp_path: Path, fake_log: Path) -> AsyncIterator[Callable[..., Awaitable[RunningDaemon]]]:
     running: list[RunningDaemon] = []
 
-    async def make(**overrides: Any) -> RunningDaemon:
+    async def make(*, handle_signals: bool = False, **overrides: Any) -> RunningDaemon:
+        """A daemon on ``overrides`` of the test config; ``handle_signals`` installs its SIGTERM and SIGINT handlers."""
         config: dict[str, Any] = {
             "server": {"socket": str(tmp_path / "cp.sock"), "http": "127.0.0.1:0", "admin_key": ADMIN_KEY,
                        "drain_timeout_s": 5},
@@ -92,7 +93,7 @@ async def make_daemon(tmp_path: Path, fake_log: Path) -> AsyncIterator[Callable[
         }
         settings = load_settings(None, **_deep_merge(config, overrides))
         daemon = Daemon(settings, notifier=Notifier({}))
-        task = asyncio.create_task(daemon.run(handle_signals=False))
+        task = asyncio.create_task(daemon.run(handle_signals=handle_signals))
         async with asyncio.timeout(15):
             while not daemon.status.readiness()[0]:
                 if task.done():

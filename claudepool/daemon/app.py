@@ -1,25 +1,34 @@
 """The daemon: composition and lifecycle.
 
 `Daemon.__init__` builds every component and wires them (the only place that knows them all); the
-front ends get the narrow `claudepool.daemon.facade.Facade`, never the daemon.
+front ends get the narrow `claudepool.daemon.facade.Facade`, never the daemon. `Daemon.run` is the
+lifecycle, under one `asyncio.TaskGroup` that owns every background task.
 
-Start-up: pools begin warming → front ends bind (or adopt systemd's sockets) → print where we listen
-→ once every pool has ``min_idle`` warm workers, ``READY=1``.
+Start-up: the metering flusher starts → pools begin warming → front ends bind (or adopt systemd's
+sockets) → print where we listen → the background loops start (announce-ready, watchdog, spend
+gauges, session maintenance) → once every pool has ``min_idle`` warm workers, ``READY=1``.
 
 Shutdown, on SIGTERM or SIGINT, in a fixed order: ``STOPPING=1`` and stop admitting (new requests
 get 503 ``draining``, /readyz turns 503) → wait for requests in flight up to
-``server.drain_timeout_s`` → stop the stragglers (each answers 503 ``draining``) → close the front
-ends → close every worker → exit 0. A second signal skips the wait and exits 1 once workers are
-closed.
+``server.drain_timeout_s`` → stop the stragglers (each answers 503 ``draining``) → stop the
+background loops → close the front ends → park the conversations → close every worker → flush the
+usage records → close the store → exit 0. A second signal skips the wait and exits 1 once workers
+are closed. Previous signal handlers are restored on the way out.
+
+A background task that crashes is logged with its traceback and stops the daemon like a second
+signal would (no drain wait), with exit code 1: a daemon without its metering or its session
+maintenance would serve on half-alive, while systemd (``Restart=on-failure``) starts a whole one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
 import signal
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -123,6 +132,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._signals = 0
+        self.crashed: list[str] = []  # the background tasks that crashed, by name
 
     def all_pools(self) -> dict[str, Pool]:
         """Stateless and session-capable pools, by pool name (``default``, ``default.sessions``)."""
@@ -141,16 +151,29 @@ class Daemon:
             self._force.set()
 
     async def run(self, *, handle_signals: bool = True) -> int:
-        """Serve until stopped. Returns the process exit code."""
-        loop = asyncio.get_running_loop()
-        installed: list[signal.Signals] = []
-        if handle_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.request_stop)
-                installed.append(sig)
+        """Serve until stopped. Returns the process exit code: 0 after a drain, 1 when forced or
+        when a background task crashed."""
+        failure: Exception | None = None
+        code = 1
+        try:
+            with _stop_signals(self.request_stop, enabled=handle_signals):
+                async with asyncio.TaskGroup() as tg:
+                    try:
+                        code = await self._serve(tg)
+                    except Exception as exc:
+                        # Raised once the group is done, as itself (a front end that cannot bind is a
+                        # ConfigError to the caller, not an ExceptionGroup).
+                        failure = exc
+        finally:
+            self.notifier.close()
+        if failure is not None:
+            raise failure
+        return 1 if self.crashed else code
+
+    async def _serve(self, tg: asyncio.TaskGroup) -> int:
+        metering = self._supervise(tg, "metering", self.meter.run)
+        loops: list[asyncio.Task[None]] = []
         front: FrontEnds | None = None
-        background: list[asyncio.Task[None]] = []
-        metering = asyncio.create_task(self.meter.run(), name="metering")
         try:
             for pool in self.all_pools().values():
                 await pool.start()
@@ -159,16 +182,16 @@ class Daemon:
             self.listening.update(front.listening)
             where = " and ".join(f"{kind} {addr}" for kind, addr in self.listening.items()) or "nothing"
             print(f"claudepool: listening on {where}", flush=True)
-            background.append(asyncio.create_task(self._announce_ready(), name="announce-ready"))
-            background.append(asyncio.create_task(self.notifier.run_watchdog(), name="watchdog"))
-            background.append(asyncio.create_task(self.spend.run(), name="spend-gauges"))
-            background.append(asyncio.create_task(self.sessions.maintain(), name="sessions"))
+            loops += [self._supervise(tg, "announce-ready", self._announce_ready),
+                      self._supervise(tg, "watchdog", self.notifier.run_watchdog),
+                      self._supervise(tg, "spend-gauges", self.spend.run),
+                      self._supervise(tg, "sessions", self.sessions.maintain)]
             await self._stop.wait()
             return await self._shutdown()
         finally:
-            for task in background:
+            for task in loops:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*loops, return_exceptions=True)
             if front is not None:
                 await front.close(_HTTP_SHUTDOWN_TIMEOUT_S)
             # Conversations keep their checkpoints and resume after a restart (or on another daemon).
@@ -176,14 +199,27 @@ class Daemon:
             for pool in self.all_pools().values():
                 await pool.close()
             # Every turn has settled now; give its record a bounded chance to reach the store.
-            await self.meter.flush(_HTTP_SHUTDOWN_TIMEOUT_S)
+            if not metering.done():
+                await self.meter.flush(_HTTP_SHUTDOWN_TIMEOUT_S)
             metering.cancel()
             await asyncio.gather(metering, return_exceptions=True)
             await self.store.close()
             await self.limiter.close()
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            self.notifier.close()
+
+    def _supervise(self, tg: asyncio.TaskGroup, name: str,
+                   loop: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Task[None]:
+        """Run ``loop`` in the group; if it raises, log why and stop the daemon at once (exit 1)."""
+        async def supervised() -> None:
+            try:
+                await loop()
+            except Exception:
+                log.exception("%s crashed: stopping the daemon", name)
+                self.crashed.append(name)
+                self.notifier.status(f"stopping: {name} crashed")
+                self._force.set()
+                self._stop.set()
+
+        return tg.create_task(supervised(), name=name)
 
     async def _announce_ready(self) -> None:
         try:
@@ -201,7 +237,7 @@ class Daemon:
         log.info("ready: %d warm workers", warm)
 
     async def _shutdown(self) -> int:
-        """Drain; the front ends and pools are closed by `run` on the way out."""
+        """Drain; the front ends and pools are closed by `_serve` on the way out."""
         self.notifier.stopping()
         self.service.draining = True
         self.notifier.status(f"draining {self.service.in_flight} requests")
@@ -216,6 +252,26 @@ class Daemon:
         counts = {name: pool.stats for name, pool in self.pools.items()}
         log.info("shutdown: %d requests stopped at the deadline; pool stats %s", stopped, counts)
         return 1 if self._force.is_set() else 0
+
+
+@contextlib.contextmanager
+def _stop_signals(on_signal: Callable[[], None], *, enabled: bool) -> Iterator[None]:
+    """SIGTERM and SIGINT call ``on_signal`` while the block runs; the handlers in place before
+    (Python's, or asyncio.run's for SIGINT) are put back after it."""
+    if not enabled:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            loop.remove_signal_handler(sig)  # this leaves the default handler, not the previous one
+            if handler is not None:  # None: set outside Python, nothing we could put back
+                signal.signal(sig, handler)
 
 
 # Worker variables whose values are credentials, masked in logs like the keys.

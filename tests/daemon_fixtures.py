@@ -126,6 +126,12 @@ class DaemonProcess:
             body: dict[str, Any] = await resp.json()
             return body
 
+    async def wait_draining(self, timeout_s: float = 10) -> None:
+        """Return once the daemon says it drains (after a stop signal); it still answers meanwhile."""
+        async with asyncio.timeout(timeout_s):
+            while not (await self.status())["draining"]:
+                await asyncio.sleep(0.02)
+
     async def worker_pids(self) -> list[int]:
         return [w["pid"] for p in (await self.status())["pools"].values() for w in p["workers"] if w["pid"]]
 

@@ -129,6 +129,7 @@ class Daemon:
                              max_ledger_reads_per_tenant=server.max_ledger_reads_per_tenant)
         self.notifier = notifier or Notifier()
         self.listening: dict[str, str] = {}
+        self.front_ends: FrontEnds | None = None  # once bound
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._signals = 0
@@ -177,8 +178,8 @@ class Daemon:
         try:
             for pool in self.all_pools().values():
                 await pool.start()
-            front = await FrontEnds.start(self.facade, self.settings.server,
-                                          shutdown_timeout_s=_HTTP_SHUTDOWN_TIMEOUT_S)
+            front = self.front_ends = await FrontEnds.start(self.facade, self.settings.server,
+                                                            shutdown_timeout_s=_HTTP_SHUTDOWN_TIMEOUT_S)
             self.listening.update(front.listening)
             where = " and ".join(f"{kind} {addr}" for kind, addr in self.listening.items()) or "nothing"
             print(f"claudepool: listening on {where}", flush=True)

@@ -25,8 +25,10 @@ from claudepool.errors import ConfigError
 
 
 class FrontEnds:
-    def __init__(self, runner: web.AppRunner | None, unix: UnixFrontEnd, listening: dict[str, str]) -> None:
+    def __init__(self, runner: web.AppRunner | None, guard: HttpGuard | None, unix: UnixFrontEnd,
+                 listening: dict[str, str]) -> None:
         self.runner = runner
+        self.guard = guard  # the HTTP connections and their deadlines (None without HTTP)
         self.unix = unix
         # "http" and "unix" -> where each listens, as printed at start-up.
         self.listening = listening
@@ -40,6 +42,7 @@ class FrontEnds:
         unix_socks, inet_socks = split_by_kind(s.sock for s in adopted)
         listening: dict[str, str] = {}
         runner: web.AppRunner | None = None
+        guard: HttpGuard | None = None
         if inet_socks or server.http:
             # handler_cancellation: a client that disconnects cancels its handler, which abandons the
             # turn; the pool then interrupts and resets the worker.
@@ -67,7 +70,7 @@ class FrontEnds:
                 listening["http"] = f"http://{_address(sock)}"
         unix = UnixFrontEnd(api, max_connections=server.max_connections, max_frame_bytes=server.max_frame_bytes,
                             max_requests_per_connection=server.max_requests_per_connection)
-        front = cls(runner, unix, listening)
+        front = cls(runner, guard, unix, listening)
         try:
             if unix_socks:
                 for sock in unix_socks:

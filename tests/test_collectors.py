@@ -4,7 +4,7 @@ each, with no daemon around it and no process, and the label bounds hold."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -23,7 +23,7 @@ from claudepool.daemon.collectors import (
 from claudepool.daemon.metrics import OTHER, TenantLabels, UsageMetrics, WorkerMetrics
 from claudepool.daemon.spend import TenantSpend
 from claudepool.errors import StoreError
-from claudepool.pool.pool import Pool, PoolConfig
+from claudepool.pool.pool import Pool
 from claudepool.pool.profile import Profile
 from claudepool.store.base import BudgetState, UsageRecord
 from claudepool.store.instrumented import InstrumentedStore
@@ -32,7 +32,6 @@ from claudepool.tenancy.budgets import PricingTable
 from claudepool.tenancy.limits import RateLimiter
 from claudepool.tenancy.metering import Meter, RequestContext
 from claudepool.tenancy.tenants import Tenant, TenantRegistry
-from tests.conftest import FAKE_CLAUDE
 from tests.helpers import closed_port_url
 from tests.test_facade import daemon
 
@@ -87,10 +86,9 @@ def test_worker_series_exist_at_zero_and_an_unknown_reason_counts_as_a_crash() -
     assert value("claudepool_worker_spawn_seconds_count", {"profile": "default"}) == 1
 
 
-async def test_pool_state_before_any_worker(tmp_path: Path) -> None:
+async def test_pool_state_before_any_worker(make_pool: Callable[..., Pool], fake_profile: Profile) -> None:
     registry = CollectorRegistry(auto_describe=True)
-    pool = Pool(Profile(name="default", claude_bin=str(FAKE_CLAUDE)),
-                PoolConfig(workdir=tmp_path / "w", min_idle=1, max_workers=3))
+    pool = make_pool(fake_profile, min_idle=1, max_workers=3)  # never started: no process
     PoolCollector({"default": pool}, registry)
     value = registry.get_sample_value
     for state in metrics.WORKER_STATES:

@@ -20,7 +20,7 @@ from claudepool.daemon.facade import LedgerPage
 from claudepool.daemon.http_api import Handler, build_app
 from claudepool.daemon.service import OnDelta, ReadRequest
 from claudepool.daemon.unix_api import UnixFrontEnd
-from claudepool.errors import ClaudepoolError, RateLimited, RequestReadTimeout, Unauthorized
+from claudepool.errors import RateLimited, RequestReadTimeout, Unauthorized
 from claudepool.protocol.wire import PromptRequest, PromptResult, UsageOut
 from claudepool.tenancy.tenants import Tenant
 
@@ -32,7 +32,7 @@ class ScriptedApi:
     """Answers every prompt with ``deltas`` then ``error`` (if set) or a result echoing the prompt."""
 
     deltas: list[str] = field(default_factory=list)
-    error: ClaudepoolError | None = None
+    error: Exception | None = None
     prompts: list[tuple[str | None, str, bool]] = field(default_factory=list)
     refusals: list[tuple[str, str | None]] = field(default_factory=list)
 
@@ -207,6 +207,18 @@ async def test_http_answers_are_the_calls_answers(http_url: tuple[str, ScriptedA
             assert (resp.status, await resp.json()) == (503, {"ready": False, "scripted": True})
         async with session.get(f"{url}/v1/pool", headers=auth) as resp:
             assert (resp.status, (await resp.json())["error"]["code"]) == (401, "unauthorized")
+
+
+async def test_an_unexpected_failure_mid_stream_ends_it_with_one_error_event(
+        http_url: tuple[str, ScriptedApi], caplog: pytest.LogCaptureFixture) -> None:
+    url, api = http_url
+    api.deltas, api.error = ["partial "], RuntimeError("a bug, not a claudepool error")
+    async with aiohttp.ClientSession() as session, session.post(
+            f"{url}/v1/prompt", data=orjson.dumps({"prompt": "hello", "stream": True}),
+            headers={"Authorization": f"Bearer {KEY}"}) as resp:
+        assert await sse_events(resp) == [("delta", {"text": "partial "}),
+                                          ("error", {"code": "internal_error", "message": "internal error"})]
+    assert "a bug, not a claudepool error" in caplog.text  # logged for us, not sent to the client
 
 
 async def test_http_refusals_before_the_handler_go_to_the_api() -> None:

@@ -54,7 +54,7 @@ async def main() -> None:
         size = 0
         for _ in range(args.scrapes):
             t0 = time.perf_counter()
-            size = len(generate_latest(daemon.metrics.registry))
+            size = len(generate_latest(daemon.registry))
             scrapes.append(time.perf_counter() - t0)
         daemon.request_stop()
         await task

@@ -48,7 +48,7 @@ async def flood(clients: int, backlog: int, retry: bool) -> None:
                                  tenants={"bench": {"key": KEY, "max_queued": 4 * clients}})
         daemon = Daemon(settings, notifier=Notifier({}))
         task = asyncio.create_task(daemon.run(handle_signals=False))
-        while not daemon.readiness()[0]:
+        while not daemon.status.readiness()[0]:
             await asyncio.sleep(0.05)
         connect_timeout_s = 10.0 if retry else 0.0
 

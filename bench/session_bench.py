@@ -119,7 +119,7 @@ async def run(claude: str, base_url: str, tmp: Path, rounds: int) -> dict[str, A
     task = asyncio.create_task(daemon.run(handle_signals=False))
     try:
         async with asyncio.timeout(120):
-            while not daemon.readiness()[0]:
+            while not daemon.status.readiness()[0]:
                 await asyncio.sleep(0.05)
         await daemon.session_pools["default"].wait_ready(120, idle=3)
         url = daemon.listening["http"]

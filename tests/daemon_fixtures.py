@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,19 @@ class RunningDaemon:
     def pool(self, name: str = "default") -> Any:
         return self.daemon.pools[name]
 
+    def sample(self, name: str, **labels: str) -> float | None:
+        """One sample of the daemon's registry, as a scrape would show it (None: no such series)."""
+        return self.daemon.registry.get_sample_value(name, labels)
+
+    def requests_by_outcome(self) -> Counter[str]:
+        """``claudepool_requests_total`` summed over tenants, by outcome, without the series at zero."""
+        counts: Counter[str] = Counter()
+        for family in self.daemon.registry.collect():
+            for sample in family.samples:
+                if sample.name == "claudepool_requests_total" and sample.value:
+                    counts[sample.labels["outcome"]] += int(sample.value)
+        return counts
+
     async def metrics_text(self) -> str:
         """GET /metrics as a scraper does: with a key that may read it (the admin key here)."""
         async with aiohttp.ClientSession() as session, session.get(
@@ -62,7 +76,8 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 async def make_daemon(tmp_path: Path, fake_log: Path) -> AsyncIterator[Callable[..., Awaitable[RunningDaemon]]]:
     running: list[RunningDaemon] = []
 
-    async def make(**overrides: Any) -> RunningDaemon:
+    async def make(*, handle_signals: bool = False, **overrides: Any) -> RunningDaemon:
+        """A daemon on ``overrides`` of the test config; ``handle_signals`` installs its SIGTERM and SIGINT handlers."""
         config: dict[str, Any] = {
             "server": {"socket": str(tmp_path / "cp.sock"), "http": "127.0.0.1:0", "admin_key": ADMIN_KEY,
                        "drain_timeout_s": 5},
@@ -78,9 +93,9 @@ async def make_daemon(tmp_path: Path, fake_log: Path) -> AsyncIterator[Callable[
         }
         settings = load_settings(None, **_deep_merge(config, overrides))
         daemon = Daemon(settings, notifier=Notifier({}))
-        task = asyncio.create_task(daemon.run(handle_signals=False))
+        task = asyncio.create_task(daemon.run(handle_signals=handle_signals))
         async with asyncio.timeout(15):
-            while not daemon.readiness()[0]:
+            while not daemon.status.readiness()[0]:
                 if task.done():
                     task.result()
                 await asyncio.sleep(0.02)
@@ -110,6 +125,12 @@ class DaemonProcess:
         ) as resp:
             body: dict[str, Any] = await resp.json()
             return body
+
+    async def wait_draining(self, timeout_s: float = 10) -> None:
+        """Return once the daemon says it drains (after a stop signal); it still answers meanwhile."""
+        async with asyncio.timeout(timeout_s):
+            while not (await self.status())["draining"]:
+                await asyncio.sleep(0.02)
 
     async def worker_pids(self) -> list[int]:
         return [w["pid"] for p in (await self.status())["pools"].values() for w in p["workers"] if w["pid"]]

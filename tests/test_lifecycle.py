@@ -111,7 +111,7 @@ async def test_sigterm_drains_a_turn_in_flight_then_exits_0(
     assert len(pids) == 2
     in_flight = await daemon.start_request("[[sleep:1.5]] [[reply:finished anyway]]")
     daemon.proc.send_signal(signal.SIGTERM)
-    await asyncio.sleep(0.2)
+    await daemon.wait_draining()
     late_status, late = await post(daemon.url, {"prompt": "too late"})
     assert (late_status, late["error"]["code"]) == (503, "draining")
     status, body = await in_flight
@@ -141,7 +141,7 @@ async def test_second_signal_forces_exit(
     pids = await daemon.worker_pids()
     stuck = await daemon.start_request("[[hang]]")
     daemon.proc.send_signal(signal.SIGTERM)
-    await asyncio.sleep(0.3)
+    await daemon.wait_draining()
     assert daemon.proc.returncode is None  # still draining: the deadline is a minute away
     t0 = time.monotonic()
     daemon.proc.send_signal(signal.SIGINT)

@@ -105,7 +105,7 @@ async def test_memory_series_come_from_measurements_not_scrapes(make_daemon: Mak
 
 async def test_upstream_statuses_and_spend_are_present_at_zero_and_count_by_status(make_daemon: MakeDaemon) -> None:
     d = await make_daemon(tenants={"gamma": {"key": "gamma-key-0123", "daily_budget_usd": 1.0}})
-    d.daemon.metrics.spent.clear()  # as before the first refresh from the store
+    d.daemon.spend.spent.clear()  # as before the first refresh from the store
     before = await scrape(d)
     for status in ("400", "429", "500", "502", "503", "504", "529", "none", "other"):
         for name in ("claudepool_upstream_errors_total", "claudepool_upstream_retries_total"):

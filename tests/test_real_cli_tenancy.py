@@ -50,7 +50,7 @@ async def test_metered_usage_equals_the_upstream_request_log(
     assert set(usage) == {"acme", "beta"}
     # The Prometheus counters say the same as the upstream's log.
     by_type: dict[str, float] = {}
-    for family in text_string_to_metric_families(generate_latest(d.daemon.metrics.registry).decode()):
+    for family in text_string_to_metric_families(generate_latest(d.daemon.registry).decode()):
         for sample in family.samples:
             if sample.name == "claudepool_tokens_total":
                 by_type[sample.labels["type"]] = by_type.get(sample.labels["type"], 0) + sample.value

@@ -88,7 +88,7 @@ class Ledger:
 
     def _counts(self) -> dict[tuple[str, str], float]:
         out = {}
-        for family in self.d.daemon.metrics.requests.collect():
+        for family in self.d.daemon.registry.collect():
             for sample in family.samples:
                 if sample.name == "claudepool_requests_total":
                     out[(sample.labels["tenant"], sample.labels["outcome"])] = sample.value
@@ -190,7 +190,7 @@ async def test_every_refusal_has_one_line_and_one_count(front: Front, json_logs:
     logged = json_logs.getvalue()
     for needle in (SECRET, WRONG_KEY, *KEY_OF.values()):
         assert needle not in logged
-    rejected = d.daemon.metrics.registry.get_sample_value
+    rejected = d.daemon.registry.get_sample_value
     assert rejected("claudepool_rejections_total", {"tenant": "limited", "kind": "requests_per_minute"}) == 1
     assert rejected("claudepool_rejections_total", {"tenant": "queued", "kind": "queue_full"}) == 1
     assert rejected("claudepool_rejections_total", {"tenant": "broke", "kind": "budget"}) == 1
@@ -218,7 +218,7 @@ async def test_a_second_prompt_under_an_id_in_flight_is_one_refusal(make_daemon:
 
 async def test_unauthenticated_series_exist_at_zero_and_never_name_a_key(make_daemon: MakeDaemon) -> None:
     d = await make_daemon()
-    value = d.daemon.metrics.registry.get_sample_value
+    value = d.daemon.registry.get_sample_value
     for outcome in ("unauthorized", "bad_request", "prompt_too_large", "frame_too_large"):
         assert value("claudepool_requests_total", {"tenant": "__unauthenticated__", "outcome": outcome}) == 0
     for outcome in ("unauthorized", "forbidden", "not_found", "session_closed", "queue_full"):

@@ -20,6 +20,7 @@ import pytest
 from claudepool.client import AsyncClient
 from claudepool.errors import RemoteError
 from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
+from tests.helpers import until
 from tests.test_floods import http_address
 
 __all__ = ["make_daemon"]
@@ -211,7 +212,9 @@ async def test_a_client_is_served_while_sixty_slowloris_connections_are_held(mak
         else:
             conn.send(head("Content-Length: 100000\r\n\r\n") + b'{"prompt": "')
         bad.append(conn)
-    await asyncio.sleep(0.2)
+    guard = d.daemon.front_ends.guard if d.daemon.front_ends is not None else None
+    assert guard is not None
+    await until(lambda: len(guard.connections) == 60)  # every one accepted and held before the client comes
     assert await served(d) == "served"
     assert all(conn.is_open for conn in bad)  # served while every bad connection was still held
     for conn in bad:

@@ -71,7 +71,7 @@ async def test_requests_per_minute_limit_is_429_with_retry_after(make_daemon: Ma
     # Room frees when the first request's one-second bucket leaves the window: 60-61 s after it.
     assert 59 <= int(headers["Retry-After"]) <= 61
     assert (await post(d, {"prompt": "another tenant"}, tenant="beta"))[0] == 200
-    assert d.daemon.service.rejections[("acme", "rate_limited")] == 1
+    assert d.sample("claudepool_rejections_total", tenant="acme", kind="requests_per_minute") == 1
 
 
 async def test_tokens_per_minute_are_counted_from_real_usage(make_daemon: MakeDaemon) -> None:
@@ -85,7 +85,7 @@ async def test_tokens_per_minute_are_counted_from_real_usage(make_daemon: MakeDa
     assert status == 429
     assert f"{used} of 100 tokens per minute" in body["error"]["message"]
     assert int(headers["Retry-After"]) >= 1
-    rejected = d.daemon.metrics.registry.get_sample_value
+    rejected = d.daemon.registry.get_sample_value
     assert rejected("claudepool_rejections_total", {"tenant": "acme", "kind": "tokens_per_minute"}) == 1
     assert rejected("claudepool_rejections_total", {"tenant": "acme", "kind": "requests_per_minute"}) == 0
 

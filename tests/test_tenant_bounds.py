@@ -50,8 +50,8 @@ async def test_a_connection_holds_at_most_max_requests_per_connection_prompts(ma
             await c.send({"id": f"c-{frame_id}", "op": "cancel", "target": frame_id})
         await c.until_terminals("r1", "r2")
     await until(lambda: d.daemon.service.in_flight == 0, 10)
-    assert d.daemon.service.requests_by_outcome["cancelled"] == 3
-    assert d.daemon.service.requests_by_outcome["too_many_in_flight"] == 2  # refusals are counted too
+    assert d.requests_by_outcome()["cancelled"] == 3
+    assert d.requests_by_outcome()["too_many_in_flight"] == 2  # refusals are counted too
 
 
 # -- open sessions per tenant ---------------------------------------------------------------------------

@@ -206,7 +206,7 @@ async def test_cancel_ends_the_request_and_the_worker_is_reset(make_daemon: Make
         assert r1[-1]["message"]
         await until(lambda: pool.stats.abandoned_turns == 1 and pool.stats.resets == 1, 10)
         assert d.daemon.service.in_flight == 0
-        assert d.daemon.service.requests_by_outcome.get("cancelled") == 1
+        assert d.requests_by_outcome()["cancelled"] == 1
 
         # An unknown target is reported as not found; the id of the cancelled request is free again.
         await c.send({"id": "c2", "op": "cancel", "target": "never-sent"})
@@ -411,7 +411,7 @@ async def test_client_disconnect_cancels_its_requests_and_resets_the_worker(make
     # The connection is closed with the request in flight.
     await until(lambda: pool.stats.abandoned_turns == 1 and pool.stats.resets == 1, 10)
     await until(lambda: d.daemon.service.in_flight == 0)
-    assert d.daemon.service.requests_by_outcome == {"cancelled": 1}
+    assert d.requests_by_outcome() == {"cancelled": 1}
     await d.idle()
     async with connect(d) as c:
         await c.send(prompt("r2", "[[reply:next client]]"))
@@ -493,4 +493,4 @@ async def test_shutdown_stops_a_socket_request_with_one_draining_error(make_daem
     assert (terminals[0]["event"], terminals[0]["code"]) == ("error", "draining")
     assert d.daemon.service.in_flight == 0
     # r1, stopped at the deadline, and "late", refused at admission: each counted once.
-    assert d.daemon.service.requests_by_outcome == {"draining": 2}
+    assert d.requests_by_outcome() == {"draining": 2}

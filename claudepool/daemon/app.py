@@ -1,43 +1,60 @@
 """The daemon: composition and lifecycle.
 
-Start-up: pools begin warming → front ends bind (or adopt systemd's sockets) → print where we listen
-→ once every pool has ``min_idle`` warm workers, ``READY=1``.
+`Daemon.__init__` builds every component and wires them (the only place that knows them all); the
+front ends get the narrow `claudepool.daemon.facade.Facade`, never the daemon. `Daemon.run` is the
+lifecycle, under one `asyncio.TaskGroup` that owns every background task.
+
+Start-up: the metering flusher starts → pools begin warming → front ends bind (or adopt systemd's
+sockets) → print where we listen → the background loops start (announce-ready, watchdog, spend
+gauges, session maintenance) → once every pool has ``min_idle`` warm workers, ``READY=1``.
 
 Shutdown, on SIGTERM or SIGINT, in a fixed order: ``STOPPING=1`` and stop admitting (new requests
 get 503 ``draining``, /readyz turns 503) → wait for requests in flight up to
-``server.drain_timeout_s`` → stop the stragglers (each answers 503 ``draining``) → close the front
-ends → close every worker → exit 0. A second signal skips the wait and exits 1 once workers are
-closed. Previous signal handlers are restored on the way out.
+``server.drain_timeout_s`` → stop the stragglers (each answers 503 ``draining``) → stop the
+background loops → close the front ends → park the conversations → close every worker → flush the
+usage records → close the store → exit 0. A second signal skips the wait and exits 1 once workers
+are closed. Previous signal handlers are restored on the way out.
+
+A background task that crashes is logged with its traceback and stops the daemon like a second
+signal would (no drain wait), with exit code 1: a daemon without its metering or its session
+maintenance would serve on half-alive, while systemd (``Restart=on-failure``) starts a whole one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
-import os
 import re
 import signal
-import socket
-import time
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
-from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from claudepool.config import Settings, key_digest
-from claudepool.daemon.http_api import build_app
-from claudepool.daemon.http_guard import GuardedSockSite, HttpGuard
-from claudepool.daemon.listen_fds import inherited_sockets, split_by_kind
-from claudepool.daemon.metrics import Metrics
-from claudepool.daemon.notify import Notifier, unset_environment
-from claudepool.daemon.rlimit import ensure_open_files
-from claudepool.daemon.service import PromptService, ServiceLimits
-from claudepool.daemon.unix_api import UnixFrontEnd
-from claudepool.errors import BadRequest, ClaudepoolError, ConfigError, Forbidden
+from claudepool.daemon.admission import Gate, ServiceLimits
+from claudepool.daemon.collectors import (
+    LimiterCollector,
+    MeterCollector,
+    PoolCollector,
+    ProcessCollector,
+    ServiceCollector,
+    SessionCollector,
+    StoreCollector,
+)
+from claudepool.daemon.facade import Facade
+from claudepool.daemon.front_ends import FrontEnds
+from claudepool.daemon.metrics import RequestMetrics, StoreMetrics, TenantLabels, UsageMetrics, WorkerMetrics
+from claudepool.daemon.notify import Notifier
+from claudepool.daemon.service import PromptService
+from claudepool.daemon.spend import TenantSpend
+from claudepool.daemon.status import Status
+from claudepool.errors import ClaudepoolError
 from claudepool.logs import add_key_digests
 from claudepool.pool.pool import Pool
 from claudepool.sessions.manager import SessionManager
-from claudepool.store.base import UsageTotals, Window
 from claudepool.store.factory import build_store
 from claudepool.store.instrumented import InstrumentedStore
 from claudepool.tenancy.budgets import PricingTable
@@ -57,19 +74,24 @@ class Daemon:
         self.settings = settings
         self.tenants = TenantRegistry.from_settings(settings)
         add_key_digests(_held_key_digests(settings))  # masked wherever a log line would show one
-        self.metrics = Metrics(self, max_tenant_labels=settings.metrics.max_tenant_labels,
-                               max_model_labels=settings.metrics.max_model_labels)
+        # One registry, handed to every component that exports something (nothing global).
+        self.registry = CollectorRegistry(auto_describe=True)
+        tenant_labels = TenantLabels(self.tenants.names(), max_labels=settings.metrics.max_tenant_labels)
+        request_metrics = RequestMetrics(self.registry, tenant_labels)
+        worker_metrics = WorkerMetrics(self.registry, [pool for name in settings.profiles
+                                                       for pool in (name, f"{name}.sessions")])
+        usage_metrics = UsageMetrics(self.registry, tenant_labels, max_model_labels=settings.metrics.max_model_labels)
         self.store = InstrumentedStore(build_store(settings.store))
-        self.store.observer = self.metrics.store_call
+        self.store.observer = StoreMetrics(self.registry).store_call
         store_url = settings.store.url.get_secret_value()
         self.limiter = RateLimiter(store_url, key_prefix=settings.store.key_prefix,
                                    socket_timeout_s=settings.store.socket_timeout_s)
         self.pricing = PricingTable.of(settings.pricing)
         self.meter = Meter(self.store, self.limiter, self.pricing, settings.metering,
-                           on_record=self.metrics.turn_billed)
+                           on_record=usage_metrics.turn_billed)
         slots = TenantSlots()
         hooks: dict[str, Any] = {"on_turn_result": self.meter.on_turn_result, "on_lease_done": self.meter.on_lease_done,
-                                 "slots": slots, "observer": self.metrics}
+                                 "slots": slots, "observer": worker_metrics}
         self.pools = {name: Pool(settings.profile(name), settings.pool_config(name), **hooks)
                       for name in settings.profiles}
         # Conversations run on each profile's session-capable twin: the same spawn settings, with
@@ -84,94 +106,38 @@ class Daemon:
         }
         self.sessions = SessionManager(self.store, self.session_pools, settings)
         server = settings.server
-        self.service = PromptService(
+        gate = Gate(
             self.pools,
             ServiceLimits(server.max_prompt_bytes, server.default_timeout_s, server.max_timeout_s, server.max_queued,
                           settings.store.reservation_ttl_s),
             store=self.store, limiter=self.limiter, meter=self.meter, pricing=self.pricing,
-            metering=settings.metering, metrics=self.metrics, sessions=self.sessions,
+            metering=settings.metering, sessions=self.sessions,
         )
+        self.service = PromptService(gate, self.tenants, self.meter, metrics=request_metrics, sessions=self.sessions)
+        self.status = Status(self.pools, self.all_pools(), self.service)
+        self.spend = TenantSpend(self.tenants, self.store, tenant_labels, self.registry)
+        PoolCollector(self.all_pools(), self.registry)
+        ServiceCollector(self.service, self.registry)
+        ProcessCollector(self.registry)
+        SessionCollector(self.sessions, self.registry)
+        StoreCollector(self.store, self.registry)
+        LimiterCollector(self.limiter, self.registry)
+        MeterCollector(self.meter, self.registry)
+        self.facade = Facade(tenants=self.tenants, service=self.service, sessions=self.sessions, store=self.store,
+                             status=self.status, registry=self.registry, metrics_public=settings.metrics.public,
+                             ledger_page_records=server.ledger_page_records,
+                             max_ledger_reads_per_tenant=server.max_ledger_reads_per_tenant)
         self.notifier = notifier or Notifier()
         self.listening: dict[str, str] = {}
-        self.started_at = time.monotonic()
+        self.front_ends: FrontEnds | None = None  # once bound
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
-        self._warm = False
         self._signals = 0
+        self.crashed: list[str] = []  # the background tasks that crashed, by name
 
     def all_pools(self) -> dict[str, Pool]:
         """Stateless and session-capable pools, by pool name (``default``, ``default.sessions``)."""
         return {pool.profile.name: pool for pool in (*self.pools.values(), *self.session_pools.values())}
-
-    # -- status ------------------------------------------------------------------------------------
-
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        pools: dict[str, Any] = {}
-        ready = self._warm and not self.service.draining
-        for name, pool in self.pools.items():
-            counts = pool.counts()
-            warm = counts["idle"] + counts["leased"] + counts["cleaning"]
-            pools[name] = {"healthy": pool.healthy, "warm": warm, "idle": counts["idle"]}
-            # A profile started on demand (min_idle 0) is ready with no warm worker.
-            ready = ready and pool.healthy and (warm > 0 or pool.config.min_idle == 0)
-        return ready, {"ready": ready, "draining": self.service.draining, "pools": pools}
-
-    def pool_status(self) -> dict[str, Any]:
-        pools = {}
-        for name, pool in self.all_pools().items():
-            pools[name] = {
-                "max_workers": pool.max_workers,
-                "breaker": str(pool.breaker_state),
-                "counts": pool.counts(),
-                "total_pss_bytes": pool.total_pss_bytes(),
-                "workers": pool.snapshot(),
-            }
-        return {
-            "pools": pools,
-            "queue": {"waiting": sum(p.waiting for p in self.all_pools().values())},
-            "in_flight": self.service.in_flight,
-            "draining": self.service.draining,
-            "uptime_s": round(time.monotonic() - self.started_at, 3),
-        }
-
-    def caller_scope(self, key: str | None, tenant: str | None) -> list[str] | None:
-        """Which tenants' usage ``key`` may read: the admin any (None = all), a tenant only itself."""
-        if self.tenants.is_admin(key):
-            return [tenant] if tenant else None
-        caller = self.tenants.authenticate(key)
-        if tenant and tenant != caller.name:
-            raise Forbidden("a tenant key reads only its own usage")
-        return [caller.name]
-
-    async def usage_report(self, key: str | None, *, tenant: str | None = None, window: str = "day",
-                           date: str | None = None) -> dict[str, Any]:
-        """Usage per tenant and model for one UTC day or month, with each tenant's budget state."""
-        scope = self.caller_scope(key, tenant)
-        try:
-            span = Window.parse(window, date)
-        except ValueError as exc:
-            raise BadRequest(f"bad usage window: {exc}") from None
-        usage = await self.store.usage(span, scope)
-        tenants: dict[str, Any] = {}
-        for name in sorted(set(usage) | set(scope or [])):
-            models = usage.get(name, {})
-            total = UsageTotals()
-            for totals in models.values():
-                for field, value in totals.to_dict().items():
-                    setattr(total, field, getattr(total, field) + value)
-            entry: dict[str, Any] = {"models": {m: t.to_dict() for m, t in models.items()}, "total": total.to_dict()}
-            configured = self.tenants.get(name)
-            if configured is not None:
-                state = await self.store.budget(name)
-                entry["budget"] = {
-                    "daily_limit_usd": configured.daily_budget_usd,
-                    "monthly_limit_usd": configured.monthly_budget_usd,
-                    "day_spent_usd": round(state.day_spent_usd, 10),
-                    "month_spent_usd": round(state.month_spent_usd, 10),
-                    "reserved_usd": round(state.reserved_usd, 10),
-                }
-            tenants[name] = entry
-        return {"window": {"kind": span.kind, "key": span.label()}, "tenants": tenants}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -186,113 +152,75 @@ class Daemon:
             self._force.set()
 
     async def run(self, *, handle_signals: bool = True) -> int:
-        """Serve until stopped. Returns the process exit code."""
-        loop = asyncio.get_running_loop()
-        installed: list[signal.Signals] = []
-        if handle_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.request_stop)
-                installed.append(sig)
-        runner: web.AppRunner | None = None
-        unix: UnixFrontEnd | None = None
-        background: list[asyncio.Task[None]] = []
-        metering = asyncio.create_task(self.meter.run(), name="metering")
+        """Serve until stopped. Returns the process exit code: 0 after a drain, 1 when forced or
+        when a background task crashed."""
+        failure: Exception | None = None
+        code = 1
+        try:
+            with _stop_signals(self.request_stop, enabled=handle_signals):
+                async with asyncio.TaskGroup() as tg:
+                    try:
+                        code = await self._serve(tg)
+                    except Exception as exc:
+                        # Raised once the group is done, as itself (a front end that cannot bind is a
+                        # ConfigError to the caller, not an ExceptionGroup).
+                        failure = exc
+        finally:
+            self.notifier.close()
+        if failure is not None:
+            raise failure
+        return 1 if self.crashed else code
+
+    async def _serve(self, tg: asyncio.TaskGroup) -> int:
+        metering = self._supervise(tg, "metering", self.meter.run)
+        loops: list[asyncio.Task[None]] = []
+        front: FrontEnds | None = None
         try:
             for pool in self.all_pools().values():
                 await pool.start()
-            runner, unix = await self._start_front_ends()
+            front = self.front_ends = await FrontEnds.start(self.facade, self.settings.server,
+                                                            shutdown_timeout_s=_HTTP_SHUTDOWN_TIMEOUT_S)
+            self.listening.update(front.listening)
             where = " and ".join(f"{kind} {addr}" for kind, addr in self.listening.items()) or "nothing"
             print(f"claudepool: listening on {where}", flush=True)
-            background.append(asyncio.create_task(self._announce_ready(), name="announce-ready"))
-            background.append(asyncio.create_task(self.notifier.run_watchdog(), name="watchdog"))
-            background.append(asyncio.create_task(self._refresh_spend(), name="spend-gauges"))
-            background.append(asyncio.create_task(self.sessions.maintain(), name="sessions"))
+            loops += [self._supervise(tg, "announce-ready", self._announce_ready),
+                      self._supervise(tg, "watchdog", self.notifier.run_watchdog),
+                      self._supervise(tg, "spend-gauges", self.spend.run),
+                      self._supervise(tg, "sessions", self.sessions.maintain)]
             await self._stop.wait()
             return await self._shutdown()
         finally:
-            for task in background:
+            for task in loops:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            if unix is not None:
-                await unix.close(_HTTP_SHUTDOWN_TIMEOUT_S)
-            if runner is not None:
-                await runner.cleanup()
+            await asyncio.gather(*loops, return_exceptions=True)
+            if front is not None:
+                await front.close(_HTTP_SHUTDOWN_TIMEOUT_S)
             # Conversations keep their checkpoints and resume after a restart (or on another daemon).
             await self.sessions.park_all()
             for pool in self.all_pools().values():
                 await pool.close()
             # Every turn has settled now; give its record a bounded chance to reach the store.
-            await self.meter.flush(_HTTP_SHUTDOWN_TIMEOUT_S)
+            if not metering.done():
+                await self.meter.flush(_HTTP_SHUTDOWN_TIMEOUT_S)
             metering.cancel()
             await asyncio.gather(metering, return_exceptions=True)
             await self.store.close()
             await self.limiter.close()
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            self.notifier.close()
 
-    async def _start_front_ends(self) -> tuple[web.AppRunner | None, UnixFrontEnd]:
-        server = self.settings.server
-        ensure_open_files(2 * server.max_connections)  # each front end admits max_connections
-        adopted = inherited_sockets()
-        # Both the notifier and socket activation have read their variables: no child may see them.
-        unset_environment(os.environ)
-        unix_socks, inet_socks = split_by_kind(s.sock for s in adopted)
-        runner: web.AppRunner | None = None
-        if inet_socks or server.http:
-            # handler_cancellation: a client that disconnects cancels its handler, which abandons the
-            # turn; the pool then interrupts and resets the worker.
-            guard = HttpGuard(max_connections=server.max_connections, header_timeout_s=server.header_timeout_s,
-                              body_timeout_s=server.body_timeout_s)
-            runner = web.AppRunner(build_app(self, guard.middleware()), handler_cancellation=True, access_log=None,
-                                   shutdown_timeout=_HTTP_SHUTDOWN_TIMEOUT_S,
-                                   keepalive_timeout=server.keepalive_timeout_s)
-            await runner.setup()
-            if inet_socks:
-                for sock in inet_socks:
-                    await GuardedSockSite(runner, sock, guard, backlog=server.backlog).start()
-                self.listening["http"] = ", ".join(_address(s) for s in inet_socks)
-            else:
-                host, port = server.http_host_port()
-                try:
-                    sock = socket.create_server(
-                        (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=server.backlog
-                    )
-                except OSError as exc:
-                    raise ConfigError(f"cannot listen on {server.http}: {exc.strerror}") from None
-                sock.setblocking(False)
-                await GuardedSockSite(runner, sock, guard, backlog=server.backlog).start()
-                self.listening["http"] = f"http://{_address(sock)}"
-        unix = UnixFrontEnd(self, max_connections=server.max_connections)
-        try:
-            if unix_socks:
-                for sock in unix_socks:
-                    await unix.listen("", server.socket_mode, sock=sock, backlog=server.backlog)
-                self.listening["unix"] = ", ".join(_address(s) for s in unix_socks)
-            elif server.socket:
-                await unix.listen(server.socket, server.socket_mode, backlog=server.backlog)
-                self.listening["unix"] = server.socket
-        except BaseException:
-            # Do not leave the HTTP port listening behind a daemon that failed to start.
-            await unix.close(_HTTP_SHUTDOWN_TIMEOUT_S)
-            if runner is not None:
-                await runner.cleanup()
-            raise
-        return runner, unix
+    def _supervise(self, tg: asyncio.TaskGroup, name: str,
+                   loop: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Task[None]:
+        """Run ``loop`` in the group; if it raises, log why and stop the daemon at once (exit 1)."""
+        async def supervised() -> None:
+            try:
+                await loop()
+            except Exception:
+                log.exception("%s crashed: stopping the daemon", name)
+                self.crashed.append(name)
+                self.notifier.status(f"stopping: {name} crashed")
+                self._force.set()
+                self._stop.set()
 
-    async def _refresh_spend(self, interval_s: float = 15.0) -> None:
-        """Keep the spend gauges of budgeted tenants current (a scrape must not wait on the store)."""
-        while True:
-            for name in sorted(self.metrics.labelled_tenants):
-                tenant = self.tenants.get(name)
-                if tenant is None or not tenant.has_budget:
-                    continue
-                try:
-                    state = await self.store.budget(name)
-                except ClaudepoolError:
-                    break  # the store is down: keep the last values; store_up says why
-                self.metrics.spent[name] = (state.day_spent_usd, state.month_spent_usd)
-            await asyncio.sleep(interval_s)
+        return tg.create_task(supervised(), name=name)
 
     async def _announce_ready(self) -> None:
         try:
@@ -303,14 +231,14 @@ class Daemon:
             log.error("pools did not warm up: %r", exc)
             self.notifier.status(f"warming failed: {exc!r}")
             return
-        self._warm = True
+        self.status.warm = True
         warm = sum(p.idle_count for p in self.all_pools().values())
         self.notifier.ready()
         self.notifier.status(f"serving with {warm} warm workers")
         log.info("ready: %d warm workers", warm)
 
     async def _shutdown(self) -> int:
-        """Drain; the front ends and pools are closed by `run` on the way out."""
+        """Drain; the front ends and pools are closed by `_serve` on the way out."""
         self.notifier.stopping()
         self.service.draining = True
         self.notifier.status(f"draining {self.service.in_flight} requests")
@@ -327,6 +255,26 @@ class Daemon:
         return 1 if self._force.is_set() else 0
 
 
+@contextlib.contextmanager
+def _stop_signals(on_signal: Callable[[], None], *, enabled: bool) -> Iterator[None]:
+    """SIGTERM and SIGINT call ``on_signal`` while the block runs; the handlers in place before
+    (Python's, or asyncio.run's for SIGINT) are put back after it."""
+    if not enabled:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            loop.remove_signal_handler(sig)  # this leaves the default handler, not the previous one
+            if handler is not None:  # None: set outside Python, nothing we could put back
+                signal.signal(sig, handler)
+
+
 # Worker variables whose values are credentials, masked in logs like the keys.
 _SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
 
@@ -338,11 +286,3 @@ def _held_key_digests(settings: Settings) -> set[str]:
     for env in (settings.pool.env, *(p.env for p in settings.profiles.values())):
         digests |= {hashlib.sha256(v.encode()).hexdigest() for k, v in env.items() if v and _SECRET_NAME.search(k)}
     return digests
-
-
-def _address(sock: socket.socket) -> str:
-    name = sock.getsockname()
-    if isinstance(name, tuple):
-        host, port = name[0], name[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(name)

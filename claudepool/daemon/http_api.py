@@ -17,18 +17,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from aiohttp_sse import EventSourceResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
-from claudepool.errors import BadRequest, ClaudepoolError, NotFound, PromptTooLarge, RequestError, TooManyInFlight
+from claudepool.daemon.admission import new_request_id
+from claudepool.daemon.facade import Api
+from claudepool.errors import BadRequest, ClaudepoolError, NotFound, PromptTooLarge, RequestError
 from claudepool.protocol.wire import (
     LedgerQuery,
     PromptRequest,
@@ -41,28 +42,21 @@ from claudepool.protocol.wire import (
     parse_query,
 )
 
-if TYPE_CHECKING:
-    from claudepool.daemon.app import Daemon
-    from claudepool.tenancy.tenants import Tenant
-
 log = logging.getLogger(__name__)
 
-DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
-# Ledger reads in flight, per tenant ("admin" for the admin key).
-LEDGER_READS: web.AppKey[Counter[str]] = web.AppKey("ledger_reads")
+API: web.AppKey[Api] = web.AppKey("api")
 _LEDGER_CHUNK_RECORDS = 1000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def build_app(daemon: Daemon, *middlewares: Middleware) -> web.Application:
+def build_app(api: Api, *middlewares: Middleware, max_prompt_bytes: int) -> web.Application:
     """``middlewares`` run inside the error mapping, so what they raise is answered like a handler's."""
     app = web.Application(
         middlewares=[_errors, _refused_before_the_handler, *middlewares],
         # The body is a prompt plus a small envelope; larger bodies get 413 before being read whole.
-        client_max_size=daemon.settings.server.max_prompt_bytes + 64 * 1024,
+        client_max_size=max_prompt_bytes + 64 * 1024,
     )
-    app[DAEMON] = daemon
-    app[LEDGER_READS] = Counter()
+    app[API] = api
     app.router.add_post("/v1/prompt", _prompt)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -128,16 +122,12 @@ async def _refused_before_the_handler(request: web.Request, handler: Handler) ->
         if request.path != "/v1/prompt" or request.get(_PROMPT_HANDLED):
             raise
         refusal = PromptTooLarge("request body too large") if isinstance(exc, web.HTTPRequestEntityTooLarge) else exc
-        daemon = request.app[DAEMON]
-        try:
-            tenant: Tenant | None = daemon.tenants.authenticate(bearer(request))
-        except ClaudepoolError:
-            tenant = None
-        daemon.service.refused(refusal, tenant=tenant)
+        request.app[API].refused(refusal, key=bearer(request))
         raise refusal from None
 
 
 async def _read_request(request: web.Request) -> PromptRequest:
+    """The body as a `PromptRequest` (read only once the key is known to be good)."""
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -152,33 +142,29 @@ async def _read_request(request: web.Request) -> PromptRequest:
 
 async def _prompt(request: web.Request) -> web.StreamResponse:
     request[_PROMPT_HANDLED] = True
-    daemon = request.app[DAEMON]
-    tenant: Tenant | None = None
-    try:
-        tenant = daemon.tenants.authenticate(bearer(request))
-        body = await _read_request(request)
-    except ClaudepoolError as exc:
-        daemon.service.refused(exc, tenant=tenant)  # what `admit` refuses, it counts itself
-        raise
-    admission = await daemon.service.admit(tenant, body)
-    if not body.stream:
-        result = await daemon.service.run(admission)
-        return json_response(result.model_dump())
-
+    api = request.app[API]
+    request_id = new_request_id()
     stream: EventSourceResponse | None = None
+    streaming = False
+
+    async def read() -> PromptRequest:
+        nonlocal streaming
+        body = await _read_request(request)
+        streaming = body.stream
+        return body
 
     async def opened() -> EventSourceResponse:
         nonlocal stream
         if stream is None:
-            stream = EventSourceResponse(allow_all_methods=True, headers={"X-Request-Id": admission.request_id})
+            stream = EventSourceResponse(allow_all_methods=True, headers={"X-Request-Id": request_id})
             await stream.prepare(request)
         return stream
 
-    async def on_delta(text: str) -> None:
+    async def on_delta(text: str) -> None:  # called only when the request asked for a stream
         await (await opened()).send(orjson.dumps({"text": text}).decode(), event="delta")
 
     try:
-        answer: PromptResult = await daemon.service.run(admission, on_delta)
+        answer: PromptResult = await api.handle(bearer(request), read, on_delta, request_id=request_id)
     except Exception as exc:
         if stream is None:
             raise
@@ -190,6 +176,8 @@ async def _prompt(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(ConnectionResetError):
             await stream.send(orjson.dumps(error_body(exc)).decode(), event="error")
     else:
+        if not streaming:
+            return json_response(answer.model_dump())
         await (await opened()).send(answer.model_dump_json(), event="result")
     assert stream is not None
     stream.stop_streaming()
@@ -202,23 +190,18 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
-    ready, detail = daemon.readiness()
+    ready, detail = request.app[API].readiness()
     return json_response(detail, status=200 if ready else 503)
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
-    if not daemon.settings.metrics.public:
-        daemon.tenants.require_scraper(bearer(request))
-    body = generate_latest(daemon.metrics.registry)
+    body = request.app[API].metrics(bearer(request))
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def _usage(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
     q = parse_query(UsageQuery, request.query.items())
-    report = await daemon.usage_report(bearer(request), tenant=q.tenant, window=q.window, date=q.date)
+    report = await request.app[API].usage(bearer(request), tenant=q.tenant, window=q.window, date=q.date)
     return json_response(report)
 
 
@@ -229,25 +212,11 @@ async def _ledger(request: web.Request) -> web.StreamResponse:
     ``X-Ledger-Limit``), is written in chunks so encoding it never holds the event loop for long,
     and a tenant has at most ``server.max_ledger_reads_per_tenant`` reads in flight: a tenant
     cannot make the daemon build large answers for it over and over, at once."""
-    daemon = request.app[DAEMON]
-    server = daemon.settings.server
     q = parse_query(LedgerQuery, request.query.items())
-    key = bearer(request)
-    scope = daemon.caller_scope(key, q.tenant)
-    # Counted per tenant; the admin key's reads (of any tenant, or of all) count as "admin".
-    reader = "admin" if scope is None or daemon.tenants.is_admin(key) else scope[0]
-    reads = request.app[LEDGER_READS]
-    if reads[reader] >= server.max_ledger_reads_per_tenant:
-        raise TooManyInFlight(f"{reads[reader]} ledger reads of this tenant are in flight, its limit")
-    reads[reader] += 1
-    try:
-        limit = min(q.limit, server.ledger_page_records)
-        records = []
-        for tenant in scope if scope is not None else [None]:
-            records += await daemon.store.ledger(tenant, since=q.since, limit=limit)
-        records.sort(key=lambda r: r.at)
-        del records[limit:]
-        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "X-Ledger-Limit": str(limit)})
+    async with request.app[API].ledger(bearer(request), tenant=q.tenant, since=q.since, limit=q.limit) as page:
+        records = page.records
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
+                                               "X-Ledger-Limit": str(page.limit)})
         await response.prepare(request)
         for start in range(0, len(records), _LEDGER_CHUNK_RECORDS):
             # orjson encodes the dataclass itself: ~10x faster than dataclasses.asdict first.
@@ -255,15 +224,11 @@ async def _ledger(request: web.Request) -> web.StreamResponse:
                                           for r in records[start:start + _LEDGER_CHUNK_RECORDS]))
         await response.write_eof()
         return response
-    finally:
-        reads[reader] -= 1
-        if reads[reader] <= 0:
-            del reads[reader]
 
 
 async def _session_create(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
-    tenant = daemon.tenants.authenticate(bearer(request))
+    api = request.app[API]
+    tenant = api.authenticate(bearer(request))
     raw = await request.read()
     try:
         body = SessionCreateRequest.model_validate(orjson.loads(raw) if raw.strip() else {})
@@ -271,44 +236,37 @@ async def _session_create(request: web.Request) -> web.Response:
         raise BadRequest("the body is not valid JSON") from None
     except ValidationError as exc:
         raise BadRequest(describe_validation_error(exc)) from None
-    record = await daemon.sessions.create(tenant, body.profile)
-    return json_response(daemon.sessions.view(record), status=201)
+    return json_response(await api.create_session(tenant, body.profile), status=201)
 
 
 def _session_owner(request: web.Request) -> str | None:
     """The tenant whose sessions the caller may see: itself, or for the admin ``?tenant=`` (or all)."""
-    daemon = request.app[DAEMON]
-    scope = daemon.caller_scope(bearer(request), parse_query(TenantQuery, request.query.items()).tenant)
+    scope = request.app[API].scope(bearer(request), parse_query(TenantQuery, request.query.items()).tenant)
     return scope[0] if scope else None
 
 
 async def _session_list(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
-    records = await daemon.sessions.list(_session_owner(request))
-    return json_response({"sessions": [daemon.sessions.view(r) for r in records]})
+    return json_response({"sessions": await request.app[API].list_sessions(_session_owner(request))})
 
 
 async def _session_get(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
     owner = _session_owner(request)
     if owner is None:
         raise BadRequest("the admin key needs ?tenant= to read one session")
-    return json_response(daemon.sessions.view(await daemon.sessions.get(owner, request.match_info["id"])))
+    return json_response(await request.app[API].get_session(owner, request.match_info["id"]))
 
 
 async def _session_delete(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
     owner = _session_owner(request)
     if owner is None:
         raise BadRequest("the admin key needs ?tenant= to delete one session")
-    await daemon.sessions.delete(owner, request.match_info["id"])
+    await request.app[API].delete_session(owner, request.match_info["id"])
     return web.Response(status=204)
 
 
 async def _pool(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
     try:
-        daemon.tenants.require_admin(bearer(request))
+        status = request.app[API].pool_status(bearer(request))
     except RequestError as exc:
         return error_response(exc)
-    return json_response(daemon.pool_status())
+    return json_response(status)

@@ -1,11 +1,13 @@
-"""The one path every prompt takes, whichever front end it came through.
+"""The one path every prompt takes, whichever front end it came through: `PromptService.handle`.
 
-admit: profile, session, size, queue bounds, rate limits, budget reservation → run: wait for a
-worker in the pool's fair queue → one turn, streaming text deltas to the caller → one `PromptResult`,
-or a `ClaudepoolError` the front end turns into its error response. The request deadline covers the
-queue wait and the turn; when it passes, the turn is abandoned and the pool interrupts and resets the
-worker. Usage is metered from the pool's callbacks (see `claudepool.tenancy.metering`), so a turn is
-billed even when its client is gone.
+authenticate → read the request → admit (see `claudepool.daemon.admission`: profile, session,
+size, queue bounds, rate limits, budget reservation) → run: wait for a worker in the pool's fair
+queue → one turn, streaming text deltas to the caller → one `PromptResult`, or a `ClaudepoolError`
+the front end turns into its error response. Each request ends in exactly one canonical log line
+and one count (`claudepool.daemon.request_log`), refused or served. The request deadline covers the
+queue wait and the turn; when it passes, the turn is abandoned and the pool interrupts and resets
+the worker. Usage is metered from the pool's callbacks (see `claudepool.tenancy.metering`), so a
+turn is billed even when its client is gone.
 
 Draining: set ``draining`` to stop admitting, `wait_idle` for requests in flight up to a deadline,
 then `stop_in_flight`: each remaining request answers `Draining` rather than vanishing.
@@ -16,134 +18,44 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
-from claudepool.config import MeteringSettings
-from claudepool.daemon.metrics import Metrics, outcome_of, upstream_status
-from claudepool.errors import (
-    BadRequest,
-    BudgetExhausted,
-    Cancelled,
-    Draining,
-    Forbidden,
-    NotFound,
-    PromptTooLarge,
-    QueueFull,
-    RateLimited,
-    RequestTimeout,
-    SessionClosed,
-    TenancyError,
-)
-from claudepool.pool.pool import Lease, Pool
+from claudepool.daemon.admission import Admission, Gate, new_request_id
+from claudepool.daemon.metrics import RequestMetrics
+from claudepool.daemon.request_log import RequestLog, Trace
+from claudepool.errors import Cancelled, ClaudepoolError, Draining, RequestTimeout
+from claudepool.pool.pool import Lease
 from claudepool.pool.worker import TurnResult
 from claudepool.protocol.cli_events import StreamEvent, SystemApiRetry
 from claudepool.protocol.wire import PromptRequest, PromptResult, UsageOut
 from claudepool.sessions.manager import SessionManager
-from claudepool.store.base import SessionRecord, Store
-from claudepool.tenancy.budgets import PricingTable
-from claudepool.tenancy.limits import RateLimiter
-from claudepool.tenancy.metering import Meter, RequestContext
+from claudepool.store.base import SessionRecord
+from claudepool.tenancy.metering import Meter
 from claudepool.tenancy.scheduler import Priority, TenantShare
-from claudepool.tenancy.tenants import Tenant
+from claudepool.tenancy.tenants import Tenant, TenantRegistry
 
 log = logging.getLogger(__name__)
-request_log = logging.getLogger("claudepool.request")
 
 OnDelta = Callable[[str], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class ServiceLimits:
-    max_prompt_bytes: int
-    default_timeout_s: float
-    max_timeout_s: float
-    max_queued: int
-    reservation_ttl_s: float
-
-
-class QueueSlot:
-    """One place under the daemon's and the tenant's queue bounds (``server.max_queued``,
-    ``tenants.NAME.max_queued``), held from admission until the request has a worker or ends.
-
-    It is taken in the same step as the bounds are checked, with no await between, so concurrent
-    requests cannot all pass the check while they are still checking limits or reserving budget."""
-
-    def __init__(self, counts: Counter[str], tenant: str) -> None:
-        self._counts = counts
-        self._tenant = tenant
-        self._held = True
-        counts[tenant] += 1
-
-    def release(self) -> None:
-        """Give the place back; idempotent."""
-        if self._held:
-            self._held = False
-            self._counts[self._tenant] -= 1
-            if self._counts[self._tenant] <= 0:
-                del self._counts[self._tenant]
-
-
-@dataclass(frozen=True)
-class Admission:
-    """A request that passed every check, holds its budget reservation and its place in the queue
-    bounds, and may queue for a worker."""
-
-    request_id: str
-    tenant: Tenant
-    request: PromptRequest
-    pool: Pool
-    timeout_s: float
-    context: RequestContext
-    queue_slot: QueueSlot
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
-@dataclass
-class _Trace:
-    """What one request went through, for its metrics and its log line."""
-
-    started: float
-    queue_s: float | None = None
-    first_text_s: float | None = None
-    slot: int | None = None
-    result: TurnResult | None = None
-
-
-def _rejection_kind(exc: TenancyError) -> str:
-    if isinstance(exc, RateLimited):
-        return exc.kind
-    if isinstance(exc, BudgetExhausted):
-        return "budget"
-    return "queue_full"
+# The request body, read once the key is known to be good (so an unreadable body is refused with
+# its tenant known, and a bad key is refused before the body is read).
+ReadRequest = Callable[[], Awaitable[PromptRequest]]
 
 
 class PromptService:
-    def __init__(self, pools: dict[str, Pool], limits: ServiceLimits, *, store: Store, limiter: RateLimiter,
-                 meter: Meter, pricing: PricingTable, metering: MeteringSettings,
-                 metrics: Metrics | None = None, sessions: SessionManager | None = None) -> None:
-        self.pools = pools
-        self.limits = limits
-        self.store = store
-        self.limiter = limiter
+    def __init__(self, gate: Gate, tenants: TenantRegistry, meter: Meter, *, metrics: RequestMetrics | None = None,
+                 sessions: SessionManager | None = None) -> None:
+        self.gate = gate
+        self.tenants = tenants
         self.meter = meter
-        self.pricing = pricing
-        self.metering = metering
         self.metrics = metrics
         self.sessions = sessions
+        self.log = RequestLog(metrics)
         self.draining = False
         self._in_flight: set[asyncio.Task[object]] = set()
         self._stopped_by_drain: set[asyncio.Task[object]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._queued: Counter[str] = Counter()
-        self.requests_by_outcome: Counter[str] = Counter()
-        self.rejections: Counter[tuple[str, str]] = Counter()
 
     @property
     def in_flight(self) -> int:
@@ -152,7 +64,34 @@ class PromptService:
     @property
     def queued(self) -> int:
         """Requests admitted (or being admitted) that have no worker yet: what the queue bounds count."""
-        return self._queued.total()
+        return self.gate.queued
+
+    async def handle(self, key: str | None, request: PromptRequest | ReadRequest, on_delta: OnDelta | None = None, *,
+                     request_id: str | None = None) -> PromptResult:
+        """Serve one prompt from the key to the answer. ``on_delta`` receives text as it streams, when
+        the request asked for a stream.
+
+        Raises the `ClaudepoolError` to answer; the request is counted and logged once either way.
+        What ``on_delta`` raises (the front end's own writes) passes through untouched."""
+        request_id = request_id or new_request_id()
+        tenant: Tenant | None = None
+        try:
+            tenant = self.tenants.authenticate(key)
+            if not isinstance(request, PromptRequest):
+                request = await request()
+        except ClaudepoolError as exc:
+            self.refused(exc, tenant=tenant, request_id=request_id)
+            raise
+        admission = await self.admit(tenant, request, request_id)
+        return await self.run(admission, on_delta if request.stream else None)
+
+    def refused(self, exc: BaseException, *, tenant: Tenant | None = None, request: PromptRequest | None = None,
+                request_id: str | None = None, started: float | None = None) -> None:
+        """Count a request that ends before admission and write its one canonical log line.
+
+        `handle` calls it for its own refusals; a front end calls it for a prompt it refuses before
+        `handle` (a frame it cannot read, a bound of the connection). Never the prompt or the key."""
+        self.log.refused(exc, tenant=tenant, request=request, request_id=request_id, started=started)
 
     async def admit(self, tenant: Tenant, request: PromptRequest, request_id: str | None = None) -> Admission:
         """Every check that needs no worker, and the budget reservation. Raises the error to answer.
@@ -171,31 +110,6 @@ class PromptService:
             self.refused(exc, tenant=tenant, request=request, request_id=request_id, started=started)
             raise
 
-    def refused(self, exc: BaseException, *, tenant: Tenant | None = None, request: PromptRequest | None = None,
-                request_id: str | None = None, started: float | None = None) -> None:
-        """Count a request that ends before admission and write its one canonical log line.
-
-        `admit` calls it for its own refusals; a front end calls it for what it refuses before
-        `admit` (no or a wrong key, a body or frame it cannot read). Never the prompt or the key."""
-        outcome = outcome_of(exc)
-        self.requests_by_outcome[outcome] += 1
-        if tenant is not None and isinstance(exc, TenancyError):
-            self.rejections[(tenant.name, exc.code)] += 1
-        if self.metrics is not None:
-            if tenant is not None and isinstance(exc, TenancyError):
-                self.metrics.rejected(tenant.name, _rejection_kind(exc))
-            self.metrics.request_done(tenant.name if tenant is not None else None, outcome, None, None)
-        request_log.info("request", extra={"fields": {
-            "request_id": request_id or new_request_id(), "tenant": tenant.name if tenant is not None else None,
-            "session": request.session if request is not None else None,
-            "profile": (request.profile if request is not None else None) or (tenant.profile if tenant else None),
-            "priority": request.priority if request is not None else None, "worker_slot": None,
-            "outcome": outcome, "queue_ms": None,
-            "duration_ms": round((time.monotonic() - started) * 1000, 1) if started is not None else 0.0,
-            "input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0,
-            "cost_usd": 0.0,
-        }})
-
     async def _admit_in_flight(self, tenant: Tenant, request: PromptRequest, request_id: str) -> Admission:
         if self.draining:
             raise Draining("the daemon is shutting down; retry on another instance")
@@ -204,7 +118,7 @@ class PromptService:
         self._in_flight.add(task)
         self._idle.clear()
         try:
-            return await self._admit(tenant, request, request_id)
+            return await self.gate.admit(tenant, request, request_id)
         except BaseException as exc:
             self._in_flight.discard(task)
             stopped = task in self._stopped_by_drain
@@ -215,67 +129,13 @@ class PromptService:
                 raise Draining("the daemon stopped this request at its drain deadline") from None
             raise
 
-    async def _admit(self, tenant: Tenant, request: PromptRequest, request_id: str) -> Admission:
-        profile = request.profile or tenant.profile
-        pools = self.pools
-        if request.session is not None:
-            if self.sessions is None:
-                raise NotFound("unknown session")
-            record = await self.sessions.get(tenant.name, request.session)
-            if record.state == "closed":
-                raise SessionClosed(f"session {record.id} is closed ({record.close_reason})")
-            if request.profile is not None and request.profile != record.profile:
-                raise BadRequest(f"session {record.id} runs on profile {record.profile!r}")
-            profile, pools = record.profile, self.sessions.pools
-        if profile not in pools:
-            raise NotFound(f"unknown profile {profile!r}")
-        if profile not in tenant.profiles:
-            raise Forbidden(f"profile {profile!r} is not allowed for this tenant")
-        size = len(request.prompt.encode())
-        if size > self.limits.max_prompt_bytes:
-            raise PromptTooLarge(f"prompt of {size} bytes exceeds the limit of {self.limits.max_prompt_bytes}")
-        if self.queued >= self.limits.max_queued:
-            raise QueueFull(f"the daemon has {self.queued} requests waiting for a worker")
-        if tenant.max_queued and self._queued[tenant.name] >= tenant.max_queued:
-            raise QueueFull(f"this tenant has {self._queued[tenant.name]} requests waiting, its limit")
-        slot = QueueSlot(self._queued, tenant.name)  # no await since the check
-        try:
-            await self.limiter.check(tenant.name, requests_per_minute=tenant.requests_per_minute,
-                                     tokens_per_minute=tenant.tokens_per_minute)
-            pool = pools[profile]
-            model = pool.profile.model or "default"
-            timeout_s = min(request.timeout_s or self.limits.default_timeout_s, self.limits.max_timeout_s)
-            reservation_id = None
-            if tenant.has_budget:
-                amount = self.pricing.reservation_usd(model, size, self.metering)
-                # It must outlive the request (queue wait and turn), or others could spend it meanwhile.
-                wait_s = tenant.max_queue_wait_s or pool.config.lease_timeout_s
-                ttl_s = max(self.limits.reservation_ttl_s, wait_s + timeout_s + 60)
-                try:
-                    await self.store.reserve(tenant.name, request_id, amount, daily_limit_usd=tenant.daily_budget_usd,
-                                             monthly_limit_usd=tenant.monthly_budget_usd, ttl_s=ttl_s)
-                except BudgetExhausted:
-                    raise
-                except BaseException:
-                    # Cancelled or failed mid-call, the reservation may exist: give it back (idempotent).
-                    self.meter.release(RequestContext(request_id=request_id, tenant=tenant.name, profile=profile,
-                                                      model=model, reservation_id=request_id))
-                    raise
-                reservation_id = request_id
-        except BaseException:
-            slot.release()
-            raise
-        context = RequestContext(request_id=request_id, tenant=tenant.name, profile=profile, model=model,
-                                 reservation_id=reservation_id, session=request.session)
-        return Admission(request_id, tenant, request, pool, timeout_s, context, slot)
-
     async def run(self, admission: Admission, on_delta: OnDelta | None = None) -> PromptResult:
         """Serve an admitted request. ``on_delta`` receives text as it streams (if given)."""
         task = asyncio.current_task()
         assert task is not None
         self._in_flight.add(task)
         self._idle.clear()
-        trace = _Trace(started=time.monotonic())
+        trace = Trace(started=time.monotonic())
         error: BaseException | None = None
         try:
             return await self._serve(admission, on_delta, trace)
@@ -294,9 +154,9 @@ class PromptService:
             self._stopped_by_drain.discard(task)
             if not self._in_flight:
                 self._idle.set()
-            self._finished(admission, trace, error)
+            self.log.finished(admission, trace, error)
 
-    async def _serve(self, admission: Admission, on_delta: OnDelta | None, trace: _Trace) -> PromptResult:
+    async def _serve(self, admission: Admission, on_delta: OnDelta | None, trace: Trace) -> PromptResult:
         started = trace.started
         session: str | None = None
         try:
@@ -328,7 +188,7 @@ class PromptService:
             queue_ms=round((trace.queue_s or 0.0) * 1000, 3),
         )
 
-    async def _serve_session(self, admission: Admission, on_delta: OnDelta | None, trace: _Trace) -> str:
+    async def _serve_session(self, admission: Admission, on_delta: OnDelta | None, trace: Trace) -> str:
         """One turn of a conversation, on the worker that holds it (or resumed on a new one)."""
         assert self.sessions is not None and admission.request.session is not None
         tenant = admission.tenant
@@ -360,7 +220,7 @@ class PromptService:
             admission.queue_slot.release()
         return record.id
 
-    async def _drive(self, lease: Lease, admission: Admission, on_delta: OnDelta | None, trace: _Trace) -> TurnResult:
+    async def _drive(self, lease: Lease, admission: Admission, on_delta: OnDelta | None, trace: Trace) -> TurnResult:
         """Run the admitted prompt on ``lease``'s worker, streaming text and noting what happened."""
         trace.queue_s = time.monotonic() - trace.started
         trace.slot = lease.worker.slot
@@ -375,34 +235,9 @@ class PromptService:
                     if on_delta is not None:
                         await on_delta(text)
             elif isinstance(item, SystemApiRetry) and self.metrics is not None:
-                self.metrics.upstream_retries.labels(upstream_status(item.error_status)).inc()
+                self.metrics.upstream_retry(item.error_status)
         assert trace.result is not None
         return trace.result
-
-    def _finished(self, admission: Admission, trace: _Trace, error: BaseException | None) -> None:
-        """Count the request and write its one canonical log line (never the prompt or the answer)."""
-        result = trace.result
-        outcome = outcome_of(error, is_error=result.is_error if result else False)
-        self.requests_by_outcome[outcome] += 1
-        duration_s = time.monotonic() - trace.started
-        if self.metrics is not None:
-            self.metrics.request_done(admission.tenant.name, outcome, duration_s, trace.queue_s)
-            if trace.first_text_s is not None:
-                self.metrics.ttft_seconds.observe(trace.first_text_s)
-            if result is not None and (result.api_error_status is not None or result.terminal_reason == "api_error"):
-                self.metrics.upstream_errors.labels(upstream_status(result.api_error_status)).inc()
-        usage = result.usage if result is not None else None
-        request_log.info("request", extra={"fields": {
-            "request_id": admission.request_id, "tenant": admission.tenant.name,
-            "session": admission.request.session, "profile": admission.context.profile,
-            "priority": admission.request.priority, "worker_slot": trace.slot, "outcome": outcome,
-            "queue_ms": round(trace.queue_s * 1000, 1) if trace.queue_s is not None else None,
-            "duration_ms": round(duration_s * 1000, 1),
-            "input_tokens": usage.input_tokens if usage else 0, "output_tokens": usage.output_tokens if usage else 0,
-            "cache_read_input_tokens": usage.cache_read_input_tokens if usage else 0,
-            "cache_creation_input_tokens": usage.cache_creation_input_tokens if usage else 0,
-            "cost_usd": result.cost_usd if result else 0.0,
-        }})
 
     async def _acquire(self, admission: Admission) -> Lease:
         """Wait in the pool's fair queue. Until a worker is leased, the reservation is ours to return."""

@@ -35,9 +35,10 @@ import os
 import socket
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from claudepool.daemon.service import new_request_id
+from claudepool.daemon.admission import new_request_id
+from claudepool.daemon.facade import Api
 from claudepool.errors import (
     BadRequest,
     Cancelled,
@@ -65,9 +66,6 @@ from claudepool.protocol.wire import (
     result_frame,
 )
 
-if TYPE_CHECKING:
-    from claudepool.daemon.app import Daemon
-
 log = logging.getLogger(__name__)
 
 _READ_CHUNK_BYTES = 1 << 16
@@ -76,11 +74,14 @@ _READ_CHUNK_BYTES = 1 << 16
 class UnixFrontEnd:
     """The listening sockets and the open connections, so shutdown can close both."""
 
-    def __init__(self, daemon: Daemon, *, max_connections: int = 1024) -> None:
-        self.daemon = daemon
+    def __init__(self, api: Api, *, max_connections: int = 1024, max_frame_bytes: int = 2 << 20,
+                 max_requests_per_connection: int = 256) -> None:
+        self.api = api
         # Clients here are local and hold one connection for many requests, idle in between, so
         # there is no idle timeout: this bound is what caps connections a client can open and hold.
         self.max_connections = max_connections
+        self.max_frame_bytes = max_frame_bytes
+        self.max_requests_per_connection = max_requests_per_connection
         self.refused = 0
         self.servers: list[asyncio.Server] = []
         self.connections: dict[_Connection, asyncio.Task[Any]] = {}
@@ -122,7 +123,8 @@ class UnixFrontEnd:
         if len(self.connections) >= self.max_connections:
             await self._refuse(writer)
             return
-        connection = _Connection(self.daemon, writer)
+        connection = _Connection(self.api, writer, max_frame_bytes=self.max_frame_bytes,
+                                 max_requests=self.max_requests_per_connection)
         task = asyncio.current_task()
         assert task is not None
         self.connections[connection] = task
@@ -158,19 +160,21 @@ class _Connection:
     accepted and leaves it in `finished`, which writes that prompt's one terminal frame, so a frame
     arriving meanwhile with the same id is refused (answered with id null) whatever it is."""
 
-    def __init__(self, daemon: Daemon, writer: asyncio.StreamWriter) -> None:
-        self.daemon = daemon
+    def __init__(self, api: Api, writer: asyncio.StreamWriter, *, max_frame_bytes: int, max_requests: int) -> None:
+        self.api = api
         self.writer = writer
+        self.max_frame_bytes = max_frame_bytes
+        self.max_requests = max_requests
         self.requests: dict[str, asyncio.Task[bytes]] = {}
         self.cancelled: set[str] = set()
 
     async def serve(self, reader: asyncio.StreamReader) -> None:
-        framer = LineFramer(self.daemon.settings.server.max_frame_bytes)
+        framer = LineFramer(self.max_frame_bytes)
         try:
             while chunk := await reader.read(_READ_CHUNK_BYTES):
                 for line in framer.feed_lenient(chunk):
                     if isinstance(line, FrameTooLarge):
-                        self.daemon.service.refused(line)  # most likely a prompt; unreadable either way
+                        self.api.refused(line)  # most likely a prompt; unreadable either way
                         self.refuse(leading_frame_id(line.head), line)
                     elif line.strip():
                         await self.handle(line)
@@ -211,19 +215,19 @@ class _Connection:
             frame = parse_frame(obj)
         except CorruptFrame as exc:
             refusal = BadRequest(str(exc))
-            self.daemon.service.refused(refusal)  # a line we cannot read may be a prompt: count it
+            self.api.refused(refusal)  # a line we cannot read may be a prompt: count it
             self.refuse(None, refusal)
             return
         except BadRequest as exc:
             if op in (None, "prompt"):  # a prompt, or a frame that does not say what it is
-                self.daemon.service.refused(exc)
+                self.api.refused(exc)
             self.refuse(frame_id, exc)
             return
         if frame.id in self.requests:
             refusal = BadRequest("a request with this id has not ended yet; wait for its result or error before "
                                  "reusing the id")
             if isinstance(frame, PromptFrame):
-                self.daemon.service.refused(refusal)  # a prompt that will not run: counted, like any refusal
+                self.api.refused(refusal)  # a prompt that will not run: counted, like any refusal
             self.refuse(frame.id, refusal)
         elif isinstance(frame, PromptFrame):
             self.start_prompt(frame)
@@ -239,19 +243,18 @@ class _Connection:
             self.send(event_frame(frame.id, "status", self.status(frame)))
         elif isinstance(frame, SessionCreateFrame | SessionDeleteFrame):
             try:
-                tenant = self.daemon.tenants.authenticate(frame.key)
+                tenant = self.api.authenticate(frame.key)
                 if isinstance(frame, SessionCreateFrame):
-                    record = await self.daemon.sessions.create(tenant, frame.profile)
-                    self.send(event_frame(frame.id, "session", {"session": self.daemon.sessions.view(record)}))
+                    view = await self.api.create_session(tenant, frame.profile)
+                    self.send(event_frame(frame.id, "session", {"session": view}))
                 else:
-                    await self.daemon.sessions.delete(tenant.name, frame.session)
+                    await self.api.delete_session(tenant.name, frame.session)
                     self.send(event_frame(frame.id, "session_deleted", {"session": frame.session}))
             except ClaudepoolError as exc:
                 self.send(error_frame(frame.id, exc))
         else:
             try:
-                report = await self.daemon.usage_report(frame.key, tenant=frame.tenant, window=frame.window,
-                                                        date=frame.date)
+                report = await self.api.usage(frame.key, tenant=frame.tenant, window=frame.window, date=frame.date)
             except ClaudepoolError as exc:
                 self.send(error_frame(frame.id, exc))
             else:
@@ -259,20 +262,18 @@ class _Connection:
         await self.writer.drain()
 
     def status(self, frame: StatusFrame) -> dict[str, Any]:
-        if self.daemon.tenants.is_admin(frame.key):
-            return self.daemon.pool_status()
+        """The admin's pool status, or a tenant's readiness; a bad key's error inside the frame."""
         try:
-            self.daemon.tenants.authenticate(frame.key)
+            return self.api.status(frame.key)
         except ClaudepoolError as exc:
             return {"error": {"code": exc.code, "message": str(exc)}}
-        return self.daemon.readiness()[1]
 
     def start_prompt(self, frame: PromptFrame) -> None:
-        bound = self.daemon.settings.server.max_requests_per_connection
+        bound = self.max_requests
         if len(self.requests) >= bound:
             refusal = TooManyInFlight(f"{bound} requests are in flight on this connection, its limit; wait for one "
                                       "to end")
-            self.daemon.service.refused(refusal)  # a prompt that will not run: counted, like any refusal
+            self.api.refused(refusal)  # a prompt that will not run: counted, like any refusal
             self.refuse(frame.id, refusal)
             return
         task = asyncio.create_task(self.run_prompt(frame), name=f"unix-{frame.id}")
@@ -304,14 +305,8 @@ class _Connection:
 
         request_id = new_request_id()
         try:
-            try:
-                tenant = self.daemon.tenants.authenticate(frame.key)
-            except ClaudepoolError as exc:
-                self.daemon.service.refused(exc, request_id=request_id)  # what `admit` refuses, it counts
-                raise
             request = PromptRequest.model_validate(frame.model_dump(exclude={"id", "op", "key"}))
-            admission = await self.daemon.service.admit(tenant, request, request_id)
-            result = await self.daemon.service.run(admission, on_delta if frame.stream else None)
+            result = await self.api.handle(frame.key, request, on_delta, request_id=request_id)
             return result_frame(frame.id, result)
         except ClaudepoolError as exc:
             return error_frame(frame.id, exc)

@@ -1,0 +1,150 @@
+"""Admission: every check a prompt passes before it may wait for a worker, and its budget reservation.
+
+In order: the session (if any) and its profile, the profile, the prompt's size, the daemon's and
+the tenant's queue bounds, the rate limits, the budget reservation. The first that fails raises the
+error to answer; what was taken on the way (a place in the queue bounds, a reservation) is given
+back. An `Admission` holds what passed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from claudepool.config import MeteringSettings
+from claudepool.errors import BadRequest, BudgetExhausted, Forbidden, NotFound, PromptTooLarge, QueueFull, SessionClosed
+from claudepool.pool.pool import Pool
+from claudepool.protocol.wire import PromptRequest
+from claudepool.sessions.manager import SessionManager
+from claudepool.store.base import Store
+from claudepool.tenancy.budgets import PricingTable
+from claudepool.tenancy.limits import RateLimiter
+from claudepool.tenancy.metering import Meter, RequestContext
+from claudepool.tenancy.tenants import Tenant
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    max_prompt_bytes: int
+    default_timeout_s: float
+    max_timeout_s: float
+    max_queued: int
+    reservation_ttl_s: float
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class QueueSlot:
+    """One place under the daemon's and the tenant's queue bounds (``server.max_queued``,
+    ``tenants.NAME.max_queued``), held from admission until the request has a worker or ends.
+
+    It is taken in the same step as the bounds are checked, with no await between, so concurrent
+    requests cannot all pass the check while they are still checking limits or reserving budget."""
+
+    def __init__(self, counts: Counter[str], tenant: str) -> None:
+        self._counts = counts
+        self._tenant = tenant
+        self._held = True
+        counts[tenant] += 1
+
+    def release(self) -> None:
+        """Give the place back; idempotent."""
+        if self._held:
+            self._held = False
+            self._counts[self._tenant] -= 1
+            if self._counts[self._tenant] <= 0:
+                del self._counts[self._tenant]
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A request that passed every check, holds its budget reservation and its place in the queue
+    bounds, and may queue for a worker."""
+
+    request_id: str
+    tenant: Tenant
+    request: PromptRequest
+    pool: Pool
+    timeout_s: float
+    context: RequestContext
+    queue_slot: QueueSlot
+
+
+class Gate:
+    """The checks of admission, over the pools a request may run on and the tenancy components."""
+
+    def __init__(self, pools: Mapping[str, Pool], limits: ServiceLimits, *, store: Store, limiter: RateLimiter,
+                 meter: Meter, pricing: PricingTable, metering: MeteringSettings,
+                 sessions: SessionManager | None = None) -> None:
+        self.pools = pools
+        self.limits = limits
+        self.store = store
+        self.limiter = limiter
+        self.meter = meter
+        self.pricing = pricing
+        self.metering = metering
+        self.sessions = sessions
+        self._queued: Counter[str] = Counter()
+
+    @property
+    def queued(self) -> int:
+        """Requests admitted (or being admitted) that have no worker yet: what the queue bounds count."""
+        return self._queued.total()
+
+    async def admit(self, tenant: Tenant, request: PromptRequest, request_id: str) -> Admission:
+        profile = request.profile or tenant.profile
+        pools = self.pools
+        if request.session is not None:
+            if self.sessions is None:
+                raise NotFound("unknown session")
+            record = await self.sessions.get(tenant.name, request.session)
+            if record.state == "closed":
+                raise SessionClosed(f"session {record.id} is closed ({record.close_reason})")
+            if request.profile is not None and request.profile != record.profile:
+                raise BadRequest(f"session {record.id} runs on profile {record.profile!r}")
+            profile, pools = record.profile, self.sessions.pools
+        if profile not in pools:
+            raise NotFound(f"unknown profile {profile!r}")
+        if profile not in tenant.profiles:
+            raise Forbidden(f"profile {profile!r} is not allowed for this tenant")
+        size = len(request.prompt.encode())
+        if size > self.limits.max_prompt_bytes:
+            raise PromptTooLarge(f"prompt of {size} bytes exceeds the limit of {self.limits.max_prompt_bytes}")
+        if self.queued >= self.limits.max_queued:
+            raise QueueFull(f"the daemon has {self.queued} requests waiting for a worker")
+        if tenant.max_queued and self._queued[tenant.name] >= tenant.max_queued:
+            raise QueueFull(f"this tenant has {self._queued[tenant.name]} requests waiting, its limit")
+        slot = QueueSlot(self._queued, tenant.name)  # no await since the check
+        try:
+            await self.limiter.check(tenant.name, requests_per_minute=tenant.requests_per_minute,
+                                     tokens_per_minute=tenant.tokens_per_minute)
+            pool = pools[profile]
+            model = pool.profile.model or "default"
+            timeout_s = min(request.timeout_s or self.limits.default_timeout_s, self.limits.max_timeout_s)
+            reservation_id = None
+            if tenant.has_budget:
+                amount = self.pricing.reservation_usd(model, size, self.metering)
+                # It must outlive the request (queue wait and turn), or others could spend it meanwhile.
+                wait_s = tenant.max_queue_wait_s or pool.config.lease_timeout_s
+                ttl_s = max(self.limits.reservation_ttl_s, wait_s + timeout_s + 60)
+                try:
+                    await self.store.reserve(tenant.name, request_id, amount, daily_limit_usd=tenant.daily_budget_usd,
+                                             monthly_limit_usd=tenant.monthly_budget_usd, ttl_s=ttl_s)
+                except BudgetExhausted:
+                    raise
+                except BaseException:
+                    # Cancelled or failed mid-call, the reservation may exist: give it back (idempotent).
+                    self.meter.release(RequestContext(request_id=request_id, tenant=tenant.name, profile=profile,
+                                                      model=model, reservation_id=request_id))
+                    raise
+                reservation_id = request_id
+        except BaseException:
+            slot.release()
+            raise
+        context = RequestContext(request_id=request_id, tenant=tenant.name, profile=profile, model=model,
+                                 reservation_id=reservation_id, session=request.session)
+        return Admission(request_id, tenant, request, pool, timeout_s, context, slot)

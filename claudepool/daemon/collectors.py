@@ -1,0 +1,183 @@
+"""Scrape-time collectors: each reads one component's state when /metrics is asked for.
+
+As prometheus_client's ``GCCollector``, a collector is given the registry and registers itself, so
+the composition root decides what is exported and no collector reads anything but the component it
+was given. Values come from what the components already hold (the pool's last memory measurement,
+the meter's backlog): a scrape reads no ``/proc`` file per worker, only the daemon's own RSS and
+the host's available memory.
+
+>>> registry = CollectorRegistry()
+>>> _ = ProcessCollector(registry)
+>>> registry.get_sample_value("claudepool_daemon_rss_bytes") > 0
+True
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+
+import psutil
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from claudepool.daemon.metrics import SESSION_EVENTS, WORKER_STATES
+from claudepool.daemon.service import PromptService
+from claudepool.pool.memory import available_memory_bytes, plan_memory
+from claudepool.pool.pool import Pool
+from claudepool.sessions.manager import SessionManager
+from claudepool.store.instrumented import InstrumentedStore
+from claudepool.tenancy.limits import RateLimiter
+from claudepool.tenancy.metering import Meter
+
+
+class PoolCollector(Collector):
+    """Workers by state, worker ceilings, breakers, memory per worker and per pool, queue depth."""
+
+    def __init__(self, pools: Mapping[str, Pool], registry: CollectorRegistry) -> None:
+        self._pools = pools
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        workers = GaugeMetricFamily("claudepool_workers", "Workers by pool state.", labels=["profile", "state"])
+        max_workers = GaugeMetricFamily("claudepool_max_workers",
+                                        "Worker ceiling: configured (0 = derive), RAM-derived, and in force.",
+                                        labels=["profile", "kind"])
+        breaker = GaugeMetricFamily("claudepool_pool_breaker_open", "1 while the boot breaker pauses spawning.",
+                                    labels=["profile"])
+        pss = GaugeMetricFamily("claudepool_worker_pss_bytes", "PSS of each worker's process tree.",
+                                labels=["profile", "slot"])
+        rss = GaugeMetricFamily("claudepool_worker_rss_bytes", "RSS of each worker's process tree.",
+                                labels=["profile", "slot"])
+        total_pss = GaugeMetricFamily("claudepool_workers_pss_bytes", "PSS of all workers of a pool.",
+                                      labels=["profile"])
+        budget = GaugeMetricFamily("claudepool_memory_budget_bytes", "Total PSS limits used for sizing.",
+                                   labels=["profile", "limit"])
+        available = available_memory_bytes()
+        in_turn = 0
+        waiting = {"interactive": 0, "batch": 0}
+        for name, pool in self._pools.items():
+            counts = pool.counts()
+            for state in WORKER_STATES:
+                workers.add_metric([name, state], counts[state])
+            plan = pool.memory
+            ram = plan_memory(available_bytes=available, pool_pss_bytes=pool.total_pss_bytes(),
+                              memory_fraction=pool.config.memory_fraction, per_worker_bytes=plan.per_worker_bytes)
+            max_workers.add_metric([name, "configured"], pool.config.max_workers)
+            max_workers.add_metric([name, "ram_derived"], ram.max_workers)
+            max_workers.add_metric([name, "effective"], pool.max_workers)
+            breaker.add_metric([name], 0 if str(pool.breaker_state) == "closed" else 1)
+            for worker in pool.workers():
+                in_turn += worker.in_turn()
+                if worker.pss_bytes is not None:
+                    pss.add_metric([name, str(worker.slot)], worker.pss_bytes)
+                if worker.rss_bytes is not None:
+                    rss.add_metric([name, str(worker.slot)], worker.rss_bytes)
+            total_pss.add_metric([name], pool.total_pss_bytes())
+            budget.add_metric([name, "soft"], plan.soft_limit_bytes)
+            budget.add_metric([name, "hard"], plan.hard_limit_bytes)
+            for priority, count in pool.waiting_by_priority().items():
+                waiting[priority] += count
+        yield from (workers, max_workers, breaker, pss, rss, total_pss, budget)
+        queue = GaugeMetricFamily("claudepool_queue_depth", "Requests waiting for a worker.", labels=["priority"])
+        for priority, count in waiting.items():
+            queue.add_metric([priority], count)
+        yield queue
+        yield GaugeMetricFamily("claudepool_in_flight_turns", "Workers running a turn.", value=in_turn)
+
+
+class ServiceCollector(Collector):
+    """Requests being served, and whether the daemon drains."""
+
+    def __init__(self, service: PromptService, registry: CollectorRegistry) -> None:
+        self._service = service
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("claudepool_in_flight_requests", "Requests being served.",
+                                value=self._service.in_flight)
+        yield GaugeMetricFamily("claudepool_draining", "1 while shutting down.", value=int(self._service.draining))
+
+
+class ProcessCollector(Collector):
+    """The daemon's own memory, the memory available to it, and when the scrape was computed."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._self = psutil.Process()
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("claudepool_daemon_rss_bytes", "RSS of the daemon process itself.",
+                                value=self._self.memory_info().rss)
+        yield GaugeMetricFamily("claudepool_memory_available_bytes",
+                                "Memory available to the daemon (host, capped by its cgroup).",
+                                value=available_memory_bytes())
+        yield GaugeMetricFamily("claudepool_scrape_timestamp_seconds", "When this scrape was computed.",
+                                value=time.time())
+
+
+class SessionCollector(Collector):
+    """Conversations held here, their transcripts' disk use, and their lifecycle events."""
+
+    def __init__(self, sessions: SessionManager, registry: CollectorRegistry) -> None:
+        self._sessions = sessions
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._sessions
+        yield GaugeMetricFamily("claudepool_sessions_active", "Conversations holding a worker on this daemon.",
+                                value=s.counts()["active_here"])
+        yield GaugeMetricFamily("claudepool_session_transcript_bytes",
+                                "Disk used by conversation transcripts at rest (as of the last sweep).",
+                                value=s.transcript_bytes)
+        events = CounterMetricFamily("claudepool_session_events", "Conversation lifecycle events.",
+                                     labels=["event"])
+        for event in SESSION_EVENTS:
+            events.add_metric([event], s.events[event])
+        yield events
+
+
+class StoreCollector(Collector):
+    """Which store backend is in use, and whether it answered last."""
+
+    def __init__(self, store: InstrumentedStore, registry: CollectorRegistry) -> None:
+        self._store = store
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("claudepool_store_info", "The store backend in use.", labels=["backend"])
+        info.add_metric([self._store.backend], 1)
+        yield info
+        yield GaugeMetricFamily("claudepool_store_up", "1 unless the last store operation failed.",
+                                value=int(self._store.up))
+
+
+class LimiterCollector(Collector):
+    """Rate-limit checks made locally because the store was down."""
+
+    def __init__(self, limiter: RateLimiter, registry: CollectorRegistry) -> None:
+        self._limiter = limiter
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("claudepool_rate_limit_fallbacks", "Rate-limit checks made locally: store down.",
+                                  value=self._limiter.fallbacks)
+
+
+class MeterCollector(Collector):
+    """Usage records on their way to the store, those lost, and turns whose price disagrees."""
+
+    def __init__(self, meter: Meter, registry: CollectorRegistry) -> None:
+        self._meter = meter
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._meter
+        yield GaugeMetricFamily("claudepool_metering_backlog_records", "Usage records waiting for the store.",
+                                value=m.backlog)
+        yield CounterMetricFamily("claudepool_metering_dropped_records",
+                                  "Usage records dropped because the store stayed down past the buffer.",
+                                  value=m.dropped)
+        yield CounterMetricFamily("claudepool_price_mismatches", "Turns whose cost the price table disagrees with.",
+                                  value=m.price_mismatches)

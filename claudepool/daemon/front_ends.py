@@ -1,0 +1,100 @@
+"""Binding the front ends: the sockets systemd handed over (socket activation), else those configured.
+
+A Unix socket goes to the socket API (`claudepool.daemon.unix_api`), a TCP socket to HTTP
+(`claudepool.daemon.http_api`, behind `claudepool.daemon.http_guard`). `FrontEnds.start` returns
+once every listener is bound, or raises (`ConfigError` for an address it cannot take) with nothing
+left listening; `FrontEnds.close` stops them, after the requests are done or stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from aiohttp import web
+
+from claudepool.config import ServerSettings
+from claudepool.daemon.facade import Api
+from claudepool.daemon.http_api import build_app
+from claudepool.daemon.http_guard import GuardedSockSite, HttpGuard
+from claudepool.daemon.listen_fds import inherited_sockets, split_by_kind
+from claudepool.daemon.notify import unset_environment
+from claudepool.daemon.rlimit import ensure_open_files
+from claudepool.daemon.unix_api import UnixFrontEnd
+from claudepool.errors import ConfigError
+
+
+class FrontEnds:
+    def __init__(self, runner: web.AppRunner | None, guard: HttpGuard | None, unix: UnixFrontEnd,
+                 listening: dict[str, str]) -> None:
+        self.runner = runner
+        self.guard = guard  # the HTTP connections and their deadlines (None without HTTP)
+        self.unix = unix
+        # "http" and "unix" -> where each listens, as printed at start-up.
+        self.listening = listening
+
+    @classmethod
+    async def start(cls, api: Api, server: ServerSettings, *, shutdown_timeout_s: float) -> FrontEnds:
+        ensure_open_files(2 * server.max_connections)  # each front end admits max_connections
+        adopted = inherited_sockets()
+        # Both the notifier and socket activation have read their variables: no child may see them.
+        unset_environment(os.environ)
+        unix_socks, inet_socks = split_by_kind(s.sock for s in adopted)
+        listening: dict[str, str] = {}
+        runner: web.AppRunner | None = None
+        guard: HttpGuard | None = None
+        if inet_socks or server.http:
+            # handler_cancellation: a client that disconnects cancels its handler, which abandons the
+            # turn; the pool then interrupts and resets the worker.
+            guard = HttpGuard(max_connections=server.max_connections, header_timeout_s=server.header_timeout_s,
+                              body_timeout_s=server.body_timeout_s)
+            runner = web.AppRunner(build_app(api, guard.middleware(), max_prompt_bytes=server.max_prompt_bytes),
+                                   handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout_s,
+                                   keepalive_timeout=server.keepalive_timeout_s)
+            await runner.setup()
+            if inet_socks:
+                for sock in inet_socks:
+                    await GuardedSockSite(runner, sock, guard, backlog=server.backlog).start()
+                listening["http"] = ", ".join(_address(s) for s in inet_socks)
+            else:
+                host, port = server.http_host_port()
+                try:
+                    sock = socket.create_server(
+                        (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=server.backlog
+                    )
+                except OSError as exc:
+                    await runner.cleanup()
+                    raise ConfigError(f"cannot listen on {server.http}: {exc.strerror}") from None
+                sock.setblocking(False)
+                await GuardedSockSite(runner, sock, guard, backlog=server.backlog).start()
+                listening["http"] = f"http://{_address(sock)}"
+        unix = UnixFrontEnd(api, max_connections=server.max_connections, max_frame_bytes=server.max_frame_bytes,
+                            max_requests_per_connection=server.max_requests_per_connection)
+        front = cls(runner, guard, unix, listening)
+        try:
+            if unix_socks:
+                for sock in unix_socks:
+                    await unix.listen("", server.socket_mode, sock=sock, backlog=server.backlog)
+                listening["unix"] = ", ".join(_address(s) for s in unix_socks)
+            elif server.socket:
+                await unix.listen(server.socket, server.socket_mode, backlog=server.backlog)
+                listening["unix"] = server.socket
+        except BaseException:
+            # Do not leave the HTTP port listening behind a daemon that failed to start.
+            await front.close(shutdown_timeout_s)
+            raise
+        return front
+
+    async def close(self, timeout_s: float) -> None:
+        """Stop listening and close every connection (call once requests are done or stopped)."""
+        await self.unix.close(timeout_s)
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+def _address(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if isinstance(name, tuple):
+        host, port = name[0], name[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(name)

@@ -44,7 +44,6 @@ from claudepool.tenancy.budgets import PricingTable
 from claudepool.tenancy.limits import RateLimiter
 from claudepool.tenancy.metering import Meter
 from claudepool.tenancy.scheduler import TenantSlots
-from claudepool.tenancy.tenants import TenantRegistry
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ _HTTP_SHUTDOWN_TIMEOUT_S = 5.0
 class Daemon:
     def __init__(self, settings: Settings, *, notifier: Notifier | None = None) -> None:
         self.settings = settings
-        self.tenants = TenantRegistry.from_settings(settings)
+        self.tenants = settings.tenant_registry()
         add_key_digests(_held_key_digests(settings))  # masked wherever a log line would show one
         self.metrics = Metrics(self, max_tenant_labels=settings.metrics.max_tenant_labels,
                                max_model_labels=settings.metrics.max_model_labels)
@@ -82,7 +81,7 @@ class Daemon:
                        **hooks)
             for name in settings.profiles
         }
-        self.sessions = SessionManager(self.store, self.session_pools, settings)
+        self.sessions = SessionManager(self.store, self.session_pools, settings.session_options())
         server = settings.server
         self.service = PromptService(
             self.pools,

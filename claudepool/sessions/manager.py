@@ -41,7 +41,6 @@ from typing import Any
 
 import orjson
 
-from claudepool.config import SessionSettings, Settings
 from claudepool.errors import (
     ClaudepoolError,
     Forbidden,
@@ -55,6 +54,7 @@ from claudepool.errors import (
 )
 from claudepool.pool.pool import Lease, Pool
 from claudepool.pool.worker import TurnResult, Worker
+from claudepool.sessions.settings import LimitOverrides, SessionLimits, SessionOptions, SessionSettings
 from claudepool.store.base import SessionRecord, Store
 from claudepool.tenancy.scheduler import Priority, TenantShare
 from claudepool.tenancy.tenants import Tenant
@@ -79,13 +79,6 @@ class _Binding:
     unsaved: bool = False
 
 
-@dataclass(frozen=True)
-class SessionLimits:
-    max_turns: int
-    max_age_s: float
-    max_context_tokens: int
-
-
 def _write_checkpoint(source: Path, target: Path, meta_path: Path, meta: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     partial = target.with_suffix(".partial")
@@ -99,15 +92,14 @@ def new_session_id() -> str:
 
 
 class SessionManager:
-    def __init__(self, store: Store, pools: dict[str, Pool], settings: Settings, *,
+    def __init__(self, store: Store, pools: dict[str, Pool], options: SessionOptions, *,
                  daemon_id: str | None = None) -> None:
         self.store = store
         self.pools = pools  # profile name -> its session-capable pool
-        self.settings = settings
-        self.config: SessionSettings = settings.sessions
+        self.config: SessionSettings = options.settings
+        self._profile_limits = options.profile_limits
         self.daemon_id = daemon_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self.dir = Path(self.config.dir) if self.config.dir else (
-            (settings.pool.workdir or Path(os.environ.get("TMPDIR", "/tmp"))) / "claudepool-sessions")
+        self.dir = options.dir
         self._bindings: dict[str, _Binding] = {}
         self._locks: dict[str, asyncio.Lock] = {}  # per session, also while it has no worker
         self.events: Counter[str] = Counter()
@@ -308,18 +300,10 @@ class SessionManager:
         return fresh
 
     def limits(self, tenant: Tenant, profile: str) -> SessionLimits:
-        p = self.settings.profiles[profile]
-        c = self.config
-
-        def pick(t: Any, pr: Any, default: Any) -> Any:
-            return t if t is not None else pr if pr is not None else default
-
-        return SessionLimits(
-            max_turns=pick(tenant.max_session_turns, p.max_session_turns, c.max_turns),
-            max_age_s=pick(tenant.max_session_age_s, p.max_session_age_s, c.max_age_s),
-            max_context_tokens=pick(tenant.max_session_context_tokens, p.max_session_context_tokens,
-                                    c.max_context_tokens),
-        )
+        """The tenant's own limits, else the profile's, else ``[sessions]``."""
+        by_profile = self._profile_limits.get(profile, LimitOverrides()).over(self.config.limits())
+        return LimitOverrides(tenant.max_session_turns, tenant.max_session_age_s,
+                              tenant.max_session_context_tokens).over(by_profile)
 
     # -- parking, expiry, retention ----------------------------------------------------------------
 

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import orjson
 
-from claudepool.config import MeteringSettings
 from claudepool.errors import StoreError
 from claudepool.pool.pool import Lease
 from claudepool.pool.worker import TurnResult
 from claudepool.store.base import Store, UsageRecord
 from claudepool.tenancy.budgets import PricingTable
 from claudepool.tenancy.limits import RateLimiter
+from claudepool.tenancy.settings import MeteringSettings
 
 log = logging.getLogger(__name__)
 

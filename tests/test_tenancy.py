@@ -290,8 +290,10 @@ async def test_a_full_usage_buffer_drops_the_oldest_waiting_record_never_the_one
         """A real memory store whose settles wait for a gate: the store is slow to come back."""
 
         gate = asyncio.Event()
+        settling = asyncio.Event()
 
         async def settle(self, record: UsageRecord) -> bool:
+            self.settling.set()
             await self.gate.wait()
             return await super().settle(record)
 
@@ -303,10 +305,10 @@ async def test_a_full_usage_buffer_drops_the_oldest_waiting_record_never_the_one
             return UsageRecord(record_id=f"r{n}", request_id=f"q{n}", tenant="acme", profile="default",
                                model="m", outcome="ok", at=time.time(), output_tokens=n)
 
-        meter._submit(record(1))
-        await until(lambda: meter._applying is not None, 5)  # r1 is on its way to the store
+        meter.submit(record(1))
+        await asyncio.wait_for(store.settling.wait(), 5)  # r1 is on its way to the store
         for n in (2, 3, 4):
-            meter._submit(record(n))  # r2 is the oldest waiting when r4 arrives: it is the one dropped
+            meter.submit(record(n))  # r2 is the oldest waiting when r4 arrives: it is the one dropped
         store.gate.set()
         assert await meter.flush(5)
         assert [r.record_id for r in await store.ledger("acme")] == ["r1", "r3", "r4"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -49,3 +50,12 @@ def closed_port_url() -> Iterator[str]:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
         holder.bind(("127.0.0.1", 0))
         yield f"http://127.0.0.1:{holder.getsockname()[1]}"
+
+
+def release_fifo(path: os.PathLike[str] | str) -> None:
+    """Let every thread blocked opening a FIFO go: open and close each end without blocking (a waiting
+    writer then sees its reader go, a waiting reader gets EOF). For tests that use a FIFO as a disk
+    that does not answer, so no thread outlives them."""
+    for flags in (os.O_RDONLY | os.O_NONBLOCK, os.O_WRONLY | os.O_NONBLOCK):
+        with contextlib.suppress(OSError):  # ENXIO: nobody waits to read; ENOENT: gone
+            os.close(os.open(path, flags))

@@ -21,6 +21,7 @@ from claudepool.tenancy.budgets import PricingTable
 from claudepool.tenancy.limits import RateLimiter
 from claudepool.tenancy.metering import Meter
 from claudepool.tenancy.settings import MeteringSettings, default_prices
+from tests.helpers import release_fifo
 
 
 def usage(n: int) -> UsageRecord:
@@ -49,14 +50,13 @@ def meter_on(store: MemoryStore, ledger: Path, **metering: int) -> Meter:
 
 @contextlib.contextmanager
 def fifo_released_at_exit(path: Path) -> Iterator[None]:
-    """A FIFO as the ledger file: its writer blocks in open() until a reader comes. On the way out a
-    reader opens and closes it, so no writer thread stays blocked past the test."""
+    """A FIFO as the ledger file: its writer blocks in open() until a reader comes. No thread stays
+    blocked on it past the test."""
     os.mkfifo(path)
     try:
         yield
     finally:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        os.close(fd)
+        release_fifo(path)
 
 
 async def test_each_record_is_in_the_ledger_file_before_the_store_has_it(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import psutil
 import pytest
 
 from tests.daemon_fixtures import ADMIN_KEY, KEYS, RunningDaemon, make_daemon
-from tests.helpers import pid_gone, until
+from tests.helpers import pid_gone, release_fifo, until
 
 __all__ = ["make_daemon"]
 
@@ -150,6 +151,31 @@ async def test_a_waiting_session_parks_the_least_recently_used(make_daemon: Make
     assert "BITTERN" in b_again["text"]
     assert "ALBATROSS" not in b_again["text"]
     assert d.daemon.sessions.events["parked"] >= 2
+
+
+async def test_a_resume_waiting_for_its_transcript_holds_up_no_one_else(make_daemon: MakeDaemon,
+                                                                         tmp_path: Path) -> None:
+    d = await make_daemon(**sessions_config(park_idle_s=600))
+    sid = await new_session(d)
+    await say(d, sid, "remember LAPWING-4")
+    assert await d.daemon.sessions.park(sid)
+    transcript = tmp_path / "sessions" / "acme" / f"{sid}.jsonl"
+    saved = transcript.read_bytes()
+    transcript.unlink()
+    os.mkfifo(transcript)  # a slow disk: the transcript can be read only once its writer comes
+    try:
+        resumed = asyncio.create_task(say(d, sid, "[[echo]]", timeout_s=30))
+        status, _ = await say(d, None, "served meanwhile", "beta")  # the event loop is not stuck in the copy
+        assert status == 200
+        assert not resumed.done()
+        await asyncio.wait_for(asyncio.to_thread(transcript.write_bytes, saved), 10)  # the disk answers
+        status, body = await asyncio.wait_for(resumed, 30)
+        assert status == 200, body
+        assert "remember LAPWING-4" in body["text"]
+        assert d.daemon.sessions.events["resumed"] == 1
+        assert not list((tmp_path / "w").glob(".claudepool-resume-*"))  # the staged copy was placed
+    finally:
+        release_fifo(transcript)
 
 
 async def test_a_session_keeps_its_worker_while_the_pool_can_grow(make_daemon: MakeDaemon) -> None:

@@ -35,12 +35,14 @@ async def until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
 
 
 def pid_gone(pid: int | None) -> bool:
-    """True once the process no longer runs (gone, or a zombie waiting to be reaped)."""
+    """True once the process is gone *and reaped*: a zombie still counts, since whoever started it has
+    not waited for it yet (a leak of its own), so wait for this with `until`."""
     assert pid is not None
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        psutil.Process(pid)
     except psutil.NoSuchProcess:
         return True
+    return False
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import psutil
 
@@ -32,6 +32,14 @@ async def until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not predicate():
             await asyncio.sleep(0.01)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.0, every_s: float = 0.02) -> None:
+    """`until` for a condition that must be asked for (an HTTP call, a store read): ask until it holds;
+    fail the test after ``timeout_s``."""
+    async with asyncio.timeout(timeout_s):
+        while not await check():
+            await asyncio.sleep(every_s)
 
 
 def pid_gone(pid: int | None) -> bool:

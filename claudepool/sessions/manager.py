@@ -34,7 +34,7 @@ import socket
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -410,10 +410,13 @@ class SessionManager:
                 self.events["deleted"] += 1
         self.transcript_bytes = await self.files.disk_usage()
         if self.config.max_disk_bytes and self.transcript_bytes > self.config.max_disk_bytes:
-            await self._shrink(self.transcript_bytes - self.config.max_disk_bytes)
+            await self.shrink(self.transcript_bytes - self.config.max_disk_bytes)
 
-    async def _shrink(self, excess: int) -> None:
-        records = await self.store.session_list(None)
+    async def shrink(self, excess: int, listing: Sequence[SessionRecord] | None = None) -> None:
+        """Free ``excess`` bytes of transcripts: closed sessions' first, then the least recently used
+        parked sessions are closed. ``listing`` is the store's listing of every session (read now if
+        None); it may be stale by the time a session is acted on, which each step checks."""
+        records = await self.store.session_list(None) if listing is None else listing
         closed = sorted((r for r in records if r.state == "closed"), key=lambda r: r.closed_at or 0)
         parked = sorted((r for r in records if r.state == "parked"), key=lambda r: r.last_used_at)
         for record in [*closed, *parked]:
@@ -446,6 +449,11 @@ class SessionManager:
             self.files.write_meta(record)  # a restart must not revive it
 
     # -- internals --------------------------------------------------------------------------------
+
+    def bound_worker(self, session_id: str) -> Worker | None:
+        """The worker an active session holds on this daemon, if any."""
+        binding = self._bindings.get(session_id)
+        return binding.lease.worker if binding is not None else None
 
     @property
     def dir(self) -> Path:

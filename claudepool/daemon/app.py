@@ -44,6 +44,7 @@ from claudepool.tenancy.budgets import PricingTable
 from claudepool.tenancy.limits import RateLimiter
 from claudepool.tenancy.metering import Meter
 from claudepool.tenancy.scheduler import TenantSlots
+from claudepool.tenancy.tenants import TenantRegistry
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ _HTTP_SHUTDOWN_TIMEOUT_S = 5.0
 class Daemon:
     def __init__(self, settings: Settings, *, notifier: Notifier | None = None) -> None:
         self.settings = settings
-        self.tenants = settings.tenant_registry()
+        self.tenants: TenantRegistry = settings.tenant_registry()
         add_key_digests(_held_key_digests(settings))  # masked wherever a log line would show one
         self.metrics = Metrics(self, max_tenant_labels=settings.metrics.max_tenant_labels,
                                max_model_labels=settings.metrics.max_model_labels)

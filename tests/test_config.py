@@ -299,11 +299,11 @@ def claudepool_imports(path: Path) -> set[str]:
 
 
 # What each package may import besides itself: configuration flows down from config.py, never up.
+_BASE = {"claudepool.errors", "claudepool.logs", "claudepool.protocol"}
 _MAY_IMPORT = {
-    "store": {"claudepool.errors", "claudepool.logs"},
-    "tenancy": {"claudepool.errors", "claudepool.logs", "claudepool.store", "claudepool.pool"},
-    "sessions": {"claudepool.errors", "claudepool.logs", "claudepool.store", "claudepool.tenancy",
-                 "claudepool.pool"},
+    "store": _BASE,
+    "tenancy": {*_BASE, "claudepool.store", "claudepool.pool"},
+    "sessions": {*_BASE, "claudepool.store", "claudepool.tenancy", "claudepool.pool"},
 }
 
 

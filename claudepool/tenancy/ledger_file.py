@@ -37,7 +37,6 @@ class LedgerFile:
         self._writing = 0  # and how many lines it holds
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
-        self.dropped = 0
 
     @property
     def pending(self) -> int:
@@ -48,7 +47,6 @@ class LedgerFile:
         """Queue one line (with its newline); returns its sequence number."""
         if len(self._pending) >= self.max_pending:
             _, lost = self._pending.popleft()
-            self.dropped += 1
             log.error("ledger file %s is not keeping up; this record goes to the log instead: %s", self.path,
                       lost.rstrip(b"\n").decode())
             self._progressed()

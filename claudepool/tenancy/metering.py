@@ -80,8 +80,6 @@ class Meter:
         self._ledger_path = Path(settings.ledger_file) if settings.ledger_file else None
         self._ledger_file = LedgerFile(self._ledger_path, max_pending=settings.max_buffered_records) if (
             self._ledger_path is not None) else None
-        self.settled = 0
-        self.store_failures = 0
         self.dropped = 0
         self._applying: _Op | None = None
         self.price_mismatches = 0
@@ -168,7 +166,6 @@ class Meter:
                     await self._ledger_file.wait_written(line)
                 await self._apply(op)
             except StoreError as exc:
-                self.store_failures += 1
                 log.warning("usage store unavailable, %d records waiting: %s", len(self._pending), exc)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, _BACKOFF_MAX_S)
@@ -200,7 +197,6 @@ class Meter:
             await self.store.release(op.tenant, op.reservation_id)
             return
         if await self.store.settle(op):
-            self.settled += 1
             await self.limiter.record_tokens(op.tenant, op.tokens)
 
     def submit(self, record: UsageRecord) -> None:

@@ -312,7 +312,7 @@ async def test_a_full_usage_buffer_drops_the_oldest_waiting_record_never_the_one
         store.gate.set()
         assert await meter.flush(5)
         assert [r.record_id for r in await store.ledger("acme")] == ["r1", "r3", "r4"]
-        assert meter.dropped == 1  # claudepool_usage_records_dropped_total
+        assert meter.dropped == 1  # claudepool_metering_dropped_records_total
     finally:
         flusher.cancel()
 

@@ -41,13 +41,13 @@ async def main() -> None:
         while "http" not in daemon.listening:
             await asyncio.sleep(0.01)
         now = time.time()
-        # Straight into the memory store's ledger: settling is not what is measured here.
-        daemon.store.inner._ledger.extend(  # type: ignore[attr-defined]
-            UsageRecord(record_id=f"r{i}", request_id=f"{i:032x}", tenant="acme", profile="default",
-                        model="claude-sonnet-4-5", outcome="ok", at=now - args.records + i, input_tokens=12,
-                        output_tokens=120, cache_read_input_tokens=1232, cache_creation_input_tokens=250,
-                        cost_usd=0.0016, reservation_id=f"{i:032x}")
-            for i in range(args.records))
+        # Through the store's own settle, before the clock starts: settling is not what is measured here.
+        for i in range(args.records):
+            await daemon.store.settle(UsageRecord(
+                record_id=f"r{i}", request_id=f"{i:032x}", tenant="acme", profile="default",
+                model="claude-sonnet-4-5", outcome="ok", at=now - args.records + i, input_tokens=12,
+                output_tokens=120, cache_read_input_tokens=1232, cache_creation_input_tokens=250,
+                cost_usd=0.0016, reservation_id=f"{i:032x}"))
         stalls: list[float] = []
         probing = True
 

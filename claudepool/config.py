@@ -26,7 +26,6 @@ defaults. Nested keys use ``__`` in variable names: ``CLAUDEPOOL_POOL__MIN_IDLE=
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tempfile
@@ -46,17 +45,19 @@ from claudepool.errors import ConfigError
 from claudepool.pool.memory import MiB
 from claudepool.pool.pool import PoolConfig
 from claudepool.pool.profile import Profile
+from claudepool.sessions.settings import LimitOverrides, SessionOptions, SessionSettings
+from claudepool.store.settings import StoreSettings
+from claudepool.tenancy.settings import MeteringSettings, PriceSettings, TenantSettings, default_prices
+from claudepool.tenancy.tenants import TenantRegistry, key_digest
+
+# Each section's model lives in the package it configures; these names stay importable from here.
+__all__ = [
+    "MeteringSettings", "MetricsSettings", "PoolSettings", "PriceSettings", "ProfileSettings", "ServerSettings",
+    "SessionSettings", "Settings", "StoreSettings", "TenantSettings", "default_socket_path", "key_digest",
+    "load_settings",
+]
 
 _NAME = r"^[A-Za-z0-9_.-]{1,64}$"
-_SHA256 = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
-
-
-def key_digest(key: str) -> str:
-    """The hex SHA-256 of a key; a key written as ``sha256:<hex>`` is already a digest."""
-    match = _SHA256.match(key)
-    if match:
-        return match.group(1).lower()
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def default_socket_path() -> str:
@@ -152,119 +153,9 @@ class ProfileSettings(BaseModel):
     max_session_context_tokens: int | None = Field(default=None, ge=0)
 
 
-class TenantSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    key: SecretStr
-    profile: str = "default"
-    # Defaults to [profile].
-    profiles: list[str] | None = None
-    # Scheduling: share of the workers when several tenants wait, and bounds. 0 = unlimited.
-    weight: float = Field(default=1.0, gt=0)
-    max_concurrency: int = Field(default=0, ge=0)
-    max_queued: int = Field(default=100, ge=0)
-    max_queue_wait_s: float | None = Field(default=None, gt=0)
-    # Limits and budgets. 0 = unlimited.
-    requests_per_minute: int = Field(default=0, ge=0)
-    tokens_per_minute: int = Field(default=0, ge=0)
-    daily_budget_usd: float = Field(default=0.0, ge=0)
-    monthly_budget_usd: float = Field(default=0.0, ge=0)
-    # Session limits for this tenant (None = the profile's, else [sessions]).
-    max_session_turns: int | None = Field(default=None, ge=0)
-    max_session_age_s: float | None = Field(default=None, ge=0)
-    max_session_context_tokens: int | None = Field(default=None, ge=0)
-    # Open (not closed) sessions this tenant may hold (None = [sessions] max_sessions; 0 = no bound).
-    max_sessions: int | None = Field(default=None, ge=0)
-
-    @field_validator("key")
-    @classmethod
-    def _non_empty(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value():
-            raise ValueError("a tenant key may not be empty")
-        return value
-
-    def allowed_profiles(self) -> frozenset[str]:
-        return frozenset(self.profiles if self.profiles is not None else [self.profile])
-
-
-class StoreSettings(BaseModel):
-    """``[store]``: where limits, budgets and usage live."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # "" keeps everything in this process; "redis://host:6379/0" or "unix:///path/redis.sock" shares it.
-    url: SecretStr = SecretStr("")
-    key_prefix: str = Field(default="cp", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
-    # A reservation not settled within this time is released (a daemon crashed mid-turn).
-    reservation_ttl_s: float = Field(default=900.0, gt=0)
-    ledger_max_records: int = Field(default=100_000, gt=0)
-    socket_timeout_s: float = Field(default=2.0, gt=0)
-
-
-class PriceSettings(BaseModel):
-    """USD per million tokens."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    input_per_mtok: float = Field(ge=0)
-    output_per_mtok: float = Field(ge=0)
-    cache_read_per_mtok: float = Field(ge=0)
-    cache_write_per_mtok: float = Field(ge=0)
-
-
-def _default_prices() -> dict[str, PriceSettings]:
-    # Deliberately high (Opus-class) so an unpriced model's reservation still bounds its cost.
-    return {"default": PriceSettings(input_per_mtok=15, output_per_mtok=75, cache_read_per_mtok=1.5,
-                                     cache_write_per_mtok=18.75)}
-
-
-class MeteringSettings(BaseModel):
-    """``[metering]``: how turns are recorded and how reservations are estimated."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # A local JSON-lines copy of every usage record, written at once (kept through store outages).
-    ledger_file: str = ""
-    # The reservation for a turn: prompt tokens (bytes / 3) + this overhead at the cache-write price,
-    # plus this many output tokens at the output price. Raise them for long answers or tool use.
-    reservation_overhead_tokens: int = Field(default=8_000, ge=0)
-    reservation_output_tokens: int = Field(default=8_192, ge=0)
-    # Usage records waiting for the store when it is down; past this, the oldest are written to the
-    # log at error level rather than held.
-    max_buffered_records: int = Field(default=100_000, gt=0)
-
-
-class SessionSettings(BaseModel):
-    """``[sessions]``: conversations, their session-capable workers, and their transcripts."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # Transcripts at rest: DIR/<tenant>/<session>.jsonl. Share it between daemons (with Redis) to
-    # resume a session on any of them. "" = a directory under the pool's workdir (or the temp dir).
-    dir: str = ""
-    # Session-capable workers per profile (they keep transcripts; stateless workers never do).
-    min_idle: int = Field(default=1, ge=0)
-    max_workers: int = Field(default=4, ge=1)
-    # An active session idle this long gives its worker back; its next turn resumes it elsewhere.
-    park_idle_s: float = Field(default=120.0, gt=0)
-    # A session unused this long expires (is closed).
-    ttl_s: float = Field(default=86_400.0, gt=0)
-    # Transcripts of closed sessions are deleted after this; 0 = at once.
-    retention_s: float = Field(default=7 * 86_400.0, ge=0)
-    # Bound on the transcripts directory; past it, closed transcripts go first, then the oldest
-    # parked sessions are expired. 0 = unbounded.
-    max_disk_bytes: int = Field(default=0, ge=0)
-    # Limits (0 = none); tenants and profiles may set their own.
-    max_turns: int = Field(default=0, ge=0)
-    max_age_s: float = Field(default=0.0, ge=0)
-    max_context_tokens: int = Field(default=0, ge=0)
-    # At a limit: close with session_limit_reached, or carry on in a fresh session (its id returned).
-    rollover: bool = False
-    # Open (not closed) sessions per tenant; past it, creating one is 429 too_many_sessions. 0 = no bound.
-    max_sessions: int = Field(default=100, ge=0)
-    # How often to park idle sessions, and how often to sweep for expiry, retention and disk use.
-    maintenance_interval_s: float = Field(default=1.0, gt=0)
-    sweep_interval_s: float = Field(default=15.0, gt=0)
+# The `Profile` fields a ``[profiles.NAME]`` section sets as they are; `Settings.profile` derives the others.
+_SPAWN_FIELDS = (set(ProfileSettings.model_fields) & set(Profile.model_fields)) - {
+    "claude_bin", "env", "max_budget_usd"}
 
 
 class MetricsSettings(BaseModel):
@@ -296,7 +187,7 @@ class Settings(BaseSettings):
     profiles: dict[str, ProfileSettings] = Field(default_factory=lambda: {"default": ProfileSettings()})
     tenants: dict[str, TenantSettings] = Field(default_factory=dict)
     store: StoreSettings = Field(default_factory=StoreSettings)
-    pricing: dict[str, PriceSettings] = Field(default_factory=_default_prices)
+    pricing: dict[str, PriceSettings] = Field(default_factory=default_prices)
     metering: MeteringSettings = Field(default_factory=MeteringSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
@@ -323,7 +214,7 @@ class Settings(BaseSettings):
         if not self.profiles:
             raise ValueError("at least one profile must be defined")
         # Models without their own entry are priced by pricing.default, which always exists.
-        self.pricing.setdefault("default", _default_prices()["default"])
+        self.pricing.setdefault("default", default_prices()["default"])
         digests: dict[str, str] = {}
         for name, tenant in self.tenants.items():
             allowed = tenant.allowed_profiles()
@@ -344,25 +235,25 @@ class Settings(BaseSettings):
     def profile(self, name: str) -> Profile:
         """The spawn profile ``name``, with ``[pool]`` defaults filled in."""
         p = self.profiles[name]
-        return Profile(
-            name=name,
-            claude_bin=p.claude_bin or self.pool.claude_bin,
-            model=p.model,
-            system_prompt=p.system_prompt,
-            tools=tuple(p.tools),
-            args=tuple(p.args),
-            env={**self.pool.env, **p.env},
-            bare=p.bare,
-            include_partial_messages=p.include_partial_messages,
-            read_claude_md=p.read_claude_md,
-            upstream_max_retries=p.upstream_max_retries,
-            upstream_timeout_ms=p.upstream_timeout_ms,
-            max_budget_usd=p.max_budget_usd or None,
-        )
+        return Profile(name=name, claude_bin=p.claude_bin or self.pool.claude_bin, env={**self.pool.env, **p.env},
+                       max_budget_usd=p.max_budget_usd or None, **p.model_dump(include=_SPAWN_FIELDS))
 
     def pool_config(self, name: str) -> PoolConfig:
         p = self.profiles[name]
         return self.pool.pool_config(min_idle=p.min_idle, max_workers=p.max_workers)
+
+    def tenant_registry(self) -> TenantRegistry:
+        """The configured tenants, with the admin and the metrics keys."""
+        return TenantRegistry.of(self.tenants, admin_key=self.server.admin_key.get_secret_value(),
+                                 metrics_key=self.metrics.key.get_secret_value())
+
+    def session_options(self) -> SessionOptions:
+        """What the session manager needs: ``[sessions]``, where transcripts rest, each profile's limits."""
+        directory = Path(self.sessions.dir) if self.sessions.dir else (
+            (self.pool.workdir or Path(os.environ.get("TMPDIR", "/tmp"))) / "claudepool-sessions")
+        return SessionOptions(self.sessions, directory, {
+            name: LimitOverrides(p.max_session_turns, p.max_session_age_s, p.max_session_context_tokens)
+            for name, p in self.profiles.items()})
 
 
 def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import psutil
 
@@ -33,13 +34,23 @@ async def until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
             await asyncio.sleep(0.01)
 
 
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.0, every_s: float = 0.02) -> None:
+    """`until` for a condition that must be asked for (an HTTP call, a store read): ask until it holds;
+    fail the test after ``timeout_s``."""
+    async with asyncio.timeout(timeout_s):
+        while not await check():
+            await asyncio.sleep(every_s)
+
+
 def pid_gone(pid: int | None) -> bool:
-    """True once the process no longer runs (gone, or a zombie waiting to be reaped)."""
+    """True once the process is gone *and reaped*: a zombie still counts, since whoever started it has
+    not waited for it yet (a leak of its own), so wait for this with `until`."""
     assert pid is not None
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        psutil.Process(pid)
     except psutil.NoSuchProcess:
         return True
+    return False
 
 
 @contextlib.contextmanager
@@ -49,3 +60,12 @@ def closed_port_url() -> Iterator[str]:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
         holder.bind(("127.0.0.1", 0))
         yield f"http://127.0.0.1:{holder.getsockname()[1]}"
+
+
+def release_fifo(path: os.PathLike[str] | str) -> None:
+    """Let every thread blocked opening a FIFO go: open and close each end without blocking (a waiting
+    writer then sees its reader go, a waiting reader gets EOF). For tests that use a FIFO as a disk
+    that does not answer, so no thread outlives them."""
+    for flags in (os.O_RDONLY | os.O_NONBLOCK, os.O_WRONLY | os.O_NONBLOCK):
+        with contextlib.suppress(OSError):  # ENXIO: nobody waits to read; ENOENT: gone
+            os.close(os.open(path, flags))

@@ -72,8 +72,8 @@ async def test_a_parked_session_resumes_with_its_history_upstream(
     (resumed,) = upstream.requests_containing("third turn after the park")
     assert resumed.contains("first turn: IBIS-64")
     assert resumed.contains("second turn: JACANA-12")
-    active = d.daemon.sessions._bindings[sid].lease.worker
-    assert active.pid is not None and active.pid != parked_pid
+    active = d.daemon.sessions.bound_worker(sid)
+    assert active is not None and active.pid is not None and active.pid != parked_pid
     assert "--resume" in psutil.Process(active.pid).cmdline()
     assert d.daemon.sessions.events["resumed"] == 1
 

@@ -12,7 +12,7 @@ from claudepool.client import AsyncClient
 from claudepool.store.base import Window
 from claudepool.testing.fake_upstream import FakeUpstream
 from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
-from tests.helpers import until
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.real_cli
 __all__ = ["make_daemon"]
@@ -34,7 +34,11 @@ async def test_metered_usage_equals_the_upstream_request_log(
         answers.append(await acme.prompt("third [[reply:three three three]]"))
         answers.append(await acme.prompt("fails upstream [[status:529]]"))
     assert [a.is_error for a in answers] == [False, False, False, True]
-    await until(lambda: d.daemon.meter.backlog == 0 and d.daemon.meter.settled == 4, 10)
+
+    async def settled() -> bool:
+        return d.daemon.meter.backlog == 0 and len(await d.daemon.store.ledger()) == 4
+
+    await eventually(settled, 10)
 
     usage = await d.daemon.store.usage(Window.current("day"))
     metered = {field: sum(getattr(t, field) for tenant in usage.values() for t in tenant.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import psutil
 import pytest
 
 from tests.daemon_fixtures import ADMIN_KEY, KEYS, RunningDaemon, make_daemon
-from tests.helpers import pid_gone, until
+from tests.helpers import eventually, pid_gone, release_fifo, until
 
 __all__ = ["make_daemon"]
 
@@ -115,12 +116,10 @@ async def test_idle_session_is_parked_and_resumed_with_its_history(make_daemon: 
     pool = d.daemon.session_pools["default"]
     first_pid = pool.workers()[0].pid
 
-    async def state() -> str:
-        return str((await call(d, "GET", f"/v1/sessions/{sid}"))[1]["where"]["state"])
+    async def parked() -> bool:
+        return bool((await call(d, "GET", f"/v1/sessions/{sid}"))[1]["where"]["state"] == "parked")
 
-    async with asyncio.timeout(5):
-        while await state() != "parked":
-            await asyncio.sleep(0.05)
+    await eventually(parked, 5)
     await until(lambda: pool.stats.resets == 1, 5)  # its worker was reset for others
     for worker in pool.workers():  # and kept no copy of the conversation
         assert worker.home is not None
@@ -152,13 +151,39 @@ async def test_a_waiting_session_parks_the_least_recently_used(make_daemon: Make
     assert d.daemon.sessions.events["parked"] >= 2
 
 
+async def test_a_resume_waiting_for_its_transcript_holds_up_no_one_else(make_daemon: MakeDaemon,
+                                                                         tmp_path: Path) -> None:
+    d = await make_daemon(**sessions_config(park_idle_s=600))
+    sid = await new_session(d)
+    await say(d, sid, "remember LAPWING-4")
+    assert await d.daemon.sessions.park(sid)
+    transcript = tmp_path / "sessions" / "acme" / f"{sid}.jsonl"
+    saved = transcript.read_bytes()
+    transcript.unlink()
+    os.mkfifo(transcript)  # a slow disk: the transcript can be read only once its writer comes
+    try:
+        resumed = asyncio.create_task(say(d, sid, "[[echo]]", timeout_s=30))
+        status, _ = await say(d, None, "served meanwhile", "beta")  # the event loop is not stuck in the copy
+        assert status == 200
+        assert not resumed.done()
+        await asyncio.wait_for(asyncio.to_thread(transcript.write_bytes, saved), 10)  # the disk answers
+        status, body = await asyncio.wait_for(resumed, 30)
+        assert status == 200, body
+        assert "remember LAPWING-4" in body["text"]
+        assert d.daemon.sessions.events["resumed"] == 1
+        assert not list((tmp_path / "w").glob(".claudepool-resume-*"))  # the staged copy was placed
+    finally:
+        release_fifo(transcript)
+
+
 async def test_a_session_keeps_its_worker_while_the_pool_can_grow(make_daemon: MakeDaemon) -> None:
     d = await make_daemon(**sessions_config(max_workers=2, park_idle_s=600))
     a, b = await new_session(d), await new_session(d, "beta")
     await say(d, a, "a first")
     status, _ = await say(d, b, "b waits for a second worker to start", "beta", timeout_s=10)
     assert status == 200
-    await asyncio.sleep(0.3)  # several maintenance rounds
+    for _ in range(3):  # maintenance rounds, run here so that they surely ran
+        await d.daemon.sessions.park_some()
     assert d.daemon.sessions.events["parked"] == 0  # a was not evicted for a worker that was coming anyway
     assert (await call(d, "GET", f"/v1/sessions/{a}"))[1]["where"]["state"] == "active"
 
@@ -246,9 +271,10 @@ async def test_idle_sessions_expire_and_their_transcripts_go_after_retention(mak
     await say(d, sid, "short-lived")
     transcript = tmp_path / "sessions" / "acme" / f"{sid}.jsonl"
     assert transcript.exists()
-    async with asyncio.timeout(5):
-        while (await call(d, "GET", f"/v1/sessions/{sid}"))[1]["where"]["state"] != "closed":
-            await asyncio.sleep(0.05)
+    async def closed() -> bool:
+        return bool((await call(d, "GET", f"/v1/sessions/{sid}"))[1]["where"]["state"] == "closed")
+
+    await eventually(closed, 5)
     status, body = await say(d, sid, "too late")
     assert (status, body["error"]["code"]) == (410, "session_closed")
     await until(lambda: not transcript.exists(), 5)
@@ -292,12 +318,7 @@ async def test_the_disk_bound_never_closes_a_session_that_resumed_after_its_list
     listing = await sessions.store.session_list(None)
     for record in listing:
         record.state = "parked"  # as listed just before the session resumed
-
-    async def stale_listing(tenant: str | None = None) -> list[Any]:
-        return listing
-
-    sessions.store.session_list = stale_listing  # type: ignore[method-assign]  # the race, made certain
-    await sessions._shrink(10**9)
+    await sessions.shrink(10**9, listing)  # acting on that stale listing: the race, made certain
     assert (await call(d, "GET", f"/v1/sessions/{sid}"))[1]["where"]["state"] == "active"
     assert (tmp_path / "sessions" / "acme" / f"{sid}.jsonl").exists()
     assert "OSPREY-8" in (await say(d, sid, "[[echo]]"))[1]["text"]

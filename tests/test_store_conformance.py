@@ -1,452 +1,66 @@
-"""One suite, every backend: the memory store and the Redis store must be indistinguishable.
-
-Both stores run on real time (the memory store's default clock, Redis's own ``TIME``), so the
-assertions below hold for both without a fake clock.
-"""
+"""The shipped store conformance suite (claudepool/testing/store_conformance.py), run against the memory
+store and a real Redis: the two backends must be indistinguishable. And the suite itself: it must
+catch a store that breaks its contract."""
 
 from __future__ import annotations
 
-import asyncio
-import math
-import random
-import time
-from collections.abc import AsyncIterator
-from dataclasses import replace
-from datetime import UTC, datetime
+import inspect
+from typing import Any
 
 import pytest
 
-from claudepool.errors import BudgetExhausted
-from claudepool.store.base import BudgetState, SessionRecord, Store, UsageRecord, UsageTotals, Window
+from claudepool.store.base import Store, UsageRecord
 from claudepool.store.memory import MemoryStore
 from claudepool.store.redis import RedisStore
-
-DAY = 86400.0
-MODEL = "claude-sonnet-4-5:20250929"  # ':' and '-' in a model name must survive the key layout
-OTHER_MODEL = "claude-haiku-4-5"
+from claudepool.testing import store_conformance as conformance
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    chosen: Store = MemoryStore() if request.param == "memory" else RedisStore(request.getfixturevalue("redis_url"))
-    try:
-        yield chosen
-    finally:
-        await chosen.close()
+def make_store(request: pytest.FixtureRequest) -> conformance.StoreFactory:
+    if request.param == "memory":
+        return MemoryStore
+    url = request.getfixturevalue("redis_url")  # emptied for this test
 
+    def redis_store(**options: Any) -> Store:
+        return RedisStore(url, **options)
 
-@pytest.fixture(params=["memory", "redis"])
-async def small_store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    """A store that remembers only the newest 50 settled record ids."""
-    chosen: Store = MemoryStore(settled_max_ids=50) if request.param == "memory" else RedisStore(
-        request.getfixturevalue("redis_url"), settled_max_ids=50)
-    try:
-        yield chosen
-    finally:
-        await chosen.close()
+    return redis_store
 
 
-_seq = 0
+@pytest.mark.parametrize("check", conformance.CHECKS, ids=str)
+async def test_conformance(check: conformance.Check, make_store: conformance.StoreFactory) -> None:
+    await conformance.run(check, make_store)
 
 
-def record(tenant: str = "acme", *, cost: float = 0.0, at: float | None = None, model: str = MODEL,
-           reservation_id: str | None = None, record_id: str | None = None, **tokens: int) -> UsageRecord:
-    global _seq
-    _seq += 1
-    return UsageRecord(
-        record_id=record_id or f"rec-{_seq}", request_id=f"req-{_seq}", tenant=tenant, profile="default",
-        model=model, outcome="ok", at=time.time() if at is None else at, cost_usd=cost,
-        reservation_id=reservation_id, session=None, **tokens,
-    )
+class CountsTwice(MemoryStore):
+    """A store that forgets which records it settled: each settle counts again."""
 
+    async def settle(self, record: UsageRecord) -> bool:
+        await super().settle(record)
+        return True
 
-async def reserve(store: Store, rid: str, amount: float, *, daily: float = 0.0, monthly: float = 0.0,
-                  tenant: str = "acme", ttl_s: float = 60.0) -> None:
-    await store.reserve(tenant, rid, amount, daily_limit_usd=daily, monthly_limit_usd=monthly, ttl_s=ttl_s)
 
+async def test_the_suite_fails_a_store_that_counts_a_record_twice() -> None:
+    failed = []
+    for check in conformance.CHECKS:
+        try:
+            await conformance.run(check, CountsTwice)
+        except AssertionError:
+            failed.append(check.name)
+    assert "settle_is_idempotent_on_record_id" in failed
+    assert "a_duplicate_is_rejected_while_among_the_newest_settled_ids" in failed
+    with pytest.raises(AssertionError):
+        await conformance.run_all(CountsTwice)
 
-def another_day_this_month(now: float) -> float:
-    """A time on another UTC day of the current month."""
-    day = datetime.fromtimestamp(now, UTC).day
-    return now - DAY if day > 1 else now + DAY
 
+async def test_the_whole_suite_passes_in_one_call() -> None:
+    await conformance.run_all(MemoryStore)
 
-# -- reserve ------------------------------------------------------------------------------------
 
-
-async def test_reserve_within_budget_holds_the_amount(store: Store) -> None:
-    await reserve(store, "r1", 4.0, daily=10.0, monthly=100.0)
-    await reserve(store, "r2", 6.0, daily=10.0, monthly=100.0)  # exactly the limit is allowed
-    assert await store.budget("acme") == BudgetState(day_spent_usd=0.0, month_spent_usd=0.0, reserved_usd=10.0)
-
-
-async def test_refusal_names_the_limit_spent_reserved_and_needed(store: Store) -> None:
-    await store.settle(record(cost=8.0))
-    await reserve(store, "r1", 1.5, daily=10.0)
-    with pytest.raises(BudgetExhausted) as refused:
-        await reserve(store, "r2", 3.0, daily=10.0)
-    assert str(refused.value) == ("the daily budget of $10 cannot cover this request "
-                                  "(spent $8.0000, reserved $1.5000, needs up to $3.0000)")
-    assert (await store.budget("acme")).reserved_usd == 1.5  # the refused one holds nothing
-
-
-async def test_zero_limits_mean_unlimited(store: Store) -> None:
-    await store.settle(record(cost=1e6))
-    await reserve(store, "r1", 1e9)
-    await reserve(store, "r2", 1e9, daily=0.0, monthly=0.0)
-    assert (await store.budget("acme")).reserved_usd == 2e9
-
-
-async def test_daily_limit_is_enforced_on_todays_spend(store: Store) -> None:
-    now = time.time()
-    await store.settle(record(cost=8.0, at=now))
-    await store.settle(record(cost=5.0, at=another_day_this_month(now)))  # this month, not today
-    await store.settle(record(cost=50.0, at=now - 40 * DAY))  # another month
-    with pytest.raises(BudgetExhausted, match=r"^the daily budget of \$10 cannot cover .*spent \$8\.0000"):
-        await reserve(store, "r1", 2.5, daily=10.0, monthly=1000.0)
-    await reserve(store, "r2", 2.0, daily=10.0, monthly=1000.0)
-
-
-async def test_monthly_limit_is_enforced_on_this_months_spend(store: Store) -> None:
-    await store.settle(record(cost=8.0, at=another_day_this_month(time.time())))
-    assert (await store.budget("acme")).day_spent_usd == 0.0
-    with pytest.raises(BudgetExhausted, match=r"^the monthly budget of \$10 cannot cover .*spent \$8\.0000"):
-        await reserve(store, "r1", 2.5, daily=100.0, monthly=10.0)
-    await reserve(store, "r2", 2.0, daily=100.0, monthly=10.0)
-
-
-async def test_reservations_count_against_the_budget(store: Store) -> None:
-    await reserve(store, "r1", 7.0, daily=10.0)
-    with pytest.raises(BudgetExhausted, match=r"reserved \$7\.0000"):
-        await reserve(store, "r2", 4.0, daily=10.0)
-    with pytest.raises(BudgetExhausted, match=r"^the monthly budget"):
-        await reserve(store, "r2", 4.0, monthly=10.0)
-
-
-async def test_release_frees_the_budget(store: Store) -> None:
-    await reserve(store, "r1", 7.0, daily=10.0)
-    await store.release("acme", "r1")
-    await store.release("acme", "never-reserved")  # a no-op, not an error
-    assert (await store.budget("acme")).reserved_usd == 0.0
-    await reserve(store, "r2", 10.0, daily=10.0)
-
-
-async def test_reserving_again_under_the_same_id_replaces(store: Store) -> None:
-    await reserve(store, "r1", 5.0, daily=10.0)
-    await reserve(store, "r1", 5.0, daily=10.0)
-    assert (await store.budget("acme")).reserved_usd == 5.0
-    await reserve(store, "r1", 8.0, daily=10.0)  # 8 fits only if the old 5 no longer counts
-    assert (await store.budget("acme")).reserved_usd == 8.0
-    with pytest.raises(BudgetExhausted):
-        await reserve(store, "r2", 3.0, daily=10.0)
-
-
-async def test_a_reservation_expires_after_its_ttl(store: Store) -> None:
-    await reserve(store, "r1", 8.0, daily=10.0, ttl_s=0.3)
-    await reserve(store, "long", 1.0, daily=10.0, ttl_s=60)
-    with pytest.raises(BudgetExhausted):
-        await reserve(store, "r2", 5.0, daily=10.0)
-    await asyncio.sleep(0.5)
-    assert (await store.budget("acme")).reserved_usd == 1.0
-    await reserve(store, "r2", 5.0, daily=10.0)
-    assert (await store.budget("acme")).reserved_usd == 6.0
-
-
-async def test_fifty_concurrent_reserves_never_overbook(store: Store) -> None:
-    results = await asyncio.gather(
-        *(reserve(store, f"r{i}", 1.0, daily=10.0, monthly=100.0) for i in range(50)), return_exceptions=True
-    )
-    won = [f"r{i}" for i, result in enumerate(results) if result is None]
-    refused = [result for result in results if isinstance(result, BudgetExhausted)]
-    assert (len(won), len(refused)) == (10, 40), results
-    assert (await store.budget("acme")).reserved_usd == 10.0
-    for rid in won:
-        assert await store.settle(record(cost=0.9, reservation_id=rid))
-    state = await store.budget("acme")
-    assert state.month_spent_usd == pytest.approx(9.0, abs=1e-9)
-    assert state.day_spent_usd == pytest.approx(9.0, abs=1e-9)
-    assert state.reserved_usd == 0.0
-
-
-# -- settle -------------------------------------------------------------------------------------
-
-
-async def test_settle_frees_the_reservation_and_adds_the_spend(store: Store) -> None:
-    await reserve(store, "r1", 5.0, daily=10.0)
-    assert await store.settle(record(cost=1.25, reservation_id="r1"))
-    assert await store.budget("acme") == BudgetState(day_spent_usd=1.25, month_spent_usd=1.25, reserved_usd=0.0)
-    await reserve(store, "r2", 8.75, daily=10.0)
-
-
-async def test_settle_is_idempotent_on_record_id(store: Store) -> None:
-    first = record(cost=2.0, input_tokens=100, record_id="once")
-    assert await store.settle(first) is True
-    # Same id, different content: still a duplicate, and nothing of it counts.
-    assert await store.settle(first) is False
-    assert await store.settle(replace(first, cost_usd=50.0, input_tokens=7)) is False
-    state = await store.budget("acme")
-    assert (state.day_spent_usd, state.month_spent_usd) == (2.0, 2.0)
-    usage = await store.usage(Window.current("day"))
-    assert usage == {"acme": {MODEL: UsageTotals(requests=1, input_tokens=100, cost_usd=2.0)}}
-    assert await store.ledger() == [first]
-
-
-async def test_settle_counts_when_the_reservation_is_unknown_or_expired(store: Store) -> None:
-    await reserve(store, "short", 3.0, daily=10.0, ttl_s=0.05)
-    await asyncio.sleep(0.1)
-    assert await store.settle(record(cost=1.0, reservation_id="short"))
-    assert await store.settle(record(cost=2.0, reservation_id="never-reserved"))
-    assert await store.budget("acme") == BudgetState(day_spent_usd=3.0, month_spent_usd=3.0, reserved_usd=0.0)
-
-
-async def test_settle_drops_only_its_own_reservation(store: Store) -> None:
-    await reserve(store, "r1", 2.0)
-    await reserve(store, "r2", 3.0)
-    await reserve(store, "r1", 4.0, tenant="beta")
-    await store.settle(record(reservation_id="r1"))
-    assert (await store.budget("acme")).reserved_usd == 3.0
-    assert (await store.budget("beta")).reserved_usd == 4.0
-
-
-async def test_a_duplicate_is_rejected_while_among_the_newest_settled_ids(small_store: Store) -> None:
-    first = record(cost=1.0, record_id="first")
-    assert await small_store.settle(first)
-    for _ in range(49):
-        assert await small_store.settle(record())
-    assert await small_store.settle(first) is False  # 49 settled since: still remembered
-    assert (await small_store.budget("acme")).day_spent_usd == 1.0
-    for _ in range(50):
-        assert await small_store.settle(record())
-    # Pushed out by 50 newer ids: the memory is bounded by count, so this one counts again.
-    assert await small_store.settle(first) is True
-    assert (await small_store.budget("acme")).day_spent_usd == 2.0
-
-
-async def test_the_reserved_total_follows_every_reserve_replace_settle_and_release(store: Store) -> None:
-    rng = random.Random(20261124)
-    live: dict[str, float] = {}
-    for _ in range(300):
-        rid, roll = f"r{rng.randrange(30)}", rng.random()
-        if roll < 0.5:
-            amount = rng.choice([0.1, 0.25, 1 / 3, 2.0, 1e-6, 0.0, 123.456])
-            await reserve(store, rid, amount)
-            live[rid] = amount
-        elif roll < 0.75:
-            await store.release("acme", rid)
-            live.pop(rid, None)
-        else:
-            assert await store.settle(record(reservation_id=rid))
-            live.pop(rid, None)
-        reserved = (await store.budget("acme")).reserved_usd
-        assert math.isclose(reserved, math.fsum(live.values()), rel_tol=1e-12, abs_tol=1e-12), (reserved, live)
-        if not live:
-            assert reserved == 0.0
-    for rid in list(live):
-        await store.release("acme", rid)
-    assert (await store.budget("acme")).reserved_usd == 0.0
-
-
-async def test_nothing_is_reserved_once_every_reservation_is_gone(store: Store) -> None:
-    # A running total of these amounts keeps ~1e-9 of rounding after 20 rounds: none may survive.
-    rng = random.Random(7)
-    amounts = [0.1, 0.2, 0.3, 1 / 3, 1e-9, 7.25, 1e6 / 3]
-    for _ in range(20):
-        for i, amount in enumerate(amounts):
-            await reserve(store, f"r{i}", amount)
-        for i in rng.sample(range(len(amounts)), len(amounts)):
-            if i % 2:
-                await store.release("acme", f"r{i}")
-            else:
-                assert await store.settle(record(reservation_id=f"r{i}"))
-        assert (await store.budget("acme")).reserved_usd == 0.0
-
-
-# -- usage --------------------------------------------------------------------------------------
-
-
-async def test_usage_totals_are_the_exact_sums_of_the_records(store: Store) -> None:
-    now = time.time()
-    costs = [0.1, 0.2, 1 / 3, 1e-7, 0.000123456789, 2.5, 0.7]
-    records = [record(cost=c, at=now, input_tokens=10 + i, output_tokens=1000 * i, cache_read_input_tokens=3 * i,
-                      cache_creation_input_tokens=i * i, model=MODEL if i % 2 else OTHER_MODEL)
-               for i, c in enumerate(costs)]
-    for r in records:
-        await store.settle(r)
-    for window in (Window.current("day", now), Window.current("month", now)):
-        usage = await store.usage(window)
-        assert set(usage) == {"acme"}
-        assert set(usage["acme"]) == {MODEL, OTHER_MODEL}
-        for model, totals in usage["acme"].items():
-            mine = [r for r in records if r.model == model]
-            assert totals.requests == len(mine)
-            assert totals.input_tokens == sum(r.input_tokens for r in mine)
-            assert totals.output_tokens == sum(r.output_tokens for r in mine)
-            assert totals.cache_read_input_tokens == sum(r.cache_read_input_tokens for r in mine)
-            assert totals.cache_creation_input_tokens == sum(r.cache_creation_input_tokens for r in mine)
-            assert isinstance(totals.input_tokens, int)
-            assert math.isclose(totals.cost_usd, math.fsum(r.cost_usd for r in mine), rel_tol=0, abs_tol=1e-9)
-    spent = (await store.budget("acme")).day_spent_usd
-    assert math.isclose(spent, math.fsum(costs), rel_tol=0, abs_tol=1e-9)
-
-
-async def test_a_record_counts_in_the_day_and_month_of_its_own_time(store: Store) -> None:
-    now = time.time()
-    then = now - 45 * DAY
-    await store.settle(record(cost=1.0, at=now, input_tokens=1))
-    await store.settle(record(cost=4.0, at=then, input_tokens=4))
-    assert (await store.usage(Window.current("day", then)))["acme"][MODEL].input_tokens == 4
-    assert (await store.usage(Window.current("month", then)))["acme"][MODEL].input_tokens == 4
-    assert (await store.usage(Window.current("day", now)))["acme"][MODEL].input_tokens == 1
-    assert (await store.usage(Window.current("month", now)))["acme"][MODEL].input_tokens == 1
-    assert await store.usage(Window.current("day", now - DAY)) == {}
-    assert await store.usage(Window.parse("day", "2001-01-01")) == {}
-    assert await store.budget("acme") == BudgetState(day_spent_usd=1.0, month_spent_usd=1.0, reserved_usd=0.0)
-
-
-async def test_a_late_record_from_earlier_this_month_counts_in_the_month_not_today(store: Store) -> None:
-    now = time.time()
-    other = another_day_this_month(now)
-    await store.settle(record(cost=2.0, at=other, output_tokens=5))
-    assert await store.usage(Window.current("day", now)) == {}
-    assert (await store.usage(Window.current("day", other)))["acme"][MODEL].output_tokens == 5
-    assert (await store.usage(Window.current("month", now)))["acme"][MODEL].output_tokens == 5
-
-
-async def test_usage_filters_tenants_and_none_means_every_tenant_with_data(store: Store) -> None:
-    await store.settle(record("acme", cost=1.0))
-    await store.settle(record("beta", cost=2.0))
-    await store.settle(record("gamma", cost=3.0, at=time.time() - 45 * DAY))  # data, but not in this window
-    await reserve(store, "r1", 1.0, tenant="delta")  # a reservation is not usage
-    day = Window.current("day")
-    assert set(await store.usage(day)) == {"acme", "beta"}
-    assert set(await store.usage(day, ["beta"])) == {"beta"}
-    assert set(await store.usage(day, ["beta", "acme", "beta"])) == {"acme", "beta"}
-    assert await store.usage(day, ["nobody", "gamma", "delta"]) == {}
-    assert await store.usage(day, []) == {}
-
-
-# -- ledger -------------------------------------------------------------------------------------
-
-
-async def test_ledger_is_oldest_first_and_round_trips_records(store: Store) -> None:
-    t0 = time.time() - 100
-    full = UsageRecord(
-        record_id="full", request_id="req-full", tenant="acme", profile="research", model=MODEL,
-        outcome="interrupted", at=t0 + 0.123456789, input_tokens=1, output_tokens=2, cache_read_input_tokens=3,
-        cache_creation_input_tokens=4, cost_usd=0.1 + 0.2, session="sess-1", reservation_id="r-full",
-    )
-    records = [full, record("beta", at=t0 + 1, cost=1 / 3), record("acme", at=t0 + 2), record("beta", at=t0 + 3)]
-    for r in records:
-        await store.settle(r)
-    assert await store.ledger() == records
-    assert await store.ledger("acme") == [records[0], records[2]]
-    assert await store.ledger("beta") == [records[1], records[3]]
-    assert await store.ledger("nobody") == []
-
-
-async def test_ledger_since_and_limit(store: Store) -> None:
-    t0 = time.time() - 100
-    records = [record("acme" if i % 2 else "beta", at=t0 + i) for i in range(10)]
-    for r in records:
-        await store.settle(r)
-    assert await store.ledger(since=t0 + 6) == records[6:]
-    assert await store.ledger(since=t0 + 6.5) == records[7:]
-    assert await store.ledger("acme", since=t0 + 4) == [records[5], records[7], records[9]]
-    assert await store.ledger(limit=3) == records[:3]
-    assert await store.ledger("beta", limit=2) == [records[0], records[2]]
-    assert await store.ledger(since=t0 + 2, limit=2) == records[2:4]
-    assert await store.ledger(limit=0) == []
-    assert await store.ledger(since=t0 + 100) == []
-    assert await store.ledger(since=0.0) == records
-
-
-async def test_a_tenants_ledger_since_skips_late_records_and_keeps_settle_order(store: Store) -> None:
-    t0 = time.time() - 1000
-    records = [record("acme", at=t0 + i) for i in range(10)]
-    records.insert(5, record("acme", at=t0 - 500))  # flushed late, between records 4 and 5
-    for i, r in enumerate(records):
-        await store.settle(r)
-        await store.settle(record("beta", at=t0 + i))
-    assert await store.ledger("acme", since=t0 + 3) == records[3:5] + records[6:]
-    assert await store.ledger("acme", since=t0 - 600) == records
-    assert await store.ledger("acme", since=t0 - 500, limit=7) == records[:7]
-    assert await store.ledger("acme", since=t0 + 3, limit=3) == [records[3], records[4], records[6]]
-
-
-async def test_ledger_since_filters_on_the_records_own_time(store: Store) -> None:
-    now = time.time()
-    late = record(at=now - 10 * DAY)  # flushed ten days late: settled now, counted then
-    ahead = record(at=now + 600)  # from a daemon whose clock runs ten minutes ahead
-    await store.settle(late)
-    await store.settle(ahead)
-    assert await store.ledger(since=now - 11 * DAY) == [late, ahead]
-    assert await store.ledger(since=now - 9 * DAY) == [ahead]
-    assert await store.ledger("acme", since=now + 300) == [ahead]
-    assert await store.ledger(since=now + 601) == []
-
-
-# -- sessions -----------------------------------------------------------------------------------
-
-
-def session(tenant: str = "acme", state: str = "new") -> SessionRecord:
-    global _seq
-    _seq += 1
-    now = time.time()
-    return SessionRecord(id=f"s_conformance{_seq:06d}", tenant=tenant, profile="default", created_at=now,
-                         last_used_at=now, state=state)
-
-
-async def test_session_create_stops_at_max_open_and_only_open_sessions_count(store: Store) -> None:
-    created = [session() for _ in range(3)]
-    for record_ in created:
-        assert await store.session_create(record_, max_open=3)
-    refused = session()
-    assert not await store.session_create(refused, max_open=3)
-    assert await store.session_get("acme", refused.id) is None  # refused means not stored
-    assert await store.session_create(session("beta"), max_open=3)  # the bound is per tenant
-    # A closed session does not count; a deleted one neither; a parked or active one does.
-    created[0].state = "closed"
-    await store.session_put(created[0])
-    assert await store.session_create(session(), max_open=3)
-    assert not await store.session_create(session(), max_open=3)
-    await store.session_delete("acme", created[1].id)
-    created[2].state = "parked"
-    await store.session_put(created[2])
-    assert await store.session_create(session(), max_open=3)
-    assert not await store.session_create(session(), max_open=3)
-    # A closed session reopened by a put (a restart restoring it from disk) counts again.
-    created[0].state = "parked"
-    await store.session_put(created[0])
-    created[2].state = "closed"
-    await store.session_put(created[2])
-    assert not await store.session_create(session(), max_open=3)
-    assert await store.session_create(session(), max_open=0)  # 0 = no bound
-    assert len([r for r in await store.session_list("acme") if r.state != "closed"]) == 4
-
-
-async def test_fifty_concurrent_session_creates_never_overshoot(store: Store) -> None:
-    attempts = [session() for _ in range(50)]
-    stored = await asyncio.gather(*(store.session_create(r, max_open=10) for r in attempts))
-    assert stored.count(True) == 10
-    kept = {r.id for r in await store.session_list("acme")}
-    assert kept == {r.id for r, ok in zip(attempts, stored, strict=True) if ok}
-
-
-# -- isolation ----------------------------------------------------------------------------------
-
-
-async def test_tenants_do_not_see_each_others_spend_usage_or_reservations(store: Store) -> None:
-    await store.settle(record("acme", cost=9.0, input_tokens=9))
-    await reserve(store, "r1", 1.0, tenant="acme")
-    await reserve(store, "r1", 10.0, daily=10.0, monthly=10.0, tenant="beta")  # acme's $10 does not count here
-    assert await store.budget("beta") == BudgetState(day_spent_usd=0.0, month_spent_usd=0.0, reserved_usd=10.0)
-    assert await store.budget("acme") == BudgetState(day_spent_usd=9.0, month_spent_usd=9.0, reserved_usd=1.0)
-    await store.settle(record("beta", cost=0.5, input_tokens=5))
-    usage = await store.usage(Window.current("day"))
-    assert usage["acme"][MODEL].input_tokens == 9
-    assert usage["beta"][MODEL].input_tokens == 5
-    assert await store.budget("nobody") == BudgetState(day_spent_usd=0.0, month_spent_usd=0.0, reserved_usd=0.0)
-
-
-async def test_ping(store: Store) -> None:
-    await store.ping()
+def test_every_check_written_is_registered() -> None:
+    # A coroutine function taking a store but missing its @check would silently never run.
+    written = {name for name, value in vars(conformance).items()
+               if inspect.iscoroutinefunction(value) and list(inspect.signature(value).parameters) in (
+                   ["store"], ["small_store"])}
+    assert written == {check.name for check in conformance.CHECKS}
+    assert len(conformance.CHECKS) == len(written) > 20

@@ -72,7 +72,7 @@ _HTTP_SHUTDOWN_TIMEOUT_S = 5.0
 class Daemon:
     def __init__(self, settings: Settings, *, notifier: Notifier | None = None) -> None:
         self.settings = settings
-        self.tenants = TenantRegistry.from_settings(settings)
+        self.tenants: TenantRegistry = settings.tenant_registry()
         add_key_digests(_held_key_digests(settings))  # masked wherever a log line would show one
         # One registry, handed to every component that exports something (nothing global).
         self.registry = CollectorRegistry(auto_describe=True)
@@ -104,7 +104,7 @@ class Daemon:
                        **hooks)
             for name in settings.profiles
         }
-        self.sessions = SessionManager(self.store, self.session_pools, settings)
+        self.sessions = SessionManager(self.store, self.session_pools, settings.session_options())
         server = settings.server
         gate = Gate(
             self.pools,

@@ -30,18 +30,17 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import socket
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from claudepool.config import SessionSettings, Settings
 from claudepool.errors import (
     ClaudepoolError,
     Forbidden,
@@ -55,6 +54,8 @@ from claudepool.errors import (
 )
 from claudepool.pool.pool import Lease, Pool
 from claudepool.pool.worker import TurnResult, Worker
+from claudepool.sessions.files import SessionFiles
+from claudepool.sessions.settings import LimitOverrides, SessionLimits, SessionOptions, SessionSettings
 from claudepool.store.base import SessionRecord, Store
 from claudepool.tenancy.scheduler import Priority, TenantShare
 from claudepool.tenancy.tenants import Tenant
@@ -79,35 +80,19 @@ class _Binding:
     unsaved: bool = False
 
 
-@dataclass(frozen=True)
-class SessionLimits:
-    max_turns: int
-    max_age_s: float
-    max_context_tokens: int
-
-
-def _write_checkpoint(source: Path, target: Path, meta_path: Path, meta: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    partial = target.with_suffix(".partial")
-    shutil.copyfile(source, partial)
-    os.replace(partial, target)  # a cancelled caller leaves the old checkpoint or the new, never half
-    meta_path.write_bytes(meta)
-
-
 def new_session_id() -> str:
     return "s_" + secrets.token_urlsafe(18)
 
 
 class SessionManager:
-    def __init__(self, store: Store, pools: dict[str, Pool], settings: Settings, *,
+    def __init__(self, store: Store, pools: dict[str, Pool], options: SessionOptions, *,
                  daemon_id: str | None = None) -> None:
         self.store = store
         self.pools = pools  # profile name -> its session-capable pool
-        self.settings = settings
-        self.config: SessionSettings = settings.sessions
+        self.config: SessionSettings = options.settings
+        self._profile_limits = options.profile_limits
         self.daemon_id = daemon_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self.dir = Path(self.config.dir) if self.config.dir else (
-            (settings.pool.workdir or Path(os.environ.get("TMPDIR", "/tmp"))) / "claudepool-sessions")
+        self.files = SessionFiles(options.dir)
         self._bindings: dict[str, _Binding] = {}
         self._locks: dict[str, asyncio.Lock] = {}  # per session, also while it has no worker
         self.events: Counter[str] = Counter()
@@ -137,7 +122,7 @@ class SessionManager:
             raise NotFound("unknown session")
         record = await self.store.session_get(tenant, session_id)
         if record is None:
-            record = self._from_disk(tenant, session_id)
+            record = self.files.read_meta(tenant, session_id)
             if record is None:
                 raise NotFound("unknown session")
             # A restart with the in-memory store forgot it; its checkpoint remembers.
@@ -152,7 +137,7 @@ class SessionManager:
         record = await self.get(tenant, session_id)
         async with self._lock(session_id):
             self._unbind(session_id)
-            self._remove_files(record)
+            self.files.remove(record)
             await self.store.session_delete(tenant, session_id)
         self._locks.pop(session_id, None)
         self.events["deleted"] += 1
@@ -203,23 +188,13 @@ class SessionManager:
             raise SessionElsewhere(f"session {record.id} is active on daemon {record.owner}")
         pool = self.pools[record.profile]
         resume = bool(record.cli_session_id)
-        checkpoint = self._transcript(record)
-        if resume and not checkpoint.exists():
+        if resume and not self.files.transcript(record).exists():
             raise SessionUnavailable(f"session {record.id}'s transcript is not in this daemon's sessions directory "
                                      f"({self.dir}); share that directory between daemons to resume it here")
         lease = await pool.acquire(tenant.name, timeout_s=wait_s, share=share, priority=priority)
         try:
             if resume:
-                cli_id = record.cli_session_id
-
-                def put_transcript(worker: Worker) -> None:
-                    target = worker.transcript_path(cli_id)
-                    assert target is not None
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(checkpoint, target)
-
-                await pool.respawn_leased(lease, extra_args=("--resume", cli_id), prepare=put_transcript)
-                self.events["resumed"] += 1
+                await self._resume(record, pool, lease)
         except BaseException:
             lease.release()
             raise
@@ -228,6 +203,28 @@ class SessionManager:
         self._bindings[record.id] = binding
         await self.store.session_put(record)
         return binding
+
+    async def _resume(self, record: SessionRecord, pool: Pool, lease: Lease) -> None:
+        """Swap the lease's worker for one started with ``--resume``, its HOME holding the checkpoint.
+        The copy is made in a thread beforehand, next to the worker directories; at spawn it is only
+        renamed into place."""
+        cli_id = record.cli_session_id
+        try:
+            staged = await self.files.stage(record, pool.config.workdir or Path(tempfile.gettempdir()))
+        except OSError as exc:
+            raise SessionUnavailable(f"session {record.id}'s transcript cannot be read "
+                                     f"({exc.strerror or type(exc).__name__})") from None
+
+        def put_transcript(worker: Worker) -> None:
+            target = worker.transcript_path(cli_id)
+            assert target is not None
+            self.files.place(staged, target)
+
+        try:
+            await pool.respawn_leased(lease, extra_args=("--resume", cli_id), prepare=put_transcript)
+        finally:
+            staged.unlink(missing_ok=True)  # placed: gone already; else not needed any more
+        self.events["resumed"] += 1
 
     async def _after_turn(self, binding: _Binding, result: TurnResult | None) -> None:
         record = binding.record
@@ -260,11 +257,10 @@ class SessionManager:
         if source is None or not source.exists():
             log.warning("session %s: no transcript to checkpoint", record.id)
             return
-        target = self._transcript(record)
-        record.transcript = str(target.relative_to(self.dir))
+        record.transcript = str(self.files.transcript(record).relative_to(self.dir))
         meta = orjson.dumps({**record.to_dict(), "state": "parked", "owner": ""})
         try:
-            await asyncio.to_thread(_write_checkpoint, source, target, self._meta(record), meta)
+            await self.files.checkpoint(source, record, meta)
         except OSError as exc:
             binding.unsaved = True
             self.events["checkpoint_failed"] += 1
@@ -274,17 +270,6 @@ class SessionManager:
                 f"saved ({exc.strerror or type(exc).__name__}); the session keeps its worker until a save "
                 "succeeds") from None
         binding.unsaved = False
-
-    def _from_disk(self, tenant: str, session_id: str) -> SessionRecord | None:
-        meta = self.dir / tenant / f"{session_id}.meta.json"
-        try:
-            record = SessionRecord.from_dict(orjson.loads(meta.read_bytes()))
-        except (OSError, orjson.JSONDecodeError):
-            return None
-        return record if record.tenant == tenant and record.id == session_id else None
-
-    def _meta(self, record: SessionRecord) -> Path:
-        return self.dir / record.tenant / f"{record.id}.meta.json"
 
     async def _check_limits(self, tenant: Tenant, record: SessionRecord) -> SessionRecord:
         if record.state == "closed":
@@ -308,18 +293,10 @@ class SessionManager:
         return fresh
 
     def limits(self, tenant: Tenant, profile: str) -> SessionLimits:
-        p = self.settings.profiles[profile]
-        c = self.config
-
-        def pick(t: Any, pr: Any, default: Any) -> Any:
-            return t if t is not None else pr if pr is not None else default
-
-        return SessionLimits(
-            max_turns=pick(tenant.max_session_turns, p.max_session_turns, c.max_turns),
-            max_age_s=pick(tenant.max_session_age_s, p.max_session_age_s, c.max_age_s),
-            max_context_tokens=pick(tenant.max_session_context_tokens, p.max_session_context_tokens,
-                                    c.max_context_tokens),
-        )
+        """The tenant's own limits, else the profile's, else ``[sessions]``."""
+        by_profile = self._profile_limits.get(profile, LimitOverrides()).over(self.config.limits())
+        return LimitOverrides(tenant.max_session_turns, tenant.max_session_age_s,
+                              tenant.max_session_context_tokens).over(by_profile)
 
     # -- parking, expiry, retention ----------------------------------------------------------------
 
@@ -427,22 +404,25 @@ class SessionManager:
                 self.events["expired"] += 1
             elif record.state == "closed" and record.closed_at is not None and (
                     now - record.closed_at >= self.config.retention_s):
-                self._remove_files(record)
+                self.files.remove(record)
                 await self.store.session_delete(record.tenant, record.id)
                 self._locks.pop(record.id, None)
                 self.events["deleted"] += 1
-        self.transcript_bytes = await asyncio.to_thread(self._disk_usage)
+        self.transcript_bytes = await self.files.disk_usage()
         if self.config.max_disk_bytes and self.transcript_bytes > self.config.max_disk_bytes:
-            await self._shrink(self.transcript_bytes - self.config.max_disk_bytes)
+            await self.shrink(self.transcript_bytes - self.config.max_disk_bytes)
 
-    async def _shrink(self, excess: int) -> None:
-        records = await self.store.session_list(None)
+    async def shrink(self, excess: int, listing: Sequence[SessionRecord] | None = None) -> None:
+        """Free ``excess`` bytes of transcripts: closed sessions' first, then the least recently used
+        parked sessions are closed. ``listing`` is the store's listing of every session (read now if
+        None); it may be stale by the time a session is acted on, which each step checks."""
+        records = await self.store.session_list(None) if listing is None else listing
         closed = sorted((r for r in records if r.state == "closed"), key=lambda r: r.closed_at or 0)
         parked = sorted((r for r in records if r.state == "parked"), key=lambda r: r.last_used_at)
         for record in [*closed, *parked]:
             if excess <= 0:
                 break
-            path = self._transcript(record)
+            path = self.files.transcript(record)
             if record.state == "parked":
                 lock = self._lock(record.id)
                 if lock.locked() or record.id in self._bindings:
@@ -464,14 +444,21 @@ class SessionManager:
         record.closed_at, record.close_reason = time.time(), reason
         await self.store.session_put(record)
         if self.config.retention_s == 0:
-            self._remove_files(record)
+            self.files.remove(record)
         else:
-            with contextlib.suppress(OSError):  # a restart must not revive it
-                meta = self._meta(record)
-                if meta.exists():
-                    meta.write_bytes(orjson.dumps(record.to_dict()))
+            self.files.write_meta(record)  # a restart must not revive it
 
     # -- internals --------------------------------------------------------------------------------
+
+    def bound_worker(self, session_id: str) -> Worker | None:
+        """The worker an active session holds on this daemon, if any."""
+        binding = self._bindings.get(session_id)
+        return binding.lease.worker if binding is not None else None
+
+    @property
+    def dir(self) -> Path:
+        """Where transcripts rest."""
+        return self.files.dir
 
     def counts(self) -> dict[str, int]:
         return {"active_here": len(self._bindings)}
@@ -491,18 +478,3 @@ class SessionManager:
         if copy is not None:
             copy.unlink(missing_ok=True)
         binding.lease.release()
-
-    def _remove_files(self, record: SessionRecord) -> None:
-        self._transcript(record).unlink(missing_ok=True)
-        self._meta(record).unlink(missing_ok=True)
-
-    def _transcript(self, record: SessionRecord) -> Path:
-        return self.dir / record.tenant / f"{record.id}.jsonl"
-
-    def _disk_usage(self) -> int:
-        total = 0
-        for root, _, files in os.walk(self.dir):
-            for name in files:
-                with contextlib.suppress(OSError):
-                    total += os.stat(os.path.join(root, name)).st_size
-        return total

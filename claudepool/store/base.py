@@ -1,7 +1,8 @@
 """The state store interface: budgets, usage aggregates and the usage ledger.
 
 Two backends implement it: `MemoryStore` (the default, one daemon) and `RedisStore` (several daemons
-share one Redis). Both pass one conformance suite (tests/test_store_conformance.py).
+share one Redis). Both pass one conformance suite, shipped for any other backend to run too
+(`claudepool.testing.store_conformance`).
 
 Budgets are reserve-then-settle. Before a turn the daemon *reserves* an upper bound of its cost; the
 reservation succeeds only if spend plus every live reservation plus this one stays within the

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from claudepool.config import StoreSettings
 from claudepool.store.base import Store
 from claudepool.store.memory import MemoryStore
+from claudepool.store.settings import StoreSettings
 
 
 def build_store(settings: StoreSettings) -> Store:

@@ -1,13 +1,19 @@
 """Every Redis key the Redis store uses, in one place.
 
 All of a tenant's keys start with ``{prefix}:{{{tenant}}}:`` — the braces are a Redis Cluster *hash
-tag*, so one tenant's keys hash to one slot and a script may touch all of them. The only key outside
-a tenant's tag is the global set of tenants (``cp:tenants``).
+tag*, so one tenant's keys hash to one slot and a script may touch all of them. Every script and
+every transaction touches the keys of one tenant only (tests/test_store_redis.py watches each one
+run, with MONITOR, and checks the slot of every key it touched). The reserve and budget scripts
+name the day's and month's spend keys from Redis's clock (`spend_prefix` plus the date): the same
+tag, the same slot. The only key outside a tenant's tag is the global set of tenants
+(``cp:tenants``), written by a command of its own before the script or transaction that writes the
+tenant's data, so it lists every tenant with data (and, after a write that failed, perhaps one with
+none).
 
 =======================================  ======  ==========================================================
 key (prefix ``cp``, tenant ``acme``)     type    content and lifetime
 =======================================  ======  ==========================================================
-``cp:tenants``                           SET     tenants that ever settled a record; no TTL
+``cp:tenants``                           SET     tenants that ever wrote a record or session; no TTL
 ``cp:{acme}:res``                        ZSET    live reservation id -> expiry (unix s); TTL refreshed to
                                                  outlive the longest reservation by `RESERVATION_GRACE_S`
 ``cp:{acme}:res:amt``                    HASH    reservation id -> amount (USD, decimal string); as above

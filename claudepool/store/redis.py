@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
@@ -54,6 +55,9 @@ from claudepool.store.base import (
 # because ``at`` is the daemon's clock: a record may carry an ``at`` slightly after its settle time.
 _LEDGER_CLOCK_SKEW_S = 3600.0
 _LEDGER_PAGE = 1000
+# How often a tenant this store writes for is listed again, and how many it remembers listing.
+_RELIST_S = 60.0
+_MAX_LISTED = 10_000
 # No ``health_check_interval``: in redis-py 8.1 it recurses through connect -> on_connect -> PING when
 # combined with a retry (redis/redis-py#3745) and hangs forever against a server that demands AUTH.
 # The one retry below replaces a dead pooled connection instead, which is what a health check is for.
@@ -134,6 +138,7 @@ class RedisStore:
         self._release = self._redis.register_script(script_source("release"))
         self._budget = self._redis.register_script(script_source("budget"))
         self._session_create = self._redis.register_script(script_file("session_create.lua"))
+        self._listed: dict[str, float] = {}  # tenant -> when this store last added it to the listing
 
     def __repr__(self) -> str:
         return f"RedisStore({self._where!r}, key_prefix={self._prefix!r})"
@@ -167,13 +172,14 @@ class RedisStore:
         # (field, increment) pairs in USAGE_FIELDS order; the script adds the last one, the cost, as a float.
         fields = [x for name in USAGE_FIELDS for x in (keys.usage_field(record.model, name), amounts[name])]
         async with self._errors("settle"):
+            await self._list_tenant(t)
             settled = await self._settle(
                 keys=[keys.settled(p, t), *self._reservation_keys(t),
                       keys.spend(p, t, "day", day), keys.spend(p, t, "month", month),
                       keys.usage(p, t, "day", day), keys.usage(p, t, "month", month),
-                      keys.ledger(p, t), keys.tenants(p)],
+                      keys.ledger(p, t)],
                 args=[record.record_id, "1" if record.reservation_id is not None else "0",
-                      record.reservation_id or "", t, orjson.dumps(record.to_dict()).decode(),
+                      record.reservation_id or "", orjson.dumps(record.to_dict()).decode(),
                       self._ledger_max_records, keys.DAY_TTL_S, keys.MONTH_TTL_S, keys.SETTLED_TTL_S,
                       self._settled_max_ids, *fields],
             )
@@ -225,21 +231,23 @@ class RedisStore:
 
     async def session_put(self, record: SessionRecord) -> None:
         open_ids = keys.open_sessions(self._prefix, record.tenant)
-        async with self._errors("session_put"), self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.sessions(self._prefix, record.tenant), record.id, orjson.dumps(record.to_dict()))
-            if record.state == "closed":
-                pipe.srem(open_ids, record.id)
-            else:
-                pipe.sadd(open_ids, record.id)
-            pipe.sadd(keys.tenants(self._prefix), record.tenant)
-            await pipe.execute()
+        async with self._errors("session_put"):
+            await self._list_tenant(record.tenant)
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(keys.sessions(self._prefix, record.tenant), record.id, orjson.dumps(record.to_dict()))
+                if record.state == "closed":
+                    pipe.srem(open_ids, record.id)
+                else:
+                    pipe.sadd(open_ids, record.id)
+                await pipe.execute()
 
     async def session_create(self, record: SessionRecord, *, max_open: int) -> bool:
         p, t = self._prefix, record.tenant
         async with self._errors("session_create"):
+            await self._list_tenant(t)
             stored = await self._session_create(
-                keys=[keys.sessions(p, t), keys.open_sessions(p, t), keys.tenants(p)],
-                args=[record.id, orjson.dumps(record.to_dict()).decode(), max(max_open, 0), t],
+                keys=[keys.sessions(p, t), keys.open_sessions(p, t)],
+                args=[record.id, orjson.dumps(record.to_dict()).decode(), max(max_open, 0)],
             )
         return bool(stored)
 
@@ -271,6 +279,22 @@ class RedisStore:
     async def close(self) -> None:
         async with self._errors("close"):
             await self._redis.aclose()
+
+    async def _list_tenant(self, tenant: str) -> None:
+        """Add the tenant to the global listing, by itself and *before* the script or transaction that
+        writes its data: with the tenant's keys it would span two hash slots (CROSSSLOT on a cluster).
+        Listed first, a tenant is never missing from the listing; a write that then fails leaves it
+        listed with nothing to show, which every reader of the listing takes as no data.
+
+        Once a minute per tenant at most: a round trip per settle cost ~35% more client CPU. A listing
+        deleted behind the daemon's back comes back within the minute."""
+        now = time.monotonic()
+        if now - self._listed.get(tenant, -math.inf) < _RELIST_S:
+            return
+        await self._redis.sadd(keys.tenants(self._prefix), tenant)
+        if len(self._listed) >= _MAX_LISTED:
+            self._listed.clear()
+        self._listed[tenant] = now
 
     def _reservation_keys(self, tenant: str) -> list[str]:
         return [keys.reservations(self._prefix, tenant), keys.reservation_amounts(self._prefix, tenant),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from claudepool.config import MeteringSettings, PriceSettings
+from claudepool.tenancy.settings import MeteringSettings, PriceSettings
 
 
 @dataclass(frozen=True)

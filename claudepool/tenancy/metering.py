@@ -9,7 +9,9 @@ A lease whose turn started but never reported a result is recorded as a ``failed
 usage it reported: none. A request that never got a worker releases its reservation.
 
 The queue is drained by one task. When the store is down, records wait (bounded) and are retried
-with back-off; settlement is idempotent on the record id, so a retry never counts twice.
+with back-off; settlement is idempotent on the record id, so a retry never counts twice. The ledger
+file is written by a task of its own, in a thread (`LedgerFile`); a record goes to the store once
+its line is in the file.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ from pathlib import Path
 
 import orjson
 
-from claudepool.config import MeteringSettings
 from claudepool.errors import StoreError
 from claudepool.pool.pool import Lease
 from claudepool.pool.worker import TurnResult
 from claudepool.store.base import Store, UsageRecord
 from claudepool.tenancy.budgets import PricingTable
+from claudepool.tenancy.ledger_file import LedgerFile
 from claudepool.tenancy.limits import RateLimiter
+from claudepool.tenancy.settings import MeteringSettings
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +72,14 @@ class Meter:
         self.limiter = limiter
         self.pricing = pricing
         self.settings = settings
-        self._pending: deque[_Op] = deque()
+        # Each with its line number in the ledger file (0: none), which the flusher waits for first.
+        self._pending: deque[tuple[_Op, int]] = deque()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._ledger_path = Path(settings.ledger_file) if settings.ledger_file else None
-        self.settled = 0
-        self.store_failures = 0
+        self._ledger_file = LedgerFile(self._ledger_path, max_pending=settings.max_buffered_records) if (
+            self._ledger_path is not None) else None
         self.dropped = 0
         self._applying: _Op | None = None
         self.price_mismatches = 0
@@ -110,7 +114,7 @@ class Meter:
         )
         ctx.results += 1
         self._cross_check(record)
-        self._submit(record)
+        self.submit(record)
 
     def on_lease_done(self, lease: Lease) -> None:
         ctx: RequestContext | None = lease.context
@@ -127,7 +131,7 @@ class Meter:
         if turn_started:
             # The turn ran but its worker died or was killed before a result: whatever it cost
             # upstream, the CLI reported nothing. Record the turn so the ledger shows it.
-            self._submit(UsageRecord(record_id=f"{ctx.request_id}:0", request_id=ctx.request_id,
+            self.submit(UsageRecord(record_id=f"{ctx.request_id}:0", request_id=ctx.request_id,
                                      tenant=ctx.tenant, profile=ctx.profile, model=ctx.model, outcome="failed",
                                      at=time.time(), session=ctx.session, reservation_id=ctx.reservation_id))
         else:
@@ -141,18 +145,27 @@ class Meter:
     # -- the flusher ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Apply queued records to the store, in order, retrying through outages. Runs forever."""
+        """Apply queued records to the store, in order, retrying through outages, and write the ledger
+        file. Runs forever."""
+        async with asyncio.TaskGroup() as group:
+            if self._ledger_file is not None:
+                group.create_task(self._ledger_file.run(), name="ledger-file")
+            await self._flush_forever()
+
+    async def _flush_forever(self) -> None:
         backoff_s = 0.2
         while True:
             if not self._pending:
                 self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
-            op = self._applying = self._pending[0]
+            op, line = self._pending[0]
+            self._applying = op
             try:
+                if line and self._ledger_file is not None:
+                    await self._ledger_file.wait_written(line)
                 await self._apply(op)
             except StoreError as exc:
-                self.store_failures += 1
                 log.warning("usage store unavailable, %d records waiting: %s", len(self._pending), exc)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, _BACKOFF_MAX_S)
@@ -163,10 +176,16 @@ class Meter:
             self._pending.popleft()  # `_enqueue` never drops the record being applied: this is `op`
 
     async def flush(self, timeout_s: float) -> bool:
-        """Wait until every queued record reached the store; False if ``timeout_s`` passed first."""
+        """Wait until every queued record reached the ledger file and the store; False if ``timeout_s``
+        passed first."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
+                if self._ledger_file is not None:
+                    await self._ledger_file.drained()
                 await self._idle.wait()
+        if self._ledger_file is not None and self._ledger_file.pending:
+            log.error("%d usage records could not reach the ledger file %s before shutdown", self._ledger_file.pending,
+                      self._ledger_path)
         if self._pending:
             log.error("%d usage records could not reach the store before shutdown%s", len(self._pending),
                       "; they are in the ledger file" if self._ledger_path else "")
@@ -178,32 +197,29 @@ class Meter:
             await self.store.release(op.tenant, op.reservation_id)
             return
         if await self.store.settle(op):
-            self.settled += 1
             await self.limiter.record_tokens(op.tenant, op.tokens)
+
+    def submit(self, record: UsageRecord) -> None:
+        """Meter one record now: the ledger file (if configured), then the store, in that order."""
+        if self.on_record is not None:
+            self.on_record(record)
+        line = 0
+        if self._ledger_file is not None:
+            line = self._ledger_file.append(orjson.dumps(record.to_dict()) + b"\n")
+        self._enqueue(record, line)
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _submit(self, record: UsageRecord) -> None:
-        if self.on_record is not None:
-            self.on_record(record)
-        if self._ledger_path is not None:
-            try:
-                with self._ledger_path.open("ab") as ledger:
-                    ledger.write(orjson.dumps(record.to_dict()) + b"\n")
-            except OSError as exc:
-                log.error("cannot append to the ledger file %s: %s", self._ledger_path, exc)
-        self._enqueue(record)
-
-    def _enqueue(self, op: _Op) -> None:
+    def _enqueue(self, op: _Op, line: int = 0) -> None:
         # The record on its way to the store right now stays at the head, outside the bound.
         head = 1 if self._applying is not None else 0
         if len(self._pending) - head >= self.settings.max_buffered_records:
-            lost = self._pending[head]
+            lost, _ = self._pending[head]
             del self._pending[head]
             self.dropped += 1
             log.error("usage buffer full while the store is down; dropping the oldest: %s",
                       orjson.dumps(lost.to_dict() if isinstance(lost, UsageRecord) else vars(lost)).decode())
-        self._pending.append(op)
+        self._pending.append((op, line))
         self._idle.clear()
         self._wake.set()
 

@@ -12,11 +12,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from claudepool.config import Settings, key_digest
 from claudepool.errors import Forbidden, Unauthorized
+from claudepool.tenancy.settings import TenantSettings
+
+_SHA256 = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
+
+
+def key_digest(key: str) -> str:
+    """The hex SHA-256 of a key; a key written as ``sha256:<hex>`` is already a digest."""
+    match = _SHA256.match(key)
+    if match:
+        return match.group(1).lower()
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def _presented_digest(key: str) -> str:
@@ -44,6 +55,17 @@ class Tenant:
     max_session_context_tokens: int | None = None
     max_sessions: int | None = None
 
+    @classmethod
+    def of(cls, name: str, settings: TenantSettings) -> Tenant:
+        """The tenant ``[tenants.NAME]`` configures; only its key's digest is kept."""
+        return cls(name, key_digest(settings.key.get_secret_value()), settings.profile, settings.allowed_profiles(),
+                   weight=settings.weight, max_concurrency=settings.max_concurrency, max_queued=settings.max_queued,
+                   max_queue_wait_s=settings.max_queue_wait_s, requests_per_minute=settings.requests_per_minute,
+                   tokens_per_minute=settings.tokens_per_minute, daily_budget_usd=settings.daily_budget_usd,
+                   monthly_budget_usd=settings.monthly_budget_usd, max_session_turns=settings.max_session_turns,
+                   max_session_age_s=settings.max_session_age_s,
+                   max_session_context_tokens=settings.max_session_context_tokens, max_sessions=settings.max_sessions)
+
     @property
     def has_budget(self) -> bool:
         return self.daily_budget_usd > 0 or self.monthly_budget_usd > 0
@@ -61,20 +83,10 @@ class TenantRegistry:
         self._metrics = metrics_key_sha256
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> TenantRegistry:
-        admin = settings.server.admin_key.get_secret_value()
-        scraper = settings.metrics.key.get_secret_value()
-        return cls(
-            (Tenant(name, key_digest(t.key.get_secret_value()), t.profile, t.allowed_profiles(), weight=t.weight,
-                    max_concurrency=t.max_concurrency, max_queued=t.max_queued, max_queue_wait_s=t.max_queue_wait_s,
-                    requests_per_minute=t.requests_per_minute, tokens_per_minute=t.tokens_per_minute,
-                    daily_budget_usd=t.daily_budget_usd, monthly_budget_usd=t.monthly_budget_usd,
-                    max_session_turns=t.max_session_turns, max_session_age_s=t.max_session_age_s,
-                    max_session_context_tokens=t.max_session_context_tokens, max_sessions=t.max_sessions)
-             for name, t in settings.tenants.items()),
-            key_digest(admin) if admin else "",
-            key_digest(scraper) if scraper else "",
-        )
+    def of(cls, tenants: Mapping[str, TenantSettings], *, admin_key: str = "", metrics_key: str = "") -> TenantRegistry:
+        """The registry of the configured tenants, with the admin and the metrics key ("" = none)."""
+        return cls((Tenant.of(name, t) for name, t in tenants.items()),
+                   key_digest(admin_key) if admin_key else "", key_digest(metrics_key) if metrics_key else "")
 
     def get(self, name: str) -> Tenant | None:
         return self._tenants.get(name)

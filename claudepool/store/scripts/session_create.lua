@@ -1,7 +1,8 @@
--- Store a new session record unless the tenant already has max_open open sessions. Atomic.
+-- Store a new session record unless the tenant already has max_open open sessions. Atomic. Both keys
+-- are the tenant's (one hash slot); the caller lists the tenant in the global set before, by itself.
 --
--- KEYS[1] sessions HASH (id -> record JSON), KEYS[2] open session ids SET, KEYS[3] the tenants SET
--- ARGV[1] session id, ARGV[2] record JSON, ARGV[3] max open sessions (0 = no bound), ARGV[4] tenant
+-- KEYS[1] sessions HASH (id -> record JSON), KEYS[2] open session ids SET
+-- ARGV[1] session id, ARGV[2] record JSON, ARGV[3] max open sessions (0 = no bound)
 --
 -- Returns 1 when stored, 0 when refused.
 
@@ -11,5 +12,4 @@ if max_open > 0 and redis.call('SCARD', KEYS[2]) >= max_open then
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('SADD', KEYS[3], ARGV[4])
 return 1

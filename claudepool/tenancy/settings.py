@@ -1,0 +1,78 @@
+"""The configuration sections tenancy reads: ``[tenants.NAME]``, ``[pricing.MODEL]`` and ``[metering]``.
+
+`claudepool.config` composes them into the daemon's settings (with the checks that span sections,
+such as a tenant's profiles existing); nothing here knows about the rest of the configuration.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+
+class TenantSettings(BaseModel):
+    # ``[tenants.NAME]`` (no docstring: it would enter the configuration's JSON schema)
+    model_config = ConfigDict(extra="forbid")
+
+    key: SecretStr
+    profile: str = "default"
+    # Defaults to [profile].
+    profiles: list[str] | None = None
+    # Scheduling: share of the workers when several tenants wait, and bounds. 0 = unlimited.
+    weight: float = Field(default=1.0, gt=0)
+    max_concurrency: int = Field(default=0, ge=0)
+    max_queued: int = Field(default=100, ge=0)
+    max_queue_wait_s: float | None = Field(default=None, gt=0)
+    # Limits and budgets. 0 = unlimited.
+    requests_per_minute: int = Field(default=0, ge=0)
+    tokens_per_minute: int = Field(default=0, ge=0)
+    daily_budget_usd: float = Field(default=0.0, ge=0)
+    monthly_budget_usd: float = Field(default=0.0, ge=0)
+    # Session limits for this tenant (None = the profile's, else [sessions]).
+    max_session_turns: int | None = Field(default=None, ge=0)
+    max_session_age_s: float | None = Field(default=None, ge=0)
+    max_session_context_tokens: int | None = Field(default=None, ge=0)
+    # Open (not closed) sessions this tenant may hold (None = [sessions] max_sessions; 0 = no bound).
+    max_sessions: int | None = Field(default=None, ge=0)
+
+    @field_validator("key")
+    @classmethod
+    def _non_empty(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value():
+            raise ValueError("a tenant key may not be empty")
+        return value
+
+    def allowed_profiles(self) -> frozenset[str]:
+        return frozenset(self.profiles if self.profiles is not None else [self.profile])
+
+
+class PriceSettings(BaseModel):
+    """USD per million tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+    cache_read_per_mtok: float = Field(ge=0)
+    cache_write_per_mtok: float = Field(ge=0)
+
+
+def default_prices() -> dict[str, PriceSettings]:
+    # Deliberately high (Opus-class) so an unpriced model's reservation still bounds its cost.
+    return {"default": PriceSettings(input_per_mtok=15, output_per_mtok=75, cache_read_per_mtok=1.5,
+                                     cache_write_per_mtok=18.75)}
+
+
+class MeteringSettings(BaseModel):
+    """``[metering]``: how turns are recorded and how reservations are estimated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # A local JSON-lines copy of every usage record, written at once (kept through store outages).
+    ledger_file: str = ""
+    # The reservation for a turn: prompt tokens (bytes / 3) + this overhead at the cache-write price,
+    # plus this many output tokens at the output price. Raise them for long answers or tool use.
+    reservation_overhead_tokens: int = Field(default=8_000, ge=0)
+    reservation_output_tokens: int = Field(default=8_192, ge=0)
+    # Usage records waiting for the store when it is down; past this, the oldest are written to the
+    # log at error level rather than held.
+    max_buffered_records: int = Field(default=100_000, gt=0)

@@ -54,13 +54,13 @@ from claudepool.daemon.status import Status
 from claudepool.errors import ClaudepoolError
 from claudepool.logs import add_key_digests
 from claudepool.pool.pool import Pool
+from claudepool.pool.shares import TenantSlots
 from claudepool.sessions.manager import SessionManager
 from claudepool.store.factory import build_store
 from claudepool.store.instrumented import InstrumentedStore
 from claudepool.tenancy.budgets import PricingTable
 from claudepool.tenancy.limits import RateLimiter
 from claudepool.tenancy.metering import Meter
-from claudepool.tenancy.scheduler import TenantSlots
 from claudepool.tenancy.tenants import TenantRegistry
 
 log = logging.getLogger(__name__)

@@ -40,8 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from claudepool.errors import (
     PromptRanAsCommand,
     ProtocolError,
@@ -57,6 +55,7 @@ from claudepool.logs import RateLimitedLog, scrub
 from claudepool.pool.memory import tree_memory
 from claudepool.pool.profile import Profile
 from claudepool.pool.reaper import Reaper, child_setup, default_reaper
+from claudepool.pool.timeouts import WorkerTimeouts
 from claudepool.protocol.cli_events import (
     AssistantEvent,
     CliEvent,
@@ -91,21 +90,6 @@ class WorkerState(enum.StrEnum):
     RESETTING = "resetting"
     CLOSING = "closing"
     CLOSED = "closed"
-
-
-class WorkerTimeouts(BaseModel):
-    """Deadlines of every exchange with the process, in seconds."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    ready_timeout_s: float = Field(default=30.0, gt=0)
-    # Watchdog: a turn that produces no event for this long is interrupted, then killed.
-    turn_idle_timeout_s: float = Field(default=120.0, gt=0)
-    interrupt_timeout_s: float = Field(default=5.0, gt=0)
-    reset_timeout_s: float = Field(default=10.0, gt=0)
-    close_eof_timeout_s: float = Field(default=2.0, ge=0)
-    close_term_timeout_s: float = Field(default=2.0, ge=0)
-    close_kill_timeout_s: float = Field(default=5.0, gt=0)
 
 
 @dataclass(frozen=True)

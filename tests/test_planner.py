@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from claudepool.pool import breaker as breaker_module
 from claudepool.pool.breaker import Breaker, BreakerState
@@ -322,3 +324,22 @@ def test_a_second_step_with_nothing_changed_does_nothing() -> None:
     assert first == [Clean(dirty)] and plan(h.state, now=0.0) == []
     # The one being cleaned counts towards min_idle: it will be idle soon, so nothing spawns.
     assert counts(h.state) == {"starting": 0, "idle": 1, "leased": 0, "cleaning": 1, "closing": 0, "waiting": 0}
+
+
+@given(st.lists(st.tuples(st.sampled_from(["add", "move", "remove"]), st.integers(0, 5),
+                          st.sampled_from(list(Phase))), max_size=60))
+def test_phase_counts_always_match_the_records(ops: list[tuple[str, int, Phase]]) -> None:
+    h = make()
+    workers = [StubWorker(slot=i) for i in range(6)]
+    for op, i, phase in ops:
+        worker = workers[i]
+        if op == "add" and worker not in h.state.records:
+            h.state.add(worker, phase, 10)
+        elif op == "move" and worker in h.state.records:
+            h.state.move(h.state.records[worker], phase)
+        elif op == "remove":
+            h.state.remove(worker)
+    for phase in Phase:
+        recount = [r for r in h.state.records.values() if r.phase is phase]
+        assert h.state.count(phase) == len(recount)
+        assert h.state.in_phase(phase) == sorted(recount, key=lambda r: r.since)

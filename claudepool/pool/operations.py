@@ -94,7 +94,7 @@ class WorkerOperations:
                     self.boot_succeeded()
                     self._state.move(record, Phase.RETURNED)
                 elif worker.state is WorkerState.CLOSED:
-                    del self._state.records[worker]
+                    self._state.remove(worker)
                 else:
                     # A cancelled start may still be closing: the pool's close joins it through the records.
                     self._state.move(record, Phase.CLOSING)
@@ -148,7 +148,7 @@ class WorkerOperations:
         self._settle(record.unsettled)
         record.unsettled = None
         if phase is None:
-            del self._state.records[worker]
+            self._state.remove(worker)
         else:
             self._state.move(record, phase)
         self._step()

@@ -157,22 +157,36 @@ class PoolState(Generic[W, L, T]):
     closed: bool = False
     rng: random.Random = field(default_factory=random.Random)
     _clock: Iterator[int] = field(default_factory=itertools.count)
+    # Records per phase, kept by add/move/remove (the only writers), so counting is O(1): the
+    # planner counts phases a dozen times per step, and a step runs several times per request.
+    _phase_counts: dict[Phase, int] = field(default_factory=lambda: dict.fromkeys(Phase, 0))
 
     def add(self, worker: W, phase: Phase, turn_limit: int) -> Record[W, L]:
         record: Record[W, L] = Record(worker, phase, turn_limit, since=next(self._clock))
         self.records[worker] = record
+        self._phase_counts[phase] += 1
         return record
 
     def move(self, record: Record[W, L], phase: Phase) -> None:
+        self._phase_counts[record.phase] -= 1
+        self._phase_counts[phase] += 1
         record.phase = phase
         record.since = next(self._clock)
 
+    def remove(self, worker: W) -> Record[W, L] | None:
+        record = self.records.pop(worker, None)
+        if record is not None:
+            self._phase_counts[record.phase] -= 1
+        return record
+
     def in_phase(self, phase: Phase) -> list[Record[W, L]]:
         """The records in ``phase``, oldest entry first."""
+        if not self._phase_counts[phase]:
+            return []
         return sorted((r for r in self.records.values() if r.phase is phase), key=lambda r: r.since)
 
     def count(self, *phases: Phase) -> int:
-        return sum(1 for r in self.records.values() if r.phase in phases)
+        return sum(self._phase_counts[p] for p in phases)
 
     def total_pss_bytes(self) -> int:
         return sum(r.worker.pss_bytes or 0 for r in self.records.values())
@@ -199,22 +213,27 @@ def plan(state: PoolState[W, L, T], now: float) -> list[Action[W, T]]:
             state.move(record, Phase.IDLE)
 
     # Idle workers that died, aged, grew or sat unused for too long.
+    idle: list[Record[W, L]] = []
     for record in state.in_phase(Phase.IDLE):
         reason = retire_reason(record, config, now)
         if reason is not None:
             actions.append(retire(state, record, reason))
-    idle = state.in_phase(Phase.IDLE)
+        else:
+            idle.append(record)
     surplus = len(idle) - config.min_idle
-    for record in idle:  # the bottom of the stack has waited longest
+    for record in list(idle):  # the bottom of the stack has waited longest
         if surplus <= 0:
             break
         if record.worker.idle_s(now) >= config.max_idle_s:
             actions.append(retire(state, record, "idle"))
+            idle.remove(record)
             surplus -= 1
-    actions.extend(shed_memory(state))
+    shed = shed_memory(state)
+    if shed:
+        actions.extend(shed)
+        idle = state.in_phase(Phase.IDLE)
 
     # Hand idle workers to waiters, in the fair queue's order, the most recently used first.
-    idle = state.in_phase(Phase.IDLE)
     while idle:
         record = idle[-1]
         worker = record.worker
@@ -240,9 +259,10 @@ def plan(state: PoolState[W, L, T], now: float) -> list[Action[W, T]]:
     if cannot_serve(state, now):
         actions.extend(Refuse(waiter) for waiter in state.queue.drain() if not waiter.gone())
 
-    used = {r.worker.slot for r in state.records.values()}
+    spawns = spawn_count(state, now)
+    used = {r.worker.slot for r in state.records.values()} if spawns else set()
     free_slots = (i for i in itertools.count() if i not in used)
-    for slot in itertools.islice(free_slots, spawn_count(state, now)):
+    for slot in itertools.islice(free_slots, spawns):
         turn_limit = config.max_turns + state.rng.randint(0, config.max_turns_jitter)
         actions.append(Spawn(slot, turn_limit))
     return actions
@@ -309,6 +329,8 @@ def spawn_count(state: PoolState[W, L, T], now: float) -> int:
         return 0
     ready_soon = state.count(Phase.IDLE, Phase.STARTING, Phase.CLEANING)
     need = state.queue.eligible() + state.config.min_idle - ready_soon
+    if need <= 0:
+        return 0
     live = ready_soon + state.count(Phase.LEASED)
     room = min(state.memory.max_workers - live, spawn_room(state, now))
     if live and state.total_pss_bytes() >= state.memory.soft_limit_bytes:

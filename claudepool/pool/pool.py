@@ -221,7 +221,8 @@ class Pool:
         if records:
             await asyncio.gather(*(r.worker.close(graceful=r.worker.is_idle()) for r in records),
                                  return_exceptions=True)
-        state.records.clear()
+        for record in records:
+            state.remove(record.worker)
         for record in records:
             self._settle_lease(record.unsettled)
             self._settle_lease(record.lease)

@@ -40,8 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from claudepool.errors import (
     PromptRanAsCommand,
     ProtocolError,
@@ -57,6 +55,7 @@ from claudepool.logs import RateLimitedLog, scrub
 from claudepool.pool.memory import tree_memory
 from claudepool.pool.profile import Profile
 from claudepool.pool.reaper import Reaper, child_setup, default_reaper
+from claudepool.pool.timeouts import WorkerTimeouts
 from claudepool.protocol.cli_events import (
     AssistantEvent,
     CliEvent,
@@ -77,6 +76,9 @@ from claudepool.protocol.cli_events import (
 )
 from claudepool.protocol.framing import DEFAULT_MAX_LINE_BYTES, LineFramer, decode_object
 
+# Importers name WorkerTimeouts through this module.
+__all__ = ["TurnResult", "Worker", "WorkerState", "WorkerTimeouts"]
+
 log = logging.getLogger(__name__)
 stderr_log = logging.getLogger("claudepool.worker.stderr")
 
@@ -91,21 +93,6 @@ class WorkerState(enum.StrEnum):
     RESETTING = "resetting"
     CLOSING = "closing"
     CLOSED = "closed"
-
-
-class WorkerTimeouts(BaseModel):
-    """Deadlines of every exchange with the process, in seconds."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    ready_timeout_s: float = Field(default=30.0, gt=0)
-    # Watchdog: a turn that produces no event for this long is interrupted, then killed.
-    turn_idle_timeout_s: float = Field(default=120.0, gt=0)
-    interrupt_timeout_s: float = Field(default=5.0, gt=0)
-    reset_timeout_s: float = Field(default=10.0, gt=0)
-    close_eof_timeout_s: float = Field(default=2.0, ge=0)
-    close_term_timeout_s: float = Field(default=2.0, ge=0)
-    close_kill_timeout_s: float = Field(default=5.0, gt=0)
 
 
 @dataclass(frozen=True)
@@ -339,11 +326,13 @@ class Worker:
             # Tool subprocesses that outlived the CLI share its group.
             self._signal_group(signal.SIGKILL)
             self.returncode = proc.returncode
-            _, pending = await asyncio.wait(self._tasks, timeout=1.0) if self._tasks else (set(), set())
+            pending: set[asyncio.Task[None]] = set()
+            if self._tasks:
+                _, pending = await asyncio.wait(self._tasks, timeout=t.close_pipes_timeout_s)
             for task in pending:
                 task.cancel()
             if pending:
-                await asyncio.wait(pending, timeout=1.0)
+                await asyncio.wait(pending, timeout=t.close_pipes_timeout_s)
             transport = getattr(proc, "_transport", None)
             if transport is not None:
                 # A grandchild holding our pipes would keep the transport open past exit.
@@ -353,8 +342,17 @@ class Worker:
                 self._reaper.unregister(self.pid)
                 self._registered = False
         if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            await self._remove_dirs(self._dir)
         self.state = WorkerState.CLOSED
+
+    async def _remove_dirs(self, path: Path) -> None:
+        """In a thread (a large HOME would hold up the event loop), bounded."""
+        try:
+            async with asyncio.timeout(self.timeouts.remove_dirs_timeout_s):
+                await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
+        except TimeoutError:
+            log.warning("worker %s: removing %s takes over %gs; left to finish in its thread",
+                        self.id, path, self.timeouts.remove_dirs_timeout_s)
 
     @staticmethod
     async def _wait_exit(proc: asyncio.subprocess.Process, timeout_s: float) -> None:
@@ -640,7 +638,7 @@ class Worker:
             if tail.strip():
                 self._dispatch(parse_event(decode_object(tail)))
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2.0):
+                async with asyncio.timeout(self.timeouts.exit_after_eof_timeout_s):
                     await self._proc.wait()
             self._poison(WorkerDied(f"worker {self.id} exited with code {self._proc.returncode}"))
         except ProtocolError as exc:

@@ -12,14 +12,17 @@ The process is started through ``loop.subprocess_exec`` with a protocol of our o
 pipes can be closed through public API when a grandchild outside the group still holds them, and
 the leader's exit is seen at once (``Process.wait()`` waits for the pipes too).
 
-It dies with the daemon: in its own session (its group is the unit the reaper kills), with
-``PR_SET_PDEATHSIG`` set between fork and exec (see `claudepool.pool.reaper`).
+It dies with the daemon: in its own session (its group is the unit the reaper kills), and started as
+``setpriv --pdeathsig KILL -- claude …`` so the kernel SIGKILLs it when the daemon dies (see
+`claudepool.pool.reaper` for what that covers and what it does not). No ``preexec_fn``: Python runs
+it between fork and exec, which is unsafe in a process with threads, and this daemon has them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -33,7 +36,7 @@ from typing import Any
 
 from claudepool.errors import ProtocolError, WorkerStartError
 from claudepool.logs import RateLimitedLog, scrub
-from claudepool.pool.reaper import Reaper, child_setup
+from claudepool.pool.reaper import Reaper
 from claudepool.pool.timeouts import WorkerTimeouts
 from claudepool.protocol.framing import LineFramer
 
@@ -44,6 +47,18 @@ _STDERR_TAIL_BYTES = 8192
 # Completed stdout lines waiting for the reader past this pause the pipe (the StreamReader this
 # replaces paused at twice its 64 KiB limit).
 _PAUSE_READING_BYTES = 1 << 17
+
+
+@functools.cache
+def pdeathsig_argv() -> tuple[str, ...]:
+    """The exec wrapper that sets ``PR_SET_PDEATHSIG=SIGKILL`` and then execs the worker (same pid);
+    empty, with one warning, where util-linux's ``setpriv`` is missing."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        log.warning("setpriv (util-linux) not found: workers will not die with the daemon by PDEATHSIG; "
+                    "only the reaper helper kills their groups if the daemon is killed")
+        return ()
+    return (setpriv, "--pdeathsig", "KILL", "--")
 
 
 class _Pipes(asyncio.SubprocessProtocol):
@@ -171,6 +186,7 @@ class WorkerProcess:
         self._transport: asyncio.SubprocessTransport | None = None
         self._pipes: _Pipes | None = None
         self._registered = False
+        self._stopped = False
         self._stderr_tail = bytearray()
         self._stderr_pending = b""
         self._stderr_forward = RateLimitedLog(stderr_log)
@@ -215,19 +231,22 @@ class WorkerProcess:
         """Start ``argv`` in its own session, with the private cwd, and register its group."""
         assert self.dir is not None and self._transport is None
         cwd = self.dir / "cwd"
+        wrapper = pdeathsig_argv()
+        if wrapper:
+            # setpriv would report a missing binary only by exiting 127: say it as plainly as exec would.
+            _check_executable(argv[0], env.get("PATH", os.defpath), cwd)
         pipes = _Pipes(LineFramer(self._max_line_bytes), self._on_stderr)
         loop = asyncio.get_running_loop()
         try:
             transport, _ = await loop.subprocess_exec(
                 lambda: pipes,
-                *argv,
+                *wrapper, *argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=dict(env),
                 cwd=cwd,
                 start_new_session=True,
-                preexec_fn=functools.partial(child_setup, os.getpid()),
             )
         except OSError as exc:
             raise WorkerStartError(f"cannot execute {argv[0]!r}: {exc.strerror}") from None
@@ -253,8 +272,10 @@ class WorkerProcess:
         SIGKILL of the group, each bounded; then SIGKILL the group for leftovers, let the pipes reach
         EOF (bounded), close them, and unregister the group once its leader has been reaped."""
         transport, pipes = self._transport, self._pipes
-        if transport is None or pipes is None:
+        if transport is None or pipes is None or self._stopped:
             return
+        # Once only: a second SIGKILL to the group, long after, could reach a reused id.
+        self._stopped = True
         t = self._timeouts
         if graceful and self.exit_code() is None:
             stdin = self._stdin()
@@ -348,3 +369,12 @@ class WorkerProcess:
                                           "line": scrub(line[:2048].decode("utf-8", "replace"))}
                 self._stderr_forward.info("worker stderr", fields)
 
+
+def _check_executable(program: str, path: str, cwd: Path) -> None:
+    """Raise `WorkerStartError` as exec would if ``program`` cannot be executed (a relative path
+    with a slash is looked up from the child's cwd, as exec does after chdir)."""
+    candidate = program if os.sep not in program or os.path.isabs(program) else str(cwd / program)
+    if shutil.which(candidate, path=path) is not None:
+        return
+    code = errno.EACCES if os.sep in candidate and os.path.exists(candidate) else errno.ENOENT
+    raise WorkerStartError(f"cannot execute {program!r}: {os.strerror(code)}")

@@ -192,9 +192,10 @@ class Exchange:
         self._reader = asyncio.create_task(self._read_events(), name=f"{self.id}-stdout")
 
     async def handshake(self) -> None:
-        """``initialize`` (its answer is the ready signal), then note the settings as started."""
+        """``initialize`` (its answer is the ready signal), note the settings as started: `IDLE`."""
         await self._control("initialize", self.timeouts.ready_timeout_s)
         self.started_applied = await self._applied_settings()
+        self.state = WorkerState.IDLE
 
     def begin_close(self, failure: WorkerError) -> None:
         """From now on every waiter, present and future, fails (with ``failure`` if none came first)."""

@@ -201,7 +201,6 @@ class Worker:
             raise failure from None
         self.ready_at = time.monotonic()
         self.last_active_at = self.ready_at
-        self._exchange.state = WorkerState.IDLE
 
     async def close(self, *, graceful: bool = True) -> None:
         """Stop the process and remove its directories. Idempotent; survives caller cancellation.

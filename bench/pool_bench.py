@@ -33,8 +33,9 @@ from pathlib import Path
 import orjson
 import psutil
 
+from claudepool.pool.config import PoolConfig
 from claudepool.pool.memory import MiB, pss_bytes
-from claudepool.pool.pool import Pool, PoolConfig
+from claudepool.pool.pool import Pool
 from claudepool.pool.profile import Profile
 from claudepool.pool.worker import TurnResult
 

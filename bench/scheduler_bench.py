@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 
-from claudepool.tenancy.scheduler import FairQueue, TenantShare, TenantSlots
+from claudepool.pool.fair_queue import FairQueue
+from claudepool.pool.shares import TenantShare, TenantSlots
 
 TENANTS = 500
 STEADY_OPS = 20_000

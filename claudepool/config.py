@@ -42,8 +42,8 @@ from pydantic_settings import (
 )
 
 from claudepool.errors import ConfigError
+from claudepool.pool.config import PoolConfig
 from claudepool.pool.memory import MiB
-from claudepool.pool.pool import PoolConfig
 from claudepool.pool.profile import Profile
 from claudepool.sessions.settings import LimitOverrides, SessionOptions, SessionSettings
 from claudepool.store.settings import StoreSettings

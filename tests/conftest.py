@@ -17,7 +17,8 @@ from typing import Any
 import psutil
 import pytest
 
-from claudepool.pool.pool import Pool, PoolConfig
+from claudepool.pool.config import PoolConfig
+from claudepool.pool.pool import Pool
 from claudepool.pool.profile import Profile
 from claudepool.pool.reaper import default_reaper
 from claudepool.testing.fake_upstream import FakeUpstream

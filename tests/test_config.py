@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from claudepool.config import PoolSettings, ProfileSettings, Settings, load_settings
+from claudepool.config import ProfileSettings, Settings, load_settings
 from claudepool.errors import ConfigError, Forbidden, Unauthorized
 from claudepool.pool.profile import Profile
 from claudepool.sessions import settings as sessions_settings
@@ -220,10 +220,8 @@ def test_importing_the_config_loads_no_component_it_only_configures() -> None:
         assert module not in loaded, module
 
 
-# PoolSettings extends the pool's PoolConfig: where that is defined decides what importing config loads.
-@pytest.mark.xfail(PoolSettings.__base__.__module__ == "claudepool.pool.pool", strict=True,
-                   reason="PoolConfig is defined in claudepool/pool/pool.py, beside the worker, until the pool's "
-                          "restructuring (issue 11) gives it a module of its own")
+# PoolSettings extends the pool's PoolConfig, which has a module of its own (pool/config.py): importing
+# the config must not load the worker, the reaper (libc through ctypes) or the HTTP stack.
 def test_importing_the_config_starts_no_worker_machinery() -> None:
     loaded = imported_by("claudepool.config")
     assert not {"claudepool.pool.worker", "claudepool.pool.reaper", "ctypes", "aiohttp"} & loaded

@@ -7,16 +7,20 @@ import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from claudepool.errors import PoolClosed, PoolTimeout, PoolUnhealthy, TurnStalled, WorkerDied, WorkerStartError
+from claudepool.pool.breaker import BreakerState
+from claudepool.pool.config import PoolConfig
+from claudepool.pool.lease import Lease
 from claudepool.pool.memory import MiB
-from claudepool.pool.pool import BreakerState, Lease, Pool, PoolConfig
+from claudepool.pool.pool import Pool
 from claudepool.pool.profile import Profile
-from claudepool.pool.worker import TurnResult, WorkerTimeouts
-from claudepool.tenancy.scheduler import Priority, TenantSlots
+from claudepool.pool.shares import Priority, TenantSlots
+from claudepool.pool.timeouts import WorkerTimeouts
+from claudepool.pool.worker import TurnResult
 from tests.helpers import collect, pid_gone, until
 
 TIMEOUTS = WorkerTimeouts(
@@ -184,7 +188,7 @@ async def test_turn_limit_jitter_spreads_recycling(make_pool: Callable[..., Pool
     pool = make_pool(fake_profile, min_idle=4, max_workers=4, max_turns=10, max_turns_jitter=1000)
     await pool.start()
     await pool.wait_ready(10)
-    limits = {pool._turn_limits[w] for w in pool.workers()}
+    limits = {cast(int, row["turn_limit"]) for row in pool.snapshot()}
     assert all(10 <= n <= 1010 for n in limits)
     assert len(limits) > 1
 
@@ -351,8 +355,7 @@ async def test_hard_memory_limit_sheds_idle_and_recycles_busy_down_to_one_worker
     await until(settled_at_one, 10)
     assert pool.stats.retired["memory_pressure"] >= 1  # idle workers were shed...
     spawned, shed = pool.stats.spawned, pool.stats.retired["memory_pressure"]
-    pool.refresh_memory()
-    pool._step()
+    pool.refresh_memory()  # measures, re-plans and acts, as a maintenance pass does
     # ...down to one, which stays: shedding it would only start another (min_idle), over and over.
     assert (pool.stats.spawned, pool.stats.retired["memory_pressure"]) == (spawned, shed)
     assert settled_at_one()
@@ -361,7 +364,7 @@ async def test_hard_memory_limit_sheds_idle_and_recycles_busy_down_to_one_worker
                      memory_soft_limit_bytes=1, maintenance_interval_s=60)
     leases = await asyncio.gather(busy.acquire("a"), busy.acquire("b"))
     await until(lambda: all(w.pss_bytes for w in busy.workers()))
-    busy._step()
+    busy.refresh_memory()
     assert busy.stats.retired["memory_pressure"] == 0  # leased workers are recycled on release only
     for lease in leases:
         lease.release()

@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 
 from claudepool.errors import TurnStalled, WorkerDied
-from claudepool.pool.pool import Lease, Pool
+from claudepool.pool.lease import Lease
+from claudepool.pool.pool import Pool
 from claudepool.pool.profile import Profile
-from claudepool.pool.worker import TurnResult, Worker, WorkerTimeouts
+from claudepool.pool.timeouts import WorkerTimeouts
+from claudepool.pool.worker import TurnResult, Worker
 from claudepool.protocol.cli_events import CliEvent, StreamEvent, SystemApiRetry
 from claudepool.testing.fake_upstream import FakeUpstream
 from tests.helpers import collect, until

@@ -20,9 +20,11 @@ import orjson
 import pytest
 
 from claudepool.errors import PromptRanAsCommand, ResetFailed
-from claudepool.pool.pool import Lease, Pool
+from claudepool.pool.lease import Lease
+from claudepool.pool.pool import Pool
 from claudepool.pool.profile import Profile
-from claudepool.pool.worker import TurnResult, Worker, WorkerTimeouts
+from claudepool.pool.timeouts import WorkerTimeouts
+from claudepool.pool.worker import TurnResult, Worker
 from claudepool.protocol.cli_events import ResultEvent, SystemInit, UserContent
 from claudepool.testing.fake_upstream import FakeUpstream, RecordedRequest
 from tests.helpers import collect

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from claudepool.tenancy import scheduler
-from claudepool.tenancy.scheduler import FairQueue, Priority, TenantShare, TenantSlots
+from claudepool.pool import fair_queue, shares
+from claudepool.pool.fair_queue import FairQueue
+from claudepool.pool.shares import Priority, TenantShare, TenantSlots
 
 EQUAL = TenantShare()
 
@@ -51,8 +52,9 @@ def longest_run(served: list[str], tenant: str) -> int:
     return max((len(list(group)) for who, group in itertools.groupby(served) if who == tenant), default=0)
 
 
-def test_module_doctests_pass() -> None:
-    result = doctest.testmod(scheduler)
+@pytest.mark.parametrize("module", [fair_queue, shares])
+def test_module_doctests_pass(module: object) -> None:
+    result = doctest.testmod(module)  # type: ignore[arg-type]
     assert result.attempted > 0
     assert result.failed == 0
 

@@ -18,7 +18,8 @@ import orjson
 import pytest
 
 from claudepool.errors import PromptRanAsCommand
-from claudepool.pool.pool import Lease, Pool
+from claudepool.pool.lease import Lease
+from claudepool.pool.pool import Pool
 from claudepool.pool.profile import Profile
 from claudepool.pool.worker import TurnResult, Worker
 from claudepool.protocol.cli_events import UserContent

@@ -19,6 +19,7 @@ import pytest
 
 from claudepool.daemon.notify import Notifier
 from claudepool.daemon.spend import TenantSpend
+from claudepool.pool.pool import Pool
 from claudepool.sessions.manager import SessionManager
 from claudepool.tenancy.metering import Meter
 from tests.daemon_fixtures import KEYS, DaemonProcess, RunningDaemon, make_daemon, post, start_daemon
@@ -35,6 +36,7 @@ LOOPS: dict[str, tuple[type, str]] = {
     "spend-gauges": (TenantSpend, "run"),
     "sessions": (SessionManager, "maintain"),
     "watchdog": (Notifier, "run_watchdog"),
+    "pool-default-maintenance": (Pool, "maintain"),
 }
 
 
@@ -44,11 +46,14 @@ async def test_a_crashed_loop_stops_the_daemon_with_exit_1(
 ) -> None:
     crash = asyncio.Event()
 
+    owner, method = LOOPS[loop]
+
     async def crashing(*args: Any, **kwargs: Any) -> None:
+        if owner is Pool and args[0].profile.name != "default":
+            await asyncio.Event().wait()  # every pool runs this loop: only the default pool's crashes
         await crash.wait()
         raise RuntimeError(f"injected crash of {loop}")
 
-    owner, method = LOOPS[loop]
     monkeypatch.setattr(owner, method, crashing)
     d = await make_daemon()
     pids = [w.pid for w in d.pool().workers()]
@@ -73,6 +78,7 @@ async def test_a_crashed_loop_stops_the_daemon_with_exit_1(
 _CRASH_ON_SIGUSR1 = """
 import asyncio, signal, sys
 from claudepool.daemon.spend import TenantSpend
+from claudepool.pool.pool import Pool
 
 async def crash_on_sigusr1(self, interval_s=15.0):
     crash = asyncio.Event()

@@ -22,7 +22,8 @@ from claudepool.errors import (
     WorkerStartError,
 )
 from claudepool.pool.profile import Profile
-from claudepool.pool.worker import TurnResult, Worker, WorkerState, WorkerTimeouts
+from claudepool.pool.timeouts import WorkerTimeouts
+from claudepool.pool.worker import TurnResult, Worker, WorkerState
 from claudepool.protocol.cli_events import CliEvent, StreamEvent, SystemInit
 from tests.helpers import collect, pid_gone
 

@@ -4,20 +4,22 @@
 front ends get the narrow `claudepool.daemon.facade.Facade`, never the daemon. `Daemon.run` is the
 lifecycle, under one `asyncio.TaskGroup` that owns every background task.
 
-Start-up: the metering flusher starts → pools begin warming → front ends bind (or adopt systemd's
-sockets) → print where we listen → the background loops start (announce-ready, watchdog, spend
-gauges, session maintenance) → once every pool has ``min_idle`` warm workers, ``READY=1``.
+Start-up: the metering flusher starts → pools begin warming, each with its memory-measuring loop →
+front ends bind (or adopt systemd's sockets) → print where we listen → the background loops start
+(announce-ready, watchdog, spend gauges, session maintenance) → once every pool has ``min_idle``
+warm workers, ``READY=1``.
 
 Shutdown, on SIGTERM or SIGINT, in a fixed order: ``STOPPING=1`` and stop admitting (new requests
 get 503 ``draining``, /readyz turns 503) → wait for requests in flight up to
 ``server.drain_timeout_s`` → stop the stragglers (each answers 503 ``draining``) → stop the
 background loops → close the front ends → park the conversations → close every worker → flush the
-usage records → close the store → exit 0. A second signal skips the wait and exits 1 once workers
-are closed. Previous signal handlers are restored on the way out.
+usage records → close the store and the limiter (bounded) → exit 0. A second signal skips the wait
+and exits 1 once workers are closed. Previous signal handlers are restored on the way out.
 
 A background task that crashes is logged with its traceback and stops the daemon like a second
-signal would (no drain wait), with exit code 1: a daemon without its metering or its session
-maintenance would serve on half-alive, while systemd (``Restart=on-failure``) starts a whole one.
+signal would (no drain wait), with exit code 1: a daemon without its metering, its session
+maintenance or its pools' memory measurements would serve on half-alive, while systemd
+(``Restart=on-failure``) starts a whole one.
 """
 
 from __future__ import annotations
@@ -54,13 +56,13 @@ from claudepool.daemon.status import Status
 from claudepool.errors import ClaudepoolError
 from claudepool.logs import add_key_digests
 from claudepool.pool.pool import Pool
+from claudepool.pool.shares import TenantSlots
 from claudepool.sessions.manager import SessionManager
 from claudepool.store.factory import build_store
 from claudepool.store.instrumented import InstrumentedStore
 from claudepool.tenancy.budgets import PricingTable
 from claudepool.tenancy.limits import RateLimiter
 from claudepool.tenancy.metering import Meter
-from claudepool.tenancy.scheduler import TenantSlots
 from claudepool.tenancy.tenants import TenantRegistry
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,9 @@ class Daemon:
                            on_record=usage_metrics.turn_billed)
         slots = TenantSlots()
         hooks: dict[str, Any] = {"on_turn_result": self.meter.on_turn_result, "on_lease_done": self.meter.on_lease_done,
-                                 "slots": slots, "observer": worker_metrics}
+                                 "slots": slots, "observer": worker_metrics,
+                                 # Their memory measurements run in the task group (see _serve).
+                                 "run_maintenance": False}
         self.pools = {name: Pool(settings.profile(name), settings.pool_config(name), **hooks)
                       for name in settings.profiles}
         # Conversations run on each profile's session-capable twin: the same spawn settings, with
@@ -176,8 +180,9 @@ class Daemon:
         loops: list[asyncio.Task[None]] = []
         front: FrontEnds | None = None
         try:
-            for pool in self.all_pools().values():
+            for name, pool in self.all_pools().items():
                 await pool.start()
+                loops.append(self._supervise(tg, f"pool-{name}-maintenance", pool.maintain))
             front = self.front_ends = await FrontEnds.start(self.facade, self.settings.server,
                                                             shutdown_timeout_s=_HTTP_SHUTDOWN_TIMEOUT_S)
             self.listening.update(front.listening)
@@ -204,8 +209,11 @@ class Daemon:
                 await self.meter.flush(_HTTP_SHUTDOWN_TIMEOUT_S)
             metering.cancel()
             await asyncio.gather(metering, return_exceptions=True)
-            await self.store.close()
-            await self.limiter.close()
+            # Bounded: a store that stopped answering must not hold the exit (systemd would kill us).
+            for closing in (self.store.close, self.limiter.close):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_HTTP_SHUTDOWN_TIMEOUT_S):
+                        await closing()
 
     def _supervise(self, tg: asyncio.TaskGroup, name: str,
                    loop: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Task[None]:

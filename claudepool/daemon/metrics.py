@@ -138,7 +138,7 @@ class RequestMetrics:
 
 
 class WorkerMetrics:
-    """What the pools report (a `claudepool.pool.pool.PoolObserver`): spawns, exits by reason, resets."""
+    """What the pools report (a `claudepool.pool.events.PoolObserver`): spawns, exits by reason, resets."""
 
     def __init__(self, registry: CollectorRegistry, pools: Iterable[str]) -> None:
         r = registry

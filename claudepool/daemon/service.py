@@ -24,14 +24,14 @@ from claudepool.daemon.admission import Admission, Gate, new_request_id
 from claudepool.daemon.metrics import RequestMetrics
 from claudepool.daemon.request_log import RequestLog, Trace
 from claudepool.errors import Cancelled, ClaudepoolError, Draining, RequestTimeout
-from claudepool.pool.pool import Lease
+from claudepool.pool.lease import Lease
+from claudepool.pool.shares import Priority, TenantShare
 from claudepool.pool.worker import TurnResult
 from claudepool.protocol.cli_events import StreamEvent, SystemApiRetry
 from claudepool.protocol.wire import PromptRequest, PromptResult, UsageOut
 from claudepool.sessions.manager import SessionManager
 from claudepool.store.base import SessionRecord
 from claudepool.tenancy.metering import Meter
-from claudepool.tenancy.scheduler import Priority, TenantShare
 from claudepool.tenancy.tenants import Tenant, TenantRegistry
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, Generic, TypeVar, cast, overload
+from typing import Any
 
 from claudepool.errors import WorkerBusy, WorkerDied, WorkerError, WorkerStartError
 from claudepool.pool.exchange import Exchange, TurnResult, WorkerState, local_command
@@ -47,28 +47,6 @@ __all__ = ["TurnResult", "Worker", "WorkerState", "WorkerTimeouts"]
 log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
-T = TypeVar("T")
-
-
-class _OnExchange(Generic[T]):
-    """An attribute of the worker kept by its exchange, which updates it as the conversation goes;
-    read and written through the worker as before the exchange was split out."""
-
-    def __set_name__(self, owner: type[Worker], name: str) -> None:
-        self._name = name
-
-    @overload
-    def __get__(self, worker: None, owner: type[Worker]) -> _OnExchange[T]: ...
-    @overload
-    def __get__(self, worker: Worker, owner: type[Worker]) -> T: ...
-
-    def __get__(self, worker: Worker | None, owner: type[Worker]) -> T | _OnExchange[T]:
-        if worker is None:
-            return self
-        return cast(T, getattr(worker._exchange, self._name))
-
-    def __set__(self, worker: Worker, value: T) -> None:
-        setattr(worker._exchange, self._name, value)
 
 
 class Worker:
@@ -114,21 +92,74 @@ class Worker:
                 f"age={self.age_s():.1f}s pss={pss}>")
 
     # -- the exchange's state, as the pool reads (and sometimes sets) it ------------------------
+    # Plain properties, not a descriptor: mypy checks a worker against the planner's WorkerView
+    # bound without resolving descriptors.
 
-    state = _OnExchange[WorkerState]()
-    failure = _OnExchange[WorkerError | None]()
-    last_active_at = _OnExchange[float]()
-    # Receives every settled turn, including one drained after its consumer went away.
-    on_result = _OnExchange[Callable[[TurnResult], None] | None]()
-    turns = _OnExchange[int]()
-    resets = _OnExchange[int]()
-    # True once a prompt reached this conversation; cleared by a confirmed reset.
-    dirty = _OnExchange[bool]()
-    session_id = _OnExchange[str]()
-    model = _OnExchange[str]()
-    context_tokens = _OnExchange[int]()
-    started_applied = _OnExchange[dict[str, Any]]()
-    started_settings = _OnExchange[dict[str, Any] | None]()
+    @property
+    def state(self) -> WorkerState:
+        return self._exchange.state
+
+    @property
+    def failure(self) -> WorkerError | None:
+        return self._exchange.failure
+
+    @failure.setter
+    def failure(self, exc: WorkerError | None) -> None:
+        self._exchange.failure = exc
+
+    @property
+    def last_active_at(self) -> float:
+        return self._exchange.last_active_at
+
+    @last_active_at.setter
+    def last_active_at(self, when: float) -> None:
+        self._exchange.last_active_at = when
+
+    @property
+    def on_result(self) -> Callable[[TurnResult], None] | None:
+        """Receives every settled turn, including one drained after its consumer went away."""
+        return self._exchange.on_result
+
+    @on_result.setter
+    def on_result(self, callback: Callable[[TurnResult], None] | None) -> None:
+        self._exchange.on_result = callback
+
+    @property
+    def dirty(self) -> bool:
+        """True once a prompt reached this conversation; cleared by a confirmed reset."""
+        return self._exchange.dirty
+
+    @dirty.setter
+    def dirty(self, dirty: bool) -> None:
+        self._exchange.dirty = dirty
+
+    @property
+    def turns(self) -> int:
+        return self._exchange.turns
+
+    @property
+    def resets(self) -> int:
+        return self._exchange.resets
+
+    @property
+    def session_id(self) -> str:
+        return self._exchange.session_id
+
+    @property
+    def model(self) -> str:
+        return self._exchange.model
+
+    @property
+    def context_tokens(self) -> int:
+        return self._exchange.context_tokens
+
+    @property
+    def started_applied(self) -> dict[str, Any]:
+        return self._exchange.started_applied
+
+    @property
+    def started_settings(self) -> dict[str, Any] | None:
+        return self._exchange.started_settings
 
     # -- the process --------------------------------------------------------------------------
 

@@ -52,12 +52,13 @@ from claudepool.errors import (
     SessionUnavailable,
     TooManySessions,
 )
-from claudepool.pool.pool import Lease, Pool
+from claudepool.pool.lease import Lease
+from claudepool.pool.pool import Pool
+from claudepool.pool.shares import Priority, TenantShare
 from claudepool.pool.worker import TurnResult, Worker
 from claudepool.sessions.files import SessionFiles
 from claudepool.sessions.settings import LimitOverrides, SessionLimits, SessionOptions, SessionSettings
 from claudepool.store.base import SessionRecord, Store
-from claudepool.tenancy.scheduler import Priority, TenantShare
 from claudepool.tenancy.tenants import Tenant
 
 log = logging.getLogger(__name__)

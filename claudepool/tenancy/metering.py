@@ -28,7 +28,7 @@ from pathlib import Path
 import orjson
 
 from claudepool.errors import StoreError
-from claudepool.pool.pool import Lease
+from claudepool.pool.lease import Lease
 from claudepool.pool.worker import TurnResult
 from claudepool.store.base import Store, UsageRecord
 from claudepool.tenancy.budgets import PricingTable

@@ -18,7 +18,8 @@ import orjson
 
 from claudepool.pool import process as process_module
 from claudepool.pool import reaper as reaper_module
-from claudepool.pool.pool import Pool, PoolConfig
+from claudepool.pool.config import PoolConfig
+from claudepool.pool.pool import Pool
 from claudepool.pool.profile import Profile
 from claudepool.pool.worker import TurnResult
 

@@ -1,0 +1,55 @@
+"""How one pool is sized, recycled and protected from failing starts (its settings, validated)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from claudepool.pool.memory import MiB
+from claudepool.pool.timeouts import WorkerTimeouts
+from claudepool.protocol.framing import DEFAULT_MAX_LINE_BYTES
+
+# Read once: the planner asks on every step, and os.cpu_count() reads /sys each time (~1.6% of the daemon).
+_CPUS = os.cpu_count() or 1
+
+
+class PoolConfig(BaseModel):
+    """Sizing, recycling and failure policy of one pool."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_idle: int = Field(default=2, ge=0)
+    # 0 derives the ceiling from RAM: available memory × memory_fraction ÷ measured PSS per worker.
+    max_workers: int = Field(default=0, ge=0)
+    memory_fraction: float = Field(default=0.5, gt=0, le=1)
+    # Used for sizing until a worker has been measured (the real CLI: ~135-270 MB PSS).
+    worker_pss_estimate_bytes: int = Field(default=250 * MiB, gt=0)
+    # Total PSS of the pool: past the soft limit no worker is spawned; past the hard limit idle
+    # workers are closed, largest first, and busy ones are recycled when released. 0 = derived.
+    memory_soft_limit_bytes: int = Field(default=0, ge=0)
+    memory_hard_limit_bytes: int = Field(default=0, ge=0)
+    # Start-up is CPU-bound (~0.7 CPU-s): more parallel spawns than cores only slows them all.
+    max_concurrent_spawns: int = Field(default=0, ge=0)
+    lease_timeout_s: float = Field(default=30.0, gt=0)
+    max_turns: int = Field(default=1000, ge=1)
+    # Each worker's turn limit is max_turns plus a random share of this, so workers started together
+    # are not all recycled together.
+    max_turns_jitter: int = Field(default=100, ge=0)
+    max_age_s: float = Field(default=3600.0, gt=0)
+    max_idle_s: float = Field(default=600.0, gt=0)
+    max_worker_pss_bytes: int = Field(default=1024 * MiB, gt=0)
+    max_context_tokens: int = Field(default=200_000, gt=0)
+    maintenance_interval_s: float = Field(default=5.0, gt=0)
+    boot_failure_threshold: int = Field(default=5, ge=1)
+    breaker_cooldown_s: float = Field(default=30.0, gt=0)
+    breaker_max_cooldown_s: float = Field(default=600.0, gt=0)
+    max_line_bytes: int = Field(default=DEFAULT_MAX_LINE_BYTES, gt=0)
+    # Batch requests run only on spare capacity and on at most this share of max_workers.
+    batch_max_share: float = Field(default=0.5, gt=0, le=1)
+    workdir: Path | None = None
+    timeouts: WorkerTimeouts = Field(default_factory=WorkerTimeouts)
+
+    def spawn_limit(self) -> int:
+        return self.max_concurrent_spawns or _CPUS

@@ -96,7 +96,9 @@ def test_without_protection_the_same_check_finds_orphans(tmp_path: Path) -> None
 
 
 def test_pdeathsig_alone_misses_tool_subprocesses(tmp_path: Path) -> None:
-    """Why the reaper helper exists: PDEATHSIG reaches the CLI but not the tools it started."""
+    """Why the reaper helper exists: PDEATHSIG reaches the CLI but not the tools it started. It also
+    shows that PDEATHSIG (set by the setpriv exec wrapper) kills a worker mid-turn without the
+    reaper: `test_without_protection_the_same_check_finds_orphans` is its control."""
     host, report = _host(tmp_path, "--claude", str(FAKE_CLAUDE), "--child", "--no-reaper")
     pids = _all_pids(report)
     try:
@@ -142,3 +144,24 @@ async def test_sigkilled_host_leaves_no_real_cli_worker(
     assert len(pids) == 3
     survivors = await asyncio.to_thread(_kill_host_and_wait, host, pids, 5.0)
     assert survivors == []
+
+
+@pytest.mark.real_cli
+async def test_pdeathsig_alone_kills_a_real_cli_worker_mid_turn(
+    tmp_path: Path, upstream: FakeUpstream, real_claude: str
+) -> None:
+    """The setpriv wrapper works in front of the real CLI too: with no reaper, a worker in the middle
+    of a stalled turn (which stdin EOF would not end) dies with its SIGKILLed host."""
+    env = ["--env", f"ANTHROPIC_BASE_URL={upstream.base_url}", "--env", "ANTHROPIC_API_KEY=sk-ant-test"]
+    host, report = await asyncio.to_thread(
+        _host, tmp_path, "--claude", real_claude, "--stall-prompt", "[[stall]]", "--no-reaper", *env
+    )
+    pids = _all_pids(report)
+    try:
+        survivors = await asyncio.to_thread(_kill_host_and_wait, host, pids, 5.0)
+        assert report["busy"] in pids
+        assert survivors == []
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -172,8 +172,8 @@ async def test_safe_profile_writes_no_transcripts(
         await turn(lease, "hello [[reply:hi]]")
         home = Path(lease.worker.profile.environ(home=Path("/h"), tmpdir=Path("/t"))["HOME"])
         assert home == Path("/h")
-        worker_dir = lease.worker._dir
-        assert worker_dir is not None
+        assert lease.worker.home is not None
+        worker_dir = lease.worker.home.parent
         # The CLI may delete temporary files while we walk: a vanished entry is not a transcript.
         transcripts = [name for _, _, files in os.walk(worker_dir / "home") for name in files
                        if name.endswith(".jsonl")]

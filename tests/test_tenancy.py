@@ -53,8 +53,12 @@ async def get(d: RunningDaemon, path: str, key: str) -> tuple[int, Any]:
 
 
 async def settled(d: RunningDaemon) -> None:
-    """Wait until every turn's record has reached the store."""
-    await until(lambda: d.daemon.meter.backlog == 0 and d.daemon.service.in_flight == 0, 10)
+    """Wait until every turn's record has reached the store. A turn whose worker died is recorded
+    when the pool has closed that worker, which may come after the answer (its directories are
+    removed in a thread): wait for no worker closing, too."""
+    pools = list(d.daemon.pools.values())
+    await until(lambda: d.daemon.meter.backlog == 0 and d.daemon.service.in_flight == 0
+                and all(pool.counts()["closing"] == 0 for pool in pools), 10)
     await d.idle()
 
 

@@ -92,7 +92,8 @@ async def test_start_turn_close_lifecycle(make_worker: Callable[..., Worker], fa
     assert w.dirty
     assert "pid=" in repr(w)
     assert "idle" in repr(w)
-    workdir = next((Path(w._dir or "")).iterdir()).parent
+    assert w.home is not None
+    workdir = w.home.parent
     pid = w.pid
     await w.close()
     assert state(w) is WorkerState.CLOSED
@@ -502,7 +503,7 @@ async def test_cancel_during_interrupt_keeps_state_consistent(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert w.in_turn()
-    assert w._controls == {}
+    assert w._exchange.pending_controls == 0
 
 
 async def test_cancel_during_close_still_closes(

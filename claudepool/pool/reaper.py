@@ -2,12 +2,21 @@
 
 Two mechanisms, because each covers a gap in the other:
 
-* ``PR_SET_PDEATHSIG`` (set in the child between fork and exec by `child_setup`): the kernel sends
-  SIGKILL to the `claude` process the moment the daemon's thread that spawned it dies. It covers the
-  window before a worker is registered, but only reaches the direct child, not tool subprocesses.
+* ``PR_SET_PDEATHSIG``: a worker is started as ``setpriv --pdeathsig KILL -- claude …``
+  (`claudepool.pool.process`), so the kernel sends SIGKILL to the `claude` process the moment the
+  daemon's thread that spawned it dies. It covers the window before a worker is registered, but only
+  reaches the direct child, not tool subprocesses.
 * A *reaper* helper process (this file run as a script) holds the read end of a pipe and a
   list of live process groups. When the daemon dies, for any reason, the kernel closes the pipe; the
   helper reads EOF and SIGKILLs every registered group, grandchildren included, then exits.
+
+The known gap: the daemon dying after the fork but before ``setpriv`` has made its ``prctl`` call,
+within setpriv's own start-up (~2 ms per spawn, measured here) and before the worker is registered.
+The old ``preexec_fn`` closed it by checking the parent pid after its ``prctl``; ``setpriv`` makes no
+such check, and ``preexec_fn`` is unsafe in a process with threads. What still covers it: the
+child's stdin is a pipe from the daemon, and the `claude` CLI, idle and not yet sent a line, exits at
+EOF on stdin, which the daemon's death gives it. A binary that ignores that EOF, started in that
+window, would survive: nothing else kills it.
 
 The helper runs in its own session and ignores SIGINT/SIGTERM so a Ctrl-C or a service manager's
 SIGTERM to the daemon's group cannot take it down before the daemon has finished its own cleanup.
@@ -21,34 +30,12 @@ an innocent process group down with it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
 import sys
 import threading
 from typing import IO
-
-_PR_SET_PDEATHSIG = 1
-_libc: ctypes.CDLL | None = None
-
-
-def child_setup(parent_pid: int) -> None:
-    """Runs in the forked child before exec: die with the parent. Must stay async-signal-simple."""
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    # The parent may have died between fork and prctl: then nobody will signal us.
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
-def _load_libc() -> None:
-    global _libc
-    if sys.platform.startswith("linux") and _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-
-
-_load_libc()
 
 
 class Reaper:

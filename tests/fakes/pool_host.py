@@ -3,8 +3,8 @@
 It warms three workers, gives one of them a tool subprocess (fake CLI only), leaves one mid-turn,
 prints every pid it created as one JSON line, and waits to be killed.
 
-``--unprotected`` turns off both orphan protections (PR_SET_PDEATHSIG and the reaper helper) so a
-test can show that its check would catch orphans.
+``--unprotected`` turns off both orphan protections (PR_SET_PDEATHSIG, set by the ``setpriv`` exec
+wrapper, and the reaper helper) so a test can show that its check would catch orphans.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import orjson
 
+from claudepool.pool import process as process_module
 from claudepool.pool import reaper as reaper_module
 from claudepool.pool.config import PoolConfig
 from claudepool.pool.pool import Pool
@@ -44,7 +45,8 @@ async def main() -> None:
 
     reaper: reaper_module.Reaper | None = None
     if args.unprotected:
-        reaper_module._libc = None
+        # Workers start without the setpriv wrapper, as where util-linux is missing.
+        process_module.pdeathsig_argv = lambda: ()  # type: ignore[assignment]
     if args.unprotected or args.no_reaper:
         reaper = _NoReaper()
     env = dict(item.split("=", 1) for item in args.env)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import doctest
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -111,6 +112,14 @@ class Harness:
         waiter = StubWaiter(tenant, priority)
         self.state.queue.push(waiter, tenant, share, priority)
         return waiter
+
+
+@pytest.fixture(autouse=True)
+def no_process_is_started() -> Iterator[None]:
+    """The planner decides and starts nothing: a test here that spawned a process would be wrong."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    yield
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
 
 
 def make(**config: Any) -> Harness:

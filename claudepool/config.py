@@ -44,7 +44,7 @@ from pydantic_settings import (
 from claudepool.errors import ConfigError
 from claudepool.pool.config import PoolConfig
 from claudepool.pool.memory import MiB
-from claudepool.pool.profile import Profile
+from claudepool.pool.profile import Profile, SpawnSettings
 from claudepool.sessions.settings import LimitOverrides, SessionOptions, SessionSettings
 from claudepool.store.settings import StoreSettings
 from claudepool.tenancy.settings import MeteringSettings, PriceSettings, TenantSettings, default_prices
@@ -126,22 +126,14 @@ class PoolSettings(PoolConfig):
         return PoolConfig(**{**fields, **{k: v for k, v in overrides.items() if v is not None}})
 
 
-class ProfileSettings(BaseModel):
+class ProfileSettings(SpawnSettings):
     """``[profiles.NAME]``: how this profile's workers start (see `Profile`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    args: list[str] = Field(default_factory=list)
+    # The spawn settings (model, system_prompt, tools, args, ...) are `SpawnSettings`' own fields.
     claude_bin: str | None = None
-    model: str | None = None
-    system_prompt: str | None = None
-    tools: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
-    bare: bool = True
-    include_partial_messages: bool = True
-    read_claude_md: bool = False
-    upstream_max_retries: int = Field(default=2, ge=0)
-    upstream_timeout_ms: int = Field(default=60_000, gt=0)
     min_idle: int | None = Field(default=None, ge=0)
     max_workers: int | None = Field(default=None, ge=0)
     # Passed to the CLI as --max-budget-usd: a per-request cap (the CLI stops after the model call
@@ -154,8 +146,7 @@ class ProfileSettings(BaseModel):
 
 
 # The `Profile` fields a ``[profiles.NAME]`` section sets as they are; `Settings.profile` derives the others.
-_SPAWN_FIELDS = (set(ProfileSettings.model_fields) & set(Profile.model_fields)) - {
-    "claude_bin", "env", "max_budget_usd"}
+_SPAWN_FIELDS = set(SpawnSettings.model_fields)
 
 
 class MetricsSettings(BaseModel):

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 # What a worker may inherit from the daemon's environment. Everything else (API keys, Redis URLs,
 # admin keys, NOTIFY_SOCKET, LISTEN_FDS, CLAUDE_* settings) is dropped: workers start clean.
@@ -42,19 +43,17 @@ QUIET_ENV = {
 _FORBIDDEN_ARGS = frozenset({"--disable-slash-commands", "--input-format", "--output-format", "-p", "--print"})
 
 
-class Profile(BaseModel):
-    """How to start the workers of one pool."""
+class SpawnSettings(BaseModel):
+    """How a profile's workers start, as a ``[profiles.NAME]`` section sets it too: declared once here,
+    and shared by `Profile` and the configuration's section model."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    claude_bin: str = "claude"
     model: str | None = None
     system_prompt: str | None = None
     # Tools the model may use; empty means none (`--tools ""`), the safe default.
     tools: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
-    env: Mapping[str, str] = Field(default_factory=dict)
     # Text deltas as they arrive (`stream_event` lines); needed to stream answers to clients.
     include_partial_messages: bool = True
     # CLAUDE.md files in the cwd and its parents would reach every tenant's prompt.
@@ -64,6 +63,30 @@ class Profile(BaseModel):
     bare: bool = True
     upstream_max_retries: int = Field(default=2, ge=0)
     upstream_timeout_ms: int = Field(default=60_000, gt=0)
+
+    @field_validator("tools", "args", mode="before")
+    @classmethod
+    def _an_array(cls, value: object) -> object:
+        # Kept as tuples (a profile is immutable), but written as TOML arrays: name them as such.
+        if not isinstance(value, list | tuple):
+            raise PydanticCustomError("list_type", "Input should be a valid list")
+        return value
+
+    @field_validator("args")
+    @classmethod
+    def _no_forbidden_args(cls, args: tuple[str, ...]) -> tuple[str, ...]:
+        bad = sorted({a.split("=", 1)[0] for a in args} & _FORBIDDEN_ARGS)
+        if bad:
+            raise ValueError(f"profile args may not contain {', '.join(bad)}: workers would break")
+        return args
+
+
+class Profile(SpawnSettings):
+    """How to start the workers of one pool."""
+
+    name: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    claude_bin: str = "claude"
+    env: Mapping[str, str] = Field(default_factory=dict)
     # --max-budget-usd: the CLI ends a conversation (a request, since each is reset) that costs more.
     max_budget_usd: float | None = Field(default=None, gt=0)
     # Transcripts on disk, so a conversation can be resumed elsewhere (--resume). Only the
@@ -76,14 +99,6 @@ class Profile(BaseModel):
 
     def with_args(self, *extra: str) -> Profile:
         return self.model_copy(update={"args": (*self.args, *extra)})
-
-    @field_validator("args")
-    @classmethod
-    def _no_forbidden_args(cls, args: tuple[str, ...]) -> tuple[str, ...]:
-        bad = sorted({a.split("=", 1)[0] for a in args} & _FORBIDDEN_ARGS)
-        if bad:
-            raise ValueError(f"profile args may not contain {', '.join(bad)}: workers would break")
-        return args
 
     def argv(self) -> list[str]:
         """The full command line of a worker."""

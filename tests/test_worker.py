@@ -503,7 +503,7 @@ async def test_cancel_during_interrupt_keeps_state_consistent(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert w.in_turn()
-    assert w._exchange.pending_controls == 0
+    assert w.pending_controls == 0
 
 
 async def test_cancel_during_close_still_closes(

@@ -164,6 +164,11 @@ class Worker:
     # -- the process --------------------------------------------------------------------------
 
     @property
+    def pending_controls(self) -> int:
+        """Control requests written and not yet answered (a cancelled one must not linger)."""
+        return self._exchange.pending_controls
+
+    @property
     def pid(self) -> int | None:
         return self._process.pid
 

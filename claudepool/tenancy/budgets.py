@@ -7,6 +7,8 @@ cross-checking the CLI's figure afterwards (a disagreement is counted and logged
 >>> table = PricingTable({"default": Price(3.0, 15.0, 0.3, 3.75)})
 >>> round(table.cost("any-model", input_tokens=1000, output_tokens=1000), 6)
 0.018
+>>> round(table.cost("any-model", cache_creation_input_tokens=1000, cache_write_1h_input_tokens=1000), 6)
+0.00975
 """
 
 from __future__ import annotations
@@ -25,11 +27,16 @@ class Price:
     output_per_mtok: float
     cache_read_per_mtok: float
     cache_write_per_mtok: float
+    cache_write_1h_per_mtok: float | None = None
+
+    @property
+    def cache_write_1h(self) -> float:
+        return 2 * self.input_per_mtok if self.cache_write_1h_per_mtok is None else self.cache_write_1h_per_mtok
 
     @classmethod
     def of(cls, settings: PriceSettings) -> Price:
         return cls(settings.input_per_mtok, settings.output_per_mtok, settings.cache_read_per_mtok,
-                   settings.cache_write_per_mtok)
+                   settings.cache_write_per_mtok, settings.cache_write_1h_per_mtok)
 
 
 class PricingTable:
@@ -46,11 +53,13 @@ class PricingTable:
         return self.prices.get(model) or self.prices["default"]
 
     def cost(self, model: str, *, input_tokens: int = 0, output_tokens: int = 0, cache_read_input_tokens: int = 0,
-             cache_creation_input_tokens: int = 0) -> float:
+             cache_creation_input_tokens: int = 0, cache_write_1h_input_tokens: int = 0) -> float:
+        """USD for these tokens; ``cache_creation_input_tokens`` are 5-minute writes, the 1-hour ones apart."""
         p = self.price(model)
         return (input_tokens * p.input_per_mtok + output_tokens * p.output_per_mtok
                 + cache_read_input_tokens * p.cache_read_per_mtok
-                + cache_creation_input_tokens * p.cache_write_per_mtok) / 1_000_000
+                + cache_creation_input_tokens * p.cache_write_per_mtok
+                + cache_write_1h_input_tokens * p.cache_write_1h) / 1_000_000
 
     def reservation_usd(self, model: str, prompt_bytes: int, metering: MeteringSettings) -> float:
         """An upper bound of one turn's cost: every input token priced as a cache write (the dearest

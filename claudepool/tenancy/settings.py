@@ -53,7 +53,10 @@ class PriceSettings(BaseModel):
     input_per_mtok: float = Field(ge=0)
     output_per_mtok: float = Field(ge=0)
     cache_read_per_mtok: float = Field(ge=0)
+    # A 5-minute cache write (the default TTL).
     cache_write_per_mtok: float = Field(ge=0)
+    # A 1-hour cache write; unset, twice the input price, as the provider prices it.
+    cache_write_1h_per_mtok: float | None = Field(default=None, ge=0)
 
 
 def default_prices() -> dict[str, PriceSettings]:

@@ -305,7 +305,7 @@ async def test_an_unreachable_provider_is_a_5xx_the_cli_retries(
         status, headers, body = await call(url, credential)
     assert (status, error_of(body)["type"], headers["x-should-retry"]) == (502, "api_error", "true")
     [rec] = stack.recorder.calls
-    assert rec.outcome == "unreachable"
+    assert (rec.outcome, rec.status) == ("unreachable", 502)
     assert stack.sample("claudepool_gateway_calls_total", tenant="acme", outcome="unreachable") == 1
     lease.release()
 

@@ -186,6 +186,7 @@ class Gateway:
             return await self._forwarder.forward(request, body, upstream, call, lambda c: self.hooks.chunk(call, c))
         except UpstreamUnreachable as exc:
             log.warning("gateway call %s: %s", call.id, exc)
+            call.status = exc.status
             return error_response(exc)
         finally:
             # A cancelled handler (the worker went away) ends here too: the call is still recorded.
@@ -196,9 +197,9 @@ class Gateway:
     def _refused(self, request: web.Request, exc: GatewayRefused) -> None:
         if self.metrics is not None:
             self.metrics.refused(exc.reason)
-        self._refusal_log.info("gateway refused a call", {"reason": exc.reason, "status": exc.status,
-                                                     "method": scrub(request.method, 16),
-                                                     "path": scrub(request.path, 80), "detail": str(exc)})
+        self._refusal_log.info("gateway refused a call", {
+            "reason": exc.reason, "status": exc.status, "method": scrub(request.method, 16),
+            "path": scrub(request.path, 80), "detail": str(exc)})
 
     @staticmethod
     def _log(call: Call) -> None:

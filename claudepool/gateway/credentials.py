@@ -9,7 +9,7 @@ A credential is not an identity of the process that shows it: anything in the wo
 tree can read it from the environment (a tool's ``env``), and on this loopback listener any local
 process holding it can use it. Until workers are sandboxed (own pid namespace, a socket of their
 own), a tenant whose profile allows Bash can read other workers' credentials from ``/proc`` and
-use them while those workers serve others: see the README ("What a tenant can see").
+use them while those workers serve others: see the README ("What a tenant can and cannot see now").
 
 >>> registry = CredentialRegistry()
 >>> registry.base_url = "http://127.0.0.1:9"

@@ -8,7 +8,8 @@
     claudepool usage [--socket PATH | --url URL] [--key KEY] [--tenant T] [--window day|month]
                      [--date D] [--ledger [--since TS] [--limit N]]
                                                   usage and budgets, or the ledger as JSON lines
-    claudepool check [--claude PATH]              one worker: start, a slash-command-looking prompt, a reset
+    claudepool check [--claude PATH]              one worker behind a gateway: start, a slash-command-looking
+                                                  prompt, a reset
     claudepool version
 
 ``--key`` defaults to ``$CLAUDEPOOL_KEY``; the socket defaults to the daemon's default path. A refused
@@ -143,18 +144,19 @@ async def _dev_overrides(settings: Settings) -> tuple[dict[str, Any], Any]:
     pinned = _pinned_cli()
     if settings.pool.claude_bin == "claude" and pinned:
         pool["claude_bin"] = pinned
-    fake = None
-    if "ANTHROPIC_API_KEY" not in settings.pool.env and "ANTHROPIC_BASE_URL" not in settings.pool.env:
-        if os.environ.get("ANTHROPIC_API_KEY"):
-            pool["env"] = {k: os.environ[k] for k in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL") if k in os.environ}
-        else:
-            fake = FakeUpstream()
-            url = await fake.start()
-            pool["env"] = {"ANTHROPIC_BASE_URL": url, "ANTHROPIC_API_KEY": "sk-ant-dev-fake"}
-            print(f"claudepool: --dev without ANTHROPIC_API_KEY: answers come from a loopback fake upstream at {url}",
-                  flush=True)
     if pool:
         overrides["pool"] = pool
+    # The provider is the gateway's business: a fake one becomes [upstream] base_url, never a
+    # worker's variable. A key in $ANTHROPIC_API_KEY (the gateway's default key) means the real one.
+    fake = None
+    if not any(settings.upstream_for(name).has_credential for name in settings.profiles):
+        fake = FakeUpstream()
+        url = await fake.start()
+        overrides["upstream"] = {"base_url": url, "api_key": "sk-ant-dev-fake"}
+        print(f"claudepool: --dev without ANTHROPIC_API_KEY: answers come from a loopback fake upstream at {url}",
+              flush=True)
+    elif os.environ.get("ANTHROPIC_BASE_URL") and "base_url" not in settings.upstream.model_fields_set:
+        overrides["upstream"] = {"base_url": os.environ["ANTHROPIC_BASE_URL"]}
     keys = overrides.get("tenants", {}).get("dev", {}).get("key")
     if keys:
         print(f"claudepool: --dev tenant 'dev' has key {keys!r}; admin key {DEV_ADMIN_KEY!r}", flush=True)
@@ -243,17 +245,26 @@ async def _status(client: AsyncClient, args: argparse.Namespace | None = None) -
 
 async def _check(claude_bin: str) -> int:
     """Prove the installed CLI speaks the protocol the pool relies on: the handshake, a prompt that
-    looks like a slash command reaching the model as text (on a loopback fake of the Messages API),
-    and a reset that restores and verifies the process settings."""
+    looks like a slash command reaching the model as text (on a loopback fake of the Messages API,
+    through a gateway as the daemon's workers reach their provider), and a reset that restores and
+    verifies the process settings."""
+    from claudepool.gateway.attribution import Attribution
+    from claudepool.gateway.credentials import CredentialRegistry
+    from claudepool.gateway.server import Gateway
+    from claudepool.gateway.settings import Upstream
     from claudepool.testing.fake_upstream import FakeUpstream
 
     upstream = FakeUpstream()
     await upstream.start()
+    key = "sk-ant-claudepool-check"
+    credentials = CredentialRegistry()
+    gateway = Gateway(credentials, lambda w: Attribution("check", "check", w.profile.name, w.id, w.slot), {},
+                      default=Upstream("check", upstream.base_url, {"x-api-key": key}))
+    await gateway.start()
     probe = "/model claude-check-probe"
     with tempfile.TemporaryDirectory(prefix="claudepool-check-") as tmp:
-        env = {"ANTHROPIC_BASE_URL": upstream.base_url, "ANTHROPIC_API_KEY": "sk-ant-claudepool-check"}
-        worker = Worker(Profile(name="check", claude_bin=claude_bin, env=env, upstream_max_retries=0),
-                        workdir_root=Path(tmp))
+        worker = Worker(Profile(name="check", claude_bin=claude_bin, upstream_max_retries=0),
+                        workdir_root=Path(tmp), credentials=credentials)
         t0 = time.perf_counter()
         try:
             await worker.start()
@@ -261,6 +272,9 @@ async def _check(claude_bin: str) -> int:
             answered = [item async for item in worker.run_turn(f"{probe} [[reply:as text]]")]
             if getattr(answered[-1], "text", None) != "as text":  # the model's answer, not /model's
                 print(f"check failed: the prompt {probe!r} did not reach the model as text", file=sys.stderr)
+                return 1
+            if any(r.headers.get("x-api-key") != key for r in upstream.requests):
+                print("check failed: a call reached the provider without the gateway's key", file=sys.stderr)
                 return 1
             t1 = time.perf_counter()
             await worker.reset()
@@ -271,6 +285,7 @@ async def _check(claude_bin: str) -> int:
             return 1
         finally:
             await worker.close()
+            await gateway.close(5.0)
             await upstream.stop()
     print(f"ok: {claude_bin} is ready in {ready_ms:.0f} ms, sends slash-command text to the model, "
           f"resets in {reset_ms:.0f} ms, PSS {pss / MiB if pss else 0:.0f} MiB")

@@ -13,7 +13,10 @@ defaults. Nested keys use ``__`` in variable names: ``CLAUDEPOOL_POOL__MIN_IDLE=
     claude_bin = "claude"
     min_idle = 2
     max_workers = 0          # 0 = derive from RAM
-    env = { }                # extra environment for every worker (e.g. ANTHROPIC_BASE_URL)
+    env = { }                # extra environment for every worker (never a provider key: see [upstream])
+
+    [upstream]               # the provider; only the daemon's gateway holds its key
+    api_key_file = "/etc/claudepool/anthropic.key"
 
     [profiles.default]       # spawn settings; more profiles may be defined
     args = []                # extra CLI args appended to the safe defaults
@@ -42,9 +45,10 @@ from pydantic_settings import (
 )
 
 from claudepool.errors import ConfigError
+from claudepool.gateway.settings import Upstream, UpstreamProfileSettings, UpstreamSettings
 from claudepool.pool.config import PoolConfig
 from claudepool.pool.memory import MiB
-from claudepool.pool.profile import Profile, SpawnSettings
+from claudepool.pool.profile import Profile, SpawnSettings, routes_upstream
 from claudepool.sessions.settings import LimitOverrides, SessionOptions, SessionSettings
 from claudepool.store.settings import StoreSettings
 from claudepool.tenancy.settings import MeteringSettings, PriceSettings, TenantSettings, default_prices
@@ -53,8 +57,8 @@ from claudepool.tenancy.tenants import TenantRegistry, key_digest
 # Each section's model lives in the package it configures; these names stay importable from here.
 __all__ = [
     "MeteringSettings", "MetricsSettings", "PoolSettings", "PriceSettings", "ProfileSettings", "ServerSettings",
-    "SessionSettings", "Settings", "StoreSettings", "TenantSettings", "default_socket_path", "key_digest",
-    "load_settings",
+    "SessionSettings", "Settings", "StoreSettings", "TenantSettings", "UpstreamProfileSettings", "UpstreamSettings",
+    "default_socket_path", "key_digest", "load_settings",
 ]
 
 _NAME = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -182,6 +186,7 @@ class Settings(BaseSettings):
     metering: MeteringSettings = Field(default_factory=MeteringSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -204,6 +209,18 @@ class Settings(BaseSettings):
                 raise ValueError(f"name {name!r} must match {_NAME} (and not be . or ..: it names directories)")
         if not self.profiles:
             raise ValueError("at least one profile must be defined")
+        unknown_upstreams = sorted(set(self.upstream.profiles) - set(self.profiles))
+        if unknown_upstreams:
+            raise ValueError(f"upstream.profiles: unknown profiles {unknown_upstreams}")
+        # Workers reach the provider only through the gateway, with a credential of their own: a
+        # provider key or address in their environment would hand it to every tool they run.
+        envs = [("pool.env", self.pool.env), *((f"profiles.{n}.env", p.env) for n, p in self.profiles.items())]
+        for where, env in envs:
+            routed = sorted(name for name in env if routes_upstream(name))
+            if routed:
+                raise ValueError(f"{where}: {', '.join(routed)} may not be set for workers: the provider's address "
+                                 "and credentials go in [upstream] (base_url, api_key, api_key_file, auth_token), "
+                                 "which only the daemon's gateway reads")
         # Models without their own entry are priced by pricing.default, which always exists.
         self.pricing.setdefault("default", default_prices()["default"])
         digests: dict[str, str] = {}
@@ -228,6 +245,11 @@ class Settings(BaseSettings):
         p = self.profiles[name]
         return Profile(name=name, claude_bin=p.claude_bin or self.pool.claude_bin, env={**self.pool.env, **p.env},
                        max_budget_usd=p.max_budget_usd or None, **p.model_dump(include=_SPAWN_FIELDS))
+
+    def upstream_for(self, name: str) -> Upstream:
+        """Where profile ``name``'s model calls go (``[upstream]`` and its ``profiles.NAME``). Reads
+        ``api_key_file`` and ``$ANTHROPIC_API_KEY``; raises `ConfigError` on an unreadable file."""
+        return self.upstream.resolve(name, os.environ)
 
     def pool_config(self, name: str) -> PoolConfig:
         p = self.profiles[name]

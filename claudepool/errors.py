@@ -347,6 +347,85 @@ class PoolClosed(PoolError):
     code = "pool_closed"
 
 
+# -- gateway: a worker's model call refused or not delivered -----------------------------------
+# Answered to the CLI, not to a tenant, in the provider's own error format (`anthropic_type`), so the
+# CLI reacts as it would to the provider: it does not retry a 4xx and retries a 5xx.
+
+
+class GatewayError(ClaudepoolError):
+    """A model call the gateway did not forward, or could not deliver."""
+
+    code = "gateway_error"
+    status = 502
+    # The provider's error type for this status (https://docs.anthropic.com/en/api/errors).
+    anthropic_type: ClassVar[str] = "api_error"
+    # The ``reason`` label it is counted under.
+    reason: ClassVar[str] = "error"
+
+
+class GatewayRefused(GatewayError):
+    """A call the gateway refuses to forward: sending it again will not help."""
+
+    code = "gateway_refused"
+    status = 403
+    anthropic_type = "permission_error"
+
+
+class MissingCredential(GatewayRefused):
+    """The call carried no credential (no ``x-api-key`` and no bearer token)."""
+
+    status = 401
+    anthropic_type = "authentication_error"
+    reason = "missing_credential"
+
+
+class UnknownCredential(GatewayRefused):
+    """The credential is not one the gateway issued, or its worker has exited (it was revoked)."""
+
+    status = 401
+    anthropic_type = "authentication_error"
+    reason = "unknown_credential"
+
+
+class NoLease(GatewayRefused):
+    """The worker holding the credential serves no request (idle, being reset): nobody to bill."""
+
+    reason = "no_lease"
+
+
+class NotInTurn(GatewayRefused):
+    """The worker is leased but runs no turn: the CLI makes model calls only within a turn, so this
+    call comes from something else in the worker's process tree (a tool left running)."""
+
+    reason = "not_in_turn"
+
+
+class EndpointRefused(GatewayRefused):
+    """A method or path the CLI has no business calling."""
+
+    status = 404
+    anthropic_type = "not_found_error"
+    reason = "endpoint"
+
+
+class GatewayRequestTooLarge(GatewayRefused):
+    """The request body is over ``upstream.max_request_bytes``."""
+
+    status = 413
+    anthropic_type = "request_too_large"
+    reason = "too_large"
+
+
+class UpstreamUnreachable(GatewayError):
+    """The provider could not be reached (connection refused or reset, DNS, TLS, connect timeout);
+    the CLI retries a 5xx as it would the provider's own."""
+
+    code = "upstream_unreachable"
+    status = 502
+    retryable = True
+    reason = "unreachable"
+
+
 # -- config: the daemon cannot start as configured ---------------------------------------------
 
 

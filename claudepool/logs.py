@@ -187,8 +187,10 @@ def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
 class RateLimitedLog:
     """At most ``burst`` lines per ``period_s``; the rest are counted and reported once per period."""
 
-    def __init__(self, logger: logging.Logger, *, burst: int = 10, period_s: float = 10.0) -> None:
+    def __init__(self, logger: logging.Logger, *, burst: int = 10, period_s: float = 10.0,
+                 what: str = "worker stderr lines") -> None:
         self.logger = logger
+        self.what = what  # what the lines are, in the line that counts those suppressed
         self.burst = burst
         self.period_s = period_s
         self._window_started = time.monotonic()
@@ -199,7 +201,7 @@ class RateLimitedLog:
         now = time.monotonic()
         if now - self._window_started >= self.period_s:
             if self.suppressed:
-                self.logger.info("worker stderr lines suppressed", extra={"fields": {**fields,
+                self.logger.info(f"{self.what} suppressed", extra={"fields": {**fields,
                                                                                      "suppressed": self.suppressed}})
             self._window_started, self._sent, self.suppressed = now, 0, 0
         if self._sent < self.burst:

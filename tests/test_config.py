@@ -73,7 +73,7 @@ def test_toml_and_env_compose_with_env_first(tmp_path: Path, monkeypatch: pytest
     path = write(tmp_path, """
         [pool]
         min_idle = 3
-        env = { ANTHROPIC_BASE_URL = "http://127.0.0.1:9" }
+        env = { FAKE_CLAUDE_LOG = "/tmp/log" }
         [profiles.default]
         [profiles.lean]
         tools = ["Read"]
@@ -90,7 +90,7 @@ def test_toml_and_env_compose_with_env_first(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("CLAUDEPOOL_PROFILES__LEAN__ARGS", '["--effort", "low"]')
     settings = load_settings(path)
     assert settings.pool.min_idle == 4  # the environment wins over the file
-    assert settings.pool.env == {"ANTHROPIC_BASE_URL": "http://127.0.0.1:9"}
+    assert settings.pool.env == {"FAKE_CLAUDE_LOG": "/tmp/log"}
     assert settings.tenants["acme"].daily_budget_usd == 2.5
     assert settings.tenants["acme"].key.get_secret_value() == "k-acme"  # the rest of the table stays
     assert settings.store.reservation_ttl_s == 60
@@ -138,6 +138,43 @@ def test_what_each_component_is_handed(tmp_path: Path) -> None:
     assert (pool_default.min_idle, pool_default.max_workers, pool_default.max_turns) == (3, 0, 50)
     assert (pool_lean.min_idle, pool_lean.max_workers, pool_lean.max_turns) == (0, 2, 50)
     assert "claude_bin" not in pool_default.model_dump()
+
+
+def test_each_profile_is_handed_its_upstream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key_file = tmp_path / "batch.key"
+    key_file.write_text("sk-ant-batch\n")
+    path = write(tmp_path, f"""
+        [upstream]
+        extra_headers = {{ anthropic-beta = "b1", X-Org = "acme" }}
+        [upstream.profiles.batch]
+        base_url = "http://127.0.0.1:9/anthropic/"
+        api_key_file = "{key_file}"
+        extra_headers = {{ x-org = "batch" }}
+        [upstream.profiles.proxy]
+        auth_token = "tok"
+        [profiles.default]
+        [profiles.batch]
+        [profiles.proxy]
+    """)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-from-env")
+    settings = load_settings(path)
+    default, batch, proxy = (settings.upstream_for(n) for n in ("default", "batch", "proxy"))
+    # $ANTHROPIC_API_KEY is the key when none is configured; a profile's own credential replaces it.
+    assert (default.base_url, dict(default.headers)) == (
+        "https://api.anthropic.com", {"anthropic-beta": "b1", "x-org": "acme", "x-api-key": "sk-ant-from-env"})
+    assert (batch.name, batch.base_url, dict(batch.headers)) == (
+        "upstream.profiles.batch", "http://127.0.0.1:9/anthropic",
+        {"anthropic-beta": "b1", "x-org": "batch", "x-api-key": "sk-ant-batch"})
+    assert batch.url("/v1/messages?beta=true") == "http://127.0.0.1:9/anthropic/v1/messages?beta=true"
+    assert dict(proxy.headers) == {"anthropic-beta": "b1", "x-org": "acme", "authorization": "Bearer tok"}
+    assert "sk-ant" not in repr(default) and "tok" not in repr(proxy)
+    # Workers get none of it.
+    assert not any("ANTHROPIC" in name for name in settings.profile("batch").env)
+    key_file.unlink()
+    with pytest.raises(ConfigError, match=f"upstream.profiles.batch.api_key_file: cannot read {key_file}"):
+        settings.upstream_for("batch")
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    assert not settings.upstream_for("default").has_credential
 
 
 def test_every_spawn_setting_of_a_profile_can_be_configured() -> None:
@@ -252,6 +289,28 @@ def test_importing_the_config_starts_no_worker_machinery() -> None:
     ("[profiles.\"a b\"]\n", "  (top level): Value error, name 'a b' must match"),
     ("[tenants.\"..\"]\nkey = \"k\"\n", "  (top level): Value error, name '..' must match"),
     ("profiles = {}\n", "  (top level): Value error, at least one profile must be defined"),
+    ("[upstream]\nbase_url = \"api.anthropic.com\"\n",
+     "  upstream.base_url: Value error, expected an http(s) URL without query or fragment, got 'api.anthropic.com'"),
+    ("[upstream]\nbase_url = \"https://u:p@proxy\"\n",
+     "  upstream.base_url: Value error, the URL may not carry credentials: use api_key, api_key_file or auth_token"),
+    ("[upstream]\napi_key = \"k\"\nauth_token = \"t\"\n",
+     "  upstream: Value error, set at most one of api_key, api_key_file and auth_token (got api_key, auth_token)"),
+    ("[upstream]\nextra_headers = { X-Api-Key = \"k\", Host = \"h\" }\n",
+     "  upstream.extra_headers: Value error, extra_headers may not set host, x-api-key: the gateway sets them"),
+    ("[upstream.profiles.default]\napi_key = \"k\"\napi_key_file = \"/k\"\n",
+     "  upstream.profiles.default: Value error, set at most one of api_key, api_key_file and auth_token "
+     "(got api_key, api_key_file)"),
+    ("[upstream.profiles.nope]\nbase_url = \"http://127.0.0.1:9\"\n",
+     "  (top level): Value error, upstream.profiles: unknown profiles ['nope']"),
+    ("[upstream]\nconnect_timeout_s = 0\n", "  upstream.connect_timeout_s: Input should be greater than 0"),
+    ("[pool]\nenv = { ANTHROPIC_API_KEY = \"sk-ant-x\" }\n",
+     "  (top level): Value error, pool.env: ANTHROPIC_API_KEY may not be set for workers: the provider's address and "
+     "credentials go in [upstream] (base_url, api_key, api_key_file, auth_token), which only the daemon's gateway "
+     "reads"),
+    ("[profiles.default.env]\nANTHROPIC_BASE_URL = \"http://x\"\nCLAUDE_CODE_USE_BEDROCK = \"1\"\n",
+     "  (top level): Value error, profiles.default.env: ANTHROPIC_BASE_URL, CLAUDE_CODE_USE_BEDROCK may not be set "
+     "for workers: the provider's address and credentials go in [upstream] (base_url, api_key, api_key_file, "
+     "auth_token), which only the daemon's gateway reads"),
 ])
 def test_validation_messages(tmp_path: Path, toml: str, message: str) -> None:
     path = write(tmp_path, toml)
@@ -300,8 +359,11 @@ def claudepool_imports(path: Path) -> set[str]:
 _BASE = {"claudepool.errors", "claudepool.logs", "claudepool.protocol"}
 _MAY_IMPORT = {
     "store": _BASE,
+    # The pool knows the gateway only through the WorkerCredentials protocol.
+    "pool": _BASE,
     "tenancy": {*_BASE, "claudepool.store", "claudepool.pool"},
     "sessions": {*_BASE, "claudepool.store", "claudepool.tenancy", "claudepool.pool"},
+    "gateway": {*_BASE, "claudepool.pool", "claudepool.tenancy"},
 }
 
 

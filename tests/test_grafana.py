@@ -48,6 +48,8 @@ ROWS: dict[str, set[str]] = {
     "Store": {"Store backend", "Store up", "Store errors per second by operation", "Store operation latency p95",
               "Rate-limit fallbacks", "Metering backlog"},
     "Sessions": {"Active sessions", "Session events per minute", "Transcript disk use"},
+    "Gateway": {"Model calls per second by outcome", "Gateway refusals per second by reason",
+                "Model call duration p95"},
 }
 TEMPLATE_VARIABLES = ("profile", "tenant")
 # Allowed metrics that are not claudepool's: Prometheus' scrape health, for the daemon-down alert only.

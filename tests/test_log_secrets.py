@@ -79,7 +79,9 @@ claude_bin = "{FAKE_CLAUDE}"
 min_idle = 1
 max_workers = 1
 workdir = "{tmp_path / 'workers'}"
-env = {{ ANTHROPIC_API_KEY = "{UPSTREAM_KEY}" }}
+
+[upstream]
+api_key = "{UPSTREAM_KEY}"
 
 [sessions]
 min_idle = 0

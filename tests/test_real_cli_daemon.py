@@ -26,10 +26,9 @@ async def real_daemon(
     make_daemon: Callable[..., Awaitable[RunningDaemon]], real_claude: str, upstream: FakeUpstream
 ) -> RunningDaemon:
     return await make_daemon(pool={
-        "claude_bin": real_claude, "min_idle": 2, "max_workers": 3,
-        "env": {"ANTHROPIC_BASE_URL": upstream.base_url, "ANTHROPIC_API_KEY": "sk-ant-test"},
-        "timeouts": {"ready_timeout_s": 30},
-    }, profiles={"default": {"upstream_max_retries": 0}, "lean": {}, "other": {}})
+        "claude_bin": real_claude, "min_idle": 2, "max_workers": 3, "timeouts": {"ready_timeout_s": 30},
+    }, upstream={"base_url": upstream.base_url, "api_key": "sk-ant-test"},
+        profiles={"default": {"upstream_max_retries": 0}, "lean": {}, "other": {}})
 
 
 async def test_json_sse_and_socket_answers(real_daemon: RunningDaemon, upstream: FakeUpstream) -> None:
@@ -77,7 +76,7 @@ async def test_sigkill_of_a_real_cli_daemon_leaves_no_worker(
     tmp_path: Path, real_claude: str, upstream: FakeUpstream,
     start_daemon: Callable[..., Awaitable[DaemonProcess]],
 ) -> None:
-    extra = f'\n[profiles.default]\nenv = {{ ANTHROPIC_BASE_URL = "{upstream.base_url}", ANTHROPIC_API_KEY = "x" }}\n'
+    extra = f'\n[upstream]\nbase_url = "{upstream.base_url}"\napi_key = "x"\n'
     daemon = await start_daemon("--config", str(write_config(tmp_path, claude_bin=real_claude, extra=extra)))
     stuck = await daemon.start_request("[[stall]]", timeout_s=20)
     pids = await daemon.worker_pids()

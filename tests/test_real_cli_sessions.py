@@ -21,9 +21,8 @@ MakeDaemon = Callable[..., Awaitable[RunningDaemon]]
 
 def real_config(real_claude: str, upstream: FakeUpstream, **sessions: Any) -> dict[str, Any]:
     return {
-        "pool": {"claude_bin": real_claude, "min_idle": 1, "max_workers": 2,
-                 "env": {"ANTHROPIC_BASE_URL": upstream.base_url, "ANTHROPIC_API_KEY": "sk-ant-test"},
-                 "timeouts": {"ready_timeout_s": 30}},
+        "pool": {"claude_bin": real_claude, "min_idle": 1, "max_workers": 2, "timeouts": {"ready_timeout_s": 30}},
+        "upstream": {"base_url": upstream.base_url, "api_key": "sk-ant-test"},
         "profiles": {"default": {"upstream_max_retries": 0}, "lean": {}, "other": {}},
         **sessions_config(park_idle_s=600, **sessions),
     }

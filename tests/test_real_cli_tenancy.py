@@ -23,9 +23,9 @@ async def test_metered_usage_equals_the_upstream_request_log(
 ) -> None:
     d = await make_daemon(pool={
         "claude_bin": real_claude, "min_idle": 1, "max_workers": 2,
-        "env": {"ANTHROPIC_BASE_URL": upstream.base_url, "ANTHROPIC_API_KEY": "sk-ant-test"},
         "timeouts": {"ready_timeout_s": 30},
-    }, profiles={"default": {"upstream_max_retries": 0}, "lean": {}, "other": {}},
+    }, upstream={"base_url": upstream.base_url, "api_key": "sk-ant-test"},
+        profiles={"default": {"upstream_max_retries": 0}, "lean": {}, "other": {}},
         tenants={"acme": {"daily_budget_usd": 5.0}})
     answers = []
     async with AsyncClient(key=KEYS["acme"], url=d.url) as acme, AsyncClient(key=KEYS["beta"], url=d.url) as beta:

@@ -131,6 +131,61 @@ async def test_private_dirs_and_scrubbed_env(
     assert not home.parent.exists()
 
 
+class Issued:
+    """A `WorkerCredentials` that records what it was asked (the gateway's registry is tested in
+    tests/test_gateway.py)."""
+
+    def __init__(self) -> None:
+        self.issued: list[Worker] = []
+        self.revoked: list[tuple[Worker, WorkerState]] = []
+
+    def issue(self, worker: Worker) -> dict[str, str]:
+        self.issued.append(worker)
+        return {"ANTHROPIC_BASE_URL": "http://127.0.0.1:2", "ANTHROPIC_API_KEY": f"cpw-for-{worker.id}"}
+
+    def revoke(self, worker: Worker) -> None:
+        self.revoked.append((worker, worker.state))
+
+
+async def test_with_credentials_the_worker_holds_its_own_and_no_upstream_variable_of_the_profile(
+    make_worker: Callable[..., Worker], make_fake_profile: Callable[..., Profile]
+) -> None:
+    credentials = Issued()
+    profile = make_fake_profile(env={"ANTHROPIC_BASE_URL": "http://127.0.0.1:1", "ANTHROPIC_API_KEY": "sk-ant-real",
+                                     "ANTHROPIC_AUTH_TOKEN": "tok", "CLAUDE_CODE_USE_BEDROCK": "1",
+                                     "ANTHROPIC_MODEL": "kept"})
+    w = make_worker(profile, credentials=credentials)
+    await w.start()
+    _, result = await run(w, "[[env]]")
+    env = orjson.loads(result.text)
+    assert env["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:2"
+    assert env["ANTHROPIC_API_KEY"] == f"cpw-for-{w.id}"
+    assert "sk-ant-real" not in result.text
+    assert "ANTHROPIC_AUTH_TOKEN" not in env and "CLAUDE_CODE_USE_BEDROCK" not in env
+    assert env["ANTHROPIC_MODEL"] == "kept"  # not an upstream variable
+    assert credentials.issued == [w] and credentials.revoked == []
+    await w.close()
+    # Revoked first, as the close begins: nothing left in the process tree can use it.
+    assert credentials.revoked == [(w, WorkerState.IDLE)]
+    # Without credentials the profile's variables are used as they are (a pool used on its own).
+    direct = make_worker(profile)
+    await direct.start()
+    _, result = await run(direct, "[[env]]")
+    assert orjson.loads(result.text)["ANTHROPIC_API_KEY"] == "sk-ant-real"
+    await direct.close()
+
+
+async def test_a_worker_that_fails_to_start_gives_its_credential_back(
+    make_worker: Callable[..., Worker], make_fake_profile: Callable[..., Profile]
+) -> None:
+    credentials = Issued()
+    w = make_worker(make_fake_profile("exit_at_start"), credentials=credentials)
+    with pytest.raises(WorkerStartError):
+        await w.start()
+    assert credentials.issued == [w]
+    assert [worker for worker, _ in credentials.revoked] == [w]
+
+
 async def test_cost_is_metered_as_delta_since_reset(make_worker: Callable[..., Worker], fake_profile: Profile) -> None:
     w = make_worker(fake_profile)
     await w.start()

@@ -4,7 +4,8 @@
 front ends get the narrow `claudepool.daemon.facade.Facade`, never the daemon. `Daemon.run` is the
 lifecycle, under one `asyncio.TaskGroup` that owns every background task.
 
-Start-up: the metering flusher starts → pools begin warming, each with its memory-measuring loop →
+Start-up: the metering flusher starts → the gateway listens on loopback (workers are pointed at it
+when they spawn, so it comes first) → pools begin warming, each with its memory-measuring loop →
 front ends bind (or adopt systemd's sockets) → print where we listen → the background loops start
 (announce-ready, watchdog, spend gauges, session maintenance) → once every pool has ``min_idle``
 warm workers, ``READY=1``.
@@ -12,8 +13,9 @@ warm workers, ``READY=1``.
 Shutdown, on SIGTERM or SIGINT, in a fixed order: ``STOPPING=1`` and stop admitting (new requests
 get 503 ``draining``, /readyz turns 503) → wait for requests in flight up to
 ``server.drain_timeout_s`` → stop the stragglers (each answers 503 ``draining``) → stop the
-background loops → close the front ends → park the conversations → close every worker → flush the
-usage records → close the store and the limiter (bounded) → exit 0. A second signal skips the wait
+background loops → close the front ends → park the conversations → close every worker → close the
+gateway (after the workers: a turn drained at close still calls it) → flush the usage records →
+close the store and the limiter (bounded) → exit 0. A second signal skips the wait
 and exits 1 once workers are closed. Previous signal handlers are restored on the way out.
 
 A background task that crashes is logged with its traceback and stops the daemon like a second
@@ -54,6 +56,11 @@ from claudepool.daemon.service import PromptService
 from claudepool.daemon.spend import TenantSpend
 from claudepool.daemon.status import Status
 from claudepool.errors import ClaudepoolError
+from claudepool.gateway.attribution import from_leases
+from claudepool.gateway.credentials import CredentialRegistry
+from claudepool.gateway.metrics import GatewayMetrics
+from claudepool.gateway.server import Gateway
+from claudepool.gateway.settings import Upstream
 from claudepool.logs import add_key_digests
 from claudepool.pool.pool import Pool
 from claudepool.pool.shares import TenantSlots
@@ -92,8 +99,10 @@ class Daemon:
         self.meter = Meter(self.store, self.limiter, self.pricing, settings.metering,
                            on_record=usage_metrics.turn_billed)
         slots = TenantSlots()
+        # Every worker's credential for the gateway: the workers never see the provider's key.
+        self.credentials = CredentialRegistry()
         hooks: dict[str, Any] = {"on_turn_result": self.meter.on_turn_result, "on_lease_done": self.meter.on_lease_done,
-                                 "slots": slots, "observer": worker_metrics,
+                                 "slots": slots, "observer": worker_metrics, "credentials": self.credentials,
                                  # Their memory measurements run in the task group (see _serve).
                                  "run_maintenance": False}
         self.pools = {name: Pool(settings.profile(name), settings.pool_config(name), **hooks)
@@ -109,6 +118,7 @@ class Daemon:
             for name in settings.profiles
         }
         self.sessions = SessionManager(self.store, self.session_pools, settings.session_options())
+        self.gateway = self._gateway(settings, tenant_labels)
         server = settings.server
         gate = Gate(
             self.pools,
@@ -138,6 +148,24 @@ class Daemon:
         self._force = asyncio.Event()
         self._signals = 0
         self.crashed: list[str] = []  # the background tasks that crashed, by name
+
+    def _gateway(self, settings: Settings, tenant_labels: TenantLabels) -> Gateway:
+        """The one path from the workers to the provider: each pool's calls go to its profile's upstream."""
+        upstreams: dict[str, Upstream] = {}
+        for name in settings.profiles:
+            upstreams[name] = upstreams[f"{name}.sessions"] = settings.upstream_for(name)
+        add_key_digests(hashlib.sha256(secret.encode()).hexdigest()
+                        for upstream in upstreams.values() for secret in upstream.secrets())
+        missing = sorted({u.name for u in upstreams.values() if not u.has_credential})
+        if missing:
+            log.warning("no provider credential in %s (nor $ANTHROPIC_API_KEY): model calls go out without one",
+                        ", ".join(missing))
+        up = settings.upstream
+        metrics = GatewayMetrics(self.registry, tenant_labels, tenants=tenant_labels.names,
+                                 live_credentials=lambda: len(self.credentials))
+        return Gateway(self.credentials, from_leases(self.all_pools()), upstreams, metrics=metrics,
+                       connect_timeout_s=up.connect_timeout_s, max_connections=up.max_connections,
+                       max_request_bytes=up.max_request_bytes, shutdown_timeout_s=_HTTP_SHUTDOWN_TIMEOUT_S)
 
     def all_pools(self) -> dict[str, Pool]:
         """Stateless and session-capable pools, by pool name (``default``, ``default.sessions``)."""
@@ -180,6 +208,7 @@ class Daemon:
         loops: list[asyncio.Task[None]] = []
         front: FrontEnds | None = None
         try:
+            await self.gateway.start()
             for name, pool in self.all_pools().items():
                 await pool.start()
                 loops.append(self._supervise(tg, f"pool-{name}-maintenance", pool.maintain))
@@ -204,6 +233,7 @@ class Daemon:
             await self.sessions.park_all()
             for pool in self.all_pools().values():
                 await pool.close()
+            await self.gateway.close(_HTTP_SHUTDOWN_TIMEOUT_S)
             # Every turn has settled now; give its record a bounded chance to reach the store.
             if not metering.done():
                 await self.meter.flush(_HTTP_SHUTDOWN_TIMEOUT_S)

@@ -20,7 +20,7 @@ from claudepool.pool.planner import Phase, PoolState
 from claudepool.pool.profile import Profile
 from claudepool.pool.reaper import Reaper
 from claudepool.pool.sizing import PoolSizing
-from claudepool.pool.worker import Worker, WorkerState
+from claudepool.pool.worker import Worker, WorkerCredentials, WorkerState
 
 log = logging.getLogger("claudepool.pool.pool")
 
@@ -28,9 +28,11 @@ log = logging.getLogger("claudepool.pool.pool")
 class WorkerOperations:
     def __init__(self, profile: Profile, config: PoolConfig, state: PoolState[Worker, Lease, Waiter],
                  stats: PoolStats, *, reaper: Reaper | None, sizing: PoolSizing, observer: PoolObserver | None,
-                 step: Callable[[], None], settle: Callable[[Lease | None], None]) -> None:
+                 step: Callable[[], None], settle: Callable[[Lease | None], None],
+                 credentials: WorkerCredentials | None = None) -> None:
         self._profile, self._config, self._state, self._stats = profile, config, state, stats
         self._reaper, self._sizing, self._observer = reaper, sizing, observer
+        self._credentials = credentials
         self._step, self._settle = step, settle
         self.tasks: set[asyncio.Task[None]] = set()
         self._breaker_timer: asyncio.TimerHandle | None = None
@@ -38,7 +40,7 @@ class WorkerOperations:
     def new_worker(self, profile: Profile, *, slot: int, prepare: Callable[[Worker], None] | None = None) -> Worker:
         worker = Worker(profile, timeouts=self._config.timeouts, max_line_bytes=self._config.max_line_bytes,
                         workdir_root=self._config.workdir, reaper=self._reaper,
-                        on_failure=self._on_worker_failure, prepare=prepare)
+                        on_failure=self._on_worker_failure, prepare=prepare, credentials=self._credentials)
         worker.slot = slot
         return worker
 

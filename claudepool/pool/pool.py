@@ -36,7 +36,7 @@ from claudepool.pool.profile import Profile
 from claudepool.pool.reaper import Reaper
 from claudepool.pool.shares import Priority, TenantShare, TenantSlots
 from claudepool.pool.sizing import PoolSizing
-from claudepool.pool.worker import TurnResult, Worker
+from claudepool.pool.worker import TurnResult, Worker, WorkerCredentials
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class Pool:
         slots: TenantSlots | None = None,
         observer: PoolObserver | None = None,
         run_maintenance: bool = True,
+        credentials: WorkerCredentials | None = None,
     ) -> None:
         self.profile = profile
         self.config = config = config or PoolConfig()
@@ -80,8 +81,11 @@ class Pool:
             config, queue, slots, breaker, self._sizing.initial())
         slots.add_listener(self._on_tenant_released)
 
+        # Each worker's own credential for the gateway (None: workers use the profile's upstream
+        # variables directly, as a pool used without the daemon does).
         self._ops = WorkerOperations(profile, config, self._state, self.stats, reaper=reaper, sizing=self._sizing,
-                                     observer=observer, step=self._step, settle=self._settle_lease)
+                                     observer=observer, step=self._step, settle=self._settle_lease,
+                                     credentials=credentials)
         self._changed = asyncio.Event()
         self._started = False
         self._close_task: asyncio.Task[None] | None = None
@@ -140,6 +144,14 @@ class Pool:
     def workers(self) -> list[Worker]:
         """Every worker the pool holds, in any state (for status pages and tests)."""
         return sorted(self._state.records, key=lambda w: w.created_at)
+
+    def lease_of(self, worker: Worker) -> Lease | None:
+        """The lease ``worker`` serves: the one holding it, else one released mid-turn whose last
+        turn is still being drained (it still owns what that turn does). None when it serves none."""
+        record = self._state.records.get(worker)
+        if record is None:
+            return None
+        return record.lease if record.lease is not None else record.unsettled
 
     def total_pss_bytes(self) -> int:
         return self._state.total_pss_bytes()

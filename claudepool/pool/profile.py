@@ -39,6 +39,30 @@ QUIET_ENV = {
     "CLAUDE_CODE_DISABLE_AUTO_MEMORY": "1",
 }
 
+# Variables that decide where a worker's model calls go and with what credential. With a gateway
+# (`Worker`'s ``credentials``) the worker gets the gateway's address and its own credential instead,
+# and any of these the profile sets is dropped: a worker never holds the provider's key, and none can
+# route around the gateway (to Bedrock, Vertex or another URL).
+UPSTREAM_ENV = frozenset({
+    "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "ANTHROPIC_CUSTOM_HEADERS",
+    "ANTHROPIC_BEDROCK_BASE_URL", "ANTHROPIC_VERTEX_BASE_URL", "ANTHROPIC_FOUNDRY_BASE_URL",
+    "ANTHROPIC_FOUNDRY_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "AWS_BEARER_TOKEN_BEDROCK",
+})  # fmt: skip
+_UPSTREAM_WORDS = ("KEY", "TOKEN", "URL", "HEADERS", "SECRET")
+
+
+def routes_upstream(name: str) -> bool:
+    """True for a variable that carries a provider credential or address, or picks another provider
+    (``CLAUDE_CODE_USE_BEDROCK``, ``…_VERTEX``, ``…_FOUNDRY``): what only the gateway may hold.
+
+    >>> [routes_upstream(n) for n in ("ANTHROPIC_API_KEY", "ANTHROPIC_MODEL", "CLAUDE_CODE_USE_VERTEX")]
+    [True, False, True]
+    """
+    upper = name.upper()
+    return (upper in UPSTREAM_ENV or upper.startswith("CLAUDE_CODE_USE_")
+            or (upper.startswith("ANTHROPIC_") and any(word in upper for word in _UPSTREAM_WORDS)))
+
+
 # Arguments that would break how a worker is driven or reset.
 _FORBIDDEN_ARGS = frozenset({"--disable-slash-commands", "--input-format", "--output-format", "-p", "--print"})
 
@@ -125,8 +149,12 @@ class Profile(SpawnSettings):
         argv += self.args
         return argv
 
-    def environ(self, *, home: Path, tmpdir: Path, inherited: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The worker's whole environment: a scrubbed base, quiet settings, the profile, private dirs."""
+    def environ(self, *, home: Path, tmpdir: Path, inherited: Mapping[str, str] | None = None,
+                upstream: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The worker's whole environment: a scrubbed base, quiet settings, the profile, private dirs.
+
+        ``upstream`` (the gateway's address and this worker's credential) replaces every variable of
+        the profile's that `routes_upstream`; without it the profile's own are used as they are."""
         source = os.environ if inherited is None else inherited
         env = {k: source[k] for k in INHERITED_ENV if k in source}
         env.update(QUIET_ENV)
@@ -134,7 +162,11 @@ class Profile(SpawnSettings):
         env["API_TIMEOUT_MS"] = str(self.upstream_timeout_ms)
         if not self.read_claude_md:
             env["CLAUDE_CODE_DISABLE_CLAUDE_MDS"] = "1"
-        env.update(self.env)
+        if upstream is None:
+            env.update(self.env)
+        else:
+            env.update({k: v for k, v in self.env.items() if not routes_upstream(k)})
+            env.update(upstream)
         # Private directories are not the profile's to override.
         env["HOME"] = str(home)
         env["TMPDIR"] = str(tmpdir)

@@ -27,9 +27,9 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from claudepool.errors import WorkerBusy, WorkerDied, WorkerError, WorkerStartError
 from claudepool.pool.exchange import Exchange, TurnResult, WorkerState, local_command
@@ -42,11 +42,24 @@ from claudepool.protocol.cli_events import CliEvent, ResultEvent, UserContent, e
 from claudepool.protocol.framing import DEFAULT_MAX_LINE_BYTES
 
 # Importers name these through this module.
-__all__ = ["TurnResult", "Worker", "WorkerState", "WorkerTimeouts"]
+__all__ = ["TurnResult", "Worker", "WorkerCredentials", "WorkerState", "WorkerTimeouts"]
 
 log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
+
+
+class WorkerCredentials(Protocol):
+    """What a worker presents upstream instead of the provider's key (the daemon's gateway,
+    `claudepool.gateway.credentials.CredentialRegistry`, issues them). The pool never sees the key.
+
+    ``issue`` runs once, just before the process starts, and returns the variables that point it at
+    the gateway (they replace any upstream variable of the profile's); ``revoke`` runs as the worker
+    begins to close, so the credential is valid only while the worker lives."""
+
+    def issue(self, worker: Worker) -> Mapping[str, str]: ...
+
+    def revoke(self, worker: Worker) -> None: ...
 
 
 class Worker:
@@ -62,6 +75,7 @@ class Worker:
         reaper: Reaper | None = None,
         on_failure: Callable[[Worker], None] | None = None,
         prepare: Callable[[Worker], None] | None = None,
+        credentials: WorkerCredentials | None = None,
     ) -> None:
         self.id = f"{profile.name}-{next(_ids)}"
         self.profile = profile
@@ -77,6 +91,8 @@ class Worker:
         # Runs once the private directories exist, before the process starts (a resumed
         # conversation's transcript is put in place here).
         self.prepare = prepare
+        # None: the profile's own upstream variables are used as they are (no gateway).
+        self._credentials = credentials
         self._process = WorkerProcess(
             self.id, workdir_root=workdir_root, reaper=reaper or default_reaper(), timeouts=self.timeouts,
             max_line_bytes=max_line_bytes, log_fields=lambda: {"worker": self.id, "slot": self.slot})
@@ -221,7 +237,9 @@ class Worker:
                 self.prepare(self)
             home, tmp = self._process.home, self._process.tmp
             assert home is not None and tmp is not None
-            await self._process.spawn(self.profile.argv(), self.profile.environ(home=home, tmpdir=tmp))
+            upstream = self._credentials.issue(self) if self._credentials is not None else None
+            await self._process.spawn(self.profile.argv(), self.profile.environ(home=home, tmpdir=tmp,
+                                                                               upstream=upstream))
             self._exchange.start_reading()
             async with asyncio.timeout(self.timeouts.ready_timeout_s):
                 await self._exchange.handshake()
@@ -248,6 +266,9 @@ class Worker:
         await asyncio.shield(self._close_task)
 
     async def _close(self, graceful: bool) -> None:
+        if self._credentials is not None:
+            # First: whatever still runs in the process tree while it is stopped can call nothing.
+            self._credentials.revoke(self)
         self._exchange.begin_close(WorkerDied(f"worker {self.id} is closed"))
         await self._process.stop(graceful=graceful)
         await self._exchange.stop_reading(self.timeouts.close_pipes_timeout_s)

@@ -14,8 +14,17 @@ history never re-triggers them:
     [[chunks:5]]       split the answer into this many text deltas
     [[chunk_delay_s:0.1]] pause between deltas
     [[stall]]          start the stream, send one delta, then never finish
+    [[retry_after:7]]  with [[status:…]]: send ``retry-after: 7`` with the error
+    [[tool:Bash:CMD]]  answer ``stop_reason: "tool_use"`` with one ``tool_use`` block: tool ``Bash``,
+                       input ``{"command": "CMD"}`` (another tool's argument is its input as a JSON
+                       object); CMD may not contain ``]``
 
-Without a directive the answer is ``ok: <first 40 chars of the prompt>``.
+A request whose last user message carries a ``tool_result`` (the CLI ran the tool) is answered with
+that result's text, so the tenant's answer shows what the tool printed. Without a directive the
+answer is ``ok: <first 40 chars of the prompt>``.
+
+Every response carries a ``request-id`` (``req_fake_…``, kept in the log) and the provider's
+``anthropic-ratelimit-requests-*`` headers, as the real API sends them.
 
 Run standalone with ``python -m claudepool.testing.fake_upstream --port 8788``.
 """
@@ -59,6 +68,11 @@ class RecordedRequest:
     status: int = 0
     # The usage this fake reported for the request (message requests that succeeded).
     usage: dict[str, int] | None = None
+    # The ``request-id`` this fake answered with, as the provider's own id of the call.
+    request_id: str = ""
+    query: str = ""
+    # The client went away before the answer was complete (its handler was cancelled).
+    cut: bool = False
 
     def json(self) -> Any:
         return orjson.loads(self.body) if self.body else None
@@ -87,7 +101,8 @@ class FakeUpstream:
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         app.router.add_route("*", "/{tail:.*}", self._other)
-        self._runner = web.AppRunner(app, access_log=None)
+        # A client that disconnects cancels its handler, so the log can say a stream was cut.
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -123,22 +138,38 @@ class FakeUpstream:
             body=body,
             headers={k.lower(): v for k, v in request.headers.items()},
             received_at=time.monotonic(),
+            request_id=f"req_fake_{next(self._ids):06d}",
+            query=request.query_string,
         )
         self.requests.append(rec)
         return rec
 
+    def _headers(self, rec: RecordedRequest, **extra: str) -> dict[str, str]:
+        """What the provider sends with every answer: its id of the call and the account's limits."""
+        return {"request-id": rec.request_id, "anthropic-ratelimit-requests-limit": "4000",
+                "anthropic-ratelimit-requests-remaining": "3999",
+                "anthropic-ratelimit-requests-reset": "2026-01-01T00:00:00Z", **extra}
+
     async def _other(self, request: web.Request) -> web.Response:
         rec = await self._record(request)
         rec.status = 404
-        return web.json_response(_error_body(404, "not found in fake upstream"), status=404)
+        return web.json_response(_error_body(404, "not found in fake upstream"), status=404,
+                                 headers=self._headers(rec))
 
     async def _count_tokens(self, request: web.Request) -> web.Response:
         rec = await self._record(request)
         rec.status = 200
-        return web.json_response({"input_tokens": _tokens(rec.body)})
+        return web.json_response({"input_tokens": _tokens(rec.body)}, headers=self._headers(rec))
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         rec = await self._record(request)
+        try:
+            return await self._answer(request, rec)
+        except asyncio.CancelledError:
+            rec.cut = True
+            raise
+
+    async def _answer(self, request: web.Request, rec: RecordedRequest) -> web.StreamResponse:
         body = rec.json() or {}
         plan = self.scripted.pop(0) if self.scripted else _directives(_last_user_text(body))
         if "delay_s" in plan:
@@ -146,24 +177,43 @@ class FakeUpstream:
         if "status" in plan:
             status = int(plan["status"])
             rec.status = status
-            return web.json_response(_error_body(status, f"fake upstream injected {status}"), status=status)
-        text = _answer_text(plan, body)
-        usage = {**self._usage(body), "output_tokens": max(1, _tokens(text.encode()))}
+            extra = {"retry-after": plan["retry_after"]} if "retry_after" in plan else {}
+            return web.json_response(_error_body(status, f"fake upstream injected {status}"), status=status,
+                                     headers=self._headers(rec, **extra))
+        tool_result = _tool_result_text(body)
+        if "tool" in plan and tool_result is None:
+            block = _tool_use_block(plan["tool"], next(self._ids))
+            text = ""
+            stop_reason = "tool_use"
+            output = orjson.dumps(block["input"])
+        else:
+            block = None
+            text = tool_result if tool_result is not None and not {"reply", "echo"} & set(plan) else \
+                _answer_text(plan, body)
+            stop_reason = "end_turn"
+            output = text.encode()
+        usage = {**self._usage(body), "output_tokens": max(1, _tokens(output))}
         rec.status = 200
         rec.usage = usage
         if not body.get("stream"):
-            return web.json_response(self._message_object(body, text, usage, "end_turn"))
-        return await self._stream(request, body, text, usage, plan)
+            message = self._message_object(body, text, usage, stop_reason)
+            if block is not None:
+                message["content"] = [block]
+            return web.json_response(message, headers=self._headers(rec))
+        return await self._stream(request, rec, body, text, usage, plan, block)
 
     async def _stream(
         self,
         request: web.Request,
+        rec: RecordedRequest,
         body: dict[str, Any],
         text: str,
         usage: dict[str, int],
         plan: dict[str, str],
+        tool_use: dict[str, Any] | None = None,
     ) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
+        resp = web.StreamResponse(headers=self._headers(rec, **{"content-type": "text/event-stream",
+                                                                "cache-control": "no-cache"}))
         await resp.prepare(request)
 
         async def send(event: str, data: dict[str, Any]) -> None:
@@ -171,6 +221,19 @@ class FakeUpstream:
 
         start = self._message_object(body, "", {**usage, "output_tokens": 1}, None)
         await send("message_start", {"type": "message_start", "message": start})
+        if tool_use is not None:
+            # As the API streams a tool call: the block with empty input, then its JSON in pieces.
+            await send("content_block_start", {"type": "content_block_start", "index": 0,
+                                               "content_block": {**tool_use, "input": {}}})
+            await send("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+                "type": "input_json_delta", "partial_json": orjson.dumps(tool_use["input"]).decode()}})
+            await send("content_block_stop", {"type": "content_block_stop", "index": 0})
+            await send("message_delta", {"type": "message_delta",
+                                         "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                                         "usage": {"output_tokens": usage["output_tokens"]}})
+            await send("message_stop", {"type": "message_stop"})
+            await resp.write_eof()
+            return resp
         await send("content_block_start", {"type": "content_block_start", "index": 0,
                                            "content_block": {"type": "text", "text": ""}})
         await send("ping", {"type": "ping"})
@@ -285,6 +348,27 @@ def _user_texts(msg: dict[str, Any]) -> list[str]:
 def _last_user_text(body: dict[str, Any]) -> str:
     users = [m for m in body.get("messages") or [] if m.get("role") == "user"]
     return "\n".join(_user_texts(users[-1])) if users else ""
+
+
+def _tool_result_text(body: dict[str, Any]) -> str | None:
+    """The text of the ``tool_result`` in the request's last user message (None: it has none)."""
+    messages = body.get("messages") or []
+    if not messages or messages[-1].get("role") != "user" or not isinstance(messages[-1].get("content"), list):
+        return None
+    for b in messages[-1]["content"]:
+        if isinstance(b, dict) and b.get("type") == "tool_result":
+            content = b.get("content")
+            if isinstance(content, str):
+                return content
+            texts = [c.get("text", "") for c in content or [] if isinstance(c, dict) and c.get("type") == "text"]
+            return "\n".join(texts)
+    return None
+
+
+def _tool_use_block(directive: str, number: int) -> dict[str, Any]:
+    name, _, argument = directive.partition(":")
+    tool_input = orjson.loads(argument) if name != "Bash" and argument.startswith("{") else {"command": argument}
+    return {"type": "tool_use", "id": f"toolu_fake_{number:06d}", "name": name, "input": tool_input}
 
 
 def _directives(text: str) -> dict[str, str]:

@@ -259,6 +259,9 @@ async def test_the_daemon_sends_every_model_call_through_its_gateway(
     assert [r.headers["x-api-key"] for r in upstream.message_requests()] == [key, key]
     assert leaks(upstream, key) == []
     assert d.sample("claudepool_gateway_calls_total", tenant="acme", outcome="ok") == 2
+    # Each call's usage is measured there too, as the provider reported it.
+    assert d.sample("claudepool_gateway_tokens_total", tenant="acme", kind="output") == sum(
+        (r.usage or {}).get("output_tokens", 0) for r in upstream.message_requests()) > 0
     calls = [r for r in caplog.records if r.getMessage() == "gateway call"]
     fields = [getattr(c, "fields", {}) for c in calls]
     assert [(f["tenant"], f["request_id"], f["status"]) for f in fields] == [("acme", answer.id, 200)] * 2

@@ -57,6 +57,7 @@ from claudepool.daemon.spend import TenantSpend
 from claudepool.daemon.status import Status
 from claudepool.errors import ClaudepoolError
 from claudepool.gateway.attribution import from_leases
+from claudepool.gateway.call_usage import CallUsageMeter
 from claudepool.gateway.credentials import CredentialRegistry
 from claudepool.gateway.metrics import GatewayMetrics
 from claudepool.gateway.server import Gateway
@@ -163,9 +164,11 @@ class Daemon:
         up = settings.upstream
         metrics = GatewayMetrics(self.registry, tenant_labels, tenants=tenant_labels.names,
                                  live_credentials=lambda: len(self.credentials))
-        return Gateway(self.credentials, from_leases(self.all_pools()), upstreams, metrics=metrics,
-                       connect_timeout_s=up.connect_timeout_s, max_connections=up.max_connections,
-                       max_request_bytes=up.max_request_bytes, shutdown_timeout_s=_HTTP_SHUTDOWN_TIMEOUT_S)
+        gateway = Gateway(self.credentials, from_leases(self.all_pools()), upstreams, metrics=metrics,
+                          connect_timeout_s=up.connect_timeout_s, max_connections=up.max_connections,
+                          max_request_bytes=up.max_request_bytes, shutdown_timeout_s=_HTTP_SHUTDOWN_TIMEOUT_S)
+        gateway.hooks.add(CallUsageMeter(self.pricing, self.registry, tenant_labels, tenants=tenant_labels.names))
+        return gateway
 
     def all_pools(self) -> dict[str, Pool]:
         """Stateless and session-capable pools, by pool name (``default``, ``default.sessions``)."""

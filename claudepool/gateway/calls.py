@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from claudepool.gateway.attribution import Attribution
+from claudepool.gateway.usage import CallUsage
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ class Call:
     duration_s: float | None = None
     response_bytes: int = 0
     outcome: str = "pending"
+    # What the answer reported, and its price (set by `claudepool.gateway.call_usage` at the end).
+    usage: CallUsage | None = None
+    cost_usd: float | None = None
 
     def finish(self, outcome: str) -> None:
         if self.outcome == "pending":

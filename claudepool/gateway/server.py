@@ -210,4 +210,17 @@ class Gateway:
             "outcome": call.outcome, "upstream": call.upstream, "upstream_request_id": call.upstream_request_id,
             "request_bytes": call.request_bytes, "response_bytes": call.response_bytes,
             "first_byte_ms": None if call.first_byte_s is None else round(call.first_byte_s * 1000, 2),
-            "duration_ms": round((call.duration_s or (time.monotonic() - call.started)) * 1000, 2)}})
+            "duration_ms": round((call.duration_s or (time.monotonic() - call.started)) * 1000, 2),
+            **_usage_fields(call)}})
+
+
+def _usage_fields(call: Call) -> dict[str, object]:
+    u = call.usage
+    if u is None:
+        return {}
+    return {"message_id": u.message_id, "model": u.model, "stop_reason": u.stop_reason, "complete": u.complete,
+            "input_tokens": u.input_tokens, "output_tokens": u.output_tokens, "cache_read_tokens": u.cache_read_tokens,
+            "cache_write_5m_tokens": u.cache_write_5m_tokens, "cache_write_1h_tokens": u.cache_write_1h_tokens,
+            "cost_usd": None if call.cost_usd is None else round(call.cost_usd, 8),
+            "first_token_ms": None if u.first_content_at is None else round(
+                (u.first_content_at - call.started) * 1000, 2)}

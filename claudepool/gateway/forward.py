@@ -92,8 +92,10 @@ class Forwarder:
                     await session.close()
 
     async def forward(self, request: web.Request, body: bytes, upstream: Upstream, call: Call,
-                      on_chunk: Callable[[bytes], None]) -> web.StreamResponse:
-        """Send the call, relay its answer; ``on_chunk`` sees every chunk of the body as relayed.
+                      on_chunk: Callable[[bytes], None],
+                      on_answer: Callable[[int, Mapping[str, str]], None] | None = None) -> web.StreamResponse:
+        """Send the call, relay its answer; ``on_answer`` sees the provider's status and headers as
+        they arrive, ``on_chunk`` every chunk of the body as relayed.
         Raises `UpstreamUnreachable` when no answer began (nothing was written to the worker yet)."""
         if self._session is None:
             raise UpstreamUnreachable("the gateway is closed")
@@ -105,6 +107,8 @@ class Forwarder:
             call.finish("unreachable")
             raise UpstreamUnreachable(f"the provider at {upstream.base_url} could not be reached "
                                       f"({type(exc).__name__})") from None
+        if on_answer is not None:
+            on_answer(answer.status, answer.headers)
         try:
             return await self._relay(request, answer, call, on_chunk)
         finally:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,6 +51,7 @@ from claudepool.gateway.calls import Call, Hooks
 from claudepool.gateway.credentials import CredentialRegistry, presented_credential
 from claudepool.gateway.forward import Forwarder
 from claudepool.gateway.metrics import GatewayMetrics
+from claudepool.gateway.ratelimits import AccountLimits
 from claudepool.gateway.settings import MiB, Upstream
 from claudepool.logs import RateLimitedLog, scrub
 
@@ -96,14 +97,17 @@ def error_response(exc: GatewayError) -> web.Response:
 class Gateway:
     def __init__(self, credentials: CredentialRegistry, attribute: Attribute, upstreams: Mapping[str, Upstream], *,
                  default: Upstream | None = None, metrics: GatewayMetrics | None = None,
-                 listener: Listener | None = None, connect_timeout_s: float = 10.0, max_connections: int = 100,
+                 account_limits: AccountLimits | None = None, listener: Listener | None = None,
+                 connect_timeout_s: float = 10.0, max_connections: int = 100,
                  max_request_bytes: int = 32 * MiB, shutdown_timeout_s: float = 5.0) -> None:
-        """``upstreams`` by pool name (a worker's profile name); a pool without one uses ``default``."""
+        """``upstreams`` by pool name (a worker's profile name); a pool without one uses ``default``.
+        ``account_limits`` hears every answer's status and headers, by the upstream's account."""
         self.credentials = credentials
         self._attribute = attribute
         self._upstreams = dict(upstreams)
         self._default = default
         self.metrics = metrics
+        self.account_limits = account_limits
         self.hooks = Hooks()
         if metrics is not None:
             self.hooks.add(metrics)
@@ -183,7 +187,8 @@ class Gateway:
         call = Call(attribution, upstream.name, request.method, request.path, len(body))
         self.hooks.started(call, body)
         try:
-            return await self._forwarder.forward(request, body, upstream, call, lambda c: self.hooks.chunk(call, c))
+            return await self._forwarder.forward(request, body, upstream, call, lambda c: self.hooks.chunk(call, c),
+                                                 self._observer(upstream))
         except UpstreamUnreachable as exc:
             log.warning("gateway call %s: %s", call.id, exc)
             call.status = exc.status
@@ -193,6 +198,12 @@ class Gateway:
             call.finish("client_gone")
             self.hooks.finished(call)
             self._log(call)
+
+    def _observer(self, upstream: Upstream) -> Callable[[int, Mapping[str, str]], None] | None:
+        limits = self.account_limits
+        if limits is None:
+            return None
+        return lambda status, headers: limits.observe(upstream.account, headers, status=status)
 
     def _refused(self, request: web.Request, exc: GatewayRefused) -> None:
         if self.metrics is not None:

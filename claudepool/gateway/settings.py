@@ -146,6 +146,12 @@ class Upstream:
     base_url: str
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
 
+    @property
+    def account(self) -> str:
+        """The provider account's label in metrics: ``default``, or the profile of an
+        ``[upstream.profiles.NAME]`` override. Never key material."""
+        return self.name.removeprefix("upstream.profiles.") if self.name != "upstream" else "default"
+
     def __repr__(self) -> str:
         auth = "x-api-key" if "x-api-key" in self.headers else "bearer" if "authorization" in self.headers else "none"
         return f"<Upstream {self.name} {self.base_url} auth={auth}>"

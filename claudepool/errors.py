@@ -426,6 +426,16 @@ class UpstreamUnreachable(GatewayError):
     reason = "unreachable"
 
 
+class UpstreamIdle(GatewayError):
+    """The provider sent nothing for ``upstream.idle_timeout_s`` before its answer began (504, with
+    ``x-should-retry: true``: the CLI retries it as it would the provider's own 5xx)."""
+
+    code = "upstream_idle"
+    status = 504
+    retryable = True
+    reason = "idle"
+
+
 # -- config: the daemon cannot start as configured ---------------------------------------------
 
 

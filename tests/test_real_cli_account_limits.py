@@ -3,11 +3,14 @@ own limits"): what every answer says of the account reaches the gauges, per acco
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
 
 from claudepool.client import AsyncClient
+from claudepool.errors import RemoteError
+from claudepool.protocol.wire import PromptResult
 from claudepool.testing.fake_upstream import RATELIMITS, FakeUpstream
 from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
 
@@ -47,3 +50,38 @@ async def test_every_answer_of_the_provider_sets_the_accounts_gauges(
     # No key material in any label.
     text = await d.metrics_text()
     assert "sk-ant" not in text
+
+
+IDLE_S = 2.0
+WATCHDOG_S = 12.0
+
+
+@pytest.mark.parametrize("cut", [True, False], ids=["idle-cut", "no-cut-negative-control"])
+async def test_a_stalled_provider_costs_the_idle_timeout_not_the_turn_watchdog(
+    make_daemon: Callable[..., Awaitable[RunningDaemon]], real_claude: str, upstream: FakeUpstream, cut: bool,
+) -> None:
+    """The first answer stalls after its first text delta; the CLI's retry gets a whole one. With the
+    cut the turn ends answered after about IDLE_S; without it, only the watchdog ends it."""
+    d = await make_daemon(
+        pool={"claude_bin": real_claude, "min_idle": 1, "max_workers": 1,
+              "timeouts": {"ready_timeout_s": 30, "turn_idle_timeout_s": WATCHDOG_S}},
+        upstream={"base_url": upstream.base_url, "api_key": "sk-ant-api03-default",
+                  "idle_timeout_s": IDLE_S if cut else 0},
+        profiles={"default": {"upstream_max_retries": 2, "upstream_timeout_ms": 120_000}})
+    upstream.scripted[:] = [{"stall": ""}, {"reply": "recovered"}]
+    started = time.monotonic()
+    async with AsyncClient(key=KEYS["acme"], url=d.url) as client:
+        try:
+            answer: PromptResult | None = await client.prompt("hello")
+        except RemoteError:
+            answer = None
+    elapsed_s = time.monotonic() - started
+    if cut:
+        assert answer is not None and not answer.is_error and answer.text == "recovered"
+        assert IDLE_S <= elapsed_s < WATCHDOG_S / 2, elapsed_s
+        assert d.sample("claudepool_gateway_calls_total", tenant="acme", outcome="upstream_idle") == 1
+        assert len(upstream.message_requests()) == 2
+    else:
+        assert answer is None or answer.is_error
+        assert elapsed_s >= WATCHDOG_S, elapsed_s
+        assert d.sample("claudepool_gateway_calls_total", tenant="acme", outcome="upstream_idle") == 0

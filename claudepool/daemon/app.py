@@ -169,6 +169,7 @@ class Daemon:
         return Gateway(self.credentials, from_leases(self.all_pools()), upstreams, metrics=metrics,
                        account_limits=account_limits,
                        connect_timeout_s=up.connect_timeout_s, max_connections=up.max_connections,
+                       idle_timeout_s=up.idle_timeout_s,
                        max_request_bytes=up.max_request_bytes, shutdown_timeout_s=_HTTP_SHUTDOWN_TIMEOUT_S)
 
     def all_pools(self) -> dict[str, Pool]:

@@ -44,6 +44,7 @@ from claudepool.errors import (
     GatewayRequestTooLarge,
     NoLease,
     NotInTurn,
+    UpstreamIdle,
     UpstreamUnreachable,
 )
 from claudepool.gateway.attribution import Attribute, Attribution
@@ -98,7 +99,7 @@ class Gateway:
     def __init__(self, credentials: CredentialRegistry, attribute: Attribute, upstreams: Mapping[str, Upstream], *,
                  default: Upstream | None = None, metrics: GatewayMetrics | None = None,
                  account_limits: AccountLimits | None = None, listener: Listener | None = None,
-                 connect_timeout_s: float = 10.0, max_connections: int = 100,
+                 connect_timeout_s: float = 10.0, max_connections: int = 100, idle_timeout_s: float = 0.0,
                  max_request_bytes: int = 32 * MiB, shutdown_timeout_s: float = 5.0) -> None:
         """``upstreams`` by pool name (a worker's profile name); a pool without one uses ``default``.
         ``account_limits`` hears every answer's status and headers, by the upstream's account."""
@@ -112,7 +113,8 @@ class Gateway:
         if metrics is not None:
             self.hooks.add(metrics)
         self._listener = listener or LoopbackListener()
-        self._forwarder = Forwarder(connect_timeout_s=connect_timeout_s, max_connections=max_connections)
+        self._forwarder = Forwarder(connect_timeout_s=connect_timeout_s, max_connections=max_connections,
+                                    idle_timeout_s=idle_timeout_s)
         self._max_request_bytes = max_request_bytes
         self._shutdown_timeout_s = shutdown_timeout_s
         self._runner: web.AppRunner | None = None
@@ -189,7 +191,7 @@ class Gateway:
         try:
             return await self._forwarder.forward(request, body, upstream, call, lambda c: self.hooks.chunk(call, c),
                                                  self._observer(upstream))
-        except UpstreamUnreachable as exc:
+        except (UpstreamUnreachable, UpstreamIdle) as exc:
             log.warning("gateway call %s: %s", call.id, exc)
             call.status = exc.status
             return error_response(exc)

@@ -98,6 +98,11 @@ class UpstreamSettings(BaseModel):
     connect_timeout_s: float = Field(default=10.0, gt=0)
     # Connections to the provider open at once, all workers together (kept alive and reused).
     max_connections: int = Field(default=100, gt=0)
+    # A provider answer that sends no byte for this long is cut (0: never): before anything was
+    # relayed, a 504 with x-should-retry: true; mid-stream, an SSE overloaded_error event. Both are
+    # retried by the CLI, so a hung provider costs this, not the turn watchdog's minutes. It also
+    # bounds the wait for a streamed call's headers, never a non-streamed call's (its whole body).
+    idle_timeout_s: float = Field(default=30.0, ge=0)
     # A larger request body is refused (413) without reaching the provider (whose own limit is 32 MB).
     max_request_bytes: int = Field(default=32 * MiB, gt=0)
 

@@ -17,7 +17,10 @@ A worker that goes away mid-answer cancels its handler (the server runs with han
 cancellation): the provider's connection is closed at once, not read to its end. A provider that
 cannot be reached is a `UpstreamUnreachable` (502 ``api_error``, which the CLI retries); one that
 breaks off mid-answer is relayed as a broken-off answer (the worker's connection is closed without
-the end of the body), as the CLI would have seen it without the gateway.
+the end of the body), as the CLI would have seen it without the gateway. One that sends nothing for
+``idle_timeout_s`` is cut (`Forwarder`): the answer's headers are held until its first byte, so a
+provider idle before it is answered with a retryable 504; a stream idle after it ends with the
+provider's own ``overloaded_error`` event, which the CLI retries too.
 """
 
 from __future__ import annotations

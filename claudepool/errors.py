@@ -426,6 +426,36 @@ class UpstreamUnreachable(GatewayError):
     reason = "unreachable"
 
 
+class AccountCapped(GatewayError):
+    """The provider account's cap (``[upstream] requests_per_minute`` / ``input_tokens_per_minute``
+    times ``headroom_fraction``) is full for this call's priority: answered as the provider answers
+    its own rate limit (429 ``rate_limit_error`` with ``retry-after``), so the CLI waits and retries."""
+
+    code = "account_capped"
+    status = 429
+    retryable = True
+    anthropic_type = "rate_limit_error"
+    reason = "account_cap"
+
+
+class CallOverAccountCap(GatewayRefused):
+    """A call whose input-token bound alone is over the cap for its priority: it can never fit."""
+
+    status = 413
+    anthropic_type = "request_too_large"
+    reason = "over_account_cap"
+
+
+class UpstreamIdle(GatewayError):
+    """The provider sent nothing for ``upstream.idle_timeout_s`` before its answer began (504, with
+    ``x-should-retry: true``: the CLI retries it as it would the provider's own 5xx)."""
+
+    code = "upstream_idle"
+    status = 504
+    retryable = True
+    reason = "idle"
+
+
 # -- config: the daemon cannot start as configured ---------------------------------------------
 
 

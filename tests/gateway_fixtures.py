@@ -22,7 +22,7 @@ from claudepool.gateway.calls import Call
 from claudepool.gateway.credentials import CredentialRegistry
 from claudepool.gateway.metrics import GatewayMetrics
 from claudepool.gateway.server import Gateway
-from claudepool.gateway.settings import Upstream
+from claudepool.gateway.settings import Caps, Upstream
 from claudepool.pool.config import PoolConfig
 from claudepool.pool.lease import Lease
 from claudepool.pool.pool import Pool
@@ -90,8 +90,9 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
     built: list[Stack] = []
 
     async def make(profile: Profile, upstream_url: str, *, key: str, direct: bool = False,
-                   gateway_options: dict[str, Any] | None = None, **config: Any) -> Stack:
-        """``direct``: no gateway; every worker gets ``key`` and ``upstream_url`` in its environment."""
+                   gateway_options: dict[str, Any] | None = None, caps: Caps | None = None, **config: Any) -> Stack:
+        """``direct``: no gateway; every worker gets ``key`` and ``upstream_url`` in its environment.
+        ``caps``: the upstream's account caps (default none)."""
         registry = CollectorRegistry()
         recorder = Recorder()
         pool_config = PoolConfig(**{"workdir": tmp_path / "workers", "min_idle": 1, "max_workers": 1, **config})
@@ -104,7 +105,8 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
             labels = TenantLabels(TENANTS, max_labels=10)
             metrics = GatewayMetrics(registry, labels, tenants=labels.names, live_credentials=lambda: len(credentials))
             gateway = Gateway(credentials, from_leases({profile.name: pool}),
-                              {profile.name: Upstream("upstream", upstream_url, {"x-api-key": key})},
+                              {profile.name: Upstream("upstream", upstream_url, {"x-api-key": key},
+                                                      caps=caps or Caps())},
                               metrics=metrics, **(gateway_options or {}))
             gateway.hooks.add(recorder)
             await gateway.start()

@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from claudepool.gateway.credentials import CREDENTIAL_PREFIX
+from claudepool.gateway.forward import IDLE_ERROR_EVENT
 from claudepool.pool.lease import Lease
 from claudepool.pool.profile import Profile
 from claudepool.pool.timeouts import WorkerTimeouts
@@ -38,6 +39,7 @@ class Answer:
     pause_s: float = 0.0  # between chunks
     then: str = "end"  # "end", "hang" (never finish), "abort" (drop the connection)
     content_length: bool = False
+    delay_s: float = 0.0  # before the headers
 
 
 @dataclass
@@ -83,6 +85,7 @@ class RawUpstream:
         if answer.content_length:
             response.content_length = sum(map(len, answer.chunks))
         try:
+            await asyncio.sleep(answer.delay_s)
             await response.prepare(request)
             for i, chunk in enumerate(answer.chunks):
                 if i and answer.pause_s:
@@ -337,6 +340,60 @@ async def test_a_provider_that_breaks_off_breaks_off_the_answer(
         await call(url, credential)  # not a complete answer: the CLI sees the break as it would have
     [rec] = stack.recorder.calls
     assert rec.outcome == "upstream_cut"
+    lease.release()
+
+
+IDLE_S = 0.5
+
+
+@pytest.mark.parametrize("cut", [True, False], ids=["idle-cut", "no-cut-negative-control"])
+async def test_a_stream_idle_mid_answer_ends_with_an_overloaded_error_event(
+    make_stack: MakeStack, profile: Profile, provider: RawUpstream, cut: bool
+) -> None:
+    start = b"event: message_start\ndata: {}\n\n"
+    provider.answers.append(Answer(chunks=[start], then="hang"))
+    stack = await make_stack(profile, provider.url, key=KEY, gateway_options={"idle_timeout_s": IDLE_S if cut else 0})
+    lease, url, credential = await in_turn(stack)
+    if not cut:
+        with pytest.raises(TimeoutError):  # without the cut the answer waits for as long as the provider
+            await asyncio.wait_for(call(url, credential), 10 * IDLE_S)
+        lease.release()
+        return
+    status, _, relayed = await asyncio.wait_for(call(url, credential), 10 * IDLE_S)
+    assert (status, relayed) == (200, start + IDLE_ERROR_EVENT)
+    assert b'"type":"overloaded_error"' in relayed
+    await asyncio.wait_for(provider.cut.wait(), 5)  # the provider's stream was closed, not left open
+    [rec] = stack.recorder.calls
+    assert rec.outcome == "upstream_idle"
+    assert stack.sample("claudepool_gateway_calls_total", tenant="acme", outcome="upstream_idle") == 1
+    lease.release()
+
+
+@pytest.mark.parametrize("answer", [Answer(chunks=[], then="hang"), Answer(delay_s=30)],
+                         ids=["headers-then-nothing", "no-headers"])
+async def test_a_provider_idle_before_its_answer_began_is_a_5xx_the_cli_retries(
+    make_stack: MakeStack, profile: Profile, provider: RawUpstream, answer: Answer
+) -> None:
+    provider.answers.append(answer)
+    stack = await make_stack(profile, provider.url, key=KEY, gateway_options={"idle_timeout_s": IDLE_S})
+    lease, url, credential = await in_turn(stack)
+    status, headers, relayed = await asyncio.wait_for(call(url, credential), 10 * IDLE_S)
+    assert (status, headers["x-should-retry"]) == (504, "true")
+    assert orjson.loads(relayed)["type"] == "error"
+    [rec] = stack.recorder.calls
+    assert (rec.outcome, rec.status) == ("upstream_idle", 504)
+    lease.release()
+
+
+async def test_a_non_streamed_call_may_wait_longer_than_the_idle_timeout_for_its_answer(
+    make_stack: MakeStack, profile: Profile, provider: RawUpstream
+) -> None:
+    # Its headers come with the whole body, which takes as long as the answer is long.
+    provider.answers.append(Answer(headers={"content-type": "application/json"}, chunks=[b"{}"], delay_s=3 * IDLE_S))
+    stack = await make_stack(profile, provider.url, key=KEY, gateway_options={"idle_timeout_s": IDLE_S})
+    lease, url, credential = await in_turn(stack)
+    status, _, relayed = await asyncio.wait_for(call(url, credential, body=b'{"model":"m"}'), 10 * IDLE_S)
+    assert (status, relayed) == (200, b"{}")
     lease.release()
 
 

@@ -49,7 +49,8 @@ ROWS: dict[str, set[str]] = {
               "Rate-limit fallbacks", "Metering backlog"},
     "Sessions": {"Active sessions", "Session events per minute", "Transcript disk use"},
     "Gateway": {"Model calls per second by outcome", "Gateway refusals per second by reason",
-                "Model call duration p95"},
+                "Model call duration p95", "Provider account rate-limit utilisation",
+                "Provider 429 and 529 per second by account"},
 }
 TEMPLATE_VARIABLES = ("profile", "tenant")
 # Allowed metrics that are not claudepool's: Prometheus' scrape health, for the daemon-down alert only.
@@ -418,8 +419,10 @@ async def test_every_metric_used_is_exported_by_a_real_daemon(make_daemon: MakeD
         "grouping label 'tenant' is not a label of the metrics used: sum by (tenant) (claudepool_workers)"]
 
 
-# Series that exist only once their label value has been seen: a model is known when it first answers.
-SEEN_ONLY = {"claudepool_tokens_total", "claudepool_cost_usd_total"}
+# Series that exist only once their label value has been seen: a model is known when it first answers;
+# the provider reports its account's limits (and which kinds it has) only in its answers, and a 0 before
+# that would read "unused" when it is unknown. Their 429/529 counts do start at 0 for every account.
+SEEN_ONLY = {"claudepool_tokens_total", "claudepool_cost_usd_total", "claudepool_upstream_ratelimit_utilisation"}
 
 
 async def test_every_series_the_dashboard_uses_has_a_sample_at_start(make_daemon: MakeDaemon) -> None:
@@ -433,6 +436,8 @@ async def test_every_series_the_dashboard_uses_has_a_sample_at_start(make_daemon
     empty = {name for name in used - SEEN_ONLY
              if (family := family_of(name, families)) is None or not family.samples}
     assert not empty, "no sample until an event happens"
+    for status in ("429", "529"):
+        assert sample(families, "claudepool_upstream_throttled_total", account="default", status=status) == 0
     for status in ("429", "500", "502", "503", "504", "529", "none"):
         assert sample(families, "claudepool_upstream_errors_total", status=status) == 0
         assert sample(families, "claudepool_upstream_retries_total", status=status) == 0

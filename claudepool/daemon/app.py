@@ -60,6 +60,7 @@ from claudepool.gateway.attribution import from_leases
 from claudepool.gateway.call_usage import CallUsageMeter
 from claudepool.gateway.credentials import CredentialRegistry
 from claudepool.gateway.metrics import GatewayMetrics
+from claudepool.gateway.ratelimits import AccountLimits
 from claudepool.gateway.server import Gateway
 from claudepool.gateway.settings import Upstream
 from claudepool.logs import add_key_digests
@@ -164,8 +165,12 @@ class Daemon:
         up = settings.upstream
         metrics = GatewayMetrics(self.registry, tenant_labels, tenants=tenant_labels.names,
                                  live_credentials=lambda: len(self.credentials))
+        # Every configured account's 429/529 counts exist from the start (a rate() has a baseline).
+        account_limits = AccountLimits(self.registry, accounts=tuple(sorted({u.account for u in upstreams.values()})))
         gateway = Gateway(self.credentials, from_leases(self.all_pools()), upstreams, metrics=metrics,
+                          account_limits=account_limits,
                           connect_timeout_s=up.connect_timeout_s, max_connections=up.max_connections,
+                          idle_timeout_s=up.idle_timeout_s,
                           max_request_bytes=up.max_request_bytes, shutdown_timeout_s=_HTTP_SHUTDOWN_TIMEOUT_S)
         gateway.hooks.add(CallUsageMeter(self.pricing, self.registry, tenant_labels, tenants=tenant_labels.names))
         return gateway

@@ -12,5 +12,6 @@ the lease the worker serves.
 - `server`: the listener, the checks, the refusals;
 - `metrics`: calls, their duration and refusals, on the injected registry;
 - `usage`: one call's usage read from its answer's bytes as they are relayed;
-- `ratelimits`: the provider account's rate limits as answers report them, exported per account.
+- `ratelimits`: the provider account's rate limits as answers report them, exported per account;
+- `caps`: the account's optional caps (requests and input tokens per minute), interactive before batch.
 """

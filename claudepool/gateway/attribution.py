@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from claudepool.pool.lease import Lease
+from claudepool.pool.shares import Priority
 from claudepool.pool.worker import Worker
 from claudepool.tenancy.metering import RequestContext
 
@@ -36,6 +37,8 @@ class Attribution:
     slot: int
     request_id: str | None = None
     session: str | None = None
+    # The lease's: batch calls yield to interactive ones under the account's caps.
+    priority: Priority = Priority.INTERACTIVE
 
 
 # A worker to the request it serves now; None when it serves none (idle, being reset, gone).
@@ -66,6 +69,7 @@ def from_leases(pools: Mapping[str, LeaseHolder]) -> Attribute:
             slot=worker.slot,
             request_id=context.request_id if context is not None else None,
             session=context.session if context is not None else None,
+            priority=lease.priority,
         )
 
     return attribute

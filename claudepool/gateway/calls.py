@@ -26,8 +26,9 @@ from claudepool.gateway.usage import CallUsage
 
 log = logging.getLogger(__name__)
 
-# What became of a call. ``upstream_error``: the provider answered an error status, relayed as it is.
-OUTCOMES = ("ok", "upstream_error", "unreachable", "upstream_cut", "client_gone")
+# What became of a call. ``upstream_error``: the provider answered an error status, relayed as it is;
+# ``upstream_idle``: the provider sent nothing for ``upstream.idle_timeout_s`` and the gateway cut it.
+OUTCOMES = ("ok", "upstream_error", "unreachable", "upstream_cut", "upstream_idle", "client_gone")
 _ids = itertools.count(1)
 
 

@@ -17,7 +17,10 @@ A worker that goes away mid-answer cancels its handler (the server runs with han
 cancellation): the provider's connection is closed at once, not read to its end. A provider that
 cannot be reached is a `UpstreamUnreachable` (502 ``api_error``, which the CLI retries); one that
 breaks off mid-answer is relayed as a broken-off answer (the worker's connection is closed without
-the end of the body), as the CLI would have seen it without the gateway.
+the end of the body), as the CLI would have seen it without the gateway. One that sends nothing for
+``idle_timeout_s`` is cut (`Forwarder`): the answer's headers are held until its first byte, so a
+provider idle before it is answered with a retryable 504; a stream idle after it ends with the
+provider's own ``overloaded_error`` event, which the CLI retries too.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 
 import aiohttp
 from aiohttp import web
 
-from claudepool.errors import UpstreamUnreachable
+from claudepool.errors import UpstreamIdle, UpstreamUnreachable
 from claudepool.gateway.calls import Call
 from claudepool.gateway.settings import Upstream
 
@@ -66,12 +70,28 @@ def response_headers(provider_headers: Mapping[str, str]) -> dict[str, str]:
             if name.lower() in RELAYED_RESPONSE_HEADERS or name.lower().startswith(_RELAYED_RESPONSE_PREFIXES)}
 
 
-class Forwarder:
-    """The gateway's one client session, and the relay of each call through it."""
+# The SSE event that ends a stream the provider left idle: the provider's own overloaded error, which
+# the CLI 2.1.328 treats as retryable (README, "The idle-stream cut").
+IDLE_ERROR_EVENT = (b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",'
+                    b'"message":"the provider sent nothing for too long; the gateway cut the stream"}}\n\n')
+# A streamed call, as the CLI asks for it: its answer's headers come at once, so the wait for them is
+# bounded by the idle timeout too. A non-streamed answer's headers come with the whole body, which
+# may take minutes: that wait is not bounded (its body, once begun, is). In JSON a key is never
+# preceded by an escaped quote, so a user's text holding "stream": true does not match.
+_STREAMED = re.compile(rb'"stream"\s*:\s*true')
 
-    def __init__(self, *, connect_timeout_s: float, max_connections: int) -> None:
+
+class Forwarder:
+    """The gateway's one client session, and the relay of each call through it.
+
+    ``idle_timeout_s`` (0: none) bounds the wait for each chunk of an answer and, for a streamed
+    call, for its headers: a provider silent that long is cut (`UpstreamIdle` before anything was
+    relayed; an SSE ``overloaded_error`` event after)."""
+
+    def __init__(self, *, connect_timeout_s: float, max_connections: int, idle_timeout_s: float = 0.0) -> None:
         self._connect_timeout_s = connect_timeout_s
         self._max_connections = max_connections
+        self._idle_timeout_s = idle_timeout_s or None
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -92,19 +112,31 @@ class Forwarder:
                     await session.close()
 
     async def forward(self, request: web.Request, body: bytes, upstream: Upstream, call: Call,
-                      on_chunk: Callable[[bytes], None]) -> web.StreamResponse:
-        """Send the call, relay its answer; ``on_chunk`` sees every chunk of the body as relayed.
+                      on_chunk: Callable[[bytes], None],
+                      on_answer: Callable[[int, Mapping[str, str]], None] | None = None) -> web.StreamResponse:
+        """Send the call, relay its answer; ``on_answer`` sees the provider's status and headers as
+        they arrive, ``on_chunk`` every chunk of the body as relayed.
         Raises `UpstreamUnreachable` when no answer began (nothing was written to the worker yet)."""
         if self._session is None:
             raise UpstreamUnreachable("the gateway is closed")
+        idle_s = self._idle_timeout_s if _STREAMED.search(body) else None
+        idle = asyncio.timeout(idle_s)
         try:
-            answer = await self._session.request(request.method, upstream.url(request.path_qs), data=body,
-                                                 headers=request_headers(request.headers, upstream),
-                                                 allow_redirects=False)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            async with idle:
+                answer = await self._session.request(request.method, upstream.url(request.path_qs), data=body,
+                                                     headers=request_headers(request.headers, upstream),
+                                                     allow_redirects=False)
+        except TimeoutError:
+            if not idle.expired():
+                raise
+            call.finish("upstream_idle")
+            raise UpstreamIdle(f"the provider sent no answer within {idle_s} s") from None
+        except (aiohttp.ClientError, OSError) as exc:
             call.finish("unreachable")
             raise UpstreamUnreachable(f"the provider at {upstream.base_url} could not be reached "
                                       f"({type(exc).__name__})") from None
+        if on_answer is not None:
+            on_answer(answer.status, answer.headers)
         try:
             return await self._relay(request, answer, call, on_chunk)
         finally:
@@ -125,13 +157,20 @@ class Forwarder:
             response.content_length = answer.content_length
         chunks = answer.content.iter_any().__aiter__()
         try:
-            await response.prepare(request)
+            # The worker gets the headers with the first chunk: until then nothing is relayed, and a
+            # provider that goes idle can still be answered with a clean, retryable error.
             while True:
+                idle = asyncio.timeout(self._idle_timeout_s)
                 try:
-                    chunk = await anext(chunks)
+                    async with idle:
+                        chunk = await anext(chunks)
                 except StopAsyncIteration:
                     break
-                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                except TimeoutError:
+                    if not idle.expired():
+                        raise
+                    return await self._cut_idle(request, response, answer, call)
+                except (aiohttp.ClientError, OSError) as exc:
                     # The provider broke off: so does the answer (the end of its body is never sent).
                     log.warning("gateway call %s: the provider broke off its answer after %d bytes (%s)",
                                 call.id, call.response_bytes, type(exc).__name__)
@@ -141,12 +180,32 @@ class Forwarder:
                     return response
                 if call.first_byte_s is None:
                     call.first_byte_s = time.monotonic() - call.started
+                    await response.prepare(request)
                 call.response_bytes += len(chunk)
                 on_chunk(chunk)
                 await response.write(chunk)
+            if not response.prepared:
+                await response.prepare(request)  # an empty body
             await response.write_eof()
         except ConnectionError:
             call.finish("client_gone")  # the worker's connection closed under a write
             return response
         call.finish("ok" if answer.status < 400 else "upstream_error")
+        return response
+
+    async def _cut_idle(self, request: web.Request, response: web.StreamResponse, answer: aiohttp.ClientResponse,
+                        call: Call) -> web.StreamResponse:
+        """The provider sent nothing for the idle timeout: before any byte was relayed, a retryable
+        5xx (raised); in a stream, the provider's own overloaded error event ends it; in a JSON body,
+        the connection is cut (there is no way to say more in a body that began)."""
+        call.finish("upstream_idle")
+        if not response.prepared:
+            raise UpstreamIdle(f"the provider sent nothing for {self._idle_timeout_s} s")
+        log.warning("gateway call %s: the provider sent nothing for %s s after %d bytes; cut",
+                    call.id, self._idle_timeout_s, call.response_bytes)
+        if answer.content_type == "text/event-stream":
+            await response.write(IDLE_ERROR_EVENT)
+            await response.write_eof()
+        elif request.transport is not None:
+            request.transport.close()
         return response

@@ -8,7 +8,9 @@ provider's own error format at the first check it fails (and counted by reason):
 2. an endpoint the CLI needs: ``POST /v1/messages`` and ``POST /v1/messages/count_tokens`` (404
    ``not_found_error``; the CLI 2.1.328 with the daemon's quiet environment calls nothing else);
 3. the worker serves a request (its pool's lease) and runs a turn (403 ``permission_error``);
-4. a body within ``upstream.max_request_bytes`` (413 ``request_too_large``).
+4. a body within ``upstream.max_request_bytes`` (413 ``request_too_large``);
+5. room under the account's caps for the call's priority (429 ``rate_limit_error`` with
+   ``retry-after``, which the CLI waits out and retries; `claudepool.gateway.caps`).
 
 Then the call is attributed to that request (`claudepool.gateway.attribution`), forwarded to the
 upstream of the worker's pool with the upstream's credential (`claudepool.gateway.forward`), and
@@ -28,9 +30,10 @@ will need a Unix socket per worker instead.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,19 +41,23 @@ import orjson
 from aiohttp import web
 
 from claudepool.errors import (
+    AccountCapped,
     EndpointRefused,
     GatewayError,
     GatewayRefused,
     GatewayRequestTooLarge,
     NoLease,
     NotInTurn,
+    UpstreamIdle,
     UpstreamUnreachable,
 )
 from claudepool.gateway.attribution import Attribute, Attribution
 from claudepool.gateway.calls import Call, Hooks
+from claudepool.gateway.caps import AccountCaps
 from claudepool.gateway.credentials import CredentialRegistry, presented_credential
 from claudepool.gateway.forward import Forwarder
 from claudepool.gateway.metrics import GatewayMetrics
+from claudepool.gateway.ratelimits import AccountLimits
 from claudepool.gateway.settings import MiB, Upstream
 from claudepool.logs import RateLimitedLog, scrub
 
@@ -87,28 +94,39 @@ class LoopbackListener:
 
 
 def error_response(exc: GatewayError) -> web.Response:
-    """``exc`` in the provider's error format; ``x-should-retry`` as the provider would set it."""
+    """``exc`` in the provider's error format; ``x-should-retry`` and ``retry-after`` as the provider
+    would set them."""
     body = {"type": "error", "error": {"type": exc.anthropic_type, "message": str(exc)}}
+    headers = {"x-should-retry": "true" if exc.retryable else "false"}
+    if exc.retry_after_s is not None:
+        headers["retry-after"] = str(math.ceil(exc.retry_after_s))
     return web.Response(status=exc.status, body=orjson.dumps(body), content_type="application/json",
-                        headers={"x-should-retry": "true" if exc.retryable else "false"})
+                        headers=headers)
 
 
 class Gateway:
     def __init__(self, credentials: CredentialRegistry, attribute: Attribute, upstreams: Mapping[str, Upstream], *,
                  default: Upstream | None = None, metrics: GatewayMetrics | None = None,
-                 listener: Listener | None = None, connect_timeout_s: float = 10.0, max_connections: int = 100,
+                 account_limits: AccountLimits | None = None, listener: Listener | None = None,
+                 caps: AccountCaps | None = None, connect_timeout_s: float = 10.0, max_connections: int = 100,
+                 idle_timeout_s: float = 0.0,
                  max_request_bytes: int = 32 * MiB, shutdown_timeout_s: float = 5.0) -> None:
-        """``upstreams`` by pool name (a worker's profile name); a pool without one uses ``default``."""
+        """``upstreams`` by pool name (a worker's profile name); a pool without one uses ``default``.
+        ``account_limits`` hears every answer's status and headers, by the upstream's account;
+        ``caps`` holds the windows of the upstreams' caps (default: one-minute windows)."""
         self.credentials = credentials
         self._attribute = attribute
         self._upstreams = dict(upstreams)
         self._default = default
         self.metrics = metrics
+        self.account_limits = account_limits
+        self._caps = caps or AccountCaps()
         self.hooks = Hooks()
         if metrics is not None:
             self.hooks.add(metrics)
         self._listener = listener or LoopbackListener()
-        self._forwarder = Forwarder(connect_timeout_s=connect_timeout_s, max_connections=max_connections)
+        self._forwarder = Forwarder(connect_timeout_s=connect_timeout_s, max_connections=max_connections,
+                                    idle_timeout_s=idle_timeout_s)
         self._max_request_bytes = max_request_bytes
         self._shutdown_timeout_s = shutdown_timeout_s
         self._runner: web.AppRunner | None = None
@@ -177,14 +195,17 @@ class Gateway:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 raise GatewayRequestTooLarge(f"the request is over {self._max_request_bytes} bytes") from None
-        except GatewayRefused as exc:
+            # Last: a call refused for any other reason must not take room under the caps.
+            self._caps.admit(upstream, attribution.priority, input_bound_tokens=len(body))
+        except (GatewayRefused, AccountCapped) as exc:
             self._refused(request, exc)
             return error_response(exc)
         call = Call(attribution, upstream.name, request.method, request.path, len(body))
         self.hooks.started(call, body)
         try:
-            return await self._forwarder.forward(request, body, upstream, call, lambda c: self.hooks.chunk(call, c))
-        except UpstreamUnreachable as exc:
+            return await self._forwarder.forward(request, body, upstream, call, lambda c: self.hooks.chunk(call, c),
+                                                 self._observer(upstream))
+        except (UpstreamUnreachable, UpstreamIdle) as exc:
             log.warning("gateway call %s: %s", call.id, exc)
             call.status = exc.status
             return error_response(exc)
@@ -194,7 +215,13 @@ class Gateway:
             self.hooks.finished(call)
             self._log(call)
 
-    def _refused(self, request: web.Request, exc: GatewayRefused) -> None:
+    def _observer(self, upstream: Upstream) -> Callable[[int, Mapping[str, str]], None] | None:
+        limits = self.account_limits
+        if limits is None:
+            return None
+        return lambda status, headers: limits.observe(upstream.account, headers, status=status)
+
+    def _refused(self, request: web.Request, exc: GatewayRefused | AccountCapped) -> None:
         if self.metrics is not None:
             self.metrics.refused(exc.reason)
         self._refusal_log.info("gateway refused a call", {

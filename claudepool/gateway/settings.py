@@ -14,6 +14,7 @@ the `Upstream` one pool's calls go to, reading ``api_key_file`` there.
 
 from __future__ import annotations
 
+import math
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -59,6 +60,11 @@ class UpstreamProfileSettings(BaseModel):
     api_key_file: str | None = None
     auth_token: SecretStr | None = None
     extra_headers: dict[str, str] = Field(default_factory=dict)
+    # This override's account caps (unset: [upstream]'s). An override is an account of its own.
+    requests_per_minute: int | None = Field(default=None, ge=0)
+    input_tokens_per_minute: int | None = Field(default=None, ge=0)
+    headroom_fraction: float | None = Field(default=None, gt=0, le=1)
+    batch_fraction: float | None = Field(default=None, gt=0, le=1)
 
     @field_validator("base_url")
     @classmethod
@@ -98,6 +104,18 @@ class UpstreamSettings(BaseModel):
     connect_timeout_s: float = Field(default=10.0, gt=0)
     # Connections to the provider open at once, all workers together (kept alive and reused).
     max_connections: int = Field(default=100, gt=0)
+    # The account's own limits (0: no cap), as the provider's console shows them. The gateway caps
+    # every call of this account at headroom_fraction of them, all tenants together, before it
+    # forwards; batch calls may fill only batch_fraction of that cap, so interactive ones find room.
+    requests_per_minute: int = Field(default=0, ge=0)
+    input_tokens_per_minute: int = Field(default=0, ge=0)
+    headroom_fraction: float = Field(default=0.7, gt=0, le=1)
+    batch_fraction: float = Field(default=0.5, gt=0, le=1)
+    # A provider answer that sends no byte for this long is cut (0: never): before anything was
+    # relayed, a 504 with x-should-retry: true; mid-stream, an SSE overloaded_error event. Both are
+    # retried by the CLI, so a hung provider costs this, not the turn watchdog's minutes. It also
+    # bounds the wait for a streamed call's headers, never a non-streamed call's (its whole body).
+    idle_timeout_s: float = Field(default=30.0, ge=0)
     # A larger request body is refused (413) without reaching the provider (whose own limit is 32 MB).
     max_request_bytes: int = Field(default=32 * MiB, gt=0)
 
@@ -124,6 +142,8 @@ class UpstreamSettings(BaseModel):
         override = self.profiles.get(profile)
         where = "upstream"
         base_url, headers = self.base_url, dict(self.extra_headers)
+        rpm, itpm = self.requests_per_minute, self.input_tokens_per_minute
+        headroom, batch = self.headroom_fraction, self.batch_fraction
         auth = _auth(self.api_key, self.api_key_file, self.auth_token, where)
         if auth is None and environ.get("ANTHROPIC_API_KEY"):
             auth = ("x-api-key", environ["ANTHROPIC_API_KEY"])
@@ -132,9 +152,28 @@ class UpstreamSettings(BaseModel):
             base_url = override.base_url or base_url
             headers.update(override.extra_headers)
             auth = _auth(override.api_key, override.api_key_file, override.auth_token, where) or auth
+            rpm = override.requests_per_minute if override.requests_per_minute is not None else rpm
+            itpm = override.input_tokens_per_minute if override.input_tokens_per_minute is not None else itpm
+            headroom = override.headroom_fraction or headroom
+            batch = override.batch_fraction or batch
         if auth is not None:
             headers[auth[0]] = auth[1]
-        return Upstream(where, base_url, headers)
+        return Upstream(where, base_url, headers, caps=Caps(requests_per_minute=_share(rpm, headroom),
+                                                            input_tokens_per_minute=_share(itpm, headroom),
+                                                            batch_fraction=batch))
+
+
+@dataclass(frozen=True)
+class Caps:
+    """An account's caps as the gateway enforces them (0: none): the configured limits times the
+    headroom, and the share of them batch calls may fill."""
+
+    requests_per_minute: int = 0
+    input_tokens_per_minute: int = 0
+    batch_fraction: float = 1.0
+
+    def __bool__(self) -> bool:
+        return self.requests_per_minute > 0 or self.input_tokens_per_minute > 0
 
 
 @dataclass(frozen=True)
@@ -145,6 +184,13 @@ class Upstream:
     name: str  # where it is configured: "upstream" or "upstream.profiles.NAME"
     base_url: str
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    caps: Caps = field(default_factory=Caps)
+
+    @property
+    def account(self) -> str:
+        """The provider account's label in metrics: ``default``, or the profile of an
+        ``[upstream.profiles.NAME]`` override. Never key material."""
+        return self.name.removeprefix("upstream.profiles.") if self.name != "upstream" else "default"
 
     def __repr__(self) -> str:
         auth = "x-api-key" if "x-api-key" in self.headers else "bearer" if "authorization" in self.headers else "none"
@@ -162,6 +208,11 @@ class Upstream:
         """The credential's value, for the log masker."""
         values = [self.headers.get("x-api-key", ""), self.headers.get("authorization", "").removeprefix("Bearer ")]
         return [v for v in values if v]
+
+
+def _share(limit: int, fraction: float) -> int:
+    """``fraction`` of a limit, at least 1 of a limit that is set (0 means no cap)."""
+    return max(1, math.floor(limit * fraction)) if limit > 0 else 0
 
 
 def _given(value: SecretStr | str | None) -> bool:

@@ -44,7 +44,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -133,6 +133,33 @@ class LocalWindows:
                 wait_us = requests.wait_us(used + 1 - requests_limit, now_us, self.width_us, self.buckets)
                 return Verdict(REQUESTS, used, wait_us / 1e6)
             self._windows.setdefault((tenant, REQUESTS), _Window()).add(current, 1)
+        return Verdict()
+
+    def take(self, key: str, costs: Mapping[str, tuple[int, int]]) -> Verdict:
+        """Count each kind's ``cost`` against its ``limit`` (0: none), all or nothing: when any would
+        exceed its limit in the window, nothing is counted and the verdict names it, with how long
+        until enough of its oldest counts leave. A cost over its limit on its own never fits: its
+        verdict waits a whole window (the caller refuses it for good). The gateway's account caps
+        (`claudepool.gateway.caps`) count a call's requests and its input-token bound with this.
+
+        >>> windows = LocalWindows(window_s=60, buckets=60)
+        >>> [windows.take("acct", {"requests": (1, 10), "input_tokens": (400, 1000)}).refused for _ in range(3)]
+        [None, None, 'input_tokens']
+        """
+        now_us = self._clock_us()
+        current = now_us // self.width_us
+        for kind, (cost, limit) in costs.items():
+            if limit <= 0:
+                continue
+            window = self._live(key, kind, current)
+            used = window.used if window is not None else 0
+            if used + cost > limit:
+                wait_us = (window.wait_us(used + cost - limit, now_us, self.width_us, self.buckets)
+                           if window is not None and cost <= limit else (self.buckets + 1) * self.width_us)
+                return Verdict(kind, used, wait_us / 1e6)
+        for kind, (cost, limit) in costs.items():
+            if limit > 0 and cost > 0:
+                self._windows.setdefault((key, kind), _Window()).add(current, cost)
         return Verdict()
 
     def record(self, tenant: str, tokens: int) -> None:

@@ -15,6 +15,7 @@ history never re-triggers them:
     [[chunk_delay_s:0.1]] pause between deltas
     [[stall]]          start the stream, send one delta, then never finish
     [[retry_after:7]]  with [[status:…]]: send ``retry-after: 7`` with the error
+    [[ratelimit_remaining:N]] report N left of every kind of the account's limits (default: limit - 1)
     [[tool:Bash:CMD]]  answer ``stop_reason: "tool_use"`` with one ``tool_use`` block: tool ``Bash``,
                        input ``{"command": "CMD"}`` (another tool's argument is its input as a JSON
                        object); CMD may not contain ``]``
@@ -24,7 +25,8 @@ that result's text, so the tenant's answer shows what the tool printed. Without 
 answer is ``ok: <first 40 chars of the prompt>``.
 
 Every response carries a ``request-id`` (``req_fake_…``, kept in the log) and the provider's
-``anthropic-ratelimit-requests-*`` headers, as the real API sends them.
+``anthropic-ratelimit-{requests,input-tokens,output-tokens}-*`` headers, as the real API sends them
+(limits `RATELIMITS`).
 
 Run standalone with ``python -m claudepool.testing.fake_upstream --port 8788``.
 """
@@ -49,6 +51,8 @@ from aiohttp import web
 _DIRECTIVE = re.compile(r"\[\[(\w+)(?::([^\]]*))?\]\]")
 # The API looks for earlier cache entries at most this many blocks back from a breakpoint.
 _CACHE_LOOKBACK_BLOCKS = 20
+# The account's limits per kind this fake reports (a tier-4-like account).
+RATELIMITS = {"requests": 4000, "input-tokens": 2_000_000, "output-tokens": 400_000}
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -144,11 +148,16 @@ class FakeUpstream:
         self.requests.append(rec)
         return rec
 
-    def _headers(self, rec: RecordedRequest, **extra: str) -> dict[str, str]:
-        """What the provider sends with every answer: its id of the call and the account's limits."""
-        return {"request-id": rec.request_id, "anthropic-ratelimit-requests-limit": "4000",
-                "anthropic-ratelimit-requests-remaining": "3999",
-                "anthropic-ratelimit-requests-reset": "2026-01-01T00:00:00Z", **extra}
+    def _headers(self, rec: RecordedRequest, remaining: str | None = None, **extra: str) -> dict[str, str]:
+        """What the provider sends with every answer: its id of the call and the account's limits
+        (``remaining`` of each kind, default its limit - 1; reset a minute from now)."""
+        reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 60))
+        headers = {"request-id": rec.request_id}
+        for kind, limit in RATELIMITS.items():
+            headers[f"anthropic-ratelimit-{kind}-limit"] = str(limit)
+            headers[f"anthropic-ratelimit-{kind}-remaining"] = remaining if remaining is not None else str(limit - 1)
+            headers[f"anthropic-ratelimit-{kind}-reset"] = reset
+        return {**headers, **extra}
 
     async def _other(self, request: web.Request) -> web.Response:
         rec = await self._record(request)
@@ -179,7 +188,7 @@ class FakeUpstream:
             rec.status = status
             extra = {"retry-after": plan["retry_after"]} if "retry_after" in plan else {}
             return web.json_response(_error_body(status, f"fake upstream injected {status}"), status=status,
-                                     headers=self._headers(rec, **extra))
+                                     headers=self._headers(rec, plan.get("ratelimit_remaining"), **extra))
         tool_result = _tool_result_text(body)
         if "tool" in plan and tool_result is None:
             block = _tool_use_block(plan["tool"], next(self._ids))
@@ -199,7 +208,7 @@ class FakeUpstream:
             message = self._message_object(body, text, usage, stop_reason)
             if block is not None:
                 message["content"] = [block]
-            return web.json_response(message, headers=self._headers(rec))
+            return web.json_response(message, headers=self._headers(rec, plan.get("ratelimit_remaining")))
         return await self._stream(request, rec, body, text, usage, plan, block)
 
     async def _stream(
@@ -212,8 +221,8 @@ class FakeUpstream:
         plan: dict[str, str],
         tool_use: dict[str, Any] | None = None,
     ) -> web.StreamResponse:
-        resp = web.StreamResponse(headers=self._headers(rec, **{"content-type": "text/event-stream",
-                                                                "cache-control": "no-cache"}))
+        resp = web.StreamResponse(headers=self._headers(rec, plan.get("ratelimit_remaining"), **{
+            "content-type": "text/event-stream", "cache-control": "no-cache"}))
         await resp.prepare(request)
 
         async def send(event: str, data: dict[str, Any]) -> None:

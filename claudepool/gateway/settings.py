@@ -49,6 +49,12 @@ def _check_headers(headers: dict[str, str]) -> dict[str, str]:
     return {name.lower(): value for name, value in headers.items()}
 
 
+def _one_of_the_credentials(section: BaseModel) -> None:
+    given = [name for name in ("api_key", "api_key_file", "auth_token") if _given(getattr(section, name))]
+    if len(given) > 1:
+        raise ValueError(f"set at most one of api_key, api_key_file and auth_token (got {', '.join(given)})")
+
+
 class UpstreamProfileSettings(BaseModel):
     # ``[upstream.profiles.NAME]``: where this profile's calls go, over the section's defaults. Unset
     # fields keep the section's; a credential given here replaces the section's credential;
@@ -78,9 +84,7 @@ class UpstreamProfileSettings(BaseModel):
 
     @model_validator(mode="after")
     def _one_credential(self) -> UpstreamProfileSettings:
-        given = [name for name in ("api_key", "api_key_file", "auth_token") if _given(getattr(self, name))]
-        if len(given) > 1:
-            raise ValueError(f"set at most one of api_key, api_key_file and auth_token (got {', '.join(given)})")
+        _one_of_the_credentials(self)
         return self
 
 
@@ -131,9 +135,7 @@ class UpstreamSettings(BaseModel):
 
     @model_validator(mode="after")
     def _one_credential(self) -> UpstreamSettings:
-        given = [name for name in ("api_key", "api_key_file", "auth_token") if _given(getattr(self, name))]
-        if len(given) > 1:
-            raise ValueError(f"set at most one of api_key, api_key_file and auth_token (got {', '.join(given)})")
+        _one_of_the_credentials(self)
         return self
 
     def resolve(self, profile: str, environ: Mapping[str, str]) -> Upstream:

@@ -396,7 +396,7 @@ async def test_close_with_a_turn_in_flight_fails_it_and_kills_all(
         await turn(lease, "[[hang]]")
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0.2)
+    await until(lambda: lease.turns_started == 1 and lease.worker.in_turn())
     await pool.close()
     with pytest.raises(WorkerDied):
         await task

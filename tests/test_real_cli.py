@@ -205,7 +205,7 @@ async def test_isolation_proof_secret_never_reaches_the_next_tenant(
         assert planted.text == "noted"
     assert upstream.requests_containing(secret)  # A's own request did carry it
 
-    await asyncio.sleep(0.5)  # let the eager reset finish before B arrives
+    await until(lambda: pool.idle_count == 1, timeout_s=20)  # the eager reset (if any) is done before B arrives
     serving_b_from = len(upstream.requests)
     async with pool.lease("tenant-b") as lease:
         assert lease.worker.pid == pid_a  # same process: only the reset stands between them

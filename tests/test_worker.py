@@ -25,7 +25,7 @@ from claudepool.pool.profile import Profile
 from claudepool.pool.timeouts import WorkerTimeouts
 from claudepool.pool.worker import TurnResult, Worker, WorkerState
 from claudepool.protocol.cli_events import CliEvent, StreamEvent, SystemInit
-from tests.helpers import collect, pid_gone
+from tests.helpers import collect, pid_gone, until
 
 FAST = WorkerTimeouts(
     ready_timeout_s=5.0,
@@ -553,7 +553,7 @@ async def test_cancel_during_interrupt_keeps_state_consistent(
     await w.start()
     w.run_turn("[[hang]]")
     task = asyncio.create_task(w.interrupt())
-    await asyncio.sleep(0.1)
+    await until(lambda: w.pending_controls == 1)  # cancelled while its control request is unanswered
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

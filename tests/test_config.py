@@ -363,7 +363,7 @@ _MAY_IMPORT = {
     "pool": _BASE,
     "tenancy": {*_BASE, "claudepool.store", "claudepool.pool"},
     "sessions": {*_BASE, "claudepool.store", "claudepool.tenancy", "claudepool.pool"},
-    "gateway": {*_BASE, "claudepool.pool", "claudepool.tenancy"},
+    "gateway": {*_BASE, "claudepool.store", "claudepool.pool", "claudepool.tenancy"},
 }
 
 

@@ -65,3 +65,10 @@ async def test_metered_usage_equals_the_upstream_request_log(
     state = await d.daemon.store.budget("acme")
     assert state.day_spent_usd == pytest.approx(sum(a.cost_usd for a in answers if a.tenant == "acme"), rel=1e-9)
     assert state.reserved_usd == pytest.approx(0, abs=1e-12)
+    # One ledger record per model call (issue 12, part B), each naming the provider's own request id.
+    ledger = await d.daemon.store.ledger()
+    assert [r.kind for r in ledger] == ["call"] * 4
+    assert [r.upstream_request_id for r in ledger] == [r.request_id for r in upstream.message_requests()]
+    assert [(r.status, r.outcome) for r in ledger] == [(200, "ok")] * 3 + [(529, "model_error")]
+    assert sum(r.requests for r in ledger) == 4 and all(r.message_id for r in ledger[:3])
+    assert d.sample("claudepool_call_mismatches_total") == 0  # the CLI's figures agree with the calls'

@@ -172,7 +172,10 @@ class Daemon:
                           connect_timeout_s=up.connect_timeout_s, max_connections=up.max_connections,
                           idle_timeout_s=up.idle_timeout_s,
                           max_request_bytes=up.max_request_bytes, shutdown_timeout_s=_HTTP_SHUTDOWN_TIMEOUT_S)
-        gateway.hooks.add(CallUsageMeter(self.pricing, self.registry, tenant_labels, tenants=tenant_labels.names))
+        # Every model call is billed where it happens: one ledger record per call (the CLI's turn
+        # figure is then a cross-check).
+        gateway.hooks.add(CallUsageMeter(self.pricing, self.registry, tenant_labels, tenants=tenant_labels.names,
+                                         meter=self.meter))
         return gateway
 
     def all_pools(self) -> dict[str, Pool]:

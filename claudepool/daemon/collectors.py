@@ -181,3 +181,6 @@ class MeterCollector(Collector):
                                   value=m.dropped)
         yield CounterMetricFamily("claudepool_price_mismatches", "Turns whose cost the price table disagrees with.",
                                   value=m.price_mismatches)
+        yield CounterMetricFamily("claudepool_call_mismatches",
+                                  "Turns whose tokens as the CLI reports them differ from the sum of their calls.",
+                                  value=m.call_mismatches)

@@ -183,7 +183,7 @@ class PromptService:
             is_error=result.is_error,
             stop_reason=result.stop_reason,
             usage=UsageOut.of(result.usage),
-            cost_usd=result.cost_usd,
+            cost_usd=admission.context.billed_cost_usd(result.cost_usd),
             duration_ms=round((time.monotonic() - started) * 1000, 3),
             queue_ms=round((trace.queue_s or 0.0) * 1000, 3),
         )

@@ -16,7 +16,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from claudepool.pool.lease import Lease
@@ -39,6 +39,8 @@ class Attribution:
     session: str | None = None
     # The lease's: batch calls yield to interactive ones under the account's caps.
     priority: Priority = Priority.INTERACTIVE
+    # The meter's record of the request, which the call is billed to (None: nothing bills it).
+    context: RequestContext | None = field(default=None, compare=False, repr=False)
 
 
 # A worker to the request it serves now; None when it serves none (idle, being reset, gone).
@@ -70,6 +72,7 @@ def from_leases(pools: Mapping[str, LeaseHolder]) -> Attribute:
             request_id=context.request_id if context is not None else None,
             session=context.session if context is not None else None,
             priority=lease.priority,
+            context=context,
         )
 
     return attribute

@@ -59,6 +59,7 @@ from claudepool.pool.worker import TurnResult, Worker
 from claudepool.sessions.files import SessionFiles
 from claudepool.sessions.settings import LimitOverrides, SessionLimits, SessionOptions, SessionSettings
 from claudepool.store.base import SessionRecord, Store
+from claudepool.tenancy.metering import RequestContext
 from claudepool.tenancy.tenants import Tenant
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,9 @@ class SessionManager:
             record.output_tokens += result.usage.output_tokens
             record.cache_read_input_tokens += result.usage.cache_read_input_tokens
             record.cache_creation_input_tokens += result.usage.cache_creation_input_tokens
-            record.cost_usd += result.cost_usd
+            ctx = binding.lease.context
+            record.cost_usd += ctx.billed_cost_usd(result.cost_usd) if isinstance(ctx, RequestContext) else (
+                result.cost_usd)
             record.context_tokens = result.context_tokens
             try:
                 await self._checkpoint(binding)

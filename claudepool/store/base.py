@@ -42,7 +42,10 @@ SETTLED_MAX_IDS = 100_000
 
 @dataclass(frozen=True, slots=True)
 class UsageRecord:
-    """One settled turn: the unit of metering, of budget settlement and of the ledger.
+    """One settled model call (``kind="call"``, measured at the gateway) or turn (``kind="turn"``,
+    as the CLI reported it, for a turn the gateway saw no call of): the unit of metering, of budget
+    settlement and of the ledger. ``requests`` is what the record adds to the request count (1 on
+    the first record of a request, 0 on its other calls), so aggregates count requests, not calls.
 
     Slotted: the memory store's ledger holds up to ``ledger_max_records`` of them."""
 
@@ -61,6 +64,17 @@ class UsageRecord:
     session: str | None = None
     # The budget reservation this turn settles, if any.
     reservation_id: str | None = None
+    kind: str = "turn"
+    requests: int = 1
+    # Of a call: the 1-hour part of cache_creation_input_tokens, the gateway's and the provider's ids
+    # of the call, the message id, the HTTP status relayed, its duration and time to first token.
+    cache_write_1h_input_tokens: int = 0
+    call_id: str | None = None
+    upstream_request_id: str | None = None
+    message_id: str | None = None
+    status: int | None = None
+    duration_ms: float | None = None
+    first_token_ms: float | None = None
 
     @property
     def tokens(self) -> int:
@@ -115,7 +129,7 @@ class UsageTotals:
     cost_usd: float = 0.0
 
     def add(self, record: UsageRecord) -> None:
-        self.requests += 1
+        self.requests += record.requests
         self.input_tokens += record.input_tokens
         self.output_tokens += record.output_tokens
         self.cache_read_input_tokens += record.cache_read_input_tokens

@@ -165,7 +165,7 @@ class RedisStore:
         p, t = self._prefix, record.tenant
         day, month = day_key(record.at), month_key(record.at)
         amounts: dict[str, Any] = {
-            "requests": 1, "input_tokens": record.input_tokens, "output_tokens": record.output_tokens,
+            "requests": record.requests, "input_tokens": record.input_tokens, "output_tokens": record.output_tokens,
             "cache_read_input_tokens": record.cache_read_input_tokens,
             "cache_creation_input_tokens": record.cache_creation_input_tokens, "cost_usd": _num(record.cost_usd),
         }

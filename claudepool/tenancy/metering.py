@@ -1,12 +1,18 @@
-"""Exact usage metering and budget settlement, at the one place every turn passes through.
+"""Exact usage metering and budget settlement, at the places every model call and every turn pass.
 
-The pool reports every settled turn of every lease (`on_turn_result`), including a turn drained
-after its client went away, then tells when a lease can produce no further result
-(`on_lease_done`). The meter turns each into a `UsageRecord` with the CLI's own cost, writes it to
-the local ledger file at once (if configured), and queues it for the store, where one atomic
-operation settles the budget reservation, adds the usage to the aggregates and appends the ledger.
-A lease whose turn started but never reported a result is recorded as a ``failed`` turn with the
-usage it reported: none. A request that never got a worker releases its reservation.
+Every model call a worker makes goes through the daemon's gateway, which measures it from the
+answer it relays and hands the meter one `UsageRecord` per call (``kind="call"``: tokens, cost by the
+price table, the provider's request id, status, duration; `call_started` / `call_finished`). Those
+are what a request is billed. The pool reports every settled turn of every lease (`on_turn_result`),
+including a turn drained after its client went away, then tells when a lease can produce no further
+result (`on_lease_done`). For a turn whose calls the gateway billed, the CLI's own figure is a
+cross-check (a disagreement in tokens is counted); a turn the gateway saw no call of (the fake CLI
+in tests, which calls nothing) is billed with the CLI's figure, as one ``kind="turn"`` record. A turn
+result or the end of a lease that arrives while one of the request's calls is still being relayed
+waits for it, so neither is decided on a partial count. A request counts once in the aggregates,
+on its first record. A lease whose turn started but reported neither a call nor a result is
+recorded as a ``failed`` turn; a request that never got a worker, or whose calls were billed,
+releases its reservation.
 
 The queue is drained by one task. When the store is down, records wait (bounded) and are retried
 with back-off; settlement is idempotent on the record id, so a retry never counts twice. The ledger
@@ -22,7 +28,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import orjson
@@ -53,6 +59,28 @@ class RequestContext:
     session: str | None = None
     results: int = 0
     finished: bool = False
+    # Model calls the gateway metered for this request, those still being relayed, and their tokens.
+    calls: int = 0
+    calls_in_flight: int = 0
+    call_tokens: int = 0
+    call_cost_usd: float = 0.0
+    # Turn results and the end of the lease that came while a call was still being relayed: handled
+    # once it ends, so that whether the gateway saw the turn's calls is known when they are.
+    deferred: list[TurnResult] = field(default_factory=list)
+    finish_deferred: bool | None = None
+    # Whether a record of this request has counted it (aggregates count requests, not calls).
+    counted: bool = False
+
+    def billed_cost_usd(self, cli_cost_usd: float) -> float:
+        """What this request is billed so far: its calls, as the gateway measured them, or the CLI's
+        figure for a turn the gateway saw no call of."""
+        return self.call_cost_usd if self.calls else cli_cost_usd
+
+    def count_request(self) -> int:
+        """1 for the request's first record, 0 after."""
+        first = not self.counted
+        self.counted = True
+        return int(first)
 
 
 @dataclass(frozen=True)
@@ -83,6 +111,8 @@ class Meter:
         self.dropped = 0
         self._applying: _Op | None = None
         self.price_mismatches = 0
+        # Turns whose tokens as the CLI reports them differ from the sum the gateway measured.
+        self.call_mismatches = 0
 
     @property
     def backlog(self) -> int:
@@ -94,6 +124,41 @@ class Meter:
         ctx: RequestContext | None = lease.context
         if ctx is None:
             return  # a lease taken outside the service (tests, tools): nothing to bill
+        if ctx.calls_in_flight:
+            ctx.deferred.append(result)
+            return
+        self._turn_result(ctx, result)
+
+    # -- gateway callbacks: one model call of a request ------------------------------------------
+
+    def call_started(self, ctx: RequestContext) -> None:
+        ctx.calls += 1
+        ctx.calls_in_flight += 1
+
+    def call_finished(self, ctx: RequestContext, record: UsageRecord) -> None:
+        """Bill one model call, as the gateway measured it; then what waited for it."""
+        ctx.calls_in_flight -= 1
+        ctx.call_tokens += record.tokens
+        ctx.call_cost_usd += record.cost_usd
+        self.submit(replace(record, requests=ctx.count_request()))
+        if ctx.calls_in_flight:
+            return
+        deferred, ctx.deferred = ctx.deferred, []
+        for result in deferred:
+            self._turn_result(ctx, result)
+        if ctx.finish_deferred is not None:
+            self.finish(ctx, turn_started=ctx.finish_deferred)
+
+    def _turn_result(self, ctx: RequestContext, result: TurnResult) -> None:
+        if ctx.calls:
+            # The gateway billed this turn's calls: the CLI's own figure is a cross-check only.
+            ctx.results += 1
+            cli_tokens = result.usage.context_tokens + result.usage.output_tokens
+            if cli_tokens != ctx.call_tokens:
+                self.call_mismatches += 1
+                log.warning("request %s: the CLI reports %d tokens, the gateway measured %d (the gateway's are billed)",
+                            ctx.request_id, cli_tokens, ctx.call_tokens)
+            return
         outcome = "interrupted" if result.interrupted else "model_error" if result.is_error else "ok"
         record = UsageRecord(
             record_id=f"{ctx.request_id}:{ctx.results}",
@@ -111,6 +176,7 @@ class Meter:
             session=ctx.session,
             # Only a request's first turn settles its reservation; later ones just add spend.
             reservation_id=ctx.reservation_id if ctx.results == 0 else None,
+            requests=ctx.count_request(),
         )
         ctx.results += 1
         self._cross_check(record)
@@ -125,7 +191,13 @@ class Meter:
         """No further result can come for this request: settle what is still open, once."""
         if ctx.finished:
             return
+        if ctx.calls_in_flight:
+            ctx.finish_deferred = turn_started  # decided once the calls being relayed have ended
+            return
         ctx.finished = True
+        if ctx.calls:
+            self.release(ctx)  # the calls spent what the request cost; its reservation goes back
+            return
         if ctx.results:
             return
         if turn_started:
@@ -133,7 +205,8 @@ class Meter:
             # upstream, the CLI reported nothing. Record the turn so the ledger shows it.
             self.submit(UsageRecord(record_id=f"{ctx.request_id}:0", request_id=ctx.request_id,
                                      tenant=ctx.tenant, profile=ctx.profile, model=ctx.model, outcome="failed",
-                                     at=time.time(), session=ctx.session, reservation_id=ctx.reservation_id))
+                                     at=time.time(), session=ctx.session, reservation_id=ctx.reservation_id,
+                                     requests=ctx.count_request()))
         else:
             self.release(ctx)
 

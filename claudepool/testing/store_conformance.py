@@ -102,12 +102,12 @@ _seq = [0]  # distinct record and session ids across checks
 
 
 def record(tenant: str = "acme", *, cost: float = 0.0, at: float | None = None, model: str = MODEL,
-           reservation_id: str | None = None, record_id: str | None = None, **tokens: int) -> UsageRecord:
+           reservation_id: str | None = None, record_id: str | None = None, **fields: Any) -> UsageRecord:
     _seq[0] += 1
     return UsageRecord(
         record_id=record_id or f"rec-{_seq[0]}", request_id=f"req-{_seq[0]}", tenant=tenant, profile="default",
         model=model, outcome="ok", at=time.time() if at is None else at, cost_usd=cost,
-        reservation_id=reservation_id, session=None, **tokens,
+        reservation_id=reservation_id, session=None, **fields,
     )
 
 
@@ -123,6 +123,18 @@ def another_day_this_month(now: float) -> float:
 
 
 # -- reserve ------------------------------------------------------------------------------------
+
+
+@check()
+async def a_requests_calls_count_once_as_a_request_and_keep_their_call_fields(store: Store) -> None:
+    first = record(cost=0.25, input_tokens=10, output_tokens=5, kind="call", requests=1, call_id="gwc_1",
+                   upstream_request_id="req_p1", message_id="msg_1", status=200, duration_ms=12.5,
+                   first_token_ms=3.0, cache_creation_input_tokens=30, cache_write_1h_input_tokens=20)
+    second = record(cost=0.5, input_tokens=1, output_tokens=2, kind="call", requests=0, call_id="gwc_2")
+    assert await store.settle(first) and await store.settle(second)
+    totals = (await store.usage(Window.current("day"), ["acme"]))["acme"][MODEL]
+    assert (totals.requests, totals.input_tokens, totals.output_tokens, totals.cost_usd) == (1, 11, 7, 0.75)
+    assert await store.ledger("acme") == [first, second]  # every field, as settled
 
 
 @check()

@@ -18,12 +18,19 @@ import orjson
 import pytest
 from aiohttp import web
 
+from claudepool.daemon.metrics import TenantLabels
+from claudepool.gateway.call_usage import CallUsageMeter
 from claudepool.gateway.credentials import CREDENTIAL_PREFIX
 from claudepool.gateway.forward import IDLE_ERROR_EVENT
 from claudepool.pool.lease import Lease
 from claudepool.pool.profile import Profile
 from claudepool.pool.timeouts import WorkerTimeouts
-from tests.gateway_fixtures import MakeStack, Stack, lease_for, make_stack, worker_environ
+from claudepool.store.memory import MemoryStore
+from claudepool.tenancy.budgets import PricingTable
+from claudepool.tenancy.limits import RateLimiter
+from claudepool.tenancy.metering import Meter, RequestContext
+from claudepool.tenancy.settings import MeteringSettings, default_prices
+from tests.gateway_fixtures import TENANTS, MakeStack, Stack, lease_for, make_stack, worker_environ
 from tests.helpers import closed_port_url, until
 
 __all__ = ["make_stack"]
@@ -417,3 +424,42 @@ def test_the_module_doctests_pass() -> None:
 
     for module in (attribution, credentials, metrics, settings):
         assert doctest.testmod(module).failed == 0, module.__name__
+
+
+async def test_a_call_the_worker_abandons_mid_stream_is_billed_with_what_its_stream_reported(
+    make_stack: MakeStack, profile: Profile, provider: RawUpstream
+) -> None:
+    """A tenant cannot make a call free by interrupting it: the input side is known from the first
+    event, and the output from the last ``message_delta`` that came through."""
+    start = {"type": "message_start", "message": {"id": "msg_cut", "model": "m", "usage": {
+        "input_tokens": 1200, "cache_read_input_tokens": 300, "output_tokens": 1}}}
+    delta = {"type": "message_delta", "delta": {"stop_reason": None}, "usage": {"output_tokens": 40}}
+    chunks = [b"event: message_start\ndata: " + orjson.dumps(start) + b"\n\n",
+              b"event: message_delta\ndata: " + orjson.dumps(delta) + b"\n\n"]
+    provider.answers.append(Answer(chunks=chunks, then="hang"))
+    stack = await make_stack(profile, provider.url, key=KEY)
+    assert stack.gateway is not None
+    store = MemoryStore()
+    meter = Meter(store, RateLimiter(), PricingTable.of(default_prices()), MeteringSettings())
+    stack.gateway.hooks.add(CallUsageMeter(meter.pricing, stack.registry, TenantLabels(TENANTS, max_labels=10),
+                                           tenants=TENANTS, meter=meter))
+    lease, url, credential = await in_turn(stack)
+    assert isinstance(lease.context, RequestContext)
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(url + "/v1/messages", data=b'{"stream": true}', headers={"x-api-key": credential})
+        assert await resp.content.readexactly(sum(map(len, chunks))) == b"".join(chunks)
+        resp.close()  # the worker goes away mid-answer (an interrupt, a kill)
+        async with asyncio.timeout(5):
+            await provider.cut.wait()
+    runner = asyncio.create_task(meter.run())
+    try:
+        await until(lambda: lease.context.calls == 1 and lease.context.calls_in_flight == 0 and meter.backlog == 0)
+        [record] = await store.ledger("acme")
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    assert (record.kind, record.outcome, record.message_id) == ("call", "interrupted", "msg_cut")
+    assert (record.input_tokens, record.cache_read_input_tokens, record.output_tokens) == (1200, 300, 40)
+    assert record.cost_usd == pytest.approx(meter.pricing.cost("m", input_tokens=1200, output_tokens=40,
+                                                               cache_read_input_tokens=300)) and record.cost_usd > 0
+    lease.release()

@@ -8,7 +8,7 @@ import doctest
 from prometheus_client import CollectorRegistry
 
 from claudepool.gateway import ratelimits
-from claudepool.gateway.ratelimits import AccountLimits, LimitKind, read_limits, retry_after_s
+from claudepool.gateway.ratelimits import AccountLimits, LimitKind, read_limits
 
 T0 = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.UTC)
 
@@ -50,7 +50,7 @@ def test_gauges_per_account_and_kind_and_a_refilled_window_reads_zero() -> None:
     now[0] = T0 + dt.timedelta(seconds=10)  # past the input-token window's reset, not the requests'
     assert sample(registry, "claudepool_upstream_ratelimit_utilisation", account="default", kind="input_tokens") == 0
     assert sample(registry, "claudepool_upstream_ratelimit_remaining", account="default", kind="input_tokens") == 400000
-    assert limits.utilisation("default", LimitKind.REQUESTS) == 0.75
+    assert sample(registry, "claudepool_upstream_ratelimit_utilisation", account="default", kind="requests") == 0.75
 
 
 def test_a_later_response_replaces_the_reading() -> None:
@@ -71,9 +71,3 @@ def test_throttled_answers_are_counted_from_zero_per_configured_account() -> Non
     assert sample(registry, "claudepool_upstream_throttled_total", account="default", status="429") == 1
     assert sample(registry, "claudepool_upstream_throttled_total", account="default", status="529") == 1
     assert sample(registry, "claudepool_upstream_throttled_total", account="default", status="500") is None
-
-
-def test_retry_after_in_seconds() -> None:
-    assert retry_after_s({"retry-after": "12"}) == 12.0
-    assert retry_after_s({"retry-after": "soon"}) is None
-    assert retry_after_s({}) is None

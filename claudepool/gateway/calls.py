@@ -53,6 +53,12 @@ class Call:
     usage: CallUsage | None = None
     cost_usd: float | None = None
 
+    @property
+    def first_token_ms(self) -> float | None:
+        """Arrival to the first content block, in ms, once the answer's usage was read."""
+        at = self.usage.first_content_at if self.usage is not None else None
+        return None if at is None else round((at - self.started) * 1000, 2)
+
     def finish(self, outcome: str) -> None:
         if self.outcome == "pending":
             self.outcome = outcome

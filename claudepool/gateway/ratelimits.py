@@ -3,8 +3,9 @@
 Every tenant shares the account's limits, so they are watched where all calls pass: the gateway
 hands each response's headers to `AccountLimits.observe`. The provider reports, per kind (requests,
 tokens, input tokens, output tokens), ``anthropic-ratelimit-KIND-limit``, ``-remaining`` and
-``-reset`` (an RFC 3339 time), and ``retry-after`` on a 429. A reading holds until the next response
-or its reset time, after which the window has refilled and utilisation reads 0.
+``-reset`` (an RFC 3339 time); a 429's ``retry-after`` is relayed to the CLI, which honours it. A
+reading holds until the next response or its reset time, after which the window has refilled and
+utilisation reads 0.
 
 The account label is the name the configuration gives the key (``default``, or an
 ``[upstream.profiles.NAME]`` override): never key material.
@@ -73,15 +74,6 @@ def read_limits(headers: Mapping[str, str]) -> dict[LimitKind, LimitReading]:
     return readings
 
 
-def retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """``retry-after`` in seconds (the provider sends a number), or None."""
-    try:
-        value = float(headers["retry-after"])
-    except (KeyError, ValueError):
-        return None
-    return value if value >= 0 else None
-
-
 def _parse_time(value: str | None) -> dt.datetime | None:
     if not value:
         return None
@@ -115,10 +107,6 @@ class AccountLimits(Collector):
                 self._readings[account, kind] = reading
             if status in THROTTLE_STATUSES:
                 self._throttled[account, status] += 1
-
-    def utilisation(self, account: str, kind: LimitKind) -> float | None:
-        reading = self._readings.get((account, kind))
-        return None if reading is None else reading.utilisation(self._clock())
 
     def collect(self) -> Iterator[Metric]:
         utilisation = GaugeMetricFamily(

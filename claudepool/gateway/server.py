@@ -249,5 +249,4 @@ def _usage_fields(call: Call) -> dict[str, object]:
             "input_tokens": u.input_tokens, "output_tokens": u.output_tokens, "cache_read_tokens": u.cache_read_tokens,
             "cache_write_5m_tokens": u.cache_write_5m_tokens, "cache_write_1h_tokens": u.cache_write_1h_tokens,
             "cost_usd": None if call.cost_usd is None else round(call.cost_usd, 8),
-            "first_token_ms": None if u.first_content_at is None else round(
-                (u.first_content_at - call.started) * 1000, 2)}
+            "first_token_ms": call.first_token_ms, "skipped_events": u.skipped_events}

@@ -33,7 +33,6 @@ class Breaker:
     cooldown_s: float
     max_cooldown_s: float
     consecutive_failures: int = 0
-    trips: int = 0
     open_until: float | None = None
     _trips_in_row: int = 0
 
@@ -54,6 +53,5 @@ class Breaker:
             return None
         cooldown_s = min(self.cooldown_s * 2.0**self._trips_in_row, self.max_cooldown_s)
         self._trips_in_row += 1
-        self.trips += 1
         self.open_until = now + cooldown_s
         return cooldown_s

@@ -446,6 +446,34 @@ class CallOverAccountCap(GatewayRefused):
     reason = "over_account_cap"
 
 
+class CallOverBudget(GatewayRefused):
+    """The tenant's budget cannot hold this model call, not even with ``max_tokens`` lowered to
+    ``metering.min_call_output_tokens`` (strict), or is spent to its ``soft_stop_fraction`` (soft).
+    402 ``billing_error``, which the CLI does not retry: the turn ends, and its client is answered
+    `BudgetExhausted`."""
+
+    status = 402
+    anthropic_type = "billing_error"
+    reason = "budget"
+
+
+class CallUnpriceable(GatewayRefused):
+    """A call of a tenant with a strict budget whose body gives no bound of its cost (not a JSON
+    object, or no positive integer ``max_tokens``); the provider would refuse it too."""
+
+    status = 400
+    anthropic_type = "invalid_request_error"
+    reason = "unbounded"
+
+
+class BudgetStoreDown(GatewayError):
+    """The store that holds budgets did not answer the call's reservation: budgets fail closed."""
+
+    code = "store_unavailable"
+    status = 503
+    reason = "budget_store"
+
+
 class UpstreamIdle(GatewayError):
     """The provider sent nothing for ``upstream.idle_timeout_s`` before its answer began (504, with
     ``x-should-retry: true``: the CLI retries it as it would the provider's own 5xx)."""

@@ -71,7 +71,7 @@ async def lease_for(pool: Pool, tenant: str, request_id: str, session: str | Non
     """A lease with the request context the daemon's prompt service would give it."""
     lease = await pool.acquire(tenant, timeout_s=30)
     lease.context = RequestContext(request_id=request_id, tenant=tenant, profile=pool.profile.name, model="m",
-                                   reservation_id=None, session=session)
+                                   session=session)
     return lease
 
 

@@ -1,4 +1,4 @@
-"""Small helpers shared by the tests: collect a turn, wait for a condition, check a pid."""
+"""Small helpers shared by the tests: collect a turn, wait for a condition, check a pid, spend a budget."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import psutil
 
 from claudepool.pool.worker import TurnResult
 from claudepool.protocol.cli_events import CliEvent
+from claudepool.store.base import Store, UsageRecord
 
 
 async def collect(turn: AsyncIterator[CliEvent | TurnResult], timeout_s: float = 30.0) -> tuple[
@@ -69,3 +71,10 @@ def release_fifo(path: os.PathLike[str] | str) -> None:
     for flags in (os.O_RDONLY | os.O_NONBLOCK, os.O_WRONLY | os.O_NONBLOCK):
         with contextlib.suppress(OSError):  # ENXIO: nobody waits to read; ENOENT: gone
             os.close(os.open(path, flags))
+
+
+async def spend(store: Store, tenant: str, cost_usd: float) -> None:
+    """Make ``tenant`` have spent ``cost_usd`` more today, as a settled model call does."""
+    assert await store.settle(UsageRecord(record_id=f"spent-{tenant}-{time.monotonic_ns()}", request_id="earlier",
+                                          tenant=tenant, profile="default", model="m", outcome="ok", at=time.time(),
+                                          cost_usd=cost_usd, kind="call"))

@@ -30,7 +30,7 @@ from claudepool.store.instrumented import InstrumentedStore
 from claudepool.store.memory import MemoryStore
 from claudepool.tenancy.budgets import PricingTable
 from claudepool.tenancy.limits import RateLimiter
-from claudepool.tenancy.metering import Meter, RequestContext
+from claudepool.tenancy.metering import Meter
 from claudepool.tenancy.tenants import Tenant, TenantRegistry
 from tests.helpers import closed_port_url
 from tests.test_facade import daemon
@@ -122,7 +122,7 @@ async def test_store_limiter_and_meter_state() -> None:
     meter = Meter(store, RateLimiter(), PricingTable.of(load_settings(None).pricing), MeteringSettings())
     MeterCollector(meter, registry)
     assert value("claudepool_metering_backlog_records") == 0
-    meter.release(RequestContext(request_id="r1", tenant="acme", profile="default", model="m", reservation_id="r1"))
+    meter.release("acme", "r1")
     assert value("claudepool_metering_backlog_records") == 1  # the flusher is not running: it waits
     assert value("claudepool_metering_dropped_records_total") == 0
 

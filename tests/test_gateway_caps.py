@@ -47,8 +47,7 @@ async def capped_stack(make_stack: MakeStack, profile: Profile, upstream: FakeUp
 
 async def worker_in_turn(stack: Stack, tenant: str, priority: Priority) -> tuple[str, str]:
     lease = await stack.pool.acquire(tenant, timeout_s=30, priority=priority)
-    lease.context = RequestContext(request_id=f"req-{priority}", tenant=tenant, profile="default", model="m",
-                                   reservation_id=None)
+    lease.context = RequestContext(request_id=f"req-{priority}", tenant=tenant, profile="default", model="m")
     lease.run_turn("[[hang]]")
     env = worker_environ(lease.worker.pid)
     return env["ANTHROPIC_BASE_URL"], env["ANTHROPIC_API_KEY"]

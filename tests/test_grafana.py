@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO
 from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
-from tests.helpers import until
+from tests.helpers import spend, until
 
 __all__ = ["make_daemon"]
 
@@ -368,8 +368,9 @@ async def test_every_metric_used_is_exported_by_a_real_daemon(make_daemon: MakeD
     d = await make_daemon(
         tenants={"acme": {"requests_per_minute": 2},
                  "gamma": {"key": GAMMA_KEY, "daily_budget_usd": 0.0001}},
-        pricing=FAKE_PRICING, metering={"reservation_overhead_tokens": 0, "reservation_output_tokens": 120},
+        pricing=FAKE_PRICING,
     )
+    await spend(d.daemon.store, "gamma", 0.0001)
     assert await post(d, {"prompt": "[[reply:hello]]"}, "acme") == 200
     assert await post(d, {"prompt": "[[reply:one two three four five]]", "stream": True}, "acme") == 200
     assert await post(d, {"prompt": "one too many"}, "acme") == 429

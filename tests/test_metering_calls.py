@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import cast
 
@@ -26,9 +27,8 @@ def meter_and_store() -> tuple[Meter, MemoryStore]:
     return Meter(store, RateLimiter(), PricingTable.of(default_prices()), MeteringSettings()), store
 
 
-def context(reservation_id: str | None = None) -> RequestContext:
-    return RequestContext(request_id="req-1", tenant="acme", profile="default", model="m",
-                          reservation_id=reservation_id)
+def context() -> RequestContext:
+    return RequestContext(request_id="req-1", tenant="acme", profile="default", model="m")
 
 
 def call(n: int, *, output_tokens: int, cost_usd: float) -> UsageRecord:
@@ -97,12 +97,12 @@ async def test_a_turn_the_gateway_saw_no_call_of_is_billed_with_the_clis_figure(
     assert [(r.kind, r.requests, r.cost_usd) for r in ledger] == [("turn", 1, 0.03)]
 
 
-async def test_the_clis_disagreement_is_counted_and_its_reservation_is_released() -> None:
+async def test_the_clis_disagreement_is_counted_and_the_calls_reservation_is_settled() -> None:
     meter, store = meter_and_store()
     await store.reserve("acme", "res-1", 1.0, daily_limit_usd=10.0, monthly_limit_usd=0.0, ttl_s=60)
-    ctx = context(reservation_id="res-1")
+    ctx = context()
     meter.call_started(ctx)
-    meter.call_finished(ctx, call(1, output_tokens=5, cost_usd=0.01))
+    meter.call_finished(ctx, replace(call(1, output_tokens=5, cost_usd=0.01), reservation_id="res-1"))
     meter.on_turn_result(lease_of(ctx), turn(output_tokens=99, cost_usd=0.5))
     meter.on_lease_done(lease_of(ctx))
     await settled(meter, store, 1)

@@ -20,7 +20,7 @@ import pytest
 
 from claudepool.store.base import SessionRecord
 from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
-from tests.helpers import until
+from tests.helpers import spend, until
 from tests.test_observability import json_logs
 from tests.test_unix_api import connect
 
@@ -121,6 +121,7 @@ async def test_every_refusal_has_one_line_and_one_count(front: Front, json_logs:
     d = front.d
     ledger = Ledger(d, json_logs)
     acme = KEYS["acme"]
+    await spend(d.daemon.store, "broke", 0.0000001)
 
     # Before any tenant is known.
     assert await front.prompt(WRONG_KEY, prompt=SECRET) == "unauthorized"

@@ -22,16 +22,14 @@ from claudepool.tenancy.budgets import PricingTable
 from claudepool.tenancy.limits import RateLimiter
 from claudepool.tenancy.metering import Meter
 from tests.daemon_fixtures import ADMIN_KEY, KEYS, RunningDaemon, make_daemon
-from tests.helpers import eventually, until
+from tests.helpers import spend, until
 
 __all__ = ["make_daemon"]
 
 MakeDaemon = Callable[..., Awaitable[RunningDaemon]]
-# The fake CLI prices tokens at $3/$15 per million (input/output); reservations use the same table
-# with no overhead, so a reservation bounds the fake's cost tightly.
+# The fake CLI prices tokens at $3/$15 per million (input/output), as this table does.
 FAKE_PRICING = {"default": {"input_per_mtok": 3, "output_per_mtok": 15, "cache_read_per_mtok": 0.3,
                             "cache_write_per_mtok": 3.75}}
-LEAN_METERING = {"reservation_overhead_tokens": 0, "reservation_output_tokens": 120}
 
 
 async def post(d: RunningDaemon, body: dict[str, Any], tenant: str = "acme") -> tuple[int, dict[str, Any],
@@ -97,49 +95,38 @@ async def test_tokens_per_minute_are_counted_from_real_usage(make_daemon: MakeDa
 # -- budgets ---------------------------------------------------------------------------------------
 
 
-async def test_exhausted_budget_is_402_before_any_worker_is_used(make_daemon: MakeDaemon) -> None:
-    d = await make_daemon(tenants={"acme": {"daily_budget_usd": 0.0001}}, pricing=FAKE_PRICING,
-                          metering=LEAN_METERING)
+@pytest.mark.parametrize("mode", ["soft", "strict"])
+async def test_a_spent_budget_is_402_before_any_worker_is_used(make_daemon: MakeDaemon, mode: str) -> None:
+    # Soft stops admitting at 0.9 of the budget, strict at all of it: $0.95 spent of $1 is each side.
+    d = await make_daemon(tenants={"acme": {"daily_budget_usd": 1.0, "budget_mode": mode}})
+    await spend(d.daemon.store, "acme", 0.95)
     leases = d.pool().stats.leases
-    status, body, headers = await post(d, {"prompt": "too expensive"})
+    status, body, headers = await post(d, {"prompt": "one more"})
+    if mode == "strict":
+        assert status == 200  # $0.05 is left: the request may try; its calls hold what they may cost
+        await spend(d.daemon.store, "acme", 0.05)
+        status, body, headers = await post(d, {"prompt": "one more"})
     assert status == 402
     assert body["error"]["code"] == "budget_exhausted"
-    assert "daily budget" in body["error"]["message"]
+    assert "daily budget of $1 is spent" in body["error"]["message"]
     assert "Retry-After" not in headers
-    assert d.pool().stats.leases == leases
+    assert d.pool().stats.leases == leases + (1 if mode == "strict" else 0)
 
 
-async def test_fifty_concurrent_requests_never_overshoot_the_budget(make_daemon: MakeDaemon) -> None:
-    budget = 0.01
-    d = await make_daemon(tenants={"acme": {"daily_budget_usd": budget, "max_queued": 100}},
-                          pool={"max_workers": 4, "min_idle": 2}, pricing=FAKE_PRICING, metering=LEAN_METERING)
-    # Each answer is ~100 output tokens, close to the 120 the reservation allows for.
-    prompt = "[[reply:" + "y" * 400 + "]] [[sleep:0.05]]"
-    results = await asyncio.gather(*(post(d, {"prompt": prompt}) for _ in range(50)))
-    statuses = [status for status, _, _ in results]
-    assert set(statuses) <= {200, 402}
-    assert statuses.count(402) > 0
-    await settled(d)
-    state = await d.daemon.store.budget("acme")
-    assert state.reserved_usd == pytest.approx(0, abs=1e-12)
-    billed = sum(body["cost_usd"] for status, body, _ in results if status == 200)
-    assert state.day_spent_usd == pytest.approx(billed, rel=1e-9)
-    assert state.day_spent_usd <= budget  # zero overshoot: reservations bound the turns in flight
-    assert state.day_spent_usd > budget * 0.5  # and the budget was actually used, not refused wholesale
-    ledger = await d.daemon.store.ledger("acme")
-    assert len(ledger) == statuses.count(200)
-
-
-async def test_a_request_that_never_runs_returns_its_reservation(make_daemon: MakeDaemon) -> None:
-    d = await make_daemon(tenants={"acme": {"daily_budget_usd": 1.0}}, pricing=FAKE_PRICING,
-                          metering=LEAN_METERING, pool={"max_workers": 1, "lease_timeout_s": 0.3})
-    hanging = asyncio.create_task(post(d, {"prompt": "[[hang]]", "timeout_s": 2}, tenant="beta"))
-    await until(lambda: d.pool().counts()["leased"] == 1)
-    status, body, _ = await post(d, {"prompt": "queued then refused"})
-    assert (status, body["error"]["code"]) == (503, "pool_timeout")
-    await until(lambda: d.daemon.meter.backlog == 0)
-    assert (await d.daemon.store.budget("acme")).reserved_usd == pytest.approx(0, abs=1e-12)
-    assert (await hanging)[0] == 504
+async def test_a_budget_of_a_few_requests_admits_that_many(make_daemon: MakeDaemon) -> None:
+    # The request-level check holds nothing (the calls hold their own budget), so what is left of a
+    # budget admits as many requests as it pays for: here 2.5 requests' cost below the soft stop.
+    d = await make_daemon(tenants={"acme": {"daily_budget_usd": 1.0}}, pricing=FAKE_PRICING)
+    prompt = {"prompt": "[[reply:" + "y" * 400 + "]]"}
+    status, measured, _ = await post(d, prompt, tenant="beta")
+    assert status == 200
+    cost = measured["cost_usd"]
+    await spend(d.daemon.store, "acme", 0.9 - 2.5 * cost)
+    statuses = []
+    for _ in range(5):
+        statuses.append((await post(d, prompt))[0])
+        await settled(d)
+    assert statuses == [200, 200, 200, 402, 402]  # the third starts below 0.9 of $1 and ends above it
 
 
 async def test_max_budget_usd_is_passed_to_the_cli(make_daemon: MakeDaemon) -> None:
@@ -321,40 +308,17 @@ async def test_a_full_usage_buffer_drops_the_oldest_waiting_record_never_the_one
         flusher.cancel()
 
 
-async def test_a_request_cancelled_while_reserving_gives_the_reservation_back(make_daemon: MakeDaemon) -> None:
-    d = await make_daemon(tenants={"acme": {"daily_budget_usd": 1.0}}, pricing=FAKE_PRICING)
-    memory = d.daemon.store.inner
-    made = asyncio.Event()
-    real_reserve = memory.reserve
-
-    async def reserve_then_lose_the_reply(*args: Any, **kwargs: Any) -> None:
-        await real_reserve(*args, **kwargs)  # the store made it, as a remote store would ...
-        made.set()
-        await asyncio.Event().wait()  # ... but its reply never comes
-
-    memory.reserve = reserve_then_lose_the_reply  # type: ignore[method-assign]  # a fault in a real store
-    client = asyncio.create_task(post(d, {"prompt": "hello"}))
-    await asyncio.wait_for(made.wait(), 5)
-    assert (await d.daemon.store.budget("acme")).reserved_usd > 0
-    client.cancel()  # the client gives up: its handler is cancelled in the middle of reserving
-
-    async def given_back() -> bool:
-        return (await d.daemon.store.budget("acme")).reserved_usd == 0
-
-    await eventually(given_back, 5)
-
-
 async def test_a_drain_sees_a_request_still_being_admitted_and_answers_it(make_daemon: MakeDaemon) -> None:
     d = await make_daemon(tenants={"acme": {"daily_budget_usd": 1.0}}, pricing=FAKE_PRICING,
                           server={"drain_timeout_s": 0.5})
     memory = d.daemon.store.inner
     reserving = asyncio.Event()
 
-    async def slow_reserve(*args: Any, **kwargs: Any) -> None:
+    async def slow_budget(*args: Any, **kwargs: Any) -> None:
         reserving.set()
         await asyncio.Event().wait()  # the store never answers
 
-    memory.reserve = slow_reserve  # type: ignore[method-assign]  # a fault in a real store
+    memory.budget = slow_budget  # type: ignore[method-assign]  # a fault in a real store
     client = asyncio.create_task(post(d, {"prompt": "hello"}))
     await asyncio.wait_for(reserving.wait(), 5)
     assert d.daemon.service.in_flight == 1  # counted while it is admitted, not only once it runs

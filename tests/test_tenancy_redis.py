@@ -21,10 +21,10 @@ from tests.daemon_fixtures import (
     make_daemon,
     start_daemon,
 )
-from tests.helpers import eventually, until
+from tests.helpers import until
 from tests.redis_server import RedisServer
 from tests.test_lifecycle import write_config
-from tests.test_tenancy import FAKE_PRICING, LEAN_METERING, post
+from tests.test_tenancy import FAKE_PRICING, post
 
 __all__ = ["make_daemon", "start_daemon"]
 
@@ -41,30 +41,13 @@ def persistent_redis() -> Any:
         server.close()
 
 
-async def test_fifty_concurrent_requests_never_overshoot_a_redis_budget(
-    make_daemon: MakeDaemon, redis_url: str
-) -> None:
-    budget = 0.01
-    d = await make_daemon(store={"url": redis_url}, tenants={"acme": {"daily_budget_usd": budget, "max_queued": 100}},
-                          pool={"max_workers": 4, "min_idle": 2}, pricing=FAKE_PRICING, metering=LEAN_METERING)
-    results = await asyncio.gather(*(post(d, {"prompt": "[[reply:" + "y" * 400 + "]]"}) for _ in range(50)))
-    statuses = [status for status, _, _ in results]
-    assert set(statuses) == {200, 402}
-    await until(lambda: d.daemon.meter.backlog == 0 and d.daemon.service.in_flight == 0, 10)
-    state = await d.daemon.store.budget("acme")
-    billed = sum(body["cost_usd"] for status, body, _ in results if status == 200)
-    assert state.day_spent_usd == pytest.approx(billed, rel=1e-9)
-    assert state.day_spent_usd <= budget
-    assert state.reserved_usd == pytest.approx(0, abs=1e-12)
-
-
 async def test_redis_outage_limits_fail_open_budgets_fail_closed_usage_is_kept(
     make_daemon: MakeDaemon, persistent_redis: RedisServer
 ) -> None:
     d = await make_daemon(
         store={"url": persistent_redis.url, "socket_timeout_s": 0.5},
         tenants={"acme": {"daily_budget_usd": 1.0}, "beta": {"requests_per_minute": 100}},
-        pricing=FAKE_PRICING, metering=LEAN_METERING,
+        pricing=FAKE_PRICING,
     )
     assert (await post(d, {"prompt": "before, budgeted"}))[0] == 200
     before = await post(d, {"prompt": "before, limited"}, tenant="beta")
@@ -78,8 +61,8 @@ async def test_redis_outage_limits_fail_open_budgets_fail_closed_usage_is_kept(
     during = [await post(d, {"prompt": f"during {i}"}, tenant="beta") for i in range(3)]
     assert [s for s, _, _ in during] == [200, 200, 200]  # rate limits fail open onto a local limiter
     assert d.daemon.limiter.fallbacks > 0
-    # Three usage records, and the release of the reservation the failed reserve may have made.
-    await until(lambda: not d.daemon.store.up and d.daemon.meter.backlog == 4, 10)
+    # Three usage records wait for the store.
+    await until(lambda: not d.daemon.store.up and d.daemon.meter.backlog == 3, 10)
 
     await asyncio.to_thread(persistent_redis.start)
     await until(lambda: d.daemon.meter.backlog == 0, 20)  # the buffered records reach Redis
@@ -99,21 +82,14 @@ async def _post_to(url: str, body: dict[str, Any], key: str = KEY) -> tuple[int,
         return resp.status, await resp.json()
 
 
-async def test_two_daemons_share_limits_and_budgets(
+async def test_two_daemons_share_rate_limits(
     tmp_path: Path, redis_url: str, start_daemon: Callable[..., Awaitable[DaemonProcess]]
 ) -> None:
     pricing = "\n".join(f"{k} = {v}" for k, v in FAKE_PRICING["default"].items())
     extra = f"""requests_per_minute = 6
-[tenants.spender]
-key = "spender-key"
-daily_budget_usd = 0.006
 
 [store]
 url = "{redis_url}"
-
-[metering]
-reservation_overhead_tokens = 0
-reservation_output_tokens = 120
 
 [pricing.default]
 {pricing}
@@ -129,36 +105,6 @@ reservation_output_tokens = 120
     assert statuses == [200] * 6
     assert (await _post_to(a.url, {"prompt": "seventh"}))[0] == 429
     assert (await _post_to(b.url, {"prompt": "eighth"}))[0] == 429
-    # One budget, spent from both daemons at once.
-    prompt = {"prompt": "[[reply:" + "z" * 400 + "]]"}
-    spent = await asyncio.gather(*(_post_to(d.url, prompt, "spender-key") for d in (a, b) * 10))
-    codes = [status for status, _ in spent]
-    assert set(codes) == {200, 402}
-    billed = sum(body["cost_usd"] for status, body in spent if status == 200)
-    assert billed <= 0.006
-    async def reports() -> list[dict[str, Any]]:
-        async with aiohttp.ClientSession() as session:
-            out = []
-            for d in (a, b):
-                async with session.get(f"{d.url}/v1/usage?tenant=spender",
-                                       headers={"Authorization": "Bearer lifecycle-admin"}) as resp:
-                    out.append(await resp.json())
-            return out
-
-    # Each daemon flushes its own records; once both have, both read the same shared numbers.
-    seen: list[list[dict[str, Any]]] = []
-
-    async def agreed() -> bool:
-        seen[:] = [await reports()]
-        first = seen[0]
-        return bool(first[0] == first[1] and first[0]["tenants"]["spender"]["models"] and first == await reports())
-
-    await eventually(agreed, 10, every_s=0.1)
-    reports_now = seen[0]
-    assert sum(m["requests"] for m in reports_now[0]["tenants"]["spender"]["models"].values()) == codes.count(200)
-    budget = reports_now[0]["tenants"]["spender"]["budget"]
-    assert budget["day_spent_usd"] == pytest.approx(billed, rel=1e-6)
-    assert budget["day_spent_usd"] <= 0.006
     for d in (a, b):
         d.proc.send_signal(signal.SIGTERM)
         assert await d.wait_exit() == 0

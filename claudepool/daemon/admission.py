@@ -1,9 +1,14 @@
-"""Admission: every check a prompt passes before it may wait for a worker, and its budget reservation.
+"""Admission: every check a prompt passes before it may wait for a worker.
 
 In order: the session (if any) and its profile, the profile, the prompt's size, the daemon's and
-the tenant's queue bounds, the rate limits, the budget reservation. The first that fails raises the
-error to answer; what was taken on the way (a place in the queue bounds, a reservation) is given
-back. An `Admission` holds what passed.
+the tenant's queue bounds, the rate limits, the budget. The first that fails raises the error to
+answer; a place taken in the queue bounds is given back. An `Admission` holds what passed.
+
+The budget check holds nothing: each model call holds its own budget at the gateway
+(`claudepool.gateway.budget`). A request is admitted while the tenant's spend is under its budget
+(strict) or under ``soft_stop_fraction`` of it (soft), so a budget of a few requests admits a few,
+and one that is spent is refused before any worker is used. What calls in flight hold does not
+refuse a request: its calls wait for them at the gateway.
 """
 
 from __future__ import annotations
@@ -13,15 +18,13 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from claudepool.config import MeteringSettings
 from claudepool.errors import BadRequest, BudgetExhausted, Forbidden, NotFound, PromptTooLarge, QueueFull, SessionClosed
 from claudepool.pool.pool import Pool
 from claudepool.protocol.wire import PromptRequest
 from claudepool.sessions.manager import SessionManager
 from claudepool.store.base import Store
-from claudepool.tenancy.budgets import PricingTable
 from claudepool.tenancy.limits import RateLimiter
-from claudepool.tenancy.metering import Meter, RequestContext
+from claudepool.tenancy.metering import RequestContext
 from claudepool.tenancy.tenants import Tenant
 
 
@@ -31,7 +34,6 @@ class ServiceLimits:
     default_timeout_s: float
     max_timeout_s: float
     max_queued: int
-    reservation_ttl_s: float
 
 
 def new_request_id() -> str:
@@ -62,8 +64,8 @@ class QueueSlot:
 
 @dataclass(frozen=True)
 class Admission:
-    """A request that passed every check, holds its budget reservation and its place in the queue
-    bounds, and may queue for a worker."""
+    """A request that passed every check, holds its place in the queue bounds, and may queue for a
+    worker."""
 
     request_id: str
     tenant: Tenant
@@ -78,15 +80,11 @@ class Gate:
     """The checks of admission, over the pools a request may run on and the tenancy components."""
 
     def __init__(self, pools: Mapping[str, Pool], limits: ServiceLimits, *, store: Store, limiter: RateLimiter,
-                 meter: Meter, pricing: PricingTable, metering: MeteringSettings,
                  sessions: SessionManager | None = None) -> None:
         self.pools = pools
         self.limits = limits
         self.store = store
         self.limiter = limiter
-        self.meter = meter
-        self.pricing = pricing
-        self.metering = metering
         self.sessions = sessions
         self._queued: Counter[str] = Counter()
 
@@ -125,26 +123,20 @@ class Gate:
             pool = pools[profile]
             model = pool.profile.model or "default"
             timeout_s = min(request.timeout_s or self.limits.default_timeout_s, self.limits.max_timeout_s)
-            reservation_id = None
             if tenant.has_budget:
-                amount = self.pricing.reservation_usd(model, size, self.metering)
-                # It must outlive the request (queue wait and turn), or others could spend it meanwhile.
-                wait_s = tenant.max_queue_wait_s or pool.config.lease_timeout_s
-                ttl_s = max(self.limits.reservation_ttl_s, wait_s + timeout_s + 60)
-                try:
-                    await self.store.reserve(tenant.name, request_id, amount, daily_limit_usd=tenant.daily_budget_usd,
-                                             monthly_limit_usd=tenant.monthly_budget_usd, ttl_s=ttl_s)
-                except BudgetExhausted:
-                    raise
-                except BaseException:
-                    # Cancelled or failed mid-call, the reservation may exist: give it back (idempotent).
-                    self.meter.release(RequestContext(request_id=request_id, tenant=tenant.name, profile=profile,
-                                                      model=model, reservation_id=request_id))
-                    raise
-                reservation_id = request_id
+                await self._check_budget(tenant)
         except BaseException:
             slot.release()
             raise
         context = RequestContext(request_id=request_id, tenant=tenant.name, profile=profile, model=model,
-                                 reservation_id=reservation_id, session=request.session)
+                                 session=request.session)
         return Admission(request_id, tenant, request, pool, timeout_s, context, slot)
+
+    async def _check_budget(self, tenant: Tenant) -> None:
+        state = await self.store.budget(tenant.name)
+        fraction = 1.0 if tenant.budget_mode == "strict" else tenant.soft_stop_fraction
+        for name, limit_usd, spent_usd in (("daily", tenant.daily_budget_usd, state.day_spent_usd),
+                                           ("monthly", tenant.monthly_budget_usd, state.month_spent_usd)):
+            if limit_usd > 0 and spent_usd >= limit_usd * fraction:
+                raise BudgetExhausted(f"the {name} budget of ${limit_usd:g} is spent (spent ${spent_usd:.4f}"
+                                      + ("" if fraction == 1 else f", stop at {fraction:g} of it") + ")")

@@ -57,6 +57,7 @@ from claudepool.daemon.spend import TenantSpend
 from claudepool.daemon.status import Status
 from claudepool.errors import ClaudepoolError
 from claudepool.gateway.attribution import from_leases
+from claudepool.gateway.budget import CallBudget
 from claudepool.gateway.call_usage import CallUsageMeter
 from claudepool.gateway.credentials import CredentialRegistry
 from claudepool.gateway.metrics import GatewayMetrics
@@ -124,10 +125,8 @@ class Daemon:
         server = settings.server
         gate = Gate(
             self.pools,
-            ServiceLimits(server.max_prompt_bytes, server.default_timeout_s, server.max_timeout_s, server.max_queued,
-                          settings.store.reservation_ttl_s),
-            store=self.store, limiter=self.limiter, meter=self.meter, pricing=self.pricing,
-            metering=settings.metering, sessions=self.sessions,
+            ServiceLimits(server.max_prompt_bytes, server.default_timeout_s, server.max_timeout_s, server.max_queued),
+            store=self.store, limiter=self.limiter, sessions=self.sessions,
         )
         self.service = PromptService(gate, self.tenants, self.meter, metrics=request_metrics, sessions=self.sessions)
         self.status = Status(self.pools, self.all_pools(), self.service)
@@ -167,8 +166,12 @@ class Daemon:
                                  live_credentials=lambda: len(self.credentials))
         # Every configured account's 429/529 counts exist from the start (a rate() has a baseline).
         account_limits = AccountLimits(self.registry, accounts=tuple(sorted({u.account for u in upstreams.values()})))
+        # Each call holds its tenant's budget before it goes out (its max_tokens lowered under a
+        # strict budget); its record settles it.
+        budget = CallBudget(self.store, self.tenants, self.pricing, settings.metering, self.meter,
+                            reservation_ttl_s=settings.store.reservation_ttl_s)
         gateway = Gateway(self.credentials, from_leases(self.all_pools()), upstreams, metrics=metrics,
-                          account_limits=account_limits,
+                          account_limits=account_limits, budget=budget,
                           connect_timeout_s=up.connect_timeout_s, max_connections=up.max_connections,
                           idle_timeout_s=up.idle_timeout_s,
                           max_request_bytes=up.max_request_bytes, shutdown_timeout_s=_HTTP_SHUTDOWN_TIMEOUT_S)
@@ -176,6 +179,7 @@ class Daemon:
         # figure is then a cross-check).
         gateway.hooks.add(CallUsageMeter(self.pricing, self.registry, tenant_labels, tenants=tenant_labels.names,
                                          meter=self.meter))
+        gateway.hooks.add(budget)  # after the pricing hook: it learns from each call's cost
         return gateway
 
     def all_pools(self) -> dict[str, Pool]:

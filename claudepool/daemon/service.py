@@ -1,7 +1,7 @@
 """The one path every prompt takes, whichever front end it came through: `PromptService.handle`.
 
 authenticate → read the request → admit (see `claudepool.daemon.admission`: profile, session,
-size, queue bounds, rate limits, budget reservation) → run: wait for a worker in the pool's fair
+size, queue bounds, rate limits, budget) → run: wait for a worker in the pool's fair
 queue → one turn, streaming text deltas to the caller → one `PromptResult`, or a `ClaudepoolError`
 the front end turns into its error response. Each request ends in exactly one canonical log line
 and one count (`claudepool.daemon.request_log`), refused or served. The request deadline covers the
@@ -94,7 +94,7 @@ class PromptService:
         self.log.refused(exc, tenant=tenant, request=request, request_id=request_id, started=started)
 
     async def admit(self, tenant: Tenant, request: PromptRequest, request_id: str | None = None) -> Admission:
-        """Every check that needs no worker, and the budget reservation. Raises the error to answer.
+        """Every check that needs no worker. Raises the error to answer.
 
         The request counts as in flight from here (a drain waits for it, or stops it); `run`, which
         the caller awaits straight after, ends that. A refusal is counted and logged here, once."""
@@ -175,6 +175,8 @@ class PromptService:
             raise
         result = trace.result
         assert result is not None
+        if admission.context.refusal is not None:
+            raise admission.context.refusal  # the gateway refused a call: that ended the turn
         return PromptResult(
             id=admission.request_id,
             tenant=admission.tenant.name,
@@ -212,10 +214,6 @@ class PromptService:
                 share=TenantShare(tenant.weight, tenant.max_concurrency), priority=Priority(admission.request.priority),
                 wait_s=tenant.max_queue_wait_s or admission.pool.config.lease_timeout_s, drive=drive,
             )
-        except BaseException:
-            if trace.slot is None:
-                self.meter.release(ctx)  # it never reached a worker: give the reservation back
-            raise
         finally:
             admission.queue_slot.release()
         return record.id
@@ -240,7 +238,7 @@ class PromptService:
         return trace.result
 
     async def _acquire(self, admission: Admission) -> Lease:
-        """Wait in the pool's fair queue. Until a worker is leased, the reservation is ours to return."""
+        """Wait in the pool's fair queue."""
         tenant = admission.tenant
         pool = admission.pool
         wait_s = tenant.max_queue_wait_s or pool.config.lease_timeout_s
@@ -249,9 +247,6 @@ class PromptService:
                 tenant.name, timeout_s=wait_s, share=TenantShare(tenant.weight, tenant.max_concurrency),
                 priority=Priority(admission.request.priority),
             )
-        except BaseException:
-            self.meter.release(admission.context)
-            raise
         finally:
             admission.queue_slot.release()
         lease.context = admission.context

@@ -124,5 +124,6 @@ class CallUsageMeter:
             input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
             cache_read_input_tokens=usage.cache_read_tokens, cache_creation_input_tokens=usage.cache_write_tokens,
             cache_write_1h_input_tokens=usage.cache_write_1h_tokens, cost_usd=call.cost_usd, session=a.session,
-            kind="call", call_id=call.id, upstream_request_id=call.upstream_request_id, message_id=usage.message_id,
-            status=call.status, duration_ms=round(duration_s * 1000, 2), first_token_ms=call.first_token_ms)
+            reservation_id=call.reservation_id, kind="call", call_id=call.id,
+            upstream_request_id=call.upstream_request_id, message_id=usage.message_id, status=call.status,
+            duration_ms=round(duration_s * 1000, 2), first_token_ms=call.first_token_ms)

@@ -5,9 +5,8 @@ finished once its answer has been relayed, or the relay stopped. Each `CallHook`
 with the request body, every chunk of the answer exactly as it is relayed (the SSE or JSON bytes),
 and the end. This is where per-call metering attaches: usage is parsed from the chunks
 (``message_start`` and ``message_delta`` in a stream, the body otherwise) and recorded at the end.
-A budget check that must hold a call back, or lower its ``max_tokens``, needs a step before the
-call is forwarded that may refuse it or return another body: it belongs in `CallHook.call_started`'s
-place, made awaitable.
+A budget that must hold a call back, or lower its ``max_tokens``, acts in an awaitable step before
+this (`claudepool.gateway.budget.CallBudget.hold`), which may refuse the call or return another body.
 
 Hooks run on the event loop in the relay's path: they must be quick and must not raise (what one
 raises is logged and the call goes on).
@@ -52,6 +51,8 @@ class Call:
     # What the answer reported, and its price (set by `claudepool.gateway.call_usage` at the end).
     usage: CallUsage | None = None
     cost_usd: float | None = None
+    # The budget reservation the call holds (`claudepool.gateway.budget`), which its record settles.
+    reservation_id: str | None = None
 
     @property
     def first_token_ms(self) -> float | None:

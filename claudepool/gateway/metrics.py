@@ -22,7 +22,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from claudepool.errors import (
     AccountCapped,
+    BudgetStoreDown,
     CallOverAccountCap,
+    CallOverBudget,
+    CallUnpriceable,
     EndpointRefused,
     GatewayRequestTooLarge,
     MissingCredential,
@@ -34,7 +37,7 @@ from claudepool.gateway.calls import OUTCOMES, Call
 
 REFUSAL_REASONS = tuple(e.reason for e in (MissingCredential, UnknownCredential, NoLease, NotInTurn,
                                            EndpointRefused, GatewayRequestTooLarge, AccountCapped,
-                                           CallOverAccountCap))
+                                           CallOverAccountCap, CallOverBudget, CallUnpriceable, BudgetStoreDown))
 OTHER = "__other__"
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 

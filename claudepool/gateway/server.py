@@ -9,7 +9,9 @@ provider's own error format at the first check it fails (and counted by reason):
    ``not_found_error``; the CLI 2.1.328 with the daemon's quiet environment calls nothing else);
 3. the worker serves a request (its pool's lease) and runs a turn (403 ``permission_error``);
 4. a body within ``upstream.max_request_bytes`` (413 ``request_too_large``);
-5. room under the account's caps for the call's priority (429 ``rate_limit_error`` with
+5. room in the tenant's budget for the call, its ``max_tokens`` lowered to fit under a strict budget
+   (402 ``billing_error``, which the CLI does not retry; `claudepool.gateway.budget`);
+6. room under the account's caps for the call's priority (429 ``rate_limit_error`` with
    ``retry-after``, which the CLI waits out and retries; `claudepool.gateway.caps`).
 
 Then the call is attributed to that request (`claudepool.gateway.attribution`), forwarded to the
@@ -42,6 +44,7 @@ from aiohttp import web
 
 from claudepool.errors import (
     AccountCapped,
+    BudgetStoreDown,
     EndpointRefused,
     GatewayError,
     GatewayRefused,
@@ -52,6 +55,7 @@ from claudepool.errors import (
     UpstreamUnreachable,
 )
 from claudepool.gateway.attribution import Attribute, Attribution
+from claudepool.gateway.budget import CallBudget
 from claudepool.gateway.calls import Call, Hooks
 from claudepool.gateway.caps import AccountCaps
 from claudepool.gateway.credentials import CredentialRegistry, presented_credential
@@ -108,7 +112,8 @@ class Gateway:
     def __init__(self, credentials: CredentialRegistry, attribute: Attribute, upstreams: Mapping[str, Upstream], *,
                  default: Upstream | None = None, metrics: GatewayMetrics | None = None,
                  account_limits: AccountLimits | None = None, listener: Listener | None = None,
-                 caps: AccountCaps | None = None, connect_timeout_s: float = 10.0, max_connections: int = 100,
+                 caps: AccountCaps | None = None, budget: CallBudget | None = None,
+                 connect_timeout_s: float = 10.0, max_connections: int = 100,
                  idle_timeout_s: float = 0.0,
                  max_request_bytes: int = 32 * MiB, shutdown_timeout_s: float = 5.0) -> None:
         """``upstreams`` by pool name (a worker's profile name); a pool without one uses ``default``.
@@ -121,6 +126,7 @@ class Gateway:
         self.metrics = metrics
         self.account_limits = account_limits
         self._caps = caps or AccountCaps()
+        self.budget = budget
         self.hooks = Hooks()
         if metrics is not None:
             self.hooks.add(metrics)
@@ -195,12 +201,20 @@ class Gateway:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 raise GatewayRequestTooLarge(f"the request is over {self._max_request_bytes} bytes") from None
-            # Last: a call refused for any other reason must not take room under the caps.
-            self._caps.admit(upstream, attribution.priority, input_bound_tokens=len(body))
-        except (GatewayRefused, AccountCapped) as exc:
+        except GatewayRefused as exc:
             self._refused(request, exc)
             return error_response(exc)
         call = Call(attribution, upstream.name, request.method, request.path, len(body))
+        try:
+            if self.budget is not None:
+                body = await self.budget.hold(call, body)
+            # Last: a call refused for any other reason must not take room under the caps.
+            self._caps.admit(upstream, attribution.priority, input_bound_tokens=len(body))
+        except (GatewayRefused, AccountCapped, BudgetStoreDown) as exc:
+            if self.budget is not None:
+                self.budget.release(call)
+            self._refused(request, exc)
+            return error_response(exc)
         self.hooks.started(call, body)
         try:
             return await self._forwarder.forward(request, body, upstream, call, lambda c: self.hooks.chunk(call, c),
@@ -221,7 +235,7 @@ class Gateway:
             return None
         return lambda status, headers: limits.observe(upstream.account, headers, status=status)
 
-    def _refused(self, request: web.Request, exc: GatewayRefused | AccountCapped) -> None:
+    def _refused(self, request: web.Request, exc: GatewayError) -> None:
         if self.metrics is not None:
             self.metrics.refused(exc.reason)
         self._refusal_log.info("gateway refused a call", {

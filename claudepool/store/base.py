@@ -18,10 +18,14 @@ buckets of its own time (``UsageRecord.at``), so records flushed late still land
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
+
+from claudepool.errors import BudgetExhausted
 
 WindowKind = Literal["day", "month"]
 USAGE_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_input_tokens",
@@ -191,14 +195,52 @@ def month_key(at: float) -> str:
 Usage = dict[str, dict[str, UsageTotals]]  # tenant -> model -> totals
 
 
+def grant(amount_usd: float, min_usd: float | None, reserved_usd: float,
+          windows: Iterable[tuple[float, float, str]]) -> float:
+    """What a reservation may hold, given each window's (limit, spent, name) and what the others hold.
+
+    All of ``amount_usd`` when it fits in the room every limit leaves (limit - spent - reserved);
+    with ``min_usd`` set, otherwise the room itself if it is at least ``min_usd`` and more than
+    nothing (a call then lowers what it may spend to fit). store/scripts/reserve.lua computes the
+    same, in the same order of operations.
+
+    >>> grant(0.5, None, 0.25, [(1.0, 0.0, "daily")])
+    0.5
+    >>> grant(2.0, 0.5, 0.25, [(1.0, 0.0, "daily"), (0.0, 9.0, "monthly")])
+    0.75
+    """
+    room, tightest = math.inf, None
+    for limit, spent, name in windows:
+        if limit > 0 and limit - spent - reserved_usd < room:
+            room, tightest = limit - spent - reserved_usd, (name, limit, spent)
+    if amount_usd <= room:
+        return amount_usd
+    if min_usd is not None and room >= min_usd and room > 0:
+        return room
+    assert tightest is not None
+    name, limit, spent = tightest
+    raise budget_refused(name, limit, spent, reserved_usd, amount_usd if min_usd is None else min_usd,
+                         at_least=min_usd is not None)
+
+
+def budget_refused(name: str, limit_usd: float, spent_usd: float, reserved_usd: float, needs_usd: float, *,
+                   at_least: bool) -> BudgetExhausted:
+    """The refusal both stores raise, word for word."""
+    return BudgetExhausted(f"the {name} budget of ${limit_usd:g} cannot cover this call (spent ${spent_usd:.4f}, "
+                           f"reserved ${reserved_usd:.4f}, needs {'at least' if at_least else 'up to'} "
+                           f"${needs_usd:.4f})")
+
+
 class Store(Protocol):
     """What limits, budgets and metering need from shared state. Raise `StoreError` on outage."""
 
     backend: str
 
     async def reserve(self, tenant: str, reservation_id: str, amount_usd: float, *, daily_limit_usd: float,
-                      monthly_limit_usd: float, ttl_s: float) -> None:
-        """Hold ``amount_usd`` of budget, or raise `BudgetExhausted`. A limit of 0 means none."""
+                      monthly_limit_usd: float, ttl_s: float, min_usd: float | None = None) -> float:
+        """Hold budget and return how much: ``amount_usd`` if it fits under both limits (0: none); with
+        ``min_usd``, else all that is left, if that is at least ``min_usd`` (see `grant`). Raises
+        `BudgetExhausted` when neither fits."""
         ...
 
     async def settle(self, record: UsageRecord) -> bool:

@@ -36,10 +36,11 @@ class InstrumentedStore:
                 self.observer(operation, time.perf_counter() - started, failed)
 
     async def reserve(self, tenant: str, reservation_id: str, amount_usd: float, *, daily_limit_usd: float,
-                      monthly_limit_usd: float, ttl_s: float) -> None:
-        await self._timed("reserve", self.inner.reserve(tenant, reservation_id, amount_usd,
-                                                        daily_limit_usd=daily_limit_usd,
-                                                        monthly_limit_usd=monthly_limit_usd, ttl_s=ttl_s))
+                      monthly_limit_usd: float, ttl_s: float, min_usd: float | None = None) -> float:
+        return await self._timed("reserve", self.inner.reserve(tenant, reservation_id, amount_usd,
+                                                               daily_limit_usd=daily_limit_usd,
+                                                               monthly_limit_usd=monthly_limit_usd, ttl_s=ttl_s,
+                                                               min_usd=min_usd))
 
     async def settle(self, record: UsageRecord) -> bool:
         return await self._timed("settle", self.inner.settle(record))

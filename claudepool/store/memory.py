@@ -18,7 +18,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from claudepool.errors import BudgetExhausted
 from claudepool.store.base import (
     SETTLED_MAX_IDS,
     SETTLED_MEMORY_S,
@@ -29,6 +28,7 @@ from claudepool.store.base import (
     UsageTotals,
     Window,
     day_key,
+    grant,
     month_key,
 )
 from claudepool.store.memory_ledger import RecordLog
@@ -142,7 +142,7 @@ class MemoryStore:
         self._last_pruned_at = 0.0
 
     async def reserve(self, tenant: str, reservation_id: str, amount_usd: float, *, daily_limit_usd: float,
-                      monthly_limit_usd: float, ttl_s: float) -> None:
+                      monthly_limit_usd: float, ttl_s: float, min_usd: float | None = None) -> float:
         now = self._clock()
         held = self._reservations.get(tenant)
         if held is None:
@@ -150,17 +150,13 @@ class MemoryStore:
         held.expire(now)
         # Reserving again under the same id replaces, never doubles.
         reserved = max(held.total_usd() - held.amount(reservation_id), 0.0)
-        for limit, spent, name in (
+        granted = grant(amount_usd, min_usd, reserved, (
             (daily_limit_usd, self._spend_in(tenant, f"d:{day_key(now)}"), "daily"),
             (monthly_limit_usd, self._spend_in(tenant, f"m:{month_key(now)}"), "monthly"),
-        ):
-            if limit > 0 and spent + reserved + amount_usd > limit:
-                raise BudgetExhausted(
-                    f"the {name} budget of ${limit:g} cannot cover this request "
-                    f"(spent ${spent:.4f}, reserved ${reserved:.4f}, needs up to ${amount_usd:.4f})"
-                )
+        ))
         self._reservations[tenant] = held
-        held.hold(reservation_id, amount_usd, now + ttl_s)
+        held.hold(reservation_id, granted, now + ttl_s)
+        return granted
 
     async def settle(self, record: UsageRecord) -> bool:
         now = self._clock()

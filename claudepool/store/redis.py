@@ -37,7 +37,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from claudepool.errors import BudgetExhausted, ConfigError, StoreError
+from claudepool.errors import ConfigError, StoreError
 from claudepool.store import keys
 from claudepool.store.base import (
     USAGE_FIELDS,
@@ -47,6 +47,7 @@ from claudepool.store.base import (
     UsageRecord,
     UsageTotals,
     Window,
+    budget_refused,
     day_key,
     month_key,
 )
@@ -144,22 +145,20 @@ class RedisStore:
         return f"RedisStore({self._where!r}, key_prefix={self._prefix!r})"
 
     async def reserve(self, tenant: str, reservation_id: str, amount_usd: float, *, daily_limit_usd: float,
-                      monthly_limit_usd: float, ttl_s: float) -> None:
+                      monthly_limit_usd: float, ttl_s: float, min_usd: float | None = None) -> float:
         async with self._errors("reserve"):
             reply = await self._reserve(
                 keys=self._reservation_keys(tenant),
                 args=[keys.spend_prefix(self._prefix, tenant, "day"), keys.spend_prefix(self._prefix, tenant, "month"),
                       reservation_id, _num(amount_usd), _limit(daily_limit_usd), _limit(monthly_limit_usd),
-                      _num(ttl_s), keys.RESERVATION_GRACE_S],
+                      _num(ttl_s), keys.RESERVATION_GRACE_S, "" if min_usd is None else _num(min_usd)],
             )
-        if reply[0] != "ok":
-            name, spent, reserved = reply[0], float(reply[1]), float(reply[2])
-            limit = daily_limit_usd if name == "daily" else monthly_limit_usd
-            # The memory store's message, word for word.
-            raise BudgetExhausted(
-                f"the {name} budget of ${limit:g} cannot cover this request "
-                f"(spent ${spent:.4f}, reserved ${reserved:.4f}, needs up to ${amount_usd:.4f})"
-            )
+        if reply[0] == "ok":
+            return float(reply[1])
+        name, spent, reserved = reply[0], float(reply[1]), float(reply[2])
+        limit = daily_limit_usd if name == "daily" else monthly_limit_usd
+        raise budget_refused(name, limit, spent, reserved, amount_usd if min_usd is None else min_usd,
+                             at_least=min_usd is not None)
 
     async def settle(self, record: UsageRecord) -> bool:
         p, t = self._prefix, record.tenant

@@ -1,8 +1,8 @@
-"""Prices, and the budget reservation a request must hold before it may run.
+"""Prices: what each model call costs, by the tokens the gateway measured.
 
-The cost of record is the CLI's own ``total_cost_usd`` delta for the turn. This price table has two
-other jobs: estimating an upper bound of a turn's cost *before* it runs (the reservation), and
-cross-checking the CLI's figure afterwards (a disagreement is counted and logged, never billed).
+The gateway prices every call with this table (that is what is billed), bounds a call's cost before
+it goes out (`claudepool.gateway.budget`), and cross-checks the CLI's own figure for a turn the
+gateway saw no call of (a disagreement is counted and logged).
 
 >>> table = PricingTable({"default": Price(3.0, 15.0, 0.3, 3.75)})
 >>> round(table.cost("any-model", input_tokens=1000, output_tokens=1000), 6)
@@ -13,10 +13,9 @@ cross-checking the CLI's figure afterwards (a disagreement is counted and logged
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from claudepool.tenancy.settings import MeteringSettings, PriceSettings
+from claudepool.tenancy.settings import PriceSettings
 
 
 @dataclass(frozen=True)
@@ -60,11 +59,3 @@ class PricingTable:
                 + cache_read_input_tokens * p.cache_read_per_mtok
                 + cache_creation_input_tokens * p.cache_write_per_mtok
                 + cache_write_1h_input_tokens * p.cache_write_1h) / 1_000_000
-
-    def reservation_usd(self, model: str, prompt_bytes: int, metering: MeteringSettings) -> float:
-        """An upper bound of one turn's cost: every input token priced as a cache write (the dearest
-        input), prompt tokens counted generously (3 bytes each), plus the configured output."""
-        p = self.price(model)
-        input_tokens = math.ceil(prompt_bytes / 3) + metering.reservation_overhead_tokens
-        dearest_input = max(p.input_per_mtok, p.cache_write_per_mtok)
-        return (input_tokens * dearest_input + metering.reservation_output_tokens * p.output_per_mtok) / 1_000_000

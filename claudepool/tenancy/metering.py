@@ -11,8 +11,8 @@ in tests, which calls nothing) is billed with the CLI's figure, as one ``kind="t
 result or the end of a lease that arrives while one of the request's calls is still being relayed
 waits for it, so neither is decided on a partial count. A request counts once in the aggregates,
 on its first record. A lease whose turn started but reported neither a call nor a result is
-recorded as a ``failed`` turn; a request that never got a worker, or whose calls were billed,
-releases its reservation.
+recorded as a ``failed`` turn. Budgets are held per call (`claudepool.gateway.budget`): a call's
+record settles its reservation, and `release` gives back one whose call never went out.
 
 The queue is drained by one task. When the store is down, records wait (bounded) and are retried
 with back-off; settlement is idempotent on the record id, so a retry never counts twice. The ledger
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import orjson
 
-from claudepool.errors import StoreError
+from claudepool.errors import ClaudepoolError, StoreError
 from claudepool.pool.lease import Lease
 from claudepool.pool.worker import TurnResult
 from claudepool.store.base import Store, UsageRecord
@@ -55,7 +55,6 @@ class RequestContext:
     tenant: str
     profile: str
     model: str
-    reservation_id: str | None
     session: str | None = None
     results: int = 0
     finished: bool = False
@@ -70,6 +69,9 @@ class RequestContext:
     finish_deferred: bool | None = None
     # Whether a record of this request has counted it (aggregates count requests, not calls).
     counted: bool = False
+    # Why the gateway refused the request's last model call (its budget, the budget store), if it
+    # did: the request is answered this error rather than the turn the refusal ended.
+    refusal: ClaudepoolError | None = None
 
     def billed_cost_usd(self, cli_cost_usd: float) -> float:
         """What this request is billed so far: its calls, as the gateway measured them, or the CLI's
@@ -150,8 +152,9 @@ class Meter:
             self.finish(ctx, turn_started=ctx.finish_deferred)
 
     def _turn_result(self, ctx: RequestContext, result: TurnResult) -> None:
-        if ctx.calls:
-            # The gateway billed this turn's calls: the CLI's own figure is a cross-check only.
+        if ctx.calls or ctx.refusal is not None:
+            # The gateway billed this turn's calls (or refused them, at no cost): the CLI's own
+            # figure is a cross-check only.
             ctx.results += 1
             cli_tokens = result.usage.context_tokens + result.usage.output_tokens
             if cli_tokens != ctx.call_tokens:
@@ -174,8 +177,6 @@ class Meter:
             cache_creation_input_tokens=result.usage.cache_creation_input_tokens,
             cost_usd=result.cost_usd,
             session=ctx.session,
-            # Only a request's first turn settles its reservation; later ones just add spend.
-            reservation_id=ctx.reservation_id if ctx.results == 0 else None,
             requests=ctx.count_request(),
         )
         ctx.results += 1
@@ -195,25 +196,18 @@ class Meter:
             ctx.finish_deferred = turn_started  # decided once the calls being relayed have ended
             return
         ctx.finished = True
-        if ctx.calls:
-            self.release(ctx)  # the calls spent what the request cost; its reservation goes back
+        if ctx.calls or ctx.results or not turn_started:
             return
-        if ctx.results:
-            return
-        if turn_started:
-            # The turn ran but its worker died or was killed before a result: whatever it cost
-            # upstream, the CLI reported nothing. Record the turn so the ledger shows it.
-            self.submit(UsageRecord(record_id=f"{ctx.request_id}:0", request_id=ctx.request_id,
-                                     tenant=ctx.tenant, profile=ctx.profile, model=ctx.model, outcome="failed",
-                                     at=time.time(), session=ctx.session, reservation_id=ctx.reservation_id,
-                                     requests=ctx.count_request()))
-        else:
-            self.release(ctx)
+        # The turn ran but its worker died or was killed before a result, and the gateway saw no call:
+        # whatever it cost, nothing reported it. Record the turn so the ledger shows it.
+        self.submit(UsageRecord(record_id=f"{ctx.request_id}:0", request_id=ctx.request_id, tenant=ctx.tenant,
+                                 profile=ctx.profile, model=ctx.model, outcome="failed", at=time.time(),
+                                 session=ctx.session, requests=ctx.count_request()))
 
-    def release(self, ctx: RequestContext) -> None:
-        """The request never ran a turn: give its reservation back."""
-        if ctx.reservation_id is not None:
-            self._enqueue(_Release(ctx.tenant, ctx.reservation_id))
+    def release(self, tenant: str, reservation_id: str) -> None:
+        """Give back a reservation whose call never went out; queued behind the records before it, so
+        it reaches the store in order (idempotent)."""
+        self._enqueue(_Release(tenant, reservation_id))
 
     # -- the flusher ------------------------------------------------------------------------------
 

@@ -6,6 +6,8 @@ such as a tenant's profiles existing); nothing here knows about the rest of the 
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 
@@ -27,6 +29,11 @@ class TenantSettings(BaseModel):
     tokens_per_minute: int = Field(default=0, ge=0)
     daily_budget_usd: float = Field(default=0.0, ge=0)
     monthly_budget_usd: float = Field(default=0.0, ge=0)
+    # How the budgets hold each model call (see README, "Budgets"): "strict" reserves what a call can
+    # cost at most and lowers its max_tokens to fit, so spend never exceeds a budget; "soft" reserves
+    # an estimate learnt from recent calls and stops admitting at soft_stop_fraction of the budget.
+    budget_mode: Literal["soft", "strict"] = "soft"
+    soft_stop_fraction: float = Field(default=0.9, gt=0, le=1)
     # Session limits for this tenant (None = the profile's, else [sessions]).
     max_session_turns: int | None = Field(default=None, ge=0)
     max_session_age_s: float | None = Field(default=None, ge=0)
@@ -72,10 +79,17 @@ class MeteringSettings(BaseModel):
 
     # A local JSON-lines copy of every usage record, written at once (kept through store outages).
     ledger_file: str = ""
-    # The reservation for a turn: prompt tokens (bytes / 3) + this overhead at the cache-write price,
-    # plus this many output tokens at the output price. Raise them for long answers or tool use.
-    reservation_overhead_tokens: int = Field(default=8_000, ge=0)
-    reservation_output_tokens: int = Field(default=8_192, ge=0)
+    # A model call's reservation (gateway/budget.py). Its input is bounded by the request's bytes
+    # (a token is at least one byte) plus this allowance for what the provider adds itself (the
+    # tool-use system prompt is a few hundred tokens).
+    call_input_overhead_tokens: int = Field(default=1_000, ge=0)
+    # Strict budgets: a call whose max_tokens must be lowered below this to fit is refused instead.
+    min_call_output_tokens: int = Field(default=1_024, ge=1)
+    # Soft budgets: a call reserves the mean cost of this many recent calls of its profile.
+    soft_estimate_calls: int = Field(default=32, ge=1)
+    # A call that does not fit only because other calls in flight hold the rest waits this long
+    # for them to settle before it is refused.
+    budget_wait_s: float = Field(default=30.0, ge=0)
     # Usage records waiting for the store when it is down; past this, the oldest are written to the
     # log at error level rather than held.
     max_buffered_records: int = Field(default=100_000, gt=0)

@@ -50,6 +50,8 @@ class Tenant:
     tokens_per_minute: int = 0
     daily_budget_usd: float = 0.0
     monthly_budget_usd: float = 0.0
+    budget_mode: str = "soft"
+    soft_stop_fraction: float = 0.9
     max_session_turns: int | None = None
     max_session_age_s: float | None = None
     max_session_context_tokens: int | None = None
@@ -62,7 +64,8 @@ class Tenant:
                    weight=settings.weight, max_concurrency=settings.max_concurrency, max_queued=settings.max_queued,
                    max_queue_wait_s=settings.max_queue_wait_s, requests_per_minute=settings.requests_per_minute,
                    tokens_per_minute=settings.tokens_per_minute, daily_budget_usd=settings.daily_budget_usd,
-                   monthly_budget_usd=settings.monthly_budget_usd, max_session_turns=settings.max_session_turns,
+                   monthly_budget_usd=settings.monthly_budget_usd, budget_mode=settings.budget_mode,
+                   soft_stop_fraction=settings.soft_stop_fraction, max_session_turns=settings.max_session_turns,
                    max_session_age_s=settings.max_session_age_s,
                    max_session_context_tokens=settings.max_session_context_tokens, max_sessions=settings.max_sessions)
 

@@ -9,6 +9,7 @@ history never re-triggers them:
 
     [[reply:TEXT]]     answer exactly TEXT
     [[echo]]           answer with every user text of the request (what the model "sees")
+    [[tokens:N]]       answer N tokens of filler (a long answer from a short prompt)
     [[status:529]]     answer with that HTTP error status and an Anthropic error body
     [[delay_s:0.5]]    wait before the answer starts
     [[chunks:5]]       split the answer into this many text deltas
@@ -19,10 +20,14 @@ history never re-triggers them:
     [[tool:Bash:CMD]]  answer ``stop_reason: "tool_use"`` with one ``tool_use`` block: tool ``Bash``,
                        input ``{"command": "CMD"}`` (another tool's argument is its input as a JSON
                        object); CMD may not contain ``]``
+    [[loop:N]]         a tool loop: answer N Bash tool calls in a row (``echo loop step K``), one per
+                       request of the turn, then the last tool result; ``[[loop:N:B]]``: each tool
+                       prints B bytes more (a loop whose context grows)
 
 A request whose last user message carries a ``tool_result`` (the CLI ran the tool) is answered with
 that result's text, so the tenant's answer shows what the tool printed. Without a directive the
-answer is ``ok: <first 40 chars of the prompt>``.
+answer is ``ok: <first 40 chars of the prompt>``. An answer longer than the request's ``max_tokens``
+is cut there, with ``stop_reason: "max_tokens"``.
 
 Every response carries a ``request-id`` (``req_fake_…``, kept in the log) and the provider's
 ``anthropic-ratelimit-{requests,input-tokens,output-tokens}-*`` headers, as the real API sends them
@@ -190,7 +195,11 @@ class FakeUpstream:
             return web.json_response(_error_body(status, f"fake upstream injected {status}"), status=status,
                                      headers=self._headers(rec, plan.get("ratelimit_remaining"), **extra))
         tool_result = _tool_result_text(body)
-        if "tool" in plan and tool_result is None:
+        step, pad_bytes = _loop_step(body)
+        if step:
+            pad = f"head -c {pad_bytes} /dev/zero | tr '\\0' x; " if pad_bytes else ""
+            plan = {**plan, "tool": f"Bash:{pad}echo loop step {step}"}
+        if "tool" in plan and (tool_result is None or step):
             block = _tool_use_block(plan["tool"], next(self._ids))
             text = ""
             stop_reason = "tool_use"
@@ -201,6 +210,11 @@ class FakeUpstream:
                 _answer_text(plan, body)
             stop_reason = "end_turn"
             output = text.encode()
+            max_tokens = body.get("max_tokens")
+            if isinstance(max_tokens, int) and _tokens(output) > max_tokens:
+                # The answer stops at max_tokens, as the API's does (4 bytes a token here).
+                output = output[:4 * max_tokens]
+                text, stop_reason = output.decode(errors="ignore"), "max_tokens"
         usage = {**self._usage(body), "output_tokens": max(1, _tokens(output))}
         rec.status = 200
         rec.usage = usage
@@ -209,7 +223,7 @@ class FakeUpstream:
             if block is not None:
                 message["content"] = [block]
             return web.json_response(message, headers=self._headers(rec, plan.get("ratelimit_remaining")))
-        return await self._stream(request, rec, body, text, usage, plan, block)
+        return await self._stream(request, rec, body, text, usage, plan, block, stop_reason)
 
     async def _stream(
         self,
@@ -220,6 +234,7 @@ class FakeUpstream:
         usage: dict[str, int],
         plan: dict[str, str],
         tool_use: dict[str, Any] | None = None,
+        stop_reason: str = "end_turn",
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers=self._headers(rec, plan.get("ratelimit_remaining"), **{
             "content-type": "text/event-stream", "cache-control": "no-cache"}))
@@ -264,7 +279,7 @@ class FakeUpstream:
                                                "delta": {"type": "text_delta", "text": piece}})
         await send("content_block_stop", {"type": "content_block_stop", "index": 0})
         await send("message_delta", {"type": "message_delta",
-                                     "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                     "delta": {"stop_reason": stop_reason, "stop_sequence": None},
                                      "usage": {"output_tokens": usage["output_tokens"]}})
         await send("message_stop", {"type": "message_stop"})
         await resp.write_eof()
@@ -374,6 +389,18 @@ def _tool_result_text(body: dict[str, Any]) -> str | None:
     return None
 
 
+def _loop_step(body: dict[str, Any]) -> tuple[int, int]:
+    """Under ``[[loop:N]]`` in the turn's prompt (its last user message with text): the number of the
+    tool call to answer next, or 0 once N tool results came back (or without the directive); and
+    the bytes each tool call prints besides."""
+    messages = [m for m in body.get("messages") or [] if m.get("role") == "user"]
+    for back, message in enumerate(reversed(messages)):
+        found = re.search(r"\[\[loop:(\d+)(?::(\d+))?\]\]", "\n".join(_user_texts(message)))
+        if found:
+            return (back + 1 if back < int(found.group(1)) else 0), int(found.group(2) or 0)
+    return 0, 0
+
+
 def _tool_use_block(directive: str, number: int) -> dict[str, Any]:
     name, _, argument = directive.partition(":")
     tool_input = orjson.loads(argument) if name != "Bash" and argument.startswith("{") else {"command": argument}
@@ -390,6 +417,8 @@ def _directives(text: str) -> dict[str, str]:
 def _answer_text(plan: dict[str, str], body: dict[str, Any]) -> str:
     if "reply" in plan:
         return plan["reply"]
+    if "tokens" in plan:
+        return ("word " * int(plan["tokens"]))[:4 * int(plan["tokens"])]
     if "echo" in plan:
         texts = [t for m in body.get("messages") or [] if m.get("role") == "user" for t in _user_texts(m)]
         return "\n".join(texts)

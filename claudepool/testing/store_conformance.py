@@ -112,8 +112,9 @@ def record(tenant: str = "acme", *, cost: float = 0.0, at: float | None = None, 
 
 
 async def reserve(store: Store, rid: str, amount: float, *, daily: float = 0.0, monthly: float = 0.0,
-                  tenant: str = "acme", ttl_s: float = 60.0) -> None:
-    await store.reserve(tenant, rid, amount, daily_limit_usd=daily, monthly_limit_usd=monthly, ttl_s=ttl_s)
+                  tenant: str = "acme", ttl_s: float = 60.0, least: float | None = None) -> float:
+    return await store.reserve(tenant, rid, amount, daily_limit_usd=daily, monthly_limit_usd=monthly, ttl_s=ttl_s,
+                               min_usd=least)
 
 
 def another_day_this_month(now: float) -> float:
@@ -150,7 +151,7 @@ async def refusal_names_the_limit_spent_reserved_and_needed(store: Store) -> Non
     await reserve(store, "r1", 1.5, daily=10.0)
     with raises(BudgetExhausted) as refused:
         await reserve(store, "r2", 3.0, daily=10.0)
-    assert str(refused[0]) == ("the daily budget of $10 cannot cover this request "
+    assert str(refused[0]) == ("the daily budget of $10 cannot cover this call "
                                "(spent $8.0000, reserved $1.5000, needs up to $3.0000)")
     assert (await store.budget("acme")).reserved_usd == 1.5  # the refused one holds nothing
 
@@ -229,7 +230,7 @@ async def fifty_concurrent_reserves_never_overbook(store: Store) -> None:
     results = await asyncio.gather(
         *(reserve(store, f"r{i}", 1.0, daily=10.0, monthly=100.0) for i in range(50)), return_exceptions=True
     )
-    won = [f"r{i}" for i, result in enumerate(results) if result is None]
+    won = [f"r{i}" for i, result in enumerate(results) if result == 1.0]
     refused = [result for result in results if isinstance(result, BudgetExhausted)]
     assert (len(won), len(refused)) == (10, 40), results
     assert (await store.budget("acme")).reserved_usd == 10.0
@@ -239,6 +240,41 @@ async def fifty_concurrent_reserves_never_overbook(store: Store) -> None:
     assert math.isclose(state.month_spent_usd, 9.0, rel_tol=0, abs_tol=1e-9)
     assert math.isclose(state.day_spent_usd, 9.0, rel_tol=0, abs_tol=1e-9)
     assert state.reserved_usd == 0.0
+
+
+@check()
+async def a_reserve_with_a_least_amount_holds_what_is_left(store: Store) -> None:
+    await store.settle(record(cost=6.0))
+    assert await reserve(store, "r1", 1.0, daily=10.0, least=0.5) == 1.0  # it fits: all of it
+    assert await reserve(store, "r2", 5.0, daily=10.0, monthly=100.0, least=2.0) == 3.0  # the room left
+    assert (await store.budget("acme")).reserved_usd == 4.0
+    with raises(BudgetExhausted) as refused:
+        await reserve(store, "r3", 5.0, daily=10.0, least=0.01)  # nothing is left
+    assert str(refused[0]) == ("the daily budget of $10 cannot cover this call "
+                               "(spent $6.0000, reserved $4.0000, needs at least $0.0100)")
+    await store.release("acme", "r2")
+    with raises(BudgetExhausted, match=r"needs at least \$3\.5000"):
+        await reserve(store, "r3", 5.0, daily=10.0, least=3.5)  # 3 left, under the least amount
+    assert (await store.budget("acme")).reserved_usd == 1.0
+
+
+@check()
+async def the_tighter_limit_bounds_a_partial_reserve(store: Store) -> None:
+    await store.settle(record(cost=9.0, at=another_day_this_month(time.time())))
+    assert await reserve(store, "r1", 5.0, daily=10.0, monthly=12.0, least=1.0) == 3.0  # the month has 3 left
+    with raises(BudgetExhausted, match=r"^the monthly budget of \$12 "):
+        await reserve(store, "r2", 5.0, daily=10.0, monthly=12.0, least=0.1)
+
+
+@check()
+async def fifty_concurrent_partial_reserves_hold_exactly_the_budget(store: Store) -> None:
+    results = await asyncio.gather(
+        *(reserve(store, f"r{i}", 0.75, daily=10.0, least=0.1) for i in range(50)), return_exceptions=True
+    )
+    granted = [result for result in results if isinstance(result, float)]
+    assert len(granted) == 14 and sorted(granted)[0] == 0.25, results  # 13 x 0.75, then the 0.25 left
+    assert all(isinstance(r, BudgetExhausted) for r in results if not isinstance(r, float))
+    assert (await store.budget("acme")).reserved_usd == 10.0
 
 
 # -- settle -------------------------------------------------------------------------------------

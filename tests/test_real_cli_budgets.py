@@ -6,21 +6,25 @@ call. The upstream is the loopback fake; prices are Sonnet-like."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from claudepool.client import AsyncClient
 from claudepool.errors import RemoteError
+from claudepool.store.redis import RedisStore
 from claudepool.testing.fake_upstream import FakeUpstream
-from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
+from tests.daemon_fixtures import KEY, KEYS, DaemonProcess, RunningDaemon, make_daemon, start_daemon
+from tests.test_lifecycle import write_config
 from tests.test_tenancy import FAKE_PRICING
 
 pytestmark = pytest.mark.real_cli
-__all__ = ["make_daemon"]
+__all__ = ["make_daemon", "start_daemon"]
 
 MakeDaemon = Callable[..., Awaitable[RunningDaemon]]
 # A strict profile lowers the CLI's own max_tokens (128,000 by default), so a call's bound is near
@@ -163,3 +167,55 @@ async def test_a_tool_loop_that_runs_out_of_budget_stops_at_its_next_call(
     else:
         assert spent < 0.9 * budget + max(r.cost_usd for r in ledger)
     assert time.monotonic() - started < 60
+
+
+async def test_two_daemons_on_one_redis_hold_one_strict_budget(
+    tmp_path: Path, redis_url: str, real_claude: str, upstream: FakeUpstream,
+    start_daemon: Callable[..., Awaitable[DaemonProcess]],
+) -> None:
+    budget = 0.30
+    pricing = "\n".join(f"{k} = {v}" for k, v in FAKE_PRICING["default"].items())
+    extra = f"""daily_budget_usd = {budget}
+budget_mode = "strict"
+
+[store]
+url = "{redis_url}"
+
+[upstream]
+base_url = "{upstream.base_url}"
+api_key = "sk-ant-test"
+
+[profiles.default]
+upstream_max_retries = 0
+env = {{CLAUDE_CODE_MAX_OUTPUT_TOKENS = "1024"}}
+
+[pricing.default]
+{pricing}
+"""
+    daemons = []
+    for name in ("a", "b"):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        config = write_config(workdir, extra=extra, claude_bin=real_claude)
+        daemons.append(await start_daemon("--config", str(config)))
+        assert daemons[-1].url, daemons[-1].output
+    # Both daemons' workers spend the one budget at once: 40 requests, ~$0.03 of answer each.
+    async with AsyncClient(key=KEY, url=daemons[0].url) as a, AsyncClient(key=KEY, url=daemons[1].url) as b:
+        results = await asyncio.gather(*(client.prompt("[[tokens:2000]] write at length", timeout_s=120)
+                                         for client in (a, b) * 20), return_exceptions=True)
+    served = [r for r in results if not isinstance(r, BaseException)]
+    assert len(served) >= 2 and all(over_budget(r) for r in results if isinstance(r, BaseException)), {
+        repr(r) for r in results}
+    for d in daemons:
+        d.proc.send_signal(signal.SIGTERM)
+        assert await d.wait_exit() == 0  # each flushed its records to Redis before it exited
+    store = RedisStore(redis_url)
+    try:
+        state = await store.budget("acme")
+        ledger = await store.ledger("acme")
+    finally:
+        await store.close()
+    assert state.day_spent_usd <= budget
+    assert state.reserved_usd == pytest.approx(0, abs=1e-12)
+    assert sum(r.cost_usd for r in ledger) == pytest.approx(state.day_spent_usd, rel=1e-9)
+    assert sum(r.cost_usd for r in served) <= state.day_spent_usd + 1e-12

@@ -20,8 +20,8 @@ from claudepool.errors import RemoteError
 from claudepool.store.redis import RedisStore
 from claudepool.testing.fake_upstream import FakeUpstream
 from tests.daemon_fixtures import KEY, KEYS, DaemonProcess, RunningDaemon, make_daemon, start_daemon
-from tests.test_lifecycle import write_config
 from tests.test_tenancy import FAKE_PRICING
+from tests.test_tenancy_redis import start_daemons
 
 pytestmark = pytest.mark.real_cli
 __all__ = ["make_daemon", "start_daemon"]
@@ -192,13 +192,7 @@ env = {{CLAUDE_CODE_MAX_OUTPUT_TOKENS = "1024"}}
 [pricing.default]
 {pricing}
 """
-    daemons = []
-    for name in ("a", "b"):
-        workdir = tmp_path / name
-        workdir.mkdir()
-        config = write_config(workdir, extra=extra, claude_bin=real_claude)
-        daemons.append(await start_daemon("--config", str(config)))
-        assert daemons[-1].url, daemons[-1].output
+    daemons = await start_daemons(start_daemon, tmp_path, extra, claude_bin=real_claude)
     # Both daemons' workers spend the one budget at once: 40 requests, ~$0.03 of answer each.
     async with AsyncClient(key=KEY, url=daemons[0].url) as a, AsyncClient(key=KEY, url=daemons[1].url) as b:
         results = await asyncio.gather(*(client.prompt("[[tokens:2000]] write at length", timeout_s=120)

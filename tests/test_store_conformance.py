@@ -59,7 +59,8 @@ async def test_the_whole_suite_passes_in_one_call() -> None:
 
 def test_every_check_written_is_registered() -> None:
     # A coroutine function taking a store but missing its @check would silently never run.
-    written = {name for name, value in vars(conformance).items()
+    written = {name for module in (conformance, conformance.store_conformance_budgets)
+               for name, value in vars(module).items()
                if inspect.iscoroutinefunction(value) and list(inspect.signature(value).parameters) in (
                    ["store"], ["small_store"])}
     assert written == {check.name for check in conformance.CHECKS}

@@ -75,6 +75,18 @@ async def test_redis_outage_limits_fail_open_budgets_fail_closed_usage_is_kept(
     assert (await post(d, {"prompt": "after, budgeted"}))[0] == 200  # budgets work again
 
 
+async def start_daemons(start: Callable[..., Awaitable[DaemonProcess]], tmp_path: Path, extra: str, *,
+                        names: tuple[str, ...] = ("a", "b"), **options: Any) -> list[DaemonProcess]:
+    """Daemon processes sharing ``extra`` of the test config, each in a directory of its own."""
+    daemons = []
+    for name in names:
+        workdir = tmp_path / name
+        workdir.mkdir()
+        daemons.append(await start("--config", str(write_config(workdir, extra=extra, **options))))
+        assert daemons[-1].url, daemons[-1].output
+    return daemons
+
+
 async def _post_to(url: str, body: dict[str, Any], key: str = KEY) -> tuple[int, dict[str, Any]]:
     async with aiohttp.ClientSession() as session, session.post(
         f"{url}/v1/prompt", data=orjson.dumps(body), headers={"Authorization": f"Bearer {key}"}
@@ -94,12 +106,7 @@ url = "{redis_url}"
 [pricing.default]
 {pricing}
 """
-    daemons = []
-    for name in ("a", "b"):
-        workdir = tmp_path / name
-        workdir.mkdir()
-        daemons.append(await start_daemon("--config", str(write_config(workdir, extra=extra))))
-    a, b = daemons
+    a, b = await start_daemons(start_daemon, tmp_path, extra)
     # Six requests per minute for the tenant, across both daemons together.
     statuses = [(await _post_to(d.url, {"prompt": "shared limit"}))[0] for d in (a, b, a, b, a, b)]
     assert statuses == [200] * 6

@@ -23,259 +23,30 @@ a second for a reservation's TTL to pass.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import random
-import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from typing import Any
+from dataclasses import replace
 
-from claudepool.errors import BudgetExhausted
 from claudepool.store.base import BudgetState, SessionRecord, Store, UsageRecord, UsageTotals, Window
+from claudepool.testing import store_conformance_budgets
+from claudepool.testing.conformance_kit import (
+    CHECKS,
+    DAY,
+    MODEL,
+    OTHER_MODEL,
+    SEQ,
+    Check,
+    StoreFactory,
+    another_day_this_month,
+    check,
+    record,
+    reserve,
+    run,
+    run_all,
+)
 
-# make_store(**options) -> a new, empty store.
-StoreFactory = Callable[..., Store]
-
-
-@dataclass(frozen=True)
-class Check:
-    """One behaviour every store must have, and the store options it needs."""
-
-    name: str
-    body: Callable[[Store], Awaitable[None]]
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        return self.name
-
-
-CHECKS: list[Check] = []
-
-
-def check(**options: Any) -> Callable[[Callable[[Store], Awaitable[None]]], Callable[[Store], Awaitable[None]]]:
-    """Add the decorated coroutine function to `CHECKS`, run on a store made with ``options``."""
-    def register(body: Callable[[Store], Awaitable[None]]) -> Callable[[Store], Awaitable[None]]:
-        CHECKS.append(Check(body.__name__, body, options))
-        return body
-    return register
-
-
-async def run(one: Check, make_store: StoreFactory) -> None:
-    """Run one check on a fresh store, and close the store."""
-    store = make_store(**one.options)
-    try:
-        await one.body(store)
-    finally:
-        await store.close()
-
-
-async def run_all(make_store: StoreFactory) -> None:
-    """Every check in turn; the first that fails raises `AssertionError` (or what the store raised)."""
-    for one in CHECKS:
-        await run(one, make_store)
-
-
-@contextlib.contextmanager
-def raises(kind: type[BaseException], match: str | None = None) -> Iterator[list[BaseException]]:
-    """Like ``pytest.raises``, without pytest: the block must raise ``kind`` (its message matching
-    ``match``, searched); the list holds the exception afterwards."""
-    caught: list[BaseException] = []
-    try:
-        yield caught
-    except kind as exc:
-        if match is not None and not re.search(match, str(exc)):
-            raise AssertionError(f"{type(exc).__name__}({str(exc)!r}) does not match {match!r}") from exc
-        caught.append(exc)
-        return
-    raise AssertionError(f"{kind.__name__} was not raised")
-
-
-DAY = 86400.0
-MODEL = "claude-sonnet-4-5:20250929"  # ':' and '-' in a model name must survive the key layout
-OTHER_MODEL = "claude-haiku-4-5"
-
-
-_seq = [0]  # distinct record and session ids across checks
-
-
-def record(tenant: str = "acme", *, cost: float = 0.0, at: float | None = None, model: str = MODEL,
-           reservation_id: str | None = None, record_id: str | None = None, **fields: Any) -> UsageRecord:
-    _seq[0] += 1
-    return UsageRecord(
-        record_id=record_id or f"rec-{_seq[0]}", request_id=f"req-{_seq[0]}", tenant=tenant, profile="default",
-        model=model, outcome="ok", at=time.time() if at is None else at, cost_usd=cost,
-        reservation_id=reservation_id, session=None, **fields,
-    )
-
-
-async def reserve(store: Store, rid: str, amount: float, *, daily: float = 0.0, monthly: float = 0.0,
-                  tenant: str = "acme", ttl_s: float = 60.0, least: float | None = None) -> float:
-    return await store.reserve(tenant, rid, amount, daily_limit_usd=daily, monthly_limit_usd=monthly, ttl_s=ttl_s,
-                               min_usd=least)
-
-
-def another_day_this_month(now: float) -> float:
-    """A time on another UTC day of the current month."""
-    day = datetime.fromtimestamp(now, UTC).day
-    return now - DAY if day > 1 else now + DAY
-
-
-# -- reserve ------------------------------------------------------------------------------------
-
-
-@check()
-async def a_requests_calls_count_once_as_a_request_and_keep_their_call_fields(store: Store) -> None:
-    first = record(cost=0.25, input_tokens=10, output_tokens=5, kind="call", requests=1, call_id="gwc_1",
-                   upstream_request_id="req_p1", message_id="msg_1", status=200, duration_ms=12.5,
-                   first_token_ms=3.0, cache_creation_input_tokens=30, cache_write_1h_input_tokens=20)
-    second = record(cost=0.5, input_tokens=1, output_tokens=2, kind="call", requests=0, call_id="gwc_2")
-    assert await store.settle(first) and await store.settle(second)
-    totals = (await store.usage(Window.current("day"), ["acme"]))["acme"][MODEL]
-    assert (totals.requests, totals.input_tokens, totals.output_tokens, totals.cost_usd) == (1, 11, 7, 0.75)
-    assert await store.ledger("acme") == [first, second]  # every field, as settled
-
-
-@check()
-async def reserve_within_budget_holds_the_amount(store: Store) -> None:
-    await reserve(store, "r1", 4.0, daily=10.0, monthly=100.0)
-    await reserve(store, "r2", 6.0, daily=10.0, monthly=100.0)  # exactly the limit is allowed
-    assert await store.budget("acme") == BudgetState(day_spent_usd=0.0, month_spent_usd=0.0, reserved_usd=10.0)
-
-
-@check()
-async def refusal_names_the_limit_spent_reserved_and_needed(store: Store) -> None:
-    await store.settle(record(cost=8.0))
-    await reserve(store, "r1", 1.5, daily=10.0)
-    with raises(BudgetExhausted) as refused:
-        await reserve(store, "r2", 3.0, daily=10.0)
-    assert str(refused[0]) == ("the daily budget of $10 cannot cover this call "
-                               "(spent $8.0000, reserved $1.5000, needs up to $3.0000)")
-    assert (await store.budget("acme")).reserved_usd == 1.5  # the refused one holds nothing
-
-
-@check()
-async def zero_limits_mean_unlimited(store: Store) -> None:
-    await store.settle(record(cost=1e6))
-    await reserve(store, "r1", 1e9)
-    await reserve(store, "r2", 1e9, daily=0.0, monthly=0.0)
-    assert (await store.budget("acme")).reserved_usd == 2e9
-
-
-@check()
-async def daily_limit_is_enforced_on_todays_spend(store: Store) -> None:
-    now = time.time()
-    await store.settle(record(cost=8.0, at=now))
-    await store.settle(record(cost=5.0, at=another_day_this_month(now)))  # this month, not today
-    await store.settle(record(cost=50.0, at=now - 40 * DAY))  # another month
-    with raises(BudgetExhausted, match=r"^the daily budget of \$10 cannot cover .*spent \$8\.0000"):
-        await reserve(store, "r1", 2.5, daily=10.0, monthly=1000.0)
-    await reserve(store, "r2", 2.0, daily=10.0, monthly=1000.0)
-
-
-@check()
-async def monthly_limit_is_enforced_on_this_months_spend(store: Store) -> None:
-    await store.settle(record(cost=8.0, at=another_day_this_month(time.time())))
-    assert (await store.budget("acme")).day_spent_usd == 0.0
-    with raises(BudgetExhausted, match=r"^the monthly budget of \$10 cannot cover .*spent \$8\.0000"):
-        await reserve(store, "r1", 2.5, daily=100.0, monthly=10.0)
-    await reserve(store, "r2", 2.0, daily=100.0, monthly=10.0)
-
-
-@check()
-async def reservations_count_against_the_budget(store: Store) -> None:
-    await reserve(store, "r1", 7.0, daily=10.0)
-    with raises(BudgetExhausted, match=r"reserved \$7\.0000"):
-        await reserve(store, "r2", 4.0, daily=10.0)
-    with raises(BudgetExhausted, match=r"^the monthly budget"):
-        await reserve(store, "r2", 4.0, monthly=10.0)
-
-
-@check()
-async def release_frees_the_budget(store: Store) -> None:
-    await reserve(store, "r1", 7.0, daily=10.0)
-    await store.release("acme", "r1")
-    await store.release("acme", "never-reserved")  # a no-op, not an error
-    assert (await store.budget("acme")).reserved_usd == 0.0
-    await reserve(store, "r2", 10.0, daily=10.0)
-
-
-@check()
-async def reserving_again_under_the_same_id_replaces(store: Store) -> None:
-    await reserve(store, "r1", 5.0, daily=10.0)
-    await reserve(store, "r1", 5.0, daily=10.0)
-    assert (await store.budget("acme")).reserved_usd == 5.0
-    await reserve(store, "r1", 8.0, daily=10.0)  # 8 fits only if the old 5 no longer counts
-    assert (await store.budget("acme")).reserved_usd == 8.0
-    with raises(BudgetExhausted):
-        await reserve(store, "r2", 3.0, daily=10.0)
-
-
-@check()
-async def a_reservation_expires_after_its_ttl(store: Store) -> None:
-    await reserve(store, "r1", 8.0, daily=10.0, ttl_s=0.3)
-    await reserve(store, "long", 1.0, daily=10.0, ttl_s=60)
-    with raises(BudgetExhausted):
-        await reserve(store, "r2", 5.0, daily=10.0)
-    await asyncio.sleep(0.5)  # the TTL passes on the store's own clock: the behaviour checked, not a wait for a task
-    assert (await store.budget("acme")).reserved_usd == 1.0
-    await reserve(store, "r2", 5.0, daily=10.0)
-    assert (await store.budget("acme")).reserved_usd == 6.0
-
-
-@check()
-async def fifty_concurrent_reserves_never_overbook(store: Store) -> None:
-    results = await asyncio.gather(
-        *(reserve(store, f"r{i}", 1.0, daily=10.0, monthly=100.0) for i in range(50)), return_exceptions=True
-    )
-    won = [f"r{i}" for i, result in enumerate(results) if result == 1.0]
-    refused = [result for result in results if isinstance(result, BudgetExhausted)]
-    assert (len(won), len(refused)) == (10, 40), results
-    assert (await store.budget("acme")).reserved_usd == 10.0
-    for rid in won:
-        assert await store.settle(record(cost=0.9, reservation_id=rid))
-    state = await store.budget("acme")
-    assert math.isclose(state.month_spent_usd, 9.0, rel_tol=0, abs_tol=1e-9)
-    assert math.isclose(state.day_spent_usd, 9.0, rel_tol=0, abs_tol=1e-9)
-    assert state.reserved_usd == 0.0
-
-
-@check()
-async def a_reserve_with_a_least_amount_holds_what_is_left(store: Store) -> None:
-    await store.settle(record(cost=6.0))
-    assert await reserve(store, "r1", 1.0, daily=10.0, least=0.5) == 1.0  # it fits: all of it
-    assert await reserve(store, "r2", 5.0, daily=10.0, monthly=100.0, least=2.0) == 3.0  # the room left
-    assert (await store.budget("acme")).reserved_usd == 4.0
-    with raises(BudgetExhausted) as refused:
-        await reserve(store, "r3", 5.0, daily=10.0, least=0.01)  # nothing is left
-    assert str(refused[0]) == ("the daily budget of $10 cannot cover this call "
-                               "(spent $6.0000, reserved $4.0000, needs at least $0.0100)")
-    await store.release("acme", "r2")
-    with raises(BudgetExhausted, match=r"needs at least \$3\.5000"):
-        await reserve(store, "r3", 5.0, daily=10.0, least=3.5)  # 3 left, under the least amount
-    assert (await store.budget("acme")).reserved_usd == 1.0
-
-
-@check()
-async def the_tighter_limit_bounds_a_partial_reserve(store: Store) -> None:
-    await store.settle(record(cost=9.0, at=another_day_this_month(time.time())))
-    assert await reserve(store, "r1", 5.0, daily=10.0, monthly=12.0, least=1.0) == 3.0  # the month has 3 left
-    with raises(BudgetExhausted, match=r"^the monthly budget of \$12 "):
-        await reserve(store, "r2", 5.0, daily=10.0, monthly=12.0, least=0.1)
-
-
-@check()
-async def fifty_concurrent_partial_reserves_hold_exactly_the_budget(store: Store) -> None:
-    results = await asyncio.gather(
-        *(reserve(store, f"r{i}", 0.75, daily=10.0, least=0.1) for i in range(50)), return_exceptions=True
-    )
-    granted = [result for result in results if isinstance(result, float)]
-    assert len(granted) == 14 and sorted(granted)[0] == 0.25, results  # 13 x 0.75, then the 0.25 left
-    assert all(isinstance(r, BudgetExhausted) for r in results if not isinstance(r, float))
-    assert (await store.budget("acme")).reserved_usd == 10.0
-
+__all__ = ["CHECKS", "Check", "StoreFactory", "run", "run_all", "store_conformance_budgets"]
 
 # -- settle -------------------------------------------------------------------------------------
 
@@ -513,9 +284,9 @@ async def ledger_since_filters_on_the_records_own_time(store: Store) -> None:
 
 
 def session(tenant: str = "acme", state: str = "new") -> SessionRecord:
-    _seq[0] += 1
+    SEQ[0] += 1
     now = time.time()
-    return SessionRecord(id=f"s_conformance{_seq[0]:06d}", tenant=tenant, profile="default", created_at=now,
+    return SessionRecord(id=f"s_conformance{SEQ[0]:06d}", tenant=tenant, profile="default", created_at=now,
                          last_used_at=now, state=state)
 
 

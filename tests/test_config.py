@@ -177,6 +177,40 @@ def test_each_profile_is_handed_its_upstream(tmp_path: Path, monkeypatch: pytest
     assert not settings.upstream_for("default").has_credential
 
 
+def test_the_admin_key_is_read_for_reconcile_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    admin_file = tmp_path / "admin.key"
+    admin_file.write_text("sk-ant-admin01-from-a-file\n")
+    path = write(tmp_path, f"""
+        [upstream]
+        api_key = "sk-ant-api03-calls"
+        admin_key_file = "{admin_file}"
+        [upstream.profiles.batch]
+        api_key = "sk-ant-api03-batch"
+        [profiles.default]
+        [profiles.batch]
+    """)
+    settings = load_settings(path)
+    assert settings.upstream.admin_credential() == "sk-ant-admin01-from-a-file"
+    # No call carries it, whatever the profile; no worker holds it.
+    for name in ("default", "batch"):
+        upstream = settings.upstream_for(name)
+        assert not any("admin" in value for value in upstream.headers.values())
+        assert "sk-ant-admin01" not in repr(upstream)
+        assert not any("admin" in value for value in settings.profile(name).env.values())
+    monkeypatch.setenv("CLAUDEPOOL_UPSTREAM__ADMIN_KEY_FILE", "")
+    monkeypatch.setenv("CLAUDEPOOL_UPSTREAM__ADMIN_KEY", "sk-ant-admin01-from-env")
+    assert load_settings(path).upstream.admin_credential() == "sk-ant-admin01-from-env"
+    monkeypatch.delenv("CLAUDEPOOL_UPSTREAM__ADMIN_KEY")
+    monkeypatch.delenv("CLAUDEPOOL_UPSTREAM__ADMIN_KEY_FILE")
+    admin_file.write_text("\n")
+    with pytest.raises(ConfigError, match=f"upstream.admin_key_file: {admin_file} is empty"):
+        settings.upstream.admin_credential()
+    admin_file.unlink()
+    with pytest.raises(ConfigError, match=f"upstream.admin_key_file: cannot read {admin_file}"):
+        settings.upstream.admin_credential()
+    assert load_settings(write(tmp_path, "[upstream]\n")).upstream.admin_credential() is None
+
+
 def test_every_spawn_setting_of_a_profile_can_be_configured() -> None:
     # Only what the pool decides itself is not in [profiles.NAME]: a new Profile knob needs a key there.
     assert set(Profile.model_fields) - set(ProfileSettings.model_fields) == {"name", "session_persistence"}
@@ -303,6 +337,8 @@ def test_importing_the_config_starts_no_worker_machinery() -> None:
     ("[upstream.profiles.nope]\nbase_url = \"http://127.0.0.1:9\"\n",
      "  (top level): Value error, upstream.profiles: unknown profiles ['nope']"),
     ("[upstream]\nconnect_timeout_s = 0\n", "  upstream.connect_timeout_s: Input should be greater than 0"),
+    ("[upstream]\nadmin_key = \"sk-ant-admin01-k\"\nadmin_key_file = \"/k\"\n",
+     "  upstream: Value error, set at most one of admin_key and admin_key_file"),
     ("[pool]\nenv = { ANTHROPIC_API_KEY = \"sk-ant-x\" }\n",
      "  (top level): Value error, pool.env: ANTHROPIC_API_KEY may not be set for workers: the provider's address and "
      "credentials go in [upstream] (base_url, api_key, api_key_file, auth_token), which only the daemon's gateway "

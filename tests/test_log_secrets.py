@@ -22,6 +22,8 @@ import orjson
 import pytest
 from aiohttp.http_exceptions import LineTooLong
 
+from claudepool.config import load_settings
+from claudepool.daemon.app import _held_key_digests
 from claudepool.logs import HumanFormatter, JsonFormatter, SecretMask, add_key_digests, mask_secrets
 from tests.conftest import FAKE_CLAUDE
 from tests.daemon_fixtures import DaemonProcess, start_daemon
@@ -218,3 +220,11 @@ def test_uncaught_exceptions_go_through_the_masked_handler() -> None:
     assert done.returncode == 1
     assert '"uncaught exception"' in done.stderr and "RuntimeError" in done.stderr
     assert leaks(done.stderr) == []
+
+
+def test_the_daemon_masks_every_key_it_holds_the_providers_admin_key_too() -> None:
+    admin = "Pr0v1derAdm1n-Kq83zW"  # [upstream] admin_key: the daemon never uses it, but holds it
+    settings = load_settings(None, server={"admin_key": ADMIN_KEY}, tenants={"acme": {"key": TENANT_KEY}},
+                             upstream={"admin_key": admin})
+    digests = _held_key_digests(settings)
+    assert {hashlib.sha256(k.encode()).hexdigest() for k in (ADMIN_KEY, TENANT_KEY, admin)} <= digests

@@ -10,6 +10,10 @@ the `Upstream` one pool's calls go to, reading ``api_key_file`` there.
 ('https://api.anthropic.com', 'http://127.0.0.1:9')
 >>> s.resolve("batch", {}).headers["x-api-key"]
 'sk-ant-main'
+
+``admin_key`` (or ``admin_key_file``) is the organisation's Admin API key, which only `claudepool
+reconcile` reads (`UpstreamSettings.admin_credential`), to fetch the provider's usage and cost
+reports. It is no part of any `Upstream`: it never goes with a model call, and no worker sees it.
 """
 
 from __future__ import annotations
@@ -122,6 +126,11 @@ class UpstreamSettings(BaseModel):
     idle_timeout_s: float = Field(default=30.0, ge=0)
     # A larger request body is refused (413) without reaching the provider (whose own limit is 32 MB).
     max_request_bytes: int = Field(default=32 * MiB, gt=0)
+    # The organisation's Admin API key (sk-ant-admin…), or a file holding it: only `claudepool reconcile`
+    # reads it, for the provider's usage and cost reports. Never sent with a model call, never given to
+    # a worker, never logged.
+    admin_key: SecretStr = SecretStr("")
+    admin_key_file: str = ""
 
     @field_validator("base_url")
     @classmethod
@@ -136,7 +145,16 @@ class UpstreamSettings(BaseModel):
     @model_validator(mode="after")
     def _one_credential(self) -> UpstreamSettings:
         _one_of_the_credentials(self)
+        if self.admin_key.get_secret_value() and self.admin_key_file:
+            raise ValueError("set at most one of admin_key and admin_key_file")
         return self
+
+    def admin_credential(self) -> str | None:
+        """The Admin API key (``admin_key``, else ``admin_key_file``'s content), None when neither is
+        set. Raises `ConfigError` when the file cannot be read or is empty."""
+        if self.admin_key.get_secret_value():
+            return self.admin_key.get_secret_value()
+        return _read_key_file(self.admin_key_file, "upstream.admin_key_file") if self.admin_key_file else None
 
     def resolve(self, profile: str, environ: Mapping[str, str]) -> Upstream:
         """Where ``profile``'s calls go and with which credential. Raises `ConfigError` when
@@ -226,13 +244,17 @@ def _auth(api_key: SecretStr | None, api_key_file: str | None, auth_token: Secre
     if api_key is not None and api_key.get_secret_value():
         return "x-api-key", api_key.get_secret_value()
     if api_key_file:
-        try:
-            key = Path(api_key_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"{where}.api_key_file: cannot read {api_key_file}: {exc.strerror}") from None
-        if not key:
-            raise ConfigError(f"{where}.api_key_file: {api_key_file} is empty")
-        return "x-api-key", key
+        return "x-api-key", _read_key_file(api_key_file, f"{where}.api_key_file")
     if auth_token is not None and auth_token.get_secret_value():
         return "authorization", f"Bearer {auth_token.get_secret_value()}"
     return None
+
+
+def _read_key_file(path: str, where: str) -> str:
+    try:
+        key = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from None
+    if not key:
+        raise ConfigError(f"{where}: {path} is empty")
+    return key

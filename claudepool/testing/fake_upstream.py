@@ -33,6 +33,9 @@ Every response carries a ``request-id`` (``req_fake_…``, kept in the log) and 
 ``anthropic-ratelimit-{requests,input-tokens,output-tokens}-*`` headers, as the real API sends them
 (limits `RATELIMITS`).
 
+Given an ``admin_key``, it also serves the provider's Usage & Cost Admin API over its own log
+(`claudepool.testing.fake_admin_api`): what it sent, priced with its ``pricing`` table.
+
 Run standalone with ``python -m claudepool.testing.fake_upstream --port 8788``.
 """
 
@@ -52,6 +55,10 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from claudepool.tenancy.budgets import PricingTable
+from claudepool.tenancy.settings import default_prices
+from claudepool.testing import fake_admin_api
 
 _DIRECTIVE = re.compile(r"\[\[(\w+)(?::([^\]]*))?\]\]")
 # The API looks for earlier cache entries at most this many blocks back from a breakpoint.
@@ -75,13 +82,18 @@ class RecordedRequest:
     headers: dict[str, str]
     received_at: float
     status: int = 0
-    # The usage this fake reported for the request (message requests that succeeded).
+    # The usage this fake's answer had reported when it ended (message requests answered 200): a
+    # stream's ``message_start`` usage once that event was sent, its final usage once
+    # ``message_delta`` was; a JSON answer's usage. None for an error, or a stream cut before it began.
     usage: dict[str, int] | None = None
     # The ``request-id`` this fake answered with, as the provider's own id of the call.
     request_id: str = ""
     query: str = ""
     # The client went away before the answer was complete (its handler was cancelled).
     cut: bool = False
+    # When it arrived, in unix seconds (the Admin API's buckets), and the model it asked for.
+    received_unix: float = 0.0
+    model: str = ""
 
     def json(self) -> Any:
         return orjson.loads(self.body) if self.body else None
@@ -100,6 +112,10 @@ class FakeUpstream:
     # When set, overrides the directive parser: each request pops one plan from the left.
     scripted: list[dict[str, str]] = field(default_factory=list)
     base_url: str = ""
+    # The organisation's Admin API key for the usage and cost reports ("": they answer 401), and the
+    # prices the cost report applies (the daemon's defaults unless a test gives its own).
+    admin_key: str = ""
+    pricing: PricingTable = field(default_factory=lambda: PricingTable.of(default_prices()))
     _runner: web.AppRunner | None = None
     _seen_prefixes: set[bytes] = field(default_factory=set)
     _ids: Iterator[int] = field(default_factory=itertools.count)
@@ -109,6 +125,7 @@ class FakeUpstream:
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
+        fake_admin_api.add_routes(app, self)
         app.router.add_route("*", "/{tail:.*}", self._other)
         # A client that disconnects cancels its handler, so the log can say a stream was cut.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
@@ -147,6 +164,7 @@ class FakeUpstream:
             body=body,
             headers={k.lower(): v for k, v in request.headers.items()},
             received_at=time.monotonic(),
+            received_unix=time.time(),
             request_id=f"req_fake_{next(self._ids):06d}",
             query=request.query_string,
         )
@@ -185,6 +203,7 @@ class FakeUpstream:
 
     async def _answer(self, request: web.Request, rec: RecordedRequest) -> web.StreamResponse:
         body = rec.json() or {}
+        rec.model = str(body.get("model", "claude-fake"))
         plan = self.scripted.pop(0) if self.scripted else _directives(_last_user_text(body))
         if "delay_s" in plan:
             await asyncio.sleep(float(plan["delay_s"]))
@@ -217,11 +236,11 @@ class FakeUpstream:
                 text, stop_reason = output.decode(errors="ignore"), "max_tokens"
         usage = {**self._usage(body), "output_tokens": max(1, _tokens(output))}
         rec.status = 200
-        rec.usage = usage
         if not body.get("stream"):
             message = self._message_object(body, text, usage, stop_reason)
             if block is not None:
                 message["content"] = [block]
+            rec.usage = usage
             return web.json_response(message, headers=self._headers(rec, plan.get("ratelimit_remaining")))
         return await self._stream(request, rec, body, text, usage, plan, block, stop_reason)
 
@@ -245,6 +264,7 @@ class FakeUpstream:
 
         start = self._message_object(body, "", {**usage, "output_tokens": 1}, None)
         await send("message_start", {"type": "message_start", "message": start})
+        rec.usage = start["usage"]  # what the stream has reported so far: billed if it is cut now
         if tool_use is not None:
             # As the API streams a tool call: the block with empty input, then its JSON in pieces.
             await send("content_block_start", {"type": "content_block_start", "index": 0,
@@ -255,6 +275,7 @@ class FakeUpstream:
             await send("message_delta", {"type": "message_delta",
                                          "delta": {"stop_reason": "tool_use", "stop_sequence": None},
                                          "usage": {"output_tokens": usage["output_tokens"]}})
+            rec.usage = usage
             await send("message_stop", {"type": "message_stop"})
             await resp.write_eof()
             return resp
@@ -281,6 +302,7 @@ class FakeUpstream:
         await send("message_delta", {"type": "message_delta",
                                      "delta": {"stop_reason": stop_reason, "stop_sequence": None},
                                      "usage": {"output_tokens": usage["output_tokens"]}})
+        rec.usage = usage
         await send("message_stop", {"type": "message_stop"})
         await resp.write_eof()
         return resp

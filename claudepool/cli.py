@@ -10,11 +10,15 @@
                                                   usage and budgets, or the ledger as JSON lines
     claudepool check [--claude PATH]              one worker behind a gateway: start, a slash-command-looking
                                                   prompt, a reset
+    claudepool reconcile --since DAY [--until DAY] [--config FILE] [--url URL] [--ledger-file PATH] [--json]
+                                                  the ledger against the provider's usage and cost reports
+                                                  (claudepool.reconcile.command)
     claudepool version
 
 ``--key`` defaults to ``$CLAUDEPOOL_KEY``; the socket defaults to the daemon's default path. A refused
 connect is retried for ``--connect-timeout`` seconds (default 10) before the command fails.
-Exit codes: 0 success, 1 the request or command failed, 2 invalid configuration or usage.
+Exit codes: 0 success, 1 the request or command failed, 2 invalid configuration or usage (reconcile: 1
+a difference beyond the tolerance, 2 nothing compared).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from claudepool.pool.memory import MiB
 from claudepool.pool.profile import Profile
 from claudepool.pool.worker import Worker
 from claudepool.protocol.wire import PromptResult
+from claudepool.reconcile import command as reconcile_command
 
 DEV_KEY = "dev"
 DEV_ADMIN_KEY = "dev-admin"
@@ -75,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             cmd.add_argument("--since", type=float, help="with --ledger: records at or after this unix time")
             cmd.add_argument("--limit", type=int, default=1000)
 
+    reconcile = sub.add_parser("reconcile", help="compare the ledger with the provider's usage and cost reports")
+    reconcile_command.add_arguments(reconcile)
     check = sub.add_parser("check", help="start one worker and reset it, to validate the installed CLI")
     check.add_argument("--claude", default="claude", help="path of the claude binary (default: claude on PATH)")
     sub.add_parser("version", help="print the version")
@@ -89,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(asyncio.run(_check(claude_bin)))
     if args.command == "serve":
         sys.exit(_serve(args.config, args.dev))
+    if args.command == "reconcile":
+        sys.exit(reconcile_command.run(args))
     if not args.key:
         parser.error("a key is needed: --key or $CLAUDEPOOL_KEY")
     client = AsyncClient(key=args.key, url=args.url, socket_path=None if args.url else (args.socket or

@@ -149,6 +149,14 @@ class AsyncClient:
     async def ledger(self, *, tenant: str | None = None, since: float | None = None,
                      limit: int = 1000) -> list[dict[str, Any]]:
         """Settled usage records, oldest first (HTTP only)."""
+        records, _ = await self.ledger_page(tenant=tenant, since=since, limit=limit)
+        return records
+
+    async def ledger_page(self, *, tenant: str | None = None, since: float | None = None,
+                          limit: int = 1000) -> tuple[list[dict[str, Any]], int]:
+        """One answer of the ledger: its records (at or after ``since``, oldest first) and the limit the
+        daemon applied (``X-Ledger-Limit``: ``limit``, or less past ``server.ledger_page_records``).
+        Fewer records than that limit: no more to come."""
         if self.url is None:
             raise ValueError("the ledger is served over HTTP: create the client with url=")
         query: dict[str, str] = {"limit": str(limit)}
@@ -160,7 +168,8 @@ class AsyncClient:
             async with await self._request("GET", f"/v1/ledger?{urlencode(query)}", headers=self._auth()) as resp:
                 if resp.status != 200:
                     await _json_or_raise(resp)
-                return [orjson.loads(line) for line in (await resp.read()).splitlines() if line]
+                applied = int(resp.headers.get("X-Ledger-Limit", limit))
+                return [orjson.loads(line) for line in (await resp.read()).splitlines() if line], applied
         except aiohttp.ClientConnectionError as exc:
             raise RemoteError("unavailable", f"cannot reach {self.url}: {exc}") from None
 

@@ -484,6 +484,30 @@ class UpstreamIdle(GatewayError):
     reason = "idle"
 
 
+# -- reconciliation: the ledger against the provider's own reports ------------------------------
+
+
+class ReconcileError(ClaudepoolError):
+    """`claudepool reconcile` could not read one of the two sides, so it compared nothing."""
+
+    code = "reconcile_error"
+    status = 502
+
+
+class LedgerUnreadable(ReconcileError):
+    """The daemon's ledger (``GET /v1/ledger``) or the ledger file could not be read, or held a record
+    that is not one."""
+
+    code = "ledger_unreadable"
+
+
+class ProviderReportUnavailable(ReconcileError):
+    """The provider's Admin API could not be reached, refused the admin key or the query, or answered
+    something that is not a usage or cost report."""
+
+    code = "provider_report_unavailable"
+
+
 # -- config: the daemon cannot start as configured ---------------------------------------------
 
 

@@ -28,18 +28,20 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
 
 from aiohttp import web
+from multidict import MultiMapping
 
 from claudepool.tenancy.budgets import PricingTable
 
 USAGE_PATH = "/v1/organizations/usage_report/messages"
 COST_PATH = "/v1/organizations/cost_report"
+Query = MultiMapping[str]
 # Bucket widths: their length, and the default and largest number of buckets in one page.
 _WIDTHS = {"1d": (timedelta(days=1), 7, 31), "1h": (timedelta(hours=1), 24, 168),
            "1m": (timedelta(minutes=1), 60, 1440)}
@@ -101,18 +103,19 @@ class _Page:
     group_by: frozenset[str]
 
 
-def _answer(request: web.Request, source: AdminSource, report: Any) -> web.Response:
+def _answer(request: web.Request, source: AdminSource,
+            report: Callable[[Query, AdminSource], dict[str, Any]]) -> web.Response:
     presented = request.headers.get("x-api-key", "")
     if not source.admin_key or not hmac.compare_digest(presented.encode(), source.admin_key.encode()):
         return web.json_response(_error("authentication_error", "invalid x-api-key"), status=401)
     try:
-        body: dict[str, Any] = report(request.query, source)
+        body = report(request.query, source)
     except _BadQuery as exc:
         return web.json_response(_error("invalid_request_error", str(exc)), status=400)
     return web.json_response(body)
 
 
-def _usage_report(query: Any, source: AdminSource) -> dict[str, Any]:
+def _usage_report(query: Query, source: AdminSource) -> dict[str, Any]:
     page = _page(query, widths=("1d", "1h", "1m"), groups=_USAGE_GROUPS)
     data = []
     for start, end in page.buckets:
@@ -135,7 +138,7 @@ def _usage_report(query: Any, source: AdminSource) -> dict[str, Any]:
     return _envelope(data, page)
 
 
-def _cost_report(query: Any, source: AdminSource) -> dict[str, Any]:
+def _cost_report(query: Query, source: AdminSource) -> dict[str, Any]:
     page = _page(query, widths=("1d",), groups=_COST_GROUPS)
     by_item = "description" in page.group_by
     data = []
@@ -178,7 +181,7 @@ def _billed(requests: Iterable[Billable], start: datetime, end: datetime) -> Ite
                "cache_write_1h_input_tokens": one_hour}, r.model
 
 
-def _page(query: Any, *, widths: tuple[str, ...], groups: frozenset[str]) -> _Page:
+def _page(query: Query, *, widths: tuple[str, ...], groups: frozenset[str]) -> _Page:
     width_name = query.get("bucket_width", "1d")
     if width_name not in widths:
         raise _BadQuery(f"bucket_width: expected one of {', '.join(widths)}")

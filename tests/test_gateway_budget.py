@@ -6,7 +6,7 @@ and reads what reached the upstream, so removing the hold, the clamp or a releas
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +68,7 @@ MakeBudgeted = Callable[..., Any]
 
 @pytest.fixture
 def budgeted(make_stack: MakeStack, make_fake_profile: Callable[..., Profile],
-             upstream: FakeUpstream) -> MakeBudgeted:
+             upstream: FakeUpstream) -> Iterator[MakeBudgeted]:
     async def make(mode: str, daily_usd: float, *, caps: Caps | None = None,
                    store: MemoryStore | None = None, pool: dict[str, Any] | None = None, **tenant: Any) -> Budgeted:
         store = store or MemoryStore()
@@ -157,7 +157,7 @@ async def test_a_thinking_budget_stays_below_the_lowered_max_tokens(
 async def test_a_strict_budget_refuses_a_call_it_cannot_bound(budgeted: MakeBudgeted, upstream: FakeUpstream) -> None:
     b = await budgeted("strict", 1.0)
     lease, url, credential = await in_turn(b.stack)
-    for raw in (body(max_tokens=None), body(max_tokens=0), b"not json", body(max_tokens=True)):  # type: ignore[arg-type]
+    for raw in (body(max_tokens=None), body(max_tokens=0), b"not json", body(max_tokens=True)):
         status, _, answer = await call(url, credential, body=raw)
         assert (status, orjson.loads(answer)["error"]["type"]) == (400, "invalid_request_error")
     assert upstream.message_requests() == []

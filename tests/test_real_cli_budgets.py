@@ -75,7 +75,7 @@ async def test_a_budget_of_three_and_a_half_requests_admits_three_then_402s(
     budget = 3.5 * cost
     d = await real_daemon(make_daemon, real_claude, upstream, tenants={"acme": {"daily_budget_usd": budget}},
                           server={"socket": str(tmp_path / "second.sock")}, sessions={"dir": str(tmp_path / "s2")})
-    outcomes = []
+    outcomes: list[float | str] = []
     async with AsyncClient(key=KEYS["acme"], url=d.url) as acme:
         for i in range(8):
             try:
@@ -120,7 +120,7 @@ async def test_a_strict_budget_is_never_exceeded_by_fifty_concurrent_requests(
     for r in ledger:
         by_request[r.request_id] = by_request.get(r.request_id, 0.0) + r.cost_usd
     assert [pytest.approx(by_request[r.id], rel=1e-9) for r in served] == [r.cost_usd for r in served]
-    assert d.sample("claudepool_gateway_refusals_total", reason="budget") > 0
+    assert (d.sample("claudepool_gateway_refusals_total", reason="budget") or 0) > 0
 
 
 async def test_a_soft_budget_overshoots_within_its_bound(

@@ -318,7 +318,7 @@ async def test_a_drain_sees_a_request_still_being_admitted_and_answers_it(make_d
         reserving.set()
         await asyncio.Event().wait()  # the store never answers
 
-    memory.budget = slow_budget  # type: ignore[method-assign]  # a fault in a real store
+    memory.budget = slow_budget  # type: ignore[method-assign,assignment]  # a fault in a real store
     client = asyncio.create_task(post(d, {"prompt": "hello"}))
     await asyncio.wait_for(reserving.wait(), 5)
     assert d.daemon.service.in_flight == 1  # counted while it is admitted, not only once it runs

@@ -5,9 +5,11 @@ that drifts in the machine's load hit both alike:
 
 * raw calls: ``POST /v1/messages?beta=true`` from one kept-alive aiohttp client, as the CLI sends it
   (a streamed SSE answer, and a JSON one), straight to the fake upstream, and through the gateway
-  (credential, endpoint, lease and turn checks, the forward, the relay chunk by chunk). The caller
-  holds a real credential: a worker on the fake CLI, leased and in a turn. Reported: p50 and p95 per
-  call, and this process's CPU per call (the client's in both arms, plus the gateway's in one).
+  (credential, endpoint, lease and turn checks, the forward, the relay chunk by chunk), and through
+  a gateway that also meters the call and holds a strict budget for it (memory store: the body
+  parsed, its bound reserved, the call's record settled). The caller holds a real credential: a
+  worker on the fake CLI, leased and in a turn. Reported: p50 and p95 per call, and this process's
+  CPU per call (the client's in every arm, plus the gateway's).
 * pool turns on the real CLI: one warm worker per arm, one turn per request (one model call, the
   fake upstream answering at once), then its reset. Reported: lease-to-result p50 and p95, and CPU
   per request: the worker's process tree plus this process (which holds the pool, the client and,
@@ -36,9 +38,13 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
 
 from bench.pool_bench import REPO, find_claude, percentile, self_cpu_s, settle, workers_cpu_s
 from claudepool.gateway.attribution import from_leases
+from claudepool.gateway.budget import CallBudget
+from claudepool.gateway.call_usage import CallUsageMeter
 from claudepool.gateway.credentials import CredentialRegistry
 from claudepool.gateway.server import Gateway
 from claudepool.gateway.settings import Upstream
@@ -47,6 +53,12 @@ from claudepool.pool.config import PoolConfig
 from claudepool.pool.pool import Pool
 from claudepool.pool.profile import Profile
 from claudepool.pool.worker import TurnResult
+from claudepool.store.memory import MemoryStore
+from claudepool.tenancy.budgets import PricingTable
+from claudepool.tenancy.limits import RateLimiter
+from claudepool.tenancy.metering import Meter, RequestContext
+from claudepool.tenancy.settings import MeteringSettings, TenantSettings, default_prices
+from claudepool.tenancy.tenants import TenantRegistry
 
 FAKE = REPO / "tests" / "fakes" / "fake_claude.py"
 KEY = "sk-ant-bench"
@@ -90,15 +102,36 @@ async def alternate(arms: dict[str, Callable[[], Awaitable[float]]], total: int,
     return results
 
 
+def budgeted_gateway(credentials: CredentialRegistry, pool: Pool, upstreams: dict[str, Upstream],
+                     mode: str) -> tuple[Gateway, Meter]:
+    """A second gateway on the same credentials whose calls are metered and hold a ``mode`` budget
+    (memory store) before they go out: what a budgeted tenant's call pays on top."""
+    store = MemoryStore()
+    pricing = PricingTable.of(default_prices())
+    meter = Meter(store, RateLimiter(), pricing, MeteringSettings())
+    tenants = TenantRegistry.of({"bench": TenantSettings(key=SecretStr("k"), daily_budget_usd=1e9,
+                                                         budget_mode=mode)})
+    budget = CallBudget(store, tenants, pricing, MeteringSettings(), meter, reservation_ttl_s=900)
+    gateway = Gateway(credentials, from_leases({"raw": pool}), upstreams, budget=budget)
+    gateway.hooks.add(CallUsageMeter(pricing, CollectorRegistry(), lambda tenant: tenant, meter=meter))
+    gateway.hooks.add(budget)
+    return gateway, meter
+
+
 async def raw_calls(base_url: str, workdir: Path, total: int, block: int) -> list[str]:
     credentials = CredentialRegistry()
     pool = Pool(Profile(name="raw", claude_bin=str(FAKE)), PoolConfig(min_idle=1, max_workers=1, workdir=workdir),
                 credentials=credentials)
-    gateway = Gateway(credentials, from_leases({"raw": pool}), {"raw": Upstream("bench", base_url, {"x-api-key": KEY})})
+    upstreams = {"raw": Upstream("bench", base_url, {"x-api-key": KEY})}
+    gateway = Gateway(credentials, from_leases({"raw": pool}), upstreams)
     await gateway.start()
+    strict, meter = budgeted_gateway(credentials, pool, upstreams, "strict")
+    await strict.start()
+    flusher = asyncio.create_task(meter.run())
     await pool.start()
     await pool.wait_ready(60)
     lease = await pool.acquire("bench")
+    lease.context = RequestContext(request_id="bench", tenant="bench", profile="raw", model="claude-bench")
     lease.run_turn("[[hang]]")  # the caller is this worker, in its turn, as the CLI is while it calls
     env = Path(f"/proc/{lease.worker.pid}/environ").read_bytes().split(b"\0")
     credential = next(e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"ANTHROPIC_API_KEY="))
@@ -120,14 +153,18 @@ async def raw_calls(base_url: str, workdir: Path, total: int, block: int) -> lis
                         return time.perf_counter() - t0
                     return call
 
-                calls = {"direct": one(base_url, KEY), "gateway": one(gateway.base_url or "", credential)}
+                calls = {"direct": one(base_url, KEY), "gateway": one(gateway.base_url or "", credential),
+                         "gateway, strict budget": one(strict.base_url or "", credential)}
                 arms = await alternate(calls, total, block, lambda _: 0.0)
                 what = "raw call, SSE" if stream else "raw call, JSON"
-                rows += [arms["direct"].row(what), arms["gateway"].row(what), delta(what, arms)]
+                rows += [arms["direct"].row(what), arms["gateway"].row(what), delta(what, arms),
+                         arms["gateway, strict budget"].row(what), delta(what, arms, "gateway, strict budget")]
     finally:
         lease.release()
         await pool.close()
         await gateway.close()
+        await strict.close()
+        flusher.cancel()
     return rows
 
 
@@ -172,13 +209,13 @@ async def pool_turns(claude: str, base_url: str, workdir: Path, total: int, bloc
         await gateway.close()
 
 
-def delta(what: str, arms: dict[str, Arm]) -> str:
-    d, g = arms["direct"], arms["gateway"]
+def delta(what: str, arms: dict[str, Arm], arm: str = "gateway") -> str:
+    d, g = arms["direct"], arms[arm]
     p50 = (statistics.median(g.latencies_s) - statistics.median(d.latencies_s)) * 1000
     total_d, total_g = d.per_request_ms(d.cpu_s), g.per_request_ms(g.cpu_s)
     workers = g.per_request_ms(g.workers_cpu_s) - d.per_request_ms(d.workers_cpu_s)
     own = g.per_request_ms(g.own_cpu_s) - d.per_request_ms(d.own_cpu_s)
-    return (f"| {what} | added by the gateway | | {p50:+.2f} | | {total_g - total_d:+.3f} "
+    return (f"| {what} | added by the {arm} | | {p50:+.2f} | | {total_g - total_d:+.3f} "
             f"({total_g / total_d - 1:+.1%}) | {workers:+.3f} | {own:+.3f} |")
 
 

@@ -61,8 +61,15 @@ def over_budget(result: Any) -> bool:
     return isinstance(result, RemoteError) and result.remote_code == "budget_exhausted"
 
 
+def store_of(store: str, request: pytest.FixtureRequest) -> dict[str, str]:
+    """``[store]`` for the memory store or the test's own Redis."""
+    return {"url": request.getfixturevalue("redis_url")} if store == "redis" else {}
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
 async def test_a_budget_of_three_and_a_half_requests_admits_three_then_402s(
-    make_daemon: MakeDaemon, real_claude: str, upstream: FakeUpstream, tmp_path: Any
+    make_daemon: MakeDaemon, real_claude: str, upstream: FakeUpstream, tmp_path: Any, store: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     calibration = await real_daemon(make_daemon, real_claude, upstream, tenants={})
     async with AsyncClient(key=KEYS["beta"], url=calibration.url) as beta:
@@ -74,7 +81,8 @@ async def test_a_budget_of_three_and_a_half_requests_admits_three_then_402s(
     cost = statistics.median(costs[1:])
     budget = 3.5 * cost
     d = await real_daemon(make_daemon, real_claude, upstream, tenants={"acme": {"daily_budget_usd": budget}},
-                          server={"socket": str(tmp_path / "second.sock")}, sessions={"dir": str(tmp_path / "s2")})
+                          server={"socket": str(tmp_path / "second.sock")}, sessions={"dir": str(tmp_path / "s2")},
+                          store=store_of(store, request))
     outcomes: list[float | str] = []
     async with AsyncClient(key=KEYS["acme"], url=d.url) as acme:
         for i in range(8):
@@ -97,8 +105,7 @@ async def test_a_strict_budget_is_never_exceeded_by_fifty_concurrent_requests(
     make_daemon: MakeDaemon, real_claude: str, upstream: FakeUpstream, store: str, request: pytest.FixtureRequest
 ) -> None:
     budget = 0.30
-    store_settings = {"url": request.getfixturevalue("redis_url")} if store == "redis" else {}
-    d = await real_daemon(make_daemon, real_claude, upstream, workers=4, env=LOW_OUTPUT, store=store_settings,
+    d = await real_daemon(make_daemon, real_claude, upstream, workers=4, env=LOW_OUTPUT, store=store_of(store, request),
                           tenants={"acme": {"daily_budget_usd": budget, "budget_mode": "strict", "max_queued": 100}})
     # ~$0.03 of answer each: fifty would spend five times the budget if nothing held it.
     results = await answers(d, ["[[tokens:2000]] write at length"] * 50)
@@ -143,15 +150,18 @@ async def test_a_soft_budget_overshoots_within_its_bound(
           f"dearest call ${c_max:.4f}")
 
 
+@pytest.mark.parametrize("store", ["memory", "redis"])
 @pytest.mark.parametrize("mode", ["strict", "soft"])
 async def test_a_tool_loop_that_runs_out_of_budget_stops_at_its_next_call(
-    make_daemon: MakeDaemon, real_claude: str, upstream: FakeUpstream, mode: str
+    make_daemon: MakeDaemon, real_claude: str, upstream: FakeUpstream, mode: str, store: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     # Twenty tool calls asked for in one turn; the budget pays for a handful: the first call writes
     # the CLI's system prompt to the cache (~$0.05), each next one reads it (~$0.005).
     budget = 0.30 if mode == "strict" else 0.08
     d = await real_daemon(make_daemon, real_claude, upstream, workers=1, tools=True, env=LOW_OUTPUT,
-                          tenants={"acme": {"daily_budget_usd": budget, "budget_mode": mode}})
+                          tenants={"acme": {"daily_budget_usd": budget, "budget_mode": mode}},
+                          store=store_of(store, request))
     started = time.monotonic()
     [result] = await answers(d, ["[[loop:20:8000]] run the steps"])
     assert over_budget(result), result

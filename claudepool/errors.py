@@ -400,6 +400,12 @@ class NotInTurn(GatewayRefused):
     reason = "not_in_turn"
 
 
+class WrongSocket(GatewayRefused):
+    """A sandboxed worker's credential presented anywhere but that worker's own socket: it leaked."""
+
+    reason = "wrong_socket"
+
+
 class EndpointRefused(GatewayRefused):
     """A method or path the CLI has no business calling."""
 

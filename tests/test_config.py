@@ -133,7 +133,9 @@ def test_what_each_component_is_handed(tmp_path: Path) -> None:
         "tools": ("Read", "Grep"), "args": ("--effort", "low"), "env": {"SHARED": "1", "OVERRIDDEN": "lean"},
         "include_partial_messages": False, "read_claude_md": True, "bare": False, "upstream_max_retries": 0,
         "upstream_timeout_ms": 5000, "max_budget_usd": 0.25, "session_persistence": False,
+        "sandbox": None, "permission_mode": None, "allowed_tools": (), "disallowed_tools": (),
     }
+    assert lean.sandboxed  # it has tools: sandboxed unless it says otherwise
     pool_default, pool_lean = settings.pool_config("default"), settings.pool_config("lean")
     assert (pool_default.min_idle, pool_default.max_workers, pool_default.max_turns) == (3, 0, 50)
     assert (pool_lean.min_idle, pool_lean.max_workers, pool_lean.max_turns) == (0, 2, 50)
@@ -416,3 +418,23 @@ def test_a_configured_package_imports_nothing_above_it(package: str) -> None:
 def test_the_usage_examples_in_docstrings_run(module: ModuleType) -> None:
     result = doctest.testmod(module)
     assert (result.attempted > 0, result.failed) == (True, 0)
+
+
+def test_bypass_permissions_is_refused_outside_a_sandbox(tmp_path: Path) -> None:
+    for profile, refused in (('tools = ["Bash"]\nsandbox = false', True), ("", True), ('tools = ["Bash"]', False)):
+        config = tmp_path / "c.toml"
+        config.write_text(f'[profiles.default]\n{profile}\npermission_mode = "bypassPermissions"\n')
+        if refused:
+            with pytest.raises(ConfigError, match="bypassPermissions needs the sandbox"):
+                load_settings(config)
+        else:
+            assert load_settings(config).profile("default").argv()[-2:] == ["--permission-mode", "bypassPermissions"]
+
+
+def test_allowed_and_disallowed_tools_reach_the_cli(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[profiles.default]\ntools = ["Bash", "Read"]\nallowed_tools = ["Bash(ls:*)", "Read"]\n'
+                      'disallowed_tools = ["Bash(rm:*)"]\n')
+    argv = load_settings(config).profile("default").argv()
+    assert argv[argv.index("--allowedTools") + 1] == "Bash(ls:*),Read"
+    assert argv[argv.index("--disallowedTools") + 1] == "Bash(rm:*)"

@@ -45,9 +45,11 @@ def provider_key() -> str:
     return "sk-ant-api03-" + secrets.token_urlsafe(24)
 
 
-def bash_profile(claude: str) -> Profile:
+def bash_profile(claude: str, *, sandbox: bool = False) -> Profile:
+    """A Bash-enabled profile; unsandboxed unless asked, so that these tests prove what the gateway
+    alone does (`tests/test_real_cli_sandbox.py` proves the sandbox)."""
     return Profile(name="default", claude_bin=claude, tools=("Bash",), args=("--allowedTools", "Bash"),
-                   upstream_max_retries=0, upstream_timeout_ms=20_000)
+                   upstream_max_retries=0, upstream_timeout_ms=20_000, sandbox=sandbox)
 
 
 async def ask(lease: Lease, prompt: str) -> TurnResult:
@@ -215,16 +217,16 @@ for credential in sorted(found - {{mine}}):
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="the known gap until workers are sandboxed (own pid namespace, a socket "
-                                       "each): a tool can read another worker's credential from /proc")
+@pytest.mark.parametrize("sandbox", [pytest.param(True, id="sandboxed"),
+                                     pytest.param(False, id="unsandboxed-negative-control")])
 async def test_a_tool_cannot_use_another_workers_credential(
-    make_stack: MakeStack, real_claude: str, upstream: FakeUpstream
+    make_stack: MakeStack, real_claude: str, upstream: FakeUpstream, sandbox: bool
 ) -> None:
     """Tenant acme's tool reads worker B's credential from /proc while B serves beta mid-turn, and
-    calls with it. Today the call is billed to beta: the README says so, and this test turns green
-    (and its xfail must go) when the sandbox closes the gap."""
-    stack: Stack = await make_stack(bash_profile(real_claude), upstream.base_url, key=provider_key(),
-                                    timeouts=TIMEOUTS, min_idle=2, max_workers=2)
+    calls with it. Unsandboxed, the call is billed to beta (the gap the sandbox closes); sandboxed,
+    the tool sees no other process, and a credential used off its own socket is refused."""
+    stack: Stack = await make_stack(bash_profile(real_claude, sandbox=sandbox), upstream.base_url,
+                                    key=provider_key(), timeouts=TIMEOUTS, min_idle=2, max_workers=2)
     await stack.pool.wait_ready(60, idle=2)
     acme, beta = await lease_for(stack.pool, "acme", "req-acme"), await lease_for(stack.pool, "beta", "req-beta")
     beta_turn = asyncio.create_task(ask(beta, "beta-prompt [[delay_s:4]] [[reply:for beta]]"))
@@ -234,8 +236,10 @@ async def test_a_tool_cannot_use_another_workers_credential(
     acme.release()
     beta.release()
     stolen = [c for c in stack.recorder.calls if b"stolen-by-acme" in stack.recorder.bodies[c.id]]
-    # Today: one stolen call, billed to beta. Sandboxed, the tool finds no credential to steal.
-    assert all(c.attribution.tenant == "acme" for c in stolen), thief.text
+    if sandbox:
+        assert stolen == [], thief.text  # it found no credential but its own, and reached no listener
+    else:
+        assert [c.attribution.tenant for c in stolen] == ["beta"], thief.text
 
 
 
@@ -249,7 +253,8 @@ async def test_the_daemon_sends_every_model_call_through_its_gateway(
     d = await make_daemon(
         pool={"claude_bin": real_claude, "min_idle": 1, "max_workers": 1, "timeouts": {"ready_timeout_s": 30}},
         upstream={"base_url": upstream.base_url, "api_key": key},
-        profiles={"default": {"tools": ["Bash"], "args": ["--allowedTools", "Bash"], "upstream_max_retries": 0},
+        profiles={"default": {"tools": ["Bash"], "args": ["--allowedTools", "Bash"], "upstream_max_retries": 0,
+                              "sandbox": False},
                   "lean": {}, "other": {}})
     caplog.set_level(logging.INFO, logger="claudepool.gateway.server")
     async with AsyncClient(key=KEYS["acme"], url=d.url) as client:

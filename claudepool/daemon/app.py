@@ -65,6 +65,7 @@ from claudepool.gateway.ratelimits import AccountLimits
 from claudepool.gateway.server import Gateway
 from claudepool.gateway.settings import Upstream
 from claudepool.logs import add_key_digests
+from claudepool.pool import sandbox
 from claudepool.pool.pool import Pool
 from claudepool.pool.shares import TenantSlots
 from claudepool.sessions.manager import SessionManager
@@ -84,6 +85,8 @@ _HTTP_SHUTDOWN_TIMEOUT_S = 5.0
 class Daemon:
     def __init__(self, settings: Settings, *, notifier: Notifier | None = None) -> None:
         self.settings = settings
+        if any(settings.profile(name).sandboxed for name in settings.profiles):
+            sandbox.probe()  # a profile with tools refuses to start without its sandbox (ConfigError)
         self.tenants: TenantRegistry = settings.tenant_registry()
         add_key_digests(_held_key_digests(settings))  # masked wherever a log line would show one
         # One registry, handed to every component that exports something (nothing global).

@@ -6,10 +6,11 @@ credential is valid only while its worker lives, and names that one worker. The 
 the SHA-256 digest of each credential, and finds a presented credential by its digest.
 
 A credential is not an identity of the process that shows it: anything in the worker's process
-tree can read it from the environment (a tool's ``env``), and on this loopback listener any local
-process holding it can use it. Until workers are sandboxed (own pid namespace, a socket of their
-own), a tenant whose profile allows Bash can read other workers' credentials from ``/proc`` and
-use them while those workers serve others: see the README ("What a tenant can and cannot see now").
+tree can read it from the environment (a tool's ``env``), and on the loopback listener any local
+process holding it can use it. A sandboxed worker (`claudepool.pool.sandbox`) gets a socket of its
+own too (`claudepool.gateway.sockets`): its credential is valid only on that socket, which only
+its sandbox reaches, and its sandbox sees no other process's ``/proc``. An unsandboxed worker
+(a profile without tools, or ``sandbox = false``) has only its credential.
 
 >>> registry = CredentialRegistry()
 >>> registry.base_url = "http://127.0.0.1:9"
@@ -28,8 +29,10 @@ import hmac
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from claudepool.errors import GatewayError, MissingCredential, UnknownCredential
+from claudepool.gateway.sockets import WorkerSockets
 from claudepool.pool.worker import Worker
 
 # Tells a worker credential apart from a provider key at a glance (in a tool's output, say).
@@ -51,8 +54,10 @@ class CredentialRegistry:
     """The live workers' credentials, by digest; a `claudepool.pool.worker.WorkerCredentials`."""
 
     def __init__(self) -> None:
-        # Set by the gateway once it listens: where workers send their calls.
+        # Set by the gateway once it listens: where workers send their calls, and the sockets of
+        # sandboxed workers.
         self.base_url: str | None = None
+        self.sockets: WorkerSockets | None = None
         self._by_digest: dict[str, _Issued] = {}
         self._by_worker: dict[Worker, str] = {}
 
@@ -71,11 +76,19 @@ class CredentialRegistry:
         self._by_worker[worker] = digest
         return {"ANTHROPIC_BASE_URL": self.base_url, "ANTHROPIC_API_KEY": credential}
 
+    async def open_socket(self, worker: Worker) -> Path:
+        """A gateway socket of ``worker``'s own, for its sandbox (after `issue`); its host path."""
+        if self.sockets is None:
+            raise GatewayError("the gateway is not listening: no worker can start before it")
+        return await self.sockets.open(worker)
+
     def revoke(self, worker: Worker) -> None:
-        """From now on ``worker``'s credential is refused. Idempotent."""
+        """From now on ``worker``'s credential is refused, and its socket is gone. Idempotent."""
         digest = self._by_worker.pop(worker, None)
         if digest is not None:
             self._by_digest.pop(digest, None)
+        if self.sockets is not None:
+            self.sockets.close(worker)
 
     def worker_of(self, presented: str | None) -> Worker:
         """The live worker ``presented`` was issued to; `MissingCredential` or `UnknownCredential`.

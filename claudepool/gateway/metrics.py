@@ -32,12 +32,14 @@ from claudepool.errors import (
     NoLease,
     NotInTurn,
     UnknownCredential,
+    WrongSocket,
 )
 from claudepool.gateway.calls import OUTCOMES, Call
 
 REFUSAL_REASONS = tuple(e.reason for e in (MissingCredential, UnknownCredential, NoLease, NotInTurn,
                                            EndpointRefused, GatewayRequestTooLarge, AccountCapped,
-                                           CallOverAccountCap, CallOverBudget, CallUnpriceable, BudgetStoreDown))
+                                           CallOverAccountCap, CallOverBudget, CallUnpriceable, BudgetStoreDown,
+                                           WrongSocket))
 OTHER = "__other__"
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 

@@ -4,7 +4,8 @@ Every worker's ``ANTHROPIC_BASE_URL`` points here and its ``ANTHROPIC_API_KEY`` 
 its own (`claudepool.gateway.credentials`). A call is checked in this order, and refused with the
 provider's own error format at the first check it fails (and counted by reason):
 
-1. a credential the gateway issued to a live worker (401 ``authentication_error``);
+1. a credential the gateway issued to a live worker (401 ``authentication_error``), on that
+   worker's own socket when it is sandboxed (403 ``permission_error``; `claudepool.gateway.sockets`);
 2. an endpoint the CLI needs: ``POST /v1/messages`` and ``POST /v1/messages/count_tokens`` (404
    ``not_found_error``; the CLI 2.1.328 with the daemon's quiet environment calls nothing else);
 3. the worker serves a request (its pool's lease) and runs a turn (403 ``permission_error``);
@@ -18,8 +19,8 @@ Then the call is attributed to that request (`claudepool.gateway.attribution`), 
 upstream of the worker's pool with the upstream's credential (`claudepool.gateway.forward`), and
 relayed back byte for byte, every chunk seen by the hooks (`claudepool.gateway.calls`).
 
-The listener is pluggable (`Listener`): loopback TCP on an ephemeral port today; a worker sandbox
-will need a Unix socket per worker instead.
+The listener is pluggable (`Listener`): loopback TCP on an ephemeral port for unsandboxed workers;
+each sandboxed worker also gets a Unix socket of its own, accepted with the same handler.
 
 >>> async def demo(pools, upstream):                          # doctest: +SKIP
 ...     credentials = CredentialRegistry()
@@ -53,6 +54,7 @@ from claudepool.errors import (
     NotInTurn,
     UpstreamIdle,
     UpstreamUnreachable,
+    WrongSocket,
 )
 from claudepool.gateway.attribution import Attribute, Attribution
 from claudepool.gateway.budget import CallBudget
@@ -63,6 +65,7 @@ from claudepool.gateway.forward import Forwarder
 from claudepool.gateway.metrics import GatewayMetrics
 from claudepool.gateway.ratelimits import AccountLimits
 from claudepool.gateway.settings import MiB, Upstream
+from claudepool.gateway.sockets import WorkerSockets
 from claudepool.logs import RateLimitedLog, scrub
 
 log = logging.getLogger(__name__)
@@ -127,6 +130,7 @@ class Gateway:
         self.account_limits = account_limits
         self._caps = caps or AccountCaps()
         self.budget = budget
+        self._sockets = WorkerSockets()
         self.hooks = Hooks()
         if metrics is not None:
             self.hooks.add(metrics)
@@ -164,6 +168,9 @@ class Gateway:
             await self._forwarder.close(self._shutdown_timeout_s)
             raise
         self._runner = runner
+        assert runner.server is not None
+        self._sockets.start(runner.server)
+        self.credentials.sockets = self._sockets
         self.base_url = self.credentials.base_url = self._listener.base_url(sock)
         log.info("gateway listening", extra={"fields": {"url": self.base_url, "upstreams": {
             name: repr(u) for name, u in self._upstreams.items()}}})
@@ -174,6 +181,7 @@ class Gateway:
         the shutdown timeout) for each. Close it after the pools: draining workers still call."""
         timeout_s = self._shutdown_timeout_s if timeout_s is None else timeout_s
         runner, self._runner = self._runner, None
+        self._sockets.close_all()
         if runner is not None:
             await runner.cleanup()  # bounded by the runner's shutdown_timeout
         await self._forwarder.close(timeout_s)
@@ -182,6 +190,9 @@ class Gateway:
 
     def _check(self, request: web.Request) -> tuple[Attribution, Upstream]:
         worker = self.credentials.worker_of(presented_credential(request.headers))
+        owner = self._sockets.owner(request.transport.get_extra_info("sockname") if request.transport else None)
+        if owner is not worker and (owner is not None or self._sockets.has_socket(worker)):
+            raise WrongSocket(f"the credential of worker {worker.id} came in on another listener than its own socket")
         if (request.method, request.path) not in ENDPOINTS:
             raise EndpointRefused(f"{request.method} {scrub(request.path, 80)} is not an endpoint of this gateway")
         attribution = self._attribute(worker) if worker.is_alive() else None

@@ -18,8 +18,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 # What a worker may inherit from the daemon's environment. Everything else (API keys, Redis URLs,
@@ -64,7 +65,10 @@ def routes_upstream(name: str) -> bool:
 
 
 # Arguments that would break how a worker is driven or reset.
-_FORBIDDEN_ARGS = frozenset({"--disable-slash-commands", "--input-format", "--output-format", "-p", "--print"})
+_FORBIDDEN_ARGS = frozenset({"--disable-slash-commands", "--input-format", "--output-format", "-p", "--print",
+                            # set by permission_mode, where the sandbox is checked
+                            "--permission-mode", "--dangerously-skip-permissions",
+                            "--allow-dangerously-skip-permissions"})
 
 
 class SpawnSettings(BaseModel):
@@ -77,6 +81,13 @@ class SpawnSettings(BaseModel):
     system_prompt: str | None = None
     # Tools the model may use; empty means none (`--tools ""`), the safe default.
     tools: tuple[str, ...] = ()
+    # Each worker in an OS sandbox (`claudepool.pool.sandbox`); unset: exactly when it has tools.
+    sandbox: bool | None = None
+    # The CLI's permission mode and tool allow/deny lists (--permission-mode, --allowedTools,
+    # --disallowedTools). bypassPermissions only inside a sandbox.
+    permission_mode: Literal["default", "acceptEdits", "plan", "dontAsk", "bypassPermissions"] | None = None
+    allowed_tools: tuple[str, ...] = ()
+    disallowed_tools: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
     # Text deltas as they arrive (`stream_event` lines); needed to stream answers to clients.
     include_partial_messages: bool = True
@@ -88,7 +99,18 @@ class SpawnSettings(BaseModel):
     upstream_max_retries: int = Field(default=2, ge=0)
     upstream_timeout_ms: int = Field(default=60_000, gt=0)
 
-    @field_validator("tools", "args", mode="before")
+    @property
+    def sandboxed(self) -> bool:
+        return self.sandbox if self.sandbox is not None else bool(self.tools)
+
+    @model_validator(mode="after")
+    def _bypass_only_sandboxed(self) -> SpawnSettings:
+        if self.permission_mode == "bypassPermissions" and not self.sandboxed:
+            raise ValueError("permission_mode bypassPermissions needs the sandbox: a tool could do anything "
+                             "the daemon's user can")
+        return self
+
+    @field_validator("tools", "allowed_tools", "disallowed_tools", "args", mode="before")
     @classmethod
     def _an_array(cls, value: object) -> object:
         # Kept as tuples (a profile is immutable), but written as TOML arrays: name them as such.
@@ -146,6 +168,12 @@ class Profile(SpawnSettings):
             argv += ["--system-prompt", self.system_prompt]
         if self.max_budget_usd is not None:
             argv += ["--max-budget-usd", f"{self.max_budget_usd:g}"]
+        if self.permission_mode is not None:
+            argv += ["--permission-mode", self.permission_mode]
+        if self.allowed_tools:
+            argv += ["--allowedTools", ",".join(self.allowed_tools)]
+        if self.disallowed_tools:
+            argv += ["--disallowedTools", ",".join(self.disallowed_tools)]
         argv += self.args
         return argv
 

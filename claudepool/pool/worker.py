@@ -32,12 +32,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from claudepool.errors import WorkerBusy, WorkerDied, WorkerError, WorkerStartError
+from claudepool.pool import sandbox
 from claudepool.pool.exchange import Exchange, TurnResult, WorkerState, local_command
 from claudepool.pool.memory import tree_memory
 from claudepool.pool.process import WorkerProcess
 from claudepool.pool.profile import Profile
 from claudepool.pool.reaper import Reaper, default_reaper
 from claudepool.pool.timeouts import WorkerTimeouts
+from claudepool.pool.workspace import Workspace
 from claudepool.protocol.cli_events import CliEvent, ResultEvent, UserContent, encode_user_message
 from claudepool.protocol.framing import DEFAULT_MAX_LINE_BYTES
 
@@ -58,6 +60,10 @@ class WorkerCredentials(Protocol):
     begins to close, so the credential is valid only while the worker lives."""
 
     def issue(self, worker: Worker) -> Mapping[str, str]: ...
+
+    async def open_socket(self, worker: Worker) -> Path:
+        """A socket of the gateway's for this worker alone, bound into its sandbox."""
+        ...
 
     def revoke(self, worker: Worker) -> None: ...
 
@@ -93,6 +99,7 @@ class Worker:
         self.prepare = prepare
         # None: the profile's own upstream variables are used as they are (no gateway).
         self._credentials = credentials
+        self._workspace: Workspace | None = None  # a sandboxed worker's: cleaned at every reset
         self._process = WorkerProcess(
             self.id, workdir_root=workdir_root, reaper=reaper or default_reaper(), timeouts=self.timeouts,
             max_line_bytes=max_line_bytes, log_fields=lambda: {"worker": self.id, "slot": self.slot})
@@ -238,11 +245,17 @@ class Worker:
             home, tmp = self._process.home, self._process.tmp
             assert home is not None and tmp is not None
             upstream = self._credentials.issue(self) if self._credentials is not None else None
-            await self._process.spawn(self.profile.argv(), self.profile.environ(home=home, tmpdir=tmp,
-                                                                               upstream=upstream))
+            argv = self.profile.argv()
+            if self.profile.sandboxed:
+                argv, upstream = await self._sandboxed(argv, upstream)
+            await self._process.spawn(argv, self.profile.environ(home=home, tmpdir=tmp, upstream=upstream))
             self._exchange.start_reading()
             async with asyncio.timeout(self.timeouts.ready_timeout_s):
                 await self._exchange.handshake()
+            if self.profile.sandboxed:
+                assert self._process.pid is not None and self._process.cwd is not None
+                self._workspace = Workspace(home, tmp, self._process.cwd)
+                self._workspace.snapshot(self._process.pid)
         except BaseException as exc:
             await self.close(graceful=False)
             if isinstance(exc, asyncio.CancelledError):
@@ -255,6 +268,20 @@ class Worker:
             raise failure from None
         self.ready_at = time.monotonic()
         self.last_active_at = self.ready_at
+
+    async def _sandboxed(self, argv: list[str], upstream: Mapping[str, str] | None) -> tuple[
+            list[str], Mapping[str, str]]:
+        """``argv`` in the worker's sandbox, and the variables that point it at its gateway socket."""
+        bwrap, socat = sandbox.probe()
+        if self._credentials is None or upstream is None or self._process.dir is None:
+            raise WorkerStartError(f"worker {self.id}: a sandboxed worker reaches the provider only through "
+                                   "the daemon's gateway, and this pool has none")
+        socket = await self._credentials.open_socket(self)
+        binary = sandbox.cli_binary(self.profile.claude_bin)
+        layout = sandbox.Layout(self._process.dir, sandbox.cli_root(binary), socket)
+        wrapped = sandbox.wrap([str(binary), *argv[1:]], layout, bwrap=bwrap, socat=socat,
+                               masked=sandbox.masked_paths())
+        return wrapped, {**upstream, "ANTHROPIC_BASE_URL": sandbox.base_url()}
 
     async def close(self, *, graceful: bool = True) -> None:
         """Stop the process and remove its directories. Idempotent; survives caller cancellation.
@@ -331,7 +358,15 @@ class Worker:
         On any failure, cancellation included, the worker is poisoned and must be closed: a worker
         whose reset is unconfirmed may still hold the last tenant's context or settings.
         """
+        if self._workspace is not None and self.pid is not None:
+            # First what the last lease left running and wrote: the next tenant finds none of it.
+            await self._workspace.clean(self.pid, self.timeouts.remove_dirs_timeout_s)
         await self._exchange.reset()
+
+    @property
+    def workspace_killed(self) -> int:
+        """Processes the leases of this (sandboxed) worker left behind, killed at its resets."""
+        return self._workspace.killed if self._workspace is not None else 0
 
     def measure_memory(self) -> int | None:
         """Refresh the PSS and RSS of the worker's process tree; return the PSS."""

@@ -336,10 +336,6 @@ def leading_frame_id(head: bytes) -> str | None:
     return found.group(1).decode() if found else None
 
 
-def delta_frame(frame_id: str, text: str) -> bytes:
-    return orjson.dumps({"id": frame_id, "event": "delta", "text": text}) + b"\n"
-
-
 def stream_frame(frame_id: str, item: StreamItem) -> bytes:
     """A ``delta``, ``tool_use`` or ``tool_result`` frame (a tool call's own id as ``tool_use_id``)."""
     body = item.model_dump()

@@ -161,11 +161,11 @@ class UserEvent(_Event):
     def tool_results(self) -> list[ToolResultBlock]:
         """The ``tool_result`` blocks of this message, one per tool call the CLI ran (or refused).
 
-        Measured on CLI 2.1.328: ``content`` is the tool's output as a string (Bash: stdout, then
-        stderr; ``"Exit code N\n…"`` with ``is_error`` on failure; bytes that are not UTF-8 already
-        replaced by U+FFFD); other tools may give a list of blocks, whose text blocks are joined with
-        newlines and any other block (an image) shown as ``[image]``. A block without a string
-        ``tool_use_id`` is left out."""
+        Measured on CLI 2.1.328: ``content`` is the tool's output as a string (Bash: what the
+        command printed, ``"Exit code N\n…"`` first and ``is_error`` on failure; bytes that are not
+        UTF-8 already replaced by U+FFFD); other tools may give a list of blocks, whose text blocks
+        are joined with newlines and any other block (an image) shown as ``[image]``. A block
+        without a string ``tool_use_id`` is left out."""
         content = self.message.get("content")
         if not isinstance(content, list):
             return []

@@ -42,7 +42,7 @@ from claudepool.errors import ClaudepoolError, ConfigError, RemoteError
 from claudepool.pool.memory import MiB
 from claudepool.pool.profile import Profile
 from claudepool.pool.worker import Worker
-from claudepool.protocol.wire import PromptResult
+from claudepool.protocol.wire import PromptResult, ToolUse
 from claudepool.reconcile import command as reconcile_command
 
 DEV_KEY = "dev"
@@ -181,8 +181,23 @@ def _pinned_cli() -> str | None:
 # -- client commands ---------------------------------------------------------------------------------
 
 
+_MARKER_CHARS = 160
+
+
+def tool_marker(call: ToolUse) -> str:
+    """The one line `run` prints to stderr when the agent calls a tool: its name and input, cut short.
+
+    >>> tool_marker(ToolUse(id="t1", name="Bash", input={"command": "echo hi"}))
+    '[tool] Bash {"command":"echo hi"}'
+    """
+    shown = call.input if isinstance(call.input, str) else orjson.dumps(call.input).decode()
+    line = "".join(c if c.isprintable() else "?" for c in f"[tool] {call.name} {shown}")
+    return line if len(line) <= _MARKER_CHARS else line[:_MARKER_CHARS - 1] + "…"
+
+
 async def _run(client: AsyncClient, args: argparse.Namespace) -> int:
     streamed = False
+    line_open = False  # the answer's text so far does not end a line: a marker starts a new one
     try:
         async with client:
             async for piece in client.stream(args.prompt, profile=args.profile, timeout_s=args.timeout_s):
@@ -190,6 +205,11 @@ async def _run(client: AsyncClient, args: argparse.Namespace) -> int:
                     streamed = True
                     sys.stdout.write(piece)
                     sys.stdout.flush()
+                    if piece:
+                        line_open = not piece.endswith("\n")
+                elif isinstance(piece, ToolUse):
+                    print(("\n" if line_open else "") + tool_marker(piece), file=sys.stderr, flush=True)
+                    line_open = False
                 elif isinstance(piece, PromptResult):
                     if piece.is_error:
                         print(f"\nclaudepool: the model call failed: {piece.text}", file=sys.stderr)

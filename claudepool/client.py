@@ -5,6 +5,8 @@
 ...         async for piece in client.stream("Tell me a story"):
 ...             if isinstance(piece, str):
 ...                 print(piece, end="")
+...             elif isinstance(piece, ToolUse):        # the agent called a tool (ToolResult: its output)
+...                 print(f"[{piece.name}]", file=sys.stderr)
 ...         result = await client.prompt("And another")
 >>> Client(key="…", url="http://127.0.0.1:8787").prompt("Hi").text    # doctest: +SKIP
 
@@ -30,7 +32,7 @@ import orjson
 
 from claudepool.errors import RemoteError
 from claudepool.protocol.framing import LineFramer
-from claudepool.protocol.wire import PromptResult
+from claudepool.protocol.wire import STREAM_ITEMS, PromptResult, TextDelta, ToolResult, ToolUse, stream_item_of_frame
 
 _TERMINAL_EVENTS = frozenset({"result", "error", "status", "cancelled", "usage", "session", "session_deleted"})
 # Back-off between connect attempts: full jitter over a doubling ceiling, from 10 ms up to 0.5 s.
@@ -40,6 +42,8 @@ _RETRY_MAX_S = 0.5
 _UNIX_RETRYABLE = (BlockingIOError, ConnectionRefusedError, FileNotFoundError)
 
 T = TypeVar("T")
+# What `AsyncClient.stream` yields: text as it arrives, each tool call and its result, then the answer.
+Piece = str | ToolUse | ToolResult | PromptResult
 
 
 class AsyncClient:
@@ -78,8 +82,9 @@ class AsyncClient:
                 return item
         raise RemoteError("protocol_error", "the daemon ended the request without a result")
 
-    def stream(self, prompt: str, **options: Any) -> AsyncIterator[str | PromptResult]:
-        """Send one prompt; yield text as it arrives, then the `PromptResult`."""
+    def stream(self, prompt: str, **options: Any) -> AsyncIterator[Piece]:
+        """Send one prompt; yield text (``str``) as it arrives and each tool call (`ToolUse`) and its
+        result (`ToolResult`) as they happen, then the `PromptResult`."""
         return self._prompt(prompt, stream=True, **options)
 
     async def status(self) -> dict[str, Any]:
@@ -175,7 +180,7 @@ class AsyncClient:
 
     # -- transports ------------------------------------------------------------------------------
 
-    async def _prompt(self, prompt: str, *, stream: bool, **options: Any) -> AsyncIterator[str | PromptResult]:
+    async def _prompt(self, prompt: str, *, stream: bool, **options: Any) -> AsyncIterator[Piece]:
         body = {"prompt": prompt, "stream": stream, **{k: v for k, v in options.items() if v is not None}}
         if self.url is not None:
             async for item in self._http_prompt(body):
@@ -183,8 +188,9 @@ class AsyncClient:
             return
         async for frame in (await self._socket()).request({"op": "prompt", "key": self.key, **body}):
             event = frame.get("event")
-            if event == "delta":
-                yield frame["text"]
+            streamed = stream_item_of_frame(frame)
+            if streamed is not None:
+                yield streamed.text if isinstance(streamed, TextDelta) else streamed
             elif event == "result":
                 body = {k: v for k, v in frame.items() if k not in ("id", "event", "request_id")}
                 yield PromptResult.model_validate({**body, "id": frame["request_id"]})
@@ -198,7 +204,7 @@ class AsyncClient:
         except aiohttp.ClientConnectionError as exc:
             raise RemoteError("unavailable", f"cannot reach {self.url}: {exc}") from None
 
-    async def _http_prompt(self, body: dict[str, Any]) -> AsyncIterator[str | PromptResult]:
+    async def _http_prompt(self, body: dict[str, Any]) -> AsyncIterator[Piece]:
         try:
             async with await self._request("POST", "/v1/prompt", data=orjson.dumps(body),
                                            headers={**self._auth(), "Content-Type": "application/json"}) as resp:
@@ -206,8 +212,9 @@ class AsyncClient:
                     yield PromptResult.model_validate(await _json_or_raise(resp))
                     return
                 async for event, data in _sse_events(resp):
-                    if event == "delta":
-                        yield orjson.loads(data)["text"]
+                    if event in STREAM_ITEMS:
+                        item = STREAM_ITEMS[event].model_validate_json(data)
+                        yield item.text if isinstance(item, TextDelta) else item
                     elif event == "result":
                         yield PromptResult.model_validate_json(data)
                     elif event == "error":
@@ -396,7 +403,7 @@ class Client:
     def prompt(self, prompt: str, **options: Any) -> PromptResult:
         return self._loop.run_until_complete(self._client.prompt(prompt, **options))
 
-    def stream(self, prompt: str, **options: Any) -> Iterator[str | PromptResult]:
+    def stream(self, prompt: str, **options: Any) -> Iterator[Piece]:
         events = self._client.stream(prompt, **options)
         try:
             while True:

@@ -104,6 +104,8 @@ class ServerSettings(BaseModel):
     keepalive_timeout_s: float = Field(default=20.0, gt=0)
     # Client connections open at once, per front end (all HTTP listeners; all Unix sockets).
     max_connections: int = Field(default=1024, gt=0)
+    # A streamed tool call's input and its result's preview are cut to this many bytes of UTF-8.
+    tool_preview_bytes: int = Field(default=2048, ge=0, le=1 * MiB)
 
     @field_validator("http")
     @classmethod

@@ -274,7 +274,8 @@ def test_user_event_fields() -> None:
     assert isinstance(event, UserEvent)
     assert event.message == message
     assert event.session_id == "s-3"
-    assert event.model_extra == {"parent_tool_use_id": None}
+    assert event.parent_tool_use_id is None  # modelled since issue 13: a subagent's results are not streamed
+    assert event.model_extra == {}
 
 
 # -- stream_event -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any, TypedDict, Unpack
 
 import pytest
 
-from claudepool.client import AsyncClient, Client
+from claudepool.client import AsyncClient, Client, Piece
 from claudepool.errors import RemoteError
 from claudepool.protocol.wire import PromptResult
 from tests.daemon_fixtures import ADMIN_KEY, KEYS, RunningDaemon, make_daemon
@@ -43,8 +43,8 @@ def async_client(d: RunningDaemon, transport: str, key: str = KEYS["acme"]) -> A
     return AsyncClient(key=key, **where(d, transport))
 
 
-async def collect(stream: AsyncIterator[str | PromptResult],
-                  into: list[str | PromptResult] | None = None) -> list[str | PromptResult]:
+async def collect(stream: AsyncIterator[Piece],
+                  into: list[Piece] | None = None) -> list[Piece]:
     """Iterate a stream to its end, appending each item to ``into`` as it arrives."""
     items = into if into is not None else []
     async for item in stream:
@@ -96,7 +96,7 @@ async def test_model_errors_are_results_not_exceptions(make_daemon: MakeDaemon, 
 
 async def test_a_failure_mid_stream_raises_after_the_text(make_daemon: MakeDaemon, transport: str) -> None:
     d = await make_daemon()
-    pieces: list[str | PromptResult] = []
+    pieces: list[Piece] = []
     async with async_client(d, transport) as client, asyncio.timeout(15):
         with pytest.raises(RemoteError) as raised:
             await collect(client.stream("[[crash]] [[reply:partial answer here]]"), pieces)
@@ -153,7 +153,7 @@ async def test_status_with_the_admin_key(make_daemon: MakeDaemon, transport: str
     assert status["draining"] is False
 
 
-def sync_session(key: str, admin_key: str, **where: Unpack[Where]) -> tuple[PromptResult, list[str | PromptResult],
+def sync_session(key: str, admin_key: str, **where: Unpack[Where]) -> tuple[PromptResult, list[Piece],
                                                                    dict[str, Any]]:
     """Runs in a worker thread: the sync client drives its own event loop."""
     with Client(key=key, **where) as client:

@@ -18,10 +18,10 @@ from aiohttp import web
 
 from claudepool.daemon.facade import LedgerPage
 from claudepool.daemon.http_api import Handler, build_app
-from claudepool.daemon.service import OnDelta, ReadRequest
+from claudepool.daemon.service import OnEvent, ReadRequest
 from claudepool.daemon.unix_api import UnixFrontEnd
 from claudepool.errors import RateLimited, RequestReadTimeout, Unauthorized
-from claudepool.protocol.wire import PromptRequest, PromptResult, UsageOut
+from claudepool.protocol.wire import PromptRequest, PromptResult, TextDelta, UsageOut
 from claudepool.tenancy.tenants import Tenant
 
 KEY = "scripted-key"
@@ -36,14 +36,14 @@ class ScriptedApi:
     prompts: list[tuple[str | None, str, bool]] = field(default_factory=list)
     refusals: list[tuple[str, str | None]] = field(default_factory=list)
 
-    async def handle(self, key: str | None, request: PromptRequest | ReadRequest, on_delta: OnDelta | None = None,
+    async def handle(self, key: str | None, request: PromptRequest | ReadRequest, on_event: OnEvent | None = None,
                      *, request_id: str | None = None) -> PromptResult:
         if not isinstance(request, PromptRequest):
             request = await request()
         self.prompts.append((key, request.prompt, request.stream))
         for text in self.deltas:
-            if request.stream and on_delta is not None:
-                await on_delta(text)
+            if request.stream and on_event is not None:
+                await on_event(TextDelta(text=text))
         if self.error is not None:
             raise self.error
         return PromptResult(id=request_id or "rid", tenant="t", session=None, text=f"echo {request.prompt}",

@@ -131,7 +131,8 @@ class Daemon:
             ServiceLimits(server.max_prompt_bytes, server.default_timeout_s, server.max_timeout_s, server.max_queued),
             store=self.store, limiter=self.limiter, sessions=self.sessions,
         )
-        self.service = PromptService(gate, self.tenants, self.meter, metrics=request_metrics, sessions=self.sessions)
+        self.service = PromptService(gate, self.tenants, self.meter, metrics=request_metrics, sessions=self.sessions,
+                                     tool_preview_bytes=server.tool_preview_bytes)
         self.status = Status(self.pools, self.all_pools(), self.service)
         self.spend = TenantSpend(self.tenants, self.store, tenant_labels, self.registry)
         PoolCollector(self.all_pools(), self.registry)

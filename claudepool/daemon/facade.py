@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from claudepool.daemon.service import OnDelta, PromptService, ReadRequest
+from claudepool.daemon.service import OnEvent, PromptService, ReadRequest
 from claudepool.daemon.status import Status
 from claudepool.daemon.usage import LedgerReads, usage_report
 from claudepool.errors import BadRequest, ClaudepoolError, Forbidden
@@ -41,7 +41,7 @@ class LedgerPage:
 class Api(Protocol):
     """The calls a front end makes; `Facade` is the daemon's, a test may bring its own."""
 
-    async def handle(self, key: str | None, request: PromptRequest | ReadRequest, on_delta: OnDelta | None = None,
+    async def handle(self, key: str | None, request: PromptRequest | ReadRequest, on_event: OnEvent | None = None,
                      *, request_id: str | None = None) -> PromptResult: ...
 
     def refused(self, exc: BaseException, *, key: str | None = None) -> None: ...
@@ -89,10 +89,10 @@ class Facade:
 
     # -- prompts -------------------------------------------------------------------------------
 
-    async def handle(self, key: str | None, request: PromptRequest | ReadRequest, on_delta: OnDelta | None = None,
+    async def handle(self, key: str | None, request: PromptRequest | ReadRequest, on_event: OnEvent | None = None,
                      *, request_id: str | None = None) -> PromptResult:
         """Authenticate, admit and serve one prompt: see `PromptService.handle`."""
-        return await self._service.handle(key, request, on_delta, request_id=request_id)
+        return await self._service.handle(key, request, on_event, request_id=request_id)
 
     def refused(self, exc: BaseException, *, key: str | None = None) -> None:
         """A prompt the front end refused before `handle` (an unreadable frame, a bound of the

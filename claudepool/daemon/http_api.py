@@ -7,9 +7,11 @@
     GET  /v1/pool     admin: every worker's state, pid, profile, turns, age, PSS; queue depths
 
 Errors are ``{"error": {"code", "message"}}`` with the status of the `ClaudepoolError` raised, and
-``Retry-After`` when retrying later makes sense. A streaming request opens its event stream only
-when the first text arrives, so anything that fails before that (a full queue, a timeout) is still a
-plain HTTP error with its real status; after that, failures arrive as one ``event: error``.
+``Retry-After`` when retrying later makes sense. A streaming request's events are ``delta``,
+``tool_use`` and ``tool_result`` (`claudepool.protocol.wire.StreamItem`) as the turn runs, then one
+``result`` or ``error``. It opens its event stream only when the first of them arrives, so anything
+that fails before that (a full queue, a timeout) is still a plain HTTP error with its real status;
+after that, failures arrive as one ``event: error``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from claudepool.protocol.wire import (
     PromptRequest,
     PromptResult,
     SessionCreateRequest,
+    StreamItem,
     TenantQuery,
     UsageQuery,
     describe_validation_error,
@@ -160,11 +163,11 @@ async def _prompt(request: web.Request) -> web.StreamResponse:
             await stream.prepare(request)
         return stream
 
-    async def on_delta(text: str) -> None:  # called only when the request asked for a stream
-        await (await opened()).send(orjson.dumps({"text": text}).decode(), event="delta")
+    async def on_event(item: StreamItem) -> None:  # called only when the request asked for a stream
+        await (await opened()).send(orjson.dumps(item.model_dump()).decode(), event=item.event)
 
     try:
-        answer: PromptResult = await api.handle(bearer(request), read, on_delta, request_id=request_id)
+        answer: PromptResult = await api.handle(bearer(request), read, on_event, request_id=request_id)
     except Exception as exc:
         if stream is None:
             raise

@@ -2,7 +2,8 @@
 
 Every request gets exactly one of the two: `RequestLog.refused` for one that ends before admission
 (a bad key, an unreadable body, a limit), `RequestLog.finished` for one that was admitted, whatever
-ended it. The line carries ids, outcome, timings and usage, never the prompt, the answer or the key.
+ended it. The line carries ids, outcome, timings, usage and how many tools the turn called, never
+the prompt, the answer, a tool's input or output, or the key.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Trace:
     first_text_s: float | None = None
     slot: int | None = None
     result: TurnResult | None = None
+    tool_calls: int = 0
 
 
 def _rejection_kind(exc: TenancyError) -> str:
@@ -60,7 +62,7 @@ class RequestLog:
             "outcome": outcome, "queue_ms": None,
             "duration_ms": round((time.monotonic() - started) * 1000, 1) if started is not None else 0.0,
             "input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0,
-            "cost_usd": 0.0,
+            "cost_usd": 0.0, "tool_calls": 0,
         }})
 
     def finished(self, admission: Admission, trace: Trace, error: BaseException | None) -> None:
@@ -84,5 +86,5 @@ class RequestLog:
             "input_tokens": usage.input_tokens if usage else 0, "output_tokens": usage.output_tokens if usage else 0,
             "cache_read_input_tokens": usage.cache_read_input_tokens if usage else 0,
             "cache_creation_input_tokens": usage.cache_creation_input_tokens if usage else 0,
-            "cost_usd": result.cost_usd if result else 0.0,
+            "cost_usd": result.cost_usd if result else 0.0, "tool_calls": trace.tool_calls,
         }})

@@ -2,12 +2,12 @@
 
 authenticate → read the request → admit (see `claudepool.daemon.admission`: profile, session,
 size, queue bounds, rate limits, budget) → run: wait for a worker in the pool's fair
-queue → one turn, streaming text deltas to the caller → one `PromptResult`, or a `ClaudepoolError`
-the front end turns into its error response. Each request ends in exactly one canonical log line
-and one count (`claudepool.daemon.request_log`), refused or served. The request deadline covers the
-queue wait and the turn; when it passes, the turn is abandoned and the pool interrupts and resets
-the worker. Usage is metered from the pool's callbacks (see `claudepool.tenancy.metering`), so a
-turn is billed even when its client is gone.
+queue → one turn, streaming its text and tool calls to the caller (`StreamItem`s) → one
+`PromptResult`, or a `ClaudepoolError` the front end turns into its error response. Each request
+ends in exactly one canonical log line and one count (`claudepool.daemon.request_log`), refused or
+served. The request deadline covers the queue wait and the turn; when it passes, the turn is
+abandoned and the pool interrupts and resets the worker. Usage is metered from the pool's callbacks
+(see `claudepool.tenancy.metering`), so a turn is billed even when its client is gone.
 
 Draining: set ``draining`` to stop admitting, `wait_idle` for requests in flight up to a deadline,
 then `stop_in_flight`: each remaining request answers `Draining` rather than vanishing.
@@ -27,8 +27,8 @@ from claudepool.errors import Cancelled, ClaudepoolError, Draining, RequestTimeo
 from claudepool.pool.lease import Lease
 from claudepool.pool.shares import Priority, TenantShare
 from claudepool.pool.worker import TurnResult
-from claudepool.protocol.cli_events import StreamEvent, SystemApiRetry
-from claudepool.protocol.wire import PromptRequest, PromptResult, UsageOut
+from claudepool.protocol.cli_events import SystemApiRetry
+from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta, ToolUse, UsageOut, stream_items
 from claudepool.sessions.manager import SessionManager
 from claudepool.store.base import SessionRecord
 from claudepool.tenancy.metering import Meter
@@ -36,7 +36,8 @@ from claudepool.tenancy.tenants import Tenant, TenantRegistry
 
 log = logging.getLogger(__name__)
 
-OnDelta = Callable[[str], Awaitable[None]]
+# Receives what a streaming request sees as its turn runs: text deltas, tool calls, tool results.
+OnEvent = Callable[[StreamItem], Awaitable[None]]
 # The request body, read once the key is known to be good (so an unreadable body is refused with
 # its tenant known, and a bad key is refused before the body is read).
 ReadRequest = Callable[[], Awaitable[PromptRequest]]
@@ -44,12 +45,14 @@ ReadRequest = Callable[[], Awaitable[PromptRequest]]
 
 class PromptService:
     def __init__(self, gate: Gate, tenants: TenantRegistry, meter: Meter, *, metrics: RequestMetrics | None = None,
-                 sessions: SessionManager | None = None) -> None:
+                 sessions: SessionManager | None = None, tool_preview_bytes: int = 2048) -> None:
         self.gate = gate
         self.tenants = tenants
         self.meter = meter
         self.metrics = metrics
         self.sessions = sessions
+        # The bound on each tool call's input and result preview a stream carries (UTF-8 bytes).
+        self.tool_preview_bytes = tool_preview_bytes
         self.log = RequestLog(metrics)
         self.draining = False
         self._in_flight: set[asyncio.Task[object]] = set()
@@ -66,13 +69,13 @@ class PromptService:
         """Requests admitted (or being admitted) that have no worker yet: what the queue bounds count."""
         return self.gate.queued
 
-    async def handle(self, key: str | None, request: PromptRequest | ReadRequest, on_delta: OnDelta | None = None, *,
+    async def handle(self, key: str | None, request: PromptRequest | ReadRequest, on_event: OnEvent | None = None, *,
                      request_id: str | None = None) -> PromptResult:
-        """Serve one prompt from the key to the answer. ``on_delta`` receives text as it streams, when
-        the request asked for a stream.
+        """Serve one prompt from the key to the answer. ``on_event`` receives the turn's text and tool
+        calls as they happen (`StreamItem`s, in order), when the request asked for a stream.
 
         Raises the `ClaudepoolError` to answer; the request is counted and logged once either way.
-        What ``on_delta`` raises (the front end's own writes) passes through untouched."""
+        What ``on_event`` raises (the front end's own writes) passes through untouched."""
         request_id = request_id or new_request_id()
         tenant: Tenant | None = None
         try:
@@ -83,7 +86,7 @@ class PromptService:
             self.refused(exc, tenant=tenant, request_id=request_id)
             raise
         admission = await self.admit(tenant, request, request_id)
-        return await self.run(admission, on_delta if request.stream else None)
+        return await self.run(admission, on_event if request.stream else None)
 
     def refused(self, exc: BaseException, *, tenant: Tenant | None = None, request: PromptRequest | None = None,
                 request_id: str | None = None, started: float | None = None) -> None:
@@ -129,8 +132,8 @@ class PromptService:
                 raise Draining("the daemon stopped this request at its drain deadline") from None
             raise
 
-    async def run(self, admission: Admission, on_delta: OnDelta | None = None) -> PromptResult:
-        """Serve an admitted request. ``on_delta`` receives text as it streams (if given)."""
+    async def run(self, admission: Admission, on_event: OnEvent | None = None) -> PromptResult:
+        """Serve an admitted request. ``on_event`` receives what it streams (if given)."""
         task = asyncio.current_task()
         assert task is not None
         self._in_flight.add(task)
@@ -138,7 +141,7 @@ class PromptService:
         trace = Trace(started=time.monotonic())
         error: BaseException | None = None
         try:
-            return await self._serve(admission, on_delta, trace)
+            return await self._serve(admission, on_event, trace)
         except asyncio.CancelledError:
             if task in self._stopped_by_drain and task.uncancel() == 0:
                 error = Draining("the daemon stopped this request at its drain deadline")
@@ -156,7 +159,7 @@ class PromptService:
                 self._idle.set()
             self.log.finished(admission, trace, error)
 
-    async def _serve(self, admission: Admission, on_delta: OnDelta | None, trace: Trace) -> PromptResult:
+    async def _serve(self, admission: Admission, on_event: OnEvent | None, trace: Trace) -> PromptResult:
         started = trace.started
         session: str | None = None
         try:
@@ -164,11 +167,11 @@ class PromptService:
                 if admission.request.session is None:
                     lease = await self._acquire(admission)
                     try:
-                        await self._drive(lease, admission, on_delta, trace)
+                        await self._drive(lease, admission, on_event, trace)
                     finally:
                         lease.release()
                 else:
-                    session = await self._serve_session(admission, on_delta, trace)
+                    session = await self._serve_session(admission, on_event, trace)
         except TimeoutError:
             if deadline.expired():
                 raise RequestTimeout(f"no complete answer within {admission.timeout_s:g}s") from None
@@ -190,7 +193,7 @@ class PromptService:
             queue_ms=round((trace.queue_s or 0.0) * 1000, 3),
         )
 
-    async def _serve_session(self, admission: Admission, on_delta: OnDelta | None, trace: Trace) -> str:
+    async def _serve_session(self, admission: Admission, on_event: OnEvent | None, trace: Trace) -> str:
         """One turn of a conversation, on the worker that holds it (or resumed on a new one)."""
         assert self.sessions is not None and admission.request.session is not None
         tenant = admission.tenant
@@ -201,7 +204,7 @@ class PromptService:
             ctx.session = record.id
             lease.context = ctx
             try:
-                return await self._drive(lease, admission, on_delta, trace)
+                return await self._drive(lease, admission, on_event, trace)
             except BaseException:
                 if not lease.worker.in_turn():
                     # The worker died mid-turn (an abandoned turn is still draining and will bill itself).
@@ -218,22 +221,23 @@ class PromptService:
             admission.queue_slot.release()
         return record.id
 
-    async def _drive(self, lease: Lease, admission: Admission, on_delta: OnDelta | None, trace: Trace) -> TurnResult:
-        """Run the admitted prompt on ``lease``'s worker, streaming text and noting what happened."""
+    async def _drive(self, lease: Lease, admission: Admission, on_event: OnEvent | None, trace: Trace) -> TurnResult:
+        """Run the admitted prompt on ``lease``'s worker, streaming what it does and noting what happened."""
         trace.queue_s = time.monotonic() - trace.started
         trace.slot = lease.worker.slot
         async for item in lease.run_turn(admission.request.prompt):
             if isinstance(item, TurnResult):
                 trace.result = item
-            elif isinstance(item, StreamEvent):
-                text = item.text_delta()
-                if text:
-                    if trace.first_text_s is None:
-                        trace.first_text_s = time.monotonic() - trace.started
-                    if on_delta is not None:
-                        await on_delta(text)
-            elif isinstance(item, SystemApiRetry) and self.metrics is not None:
+                continue
+            if isinstance(item, SystemApiRetry) and self.metrics is not None:
                 self.metrics.upstream_retry(item.error_status)
+            for out in stream_items(item, self.tool_preview_bytes):
+                if isinstance(out, TextDelta) and trace.first_text_s is None:
+                    trace.first_text_s = time.monotonic() - trace.started
+                elif isinstance(out, ToolUse):
+                    trace.tool_calls += 1  # counted, never logged: the input is the tenant's own data
+                if on_event is not None:
+                    await on_event(out)
         assert trace.result is not None
         return trace.result
 

@@ -2,9 +2,10 @@
 
 Frames are handled one at a time, in the order they arrive. What answers what:
 
-- ``prompt``, accepted: a task keyed by the frame's ``id``; zero or more ``delta`` frames, then
-  exactly one terminal frame, ``result`` or ``error``, and nothing more under that id (the id may
-  then be reused). Authentication, limits and every failure after acceptance end in that ``error``.
+- ``prompt``, accepted: a task keyed by the frame's ``id``; with ``stream``, zero or more ``delta``,
+  ``tool_use`` and ``tool_result`` frames as the turn runs; then exactly one terminal frame,
+  ``result`` or ``error``, and nothing more under that id (the id may then be reused).
+  Authentication, limits and every failure after acceptance end in that ``error``.
   Past ``server.max_requests_per_connection`` prompts in flight, a prompt is refused at once with
   ``error``/``too_many_in_flight`` under its id.
 - ``cancel``: one ``cancelled`` frame ``{"target", "found"}``. ``found`` is true when the target was
@@ -57,13 +58,14 @@ from claudepool.protocol.wire import (
     SessionCreateFrame,
     SessionDeleteFrame,
     StatusFrame,
-    delta_frame,
+    StreamItem,
     error_frame,
     event_frame,
     frame_id_of,
     leading_frame_id,
     parse_frame,
     result_frame,
+    stream_frame,
 )
 
 log = logging.getLogger(__name__)
@@ -283,8 +285,8 @@ class _Connection:
         task.add_done_callback(functools.partial(self.finished, frame.id))
 
     def finished(self, frame_id: str, task: asyncio.Task[bytes]) -> None:
-        """The one place a prompt's terminal frame is written: once per task, after its last delta
-        (deltas are written by the task itself), and as its id leaves ``requests``."""
+        """The one place a prompt's terminal frame is written: once per task, after its last streamed
+        frame (those are written by the task itself), and as its id leaves ``requests``."""
         del self.requests[frame_id]
         by_client = frame_id in self.cancelled
         self.cancelled.discard(frame_id)
@@ -298,15 +300,15 @@ class _Connection:
             self.send(task.result())
 
     async def run_prompt(self, frame: PromptFrame) -> bytes:
-        """Serve one prompt, writing its deltas; return its terminal frame (`finished` writes it)."""
-        async def on_delta(text: str) -> None:
-            self.send(delta_frame(frame.id, text))
+        """Serve one prompt, writing what it streams; return its terminal frame (`finished` writes it)."""
+        async def on_event(item: StreamItem) -> None:
+            self.send(stream_frame(frame.id, item))
             await self.writer.drain()
 
         request_id = new_request_id()
         try:
             request = PromptRequest.model_validate(frame.model_dump(exclude={"id", "op", "key"}))
-            result = await self.api.handle(frame.key, request, on_delta, request_id=request_id)
+            result = await self.api.handle(frame.key, request, on_event, request_id=request_id)
             return result_frame(frame.id, result)
         except ClaudepoolError as exc:
             return error_frame(frame.id, exc)

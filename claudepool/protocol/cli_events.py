@@ -21,6 +21,7 @@ only our own `encode_command` (``/clear``) is not.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
@@ -120,6 +121,34 @@ class AssistantEvent(_Event):
             text for b in self.message.content if b.get("type") == "text" and isinstance(text := b.get("text"), str)
         )
 
+    def tool_uses(self) -> list[ToolUseBlock]:
+        """The ``tool_use`` blocks of this message: the tools the model asked to run.
+
+        A block without a string ``id`` and ``name`` is left out (nothing could be shown of it)."""
+        return [
+            ToolUseBlock(id=b["id"], name=b["name"], input=b.get("input"))
+            for b in self.message.content
+            if b.get("type") == "tool_use" and isinstance(b.get("id"), str) and isinstance(b.get("name"), str)
+        ]
+
+
+@dataclass(frozen=True)
+class ToolUseBlock:
+    """One tool call the model made: ``input`` is the tool's arguments as the CLI reported them."""
+
+    id: str
+    name: str
+    input: Any
+
+
+@dataclass(frozen=True)
+class ToolResultBlock:
+    """What one tool call gave back: ``text`` is its content flattened to text (see `UserEvent.tool_results`)."""
+
+    tool_use_id: str
+    is_error: bool
+    text: str
+
 
 class UserEvent(_Event):
     """``user``: tool results and interruption markers echoed by the CLI."""
@@ -127,6 +156,39 @@ class UserEvent(_Event):
     type: Literal["user"] = "user"
     message: dict[str, Any] = Field(default_factory=dict)
     session_id: str = ""
+    parent_tool_use_id: str | None = None
+
+    def tool_results(self) -> list[ToolResultBlock]:
+        """The ``tool_result`` blocks of this message, one per tool call the CLI ran (or refused).
+
+        Measured on CLI 2.1.328: ``content`` is the tool's output as a string (Bash: what the
+        command printed, ``"Exit code N\n…"`` first and ``is_error`` on failure; bytes that are not
+        UTF-8 already replaced by U+FFFD); other tools may give a list of blocks, whose text blocks
+        are joined with newlines and any other block (an image) shown as ``[image]``. A block
+        without a string ``tool_use_id`` is left out."""
+        content = self.message.get("content")
+        if not isinstance(content, list):
+            return []
+        return [
+            ToolResultBlock(tool_use_id=b["tool_use_id"], is_error=b.get("is_error") is True,
+                            text=_result_text(b.get("content")))
+            for b in content
+            if isinstance(b, dict) and b.get("type") == "tool_result" and isinstance(b.get("tool_use_id"), str)
+        ]
+
+
+def _result_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    parts = []
+    for block in content:
+        if isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str):
+            parts.append(block["text"])
+        elif isinstance(block, dict):
+            parts.append(f"[{block.get('type') if isinstance(block.get('type'), str) else 'block'}]")
+    return "\n".join(parts)
 
 
 class StreamEvent(_Event):

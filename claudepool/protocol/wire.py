@@ -1,13 +1,16 @@
 """Our client protocol: the HTTP bodies and the Unix-socket NDJSON frames, as typed models.
 
 HTTP ``POST /v1/prompt`` takes a `PromptRequest` and answers a `PromptResult` (or, with
-``"stream": true``, server-sent ``delta`` events then exactly one ``result`` or ``error`` event).
+``"stream": true``, server-sent ``delta``, ``tool_use`` and ``tool_result`` events as the turn runs,
+then exactly one ``result`` or ``error`` event).
 
 The Unix socket carries one JSON object per line in each direction, many requests multiplexed on one
 connection by a client-chosen ``id``:
 
     → {"id": "r1", "op": "prompt", "key": "…", "prompt": "Hi", "stream": true}
     ← {"id": "r1", "event": "delta", "text": "Hel"}
+    ← {"id": "r1", "event": "tool_use", "tool_use_id": "toolu_1", "name": "Bash", "input": {…}, …}
+    ← {"id": "r1", "event": "tool_result", "tool_use_id": "toolu_1", "is_error": false, "preview": "…", …}
     ← {"id": "r1", "event": "result", "request_id": "…", "text": "Hello", …}
     → {"id": "c1", "op": "cancel", "target": "r1"}
     → {"id": "s1", "op": "status", "key": "…"}
@@ -26,13 +29,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from claudepool.errors import BadRequest, ClaudepoolError
-from claudepool.protocol.cli_events import Usage
+from claudepool.protocol.cli_events import (
+    AssistantEvent,
+    CliEvent,
+    StreamEvent,
+    ToolResultBlock,
+    ToolUseBlock,
+    Usage,
+    UserEvent,
+)
 
 _ID = Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
 _VALID_ID = re.compile(r"[\x21-\x7e]{1,128}")
@@ -89,6 +100,93 @@ class PromptResult(BaseModel):
     cost_usd: float
     duration_ms: float
     queue_ms: float
+
+
+# -- what a turn streams: text, and the tools it ran ------------------------------------------------
+
+
+class TextDelta(BaseModel):
+    """``delta``: the answer's text as it arrives."""
+
+    model_config = _ANSWER
+    event: ClassVar[str] = "delta"
+
+    text: str
+
+
+class ToolUse(BaseModel):
+    """``tool_use``: the agent called a tool. ``id`` is the call's (``tool_use_id`` on the socket,
+    where ``id`` is the frame's); ``input`` its arguments, or, when their JSON is longer than the
+    preview bound, that JSON cut at the bound (a string, and ``truncated``)."""
+
+    model_config = _ANSWER
+    event: ClassVar[str] = "tool_use"
+
+    id: str
+    name: str
+    input: dict[str, Any] | str
+    truncated: bool = False
+
+    @classmethod
+    def of(cls, block: ToolUseBlock, max_bytes: int) -> ToolUse:
+        if isinstance(block.input, dict):
+            encoded = orjson.dumps(block.input)
+            if len(encoded) <= max_bytes:
+                return cls(id=block.id, name=block.name, input=block.input)
+            text = encoded.decode()
+        else:  # never seen (the API's tool inputs are objects): shown as its JSON text
+            text = orjson.dumps(block.input).decode()
+        cut, truncated = cut_utf8(text, max_bytes)
+        return cls(id=block.id, name=block.name, input=cut, truncated=truncated)
+
+
+class ToolResult(BaseModel):
+    """``tool_result``: what a tool call gave back, as a preview: its text cut at the bound."""
+
+    model_config = _ANSWER
+    event: ClassVar[str] = "tool_result"
+
+    tool_use_id: str
+    is_error: bool
+    preview: str
+    truncated: bool
+
+    @classmethod
+    def of(cls, block: ToolResultBlock, max_bytes: int) -> ToolResult:
+        preview, truncated = cut_utf8(block.text, max_bytes)
+        return cls(tool_use_id=block.tool_use_id, is_error=block.is_error, preview=preview, truncated=truncated)
+
+
+StreamItem = TextDelta | ToolUse | ToolResult
+STREAM_ITEMS: dict[str, type[StreamItem]] = {m.event: m for m in (TextDelta, ToolUse, ToolResult)}
+
+
+def stream_items(event: CliEvent, preview_bytes: int) -> list[StreamItem]:
+    """What of one CLI event a streaming client sees: a text delta, or the tool calls and results of
+    the agent itself (a subagent's, under a ``parent_tool_use_id``, are not shown, like its text)."""
+    if isinstance(event, StreamEvent):
+        text = event.text_delta()
+        return [TextDelta(text=text)] if text else []
+    if isinstance(event, AssistantEvent) and event.parent_tool_use_id is None:
+        return [ToolUse.of(block, preview_bytes) for block in event.tool_uses()]
+    if isinstance(event, UserEvent) and event.parent_tool_use_id is None:
+        return [ToolResult.of(block, preview_bytes) for block in event.tool_results()]
+    return []
+
+
+def cut_utf8(text: str, max_bytes: int) -> tuple[str, bool]:
+    """``text`` cut to at most ``max_bytes`` of UTF-8, never inside a character; and whether it was cut.
+
+    >>> cut_utf8("héllo", 2)
+    ('h', True)
+    >>> cut_utf8("hé", 3)
+    ('hé', False)
+    """
+    data = text.encode("utf-8", "replace")  # a lone surrogate (never from orjson) would become "?"
+    if len(data) <= max_bytes:
+        return data.decode("utf-8"), False
+    # The bytes before the cut are whole characters but perhaps the last one: drop what is left of it.
+    return data[:max_bytes].decode("utf-8", "ignore"), True
 
 
 class SessionCreateRequest(BaseModel):
@@ -238,8 +336,24 @@ def leading_frame_id(head: bytes) -> str | None:
     return found.group(1).decode() if found else None
 
 
-def delta_frame(frame_id: str, text: str) -> bytes:
-    return orjson.dumps({"id": frame_id, "event": "delta", "text": text}) + b"\n"
+def stream_frame(frame_id: str, item: StreamItem) -> bytes:
+    """A ``delta``, ``tool_use`` or ``tool_result`` frame (a tool call's own id as ``tool_use_id``)."""
+    body = item.model_dump()
+    if isinstance(item, ToolUse):
+        body["tool_use_id"] = body.pop("id")
+    return orjson.dumps({"id": frame_id, "event": item.event, **body}) + b"\n"
+
+
+def stream_item_of_frame(frame: dict[str, Any]) -> StreamItem | None:
+    """The `StreamItem` a socket frame carries (what `stream_frame` wrote), or None for another frame."""
+    event = frame.get("event")
+    model = STREAM_ITEMS.get(event) if isinstance(event, str) else None
+    if model is None:
+        return None
+    body = {k: v for k, v in frame.items() if k not in ("id", "event")}
+    if model is ToolUse:
+        body["id"] = body.pop("tool_use_id", None)
+    return model.model_validate(body)
 
 
 def result_frame(frame_id: str, result: PromptResult) -> bytes:

@@ -36,6 +36,17 @@ Per-turn directives, in the prompt text
   [[huge:N]]       print one line of N bytes                 [[garbage]]  print a non-JSON line
   [[grow:MB]]      allocate and keep MB of memory            [[child]]    spawn a sleeping grandchild
   [[env]]          answer with the environment as JSON       [[cwd]]      answer with the cwd
+  [[tool:Bash:CMD]] call a tool first, as the real CLI does when the model asks for one: a
+                   ``tool_use`` assistant message (after its ``stream_event``s), then the tool's
+                   ``tool_result`` user message. Bash runs CMD (``bash -c`` in a process group of
+                   its own, killed with what it left behind when it ends or the turn is
+                   interrupted): stdout then stderr, bytes that are not UTF-8 replaced by U+FFFD,
+                   the last newline dropped, ``"Exit code N\n…"`` and ``is_error`` on failure.
+                   Another NAME's argument is its input as a JSON object, and its result the real
+                   CLI's refusal of a tool it does not have. Repeat the directive for several calls,
+                   in order. The answer is then the last tool's output (unless ``[[reply:…]]``). An
+                   interrupt while a tool runs gives what the real CLI gives: an ``is_error``
+                   tool_result, then ``[Request interrupted by user for tool use]``, then the result
 
 Process-wide faults, in FAKE_CLAUDE_FAULTS (comma-separated)
   slow_start=S     answer ``initialize`` only S seconds after start
@@ -56,6 +67,7 @@ FAKE_CLAUDE_LOG=PATH appends every stdin line received, as JSON lines, for tests
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -115,6 +127,9 @@ class FakeClaude:
         # (text, runs as a command if it is one)
         self.pending: list[tuple[str, bool]] = []
         self.turn: asyncio.Task[None] | None = None
+        # The tool call running now (its id), and the process group of the command it runs.
+        self.running_tool: str | None = None
+        self.tool_pgid: int | None = None
         self.wakeup = asyncio.Event()
         self.eof = False
         self.initialized = False
@@ -307,7 +322,11 @@ class FakeClaude:
         if "child" in plan:
             child = subprocess.Popen(["sleep", "300"])
             plan["reply"] = f"child {child.pid}"
-        answer = self.answer(plan, prompt)
+        tool_output: str | None = None
+        calls = [m.group(2) or "" for m in DIRECTIVE.finditer(prompt) if m.group(1) == "tool"]
+        for spec in calls:
+            tool_output = await self.tool_call(spec)
+        answer = tool_output if tool_output is not None and "reply" not in plan else self.answer(plan, prompt)
         pieces = [answer[i:i + 8] for i in range(0, len(answer), 8)] or [""]
         msg_id = f"msg_{uuid.uuid4().hex[:12]}"
         if self.partial:
@@ -333,7 +352,61 @@ class FakeClaude:
             "parent_tool_use_id": None, "session_id": self.session_id})
         self.remember("assistant", answer)
         self.result(answer, is_error=False, subtype="success", terminal_reason="completed",
-                    api_error_status=None, usage=(in_tokens, out_tokens))
+                    api_error_status=None, usage=(in_tokens, out_tokens), num_turns=1 + len(calls))
+
+    async def tool_call(self, spec: str) -> str:
+        """One tool call as the real CLI 2.1.328 reports it; returns the tool's output."""
+        name, _, argument = spec.partition(":")
+        tool_input = json.loads(argument) if name != "Bash" and argument.startswith("{") else {"command": argument}
+        tool_id = f"toolu_fake_{uuid.uuid4().hex[:12]}"
+        msg_id = f"msg_{uuid.uuid4().hex[:12]}"
+        if self.partial:
+            self.stream({"type": "message_start", "message": {"id": msg_id, "role": "assistant"}})
+            self.stream({"type": "content_block_start", "index": 0,
+                         "content_block": {"type": "tool_use", "id": tool_id, "name": name, "input": {}}})
+            self.stream({"type": "content_block_delta", "index": 0,
+                         "delta": {"type": "input_json_delta", "partial_json": json.dumps(tool_input)}})
+        emit({"type": "assistant", "message": {
+            "id": msg_id, "type": "message", "role": "assistant", "model": self.model,
+            "content": [{"type": "tool_use", "id": tool_id, "name": name, "input": tool_input}],
+            "stop_reason": None, "usage": {"input_tokens": self.context_tokens(), "output_tokens": 1,
+                                           "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}},
+            "parent_tool_use_id": None, "session_id": self.session_id})
+        if self.partial:
+            self.stream({"type": "content_block_stop", "index": 0})
+            self.stream({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None}})
+            self.stream({"type": "message_stop"})
+        self.running_tool = tool_id
+        if name == "Bash":
+            output, is_error = await self.run_bash(str(tool_input["command"]))
+        else:
+            output, is_error = (f"<tool_use_error>Error: No such tool available: {name}. {name} is disabled for "
+                                "this session, in subagents as well as here.</tool_use_error>"), True
+        self.running_tool = None
+        emit({"type": "user", "message": {"role": "user", "content": [
+            {"tool_use_id": tool_id, "type": "tool_result", "content": output, "is_error": is_error}]},
+            "parent_tool_use_id": None, "session_id": self.session_id, "uuid": str(uuid.uuid4()),
+            "tool_use_result": {"stdout": output, "stderr": "", "interrupted": False}})
+        return output
+
+    async def run_bash(self, command: str) -> tuple[str, bool]:
+        proc = await asyncio.create_subprocess_exec(
+            "bash", "-c", command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            process_group=0)
+        self.tool_pgid = proc.pid
+        try:
+            out, err = await proc.communicate()
+        except asyncio.CancelledError:
+            kill_group(proc.pid)
+            await proc.wait()
+            raise
+        finally:
+            self.tool_pgid = None
+        kill_group(proc.pid)  # what it left running in the background dies with the call
+        text = "\n".join(part.decode("utf-8", "replace").removesuffix("\n") for part in (out, err) if part)
+        if proc.returncode:
+            return f"Exit code {proc.returncode}\n{text}", True
+        return text, False
 
     def answer(self, plan: dict[str, str], prompt: str) -> str:
         if "reply" in plan:
@@ -353,7 +426,7 @@ class FakeClaude:
         emit({"type": "stream_event", "event": event, "session_id": self.session_id, "parent_tool_use_id": None})
 
     def result(self, text: str | None, *, is_error: bool, subtype: str, terminal_reason: str,
-               api_error_status: int | None, usage: tuple[int, int]) -> None:
+               api_error_status: int | None, usage: tuple[int, int], num_turns: int = 1) -> None:
         self.cost_usd += usage[0] * PRICE_IN_USD + usage[1] * PRICE_OUT_USD
         self.last_error = is_error
         emit({"type": "result", "subtype": subtype, "is_error": is_error, "result": text,
@@ -361,15 +434,23 @@ class FakeClaude:
               "usage": {"input_tokens": usage[0], "output_tokens": usage[1],
                         "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
               "terminal_reason": terminal_reason, "api_error_status": api_error_status,
-              "stop_reason": "end_turn" if not is_error else None, "num_turns": 1,
+              "stop_reason": "end_turn" if not is_error else None, "num_turns": num_turns,
               "duration_ms": 1, "uuid": str(uuid.uuid4())})
 
     def finish_interrupted(self, prompt: str) -> None:
         # The interrupted turn was billed for what the upstream already sent.
         self.cost_usd += self.context_tokens() * PRICE_IN_USD
         self.last_error = True
+        marker = "[Request interrupted by user]"
+        if self.running_tool is not None:
+            emit({"type": "user", "message": {"role": "user", "content": [
+                {"type": "tool_result", "content": "The user doesn't want to proceed with this tool use. This call "
+                 "was stopped while running, not refused before it ran.", "is_error": True,
+                 "tool_use_id": self.running_tool}]}, "parent_tool_use_id": None, "session_id": self.session_id})
+            self.running_tool = None
+            marker = "[Request interrupted by user for tool use]"
         emit({"type": "user", "message": {"role": "user", "content": [
-            {"type": "text", "text": "[Request interrupted by user]"}]}, "session_id": self.session_id})
+            {"type": "text", "text": marker}]}, "session_id": self.session_id})
         emit({"type": "result", "subtype": "error_during_execution", "is_error": True, "result": None,
               "session_id": self.session_id, "total_cost_usd": self.cost_usd,
               "usage": {"input_tokens": 0, "output_tokens": 0}, "terminal_reason": "aborted_streaming",
@@ -393,6 +474,11 @@ class FakeClaude:
               "num_turns": 0, "duration_ms": 1, "uuid": str(uuid.uuid4())})
 
 
+def kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
 def main() -> None:
     if "exit_at_start" in FAULTS:
         die("fake: exit_at_start", 1)
@@ -402,7 +488,12 @@ def main() -> None:
     if "ignore_sigterm" in FAULTS:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
-        signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
+        def on_sigterm(*_: object) -> None:
+            if fake.tool_pgid is not None:
+                kill_group(fake.tool_pgid)  # a tool's own process group would outlive us
+            os._exit(143)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
 
     async def runner() -> int:
         loop = asyncio.get_running_loop()

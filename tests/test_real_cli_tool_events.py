@@ -25,11 +25,13 @@ __all__ = ["make_daemon"]
 MakeDaemon = Callable[..., Awaitable[RunningDaemon]]
 
 
-async def bash_daemon(make_daemon: MakeDaemon, claude: str, upstream: FakeUpstream, **server: object) -> RunningDaemon:
+async def bash_daemon(make_daemon: MakeDaemon, claude: str, upstream: FakeUpstream, *, sandbox: bool = True,
+                      **server: object) -> RunningDaemon:
     return await make_daemon(
         pool={"claude_bin": claude, "min_idle": 2, "max_workers": 3, "timeouts": {"ready_timeout_s": 30}},
         upstream={"base_url": upstream.base_url, "api_key": "sk-ant-test"},
-        profiles={"default": {"tools": ["Bash"], "args": ["--allowedTools", "Bash"], "upstream_max_retries": 0}},
+        profiles={"default": {"tools": ["Bash"], "args": ["--allowedTools", "Bash"], "upstream_max_retries": 0,
+                              "sandbox": sandbox}},
         **({"server": server} if server else {}),
     )
 
@@ -80,7 +82,10 @@ async def test_the_preview_is_bounded_and_cut_on_a_character_boundary(
 async def test_a_client_that_leaves_mid_tool_interrupts_the_turn_and_resets_the_worker(
     make_daemon: MakeDaemon, real_claude: str, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
-    d = await bash_daemon(make_daemon, real_claude, upstream)
+    # Unsandboxed: the tool writes its host pid where the test reads it (a sandboxed tool sees neither
+    # the test's directory nor host pids; what the sandbox does with a lease's processes is
+    # tests/test_real_cli_sandbox.py's). Here: the CLI's own interrupt stops the tool.
+    d = await bash_daemon(make_daemon, real_claude, upstream, sandbox=False)
     pool = d.pool()
     pid_file = tmp_path / "tool.pid"
     async with connect(d) as c:

@@ -29,7 +29,6 @@ import logging
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -41,7 +40,7 @@ import orjson
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from bench.pool_bench import REPO, find_claude, percentile, self_cpu_s, settle, workers_cpu_s
+from bench.pool_bench import REPO, fake_upstream_process, find_claude, percentile, self_cpu_s, settle, workers_cpu_s
 from claudepool.gateway.attribution import from_leases
 from claudepool.gateway.budget import CallBudget
 from claudepool.gateway.call_usage import CallUsageMeter
@@ -168,6 +167,22 @@ async def raw_calls(base_url: str, workdir: Path, total: int, block: int) -> lis
     return rows
 
 
+def timed_turn(pool: Pool) -> Callable[[], Awaitable[float]]:
+    """One turn on ``pool`` and the reset after it: timed from lease to result; the reset runs
+    before the next turn, so it counts in the arm's CPU."""
+    async def turn() -> float:
+        t0 = time.perf_counter()
+        async with pool.lease("bench") as lease:
+            async for item in lease.run_turn("Say hello. [[reply:Hello there.]]"):
+                if isinstance(item, TurnResult):
+                    if item.is_error:
+                        raise RuntimeError(f"turn failed: {item.text[:300]}")
+                    latency = time.perf_counter() - t0
+        await settle(pool)
+        return latency
+    return turn
+
+
 async def pool_turns(claude: str, base_url: str, workdir: Path, total: int, block: int) -> list[str]:
     config = PoolConfig(min_idle=1, max_workers=1, max_turns=1_000_000, workdir=workdir)
     direct = Pool(Profile(name="direct", claude_bin=claude, env={"ANTHROPIC_BASE_URL": base_url,
@@ -183,23 +198,10 @@ async def pool_turns(claude: str, base_url: str, workdir: Path, total: int, bloc
             await pool.start()
             await pool.wait_ready(120)
 
-        def one(pool: Pool) -> Callable[[], Awaitable[float]]:
-            async def turn() -> float:
-                t0 = time.perf_counter()
-                async with pool.lease("bench") as lease:
-                    async for item in lease.run_turn("Say hello. [[reply:Hello there.]]"):
-                        if isinstance(item, TurnResult):
-                            if item.is_error:
-                                raise RuntimeError(f"turn failed: {item.text[:300]}")
-                            latency = time.perf_counter() - t0
-                await settle(pool)  # the reset runs now, counted in this arm's CPU, before the next turn
-                return latency
-            return turn
-
         for pool in pools.values():  # first turns are slower: not counted
             for _ in range(3):
-                await one(pool)()
-        arms = await alternate({name: one(pool) for name, pool in pools.items()}, total, block,
+                await timed_turn(pool)()
+        arms = await alternate({name: timed_turn(pool) for name, pool in pools.items()}, total, block,
                                lambda name: workers_cpu_s(pools[name]))
         what = "pool turn, real CLI"
         return [arms["direct"].row(what), arms["gateway"].row(what), delta(what, arms)]
@@ -232,18 +234,9 @@ async def main() -> None:
     handler.addFilter(SecretMask())
     logging.getLogger().handlers[:] = [handler]
     logging.getLogger().setLevel(logging.INFO)
-    upstream = subprocess.Popen([sys.executable, "-m", "claudepool.testing.fake_upstream", "--port", "0"],
-                                stdout=subprocess.PIPE, cwd=REPO)
-    assert upstream.stdout is not None
-    base_url = upstream.stdout.readline().decode().split()[-1]
-    try:
-        with tempfile.TemporaryDirectory(prefix="claudepool-bench-") as tmp:
-            rows = await raw_calls(base_url, Path(tmp) / "raw", args.calls, args.block)
-            rows += await pool_turns(claude, base_url, Path(tmp) / "turns", args.turns, args.block)
-    finally:
-        upstream.terminate()
-        upstream.wait()
-        upstream.stdout.close()
+    with fake_upstream_process() as base_url, tempfile.TemporaryDirectory(prefix="claudepool-bench-") as tmp:
+        rows = await raw_calls(base_url, Path(tmp) / "raw", args.calls, args.block)
+        rows += await pool_turns(claude, base_url, Path(tmp) / "turns", args.turns, args.block)
     version = subprocess.run([claude, "--version"], capture_output=True, text=True).stdout.strip()
     print(f"claude {version}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     print("| what | arm | requests | p50 ms | p95 ms | CPU ms/request | of which CLI | of which this process |")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import resource
 import shutil
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,6 +54,20 @@ class Run:
     cpu_s_per_request: float
     mem_mib: float
     wall_s: float
+
+
+@contextlib.contextmanager
+def fake_upstream_process() -> Iterator[str]:
+    """The loopback fake upstream in a process of its own (its CPU counted in no arm); its base URL."""
+    upstream = subprocess.Popen([sys.executable, "-m", "claudepool.testing.fake_upstream", "--port", "0"],
+                                stdout=subprocess.PIPE, cwd=REPO)
+    assert upstream.stdout is not None
+    try:
+        yield upstream.stdout.readline().decode().split()[-1]
+    finally:
+        upstream.terminate()
+        upstream.wait()
+        upstream.stdout.close()
 
 
 def find_claude(explicit: str | None) -> str:
@@ -185,24 +200,15 @@ async def main() -> None:
     args = parser.parse_args()
     claude = find_claude(args.claude)
 
-    upstream = subprocess.Popen([sys.executable, "-m", "claudepool.testing.fake_upstream", "--port", "0"],
-                                stdout=subprocess.PIPE, cwd=REPO)
-    assert upstream.stdout is not None
-    base_url = upstream.stdout.readline().decode().split()[-1]
     runs: list[Run] = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="claudepool-bench-") as tmp:
-            profile = Profile(name="bench", claude_bin=claude,
-                              env={"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "sk-ant-bench"})
-            home = Path(tmp) / "cold-home"
-            home.mkdir()
-            for concurrency in (int(c) for c in args.concurrency.split(",")):
-                runs.append(await bench_cold(profile, home, args.requests, concurrency))
-                runs.append(await bench_pool(profile, Path(tmp) / "workers", args.requests, concurrency))
-    finally:
-        upstream.terminate()
-        upstream.wait()
-        upstream.stdout.close()
+    with fake_upstream_process() as base_url, tempfile.TemporaryDirectory(prefix="claudepool-bench-") as tmp:
+        profile = Profile(name="bench", claude_bin=claude,
+                          env={"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "sk-ant-bench"})
+        home = Path(tmp) / "cold-home"
+        home.mkdir()
+        for concurrency in (int(c) for c in args.concurrency.split(",")):
+            runs.append(await bench_cold(profile, home, args.requests, concurrency))
+            runs.append(await bench_pool(profile, Path(tmp) / "workers", args.requests, concurrency))
 
     print(f"claude {subprocess.run([claude, '--version'], capture_output=True, text=True).stdout.strip()}, "
           f"{os.cpu_count()} CPUs, {args.requests} requests per run")

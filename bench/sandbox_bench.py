@@ -21,16 +21,14 @@ import asyncio
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import psutil
 
-from bench.gateway_bench import KEY, alternate
-from bench.pool_bench import REPO, find_claude, percentile, settle
+from bench.gateway_bench import KEY, alternate, timed_turn
+from bench.pool_bench import fake_upstream_process, find_claude, percentile
 from claudepool.gateway.attribution import from_leases
 from claudepool.gateway.credentials import CredentialRegistry
 from claudepool.gateway.server import Gateway
@@ -38,7 +36,7 @@ from claudepool.gateway.settings import Upstream
 from claudepool.pool.config import PoolConfig
 from claudepool.pool.pool import Pool
 from claudepool.pool.profile import Profile
-from claudepool.pool.worker import TurnResult, Worker
+from claudepool.pool.worker import Worker
 
 ARMS = ("unsandboxed", "sandboxed")
 
@@ -83,23 +81,10 @@ async def spawns(claude: str, credentials: CredentialRegistry, workdir: Path, co
 
 
 async def turns(pools: dict[str, Pool], total: int, block: int) -> list[str]:
-    def one(pool: Pool) -> Callable[[], Awaitable[float]]:
-        async def turn() -> float:
-            t0 = time.perf_counter()
-            async with pool.lease("bench") as lease:
-                async for item in lease.run_turn("Say hello. [[reply:Hello there.]]"):
-                    if isinstance(item, TurnResult):
-                        if item.is_error:
-                            raise RuntimeError(f"turn failed: {item.text[:300]}")
-                        latency = time.perf_counter() - t0
-            await settle(pool)  # the reset (and the sandbox's cleaning) runs now, in this arm's CPU
-            return latency
-        return turn
-
     for pool in pools.values():  # first turns are slower: not counted
         for _ in range(3):
-            await one(pool)()
-    arms = await alternate({name: one(pool) for name, pool in pools.items()}, total, block,
+            await timed_turn(pool)()
+    arms = await alternate({name: timed_turn(pool) for name, pool in pools.items()}, total, block,
                            lambda name: tree_cpu_s(pools[name]))
     rows = []
     for name, arm in arms.items():
@@ -120,32 +105,23 @@ async def main() -> None:
     parser.add_argument("--claude")
     args = parser.parse_args()
     claude = find_claude(args.claude)
-    upstream = subprocess.Popen([sys.executable, "-m", "claudepool.testing.fake_upstream", "--port", "0"],
-                                stdout=subprocess.PIPE, cwd=REPO)
-    assert upstream.stdout is not None
-    base_url = upstream.stdout.readline().decode().split()[-1]
     credentials = CredentialRegistry()
-    try:
-        with tempfile.TemporaryDirectory(prefix="claudepool-bench-") as tmp:
-            config = PoolConfig(min_idle=1, max_workers=1, max_turns=1_000_000, workdir=Path(tmp) / "pools")
-            pools = {arm: Pool(profile(arm, claude), config, credentials=credentials) for arm in ARMS}
-            gateway = Gateway(credentials, from_leases(pools),
-                              {arm: Upstream("bench", base_url, {"x-api-key": KEY}) for arm in ARMS})
-            await gateway.start()
-            try:
-                rows = await spawns(claude, credentials, Path(tmp) / "spawns", args.spawns)
-                for pool in pools.values():
-                    await pool.start()
-                    await pool.wait_ready(120)
-                rows += await turns(pools, args.turns, args.block)
-            finally:
-                for pool in pools.values():
-                    await pool.close()
-                await gateway.close()
-    finally:
-        upstream.terminate()
-        upstream.wait()
-        upstream.stdout.close()
+    with fake_upstream_process() as base_url, tempfile.TemporaryDirectory(prefix="claudepool-bench-") as tmp:
+        config = PoolConfig(min_idle=1, max_workers=1, max_turns=1_000_000, workdir=Path(tmp) / "pools")
+        pools = {arm: Pool(profile(arm, claude), config, credentials=credentials) for arm in ARMS}
+        gateway = Gateway(credentials, from_leases(pools),
+                          {arm: Upstream("bench", base_url, {"x-api-key": KEY}) for arm in ARMS})
+        await gateway.start()
+        try:
+            rows = await spawns(claude, credentials, Path(tmp) / "spawns", args.spawns)
+            for pool in pools.values():
+                await pool.start()
+                await pool.wait_ready(120)
+            rows += await turns(pools, args.turns, args.block)
+        finally:
+            for pool in pools.values():
+                await pool.close()
+            await gateway.close()
     version = subprocess.run([claude, "--version"], capture_output=True, text=True).stdout.strip()
     print(f"claude {version}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     print("| what | arm | n | p50 ms | p95 ms | also |")

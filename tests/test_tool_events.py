@@ -23,7 +23,7 @@ from claudepool.protocol.wire import ToolResult, ToolUse
 from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
 from tests.helpers import pid_gone, until
 from tests.test_cli_client import claudepool, where
-from tests.test_http_api import RESULT_FIELDS, auth, post
+from tests.test_http_api import RESULT_FIELDS, auth, post, sse
 from tests.test_unix_api import RESULT_FIELDS as FRAME_RESULT_FIELDS
 from tests.test_unix_api import connect, prompt
 
@@ -37,19 +37,7 @@ TOOL_EVENTS = {"tool_use", "tool_result"}
 
 async def sse_events(d: RunningDaemon, text: str, tenant: str = "acme") -> list[Event]:
     """A streamed prompt over HTTP: its events in order, as ``(event, data)``."""
-    events: list[Event] = []
-    async with aiohttp.ClientSession() as session, session.post(
-        f"{d.url}/v1/prompt", data=orjson.dumps({"prompt": text, "stream": True}), headers=auth(tenant)
-    ) as resp:
-        assert resp.status == 200, await resp.text()
-        event = ""
-        async for raw in resp.content:
-            line = raw.decode().rstrip("\r\n")
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                events.append((event, orjson.loads(line[5:])))
-    return events
+    return await sse(d.url, {"prompt": text}, tenant)
 
 
 async def socket_events(d: RunningDaemon, text: str, tenant: str = "acme") -> list[Event]:

@@ -159,6 +159,12 @@ async def test_output_that_is_not_utf8_is_cut_on_a_character_boundary(make_daemo
 # -- a client that leaves while a tool runs --------------------------------------------------------
 
 
+def written(path: Path) -> bool:
+    """``path`` holds a line: the shell's redirection creates the file before ``echo`` writes it, and a
+    disconnect in between would kill the tool before it told its pid."""
+    return path.exists() and path.read_text().endswith("\n")
+
+
 @pytest.mark.parametrize("wire", WIRES)
 async def test_a_stream_that_disconnects_mid_tool_stops_the_tool_and_resets_the_worker(
     make_daemon: MakeDaemon, wire: str, tmp_path: Path
@@ -172,16 +178,18 @@ async def test_a_stream_that_disconnects_mid_tool_stops_the_tool_and_resets_the_
             f"{d.url}/v1/prompt", data=orjson.dumps({"prompt": text, "stream": True}), headers=auth()
         ) as resp:
             assert (await resp.content.readline()).startswith(b"event: tool_use")
-            await until(pid_file.exists)
+            await until(lambda: written(pid_file))
     else:
         async with connect(d) as c:
             await c.send(prompt("r1", text, stream=True))
             assert (await c.next())["event"] == "tool_use"
-            await until(pid_file.exists)
-    await until(lambda: bool(pid_file.read_text().strip()))
+            await until(lambda: written(pid_file))
     tool_pid = int(pid_file.read_text())
-    # The connection is closed mid-tool: the turn is interrupted, the tool killed, the worker reset.
-    await until(lambda: pool.stats.abandoned_turns == 1 and pool.stats.resets == 1, 10)
+    # The connection is closed mid-tool: the turn is interrupted, the tool killed, and the worker
+    # reset, or retired when its interrupted turn does not end in time (the fake CLI, about one run
+    # in ten, is late to end it while it reaps the killed tool): either way no one reuses its state.
+    await until(lambda: pool.stats.abandoned_turns == 1
+                and pool.stats.resets + pool.stats.retired["failed"] >= 1, 10)
     await until(lambda: pid_gone(tool_pid), 10)
     await until(lambda: d.daemon.service.in_flight == 0)
     assert d.requests_by_outcome() == {"cancelled": 1}
@@ -236,6 +244,8 @@ async def test_answers_that_are_not_streamed_are_unchanged(make_daemon: MakeDaem
 
 @pytest.fixture
 def json_logs() -> Iterator[io.StringIO]:
+    """Every record at DEBUG too (tests.test_observability's fixture stops at INFO): a tool's input or
+    output must reach no log line at any level."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())

@@ -6,7 +6,8 @@ same command must reach what it reaches for, so each check fails without the san
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+import secrets
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,18 +84,71 @@ async def test_a_tool_sees_only_its_own_processes_and_files(
 
 @pytest.mark.parametrize("profile", ["default", "open"])
 async def test_a_tool_reaches_no_local_service(
+    make_daemon: MakeDaemon, real_claude: str, upstream: FakeUpstream, tmp_path: Path, redis_url: str, profile: str
+) -> None:
+    d = await daemon(make_daemon, real_claude, upstream, tmp_path)
+    # The daemon's HTTP port, the provider (here the fake upstream) directly, and a real Redis.
+    ports = [d.url.rsplit(":", 1)[1], upstream.base_url.rsplit(":", 1)[1], redis_url.rsplit(":", 1)[1].split("/")[0]]
+    probe = ("for p in {ports}; do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && echo open-$p || echo closed-$p; "
+             "done").format(ports=" ".join(ports))
+    answer = await run_tool(d, probe, profile)
+    state = "closed" if profile == "default" else "open"
+    assert all(f"{state}-{port}" in answer for port in ports), answer
+
+
+@pytest.fixture
+def etc_secret() -> Iterator[Path]:
+    """A daemon's config file where a package puts it (under /etc), holding a provider key."""
+    path = Path(f"/etc/claudepool-test-{os.getpid()}-{secrets.token_hex(4)}.toml")
+    path.write_text('[upstream]\napi_key = "sk-ant-ETC-SECRET-4417"\n')
+    path.chmod(0o644)  # readable by anyone on the host: only the sandbox keeps it from a tool
+    try:
+        yield path
+    finally:
+        path.unlink()
+
+
+@pytest.mark.parametrize("profile", ["default", "open"])
+async def test_a_tool_reads_nothing_of_the_hosts_etc_but_what_programs_need(
+    make_daemon: MakeDaemon, real_claude: str, upstream: FakeUpstream, tmp_path: Path, etc_secret: Path,
+    profile: str
+) -> None:
+    d = await daemon(make_daemon, real_claude, upstream, tmp_path)
+    answer = await run_tool(d, f"cat {etc_secret} 2>&1; head -c 300 /etc/shadow 2>&1; ls /etc/ssh /etc/redis 2>&1; "
+                               "getent passwd | cut -d: -f1 | tr '\\n' ' '; echo; hostname", profile)
+    users = set(answer.splitlines()[-2].split())
+    if profile == "default":
+        assert "ETC-SECRET-4417" not in answer and "root:" not in answer, answer
+        assert users == {"claude", "nobody"}, answer  # no host account's name or home
+        assert answer.splitlines()[-1] == "sandbox"
+    else:
+        assert "ETC-SECRET-4417" in answer and "root:" in answer
+        assert "root" in users
+
+
+@pytest.mark.parametrize("profile", ["default", "open"])
+async def test_a_tool_fills_no_memory_through_tmp_and_makes_no_namespace(
     make_daemon: MakeDaemon, real_claude: str, upstream: FakeUpstream, tmp_path: Path, profile: str
 ) -> None:
     d = await daemon(make_daemon, real_claude, upstream, tmp_path)
-    port = d.url.rsplit(":", 1)[1]
-    up_port = upstream.base_url.rsplit(":", 1)[1]
-    probe = ("for p in {ports}; do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && echo open-$p || echo closed-$p; "
-             "done").format(ports=f"{port} {up_port}")
-    answer = await run_tool(d, probe, profile)
+    size_mib = sandbox.TMPFS_BYTES // 2**20 * 2
+    name = f"claudepool-fill-{secrets.token_hex(4)}"
+    try:
+        answer = await run_tool(
+            d, f"for d in /tmp /dev/shm /dev; do dd if=/dev/zero of=$d/{name} bs=1M count={size_mib} 2>/dev/null;"
+               f" echo $d=$(du -m $d/{name} 2>/dev/null | cut -f1)MiB; rm -f $d/{name}; done; "
+               "unshare -U true 2>/dev/null && echo NESTED-NS", profile)
+    finally:
+        for directory in ("/tmp", "/dev/shm", "/dev"):
+            Path(directory, name).unlink(missing_ok=True)  # unsandboxed, the tool wrote to the host's
+    written = dict(line.split("=", 1) for line in answer.splitlines() if line.startswith("/"))
     if profile == "default":
-        assert f"closed-{port}" in answer and f"closed-{up_port}" in answer, answer
+        bound = f"{sandbox.TMPFS_BYTES // 2**20}MiB"
+        assert written == {"/tmp": bound, "/dev/shm": bound, "/dev": "MiB"}, answer  # /dev: nothing at all
+        assert "NESTED-NS" not in answer
     else:
-        assert f"open-{port}" in answer and f"open-{up_port}" in answer, answer
+        assert written["/tmp"] == written["/dev/shm"] == f"{size_mib}MiB", answer
+        assert "NESTED-NS" in answer
 
 
 async def test_a_tool_cannot_make_the_system_writable(

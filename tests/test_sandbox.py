@@ -4,6 +4,7 @@ per-worker sockets. The sandbox itself is tested on the real CLI (tests/test_rea
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import cast
 
@@ -16,25 +17,29 @@ from claudepool.pool.worker import Worker
 
 def test_the_command_line_isolates_and_binds_only_the_workers_own_paths(tmp_path: Path) -> None:
     layout = sandbox.Layout(worker_dir=tmp_path / "w", cli_root=tmp_path / "cli", gateway_socket=tmp_path / "g.sock")
-    argv = sandbox.wrap(["claude", "-p"], layout, bwrap="bwrap", socat="socat", masked=["/etc/shadow"])
+    argv = sandbox.wrap(["claude", "-p"], layout, bwrap="bwrap", socat="socat", etc=tmp_path / "etc")
     joined = " ".join(argv)
-    for flag in ("--die-with-parent", "--unshare-user", "--unshare-pid", "--unshare-net", "--cap-drop ALL"):
+    for flag in ("--die-with-parent", "--new-session", "--unshare-user", "--disable-userns", "--unshare-pid",
+                 "--unshare-net", "--cap-drop ALL", "--remount-ro /dev", f"--size {sandbox.TMPFS_BYTES} --tmpfs /tmp"):
         assert flag in joined
     assert f"--bind {tmp_path / 'w'} {tmp_path / 'w'}" in joined  # read-write, its own directory only
     assert f"--ro-bind {tmp_path / 'cli'} {tmp_path / 'cli'}" in joined
     assert f"--bind {tmp_path / 'g.sock'} {sandbox.GATEWAY_SOCKET}" in joined
-    assert "--ro-bind /dev/null /etc/shadow" in joined
+    assert f"--ro-bind {tmp_path / 'etc' / 'passwd'} /etc/passwd" in joined
     binds = [argv[i + 1] for i, a in enumerate(argv) if a in ("--bind", "--ro-bind")]
     assert not any(b.startswith(("/root", "/home", "/var", "/run", "/srv")) for b in binds), binds
+    etc = [b for b in binds if b.startswith("/etc")]
+    assert "/etc" not in etc and "/etc/shadow" not in etc and "/etc/ssl/certs" in etc  # a list, not the lot
     assert argv[-2:] == ["claude", "-p"]
     assert sandbox.base_url() == f"http://127.0.0.1:{sandbox.RELAY_PORT}"
 
 
-def test_only_existing_paths_are_masked(tmp_path: Path) -> None:
-    masked = sandbox.masked_paths([Path("/etc/claudepool-test-missing.toml"), tmp_path / "not-under-etc"])
-    assert all(p.startswith("/etc/") for p in masked)
-    assert "/etc/claudepool-test-missing.toml" not in masked
-    assert ("/etc/shadow" in masked) == Path("/etc/shadow").exists()
+def test_the_sandboxes_own_etc_files_name_no_host_account() -> None:
+    etc = sandbox.etc_dir()
+    passwd = (etc / "passwd").read_text()
+    assert f":{sandbox.SANDBOX_UID}:" in passwd and "root" not in passwd
+    assert not os.access(etc / "passwd", os.W_OK) or os.geteuid() == 0  # root may write anything
+    assert oct((etc / "passwd").stat().st_mode & 0o777) == "0o444"
 
 
 def test_an_npm_install_is_bound_at_its_package_root(tmp_path: Path) -> None:

@@ -6,10 +6,15 @@ A profile with tools runs each worker as ``bwrap … -- sh -c 'socat … & exec 
   host: read-only binds cannot be remounted writable, which root inside a mount namespace could
   do), PID (it sees its own processes only; /proc is that namespace's), network (loopback only),
   IPC and UTS namespaces. ``--die-with-parent``: the sandbox goes when the daemon does.
-* **Files**: the system read-only (/usr, its /bin, /lib links, /etc with its secrets masked), the
-  CLI's install directory read-only, the worker's private directory (HOME, TMPDIR, cwd) read-write
-  at its host path, a fresh /dev, /proc and /tmp. Nothing else of the host: no other worker's
-  directory, no sessions directory, no /root or /home, no daemon config, state or runtime directory.
+* **Files**: the system read-only (/usr and its /bin, /lib links; of /etc only `ETC_ALLOWED`, what
+  programs need to run, with a passwd, group and hosts of the sandbox's own: no host account, key,
+  service configuration or the daemon's config), the CLI's install directory read-only, the worker's
+  private directory (HOME, TMPDIR, cwd) read-write at its host path, fresh /proc, a read-only /dev,
+  and /tmp and /dev/shm as tmpfs of `TMPFS_BYTES` each (memory: unsized, a tool could fill RAM).
+  Nothing else of the host: no other worker's directory, no sessions directory, no /root or /home,
+  no daemon state or runtime directory.
+* **Processes**: ``--new-session`` (no terminal to inject keystrokes into), ``--disable-userns`` (no
+  nested user namespace from which to regain capabilities), and the bounds of `claudepool.pool.cgroups`.
 * **Network**: none but the gateway. The gateway listens on a Unix socket of this worker's own
   (attribution by socket), bind-mounted at `GATEWAY_SOCKET`; socat inside relays a loopback port
   of the sandbox's own network namespace to it, and the worker's ``ANTHROPIC_BASE_URL`` names that
@@ -20,18 +25,20 @@ bubblewrap is the mechanism (Debian ``bubblewrap``; the CLI's own Bash sandbox u
 refuses to start (no fallback to an unsandboxed worker).
 
 >>> layout = Layout(worker_dir=Path("/w/d"), cli_root=Path("/opt/cli"), gateway_socket=Path("/w/d.sock"))
->>> argv = wrap(["claude", "-p"], layout, bwrap="/usr/bin/bwrap", socat="/usr/bin/socat", masked=())
+>>> argv = wrap(["claude", "-p"], layout, bwrap="/usr/bin/bwrap", socat="/usr/bin/socat", etc=Path("/e"))
 >>> argv[:2], "--unshare-net" in argv, argv[-2:]
 (['/usr/bin/bwrap', '--die-with-parent'], True, ['claude', '-p'])
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,10 +49,24 @@ from claudepool.errors import ConfigError
 GATEWAY_SOCKET = "/run/claudepool/gateway.sock"
 RELAY_PORT = 8080
 SANDBOX_UID = 1000
-# Host files and directories under /etc a tool must not read (bound over with nothing).
-MASKED_ETC = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-", "/etc/ssh", "/etc/ssl/private",
-              "/etc/claudepool", "/etc/sudoers", "/etc/sudoers.d", "/etc/redis")
-
+SANDBOX_USER = "claude"
+# /tmp and /dev/shm are memory: each a tmpfs of this size at most (TMPDIR is on the worker's disk).
+TMPFS_BYTES = 64 * 1024 * 1024
+# What of the host's /etc a sandbox sees: the dynamic loader's, the shell's, locale, time, TLS
+# certificates, MIME and file-type data, the alternatives links. An allow-list, not a deny-list: a
+# file this list does not name (a service's secrets, /etc/shadow, the daemon's config) is not there.
+ETC_ALLOWED = ("alternatives", "bash.bashrc", "ca-certificates", "ca-certificates.conf", "debian_version",
+               "environment", "gai.conf", "host.conf", "inputrc", "ld.so.cache", "ld.so.conf", "ld.so.conf.d",
+               "locale.alias", "localtime", "magic", "magic.mime", "mime.types", "nsswitch.conf", "os-release",
+               "perl", "profile", "protocols", "python3", "services", "shells", "ssl/certs", "ssl/openssl.cnf",
+               "terminfo", "timezone")
+# Written by `etc_dir` and bound over the host's: the sandbox's one user, and no host names.
+ETC_OWN = {
+    "passwd": f"{SANDBOX_USER}:x:{SANDBOX_UID}:{SANDBOX_UID}:claudepool worker:/nonexistent:/bin/sh\n"
+              "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+    "group": f"{SANDBOX_USER}:x:{SANDBOX_UID}:\nnogroup:x:65534:\n",
+    "hosts": "127.0.0.1 localhost\n::1 localhost\n",
+}
 
 class SandboxUnavailable(ConfigError):
     """A sandboxed profile cannot start: bubblewrap (or socat) is missing, or cannot create the
@@ -81,22 +102,22 @@ def cli_root(binary: Path) -> Path:
     return binary.parent
 
 
-def wrap(argv: Sequence[str], layout: Layout, *, bwrap: str, socat: str, masked: Iterable[str]) -> list[str]:
-    """``argv`` run inside the sandbox (see the module's docstring); ``masked``: host paths under a
-    bound directory that are bound over with nothing."""
-    out = [bwrap, "--die-with-parent", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+def wrap(argv: Sequence[str], layout: Layout, *, bwrap: str, socat: str, etc: Path) -> list[str]:
+    """``argv`` run inside the sandbox (see the module's docstring); ``etc``: the directory `etc_dir`
+    wrote the sandbox's own /etc files in."""
+    out = [bwrap, "--die-with-parent", "--new-session", "--unshare-user", "--disable-userns",
+           "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox",
            "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--cap-drop", "ALL",
            "--ro-bind", "/usr", "/usr"]
     for link in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
-        target = Path("/") / link
-        if target.is_symlink():
-            out += ["--symlink", os.readlink(target), str(target)]
-        elif target.is_dir():
-            out += ["--ro-bind", str(target), str(target)]
-    out += ["--ro-bind", "/etc", "/etc"]
-    for path in masked:
-        out += ["--tmpfs", path] if Path(path).is_dir() else ["--ro-bind", "/dev/null", path]
-    out += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+        out += _system_path(Path("/") / link)
+    for name in ETC_ALLOWED:
+        out += _system_path(Path("/etc") / name)
+    for name in ETC_OWN:
+        out += ["--ro-bind", str(etc / name), f"/etc/{name}"]
+    # /tmp first: the worker's directory may lie below the host's /tmp, and is bound into this one.
+    out += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
+            "--size", str(TMPFS_BYTES), "--tmpfs", "/dev/shm", "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp",
             "--ro-bind", str(layout.cli_root), str(layout.cli_root),
             "--bind", str(layout.worker_dir), str(layout.worker_dir),
             "--bind", str(layout.gateway_socket), GATEWAY_SOCKET,
@@ -108,10 +129,26 @@ def wrap(argv: Sequence[str], layout: Layout, *, bwrap: str, socat: str, masked:
     return out
 
 
-def masked_paths(extra: Iterable[Path] = ()) -> tuple[str, ...]:
-    """`MASKED_ETC` and ``extra`` (e.g. the daemon's config file when it is under /etc), those that exist."""
-    paths = [*MASKED_ETC, *(str(p) for p in extra if str(p).startswith("/etc/"))]
-    return tuple(dict.fromkeys(p for p in paths if os.path.lexists(p)))
+def _system_path(path: Path) -> list[str]:
+    """The bubblewrap arguments that show a host path read-only: a link as the same link."""
+    if path.is_symlink():
+        return ["--symlink", os.readlink(path), str(path)]
+    if path.exists():
+        return ["--ro-bind", str(path), str(path)]
+    return []
+
+
+@functools.cache
+def etc_dir() -> Path:
+    """A directory, made once per daemon, holding `ETC_OWN`'s files (read-only for the sandboxes:
+    outside every worker's directory, so no tenant changes what the next one finds)."""
+    directory = Path(tempfile.mkdtemp(prefix="claudepool-etc-"))
+    for name, text in ETC_OWN.items():
+        (directory / name).write_text(text)
+        (directory / name).chmod(0o444)
+    directory.chmod(0o755)
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
 
 
 @functools.cache
@@ -126,7 +163,8 @@ def probe() -> tuple[str, str]:
                                  "set profiles.NAME.sandbox = false to run it unsandboxed, knowingly")
     assert bwrap is not None and socat is not None
     try:
-        done = subprocess.run([bwrap, "--die-with-parent", "--unshare-user", "--unshare-pid", "--unshare-net",
+        done = subprocess.run([bwrap, "--die-with-parent", "--new-session", "--unshare-user", "--disable-userns",
+                               "--unshare-pid", "--unshare-net",
                                "--ro-bind", "/", "/", "--proc", "/proc", "--", "/bin/true"],
                               capture_output=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -280,7 +280,7 @@ class Worker:
         binary = sandbox.cli_binary(self.profile.claude_bin)
         layout = sandbox.Layout(self._process.dir, sandbox.cli_root(binary), socket)
         wrapped = sandbox.wrap([str(binary), *argv[1:]], layout, bwrap=bwrap, socat=socat,
-                               masked=sandbox.masked_paths())
+                               etc=sandbox.etc_dir())
         return wrapped, {**upstream, "ANTHROPIC_BASE_URL": sandbox.base_url()}
 
     async def close(self, *, graceful: bool = True) -> None:

@@ -311,6 +311,15 @@ class TurnStalled(WorkerError):
     status = 504
 
 
+class WorkspaceFull(WorkerError):
+    """A sandboxed lease wrote more than its workspace may hold (``max_workspace_bytes``); the worker,
+    and what it wrote, are gone."""
+
+    code = "workspace_full"
+    status = 507
+    retryable = False
+
+
 class ResetFailed(WorkerError):
     """``/clear`` was not confirmed in time; the worker is killed rather than reused."""
 

@@ -477,6 +477,10 @@ class Exchange:
         elif not isinstance(event, StreamEvent):
             log.debug("worker %s: %s event outside an exchange", self.id, event.type)
 
+    def fail(self, exc: WorkerError) -> None:
+        """Fail the worker from outside (it broke a bound): every waiter gets ``exc``, the pool closes it."""
+        self._poison(exc)
+
     def _poison(self, exc: WorkerError, *, quiet: bool = False) -> None:
         """Record the first failure and hand it to every waiter; the pool then closes the worker."""
         if self.failure is not None:

@@ -84,22 +84,29 @@ def tree_memory(pid: int) -> ProcessMemory | None:
 
 
 def _cgroup_memory_headroom_bytes() -> int | None:
-    """Bytes left under this process's cgroup v2 ``memory.max``, if it has a limit."""
+    """Bytes left under the tightest cgroup v2 ``memory.max`` of this process's cgroup and its
+    ancestors (with worker cgroups the daemon sits in a ``daemon/`` leaf of the service's cgroup,
+    whose limit covers the workers too), if any has a limit."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
         return None
+    root = Path("/sys/fs/cgroup")
     for line in lines:
         if line.startswith("0::"):
-            base = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
-            try:
-                limit = (base / "memory.max").read_text().strip()
-                current = int((base / "memory.current").read_text().strip())
-            except (OSError, ValueError):
-                return None
-            if limit == "max":
-                return None
-            return max(0, int(limit) - current)
+            base, headroom = root / line[3:].lstrip("/"), None
+            for group in [base, *base.parents]:
+                if group == root.parent:
+                    break
+                try:
+                    limit = (group / "memory.max").read_text().strip()
+                    current = int((group / "memory.current").read_text().strip())
+                except (OSError, ValueError):
+                    continue
+                if limit != "max":
+                    left = max(0, int(limit) - current)
+                    headroom = left if headroom is None else min(headroom, left)
+            return headroom
     return None
 
 

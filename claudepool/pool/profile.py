@@ -88,6 +88,12 @@ class SpawnSettings(BaseModel):
     permission_mode: Literal["default", "acceptEdits", "plan", "dontAsk", "bypassPermissions"] | None = None
     allowed_tools: tuple[str, ...] = ()
     disallowed_tools: tuple[str, ...] = ()
+    # Bounds on each sandboxed worker: its CLI and every process its tools start (tasks: threads
+    # count), its memory (both by cgroup where the daemon has one, `claudepool.pool.cgroups`), and
+    # what its HOME, TMPDIR and workspace hold on disk (no file past it; the lease ends beyond it).
+    max_processes: int | None = Field(default=256, ge=64)
+    max_memory_bytes: int | None = Field(default=2 * 1024**3, ge=256 * 1024**2)
+    max_workspace_bytes: int | None = Field(default=1024**3, ge=1024**2)
     args: tuple[str, ...] = ()
     # Text deltas as they arrive (`stream_event` lines); needed to stream answers to clients.
     include_partial_messages: bool = True

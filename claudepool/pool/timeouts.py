@@ -30,3 +30,5 @@ class WorkerTimeouts(BaseModel):
     # Removing the private directories (in a thread): past this, close goes on and the thread
     # finishes on its own.
     remove_dirs_timeout_s: float = Field(default=10.0, gt=0)
+    # How often a sandboxed worker's workspace is measured against its max_workspace_bytes.
+    workspace_check_interval_s: float = Field(default=1.0, gt=0)

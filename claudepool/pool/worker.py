@@ -33,13 +33,13 @@ from typing import Any, Protocol
 
 from claudepool.errors import WorkerBusy, WorkerDied, WorkerError, WorkerStartError
 from claudepool.pool import sandbox
+from claudepool.pool.confinement import Confinement
 from claudepool.pool.exchange import Exchange, TurnResult, WorkerState, local_command
 from claudepool.pool.memory import tree_memory
 from claudepool.pool.process import WorkerProcess
 from claudepool.pool.profile import Profile
 from claudepool.pool.reaper import Reaper, default_reaper
 from claudepool.pool.timeouts import WorkerTimeouts
-from claudepool.pool.workspace import Workspace
 from claudepool.protocol.cli_events import CliEvent, ResultEvent, UserContent, encode_user_message
 from claudepool.protocol.framing import DEFAULT_MAX_LINE_BYTES
 
@@ -99,7 +99,7 @@ class Worker:
         self.prepare = prepare
         # None: the profile's own upstream variables are used as they are (no gateway).
         self._credentials = credentials
-        self._workspace: Workspace | None = None  # a sandboxed worker's: cleaned at every reset
+        self._confinement: Confinement | None = None  # a sandboxed worker's cgroup, workspace and bounds
         self._process = WorkerProcess(
             self.id, workdir_root=workdir_root, reaper=reaper or default_reaper(), timeouts=self.timeouts,
             max_line_bytes=max_line_bytes, log_fields=lambda: {"worker": self.id, "slot": self.slot})
@@ -252,10 +252,9 @@ class Worker:
             self._exchange.start_reading()
             async with asyncio.timeout(self.timeouts.ready_timeout_s):
                 await self._exchange.handshake()
-            if self.profile.sandboxed:
+            if self._confinement is not None:
                 assert self._process.pid is not None and self._process.cwd is not None
-                self._workspace = Workspace(home, tmp, self._process.cwd)
-                self._workspace.snapshot(self._process.pid)
+                self._confinement.ready(self._process.pid, home, tmp, self._process.cwd, self._exchange.fail)
         except BaseException as exc:
             await self.close(graceful=False)
             if isinstance(exc, asyncio.CancelledError):
@@ -281,7 +280,9 @@ class Worker:
         layout = sandbox.Layout(self._process.dir, sandbox.cli_root(binary), socket)
         wrapped = sandbox.wrap([str(binary), *argv[1:]], layout, bwrap=bwrap, socat=socat,
                                etc=sandbox.etc_dir())
-        return wrapped, {**upstream, "ANTHROPIC_BASE_URL": sandbox.base_url()}
+        self._confinement = Confinement(self.id, self.profile, self._process.dir,
+                                        self.timeouts.workspace_check_interval_s)
+        return self._confinement.command(wrapped), {**upstream, "ANTHROPIC_BASE_URL": sandbox.base_url()}
 
     async def close(self, *, graceful: bool = True) -> None:
         """Stop the process and remove its directories. Idempotent; survives caller cancellation.
@@ -298,6 +299,8 @@ class Worker:
             self._credentials.revoke(self)
         self._exchange.begin_close(WorkerDied(f"worker {self.id} is closed"))
         await self._process.stop(graceful=graceful)
+        if self._confinement is not None:
+            await self._confinement.close(self.timeouts.close_kill_timeout_s)
         await self._exchange.stop_reading(self.timeouts.close_pipes_timeout_s)
         await self._process.remove_dirs()
         self._exchange.state = WorkerState.CLOSED
@@ -358,15 +361,18 @@ class Worker:
         On any failure, cancellation included, the worker is poisoned and must be closed: a worker
         whose reset is unconfirmed may still hold the last tenant's context or settings.
         """
-        if self._workspace is not None and self.pid is not None:
-            # First what the last lease left running and wrote: the next tenant finds none of it.
-            await self._workspace.clean(self.pid, self.timeouts.remove_dirs_timeout_s)
         await self._exchange.reset()
+        workspace = self._confinement.workspace if self._confinement is not None else None
+        if workspace is not None and self.pid is not None:
+            # What the last lease left running and wrote: the next tenant finds none of it. After the
+            # /clear, so a tool an interrupt cut short, still starting a process then, is done by now.
+            await workspace.clean(self.pid, self.timeouts.remove_dirs_timeout_s)
 
     @property
     def workspace_killed(self) -> int:
         """Processes the leases of this (sandboxed) worker left behind, killed at its resets."""
-        return self._workspace.killed if self._workspace is not None else 0
+        workspace = self._confinement.workspace if self._confinement is not None else None
+        return workspace.killed if workspace is not None else 0
 
     def measure_memory(self) -> int | None:
         """Refresh the PSS and RSS of the worker's process tree; return the PSS."""

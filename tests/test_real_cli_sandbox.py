@@ -216,16 +216,21 @@ async def test_the_next_tenant_finds_no_file_and_no_process_of_the_last_lease(
              "(sleep 611 &); setsid nohup sleep 622 >/dev/null 2>&1 & echo left")
     assert "left" in await run_tool(d, leave, profile, tenant="acme")
     await d.idle(1, profile=profile)  # acme's lease is over and the worker reset
+    before = len(upstream.requests)
     # Only the sleeps' lines: a busy host's whole process list is past what the CLI shows inline.
     seen = await run_tool(d, "cat left.txt $TMPDIR/t.txt $HOME/h.txt 2>&1; ps -eo args= | grep -E '^sleep 6'",
                           profile, tenant="beta")
     worker = d.pool(profile).workers()[0]
+    # What beta's turn sent the provider: acme's marker there would be one tenant's data in another's context.
+    leaked = [r for r in upstream.requests[before:] if b"A-SECRET-551" in r.body]
     if profile == "default":
         assert "A-SECRET-551" not in seen and "sleep 6" not in seen, seen
+        assert not leaked
         assert worker.workspace_killed >= 2  # both sleeps, setsid or not
     else:
         try:
             assert "A-SECRET-551" in seen and "sleep 622" in seen, seen
+            assert leaked
         finally:  # unsandboxed, the setsid one escaped the worker's group: it must not outlive the test
             for proc in psutil.process_iter(["cmdline"]):
                 if proc.info["cmdline"] in (["sleep", "611"], ["sleep", "622"]):

@@ -83,6 +83,26 @@ async def test_a_tool_sees_only_its_own_processes_and_files(
 
 
 @pytest.mark.parametrize("profile", ["default", "open"])
+async def test_a_tool_reads_no_other_processes_environment_or_command_line(
+    make_daemon: MakeDaemon, real_claude: str, upstream: FakeUpstream, tmp_path: Path, profile: str
+) -> None:
+    d = await daemon(make_daemon, real_claude, upstream, tmp_path)
+    await d.idle(2, profile=profile)
+    await d.idle(2, profile="default" if profile == "open" else "open")
+    # Every worker's credential, each a key to the gateway as that worker (another tenant's lease).
+    credentials = {worker_environ(w.pid)["ANTHROPIC_API_KEY"] for name in ("default", "open")
+                   for w in d.pool(name).workers()}
+    answer = await run_tool(d, "env; for f in /proc/*/environ /proc/*/cmdline; do tr '\\0' '\\n' < $f; done "
+                               "2>/dev/null | grep -o 'cpw-\\S*' | sort -u", profile)
+    found = {c for c in credentials if c in answer}
+    assert "sk-ant-test" not in answer  # the provider's key is in no process's environment, anywhere
+    if profile == "default":
+        assert len(found) == 1, answer  # its own, which only its own socket accepts
+    else:
+        assert len(found) == len(credentials) == 4, answer
+
+
+@pytest.mark.parametrize("profile", ["default", "open"])
 async def test_a_tool_reaches_no_local_service(
     make_daemon: MakeDaemon, real_claude: str, upstream: FakeUpstream, tmp_path: Path, redis_url: str, profile: str
 ) -> None:

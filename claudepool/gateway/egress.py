@@ -169,6 +169,11 @@ class EgressProxy:
             return len(listener.tasks) if listener is not None else 0
         return sum(len(listener.tasks) for listener in self._listeners.values())
 
+    def socket_path(self, worker: Worker) -> Path | None:
+        """The host path of ``worker``'s egress socket, while it has one."""
+        listener = self._listeners.get(worker)
+        return listener.path if listener is not None else None
+
     def start(self) -> None:
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="claudepool-eg-"))  # 0700, short: a socket path is short

@@ -8,7 +8,8 @@ just enough HTTP proxy for curl, pip, npm, git and the CLI's own tools:
 
 * ``CONNECT host:port`` (HTTPS, or any TCP): a ``200`` and then a byte tunnel;
 * a request with an absolute ``http://`` URI: sent on to its origin in origin form, with
-  ``Connection: close`` and the ``Proxy-*`` headers dropped, and the answer relayed back.
+  ``Connection: close`` and the ``Proxy-*`` headers dropped, and the answer relayed back. A
+  connection has one target: whatever else the client sends on it goes to that same origin.
 
 Each is checked first, and refused with a status line and a short text at the first check it fails,
 counted in ``claudepool_egress_refusals_total{profile,reason}`` (reasons: the ``reason`` of each

@@ -45,7 +45,7 @@ from pydantic_settings import (
 )
 
 from claudepool.errors import ConfigError
-from claudepool.gateway.settings import Upstream, UpstreamProfileSettings, UpstreamSettings
+from claudepool.gateway.settings import EgressSettings, Upstream, UpstreamProfileSettings, UpstreamSettings
 from claudepool.pool.config import PoolConfig
 from claudepool.pool.memory import MiB
 from claudepool.pool.profile import Profile, SpawnSettings, routes_upstream
@@ -56,8 +56,9 @@ from claudepool.tenancy.tenants import TenantRegistry, key_digest
 
 # Each section's model lives in the package it configures; these names stay importable from here.
 __all__ = [
-    "MeteringSettings", "MetricsSettings", "PoolSettings", "PriceSettings", "ProfileSettings", "ServerSettings",
-    "SessionSettings", "Settings", "StoreSettings", "TenantSettings", "UpstreamProfileSettings", "UpstreamSettings",
+    "EgressSettings", "MeteringSettings", "MetricsSettings", "PoolSettings", "PriceSettings", "ProfileSettings",
+    "ServerSettings", "SessionSettings", "Settings", "StoreSettings", "TenantSettings", "UpstreamProfileSettings",
+    "UpstreamSettings",
     "default_socket_path", "key_digest", "load_settings",
 ]
 
@@ -189,6 +190,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    egress: EgressSettings = Field(default_factory=EgressSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -499,6 +499,65 @@ class UpstreamIdle(GatewayError):
     reason = "idle"
 
 
+# -- egress: a sandboxed tool's outbound connection refused or not made --------------------------
+# Answered by the egress proxy (`claudepool.gateway.egress`) to whatever runs in the sandbox, as an
+# HTTP proxy's status line; counted by ``reason``.
+
+
+class EgressError(ClaudepoolError):
+    """A connection the egress proxy did not make."""
+
+    code = "egress_error"
+    status = 502
+    reason: ClassVar[str] = "unreachable"
+
+
+class EgressRefused(EgressError):
+    """A connection the worker's profile does not allow: asking again will not help."""
+
+    code = "egress_refused"
+    status = 403
+    reason = "not_allowed"
+
+
+class EgressPrivateAddress(EgressRefused):
+    """An allowed name resolved to a loopback, link-local or private address, which only an entry
+    naming that address (or ``localhost``) may reach."""
+
+    reason = "private_address"
+
+
+class EgressBadRequest(EgressRefused):
+    """Not a request this proxy serves: malformed, another method than CONNECT with an absolute
+    ``http://`` URI, or a host that is no host name."""
+
+    status = 400
+    reason = "bad_request"
+
+
+class EgressHeadTooLarge(EgressRefused):
+    """The request's head (request line and headers) is over ``egress.max_head_bytes``."""
+
+    status = 431
+    reason = "head_too_large"
+
+
+class EgressTooManyTunnels(EgressRefused):
+    """The worker already has ``egress.max_tunnels`` connections open through the proxy."""
+
+    status = 429
+    retryable = True
+    reason = "too_many_tunnels"
+
+
+class EgressTimeout(EgressError):
+    """The request's head, the name's resolution or the connection took too long."""
+
+    status = 504
+    retryable = True
+    reason = "timeout"
+
+
 # -- reconciliation: the ledger against the provider's own reports ------------------------------
 
 

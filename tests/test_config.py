@@ -133,7 +133,7 @@ def test_what_each_component_is_handed(tmp_path: Path) -> None:
         "tools": ("Read", "Grep"), "args": ("--effort", "low"), "env": {"SHARED": "1", "OVERRIDDEN": "lean"},
         "include_partial_messages": False, "read_claude_md": True, "bare": False, "upstream_max_retries": 0,
         "upstream_timeout_ms": 5000, "max_budget_usd": 0.25, "session_persistence": False,
-        "sandbox": None, "permission_mode": None, "allowed_tools": (), "disallowed_tools": (),
+        "sandbox": None, "permission_mode": None, "allowed_tools": (), "disallowed_tools": (), "allowed_hosts": (),
         "max_processes": 256, "max_memory_bytes": 2 * 1024**3, "max_workspace_bytes": 1024**3,
     }
     assert lean.sandboxed  # it has tools: sandboxed unless it says otherwise

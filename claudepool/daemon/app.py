@@ -60,6 +60,7 @@ from claudepool.gateway.attribution import from_leases
 from claudepool.gateway.budget import CallBudget
 from claudepool.gateway.call_usage import CallUsageMeter
 from claudepool.gateway.credentials import CredentialRegistry
+from claudepool.gateway.egress import EgressMetrics, EgressProxy
 from claudepool.gateway.metrics import GatewayMetrics
 from claudepool.gateway.ratelimits import AccountLimits
 from claudepool.gateway.server import Gateway
@@ -174,8 +175,11 @@ class Daemon:
         # strict budget); its record settles it.
         budget = CallBudget(self.store, self.tenants, self.pricing, settings.metering, self.meter,
                             reservation_ttl_s=settings.store.reservation_ttl_s)
+        # Only the pools whose profile allows outbound hosts have egress series (the others open no socket).
+        egress = EgressProxy(settings.egress, metrics=EgressMetrics(self.registry, [
+            name for name, pool in self.all_pools().items() if pool.profile.allowed_hosts]))
         gateway = Gateway(self.credentials, from_leases(self.all_pools()), upstreams, metrics=metrics,
-                          account_limits=account_limits, budget=budget,
+                          account_limits=account_limits, budget=budget, egress=egress,
                           connect_timeout_s=up.connect_timeout_s, max_connections=up.max_connections,
                           idle_timeout_s=up.idle_timeout_s,
                           max_request_bytes=up.max_request_bytes, shutdown_timeout_s=_HTTP_SHUTDOWN_TIMEOUT_S)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from claudepool.errors import GatewayError, MissingCredential, UnknownCredential
+from claudepool.gateway.egress import EgressProxy
 from claudepool.gateway.sockets import WorkerSockets
 from claudepool.pool.worker import Worker
 
@@ -58,6 +59,8 @@ class CredentialRegistry:
         # sandboxed workers.
         self.base_url: str | None = None
         self.sockets: WorkerSockets | None = None
+        # And the egress proxy, for a sandboxed worker whose profile allows outbound hosts.
+        self.egress: EgressProxy | None = None
         self._by_digest: dict[str, _Issued] = {}
         self._by_worker: dict[Worker, str] = {}
 
@@ -82,13 +85,25 @@ class CredentialRegistry:
             raise GatewayError("the gateway is not listening: no worker can start before it")
         return await self.sockets.open(worker)
 
+    async def open_egress(self, worker: Worker) -> Path | None:
+        """An egress proxy socket of ``worker``'s own (`claudepool.gateway.egress`), its host path;
+        None when its profile allows no outbound host."""
+        if self.egress is None:
+            if worker.profile.allowed_hosts:
+                raise GatewayError("the egress proxy is not started: no worker with allowed_hosts can start before it")
+            return None
+        return await self.egress.open(worker)
+
     def revoke(self, worker: Worker) -> None:
-        """From now on ``worker``'s credential is refused, and its socket is gone. Idempotent."""
+        """From now on ``worker``'s credential is refused, and its sockets (the gateway's, the egress
+        proxy's and that one's tunnels) are gone. Idempotent."""
         digest = self._by_worker.pop(worker, None)
         if digest is not None:
             self._by_digest.pop(digest, None)
         if self.sockets is not None:
             self.sockets.close(worker)
+        if self.egress is not None:
+            self.egress.close(worker)
 
     def worker_of(self, presented: str | None) -> Worker:
         """The live worker ``presented`` was issued to; `MissingCredential` or `UnknownCredential`.

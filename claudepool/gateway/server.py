@@ -61,6 +61,7 @@ from claudepool.gateway.budget import CallBudget
 from claudepool.gateway.calls import Call, Hooks
 from claudepool.gateway.caps import AccountCaps
 from claudepool.gateway.credentials import CredentialRegistry, presented_credential
+from claudepool.gateway.egress import EgressProxy
 from claudepool.gateway.forward import Forwarder
 from claudepool.gateway.metrics import GatewayMetrics
 from claudepool.gateway.ratelimits import AccountLimits
@@ -116,6 +117,7 @@ class Gateway:
                  default: Upstream | None = None, metrics: GatewayMetrics | None = None,
                  account_limits: AccountLimits | None = None, listener: Listener | None = None,
                  caps: AccountCaps | None = None, budget: CallBudget | None = None,
+                 egress: EgressProxy | None = None,
                  connect_timeout_s: float = 10.0, max_connections: int = 100,
                  idle_timeout_s: float = 0.0,
                  max_request_bytes: int = 32 * MiB, shutdown_timeout_s: float = 5.0) -> None:
@@ -131,6 +133,8 @@ class Gateway:
         self._caps = caps or AccountCaps()
         self.budget = budget
         self._sockets = WorkerSockets()
+        # Opens a socket only for a sandboxed worker whose profile lists allowed_hosts.
+        self.egress = egress if egress is not None else EgressProxy()  # an empty one is falsy
         self.hooks = Hooks()
         if metrics is not None:
             self.hooks.add(metrics)
@@ -171,6 +175,8 @@ class Gateway:
         assert runner.server is not None
         self._sockets.start(runner.server)
         self.credentials.sockets = self._sockets
+        self.egress.start()
+        self.credentials.egress = self.egress
         self.base_url = self.credentials.base_url = self._listener.base_url(sock)
         log.info("gateway listening", extra={"fields": {"url": self.base_url, "upstreams": {
             name: repr(u) for name, u in self._upstreams.items()}}})
@@ -182,6 +188,7 @@ class Gateway:
         timeout_s = self._shutdown_timeout_s if timeout_s is None else timeout_s
         runner, self._runner = self._runner, None
         self._sockets.close_all()
+        await self.egress.close_all(timeout_s)
         if runner is not None:
             await runner.cleanup()  # bounded by the runner's shutdown_timeout
         await self._forwarder.close(timeout_s)

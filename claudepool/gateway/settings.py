@@ -258,3 +258,21 @@ def _read_key_file(path: str, where: str) -> str:
     if not key:
         raise ConfigError(f"{where}: {path} is empty")
     return key
+
+
+class EgressSettings(BaseModel):
+    """``[egress]``: the bounds of the egress proxy (`claudepool.gateway.egress`), through which a
+    sandboxed worker reaches its profile's ``allowed_hosts`` (none by default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # A request line and headers larger than this are refused (431) before anything is resolved.
+    max_head_bytes: int = Field(default=16 * 1024, ge=1024, le=1 * MiB)
+    # The request's head must arrive within this (a client that trickles it holds nothing for long).
+    head_timeout_s: float = Field(default=10.0, gt=0)
+    # Resolving the name and connecting to it, together (504 past it).
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    # A tunnel that relays no byte either way for this long is closed.
+    idle_timeout_s: float = Field(default=120.0, gt=0)
+    # Connections open through the proxy at once, per worker (429 past it).
+    max_tunnels: int = Field(default=32, gt=0)

@@ -23,6 +23,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from claudepool.pool import hosts
+
 # What a worker may inherit from the daemon's environment. Everything else (API keys, Redis URLs,
 # admin keys, NOTIFY_SOCKET, LISTEN_FDS, CLAUDE_* settings) is dropped: workers start clean.
 INHERITED_ENV = (
@@ -94,6 +96,9 @@ class SpawnSettings(BaseModel):
     max_processes: int | None = Field(default=256, ge=64)
     max_memory_bytes: int | None = Field(default=2 * 1024**3, ge=256 * 1024**2)
     max_workspace_bytes: int | None = Field(default=1024**3, ge=1024**2)
+    # Outbound hosts a sandboxed worker may reach through the daemon's egress proxy (``host``,
+    # ``host:port``, ``*.example.com``; `claudepool.pool.hosts`). Empty: no egress at all.
+    allowed_hosts: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
     # Text deltas as they arrive (`stream_event` lines); needed to stream answers to clients.
     include_partial_messages: bool = True
@@ -116,7 +121,19 @@ class SpawnSettings(BaseModel):
                              "the daemon's user can")
         return self
 
-    @field_validator("tools", "allowed_tools", "disallowed_tools", "args", mode="before")
+    @model_validator(mode="after")
+    def _egress_only_sandboxed(self) -> SpawnSettings:
+        if self.allowed_hosts and not self.sandboxed:
+            raise ValueError("allowed_hosts needs the sandbox: an unsandboxed worker reaches every host already")
+        return self
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_entries(cls, entries: tuple[str, ...]) -> tuple[str, ...]:
+        # Each in its canonical spelling, so the one the proxy matches is the one the config shows.
+        return tuple(dict.fromkeys(str(hosts.parse_entry(entry)) for entry in entries))
+
+    @field_validator("tools", "allowed_tools", "disallowed_tools", "allowed_hosts", "args", mode="before")
     @classmethod
     def _an_array(cls, value: object) -> object:
         # Kept as tuples (a profile is immutable), but written as TOML arrays: name them as such.

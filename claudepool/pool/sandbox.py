@@ -49,6 +49,10 @@ from claudepool.errors import ConfigError
 GATEWAY_SOCKET = "/run/claudepool/gateway.sock"
 RELAY_PORT = 8080
 SANDBOX_UID = 1000
+# The egress proxy's socket and its relay's port, when the profile allows outbound hosts
+# (`claudepool.gateway.egress`); the worker's proxy variables name that port.
+EGRESS_SOCKET = "/run/claudepool/egress.sock"
+EGRESS_PORT = 3128
 SANDBOX_USER = "claude"
 # /tmp and /dev/shm are memory: each a tmpfs of this size at most (TMPDIR is on the worker's disk).
 TMPFS_BYTES = 64 * 1024 * 1024
@@ -82,6 +86,15 @@ class Layout:
     worker_dir: Path  # holds home/, tmp/ and cwd/: bound read-write at the same path
     cli_root: Path  # the CLI's install directory: bound read-only at the same path
     gateway_socket: Path  # the gateway's socket for this worker: bound at GATEWAY_SOCKET
+    egress_socket: Path | None = None  # its egress proxy socket, if it has one: bound at EGRESS_SOCKET
+
+
+def proxy_env() -> dict[str, str]:
+    """A worker's variables when it has an egress socket: every HTTP client through the relay to
+    it, but the gateway's relay (127.0.0.1) directly."""
+    proxy = f"http://127.0.0.1:{EGRESS_PORT}"
+    return {"HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "https_proxy": proxy, "http_proxy": proxy,
+            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
 
 
 def base_url() -> str:
@@ -120,12 +133,16 @@ def wrap(argv: Sequence[str], layout: Layout, *, bwrap: str, socat: str, etc: Pa
             "--size", str(TMPFS_BYTES), "--tmpfs", "/dev/shm", "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp",
             "--ro-bind", str(layout.cli_root), str(layout.cli_root),
             "--bind", str(layout.worker_dir), str(layout.worker_dir),
-            "--bind", str(layout.gateway_socket), GATEWAY_SOCKET,
-            "--chdir", str(layout.worker_dir / "cwd"),
+            "--bind", str(layout.gateway_socket), GATEWAY_SOCKET]
+    relays = [(RELAY_PORT, GATEWAY_SOCKET)]
+    if layout.egress_socket is not None:
+        out += ["--bind", str(layout.egress_socket), EGRESS_SOCKET]
+        relays.append((EGRESS_PORT, EGRESS_SOCKET))
+    out += ["--chdir", str(layout.worker_dir / "cwd"),
             "--", "/bin/sh", "-c",
-            # The relay in the background; the CLI replaces the shell (its pid, its stdin and stdout).
-            f'{socat} TCP-LISTEN:{RELAY_PORT},bind=127.0.0.1,fork,reuseaddr UNIX-CONNECT:{GATEWAY_SOCKET} '
-            '</dev/null >/dev/null 2>&1 & exec "$@"', "sh", *argv]
+            # The relays in the background; the CLI replaces the shell (its pid, its stdin and stdout).
+            "".join(f"{socat} TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr UNIX-CONNECT:{path} "
+                    "</dev/null >/dev/null 2>&1 & " for port, path in relays) + 'exec "$@"', "sh", *argv]
     return out
 
 

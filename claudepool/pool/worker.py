@@ -65,6 +65,10 @@ class WorkerCredentials(Protocol):
         """A socket of the gateway's for this worker alone, bound into its sandbox."""
         ...
 
+    async def open_egress(self, worker: Worker) -> Path | None:
+        """An egress proxy socket for this worker alone, when its profile allows outbound hosts."""
+        ...
+
     def revoke(self, worker: Worker) -> None: ...
 
 
@@ -276,13 +280,15 @@ class Worker:
             raise WorkerStartError(f"worker {self.id}: a sandboxed worker reaches the provider only through "
                                    "the daemon's gateway, and this pool has none")
         socket = await self._credentials.open_socket(self)
+        egress = await self._credentials.open_egress(self) if self.profile.allowed_hosts else None
         binary = sandbox.cli_binary(self.profile.claude_bin)
-        layout = sandbox.Layout(self._process.dir, sandbox.cli_root(binary), socket)
+        layout = sandbox.Layout(self._process.dir, sandbox.cli_root(binary), socket, egress)
         wrapped = sandbox.wrap([str(binary), *argv[1:]], layout, bwrap=bwrap, socat=socat,
                                etc=sandbox.etc_dir())
         self._confinement = Confinement(self.id, self.profile, self._process.dir,
                                         self.timeouts.workspace_check_interval_s)
-        return self._confinement.command(wrapped), {**upstream, "ANTHROPIC_BASE_URL": sandbox.base_url()}
+        return self._confinement.command(wrapped), {**upstream, "ANTHROPIC_BASE_URL": sandbox.base_url(),
+                                                    **(sandbox.proxy_env() if egress is not None else {})}
 
     async def close(self, *, graceful: bool = True) -> None:
         """Stop the process and remove its directories. Idempotent; survives caller cancellation.

@@ -51,7 +51,11 @@ ROWS: dict[str, set[str]] = {
     "Gateway": {"Model calls per second by outcome", "Gateway refusals per second by reason",
                 "Model call duration p95", "Provider account rate-limit utilisation",
                 "Provider 429 and 529 per second by account"},
+    "Sandbox": {"Egress refusals per second by reason", "Egress connections per second by kind",
+                "Egress throughput by direction", "Workers closed by a sandbox bound per minute"},
 }
+# A sandboxed profile allowed one outbound host (never spawned): the egress series exist for it alone.
+AGENT = {"agent": {"tools": ["Bash"], "allowed_hosts": ["example.com"], "min_idle": 0}}
 TEMPLATE_VARIABLES = ("profile", "tenant")
 # Allowed metrics that are not claudepool's: Prometheus' scrape health, for the daemon-down alert only.
 FOREIGN_METRICS_IN_RULES = {"up"}
@@ -368,7 +372,7 @@ async def test_every_metric_used_is_exported_by_a_real_daemon(make_daemon: MakeD
     d = await make_daemon(
         tenants={"acme": {"requests_per_minute": 2},
                  "gamma": {"key": GAMMA_KEY, "daily_budget_usd": 0.0001}},
-        pricing=FAKE_PRICING,
+        pricing=FAKE_PRICING, profiles=AGENT,
     )
     await spend(d.daemon.store, "gamma", 0.0001)
     assert await post(d, {"prompt": "[[reply:hello]]"}, "acme") == 200
@@ -430,7 +434,7 @@ async def test_every_series_the_dashboard_uses_has_a_sample_at_start(make_daemon
     # Issue item 9: panels on series created by an event said "No data" instead of 0 until it happened.
     # No traffic, and no maintenance pass: what is there comes from start-up alone.
     d = await make_daemon(tenants={"gamma": {"key": GAMMA_KEY, "daily_budget_usd": 1.0}},
-                          pool={"maintenance_interval_s": 3600})
+                          pool={"maintenance_interval_s": 3600}, profiles=AGENT)
     await until(lambda: all(w.pss_bytes for w in d.pool().workers()), 10)
     families = await scrape(d)
     used = metric_names(dashboard_exprs(load_dashboard())) | metric_names(alert_exprs(ALERTS.read_text()))

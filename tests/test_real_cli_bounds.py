@@ -22,6 +22,7 @@ from claudepool.errors import RemoteError
 from claudepool.pool import cgroups
 from claudepool.testing.fake_upstream import FakeUpstream
 from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
+from tests.helpers import until
 
 pytestmark = pytest.mark.real_cli
 __all__ = ["make_daemon"]
@@ -136,7 +137,7 @@ async def test_a_lease_that_fills_its_workspace_ends_and_leaves_nothing(
     assert caught.value.remote_code == "workspace_full", caught.value
     assert d.requests_by_outcome() == {"error": 1}
     await d.idle(1, profile=profile)  # a fresh worker took its place
-    assert not worker_dir.exists()  # and the full one's directory went with it
+    await until(lambda: not worker_dir.exists(), 10)  # and the full one's directory goes with it
 
 
 @pytest.mark.parametrize("watchdog_s", [2.0, 120.0])

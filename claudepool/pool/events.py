@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from claudepool.errors import PromptRanAsCommand, ResetFailed, TurnStalled, WorkerStartError
+from claudepool.errors import PromptRanAsCommand, ResetFailed, TurnStalled, WorkerStartError, WorkspaceFull
 from claudepool.pool.planner import Phase, Record
 from claudepool.pool.worker import Worker
 
@@ -54,6 +54,8 @@ def exit_reason(worker: Worker, reason: str) -> str:
             return "reset_failed"
         if isinstance(worker.failure, PromptRanAsCommand):
             return "unclean"
+        if isinstance(worker.failure, WorkspaceFull):
+            return "workspace_full"
         return "crash"
     return _EXIT_REASONS.get(reason, reason)
 

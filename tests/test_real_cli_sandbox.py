@@ -68,6 +68,10 @@ async def test_a_tool_sees_only_its_own_processes_and_files(
     secret = await run_tool(d, f"cat {planted} 2>&1", profile)
     workers = await run_tool(d, f"ls {tmp_path / 'w'} 2>&1 | wc -l", profile)
     home = await run_tool(d, "ls /root /home 2>&1", profile)
+    transcript = d.daemon.sessions.dir / "beta" / "s-other.jsonl"  # another tenant's session at rest
+    transcript.parent.mkdir(parents=True, exist_ok=True)
+    transcript.write_text('{"type":"user","message":"BETA-TRANSCRIPT-2210"}\n')
+    sessions = await run_tool(d, f"cat {transcript} 2>&1; ls {d.daemon.sessions.dir} 2>&1", profile)
     if sandboxed:
         # Its sandbox's init, the CLI, the gateway relay (and its child for this connection), the tool.
         assert processes <= {"bwrap", "claude.exe", "socat", "bash", "sh", "ps"}, processes
@@ -75,11 +79,13 @@ async def test_a_tool_sees_only_its_own_processes_and_files(
         assert "PLANTED-SECRET-7731" not in secret and "No such file" in secret
         assert int(workers.split()[-1]) == 1, workers  # its own directory, nothing beside it
         assert "No such file" in home
+        assert "BETA-TRANSCRIPT-2210" not in sessions and "No such file" in sessions, sessions
     else:
         assert "python" in " ".join(processes)  # the daemon itself, among the host's processes
         assert "seen" in daemon_pid
         assert "PLANTED-SECRET-7731" in secret
         assert int(workers.split()[-1]) >= 2
+        assert "BETA-TRANSCRIPT-2210" in sessions
 
 
 @pytest.mark.parametrize("profile", ["default", "open"])

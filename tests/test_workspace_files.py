@@ -20,6 +20,7 @@ import pytest
 
 from claudepool.client import AsyncClient
 from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
+from tests.test_cli_client import claudepool
 from tests.test_sessions import call, new_session, say, sessions_config
 from tests.test_unix_api import connect, prompt
 
@@ -313,3 +314,16 @@ async def test_a_file_read_over_its_bound_is_refused(make_daemon: MakeDaemon) ->
     assert status == 413 and orjson.loads(raw)["error"]["code"] == "files_too_large"
     body = orjson.loads((await get(d, f"/v1/sessions/{sid}/files"))[1])
     assert len(body["files"]) == 2 and body["truncated"] is True
+
+
+async def test_claudepool_run_file_puts_a_local_file_into_the_workspace(make_daemon: MakeDaemon,
+                                                                       tmp_path: Path) -> None:
+    d = await make_daemon()
+    local = tmp_path / "report.txt"
+    local.write_text("from-disk-5\n")
+    done = await claudepool("run", "--url", d.url, "--key", KEYS["acme"], "--file", str(local),
+                            "--file", f"{local}=sub/copy.txt", tool("cat report.txt sub/copy.txt"))
+    assert done.code == 0, done.err
+    assert done.out.split() == ["from-disk-5", "from-disk-5"]
+    done = await claudepool("run", "--url", d.url, "--key", KEYS["acme"], "--file", f"{local}=../x", "hi")
+    assert done.code == 1 and "workspace_path_refused" in done.err

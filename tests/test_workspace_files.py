@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import doctest
 import tarfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -19,6 +20,8 @@ import orjson
 import pytest
 
 from claudepool.client import AsyncClient
+from claudepool.pool import workspace_files
+from claudepool.pool.workspace_files import matches
 from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
 from tests.test_cli_client import claudepool
 from tests.test_sessions import call, new_session, say, sessions_config
@@ -58,6 +61,13 @@ async def one_worker(make_daemon: MakeDaemon, sessions: dict[str, Any] | None = 
     """One stateless worker (so the next lease is the same worker's); sessions parked only when a test says."""
     return await make_daemon(pool={"min_idle": 1, "max_workers": 1},
                              **sessions_config(park_idle_s=600, **(sessions or {})), **overrides)
+
+
+def test_the_module_doctests_pass_and_globs_stay_in_their_components() -> None:
+    assert doctest.testmod(workspace_files).failed == 0
+    assert not matches(("out", "deep", "a.txt"), ("out", "*.txt"))  # * never crosses a /
+    assert matches(("out", "a.txt"), ("out", "**", "*.txt"))  # ** may be no component at all
+    assert not matches(("x", "out", "a.txt"), ("out", "*.txt"))  # anchored at the workspace
 
 
 # -- input files --------------------------------------------------------------------------------

@@ -72,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             cmd.add_argument("prompt")
             cmd.add_argument("--profile")
             cmd.add_argument("--timeout", type=float, dest="timeout_s")
+            cmd.add_argument("--file", action="append", default=[], dest="files", metavar="PATH[=WORKSPACE_PATH]",
+                             help="put a local file into the request's workspace, as its name (or WORKSPACE_PATH)")
         if name == "usage":
             cmd.add_argument("--tenant", help="one tenant (admin key); a tenant key sees only itself")
             cmd.add_argument("--window", choices=("day", "month"), default="day")
@@ -199,8 +201,14 @@ async def _run(client: AsyncClient, args: argparse.Namespace) -> int:
     streamed = False
     line_open = False  # the answer's text so far does not end a line: a marker starts a new one
     try:
+        files = _input_files(args.files)
+    except OSError as exc:
+        print(f"claudepool: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
         async with client:
-            async for piece in client.stream(args.prompt, profile=args.profile, timeout_s=args.timeout_s):
+            async for piece in client.stream(args.prompt, profile=args.profile, timeout_s=args.timeout_s,
+                                             files=files or None):
                 if isinstance(piece, str):
                     streamed = True
                     sys.stdout.write(piece)
@@ -220,6 +228,15 @@ async def _run(client: AsyncClient, args: argparse.Namespace) -> int:
         print(f"claudepool: {exc.remote_code}: {exc.message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _input_files(specs: list[str]) -> dict[str, bytes]:
+    """``--file PATH[=WORKSPACE_PATH]``: each local file's bytes, by its path in the workspace."""
+    files: dict[str, bytes] = {}
+    for spec in specs:
+        local, _, remote = spec.partition("=")
+        files[remote or Path(local).name] = Path(local).read_bytes()
+    return files
 
 
 async def _usage(client: AsyncClient, args: argparse.Namespace) -> int:

@@ -19,11 +19,12 @@ retried with capped exponential back-off and jitter for up to ``connect_timeout_
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import random
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any, Self, TypeVar
 from urllib.parse import quote, urlencode
 
@@ -76,7 +77,8 @@ class AsyncClient:
             self._unix = None
 
     async def prompt(self, prompt: str, **options: Any) -> PromptResult:
-        """Send one prompt and wait for the whole answer."""
+        """Send one prompt and wait for the whole answer. ``files={path: bytes}`` puts files into its
+        workspace first; ``return_files=[glob, …]`` brings files back in ``result.files``."""
         async for item in self._prompt(prompt, stream=False, **options):
             if isinstance(item, PromptResult):
                 return item
@@ -151,6 +153,25 @@ class AsyncClient:
             return
         raise RemoteError("protocol_error", "no answer to session.delete")
 
+    async def session_files(self, session: str) -> dict[str, Any]:
+        """The session's workspace: ``{"files": [{path, type, size_bytes}], "truncated"}`` (HTTP only)."""
+        if self.url is None:
+            raise ValueError("session files are served over HTTP: create the client with url=")
+        return await self._http_get(f"/v1/sessions/{quote(session, safe='')}/files")
+
+    async def session_file(self, session: str, path: str) -> bytes:
+        """One file of the session's workspace, its bytes (HTTP only)."""
+        if self.url is None:
+            raise ValueError("session files are served over HTTP: create the client with url=")
+        try:
+            async with await self._request("GET", f"/v1/sessions/{quote(session, safe='')}/files/"
+                                                  f"{quote(path, safe='/')}", headers=self._auth()) as resp:
+                if resp.status != 200:
+                    await _json_or_raise(resp)
+                return await resp.read()
+        except aiohttp.ClientConnectionError as exc:
+            raise RemoteError("unavailable", f"cannot reach {self.url}: {exc}") from None
+
     async def ledger(self, *, tenant: str | None = None, since: float | None = None,
                      limit: int = 1000) -> list[dict[str, Any]]:
         """Settled usage records, oldest first (HTTP only)."""
@@ -181,6 +202,10 @@ class AsyncClient:
     # -- transports ------------------------------------------------------------------------------
 
     async def _prompt(self, prompt: str, *, stream: bool, **options: Any) -> AsyncIterator[Piece]:
+        files = options.get("files")
+        if isinstance(files, Mapping):  # {path: bytes}: the wire's [{path, content_base64}]
+            options["files"] = [{"path": path, "content_base64": base64.b64encode(data).decode()}
+                                for path, data in files.items()]
         body = {"prompt": prompt, "stream": stream, **{k: v for k, v in options.items() if v is not None}}
         if self.url is not None:
             async for item in self._http_prompt(body):

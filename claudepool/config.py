@@ -107,6 +107,18 @@ class ServerSettings(BaseModel):
     max_connections: int = Field(default=1024, gt=0)
     # A streamed tool call's input and its result's preview are cut to this many bytes of UTF-8.
     tool_preview_bytes: int = Field(default=2048, ge=0, le=1 * MiB)
+    # A request's input files (``files``): how many, each one's and all together's decoded bytes.
+    # The HTTP body bound grows by their base64; a socket frame stays within max_frame_bytes.
+    max_input_files: int = Field(default=32, ge=0)
+    max_input_file_bytes: int = Field(default=1 * MiB, ge=0)
+    max_input_bytes: int = Field(default=4 * MiB, ge=0)
+    # ``return_files``: most patterns, and most files and bytes (all together, each file too) an
+    # answer carries; more are named in files_omitted.
+    max_return_files: int = Field(default=32, ge=0)
+    max_return_bytes: int = Field(default=4 * MiB, ge=0)
+    # GET /v1/sessions/{id}/files: most entries listed (and walked); most bytes of one file read.
+    max_listed_files: int = Field(default=1000, gt=0)
+    max_file_read_bytes: int = Field(default=8 * MiB, gt=0)
 
     @field_validator("http")
     @classmethod

@@ -94,6 +94,24 @@ class PromptTooLarge(RequestError):
     status = 413
 
 
+class WorkspacePathRefused(RequestError):
+    """A file path into a workspace that may not be used: absolute, with ``..``, ``.``, an empty
+    component or NUL, through a symbolic link, or naming a symbolic link, a directory or a special
+    file (FIFO, socket, device). Nothing was written or read."""
+
+    code = "workspace_path_refused"
+    status = 400
+
+
+class WorkspaceFilesTooLarge(RequestError):
+    """Files over a bound: input files (``server.max_input_files``, ``max_input_file_bytes``,
+    ``max_input_bytes``), ``return_files`` patterns (``server.max_return_files``), or a file read
+    from a session's workspace (``server.max_file_read_bytes``). Nothing was written."""
+
+    code = "files_too_large"
+    status = 413
+
+
 class RequestTimeout(ClaudepoolError):
     """No complete answer within the request's ``timeout_s``; the turn was interrupted."""
 

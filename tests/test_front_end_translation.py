@@ -71,6 +71,12 @@ class ScriptedApi:
     async def delete_session(self, owner: str, session_id: str) -> None:
         raise NotImplementedError
 
+    async def session_files(self, owner: str, session_id: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def session_file(self, owner: str, session_id: str, path: str) -> bytes:
+        raise NotImplementedError
+
     async def usage(self, key: str | None, *, tenant: str | None = None, window: str = "day",
                     date: str | None = None) -> dict[str, Any]:
         return {"window": {"kind": window, "key": date}, "tenants": {}}

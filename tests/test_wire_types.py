@@ -32,6 +32,7 @@ WRONG_FOR_BOOL = [("yes", True), (1, True), ("true", True), (0, True), (1.0, Tru
                   (None, False), ([True], False)]
 WRONG_FOR_FLOAT = [("30", True), (True, True), ("SECRET-30", False), ([30], False), ({"s": 30}, False)]
 WRONG_FOR_LITERAL = [(1, False), (True, False), (["batch"], False), (None, False)]
+WRONG_FOR_LIST = [("SECRET-out/*.txt", False), ({"path": "a"}, False), (5, False), (True, False), (None, False)]
 
 PROMPT_FIELDS: dict[str, list[tuple[Any, bool]]] = {
     "prompt": [*WRONG_FOR_STR, (None, False)],
@@ -40,6 +41,8 @@ PROMPT_FIELDS: dict[str, list[tuple[Any, bool]]] = {
     "stream": WRONG_FOR_BOOL,
     "timeout_s": WRONG_FOR_FLOAT,
     "priority": WRONG_FOR_LITERAL,
+    "files": WRONG_FOR_LIST,
+    "return_files": WRONG_FOR_LIST,
 }
 
 

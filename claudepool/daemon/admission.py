@@ -13,13 +13,25 @@ refuse a request: its calls wait for them at the gateway.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import uuid
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from claudepool.errors import BadRequest, BudgetExhausted, Forbidden, NotFound, PromptTooLarge, QueueFull, SessionClosed
+from claudepool.errors import (
+    BadRequest,
+    BudgetExhausted,
+    Forbidden,
+    NotFound,
+    PromptTooLarge,
+    QueueFull,
+    SessionClosed,
+    WorkspaceFilesTooLarge,
+)
 from claudepool.pool.pool import Pool
+from claudepool.pool.workspace_files import FileBounds, InputFile, check_path, check_pattern
 from claudepool.protocol.wire import PromptRequest
 from claudepool.sessions.manager import SessionManager
 from claudepool.store.base import Store
@@ -34,6 +46,7 @@ class ServiceLimits:
     default_timeout_s: float
     max_timeout_s: float
     max_queued: int
+    files: FileBounds = field(default_factory=FileBounds)
 
 
 def new_request_id() -> str:
@@ -74,6 +87,8 @@ class Admission:
     timeout_s: float
     context: RequestContext
     queue_slot: QueueSlot
+    # The request's ``files``, decoded and checked: written into the workspace before the prompt.
+    files: tuple[InputFile, ...] = ()
 
 
 class Gate:
@@ -112,6 +127,7 @@ class Gate:
         size = len(request.prompt.encode())
         if size > self.limits.max_prompt_bytes:
             raise PromptTooLarge(f"prompt of {size} bytes exceeds the limit of {self.limits.max_prompt_bytes}")
+        files = input_files(request, self.limits.files)
         if self.queued >= self.limits.max_queued:
             raise QueueFull(f"the daemon has {self.queued} requests waiting for a worker")
         if tenant.max_queued and self._queued[tenant.name] >= tenant.max_queued:
@@ -130,7 +146,7 @@ class Gate:
             raise
         context = RequestContext(request_id=request_id, tenant=tenant.name, profile=profile, model=model,
                                  session=request.session)
-        return Admission(request_id, tenant, request, pool, timeout_s, context, slot)
+        return Admission(request_id, tenant, request, pool, timeout_s, context, slot, files)
 
     async def _check_budget(self, tenant: Tenant) -> None:
         state = await self.store.budget(tenant.name)
@@ -140,3 +156,34 @@ class Gate:
             if limit_usd > 0 and spent_usd >= limit_usd * fraction:
                 raise BudgetExhausted(f"the {name} budget of ${limit_usd:g} is spent (spent ${spent_usd:.4f}"
                                       + ("" if fraction == 1 else f", stop at {fraction:g} of it") + ")")
+
+
+def input_files(request: PromptRequest, bounds: FileBounds) -> tuple[InputFile, ...]:
+    """The request's ``files`` decoded, each path checked and every bound kept, and its
+    ``return_files`` patterns checked; else the typed error, before anything is written."""
+    if len(request.return_files) > bounds.max_return_files:
+        raise WorkspaceFilesTooLarge(f"{len(request.return_files)} return_files patterns, over the bound of "
+                                     f"{bounds.max_return_files}")
+    for pattern in request.return_files:
+        check_pattern(pattern)
+    if len(request.files) > bounds.max_input_files:
+        raise WorkspaceFilesTooLarge(f"{len(request.files)} input files, over the bound of {bounds.max_input_files}")
+    decoded: list[InputFile] = []
+    total = 0
+    for index, item in enumerate(request.files):
+        check_path(item.path)
+        # Checked on the encoded length first: a huge string is never decoded.
+        if len(item.content_base64) > (bounds.max_input_file_bytes + 2) // 3 * 4:
+            raise WorkspaceFilesTooLarge(f"files.{index}: over the bound of {bounds.max_input_file_bytes} bytes")
+        try:
+            data = base64.b64decode(item.content_base64, validate=True)
+        except binascii.Error:
+            raise BadRequest(f"invalid request: files.{index}.content_base64: not valid base64") from None
+        if len(data) > bounds.max_input_file_bytes:
+            raise WorkspaceFilesTooLarge(f"files.{index}: {len(data)} bytes, over the bound of "
+                                         f"{bounds.max_input_file_bytes}")
+        total += len(data)
+        if total > bounds.max_input_bytes:
+            raise WorkspaceFilesTooLarge(f"the input files are over {bounds.max_input_bytes} bytes together")
+        decoded.append(InputFile(item.path, data))
+    return tuple(decoded)

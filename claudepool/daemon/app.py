@@ -69,6 +69,7 @@ from claudepool.logs import add_key_digests
 from claudepool.pool import sandbox
 from claudepool.pool.pool import Pool
 from claudepool.pool.shares import TenantSlots
+from claudepool.pool.workspace_files import FileBounds
 from claudepool.sessions.manager import SessionManager
 from claudepool.store.factory import build_store
 from claudepool.store.instrumented import InstrumentedStore
@@ -127,13 +128,19 @@ class Daemon:
         self.sessions = SessionManager(self.store, self.session_pools, settings.session_options())
         self.gateway = self._gateway(settings, tenant_labels)
         server = settings.server
+        file_bounds = FileBounds(
+            max_input_files=server.max_input_files, max_input_file_bytes=server.max_input_file_bytes,
+            max_input_bytes=server.max_input_bytes, max_return_files=server.max_return_files,
+            max_return_bytes=server.max_return_bytes, max_listed_files=server.max_listed_files,
+            max_file_read_bytes=server.max_file_read_bytes)
         gate = Gate(
             self.pools,
-            ServiceLimits(server.max_prompt_bytes, server.default_timeout_s, server.max_timeout_s, server.max_queued),
+            ServiceLimits(server.max_prompt_bytes, server.default_timeout_s, server.max_timeout_s, server.max_queued,
+                          file_bounds),
             store=self.store, limiter=self.limiter, sessions=self.sessions,
         )
         self.service = PromptService(gate, self.tenants, self.meter, metrics=request_metrics, sessions=self.sessions,
-                                     tool_preview_bytes=server.tool_preview_bytes)
+                                     tool_preview_bytes=server.tool_preview_bytes, file_bounds=file_bounds)
         self.status = Status(self.pools, self.all_pools(), self.service)
         self.spend = TenantSpend(self.tenants, self.store, tenant_labels, self.registry)
         PoolCollector(self.all_pools(), self.registry)
@@ -146,7 +153,7 @@ class Daemon:
         self.facade = Facade(tenants=self.tenants, service=self.service, sessions=self.sessions, store=self.store,
                              status=self.status, registry=self.registry, metrics_public=settings.metrics.public,
                              ledger_page_records=server.ledger_page_records,
-                             max_ledger_reads_per_tenant=server.max_ledger_reads_per_tenant)
+                             max_ledger_reads_per_tenant=server.max_ledger_reads_per_tenant, file_bounds=file_bounds)
         self.notifier = notifier or Notifier()
         self.listening: dict[str, str] = {}
         self.front_ends: FrontEnds | None = None  # once bound

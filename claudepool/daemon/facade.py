@@ -24,7 +24,9 @@ from claudepool.daemon.service import OnEvent, PromptService, ReadRequest
 from claudepool.daemon.status import Status
 from claudepool.daemon.usage import LedgerReads, usage_report
 from claudepool.errors import BadRequest, ClaudepoolError, Forbidden
+from claudepool.pool.workspace_files import FileBounds, check_path, list_entries, read_file
 from claudepool.protocol.wire import PromptRequest, PromptResult
+from claudepool.sessions import workspace_archive
 from claudepool.sessions.manager import SessionManager
 from claudepool.store.base import Store, UsageRecord, Window
 from claudepool.tenancy.tenants import Tenant, TenantRegistry
@@ -58,6 +60,10 @@ class Api(Protocol):
 
     async def delete_session(self, owner: str, session_id: str) -> None: ...
 
+    async def session_files(self, owner: str, session_id: str) -> dict[str, Any]: ...
+
+    async def session_file(self, owner: str, session_id: str, path: str) -> bytes: ...
+
     async def usage(self, key: str | None, *, tenant: str | None = None, window: str = "day",
                     date: str | None = None) -> dict[str, Any]: ...
 
@@ -76,7 +82,7 @@ class Api(Protocol):
 class Facade:
     def __init__(self, *, tenants: TenantRegistry, service: PromptService, sessions: SessionManager, store: Store,
                  status: Status, registry: CollectorRegistry, metrics_public: bool, ledger_page_records: int,
-                 max_ledger_reads_per_tenant: int) -> None:
+                 max_ledger_reads_per_tenant: int, file_bounds: FileBounds | None = None) -> None:
         self._tenants = tenants
         self._service = service
         self._sessions = sessions
@@ -86,6 +92,7 @@ class Facade:
         self._metrics_public = metrics_public
         self._ledger_page_records = ledger_page_records
         self._ledger_reads = LedgerReads(max_ledger_reads_per_tenant)
+        self._file_bounds = file_bounds or FileBounds()
 
     # -- prompts -------------------------------------------------------------------------------
 
@@ -131,6 +138,24 @@ class Facade:
 
     async def delete_session(self, owner: str, session_id: str) -> None:
         await self._sessions.delete(owner, session_id)
+
+    async def session_files(self, owner: str, session_id: str) -> dict[str, Any]:
+        """The session's workspace: path, type and size of each entry (at most ``server.max_listed_files``;
+        ``truncated`` if there were more). Links and special files are listed, never followed or opened."""
+        bound = self._file_bounds.max_listed_files
+        listed, truncated = await self._sessions.read_workspace(
+            owner, session_id, lambda cwd: list_entries(cwd, bound),
+            lambda archive: workspace_archive.entries(archive, bound))
+        return {"session": session_id, "truncated": truncated,
+                "files": [{"path": e.path, "type": e.kind, "size_bytes": e.size_bytes} for e in listed]}
+
+    async def session_file(self, owner: str, session_id: str, path: str) -> bytes:
+        """One regular file of the session's workspace (at most ``server.max_file_read_bytes``)."""
+        check_path(path)
+        bound = self._file_bounds.max_file_read_bytes
+        return await self._sessions.read_workspace(
+            owner, session_id, lambda cwd: read_file(cwd, path, bound),
+            lambda archive: workspace_archive.read(archive, path, bound))
 
     # -- usage -------------------------------------------------------------------------------------
 

@@ -52,12 +52,13 @@ _LEDGER_CHUNK_RECORDS = 1000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def build_app(api: Api, *middlewares: Middleware, max_prompt_bytes: int) -> web.Application:
+def build_app(api: Api, *middlewares: Middleware, max_prompt_bytes: int, max_input_bytes: int = 0) -> web.Application:
     """``middlewares`` run inside the error mapping, so what they raise is answered like a handler's."""
     app = web.Application(
         middlewares=[_errors, _refused_before_the_handler, *middlewares],
-        # The body is a prompt plus a small envelope; larger bodies get 413 before being read whole.
-        client_max_size=max_prompt_bytes + 64 * 1024,
+        # The body is a prompt, its input files as base64 (4 bytes per 3), and a small envelope;
+        # larger bodies get 413 before being read whole.
+        client_max_size=max_prompt_bytes + (max_input_bytes + 2) // 3 * 4 + 64 * 1024,
     )
     app[API] = api
     app.router.add_post("/v1/prompt", _prompt)
@@ -71,6 +72,8 @@ def build_app(api: Api, *middlewares: Middleware, max_prompt_bytes: int) -> web.
     app.router.add_get("/v1/sessions", _session_list)
     app.router.add_get("/v1/sessions/{id}", _session_get)
     app.router.add_delete("/v1/sessions/{id}", _session_delete)
+    app.router.add_get("/v1/sessions/{id}/files", _session_files)
+    app.router.add_get("/v1/sessions/{id}/files/{path:.+}", _session_file)
     return app
 
 
@@ -265,6 +268,23 @@ async def _session_delete(request: web.Request) -> web.Response:
         raise BadRequest("the admin key needs ?tenant= to delete one session")
     await request.app[API].delete_session(owner, request.match_info["id"])
     return web.Response(status=204)
+
+
+async def _session_files(request: web.Request) -> web.Response:
+    """The session's workspace: ``{"files": [{path, type, size_bytes}], "truncated"}``."""
+    owner = _session_owner(request)
+    if owner is None:
+        raise BadRequest("the admin key needs ?tenant= to read one session")
+    return json_response(await request.app[API].session_files(owner, request.match_info["id"]))
+
+
+async def _session_file(request: web.Request) -> web.Response:
+    """One regular file of the session's workspace, its bytes as they are."""
+    owner = _session_owner(request)
+    if owner is None:
+        raise BadRequest("the admin key needs ?tenant= to read one session")
+    data = await request.app[API].session_file(owner, request.match_info["id"], request.match_info["path"])
+    return web.Response(body=data, content_type="application/octet-stream")
 
 
 async def _pool(request: web.Request) -> web.Response:

@@ -16,6 +16,7 @@ from claudepool.daemon.admission import Admission, new_request_id
 from claudepool.daemon.metrics import RequestMetrics, outcome_of
 from claudepool.errors import BudgetExhausted, RateLimited, TenancyError
 from claudepool.pool.worker import TurnResult
+from claudepool.pool.workspace_files import Collected
 from claudepool.protocol.wire import PromptRequest
 from claudepool.tenancy.tenants import Tenant
 
@@ -32,6 +33,8 @@ class Trace:
     slot: int | None = None
     result: TurnResult | None = None
     tool_calls: int = 0
+    # What the request's return_files found after the turn (None: it asked for none).
+    files_back: Collected | None = None
 
 
 def _rejection_kind(exc: TenancyError) -> str:

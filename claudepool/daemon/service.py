@@ -16,9 +16,12 @@ then `stop_in_flight`: each remaining request answers `Draining` rather than van
 from __future__ import annotations
 
 import asyncio
+import base64
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from claudepool.daemon.admission import Admission, Gate, new_request_id
 from claudepool.daemon.metrics import RequestMetrics
@@ -27,8 +30,19 @@ from claudepool.errors import Cancelled, ClaudepoolError, Draining, RequestTimeo
 from claudepool.pool.lease import Lease
 from claudepool.pool.shares import Priority, TenantShare
 from claudepool.pool.worker import TurnResult
+from claudepool.pool.workspace_files import Collected, FileBounds, collect, write_files
 from claudepool.protocol.cli_events import SystemApiRetry
-from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta, ToolUse, UsageOut, stream_items
+from claudepool.protocol.wire import (
+    FileOut,
+    OmittedFile,
+    PromptRequest,
+    PromptResult,
+    StreamItem,
+    TextDelta,
+    ToolUse,
+    UsageOut,
+    stream_items,
+)
 from claudepool.sessions.manager import SessionManager
 from claudepool.store.base import SessionRecord
 from claudepool.tenancy.metering import Meter
@@ -45,7 +59,8 @@ ReadRequest = Callable[[], Awaitable[PromptRequest]]
 
 class PromptService:
     def __init__(self, gate: Gate, tenants: TenantRegistry, meter: Meter, *, metrics: RequestMetrics | None = None,
-                 sessions: SessionManager | None = None, tool_preview_bytes: int = 2048) -> None:
+                 sessions: SessionManager | None = None, tool_preview_bytes: int = 2048,
+                 file_bounds: FileBounds | None = None) -> None:
         self.gate = gate
         self.tenants = tenants
         self.meter = meter
@@ -53,6 +68,7 @@ class PromptService:
         self.sessions = sessions
         # The bound on each tool call's input and result preview a stream carries (UTF-8 bytes).
         self.tool_preview_bytes = tool_preview_bytes
+        self.file_bounds = file_bounds or FileBounds()
         self.log = RequestLog(metrics)
         self.draining = False
         self._in_flight: set[asyncio.Task[object]] = set()
@@ -191,6 +207,7 @@ class PromptService:
             cost_usd=admission.context.billed_cost_usd(result.cost_usd),
             duration_ms=round((time.monotonic() - started) * 1000, 3),
             queue_ms=round((trace.queue_s or 0.0) * 1000, 3),
+            **files_out(trace.files_back),
         )
 
     async def _serve_session(self, admission: Admission, on_event: OnEvent | None, trace: Trace) -> str:
@@ -222,9 +239,14 @@ class PromptService:
         return record.id
 
     async def _drive(self, lease: Lease, admission: Admission, on_event: OnEvent | None, trace: Trace) -> TurnResult:
-        """Run the admitted prompt on ``lease``'s worker, streaming what it does and noting what happened."""
+        """Run the admitted prompt on ``lease``'s worker, streaming what it does and noting what happened:
+        its input files written into the workspace first, its ``return_files`` read from it after."""
         trace.queue_s = time.monotonic() - trace.started
         trace.slot = lease.worker.slot
+        cwd = lease.worker.cwd
+        if admission.files and cwd is not None:
+            lease.worker.dirty = True  # its workspace holds this tenant's files now: reset before anyone else's
+            await to_the_end(write_files, cwd, admission.files)
         async for item in lease.run_turn(admission.request.prompt):
             if isinstance(item, TurnResult):
                 trace.result = item
@@ -239,6 +261,12 @@ class PromptService:
                 if on_event is not None:
                     await on_event(out)
         assert trace.result is not None
+        if admission.request.return_files and cwd is not None:
+            b = self.file_bounds
+            trace.files_back = await to_the_end(functools.partial(
+                collect, cwd, admission.request.return_files, max_files=b.max_return_files,
+                max_file_bytes=b.max_return_bytes, max_total_bytes=b.max_return_bytes,
+                max_entries=b.max_listed_files))
         return trace.result
 
     async def _acquire(self, admission: Admission) -> Lease:
@@ -275,3 +303,26 @@ class PromptService:
             log.warning("stopping %d requests still in flight", len(stragglers))
             await self.wait_idle(10.0)
         return len(stragglers)
+
+
+_T = TypeVar("_T")
+
+
+async def to_the_end(fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)`` in a thread, waited for to its end even when the caller is cancelled: a write into
+    a workspace must be over before the lease is released and the reset empties it for someone else."""
+    done = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    try:
+        return await asyncio.shield(done)
+    except asyncio.CancelledError:
+        await asyncio.wait({done})
+        raise
+
+
+def files_out(found: Collected | None) -> dict[str, Any]:
+    """The answer's ``files`` and ``files_omitted``, when the request asked for any."""
+    if found is None:
+        return {}
+    return {"files": [FileOut(path=path, size_bytes=len(data), content_base64=base64.b64encode(data).decode())
+                      for path, data in found.files],
+            "files_omitted": [OmittedFile(path=path, reason=reason) for path, reason in found.omitted]}

@@ -40,6 +40,7 @@ from claudepool.pool.process import WorkerProcess
 from claudepool.pool.profile import Profile
 from claudepool.pool.reaper import Reaper, default_reaper
 from claudepool.pool.timeouts import WorkerTimeouts
+from claudepool.pool.workspace import empty_cwd
 from claudepool.protocol.cli_events import CliEvent, ResultEvent, UserContent, encode_user_message
 from claudepool.protocol.framing import DEFAULT_MAX_LINE_BYTES
 
@@ -207,6 +208,11 @@ class Worker:
     def home(self) -> Path | None:
         return self._process.home
 
+    @property
+    def cwd(self) -> Path | None:
+        """The workspace: where the CLI and its tools run, emptied at every reset."""
+        return self._process.cwd
+
     def transcript_path(self, cli_session_id: str) -> Path | None:
         """Where the CLI keeps (or, resuming, looks for) a conversation's transcript."""
         root = self._process.dir
@@ -373,6 +379,9 @@ class Worker:
             # What the last lease left running and wrote: the next tenant finds none of it. After the
             # /clear, so a tool an interrupt cut short, still starting a process then, is done by now.
             await workspace.clean(self.pid, self.timeouts.remove_dirs_timeout_s)
+        elif self._process.cwd is not None:
+            # Unsandboxed: no tool's files to chase, but a request's input files are its lease's alone.
+            await empty_cwd(self._process.cwd, self.timeouts.remove_dirs_timeout_s)
 
     @property
     def workspace_killed(self) -> int:

@@ -85,3 +85,13 @@ class Workspace:
 
     def _remove_files(self) -> int:
         return _empty(self._cwd) + _empty(self._tmp) + _empty(self._home, self._home_entries)
+
+
+async def empty_cwd(cwd: Path, timeout_s: float) -> None:
+    """Empty an unsandboxed worker's cwd at its reset (in a thread, bounded; at once when it is empty,
+    as it is unless a request put files there)."""
+    with os.scandir(cwd) as listing:
+        if next(listing, None) is None:
+            return
+    async with asyncio.timeout(timeout_s):
+        await asyncio.to_thread(_empty, cwd)

@@ -27,12 +27,13 @@ loosely. Errors name the field and never echo its value (`describe_validation_er
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterable
 from typing import Any, ClassVar, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
 from claudepool.errors import BadRequest, ClaudepoolError
 from claudepool.protocol.cli_events import (
@@ -53,8 +54,22 @@ _REQUEST = ConfigDict(extra="forbid", strict=True)
 _ANSWER = ConfigDict(strict=True)
 
 
+class InputFileIn(BaseModel):
+    """A file the request puts into the workspace before its prompt runs: a relative path in it, and
+    the bytes as standard base64."""
+
+    model_config = _REQUEST
+
+    path: str = Field(min_length=1, max_length=1024)
+    content_base64: str
+
+
 class PromptRequest(BaseModel):
-    """One prompt. ``session`` continues that conversation; without one the request is stateless."""
+    """One prompt. ``session`` continues that conversation; without one the request is stateless.
+
+    ``files`` are written into the workspace (the lease's fresh one, or the session's) before the
+    prompt runs; ``return_files`` (paths or globs) are read from it after the turn and come back in
+    the answer's ``files`` (see `claudepool.pool.workspace_files`)."""
 
     model_config = _REQUEST
 
@@ -65,6 +80,8 @@ class PromptRequest(BaseModel):
     timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     # batch requests run only on capacity no interactive request is waiting for.
     priority: Literal["interactive", "batch"] = "interactive"
+    files: list[InputFileIn] = Field(default_factory=list)
+    return_files: list[str] = Field(default_factory=list)
 
 
 class UsageOut(BaseModel):
@@ -85,8 +102,32 @@ class UsageOut(BaseModel):
         )
 
 
+class FileOut(BaseModel):
+    """A file of the workspace, returned with the answer."""
+
+    model_config = _ANSWER
+
+    path: str
+    size_bytes: int
+    content_base64: str
+
+    def content(self) -> bytes:
+        return base64.b64decode(self.content_base64)
+
+
+class OmittedFile(BaseModel):
+    """A path ``return_files`` matched and the answer does not carry: ``symlink``, ``not_regular``
+    (a FIFO, socket, device or hard-linked file), ``too_large``, ``over_total`` or ``too_many``."""
+
+    model_config = _ANSWER
+
+    path: str
+    reason: str
+
+
 class PromptResult(BaseModel):
-    """The answer to one prompt: the non-streaming body, and the ``result`` event's data."""
+    """The answer to one prompt: the non-streaming body, and the ``result`` event's data. ``files``
+    and ``files_omitted`` are there only when the request asked for ``return_files``."""
 
     model_config = _ANSWER
 
@@ -100,6 +141,16 @@ class PromptResult(BaseModel):
     cost_usd: float
     duration_ms: float
     queue_ms: float
+    files: list[FileOut] | None = None
+    files_omitted: list[OmittedFile] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_files(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        body: dict[str, Any] = handler(self)
+        for name in ("files", "files_omitted"):
+            if body.get(name) is None:
+                body.pop(name, None)
+        return body
 
 
 # -- what a turn streams: text, and the tools it ran ------------------------------------------------

@@ -1,6 +1,6 @@
-"""Sessions at rest: ``DIR/<tenant>/<session>.jsonl`` (the CLI's transcript, checkpointed after every turn)
-and ``<session>.meta.json`` (the record as of that checkpoint, so a restart with the memory store
-finds the session again).
+"""Sessions at rest: ``DIR/<tenant>/<session>.jsonl`` (the CLI's transcript, checkpointed after every turn),
+``<session>.meta.json`` (the record as of that checkpoint, so a restart with the memory store
+finds the session again) and ``<session>.workspace.tar`` (its workspace, saved when it parks).
 
 Copying a transcript takes time proportional to the conversation, so every copy runs in a thread:
 a long conversation must not hold up every other tenant's turn. The small metadata operations
@@ -51,6 +51,10 @@ class SessionFiles:
     def meta(self, record: SessionRecord) -> Path:
         return self.dir / record.tenant / f"{record.id}.meta.json"
 
+    def workspace(self, record: SessionRecord) -> Path:
+        """The workspace saved when the session parked (`claudepool.sessions.workspace_archive`)."""
+        return self.dir / record.tenant / f"{record.id}.workspace.tar"
+
     async def checkpoint(self, source: Path, record: SessionRecord, meta: bytes) -> None:
         """Copy the CLI's transcript to the session's file at rest (write, then rename), then its meta."""
         await asyncio.to_thread(_write_checkpoint, source, self.transcript(record), self.meta(record), meta)
@@ -90,8 +94,17 @@ class SessionFiles:
                 meta.write_bytes(orjson.dumps(record.to_dict()))
 
     def remove(self, record: SessionRecord) -> None:
-        self.transcript(record).unlink(missing_ok=True)
+        self.drop_data(record)
         self.meta(record).unlink(missing_ok=True)
+
+    def drop_data(self, record: SessionRecord) -> int:
+        """Delete the transcript and the saved workspace (the meta file stays); the bytes freed."""
+        freed = 0
+        for path in (self.transcript(record), self.workspace(record)):
+            with contextlib.suppress(FileNotFoundError):
+                freed += path.stat().st_size
+                path.unlink()
+        return freed
 
     async def disk_usage(self) -> int:
         return await asyncio.to_thread(self._disk_usage)

@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -58,6 +58,7 @@ from claudepool.pool.shares import Priority, TenantShare
 from claudepool.pool.worker import TurnResult, Worker
 from claudepool.sessions.files import SessionFiles
 from claudepool.sessions.settings import LimitOverrides, SessionLimits, SessionOptions, SessionSettings
+from claudepool.sessions.workspaces import SessionWorkspaces
 from claudepool.store.base import SessionRecord, Store
 from claudepool.tenancy.metering import RequestContext
 from claudepool.tenancy.tenants import Tenant
@@ -68,6 +69,7 @@ _SESSION_ID = re.compile(r"^s_[A-Za-z0-9_-]{8,64}$")
 # How long past its last turn an active session still belongs to the daemon holding it. After that
 # (a crashed daemon), another daemon may resume it from its checkpoint.
 _OWNERSHIP_GRACE_S = 30.0
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -95,9 +97,10 @@ class SessionManager:
         self._profile_limits = options.profile_limits
         self.daemon_id = daemon_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.files = SessionFiles(options.dir)
+        self.events: Counter[str] = Counter()
+        self.workspaces = SessionWorkspaces(self.files, self.config, self.events)
         self._bindings: dict[str, _Binding] = {}
         self._locks: dict[str, asyncio.Lock] = {}  # per session, also while it has no worker
-        self.events: Counter[str] = Counter()
         self.transcript_bytes = 0
 
     # -- records ---------------------------------------------------------------------------------
@@ -184,10 +187,7 @@ class SessionManager:
             return binding
         if binding is not None:
             self._unbind(record.id)  # its worker died: resume from the checkpoint
-        now = time.time()
-        if (record.state == "active" and record.owner and record.owner != self.daemon_id
-                and now < record.last_used_at + self.config.park_idle_s + _OWNERSHIP_GRACE_S):
-            raise SessionElsewhere(f"session {record.id} is active on daemon {record.owner}")
+        self._check_not_elsewhere(record)
         pool = self.pools[record.profile]
         resume = bool(record.cli_session_id)
         if resume and not self.files.transcript(record).exists():
@@ -197,6 +197,7 @@ class SessionManager:
         try:
             if resume:
                 await self._resume(record, pool, lease)
+            await self.workspaces.restore(record, lease.worker.cwd)
         except BaseException:
             lease.release()
             raise
@@ -325,6 +326,8 @@ class SessionManager:
                 await self._checkpoint(binding)
             except SessionCheckpointFailed:
                 return False  # the worker holds turns the disk does not: keep it
+        if worker.is_alive():
+            await self.workspaces.save(record, worker.cwd)  # before the reset empties it for others
         self._unbind(record.id)
         if record.state == "active":
             record.state, record.owner = "parked", ""
@@ -426,7 +429,6 @@ class SessionManager:
         for record in [*closed, *parked]:
             if excess <= 0:
                 break
-            path = self.files.transcript(record)
             if record.state == "parked":
                 lock = self._lock(record.id)
                 if lock.locked() or record.id in self._bindings:
@@ -436,12 +438,7 @@ class SessionManager:
                     if fresh is None or fresh.state != "parked":
                         continue  # resumed (here or on another daemon) since the listing
                     await self._close(fresh, "disk")
-            try:
-                size = path.stat().st_size
-            except OSError:
-                continue  # deleted meanwhile
-            path.unlink(missing_ok=True)
-            excess -= size
+            excess -= self.files.drop_data(record)  # its transcript and its saved workspace
 
     async def _close(self, record: SessionRecord, reason: str) -> None:
         record.state, record.owner = "closed", ""
@@ -452,7 +449,25 @@ class SessionManager:
         else:
             self.files.write_meta(record)  # a restart must not revive it
 
+    async def read_workspace(self, tenant: str, session_id: str, live: Callable[[Path], _T],
+                             parked: Callable[[Path], _T]) -> _T:
+        """Read the tenant's session's workspace, in a thread: ``live`` on its worker's cwd while it is
+        active here, else ``parked`` on its saved archive (`SessionFiles.workspace`)."""
+        record = await self.get(tenant, session_id)
+        binding = self._bindings.get(record.id)
+        if binding is not None and binding.lease.worker.is_alive() and (cwd := binding.lease.worker.cwd):
+            result = await asyncio.to_thread(live, cwd)
+            if self._bindings.get(record.id) is binding:
+                return result  # else parked meanwhile: its worker may hold another lease's files by now
+        self._check_not_elsewhere(record)
+        return await asyncio.to_thread(parked, self.files.workspace(record))
+
     # -- internals --------------------------------------------------------------------------------
+
+    def _check_not_elsewhere(self, record: SessionRecord) -> None:
+        if (record.state == "active" and record.owner and record.owner != self.daemon_id
+                and time.time() < record.last_used_at + self.config.park_idle_s + _OWNERSHIP_GRACE_S):
+            raise SessionElsewhere(f"session {record.id} is active on daemon {record.owner}")
 
     def bound_worker(self, session_id: str) -> Worker | None:
         """The worker an active session holds on this daemon, if any."""

@@ -37,6 +37,10 @@ class SessionSettings(BaseModel):
     # Bound on the transcripts directory; past it, closed transcripts go first, then the oldest
     # parked sessions are expired. 0 = unbounded.
     max_disk_bytes: int = Field(default=0, ge=0)
+    # A session's workspace (its worker's cwd) is saved beside its transcript when it parks, as
+    # <session>.workspace.tar, and restored when it resumes. Over the bound nothing is saved (logged).
+    save_workspace: bool = True
+    max_saved_workspace_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     # Limits (0 = none); tenants and profiles may set their own.
     max_turns: int = Field(default=0, ge=0)
     max_age_s: float = Field(default=0.0, ge=0)

@@ -112,6 +112,7 @@ class SessionRecord:
     cost_usd: float = 0.0
     context_tokens: int = 0
     transcript: str = ""  # the parked transcript, relative to the sessions directory
+    workspace: str = ""  # its workspace at the last park: "" (none), "saved", or "dropped: why"
     closed_at: float | None = None
     close_reason: str | None = None
 

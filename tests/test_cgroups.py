@@ -55,3 +55,29 @@ def test_the_workspace_measure_counts_what_is_written_and_follows_no_link(tmp_pa
     for i in range(30):
         (workspace / f"e{i}").touch()
     assert disk_usage_bytes(workspace, max_entries=20) is None  # too many entries to measure is full
+
+
+def test_a_cgroup_v2_worker_cgroup_enters_lists_and_kills_through_the_kernel(tmp_path: Path) -> None:
+    # This host's cgroup v2 hierarchy offers no pids or memory controller (they are v1's here), so
+    # `host` picks v1; the v2 mechanics (entering before exec, cgroup.procs, cgroup.kill, rmdir) are
+    # the kernel's all the same, and tested here on its real cgroup2 mount without bounds.
+    mounts = cgroups._mounts()
+    assert "" in mounts, "no cgroup2 mount here"
+    parent = mounts[""][0] / f"claudepool-test-{os.getpid()}"
+    parent.mkdir()
+    host = cgroups.Cgroups([parent], v2=True)
+    try:
+        group = host.create("w1", cgroups.Bounds(max_processes=None, max_memory_bytes=None))
+        sleeper = subprocess.Popen(group.enter(["sh", "-c", "sleep 30 & sleep 30"]))
+        deadline = time.monotonic() + 5
+        while len(group.pids()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sleeper.pid in group.pids() and len(group.pids()) == 3  # born inside: the shell and both sleeps
+        group.kill()  # cgroup.kill: every process in it, at once
+        assert sleeper.wait(timeout=5) == -9
+        while not group.remove() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not group.dirs[0].exists()
+    finally:
+        host.close()
+    assert not parent.exists()

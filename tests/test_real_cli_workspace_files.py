@@ -20,20 +20,12 @@ from claudepool.client import AsyncClient
 from claudepool.testing.fake_upstream import FakeUpstream
 from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
 from tests.test_real_cli_sandbox import BASH
+from tests.test_workspace_files import MARKER, marker
 
 pytestmark = pytest.mark.real_cli
-__all__ = ["make_daemon"]
+__all__ = ["make_daemon", "marker"]
 
 MakeDaemon = Callable[..., Awaitable[RunningDaemon]]
-MARKER = "HOST-MARKER-9023"
-
-
-@pytest.fixture
-def marker(tmp_path: Path) -> Path:
-    path = tmp_path / "host" / "secret.txt"
-    path.parent.mkdir()
-    path.write_text(MARKER)
-    return path
 
 
 async def bash_daemon(make_daemon: MakeDaemon, claude: str, upstream: FakeUpstream,

@@ -255,34 +255,34 @@ async def _session_list(request: web.Request) -> web.Response:
     return json_response({"sessions": await request.app[API].list_sessions(_session_owner(request))})
 
 
-async def _session_get(request: web.Request) -> web.Response:
+def _one_session_owner(request: web.Request, what: str = "read") -> str:
+    """The tenant whose session the path names; the admin key must say which, with ``?tenant=``."""
     owner = _session_owner(request)
     if owner is None:
-        raise BadRequest("the admin key needs ?tenant= to read one session")
+        raise BadRequest(f"the admin key needs ?tenant= to {what} one session")
+    return owner
+
+
+async def _session_get(request: web.Request) -> web.Response:
+    owner = _one_session_owner(request)
     return json_response(await request.app[API].get_session(owner, request.match_info["id"]))
 
 
 async def _session_delete(request: web.Request) -> web.Response:
-    owner = _session_owner(request)
-    if owner is None:
-        raise BadRequest("the admin key needs ?tenant= to delete one session")
+    owner = _one_session_owner(request, "delete")
     await request.app[API].delete_session(owner, request.match_info["id"])
     return web.Response(status=204)
 
 
 async def _session_files(request: web.Request) -> web.Response:
     """The session's workspace: ``{"files": [{path, type, size_bytes}], "truncated"}``."""
-    owner = _session_owner(request)
-    if owner is None:
-        raise BadRequest("the admin key needs ?tenant= to read one session")
+    owner = _one_session_owner(request)
     return json_response(await request.app[API].session_files(owner, request.match_info["id"]))
 
 
 async def _session_file(request: web.Request) -> web.Response:
     """One regular file of the session's workspace, its bytes as they are."""
-    owner = _session_owner(request)
-    if owner is None:
-        raise BadRequest("the admin key needs ?tenant= to read one session")
+    owner = _one_session_owner(request)
     data = await request.app[API].session_file(owner, request.match_info["id"], request.match_info["path"])
     return web.Response(body=data, content_type="application/octet-stream")
 

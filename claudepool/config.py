@@ -63,6 +63,7 @@ __all__ = [
 ]
 
 _NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
 
 def default_socket_path() -> str:
@@ -119,6 +120,19 @@ class ServerSettings(BaseModel):
     # GET /v1/sessions/{id}/files: most entries listed (and walked); most bytes of one file read.
     max_listed_files: int = Field(default=1000, gt=0)
     max_file_read_bytes: int = Field(default=8 * MiB, gt=0)
+
+    # Origins a browser app may call the daemon from (CORS; `claudepool.daemon.cors`): exact
+    # ``scheme://host[:port]``. Empty: none.
+    cors_origins: list[str] = Field(default_factory=list)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"a CORS origin is scheme://host[:port] exactly (no path, no wildcard), "
+                                 f"got {origin!r}")
+        return origins
 
     @field_validator("http")
     @classmethod

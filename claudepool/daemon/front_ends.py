@@ -49,7 +49,8 @@ class FrontEnds:
             guard = HttpGuard(max_connections=server.max_connections, header_timeout_s=server.header_timeout_s,
                               body_timeout_s=server.body_timeout_s)
             runner = web.AppRunner(build_app(api, guard.middleware(), max_prompt_bytes=server.max_prompt_bytes,
-                                             max_input_bytes=server.max_input_bytes),
+                                             max_input_bytes=server.max_input_bytes,
+                                             cors_origins=server.cors_origins),
                                    handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout_s,
                                    keepalive_timeout=server.keepalive_timeout_s)
             await runner.setup()

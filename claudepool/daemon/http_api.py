@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -29,6 +29,7 @@ from aiohttp_sse import EventSourceResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
+from claudepool.daemon import cors
 from claudepool.daemon.admission import new_request_id
 from claudepool.daemon.facade import Api
 from claudepool.errors import BadRequest, ClaudepoolError, NotFound, PromptTooLarge, RequestError
@@ -52,7 +53,8 @@ _LEDGER_CHUNK_RECORDS = 1000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def build_app(api: Api, *middlewares: Middleware, max_prompt_bytes: int, max_input_bytes: int = 0) -> web.Application:
+def build_app(api: Api, *middlewares: Middleware, max_prompt_bytes: int, max_input_bytes: int = 0,
+              cors_origins: Sequence[str] = ()) -> web.Application:
     """``middlewares`` run inside the error mapping, so what they raise is answered like a handler's."""
     app = web.Application(
         middlewares=[_errors, _refused_before_the_handler, *middlewares],
@@ -74,6 +76,7 @@ def build_app(api: Api, *middlewares: Middleware, max_prompt_bytes: int, max_inp
     app.router.add_delete("/v1/sessions/{id}", _session_delete)
     app.router.add_get("/v1/sessions/{id}/files", _session_files)
     app.router.add_get("/v1/sessions/{id}/files/{path:.+}", _session_file)
+    cors.enable(app, cors_origins)  # last: every route above answers its origins
     return app
 
 

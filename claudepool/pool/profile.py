@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from claudepool.pool import hosts
+from claudepool.pool.mcp import McpServer, mcp_args
 
 # What a worker may inherit from the daemon's environment. Everything else (API keys, Redis URLs,
 # admin keys, NOTIFY_SOCKET, LISTEN_FDS, CLAUDE_* settings) is dropped: workers start clean.
@@ -70,7 +71,9 @@ def routes_upstream(name: str) -> bool:
 _FORBIDDEN_ARGS = frozenset({"--disable-slash-commands", "--input-format", "--output-format", "-p", "--print",
                             # set by permission_mode, where the sandbox is checked
                             "--permission-mode", "--dangerously-skip-permissions",
-                            "--allow-dangerously-skip-permissions"})
+                            "--allow-dangerously-skip-permissions",
+                            # set by mcp_servers: no other MCP configuration may slip in beside it
+                            "--mcp-config", "--strict-mcp-config"})
 
 
 class SpawnSettings(BaseModel):
@@ -83,7 +86,7 @@ class SpawnSettings(BaseModel):
     system_prompt: str | None = None
     # Tools the model may use; empty means none (`--tools ""`), the safe default.
     tools: tuple[str, ...] = ()
-    # Each worker in an OS sandbox (`claudepool.pool.sandbox`); unset: exactly when it has tools.
+    # Each worker in an OS sandbox (`claudepool.pool.sandbox`); unset: when it has tools or MCP servers.
     sandbox: bool | None = None
     # The CLI's permission mode and tool allow/deny lists (--permission-mode, --allowedTools,
     # --disallowedTools). bypassPermissions only inside a sandbox.
@@ -99,6 +102,10 @@ class SpawnSettings(BaseModel):
     # Outbound hosts a sandboxed worker may reach through the daemon's egress proxy (``host``,
     # ``host:port``, ``*.example.com``; `claudepool.pool.hosts`). Empty: no egress at all.
     allowed_hosts: tuple[str, ...] = ()
+    # MCP servers the workers start and keep connected (`claudepool.pool.mcp`): the only ones they use.
+    mcp_servers: Mapping[str, McpServer] = Field(default_factory=dict)
+    # Host paths a sandboxed worker sees read-only beside the system and the CLI (an MCP server's files).
+    sandbox_read_only: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
     # Text deltas as they arrive (`stream_event` lines); needed to stream answers to clients.
     include_partial_messages: bool = True
@@ -112,7 +119,8 @@ class SpawnSettings(BaseModel):
 
     @property
     def sandboxed(self) -> bool:
-        return self.sandbox if self.sandbox is not None else bool(self.tools)
+        # An MCP server runs code that tenants' prompts drive, as a tool does.
+        return self.sandbox if self.sandbox is not None else bool(self.tools or self.mcp_servers)
 
     @model_validator(mode="after")
     def _bypass_only_sandboxed(self) -> SpawnSettings:
@@ -133,7 +141,16 @@ class SpawnSettings(BaseModel):
         # Each in its canonical spelling, so the one the proxy matches is the one the config shows.
         return tuple(dict.fromkeys(str(hosts.parse_entry(entry)) for entry in entries))
 
-    @field_validator("tools", "allowed_tools", "disallowed_tools", "allowed_hosts", "args", mode="before")
+    @field_validator("sandbox_read_only")
+    @classmethod
+    def _absolute(cls, paths: tuple[str, ...]) -> tuple[str, ...]:
+        for path in paths:
+            if not os.path.isabs(path) or os.path.normpath(path) != path or path == "/":
+                raise ValueError(f"sandbox_read_only takes absolute, normalised paths below /, got {path!r}")
+        return paths
+
+    @field_validator("tools", "allowed_tools", "disallowed_tools", "allowed_hosts", "args", "sandbox_read_only",
+                     mode="before")
     @classmethod
     def _an_array(cls, value: object) -> object:
         # Kept as tuples (a profile is immutable), but written as TOML arrays: name them as such.
@@ -197,6 +214,7 @@ class Profile(SpawnSettings):
             argv += ["--allowedTools", ",".join(self.allowed_tools)]
         if self.disallowed_tools:
             argv += ["--disallowedTools", ",".join(self.disallowed_tools)]
+        argv += mcp_args(self.mcp_servers)
         argv += self.args
         return argv
 

@@ -87,6 +87,7 @@ class Layout:
     cli_root: Path  # the CLI's install directory: bound read-only at the same path
     gateway_socket: Path  # the gateway's socket for this worker: bound at GATEWAY_SOCKET
     egress_socket: Path | None = None  # its egress proxy socket, if it has one: bound at EGRESS_SOCKET
+    read_only: tuple[Path, ...] = ()  # more host paths bound read-only at the same path (an MCP server's)
 
 
 def proxy_env() -> dict[str, str]:
@@ -132,6 +133,7 @@ def wrap(argv: Sequence[str], layout: Layout, *, bwrap: str, socat: str, etc: Pa
     out += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
             "--size", str(TMPFS_BYTES), "--tmpfs", "/dev/shm", "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp",
             "--ro-bind", str(layout.cli_root), str(layout.cli_root),
+            *(arg for path in layout.read_only for arg in ("--ro-bind", str(path), str(path))),
             "--bind", str(layout.worker_dir), str(layout.worker_dir),
             "--bind", str(layout.gateway_socket), GATEWAY_SOCKET]
     relays = [(RELAY_PORT, GATEWAY_SOCKET)]

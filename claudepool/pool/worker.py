@@ -288,7 +288,8 @@ class Worker:
         socket = await self._credentials.open_socket(self)
         egress = await self._credentials.open_egress(self) if self.profile.allowed_hosts else None
         binary = sandbox.cli_binary(self.profile.claude_bin)
-        layout = sandbox.Layout(self._process.dir, sandbox.cli_root(binary), socket, egress)
+        layout = sandbox.Layout(self._process.dir, sandbox.cli_root(binary), socket, egress,
+                                tuple(Path(p) for p in self.profile.sandbox_read_only))
         wrapped = sandbox.wrap([str(binary), *argv[1:]], layout, bwrap=bwrap, socat=socat,
                                etc=sandbox.etc_dir())
         self._confinement = Confinement(self.id, self.profile, self._process.dir,

@@ -1,4 +1,4 @@
-"""MCP servers per profile without a CLI: the settings' rules and the command line they become
+"""MCP servers and structured output per profile without a CLI: the settings' rules and the command line
 (tests/test_real_cli_mcp.py runs a server under the real CLI)."""
 
 from __future__ import annotations
@@ -48,3 +48,11 @@ def test_no_other_mcp_config_slips_in_through_args(args: list[str]) -> None:
 def test_sandbox_read_only_paths_are_absolute_and_plain(path: str) -> None:
     with pytest.raises(ConfigError, match="sandbox_read_only"):
         load_settings(None, profiles={"default": {"tools": ["Bash"], "sandbox_read_only": [path]}})
+
+
+def test_a_json_schema_becomes_the_clis_and_only_through_the_setting() -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    argv = load_settings(None, profiles={"default": {"json_schema": schema}}).profile("default").argv()
+    assert orjson.loads(argv[argv.index("--json-schema") + 1]) == schema
+    with pytest.raises(ConfigError, match="may not contain --json-schema"):
+        load_settings(None, profiles={"default": {"args": ["--json-schema", "{}"]}})

@@ -207,6 +207,7 @@ class PromptService:
             cost_usd=admission.context.billed_cost_usd(result.cost_usd),
             duration_ms=round((time.monotonic() - started) * 1000, 3),
             queue_ms=round((trace.queue_s or 0.0) * 1000, 3),
+            structured_output=result.structured_output,
             **files_out(trace.files_back),
         )
 

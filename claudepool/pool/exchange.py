@@ -85,6 +85,8 @@ class TurnResult:
     interrupted: bool = False
     # The model that served the turn, as the CLI's system/init reported it ("" if it never said).
     model: str = ""
+    # The profile's json_schema answer (``--json-schema``), None without one.
+    structured_output: Any = None
 
 
 class Transport(Protocol):
@@ -398,6 +400,7 @@ class Exchange:
             context_tokens=self.context_tokens,
             interrupted=interrupted,
             model=self.model,
+            structured_output=event.structured_output,
         )
         if self._channel is channel:
             self._channel = None

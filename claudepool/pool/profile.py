@@ -18,8 +18,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -73,7 +74,7 @@ _FORBIDDEN_ARGS = frozenset({"--disable-slash-commands", "--input-format", "--ou
                             "--permission-mode", "--dangerously-skip-permissions",
                             "--allow-dangerously-skip-permissions",
                             # set by mcp_servers: no other MCP configuration may slip in beside it
-                            "--mcp-config", "--strict-mcp-config"})
+                            "--mcp-config", "--strict-mcp-config", "--json-schema"})
 
 
 class SpawnSettings(BaseModel):
@@ -102,6 +103,9 @@ class SpawnSettings(BaseModel):
     # Outbound hosts a sandboxed worker may reach through the daemon's egress proxy (``host``,
     # ``host:port``, ``*.example.com``; `claudepool.pool.hosts`). Empty: no egress at all.
     allowed_hosts: tuple[str, ...] = ()
+    # Structured output (``--json-schema``): every answer is a JSON value of this schema, validated
+    # by the CLI, returned as the answer's ``structured_output``.
+    json_schema: Mapping[str, Any] | None = None
     # MCP servers the workers start and keep connected (`claudepool.pool.mcp`): the only ones they use.
     mcp_servers: Mapping[str, McpServer] = Field(default_factory=dict)
     # Host paths a sandboxed worker sees read-only beside the system and the CLI (an MCP server's files).
@@ -214,6 +218,8 @@ class Profile(SpawnSettings):
             argv += ["--allowedTools", ",".join(self.allowed_tools)]
         if self.disallowed_tools:
             argv += ["--disallowedTools", ",".join(self.disallowed_tools)]
+        if self.json_schema is not None:
+            argv += ["--json-schema", orjson.dumps(self.json_schema).decode()]
         argv += mcp_args(self.mcp_servers)
         argv += self.args
         return argv

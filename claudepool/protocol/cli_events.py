@@ -227,6 +227,8 @@ class ResultEvent(_Event):
     num_turns: int = 0
     duration_ms: float = 0
     local_command: str | None = None
+    # With --json-schema: the answer as the schema's JSON value, validated by the CLI.
+    structured_output: Any = None
 
 
 class ControlRequestEvent(_Event):

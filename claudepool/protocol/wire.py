@@ -143,11 +143,13 @@ class PromptResult(BaseModel):
     queue_ms: float
     files: list[FileOut] | None = None
     files_omitted: list[OmittedFile] | None = None
+    # A profile with a json_schema: the answer as that schema's JSON value (the CLI validated it).
+    structured_output: Any = None
 
     @model_serializer(mode="wrap")
     def _without_absent_files(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         body: dict[str, Any] = handler(self)
-        for name in ("files", "files_omitted"):
+        for name in ("files", "files_omitted", "structured_output"):
             if body.get(name) is None:
                 body.pop(name, None)
         return body

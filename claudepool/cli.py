@@ -42,7 +42,7 @@ from claudepool.errors import ClaudepoolError, ConfigError, RemoteError
 from claudepool.pool.memory import MiB
 from claudepool.pool.profile import Profile
 from claudepool.pool.worker import Worker
-from claudepool.protocol.wire import PromptResult, ToolUse
+from claudepool.protocol.wire import ModelFallback, PromptResult, ToolUse
 from claudepool.reconcile import command as reconcile_command
 
 DEV_KEY = "dev"
@@ -217,6 +217,10 @@ async def _run(client: AsyncClient, args: argparse.Namespace) -> int:
                         line_open = not piece.endswith("\n")
                 elif isinstance(piece, ToolUse):
                     print(("\n" if line_open else "") + tool_marker(piece), file=sys.stderr, flush=True)
+                    line_open = False
+                elif isinstance(piece, ModelFallback):
+                    print(("\n" if line_open else "") + f"[{piece.original_model} was {piece.trigger}: "
+                          f"{piece.fallback_model} answers]", file=sys.stderr, flush=True)
                     line_open = False
                 elif isinstance(piece, PromptResult):
                     if piece.is_error:

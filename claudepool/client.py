@@ -33,7 +33,15 @@ import orjson
 
 from claudepool.errors import RemoteError
 from claudepool.protocol.framing import LineFramer
-from claudepool.protocol.wire import STREAM_ITEMS, PromptResult, TextDelta, ToolResult, ToolUse, stream_item_of_frame
+from claudepool.protocol.wire import (
+    STREAM_ITEMS,
+    ModelFallback,
+    PromptResult,
+    TextDelta,
+    ToolResult,
+    ToolUse,
+    stream_item_of_frame,
+)
 
 _TERMINAL_EVENTS = frozenset({"result", "error", "status", "cancelled", "usage", "session", "session_deleted"})
 # Back-off between connect attempts: full jitter over a doubling ceiling, from 10 ms up to 0.5 s.
@@ -43,8 +51,9 @@ _RETRY_MAX_S = 0.5
 _UNIX_RETRYABLE = (BlockingIOError, ConnectionRefusedError, FileNotFoundError)
 
 T = TypeVar("T")
-# What `AsyncClient.stream` yields: text as it arrives, each tool call and its result, then the answer.
-Piece = str | ToolUse | ToolResult | PromptResult
+# What `AsyncClient.stream` yields: text as it arrives, each tool call and its result, a switch to a
+# fallback model, then the answer.
+Piece = str | ToolUse | ToolResult | ModelFallback | PromptResult
 
 
 class AsyncClient:
@@ -86,7 +95,8 @@ class AsyncClient:
 
     def stream(self, prompt: str, **options: Any) -> AsyncIterator[Piece]:
         """Send one prompt; yield text (``str``) as it arrives and each tool call (`ToolUse`) and its
-        result (`ToolResult`) as they happen, then the `PromptResult`."""
+        result (`ToolResult`) as they happen, a `ModelFallback` if the profile's model was busy, then
+        the `PromptResult`."""
         return self._prompt(prompt, stream=True, **options)
 
     async def status(self) -> dict[str, Any]:

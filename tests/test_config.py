@@ -135,7 +135,7 @@ def test_what_each_component_is_handed(tmp_path: Path) -> None:
         "upstream_timeout_ms": 5000, "max_budget_usd": 0.25, "session_persistence": False,
         "sandbox": None, "permission_mode": None, "allowed_tools": (), "disallowed_tools": (), "allowed_hosts": (),
         "max_processes": 256, "max_memory_bytes": 2 * 1024**3, "max_workspace_bytes": 1024**3,
-        "mcp_servers": {}, "sandbox_read_only": (), "json_schema": None,
+        "mcp_servers": {}, "sandbox_read_only": (), "json_schema": None, "effort": None, "fallback_models": (),
     }
     assert lean.sandboxed  # it has tools: sandboxed unless it says otherwise
     pool_default, pool_lean = settings.pool_config("default"), settings.pool_config("lean")

@@ -50,9 +50,13 @@ def test_sandbox_read_only_paths_are_absolute_and_plain(path: str) -> None:
         load_settings(None, profiles={"default": {"tools": ["Bash"], "sandbox_read_only": [path]}})
 
 
-def test_a_json_schema_becomes_the_clis_and_only_through_the_setting() -> None:
+def test_a_json_schema_effort_and_fallback_models_become_the_clis_flags() -> None:
     schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
-    argv = load_settings(None, profiles={"default": {"json_schema": schema}}).profile("default").argv()
+    argv = load_settings(None, profiles={"default": {
+        "json_schema": schema, "effort": "high", "fallback_models": ["claude-sonnet-4-5", "claude-haiku-4-5"]}}
+    ).profile("default").argv()
     assert orjson.loads(argv[argv.index("--json-schema") + 1]) == schema
-    with pytest.raises(ConfigError, match="may not contain --json-schema"):
-        load_settings(None, profiles={"default": {"args": ["--json-schema", "{}"]}})
+    assert argv[argv.index("--effort") + 1] == "high"
+    assert argv[argv.index("--fallback-model") + 1] == "claude-sonnet-4-5,claude-haiku-4-5"
+    with pytest.raises(ConfigError, match="effort"):
+        load_settings(None, profiles={"default": {"effort": "extreme"}})

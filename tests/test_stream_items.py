@@ -11,6 +11,7 @@ import pytest
 from claudepool.protocol.cli_events import AssistantEvent, UserEvent, parse_event
 from claudepool.protocol.framing import decode_object
 from claudepool.protocol.wire import (
+    ModelFallback,
     TextDelta,
     ToolResult,
     ToolUse,
@@ -197,3 +198,13 @@ def test_a_tool_use_frame_names_the_call_tool_use_id_since_id_is_the_frames() ->
     assert frame == {"id": "r1", "event": "tool_use", "tool_use_id": "toolu_1", "name": "Bash", "input": {},
                      "truncated": False}
     assert stream_item_of_frame({"id": "r1", "event": "result"}) is None
+
+
+def test_a_model_fallback_is_streamed_as_its_own_item() -> None:
+    event = parse_event({"type": "system", "subtype": "model_fallback", "trigger": "overloaded",
+                         "original_model": "claude-opus-4-5", "fallback_model": "claude-sonnet-4-5",
+                         "content": "Switched to Sonnet 4.5 due to high demand for Opus 4.5", "uuid": "u"})
+    assert stream_items(event, 100) == [ModelFallback(original_model="claude-opus-4-5",
+                                                      fallback_model="claude-sonnet-4-5", trigger="overloaded")]
+    other = parse_event({"type": "system", "subtype": "status", "status": "compacting"})
+    assert stream_items(other, 100) == []

@@ -47,6 +47,8 @@ REJECTION_KINDS = ("requests_per_minute", "tokens_per_minute", "budget", "queue_
 TOKEN_TYPES = ("input", "output", "cache_read", "cache_write")
 # Upstream HTTP statuses the CLI reports on a retry or a failed turn, every one present from the start;
 # ``none`` when it gave no status (a connection failure), ``other`` for anything not listed.
+# Why the CLI moved a turn to a fallback model, as its model_fallback event says; others count as "other".
+FALLBACK_TRIGGERS = ("overloaded", "unavailable", "rate_limited", "not_found")
 UPSTREAM_STATUSES = ("400", "401", "403", "404", "408", "409", "413", "429", "500", "502", "503", "504", "529",
                      "none", "other")
 SESSION_EVENTS = ("created", "parked", "recycled", "resumed", "rolled_over", "expired", "deleted",
@@ -105,6 +107,9 @@ class RequestMetrics:
                                         ["status"], registry=r)
         self.upstream_errors = Counter("claudepool_upstream_errors", "Turns that ended in an upstream error.",
                                        ["status"], registry=r)
+        self.model_fallbacks = Counter("claudepool_model_fallbacks", "Turns the CLI moved to a profile's "
+                                       "fallback model, by profile and trigger (overloaded, …).",
+                                       ["profile", "trigger"], registry=r)
         for tenant in (*sorted(tenants.names), OTHER):
             for outcome in OUTCOMES:
                 self.requests.labels(tenant, outcome)
@@ -130,6 +135,10 @@ class RequestMetrics:
 
     def first_text(self, seconds: float) -> None:
         self.ttft_seconds.observe(seconds)
+
+    def model_fallback(self, profile: str, trigger: str) -> None:
+        # The trigger is the CLI's word (a few fixed values); bounded all the same against a new one.
+        self.model_fallbacks.labels(profile, trigger if trigger in FALLBACK_TRIGGERS else "other").inc()
 
     def upstream_retry(self, status: int | None) -> None:
         self.upstream_retries.labels(upstream_status(status)).inc()

@@ -31,7 +31,7 @@ from claudepool.pool.lease import Lease
 from claudepool.pool.shares import Priority, TenantShare
 from claudepool.pool.worker import TurnResult
 from claudepool.pool.workspace_files import Collected, FileBounds, collect, write_files
-from claudepool.protocol.cli_events import SystemApiRetry
+from claudepool.protocol.cli_events import SystemApiRetry, SystemModelFallback
 from claudepool.protocol.wire import (
     FileOut,
     OmittedFile,
@@ -254,6 +254,8 @@ class PromptService:
                 continue
             if isinstance(item, SystemApiRetry) and self.metrics is not None:
                 self.metrics.upstream_retry(item.error_status)
+            if isinstance(item, SystemModelFallback) and self.metrics is not None:
+                self.metrics.model_fallback(lease.worker.profile.name, item.trigger)
             for out in stream_items(item, self.tool_preview_bytes):
                 if isinstance(out, TextDelta) and trace.first_text_s is None:
                     trace.first_text_s = time.monotonic() - trace.started

@@ -74,7 +74,7 @@ _FORBIDDEN_ARGS = frozenset({"--disable-slash-commands", "--input-format", "--ou
                             "--permission-mode", "--dangerously-skip-permissions",
                             "--allow-dangerously-skip-permissions",
                             # set by mcp_servers: no other MCP configuration may slip in beside it
-                            "--mcp-config", "--strict-mcp-config", "--json-schema"})
+                            "--mcp-config", "--strict-mcp-config"})
 
 
 class SpawnSettings(BaseModel):
@@ -103,6 +103,10 @@ class SpawnSettings(BaseModel):
     # Outbound hosts a sandboxed worker may reach through the daemon's egress proxy (``host``,
     # ``host:port``, ``*.example.com``; `claudepool.pool.hosts`). Empty: no egress at all.
     allowed_hosts: tuple[str, ...] = ()
+    # ``--effort`` (the model's reasoning effort), and ``--fallback-model``: models to go on with,
+    # in order, while the profile's model is busy (a turn that does says so: ``model_fallback``).
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    fallback_models: tuple[str, ...] = ()
     # Structured output (``--json-schema``): every answer is a JSON value of this schema, validated
     # by the CLI, returned as the answer's ``structured_output``.
     json_schema: Mapping[str, Any] | None = None
@@ -154,7 +158,7 @@ class SpawnSettings(BaseModel):
         return paths
 
     @field_validator("tools", "allowed_tools", "disallowed_tools", "allowed_hosts", "args", "sandbox_read_only",
-                     mode="before")
+                     "fallback_models", mode="before")
     @classmethod
     def _an_array(cls, value: object) -> object:
         # Kept as tuples (a profile is immutable), but written as TOML arrays: name them as such.
@@ -218,6 +222,10 @@ class Profile(SpawnSettings):
             argv += ["--allowedTools", ",".join(self.allowed_tools)]
         if self.disallowed_tools:
             argv += ["--disallowedTools", ",".join(self.disallowed_tools)]
+        if self.effort is not None:
+            argv += ["--effort", self.effort]
+        if self.fallback_models:
+            argv += ["--fallback-model", ",".join(self.fallback_models)]
         if self.json_schema is not None:
             argv += ["--json-schema", orjson.dumps(self.json_schema).decode()]
         argv += mcp_args(self.mcp_servers)

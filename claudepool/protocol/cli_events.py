@@ -92,6 +92,17 @@ class SystemApiRetry(_Event):
     error: str | None = None
 
 
+class SystemModelFallback(_Event):
+    """``system/model_fallback``: the profile's model was busy or unavailable (``trigger``), and the CLI
+    goes on with the next of its ``--fallback-model`` list for the rest of the turn."""
+
+    type: Literal["system"] = "system"
+    subtype: Literal["model_fallback"] = "model_fallback"
+    trigger: str = ""
+    original_model: str = ""
+    fallback_model: str = ""
+
+
 class SystemEvent(_Event):
     """Any other ``system`` subtype (``status``, ``background_tasks_changed``, ...): informational."""
 
@@ -279,6 +290,7 @@ class UnknownEvent(_Event):
 CliEvent = (
     SystemInit
     | SystemApiRetry
+    | SystemModelFallback
     | SystemEvent
     | AssistantEvent
     | UserEvent
@@ -301,7 +313,8 @@ _BY_TYPE: dict[str, type[_Event]] = {
     "conversation_reset": ConversationReset,
     "rate_limit_event": RateLimitEvent,
 }
-_SYSTEM_BY_SUBTYPE: dict[str, type[_Event]] = {"init": SystemInit, "api_retry": SystemApiRetry}
+_SYSTEM_BY_SUBTYPE: dict[str, type[_Event]] = {"init": SystemInit, "api_retry": SystemApiRetry,
+                                                "model_fallback": SystemModelFallback}
 
 
 def parse_event(obj: dict[str, Any]) -> CliEvent:

@@ -40,6 +40,7 @@ from claudepool.protocol.cli_events import (
     AssistantEvent,
     CliEvent,
     StreamEvent,
+    SystemModelFallback,
     ToolResultBlock,
     ToolUseBlock,
     Usage,
@@ -210,8 +211,19 @@ class ToolResult(BaseModel):
         return cls(tool_use_id=block.tool_use_id, is_error=block.is_error, preview=preview, truncated=truncated)
 
 
-StreamItem = TextDelta | ToolUse | ToolResult
-STREAM_ITEMS: dict[str, type[StreamItem]] = {m.event: m for m in (TextDelta, ToolUse, ToolResult)}
+class ModelFallback(BaseModel):
+    """``model_fallback``: the turn goes on with another model than the profile's (it was busy)."""
+
+    model_config = _ANSWER
+    event: ClassVar[str] = "model_fallback"
+
+    original_model: str
+    fallback_model: str
+    trigger: str
+
+
+StreamItem = TextDelta | ToolUse | ToolResult | ModelFallback
+STREAM_ITEMS: dict[str, type[StreamItem]] = {m.event: m for m in (TextDelta, ToolUse, ToolResult, ModelFallback)}
 
 
 def stream_items(event: CliEvent, preview_bytes: int) -> list[StreamItem]:
@@ -224,6 +236,9 @@ def stream_items(event: CliEvent, preview_bytes: int) -> list[StreamItem]:
         return [ToolUse.of(block, preview_bytes) for block in event.tool_uses()]
     if isinstance(event, UserEvent) and event.parent_tool_use_id is None:
         return [ToolResult.of(block, preview_bytes) for block in event.tool_results()]
+    if isinstance(event, SystemModelFallback):
+        return [ModelFallback(original_model=event.original_model, fallback_model=event.fallback_model,
+                              trigger=event.trigger)]
     return []
 
 

@@ -16,6 +16,7 @@ history never re-triggers them:
     [[chunk_delay_s:0.1]] pause between deltas
     [[stall]]          start the stream, send one delta, then never finish
     [[retry_after:7]]  with [[status:…]]: send ``retry-after: 7`` with the error
+    [[busy_model:M]]   answer 529 overloaded to requests for model M, as usual to any other
     [[ratelimit_remaining:N]] report N left of every kind of the account's limits (default: limit - 1)
     [[tool:Bash:CMD]]  answer ``stop_reason: "tool_use"`` with one ``tool_use`` block: tool ``Bash``,
                        input ``{"command": "CMD"}`` (another tool's argument is its input as a JSON
@@ -207,6 +208,8 @@ class FakeUpstream:
         plan = self.scripted.pop(0) if self.scripted else _directives(_last_user_text(body))
         if "delay_s" in plan:
             await asyncio.sleep(float(plan["delay_s"]))
+        if plan.get("busy_model") == rec.model:  # that model is overloaded; any other answers
+            plan = {**plan, "status": "529"}
         if "status" in plan:
             status = int(plan["status"])
             rec.status = status

@@ -59,7 +59,9 @@ async def test_a_frame_reusing_an_id_in_flight_then_cancel_ends_it_with_one_term
     ``fl``, and ``fl`` ends once."""
     d = await make_daemon(server={"max_frame_bytes": MAX_FRAME_BYTES})
     async with connect(d) as c:
-        await c.send(prompt("fl", "[[sleep:1]] " + "a long answer " * 4, stream=True))
+        # Long enough to be still in flight when the reusing frame lands, however loaded the machine
+        # (it is cancelled, so the test does not wait for it).
+        await c.send(prompt("fl", "[[sleep:8]] " + "a long answer " * 4, stream=True))
         assert (await c.read_until(lambda f: f["id"] == "fl"))["event"] == "delta"
         await c.send(reusing)
         refused = await c.read_until(lambda f: f["id"] != "fl")

@@ -207,6 +207,7 @@ class PromptService:
             cost_usd=admission.context.billed_cost_usd(result.cost_usd),
             duration_ms=round((time.monotonic() - started) * 1000, 3),
             queue_ms=round((trace.queue_s or 0.0) * 1000, 3),
+            model=result.model,
             **files_out(trace.files_back),
         )
 
@@ -221,7 +222,12 @@ class PromptService:
             ctx.session = record.id
             lease.context = ctx
             try:
-                return await self._drive(lease, admission, on_event, trace)
+                result = await self._drive(lease, admission, on_event, trace)
+                if admission.model_switch is not None:
+                    # A session keeps its worker (no reset between its turns): its next turn, unless
+                    # it asks again, runs on the profile's model.
+                    await lease.worker.set_model(admission.pool.profile.model)
+                return result
             except BaseException:
                 if not lease.worker.in_turn():
                     # The worker died mid-turn (an abandoned turn is still draining and will bill itself).
@@ -247,6 +253,11 @@ class PromptService:
         if admission.files and cwd is not None:
             lease.worker.dirty = True  # its workspace holds this tenant's files now: reset before anyone else's
             await to_the_end(write_files, cwd, admission.files)
+        if admission.model_switch is not None:
+            # Process settings survive /clear: marked dirty first, so the reset restores (and checks)
+            # the profile's model before anyone's next turn, even when this switch fails half-way.
+            lease.worker.dirty = True
+            await lease.worker.set_model(admission.model_switch)
         async for item in lease.run_turn(admission.request.prompt):
             if isinstance(item, TurnResult):
                 trace.result = item

@@ -222,12 +222,7 @@ class PromptService:
             ctx.session = record.id
             lease.context = ctx
             try:
-                result = await self._drive(lease, admission, on_event, trace)
-                if admission.model_switch is not None:
-                    # A session keeps its worker (no reset between its turns): its next turn, unless
-                    # it asks again, runs on the profile's model.
-                    await lease.worker.set_model(admission.pool.profile.model)
-                return result
+                return await self._drive(lease, admission, on_event, trace)
             except BaseException:
                 if not lease.worker.in_turn():
                     # The worker died mid-turn (an abandoned turn is still draining and will bill itself).
@@ -272,6 +267,11 @@ class PromptService:
                 if on_event is not None:
                     await on_event(out)
         assert trace.result is not None
+        if admission.model_switch is not None:
+            # Restored while the lease still holds the worker, so the call the CLI may make to check
+            # the model is the request's (a reset holds no lease: the gateway would refuse it). A
+            # session's next turn, which gets no reset, runs on the profile's model again.
+            await lease.worker.set_model(admission.pool.profile.model)
         if admission.request.return_files and cwd is not None:
             b = self.file_bounds
             trace.files_back = await to_the_end(functools.partial(

@@ -242,6 +242,10 @@ class Worker:
     def in_turn(self) -> bool:
         return self.state is WorkerState.BUSY
 
+    def in_model_switch(self) -> bool:
+        """A ``set_model`` is in flight: the CLI may make its one model call to check the model."""
+        return self._exchange.model_switching
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:

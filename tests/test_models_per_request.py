@@ -12,6 +12,7 @@ from claudepool.errors import ModelNotAllowed
 from claudepool.tenancy.models import ModelCatalog, ProfileModel, resolve_model
 from tests.daemon_fixtures import RunningDaemon, make_daemon
 from tests.test_sessions import call, new_session, say, sessions_config
+from tests.test_unix_api import connect, prompt
 
 __all__ = ["make_daemon"]
 
@@ -70,3 +71,14 @@ async def test_a_sessions_next_turn_runs_on_the_profiles_model(make_daemon: Make
     assert (status, body["model"]) == (200, FAKE_DEFAULT), body
     status, _ = await call(d, "DELETE", f"/v1/sessions/{session}")
     assert status == 204
+
+
+async def test_the_socket_takes_a_model_too(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(**config())
+    async with connect(d) as c:
+        await c.send(prompt("m1", "[[reply:hi]]", "acme", model="haiku"),
+                     prompt("m2", "[[reply:hi]]", "acme", model="sonnet"))
+        await c.until_terminals("m1", "m2")
+        grouped = c.by_id()
+    assert grouped["m1"][-1]["model"] == "claude-haiku-4-5"
+    assert (grouped["m2"][-1]["event"], grouped["m2"][-1]["code"]) == ("error", "model_not_allowed")

@@ -29,7 +29,7 @@ from claudepool.errors import ClaudepoolError, NotFound, PromptTooLarge
 from claudepool.frontdoor.anthropic_request import check_unsupported, parse, prompt_of
 from claudepool.frontdoor.errors import error_event, error_response, sse
 from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta
-from claudepool.tenancy.models import ModelCatalog, display_name, resolve_model
+from claudepool.tenancy.models import DEFAULT_MODEL, ModelCatalog, display_name, resolve_model
 from claudepool.tenancy.tenants import Tenant
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,11 @@ async def _messages(request: web.Request) -> web.StreamResponse:
             raise PromptTooLarge("request body too large") from None
         body = parse(raw)
         check_unsupported(body, api.catalog.system_prompt(tenant.profile))
+        # What message_start names, sent before the CLI reports the model in force: the model asked
+        # for, "default" meaning the profile's own.
         model, streaming = resolve_model(body.model), body.stream
+        if model == DEFAULT_MODEL:
+            model = api.catalog.profile_model(tenant.profile)
         return PromptRequest(prompt=prompt_of(body.messages), model=body.model, stream=body.stream)
 
     async def opened() -> web.StreamResponse:

@@ -161,8 +161,6 @@ class Exchange:
         self.context_tokens = 0
         # True once a prompt reached this conversation; cleared by a confirmed reset.
         self.dirty = False
-        # A set_model is in flight (the CLI may make a model call for it): see `set_model`.
-        self.model_switching = False
         # The process settings as started: what ``get_settings`` answers at start (model, effort, …)
         # and what the first ``system/init`` reports (permission mode, tools, output style, …). Each
         # reset must leave the process exactly so, or the worker is retired.
@@ -279,16 +277,8 @@ class Exchange:
         return {**applied, "effective": effective}
 
     async def set_model(self, model: str | None) -> str:
-        """Switch the model for the next turns (None: the CLI's default); returns the model in force.
-
-        The real CLI checks a model new to its process with one small model call (``max_tokens: 1``)
-        before it answers (measured on 2.1.328; None makes none): the gateway lets a leased worker
-        make it while this runs (`model_switching`), billed to the lease's request."""
-        self.model_switching = True
-        try:
-            body = await self._control("set_model", self.timeouts.reset_timeout_s, model=model)
-        finally:
-            self.model_switching = False
+        """Switch the model for the next turns (None: the CLI's default); returns the model in force."""
+        body = await self._control("set_model", self.timeouts.reset_timeout_s, model=model)  # may call the model
         resolved = (body.response or {}).get("model")
         if not isinstance(resolved, str):
             raise WorkerProtocolError(f"worker {self.id}: set_model answered no model")

@@ -87,6 +87,13 @@ class NotFound(RequestError):
     status = 404
 
 
+class ModelNotAllowed(RequestError):
+    """The request names a model its tenant may not use (not the profile's, nor in ``tenants.NAME.models``)."""
+
+    code = "model_not_allowed"
+    status = 400
+
+
 class PromptTooLarge(RequestError):
     """The prompt exceeds ``server.max_prompt_bytes``."""
 

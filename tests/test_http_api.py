@@ -18,7 +18,7 @@ __all__ = ["make_daemon"]
 
 MakeDaemon = Callable[..., Awaitable[RunningDaemon]]
 RESULT_FIELDS = {"id", "tenant", "session", "text", "is_error", "stop_reason", "usage", "cost_usd", "duration_ms",
-                 "queue_ms"}
+                 "queue_ms", "model"}
 
 
 def auth(tenant: str = "acme") -> dict[str, str]:

@@ -10,6 +10,7 @@ and says so when it cannot, instead of passing without having tested anything.""
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,8 @@ async def test_a_fork_bomb_is_held_to_max_processes(
 ) -> None:
     d = await daemon(make_daemon, real_claude, upstream, {"max_processes": 96}, {"max_processes": None})
     await d.idle(1, profile=profile)
-    bomb = ("for i in $(seq 200); do sleep 31.7 >/dev/null 2>&1 & done 2>/dev/null; "
+    seconds = sleep_of_its_own()
+    bomb = (f"for i in $(seq 200); do sleep {seconds} >/dev/null 2>&1 & done 2>/dev/null; "
             "echo procs=$(ps -e --no-headers | wc -l)")
     answer = await outcome(d, bomb, profile)
     if answer != "error:worker_died" or profile == "open":
@@ -79,11 +81,16 @@ async def test_a_fork_bomb_is_held_to_max_processes(
         procs = int(answer.rsplit("procs=", 1)[1].split()[0])
         assert procs < 96 if profile == "default" else procs > 200, answer
     await d.idle(1, profile=profile)  # reset (by the worker's process tree) or closed (with its cgroup)
-    assert not sleepers()
+    assert not sleepers(seconds)
 
 
-def sleepers() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "31.7"]]
+def sleep_of_its_own() -> str:
+    """A ``sleep`` argument no other test uses (tests run side by side): its processes are this test's."""
+    return f"600.{secrets.randbelow(10**6)}"
+
+
+def sleepers(seconds: str) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", seconds]]
 
 
 @pytest.mark.parametrize("profile", ["default", "open"])
@@ -147,7 +154,8 @@ async def test_a_tool_call_is_bounded_in_time_by_the_turn_watchdog(
     d = await daemon(make_daemon, real_claude, upstream, {}, {},
                      timeouts={"ready_timeout_s": 30, "turn_idle_timeout_s": watchdog_s, "interrupt_timeout_s": 2})
     await d.idle(1)
-    request = asyncio.create_task(outcome(d, "sleep 600.5; echo slept", "default"))
+    seconds = sleep_of_its_own()
+    request = asyncio.create_task(outcome(d, f"sleep {seconds}; echo slept", "default"))
     done, _ = await asyncio.wait([request], timeout=20)
     if watchdog_s < 20:
         assert done and request.result() == "error:turn_stalled", request.result()
@@ -155,4 +163,4 @@ async def test_a_tool_call_is_bounded_in_time_by_the_turn_watchdog(
         assert not done
         request.cancel()
     await d.idle(1)
-    assert not [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "600.5"]]
+    assert not sleepers(seconds)

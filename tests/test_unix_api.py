@@ -29,7 +29,7 @@ Frame = dict[str, Any]
 
 TERMINAL = frozenset({"result", "error"})
 RESULT_FIELDS = {"id", "event", "request_id", "tenant", "session", "text", "is_error", "stop_reason", "usage",
-                 "cost_usd", "duration_ms", "queue_ms"}
+                 "cost_usd", "duration_ms", "queue_ms", "model"}
 USAGE_FIELDS = {"input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"}
 
 

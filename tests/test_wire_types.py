@@ -38,6 +38,7 @@ PROMPT_FIELDS: dict[str, list[tuple[Any, bool]]] = {
     "prompt": [*WRONG_FOR_STR, (None, False)],
     "session": WRONG_FOR_OPTIONAL_STR,
     "profile": WRONG_FOR_OPTIONAL_STR,
+    "model": WRONG_FOR_OPTIONAL_STR,
     "stream": WRONG_FOR_BOOL,
     "timeout_s": WRONG_FOR_FLOAT,
     "priority": WRONG_FOR_LITERAL,

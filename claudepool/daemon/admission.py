@@ -37,6 +37,7 @@ from claudepool.sessions.manager import SessionManager
 from claudepool.store.base import Store
 from claudepool.tenancy.limits import RateLimiter
 from claudepool.tenancy.metering import RequestContext
+from claudepool.tenancy.models import ModelCatalog, ProfileModel
 from claudepool.tenancy.tenants import Tenant
 
 
@@ -89,6 +90,8 @@ class Admission:
     queue_slot: QueueSlot
     # The request's ``files``, decoded and checked: written into the workspace before the prompt.
     files: tuple[InputFile, ...] = ()
+    # The model to switch the worker to for this request (None: the profile's own).
+    model_switch: str | None = None
 
 
 class Gate:
@@ -101,6 +104,8 @@ class Gate:
         self.store = store
         self.limiter = limiter
         self.sessions = sessions
+        self.catalog = ModelCatalog({name: ProfileModel(pool.profile.model, pool.profile.system_prompt)
+                                     for name, pool in pools.items()})
         self._queued: Counter[str] = Counter()
 
     @property
@@ -124,6 +129,7 @@ class Gate:
             raise NotFound(f"unknown profile {profile!r}")
         if profile not in tenant.profiles:
             raise Forbidden(f"profile {profile!r} is not allowed for this tenant")
+        model_switch = self.catalog.switch_for(profile, tenant.models, request.model)
         size = len(request.prompt.encode())
         if size > self.limits.max_prompt_bytes:
             raise PromptTooLarge(f"prompt of {size} bytes exceeds the limit of {self.limits.max_prompt_bytes}")
@@ -137,7 +143,7 @@ class Gate:
             await self.limiter.check(tenant.name, requests_per_minute=tenant.requests_per_minute,
                                      tokens_per_minute=tenant.tokens_per_minute)
             pool = pools[profile]
-            model = pool.profile.model or "default"
+            model = model_switch or pool.profile.model or "default"
             timeout_s = min(request.timeout_s or self.limits.default_timeout_s, self.limits.max_timeout_s)
             if tenant.has_budget:
                 await self._check_budget(tenant)
@@ -146,7 +152,7 @@ class Gate:
             raise
         context = RequestContext(request_id=request_id, tenant=tenant.name, profile=profile, model=model,
                                  session=request.session)
-        return Admission(request_id, tenant, request, pool, timeout_s, context, slot, files)
+        return Admission(request_id, tenant, request, pool, timeout_s, context, slot, files, model_switch)
 
     async def _check_budget(self, tenant: Tenant) -> None:
         state = await self.store.budget(tenant.name)

@@ -243,7 +243,8 @@ class Daemon:
                 await pool.start()
                 loops.append(self._supervise(tg, f"pool-{name}-maintenance", pool.maintain))
             front = self.front_ends = await FrontEnds.start(self.facade, self.settings.server,
-                                                            shutdown_timeout_s=_HTTP_SHUTDOWN_TIMEOUT_S)
+                                                            shutdown_timeout_s=_HTTP_SHUTDOWN_TIMEOUT_S,
+                                                            messages=self.facade)
             self.listening.update(front.listening)
             where = " and ".join(f"{kind} {addr}" for kind, addr in self.listening.items()) or "nothing"
             print(f"claudepool: listening on {where}", flush=True)

@@ -29,6 +29,7 @@ from claudepool.protocol.wire import PromptRequest, PromptResult
 from claudepool.sessions import workspace_archive
 from claudepool.sessions.manager import SessionManager
 from claudepool.store.base import Store, UsageRecord, Window
+from claudepool.tenancy.models import ModelCatalog
 from claudepool.tenancy.tenants import Tenant, TenantRegistry
 
 
@@ -109,6 +110,11 @@ class Facade:
         except ClaudepoolError:
             tenant = None
         self._service.refused(exc, tenant=tenant)
+
+    @property
+    def catalog(self) -> ModelCatalog:
+        """The profiles' models and system prompts, and the checks of a request's ``model``."""
+        return self._service.gate.catalog
 
     # -- who the caller is -----------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from claudepool.daemon.notify import unset_environment
 from claudepool.daemon.rlimit import ensure_open_files
 from claudepool.daemon.unix_api import UnixFrontEnd
 from claudepool.errors import ConfigError
+from claudepool.frontdoor.anthropic_api import MessagesApi
 
 
 class FrontEnds:
@@ -34,7 +35,9 @@ class FrontEnds:
         self.listening = listening
 
     @classmethod
-    async def start(cls, api: Api, server: ServerSettings, *, shutdown_timeout_s: float) -> FrontEnds:
+    async def start(cls, api: Api, server: ServerSettings, *, shutdown_timeout_s: float,
+                    messages: MessagesApi | None = None) -> FrontEnds:
+        """``messages``: serve the Anthropic front door over HTTP too (the daemon's `Facade` is one)."""
         ensure_open_files(2 * server.max_connections)  # each front end admits max_connections
         adopted = inherited_sockets()
         # Both the notifier and socket activation have read their variables: no child may see them.
@@ -50,7 +53,7 @@ class FrontEnds:
                               body_timeout_s=server.body_timeout_s)
             runner = web.AppRunner(build_app(api, guard.middleware(), max_prompt_bytes=server.max_prompt_bytes,
                                              max_input_bytes=server.max_input_bytes,
-                                             cors_origins=server.cors_origins),
+                                             cors_origins=server.cors_origins, messages=messages),
                                    handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout_s,
                                    keepalive_timeout=server.keepalive_timeout_s)
             await runner.setup()

@@ -5,6 +5,8 @@
     GET  /readyz      warm capacity is available (503 while draining or a boot breaker is open)
     GET  /metrics     Prometheus text (the metrics or admin key, unless metrics.public)
     GET  /v1/pool     admin: every worker's state, pid, profile, turns, age, PSS; queue depths
+    POST /v1/messages, GET /v1/models   the Anthropic front door (`claudepool.frontdoor.anthropic_api`),
+                      with its own error shape
 
 Errors are ``{"error": {"code", "message"}}`` with the status of the `ClaudepoolError` raised, and
 ``Retry-After`` when retrying later makes sense. A streaming request's events are ``delta``,
@@ -33,6 +35,8 @@ from claudepool.daemon import cors
 from claudepool.daemon.admission import new_request_id
 from claudepool.daemon.facade import Api
 from claudepool.errors import BadRequest, ClaudepoolError, NotFound, PromptTooLarge, RequestError
+from claudepool.frontdoor import anthropic_api
+from claudepool.frontdoor import errors as anthropic_errors
 from claudepool.protocol.wire import (
     LedgerQuery,
     PromptRequest,
@@ -54,8 +58,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def build_app(api: Api, *middlewares: Middleware, max_prompt_bytes: int, max_input_bytes: int = 0,
-              cors_origins: Sequence[str] = ()) -> web.Application:
-    """``middlewares`` run inside the error mapping, so what they raise is answered like a handler's."""
+              cors_origins: Sequence[str] = (), messages: anthropic_api.MessagesApi | None = None) -> web.Application:
+    """``middlewares`` run inside the error mapping, so what they raise is answered like a handler's.
+    With ``messages``, the Anthropic front door (``/v1/messages``, ``/v1/models``) is served too."""
     app = web.Application(
         middlewares=[_errors, _refused_before_the_handler, *middlewares],
         # The body is a prompt, its input files as base64 (4 bytes per 3), and a small envelope;
@@ -76,6 +81,8 @@ def build_app(api: Api, *middlewares: Middleware, max_prompt_bytes: int, max_inp
     app.router.add_delete("/v1/sessions/{id}", _session_delete)
     app.router.add_get("/v1/sessions/{id}/files", _session_files)
     app.router.add_get("/v1/sessions/{id}/files/{path:.+}", _session_file)
+    if messages is not None:
+        anthropic_api.add_routes(app, messages)
     cors.enable(app, cors_origins)  # last: every route above answers its origins
     return app
 
@@ -102,11 +109,13 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ClaudepoolError as exc:
+        if anthropic_api.is_front_door(request.path):
+            return anthropic_errors.error_response(exc)
         return error_response(exc)
     except web.HTTPRequestEntityTooLarge:
-        return error_response(PromptTooLarge("request body too large"))
+        return _answer_error(request, PromptTooLarge("request body too large"))
     except web.HTTPNotFound:
-        return error_response(NotFound(f"no route {request.method} {request.path}"))
+        return _answer_error(request, NotFound(f"no route {request.method} {request.path}"))
     except web.HTTPMethodNotAllowed:
         return json_response({"error": {"code": "method_not_allowed", "message": f"{request.method} not allowed"}},
                              status=405)
@@ -114,7 +123,14 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(ClaudepoolError("internal error"))
+        return _answer_error(request, ClaudepoolError("internal error"))
+
+
+def _answer_error(request: web.Request, exc: ClaudepoolError) -> web.Response:
+    """``exc`` in the shape of the API ``request`` called: Anthropic's on its front door, else ours."""
+    if anthropic_api.is_front_door(request.path):
+        return anthropic_errors.error_response(exc)
+    return error_response(exc)
 
 
 _PROMPT_HANDLED: web.RequestKey[bool] = web.RequestKey("prompt_handled")
@@ -128,10 +144,11 @@ async def _refused_before_the_handler(request: web.Request, handler: Handler) ->
     try:
         return await handler(request)
     except (ClaudepoolError, web.HTTPRequestEntityTooLarge) as exc:
-        if request.path != "/v1/prompt" or request.get(_PROMPT_HANDLED):
+        if request.path not in ("/v1/prompt", "/v1/messages") or request.get(_PROMPT_HANDLED):
             raise
         refusal = PromptTooLarge("request body too large") if isinstance(exc, web.HTTPRequestEntityTooLarge) else exc
-        request.app[API].refused(refusal, key=bearer(request))
+        key = anthropic_api.api_key(request) if request.path == "/v1/messages" else bearer(request)
+        request.app[API].refused(refusal, key=key)
         raise refusal from None
 
 

@@ -208,6 +208,7 @@ class PromptService:
             duration_ms=round((time.monotonic() - started) * 1000, 3),
             queue_ms=round((trace.queue_s or 0.0) * 1000, 3),
             structured_output=result.structured_output,
+            model=result.model,
             **files_out(trace.files_back),
         )
 
@@ -248,6 +249,11 @@ class PromptService:
         if admission.files and cwd is not None:
             lease.worker.dirty = True  # its workspace holds this tenant's files now: reset before anyone else's
             await to_the_end(write_files, cwd, admission.files)
+        if admission.model_switch is not None:
+            # Process settings survive /clear: marked dirty first, so the reset restores (and checks)
+            # the profile's model before anyone's next turn, even when this switch fails half-way.
+            lease.worker.dirty = True
+            await lease.worker.set_model(admission.model_switch)
         async for item in lease.run_turn(admission.request.prompt):
             if isinstance(item, TurnResult):
                 trace.result = item
@@ -264,6 +270,11 @@ class PromptService:
                 if on_event is not None:
                     await on_event(out)
         assert trace.result is not None
+        if admission.model_switch is not None:
+            # Restored while the lease still holds the worker, so the call the CLI may make to check
+            # the model is the request's (a reset holds no lease: the gateway would refuse it). A
+            # session's next turn, which gets no reset, runs on the profile's model again.
+            await lease.worker.set_model(admission.pool.profile.model)
         if admission.request.return_files and cwd is not None:
             b = self.file_bounds
             trace.files_back = await to_the_end(functools.partial(

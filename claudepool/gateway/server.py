@@ -205,7 +205,7 @@ class Gateway:
         attribution = self._attribute(worker) if worker.is_alive() else None
         if attribution is None:
             raise NoLease(f"worker {worker.id} serves no request")
-        if not worker.in_turn():
+        if not (worker.in_turn() or worker.in_model_switch()):
             raise NotInTurn(f"worker {worker.id} runs no turn")
         upstream = self._upstreams.get(attribution.pool, self._default)
         if upstream is None:

@@ -83,10 +83,8 @@ class TurnResult:
     duration_ms: float
     context_tokens: int
     interrupted: bool = False
-    # The model that served the turn, as the CLI's system/init reported it ("" if it never said).
-    model: str = ""
-    # The profile's json_schema answer (``--json-schema``), None without one.
-    structured_output: Any = None
+    model: str = ""  # that served the turn, as the CLI's system/init said ("" if it never did)
+    structured_output: Any = None  # the profile's json_schema answer (``--json-schema``), else None
 
 
 class Transport(Protocol):
@@ -230,7 +228,7 @@ class Exchange:
             await self._drain(idle_timeout_s)
         except TimeoutError:
             stalled = TurnStalled(f"the worker did not take its prompt within {idle_timeout_s:g}s; killed")
-            self._poison(stalled, quiet=True)  # the watchdog's kill, as in `_on_stall`, not a crash
+            self.poison(stalled, quiet=True)  # the watchdog's kill, as in `_on_stall`, not a crash
             await self._kill()
             raise stalled from None
         text_parts: list[str] = []
@@ -245,7 +243,7 @@ class Exchange:
                 command = self._ran_command(event)
                 if command is not None:
                     ran = PromptRanAsCommand(f"worker {self.id}: the CLI ran the prompt as /{command}; retired")
-                    self._poison(ran)
+                    self.poison(ran)
                     raise ran
                 yield result
                 return
@@ -264,7 +262,7 @@ class Exchange:
         except (TimeoutError, WorkerError):
             stalled = TurnStalled(
                 f"no event for {idle_timeout_s:g}s and the interrupt was not confirmed; worker killed")
-            self._poison(stalled, quiet=True)  # recorded as the reason this worker is gone
+            self.poison(stalled, quiet=True)  # recorded as the reason this worker is gone
             await self._kill()
             raise stalled from None
         raise TurnStalled(f"no event for {idle_timeout_s:g}s; the turn was interrupted")
@@ -280,7 +278,7 @@ class Exchange:
 
     async def set_model(self, model: str | None) -> str:
         """Switch the model for the next turns (None: the CLI's default); returns the model in force."""
-        body = await self._control("set_model", self.timeouts.interrupt_timeout_s, model=model)
+        body = await self._control("set_model", self.timeouts.reset_timeout_s, model=model)  # may call the model
         resolved = (body.response or {}).get("model")
         if not isinstance(resolved, str):
             raise WorkerProtocolError(f"worker {self.id}: set_model answered no model")
@@ -336,14 +334,14 @@ class Exchange:
                         applied = await self._applied_settings()
         if not confirmed or event.is_error:
             failure = ResetFailed(f"worker {self.id}: /clear ended without a conversation_reset")
-            self._poison(failure)
+            self.poison(failure)
             raise failure
         # /clear's system/init was reported before the model was restored: get_settings checks that.
         changed = _changed(self.started_applied, applied) + [
             name for name in _changed(self.started_settings or {}, reported or {}) if name != "model"]
         if changed:
             failure = ResetFailed(f"worker {self.id}: process settings changed since start ({', '.join(changed)})")
-            self._poison(failure)
+            self.poison(failure)
             raise failure
         self._channel = None
         self._cost_baseline_usd = event.total_cost_usd
@@ -366,7 +364,7 @@ class Exchange:
             cancelled = isinstance(exc, asyncio.CancelledError)
             reason = "in time" if isinstance(exc, TimeoutError) else "(cancelled)" if cancelled else f"({exc!r})"
             failure = error(f"worker {self.id}: {what} {reason}")
-            self._poison(failure, quiet=cancelled)
+            self.poison(failure, quiet=cancelled)
             if cancelled:
                 raise
             raise failure from None
@@ -448,15 +446,15 @@ class Exchange:
                 if line.strip():
                     self._dispatch(parse_event(decode_object(line)))
             code = await self._transport.wait_exit(self.timeouts.exit_after_eof_timeout_s)
-            self._poison(WorkerDied(f"worker {self.id} exited with code {code}"))
+            self.poison(WorkerDied(f"worker {self.id} exited with code {code}"))
         except ProtocolError as exc:
             # A corrupt or oversize line: the stream can no longer be trusted to delimit turns.
             failure = WorkerProtocolError(f"worker {self.id}: {exc}")
             failure.__cause__ = exc
-            self._poison(failure)
+            self.poison(failure)
         except Exception as exc:
             log.exception("worker %s: event reader crashed", self.id)
-            self._poison(WorkerDied(f"worker {self.id}: event reader crashed: {exc!r}"))
+            self.poison(WorkerDied(f"worker {self.id}: event reader crashed: {exc!r}"))
 
     def _dispatch(self, event: CliEvent) -> None:
         if isinstance(event, ControlResponseEvent):
@@ -480,12 +478,9 @@ class Exchange:
         elif not isinstance(event, StreamEvent):
             log.debug("worker %s: %s event outside an exchange", self.id, event.type)
 
-    def fail(self, exc: WorkerError) -> None:
-        """Fail the worker from outside (it broke a bound): every waiter gets ``exc``, the pool closes it."""
-        self._poison(exc)
-
-    def _poison(self, exc: WorkerError, *, quiet: bool = False) -> None:
-        """Record the first failure and hand it to every waiter; the pool then closes the worker."""
+    def poison(self, exc: WorkerError, *, quiet: bool = False) -> None:
+        """Record the first failure and hand it to every waiter; the pool then closes the worker. Also
+        from outside, when the worker broke a bound (`claudepool.pool.confinement`)."""
         if self.failure is not None:
             return
         self.failure = exc

@@ -113,6 +113,7 @@ class Worker:
             on_failure=self._failed, ran_command=self._ran_command)
         self._exchange.last_active_at = self.created_at
         self._close_task: asyncio.Task[None] | None = None
+        self._model_switching = False
 
     def __repr__(self) -> str:
         pss = f"{self.pss_bytes / 2**20:.0f}MiB" if self.pss_bytes else "?"
@@ -242,6 +243,10 @@ class Worker:
     def in_turn(self) -> bool:
         return self.state is WorkerState.BUSY
 
+    def in_model_switch(self) -> bool:
+        """A ``set_model`` is in flight: the CLI may make its one model call to check the model."""
+        return self._model_switching
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -264,7 +269,7 @@ class Worker:
                 await self._exchange.handshake()
             if self._confinement is not None:
                 assert self._process.pid is not None and self._process.cwd is not None
-                self._confinement.ready(self._process.pid, home, tmp, self._process.cwd, self._exchange.fail)
+                self._confinement.ready(self._process.pid, home, tmp, self._process.cwd, self._exchange.poison)
         except BaseException as exc:
             await self.close(graceful=False)
             if isinstance(exc, asyncio.CancelledError):
@@ -353,7 +358,14 @@ class Worker:
 
     async def set_model(self, model: str | None) -> str:
         """Switch the model for the next turns (None: the CLI's default); returns the model in force."""
-        return await self._exchange.set_model(model)
+        # The real CLI (2.1.328) checks a model new to its process with one small model call
+        # (``max_tokens: 1``) before it answers; the gateway lets a leased worker make it meanwhile
+        # (`in_model_switch`), billed to the lease's request. The reset's own restore holds no lease.
+        self._model_switching = True
+        try:
+            return await self._exchange.set_model(model)
+        finally:
+            self._model_switching = False
 
     async def interrupt(self) -> None:
         """Ask the CLI to stop the running turn. Its ``result`` (``is_error``) still arrives through

@@ -77,6 +77,8 @@ class PromptRequest(BaseModel):
     prompt: str = Field(min_length=1)
     session: str | None = None
     profile: str | None = None
+    # A model other than the profile's (a full id or an alias), within the tenant's ``models``.
+    model: str | None = Field(default=None, min_length=1, max_length=256)
     stream: bool = False
     timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     # batch requests run only on capacity no interactive request is waiting for.
@@ -142,6 +144,8 @@ class PromptResult(BaseModel):
     cost_usd: float
     duration_ms: float
     queue_ms: float
+    # The model that served the turn, as the CLI reported it ("" if it did not say).
+    model: str = ""
     files: list[FileOut] | None = None
     files_omitted: list[OmittedFile] | None = None
     # A profile with a json_schema: the answer as that schema's JSON value (the CLI validated it).

@@ -19,6 +19,9 @@ class TenantSettings(BaseModel):
     profile: str = "default"
     # Defaults to [profile].
     profiles: list[str] | None = None
+    # Models a request may switch to (full ids or the aliases opus, sonnet, haiku), besides the
+    # profile's own; empty = only the profile's model, no switching.
+    models: list[str] = Field(default_factory=list)
     # Scheduling: share of the workers when several tenants wait, and bounds. 0 = unlimited.
     weight: float = Field(default=1.0, gt=0)
     max_concurrency: int = Field(default=0, ge=0)

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from claudepool.errors import Forbidden, Unauthorized
+from claudepool.tenancy.models import resolve_all
 from claudepool.tenancy.settings import TenantSettings
 
 _SHA256 = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
@@ -56,6 +57,8 @@ class Tenant:
     max_session_age_s: float | None = None
     max_session_context_tokens: int | None = None
     max_sessions: int | None = None
+    # Full model ids a request may switch to, besides its profile's own (aliases resolved).
+    models: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, name: str, settings: TenantSettings) -> Tenant:
@@ -67,7 +70,8 @@ class Tenant:
                    monthly_budget_usd=settings.monthly_budget_usd, budget_mode=settings.budget_mode,
                    soft_stop_fraction=settings.soft_stop_fraction, max_session_turns=settings.max_session_turns,
                    max_session_age_s=settings.max_session_age_s,
-                   max_session_context_tokens=settings.max_session_context_tokens, max_sessions=settings.max_sessions)
+                   max_session_context_tokens=settings.max_session_context_tokens, max_sessions=settings.max_sessions,
+                   models=resolve_all(settings.models))
 
     @property
     def has_budget(self) -> bool:

@@ -1,0 +1,217 @@
+"""``POST /v1/messages`` and ``GET /v1/models``: the Anthropic Messages API over the service path.
+
+A request is translated (`claudepool.frontdoor.anthropic_request`) into a `PromptRequest` and
+served by `MessagesApi.handle`, the same call ``/v1/prompt`` makes: one authentication, admission
+(limits, budgets, queue bounds), metering, log line and count per request. The answer is the
+``Message`` object, or with ``"stream": true`` the SSE sequence ``message_start``,
+``content_block_start``, ``ping``, ``content_block_delta`` (``text_delta``, as the CLI streams),
+``content_block_stop``, ``message_delta`` (stop_reason and usage), ``message_stop``. As on
+``/v1/prompt``, the stream opens with the first text, so a failure before it is a plain HTTP error
+with its status; after it, an SSE ``error`` event. Errors are in Anthropic's shape
+(`claudepool.frontdoor.errors`). Tool activity is not streamed here (``/v1/prompt`` shows it).
+
+``GET /v1/models`` lists what the caller's tenant may ask for: in the Anthropic shape when the
+request carries ``anthropic-version`` (the SDK always does), else in the OpenAI shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import orjson
+from aiohttp import web
+
+from claudepool.errors import ClaudepoolError, NotFound, PromptTooLarge
+from claudepool.frontdoor.anthropic_request import check_unsupported, parse, prompt_of
+from claudepool.frontdoor.errors import error_event, error_response, sse
+from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta
+from claudepool.tenancy.models import DEFAULT_MODEL, ModelCatalog, display_name, resolve_model
+from claudepool.tenancy.tenants import Tenant
+
+log = logging.getLogger(__name__)
+
+# Stop reasons the Messages API knows; anything else the CLI says ends as end_turn.
+_STOP_REASONS = frozenset({"end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_turn", "refusal"})
+# Model listings carry a creation date the daemon does not know: the epoch, said in README.
+_CREATED_AT = "1970-01-01T00:00:00Z"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class MessagesApi(Protocol):
+    """What the front door needs of the daemon (`claudepool.daemon.facade.Facade` has it)."""
+
+    async def handle(self, key: str | None, request: PromptRequest | Callable[[], Awaitable[PromptRequest]],
+                     on_event: Callable[[StreamItem], Awaitable[None]] | None = None, *,
+                     request_id: str | None = None) -> PromptResult: ...
+
+    def refused(self, exc: BaseException, *, key: str | None = None) -> None: ...
+
+    def authenticate(self, key: str | None) -> Tenant: ...
+
+    @property
+    def catalog(self) -> ModelCatalog: ...
+
+
+MESSAGES_API: web.AppKey[MessagesApi] = web.AppKey("messages_api")
+PATHS = ("/v1/messages", "/v1/models")
+
+
+def add_routes(app: web.Application, api: MessagesApi) -> None:
+    app[MESSAGES_API] = api
+    app.router.add_post("/v1/messages", _messages)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/models/{id}", _model)
+
+
+def is_front_door(path: str) -> bool:
+    """Whether ``path`` answers in Anthropic's error shape (also for what middlewares refuse)."""
+    return any(path == p or path.startswith(p + "/") for p in PATHS)
+
+
+def api_key(request: web.Request) -> str | None:
+    """``x-api-key`` (what the SDK sends), else a bearer token."""
+    key = request.headers.get("x-api-key", "").strip()
+    if key:
+        return key
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def message_id(request_id: str) -> str:
+    return f"msg_{request_id}"
+
+
+def usage_of(answer: PromptResult) -> dict[str, int]:
+    u = answer.usage
+    return {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
+            "cache_creation_input_tokens": u.cache_creation_input_tokens,
+            "cache_read_input_tokens": u.cache_read_input_tokens}
+
+
+def stop_reason_of(answer: PromptResult) -> str:
+    return answer.stop_reason if answer.stop_reason in _STOP_REASONS else "end_turn"
+
+
+def failed(answer: PromptResult) -> ClaudepoolError:
+    """A turn that ended in error (the CLI's model call failed after its retries)."""
+    return ClaudepoolError(f"the model call failed: {answer.text[:500]}")
+
+
+def message_of(answer: PromptResult, model: str) -> dict[str, Any]:
+    return {"id": message_id(answer.id), "type": "message", "role": "assistant",
+            "content": [{"type": "text", "text": answer.text}] if answer.text else [],
+            "model": answer.model or model, "stop_reason": stop_reason_of(answer), "stop_sequence": None,
+            "usage": usage_of(answer)}
+
+
+async def _messages(request: web.Request) -> web.StreamResponse:
+    api = request.app[MESSAGES_API]
+    key = api_key(request)
+    request_id = uuid.uuid4().hex
+    model = ""
+    streaming = False
+    stream: web.StreamResponse | None = None
+
+    async def read() -> PromptRequest:
+        nonlocal model, streaming
+        tenant = api.authenticate(key)  # handle has checked it: this only names the profile
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise PromptTooLarge("request body too large") from None
+        body = parse(raw)
+        check_unsupported(body, api.catalog.system_prompt(tenant.profile))
+        # What message_start names, sent before the CLI reports the model in force: the model asked
+        # for, "default" meaning the profile's own.
+        model, streaming = resolve_model(body.model), body.stream
+        if model == DEFAULT_MODEL:
+            model = api.catalog.profile_model(tenant.profile)
+        return PromptRequest(prompt=prompt_of(body.messages), model=body.model, stream=body.stream)
+
+    async def opened() -> web.StreamResponse:
+        nonlocal stream
+        if stream is None:
+            stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                                 "request-id": request_id})
+            await stream.prepare(request)
+            await stream.write(
+                sse("message_start", {"type": "message_start", "message": {
+                    "id": message_id(request_id), "type": "message", "role": "assistant", "content": [],
+                    "model": model, "stop_reason": None, "stop_sequence": None,
+                    "usage": {"input_tokens": 0, "output_tokens": 0}}})
+                + sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                              "content_block": {"type": "text", "text": ""}})
+                + sse("ping", {"type": "ping"}))
+        return stream
+
+    async def on_event(item: StreamItem) -> None:  # called only when the request asked for a stream
+        if isinstance(item, TextDelta) and item.text:
+            await (await opened()).write(sse("content_block_delta", {
+                "type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": item.text}}))
+
+    try:
+        answer = await api.handle(key, read, on_event, request_id=request_id)
+        if answer.is_error:
+            raise failed(answer)
+    except Exception as exc:
+        if not isinstance(exc, ClaudepoolError):
+            if stream is not None and isinstance(exc, ConnectionResetError):
+                return stream  # the client left: nothing to tell anyone
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            exc = ClaudepoolError("internal error")
+        if stream is None:
+            return error_response(exc, request_id)
+        with contextlib.suppress(ConnectionResetError):
+            await stream.write(error_event(exc))
+            await stream.write_eof()
+        return stream
+    if not streaming:
+        return web.Response(body=orjson.dumps(message_of(answer, model)), content_type="application/json",
+                            headers={"request-id": request_id})
+    out = await opened()
+    with contextlib.suppress(ConnectionResetError):
+        await out.write(
+            sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+            + sse("message_delta", {"type": "message_delta",
+                                    "delta": {"stop_reason": stop_reason_of(answer), "stop_sequence": None},
+                                    "usage": usage_of(answer)})
+            + sse("message_stop", {"type": "message_stop"}))
+        await out.write_eof()
+    return out
+
+
+def _listed(request: web.Request) -> tuple[bool, list[str]]:
+    api = request.app[MESSAGES_API]
+    tenant = api.authenticate(api_key(request))
+    return "anthropic-version" in request.headers, api.catalog.allowed(tenant.profile, tenant.models)
+
+
+def _anthropic_model(model: str) -> dict[str, Any]:
+    return {"type": "model", "id": model, "display_name": display_name(model), "created_at": _CREATED_AT}
+
+
+def _openai_model(model: str) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": "anthropic"}
+
+
+async def _models(request: web.Request) -> web.Response:
+    anthropic, models = _listed(request)
+    if anthropic:
+        body: dict[str, Any] = {"data": [_anthropic_model(m) for m in models], "has_more": False,
+                                "first_id": models[0] if models else None, "last_id": models[-1] if models else None}
+    else:
+        body = {"object": "list", "data": [_openai_model(m) for m in models]}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+async def _model(request: web.Request) -> web.Response:
+    anthropic, models = _listed(request)
+    wanted = resolve_model(request.match_info["id"])
+    if wanted not in models:
+        raise NotFound(f"model {request.match_info['id']!r} is not available to this tenant")
+    body = _anthropic_model(wanted) if anthropic else _openai_model(wanted)
+    return web.Response(body=orjson.dumps(body), content_type="application/json")

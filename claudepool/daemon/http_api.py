@@ -35,7 +35,7 @@ from claudepool.daemon import cors
 from claudepool.daemon.admission import new_request_id
 from claudepool.daemon.facade import Api
 from claudepool.errors import BadRequest, ClaudepoolError, NotFound, PromptTooLarge, RequestError
-from claudepool.frontdoor import anthropic_api
+from claudepool.frontdoor import anthropic_api, openai_api
 from claudepool.frontdoor import errors as anthropic_errors
 from claudepool.protocol.wire import (
     LedgerQuery,
@@ -60,7 +60,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def build_app(api: Api, *middlewares: Middleware, max_prompt_bytes: int, max_input_bytes: int = 0,
               cors_origins: Sequence[str] = (), messages: anthropic_api.MessagesApi | None = None) -> web.Application:
     """``middlewares`` run inside the error mapping, so what they raise is answered like a handler's.
-    With ``messages``, the Anthropic front door (``/v1/messages``, ``/v1/models``) is served too."""
+    With ``messages``, the Anthropic and OpenAI front doors (``/v1/messages``, ``/v1/models``,
+    ``/v1/chat/completions``) are served too."""
     app = web.Application(
         middlewares=[_errors, _refused_before_the_handler, *middlewares],
         # The body is a prompt, its input files as base64 (4 bytes per 3), and a small envelope;
@@ -83,6 +84,7 @@ def build_app(api: Api, *middlewares: Middleware, max_prompt_bytes: int, max_inp
     app.router.add_get("/v1/sessions/{id}/files/{path:.+}", _session_file)
     if messages is not None:
         anthropic_api.add_routes(app, messages)
+        openai_api.add_routes(app, messages)
     cors.enable(app, cors_origins)  # last: every route above answers its origins
     return app
 
@@ -109,9 +111,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ClaudepoolError as exc:
-        if anthropic_api.is_front_door(request.path):
-            return anthropic_errors.error_response(exc)
-        return error_response(exc)
+        return _answer_error(request, exc)
     except web.HTTPRequestEntityTooLarge:
         return _answer_error(request, PromptTooLarge("request body too large"))
     except web.HTTPNotFound:
@@ -127,9 +127,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _answer_error(request: web.Request, exc: ClaudepoolError) -> web.Response:
-    """``exc`` in the shape of the API ``request`` called: Anthropic's on its front door, else ours."""
+    """``exc`` in the shape of the API ``request`` called: Anthropic's or OpenAI's on their front
+    doors, else ours."""
     if anthropic_api.is_front_door(request.path):
         return anthropic_errors.error_response(exc)
+    if request.path == openai_api.PATH:
+        return openai_api.error_response(exc)
     return error_response(exc)
 
 
@@ -144,7 +147,7 @@ async def _refused_before_the_handler(request: web.Request, handler: Handler) ->
     try:
         return await handler(request)
     except (ClaudepoolError, web.HTTPRequestEntityTooLarge) as exc:
-        if request.path not in ("/v1/prompt", "/v1/messages") or request.get(_PROMPT_HANDLED):
+        if request.path not in ("/v1/prompt", "/v1/messages", openai_api.PATH) or request.get(_PROMPT_HANDLED):
             raise
         refusal = PromptTooLarge("request body too large") if isinstance(exc, web.HTTPRequestEntityTooLarge) else exc
         key = anthropic_api.api_key(request) if request.path == "/v1/messages" else bearer(request)

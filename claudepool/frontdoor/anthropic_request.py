@@ -23,10 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from claudepool.errors import BadRequest
-
-_TEXT_MARKER = {"user": "[user]", "assistant": "[assistant]"}
-_FLATTENED_HEAD = ("(The conversation so far, oldest first; each message follows its role marker. "
-                   "Answer the last user message.)")
+from claudepool.frontdoor.history import flatten
 
 
 class TextBlock(BaseModel):
@@ -103,16 +100,5 @@ def check_unsupported(body: MessagesRequest, profile_system_prompt: str | None) 
 
 
 def prompt_of(messages: list[Message]) -> str:
-    """The one prompt the history becomes: the last user message alone, or the whole history
-    flattened with role markers (interim, until conversations are recognised)."""
-    if messages[-1].role != "user":
-        raise BadRequest("the last message must be the user's (assistant prefill is not supported)")
-    texts = [blocks_text(m.content, f"messages.{i}.content") for i, m in enumerate(messages)]
-    if not texts[-1].strip():
-        raise BadRequest("the last user message is empty")
-    if len(messages) == 1:
-        return texts[0]
-    lines = [_FLATTENED_HEAD]
-    for message, text in zip(messages, texts, strict=True):
-        lines.append(f"{_TEXT_MARKER[message.role]}\n{text}")
-    return "\n\n".join(lines)
+    """The one prompt the history becomes (`claudepool.frontdoor.history`)."""
+    return flatten([(m.role, blocks_text(m.content, f"messages.{i}.content")) for i, m in enumerate(messages)])

@@ -1,0 +1,120 @@
+"""A Chat Completions request (``POST /v1/chat/completions``) read and turned into one prompt.
+
+The documented rules (README, "OpenAI Chat Completions API"):
+
+* ``messages``: ``system``/``developer``, ``user`` and ``assistant`` messages with string content
+  or text parts. The history becomes one prompt (`claudepool.frontdoor.history`); image, audio
+  and file parts, ``tool`` messages and assistant ``tool_calls`` are refused (400).
+* ``system`` and ``developer`` messages: only when their text equals the profile's system prompt
+  (the CLI fixes it at spawn; per-request system prompts are not supported yet), else 400.
+* ``n`` must be 1; ``stop``, ``tools``, ``tool_choice``, ``functions``, ``function_call``,
+  ``response_format`` other than text, ``logprobs`` and ``audio`` are refused; ``max_tokens`` and
+  ``max_completion_tokens`` are checked (≥ 1) but do not bound the CLI's own calls; the sampling
+  and bookkeeping fields (``temperature``, ``top_p``, ``presence_penalty``, ``frequency_penalty``,
+  ``seed``, ``user``, ``metadata``, ``store``, ``service_tier``, ``parallel_tool_calls``) are
+  ignored. Any other field is refused by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from claudepool.errors import BadRequest
+from claudepool.frontdoor.history import Role, flatten
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, refusal, …: refused below if they matter
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+    seed: int | None = None
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+
+
+def parse(raw: bytes) -> ChatRequest:
+    """The body as a `ChatRequest`, or `BadRequest` naming what is wrong (never a value)."""
+    try:
+        return ChatRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise BadRequest(f"{where}: {first['msg']}") from None
+
+
+def parts_text(content: str | list[dict[str, Any]] | None, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for index, part in enumerate(content):
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise BadRequest(f"{where}.{index}: {part.get('type')!r} parts are not supported (text only)")
+        texts.append(part["text"])
+    return "\n\n".join(texts)
+
+
+def prompt_of(body: ChatRequest, profile_system_prompt: str | None) -> str:
+    """Refuse what the CLI cannot honour (see the module's rules); the prompt the history becomes."""
+    if body.n != 1:
+        raise BadRequest("n must be 1: one worker gives one answer")
+    refused = {"stop": body.stop, "tools": body.tools, "tool_choice": body.tool_choice, "functions": body.functions,
+               "function_call": body.function_call, "logprobs": body.logprobs, "audio": body.audio}
+    named = sorted(name for name, value in refused.items() if value)
+    if named:
+        raise BadRequest(f"{', '.join(named)}: not supported (the profile decides the agent's tools and the "
+                         "CLI runs its own model calls)")
+    if body.response_format is not None and body.response_format.get("type") != "text":
+        raise BadRequest("response_format: only text (a profile's json_schema gives structured output)")
+    turns: list[tuple[Role, str]] = []
+    for index, message in enumerate(body.messages):
+        where = f"messages.{index}"
+        if message.role in ("tool", "function") or message.tool_calls:
+            raise BadRequest(f"{where}: tool messages and tool calls are not supported")
+        text = parts_text(message.content, f"{where}.content")
+        if message.role in ("system", "developer"):
+            if text != (profile_system_prompt or ""):
+                raise BadRequest(f"{where}: per-request system prompts are not supported yet: send none, or "
+                                 "exactly the profile's own")
+            continue
+        turns.append(("user" if message.role == "user" else "assistant", text))
+    return flatten(turns)

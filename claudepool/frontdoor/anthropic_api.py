@@ -25,9 +25,10 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from claudepool.errors import ClaudepoolError, NotFound, PromptTooLarge
-from claudepool.frontdoor.anthropic_request import check_unsupported, parse, prompt_of
+from claudepool.errors import NotFound
+from claudepool.frontdoor.anthropic_request import MessagesRequest, check_unsupported, prompt_of
 from claudepool.frontdoor.errors import error_event, error_response, sse
+from claudepool.frontdoor.serving import parse, read_body, serve
 from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta
 from claudepool.tenancy.models import DEFAULT_MODEL, ModelCatalog, display_name, resolve_model
 from claudepool.tenancy.tenants import Tenant
@@ -96,11 +97,6 @@ def stop_reason_of(answer: PromptResult) -> str:
     return answer.stop_reason if answer.stop_reason in _STOP_REASONS else "end_turn"
 
 
-def failed(answer: PromptResult) -> ClaudepoolError:
-    """A turn that ended in error (the CLI's model call failed after its retries)."""
-    return ClaudepoolError(f"the model call failed: {answer.text[:500]}")
-
-
 def message_of(answer: PromptResult, model: str) -> dict[str, Any]:
     return {"id": message_id(answer.id), "type": "message", "role": "assistant",
             "content": [{"type": "text", "text": answer.text}] if answer.text else [],
@@ -119,11 +115,7 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     async def read() -> PromptRequest:
         nonlocal model, streaming
         tenant = api.authenticate(key)  # handle has checked it: this only names the profile
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise PromptTooLarge("request body too large") from None
-        body = parse(raw)
+        body = parse(MessagesRequest, await read_body(request))
         check_unsupported(body, api.catalog.system_prompt(tenant.profile))
         # What message_start names, sent before the CLI reports the model in force: the model asked
         # for, "default" meaning the profile's own.
@@ -153,22 +145,10 @@ async def _messages(request: web.Request) -> web.StreamResponse:
             await (await opened()).write(sse("content_block_delta", {
                 "type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": item.text}}))
 
-    try:
-        answer = await api.handle(key, read, on_event, request_id=request_id)
-        if answer.is_error:
-            raise failed(answer)
-    except Exception as exc:
-        if not isinstance(exc, ClaudepoolError):
-            if stream is not None and isinstance(exc, ConnectionResetError):
-                return stream  # the client left: nothing to tell anyone
-            log.exception("unhandled error in %s %s", request.method, request.path)
-            exc = ClaudepoolError("internal error")
-        if stream is None:
-            return error_response(exc, request_id)
-        with contextlib.suppress(ConnectionResetError):
-            await stream.write(error_event(exc))
-            await stream.write_eof()
-        return stream
+    answer = await serve(request, api.handle, key, read, on_event, request_id, stream=lambda: stream,
+                         error_response=error_response, error_in_stream=error_event)
+    if not isinstance(answer, PromptResult):
+        return answer
     if not streaming:
         return web.Response(body=orjson.dumps(message_of(answer, model)), content_type="application/json",
                             headers={"request-id": request_id})

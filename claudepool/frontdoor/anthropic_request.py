@@ -60,16 +60,6 @@ class MessagesRequest(BaseModel):
     tool_choice: dict[str, Any] | None = None
 
 
-def parse(raw: bytes) -> MessagesRequest:
-    """The body as a `MessagesRequest`, or `BadRequest` naming what is wrong (never a value)."""
-    try:
-        return MessagesRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise BadRequest(f"{where}: {first['msg']}") from None
-
-
 def blocks_text(content: str | list[dict[str, Any]], where: str) -> str:
     """The text of a string or of text blocks; `BadRequest` for any other kind of block."""
     if isinstance(content, str):

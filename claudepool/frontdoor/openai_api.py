@@ -26,9 +26,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from claudepool.errors import BudgetExhausted, ClaudepoolError, ModelNotAllowed, PromptTooLarge, Unauthorized
-from claudepool.frontdoor.anthropic_api import MESSAGES_API, MessagesApi, failed
-from claudepool.frontdoor.openai_request import parse, prompt_of
+from claudepool.errors import BudgetExhausted, ClaudepoolError, ModelNotAllowed, Unauthorized
+from claudepool.frontdoor.anthropic_api import MESSAGES_API, MessagesApi
+from claudepool.frontdoor.openai_request import ChatRequest, prompt_of
+from claudepool.frontdoor.serving import parse, read_body, serve
 from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta
 from claudepool.tenancy.models import DEFAULT_MODEL, resolve_model
 
@@ -89,11 +90,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     async def read() -> PromptRequest:
         nonlocal model, streaming, include_usage
         tenant = api.authenticate(key)  # handle has checked it: this only names the profile
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise PromptTooLarge("request body too large") from None
-        body = parse(raw)
+        body = parse(ChatRequest, await read_body(request))
         prompt = prompt_of(body, api.catalog.system_prompt(tenant.profile))
         model, streaming = resolve_model(body.model), body.stream
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -118,22 +115,11 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         if isinstance(item, TextDelta) and item.text:
             await (await opened()).write(_data(chunk({"content": item.text})))
 
-    try:
-        answer = await api.handle(key, read, on_event, request_id=request_id)
-        if answer.is_error:
-            raise failed(answer)
-    except Exception as exc:
-        if not isinstance(exc, ClaudepoolError):
-            if stream is not None and isinstance(exc, ConnectionResetError):
-                return stream  # the client left: nothing to tell anyone
-            log.exception("unhandled error in %s %s", request.method, request.path)
-            exc = ClaudepoolError("internal error")
-        if stream is None:
-            return error_response(exc, request_id)
-        with contextlib.suppress(ConnectionResetError):  # the SDK raises an error chunk as APIError
-            await stream.write(_data(openai_error(exc)[1]))
-            await stream.write_eof()
-        return stream
+    # The SDK raises an error chunk in the stream as APIError.
+    answer = await serve(request, api.handle, key, read, on_event, request_id, stream=lambda: stream,
+                         error_response=error_response, error_in_stream=lambda exc: _data(openai_error(exc)[1]))
+    if not isinstance(answer, PromptResult):
+        return answer
     finish = _FINISH.get(answer.stop_reason or "", "stop")
     if not streaming:
         body = {"id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": created,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from claudepool.errors import BadRequest
 from claudepool.frontdoor.history import Role, flatten
@@ -70,16 +70,6 @@ class ChatRequest(BaseModel):
     store: bool | None = None
     service_tier: str | None = None
     parallel_tool_calls: bool | None = None
-
-
-def parse(raw: bytes) -> ChatRequest:
-    """The body as a `ChatRequest`, or `BadRequest` naming what is wrong (never a value)."""
-    try:
-        return ChatRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise BadRequest(f"{where}: {first['msg']}") from None
 
 
 def parts_text(content: str | list[dict[str, Any]] | None, where: str) -> str:

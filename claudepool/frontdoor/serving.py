@@ -1,0 +1,71 @@
+"""What both front doors do alike around one request: read and parse its body, and run it through
+the service path, turning whatever fails into the front door's own error answer: a plain HTTP
+error before the stream opened, an error in the stream after."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from claudepool.errors import BadRequest, ClaudepoolError, PromptTooLarge
+from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PromptTooLarge("request body too large") from None
+
+
+def parse(model: type[M], raw: bytes) -> M:
+    """The body as ``model``, or `BadRequest` naming what is wrong (never a value)."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise BadRequest(f"{where}: {first['msg']}") from None
+
+
+def failed(answer: PromptResult) -> ClaudepoolError:
+    """A turn that ended in error (the CLI's model call failed after its retries)."""
+    return ClaudepoolError(f"the model call failed: {answer.text[:500]}")
+
+
+Handle = Callable[..., Awaitable[PromptResult]]
+
+
+async def serve(request: web.Request, handle: Handle, key: str | None, read: Callable[[], Awaitable[PromptRequest]],
+                on_event: Callable[[StreamItem], Awaitable[None]], request_id: str, *,
+                stream: Callable[[], web.StreamResponse | None],
+                error_response: Callable[[ClaudepoolError, str], web.Response],
+                error_in_stream: Callable[[ClaudepoolError], bytes]) -> PromptResult | web.StreamResponse:
+    """The answer, or the response that already told the client why there is none."""
+    try:
+        answer = await handle(key, read, on_event, request_id=request_id)
+        if answer.is_error:
+            raise failed(answer)
+        return answer
+    except Exception as exc:
+        opened = stream()
+        if not isinstance(exc, ClaudepoolError):
+            if opened is not None and isinstance(exc, ConnectionResetError):
+                return opened  # the client left: nothing to tell anyone
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            exc = ClaudepoolError("internal error")
+        if opened is None:
+            return error_response(exc, request_id)
+        with contextlib.suppress(ConnectionResetError):
+            await opened.write(error_in_stream(exc))
+            await opened.write_eof()
+        return opened

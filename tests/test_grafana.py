@@ -50,7 +50,7 @@ ROWS: dict[str, set[str]] = {
     "Sessions": {"Active sessions", "Session events per minute", "Transcript disk use"},
     "Gateway": {"Model calls per second by outcome", "Gateway refusals per second by reason",
                 "Model call duration p95", "Provider account rate-limit utilisation",
-                "Provider 429 and 529 per second by account"},
+                "Provider 429 and 529 per second by account", "Model fallbacks per minute by profile"},
     "Sandbox": {"Egress refusals per second by reason", "Egress connections per second by kind",
                 "Egress throughput by direction", "Workers closed by a sandbox bound per minute"},
 }
@@ -427,7 +427,9 @@ async def test_every_metric_used_is_exported_by_a_real_daemon(make_daemon: MakeD
 # Series that exist only once their label value has been seen: a model is known when it first answers;
 # the provider reports its account's limits (and which kinds it has) only in its answers, and a 0 before
 # that would read "unused" when it is unknown. Their 429/529 counts do start at 0 for every account.
-SEEN_ONLY = {"claudepool_tokens_total", "claudepool_cost_usd_total", "claudepool_upstream_ratelimit_utilisation"}
+# A fallback is counted by the trigger the CLI names, known only once it has fallen back.
+SEEN_ONLY = {"claudepool_tokens_total", "claudepool_cost_usd_total", "claudepool_upstream_ratelimit_utilisation",
+             "claudepool_model_fallbacks_total"}
 
 
 async def test_every_series_the_dashboard_uses_has_a_sample_at_start(make_daemon: MakeDaemon) -> None:

@@ -55,6 +55,14 @@ def _empty(directory: Path, keep: frozenset[str] = frozenset()) -> int:
     return removed
 
 
+def _wait_gone(pids: list[int], timeout_s: float) -> None:
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            procs.append(psutil.Process(pid))
+    psutil.wait_procs(procs, timeout=timeout_s)
+
+
 class Workspace:
     def __init__(self, home: Path, tmp: Path, cwd: Path) -> None:
         self._home, self._tmp, self._cwd = home, tmp, cwd
@@ -79,6 +87,9 @@ class Workspace:
                 os.kill(stray, signal.SIGKILL)
         self.killed += len(strays)
         async with asyncio.timeout(timeout_s):
+            # Killed is not gone: a killed process runs until it exits, and the next lease must not
+            # see it (nor it, the next lease's files).
+            await asyncio.to_thread(_wait_gone, strays, timeout_s)
             removed = await asyncio.to_thread(self._remove_files)
         if strays or removed:
             log.info("workspace cleaned", extra={"fields": {"processes": len(strays), "entries": removed}})

@@ -238,13 +238,17 @@ async def test_the_next_tenant_finds_no_file_and_no_process_of_the_last_lease(
     d = await daemon(make_daemon, real_claude, upstream, tmp_path, profiles={
         "default": {**BASH, **one_worker}, "open": {**BASH, "sandbox": False, **one_worker},
         "lean": {"min_idle": 0}, "other": {"min_idle": 0}})
+    # Also deep in HOME, where the CLI keeps its own state (and a large tool output: A's data too).
     leave = ("echo A-SECRET-551 > left.txt; echo A-SECRET-551 > $TMPDIR/t.txt; echo A-SECRET-551 > $HOME/h.txt; "
+             "echo A-SECRET-551 > $HOME/.claude/deep.txt; "
+             "mkdir -p $HOME/.claude/projects/x && echo A-SECRET-551 > $HOME/.claude/projects/x/out.txt; "
              "(sleep 611 &); setsid nohup sleep 622 >/dev/null 2>&1 & echo left")
     assert "left" in await run_tool(d, leave, profile, tenant="acme")
     await d.idle(1, profile=profile)  # acme's lease is over and the worker reset
     before = len(upstream.requests)
     # Only the sleeps' lines: a busy host's whole process list is past what the CLI shows inline.
-    seen = await run_tool(d, "cat left.txt $TMPDIR/t.txt $HOME/h.txt 2>&1; ps -eo args= | grep -E '^sleep 6'",
+    seen = await run_tool(d, "cat left.txt $TMPDIR/t.txt $HOME/h.txt 2>&1; grep -rh A-SECRET $HOME 2>/dev/null; "
+                          "ps -eo args= | grep -E '^sleep 6'",
                           profile, tenant="beta")
     worker = d.pool(profile).workers()[0]
     # What beta's turn sent the provider: acme's marker there would be one tenant's data in another's context.

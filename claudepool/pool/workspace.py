@@ -7,7 +7,8 @@ tree, read from the host, holds every process any lease ever started there, ``se
 process group would not: ``setsid`` leaves it). `Workspace.snapshot` notes the processes and HOME
 entries the worker has once ready (its init, the CLI, the gateway relay; the CLI's own files);
 `Workspace.clean`, run by the reset, SIGKILLs every other process of the tree, then empties the cwd
-and TMPDIR and removes the HOME entries that were not there at the snapshot.
+and TMPDIR and removes whatever under HOME was not there at the snapshot, at any depth, and the CLI's
+per-project state (transcripts, large tool outputs) whatever it was.
 """
 
 from __future__ import annotations
@@ -55,6 +56,48 @@ def _empty(directory: Path, keep: frozenset[str] = frozenset()) -> int:
     return removed
 
 
+# The CLI's per-project state under HOME: transcripts, and the outputs of tools too large to show
+# inline (``tool-results/``), all of them a lease's own data: never kept from one lease to the next,
+# not even what was there at the snapshot (a resumed conversation's transcript, placed at spawn).
+_LEASE_STATE = (".claude", "projects")
+
+
+def _home_paths(home: Path) -> frozenset[str]:
+    """Every path under ``home`` (relative, links not followed), but those of `_LEASE_STATE`."""
+    paths: set[str] = set()
+    for root, dirs, files in os.walk(home):
+        relative = Path(root).relative_to(home)
+        if relative.parts[:2] == _LEASE_STATE:
+            dirs.clear()
+            continue
+        paths.update(str(relative / name) for name in (*dirs, *files))
+    return frozenset(paths)
+
+
+def _remove_new(home: Path, kept: frozenset[str]) -> int:
+    """Remove what ``home`` holds beyond ``kept`` (a lease's files, at any depth); how many went."""
+    removed = 0
+    for root, dirs, files in os.walk(home, topdown=True):
+        relative = Path(root).relative_to(home)
+        for name in files:
+            if str(relative / name) not in kept:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(root, name))
+                removed += 1
+        for name in list(dirs):
+            path, new = os.path.join(root, name), str(relative / name) not in kept
+            link = os.path.islink(path)
+            if new or link:
+                dirs.remove(name)  # not walked into: a new directory goes whole, a link is not followed
+            if new and link:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            elif new:
+                shutil.rmtree(path, ignore_errors=True)
+            removed += new
+    return removed
+
+
 def _wait_gone(pids: list[int], timeout_s: float) -> None:
     procs = []
     for pid in pids:
@@ -67,13 +110,13 @@ class Workspace:
     def __init__(self, home: Path, tmp: Path, cwd: Path) -> None:
         self._home, self._tmp, self._cwd = home, tmp, cwd
         self._kept: dict[int, float] = {}
-        self._home_entries: frozenset[str] = frozenset()
+        self._home_paths: frozenset[str] = frozenset()
         self.killed = 0  # processes leases left behind, over the worker's life
 
     def snapshot(self, pid: int) -> None:
         """What the worker itself is made of, once ready: kept by every `clean`."""
         self._kept = _tree(pid)
-        self._home_entries = frozenset(os.listdir(self._home))
+        self._home_paths = _home_paths(self._home)
 
     def strays(self, pid: int) -> list[int]:
         """The processes of the worker's tree that it did not have when it became ready."""
@@ -95,7 +138,7 @@ class Workspace:
             log.info("workspace cleaned", extra={"fields": {"processes": len(strays), "entries": removed}})
 
     def _remove_files(self) -> int:
-        return _empty(self._cwd) + _empty(self._tmp) + _empty(self._home, self._home_entries)
+        return _empty(self._cwd) + _empty(self._tmp) + _remove_new(self._home, self._home_paths)
 
 
 async def empty_cwd(cwd: Path, timeout_s: float) -> None:

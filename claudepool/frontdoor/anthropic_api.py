@@ -17,7 +17,6 @@ request carries ``anthropic-version`` (the SDK always does), else in the OpenAI 
 from __future__ import annotations
 
 import contextlib
-import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -32,8 +31,6 @@ from claudepool.frontdoor.serving import parse, read_body, serve
 from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta
 from claudepool.tenancy.models import DEFAULT_MODEL, ModelCatalog, display_name, resolve_model
 from claudepool.tenancy.tenants import Tenant
-
-log = logging.getLogger(__name__)
 
 # Stop reasons the Messages API knows; anything else the CLI says ends as end_turn.
 _STOP_REASONS = frozenset({"end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_turn", "refusal"})

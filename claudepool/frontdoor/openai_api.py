@@ -17,7 +17,6 @@ statuses; two change on the way, as OpenAI answers them: a spent budget is 429
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import time
 import uuid
@@ -32,8 +31,6 @@ from claudepool.frontdoor.openai_request import ChatRequest, prompt_of
 from claudepool.frontdoor.serving import parse, read_body, serve
 from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta
 from claudepool.tenancy.models import DEFAULT_MODEL, resolve_model
-
-log = logging.getLogger(__name__)
 
 PATH = "/v1/chat/completions"
 _FINISH = {"max_tokens": "length", "refusal": "content_filter"}

@@ -13,7 +13,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from claudepool.errors import BadRequest, ClaudepoolError, PromptTooLarge
-from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem
+from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, describe_validation_error
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,7 @@ def parse(model: type[M], raw: bytes) -> M:
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise BadRequest(f"{where}: {first['msg']}") from None
+        raise BadRequest(describe_validation_error(exc)) from None
 
 
 def failed(answer: PromptResult) -> ClaudepoolError:

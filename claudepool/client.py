@@ -128,9 +128,10 @@ class AsyncClient:
             return {k: v for k, v in frame.items() if k not in ("id", "event")}
         raise RemoteError("protocol_error", "no answer to the usage request")
 
-    async def create_session(self, profile: str | None = None) -> dict[str, Any]:
-        """Start a conversation; pass its ``id`` as ``session=`` to `prompt` or `stream`."""
-        body = {"profile": profile} if profile else {}
+    async def create_session(self, profile: str | None = None, *, system: str | None = None) -> dict[str, Any]:
+        """Start a conversation; pass its ``id`` as ``session=`` to `prompt` or `stream`. ``system`` is its
+        system prompt for every turn (as ``system=`` to `prompt` is for one request)."""
+        body = {k: v for k, v in (("profile", profile), ("system", system)) if v is not None}
         if self.url is not None:
             try:
                 async with await self._request("POST", "/v1/sessions", data=orjson.dumps(body),

@@ -80,6 +80,10 @@ class ServerSettings(BaseModel):
     http: str = "127.0.0.1:8787"
     admin_key: SecretStr = SecretStr("")
     max_prompt_bytes: int = Field(default=1 * MiB, gt=0)
+    # A request's (or a session's) own system prompt. It reaches the CLI as one argument of its
+    # command line, which Linux bounds at 128 KiB (MAX_ARG_STRLEN); it counts towards
+    # max_prompt_bytes too.
+    max_system_prompt_bytes: int = Field(default=64 * 1024, gt=0, le=128 * 1024 - 1)
     # A socket frame holds a prompt plus its envelope.
     max_frame_bytes: int = Field(default=2 * MiB, gt=0)
     # Prompts in flight on one socket connection; more get too_many_in_flight (each holds a task and
@@ -153,6 +157,11 @@ class PoolSettings(PoolConfig):
 
     claude_bin: str = "claude"
     env: dict[str, str] = Field(default_factory=dict)
+    # Pools made on demand for system prompts other than their profile's (`claudepool.daemon.pools`):
+    # at most this many live at once (stateless and session-capable ones alike), and each is closed
+    # once it has had no worker and no waiter for on_demand_idle_s.
+    max_on_demand_pools: int = Field(default=64, ge=1)
+    on_demand_idle_s: float = Field(default=300.0, gt=0)
 
     def pool_config(self, **overrides: Any) -> PoolConfig:
         fields = self.model_dump(include=set(PoolConfig.model_fields))
@@ -261,6 +270,10 @@ class Settings(BaseSettings):
             unknown = sorted(allowed - set(self.profiles))
             if unknown:
                 raise ValueError(f"tenants.{name}: unknown profiles {unknown}")
+            if tenant.system_prompt is not None and (
+                    len(tenant.system_prompt.encode()) > self.server.max_system_prompt_bytes):
+                raise ValueError(f"tenants.{name}: system_prompt is over server.max_system_prompt_bytes "
+                                 f"({self.server.max_system_prompt_bytes})")
             digest = key_digest(tenant.key.get_secret_value())
             if digest in digests:
                 raise ValueError(f"tenants.{name} and tenants.{digests[digest]} have the same key")

@@ -381,6 +381,14 @@ class PoolClosed(PoolError):
     code = "pool_closed"
 
 
+class TooManyPools(PoolError):
+    """A new system prompt needs a pool of its own, and every on-demand pool up to the bound
+    (``pool.max_on_demand_pools``) is serving or awaited, so none could be closed to make room."""
+
+    code = "too_many_pools"
+    retry_after_s = 5.0
+
+
 # -- gateway: a worker's model call refused or not delivered -----------------------------------
 # Answered to the CLI, not to a tenant, in the provider's own error format (`anthropic_type`), so the
 # CLI reacts as it would to the provider: it does not retry a 4xx and retries a 5xx.

@@ -98,7 +98,6 @@ async def test_a_history_is_flattened_with_role_markers_and_bearer_auth_works(ma
 
 
 @pytest.mark.parametrize(("body", "says"), [
-    ({"system": "you are a pirate"}, "per-request system prompts are not supported"),
     ({"stop_sequences": ["END"]}, "stop_sequences"),
     ({"tools": [{"name": "t", "input_schema": {"type": "object"}}]}, "client-defined tools"),
     ({"messages": [{"role": "user", "content": [

@@ -93,7 +93,6 @@ async def test_a_history_with_the_profiles_system_message_is_flattened(make_daem
     ({"stop": ["END"]}, None, "stop"),
     ({"n": 2}, None, "n must be 1"),
     ({"response_format": {"type": "json_object"}}, None, "response_format"),
-    ({}, [{"role": "system", "content": "Be a pirate."}, {"role": "user", "content": "hi"}], "system prompts"),
     ({}, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}], "'image_url'"),
     ({}, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "prefill"}], "last message"),
     ({"extra_body": {"reasoning_effort_x": 1}}, None, "reasoning_effort_x"),

@@ -1,8 +1,10 @@
 """Admission: every check a prompt passes before it may wait for a worker.
 
-In order: the session (if any) and its profile, the profile, the prompt's size, the daemon's and
-the tenant's queue bounds, the rate limits, the budget. The first that fails raises the error to
-answer; a place taken in the queue bounds is given back. An `Admission` holds what passed.
+In order: the session (if any) and its profile, the profile, the system prompt (the request's, else
+the tenant's persona, else the profile's: it picks the pool, see `claudepool.daemon.pools`), the
+prompt's size, the daemon's and the tenant's queue bounds, the rate limits, the budget. The first
+that fails raises the error to answer; a place taken in the queue bounds is given back. An
+`Admission` holds what passed.
 
 The budget check holds nothing: each model call holds its own budget at the gateway
 (`claudepool.gateway.budget`). A request is admitted while the tenant's spend is under its budget
@@ -17,8 +19,9 @@ import base64
 import binascii
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from claudepool.errors import (
     BadRequest,
@@ -34,6 +37,7 @@ from claudepool.pool.pool import Pool
 from claudepool.pool.workspace_files import FileBounds, InputFile, check_path, check_pattern
 from claudepool.protocol.wire import PromptRequest
 from claudepool.sessions.manager import SessionManager
+from claudepool.sessions.pools import system_prompt_of
 from claudepool.store.base import Store
 from claudepool.tenancy.limits import RateLimiter
 from claudepool.tenancy.metering import RequestContext
@@ -48,6 +52,22 @@ class ServiceLimits:
     max_timeout_s: float
     max_queued: int
     files: FileBounds = field(default_factory=FileBounds)
+    max_system_prompt_bytes: int = 64 * 1024
+
+
+class PoolSource(Protocol):
+    """The pools a request may run on (`claudepool.daemon.pools.PoolRegistry`)."""
+
+    @property
+    def configured(self) -> Mapping[str, Pool]: ...
+
+    def pool_for(self, profile: str, system_prompt: str | None, *, sessions: bool = False) -> Pool: ...
+
+    def pin(self, pool: Pool) -> Callable[[], None]: ...
+
+
+def _nothing() -> None:
+    return None
 
 
 def new_request_id() -> str:
@@ -92,12 +112,19 @@ class Admission:
     files: tuple[InputFile, ...] = ()
     # The model to switch the worker to for this request (None: the profile's own).
     model_switch: str | None = None
+    # Keeps an on-demand pool open until the request has its worker or ends (`PoolSource.pin`).
+    unpin: Callable[[], None] = _nothing
+
+    def release(self) -> None:
+        """Give back what admission holds: the place in the queue bounds, the pool's pin. Idempotent."""
+        self.queue_slot.release()
+        self.unpin()
 
 
 class Gate:
     """The checks of admission, over the pools a request may run on and the tenancy components."""
 
-    def __init__(self, pools: Mapping[str, Pool], limits: ServiceLimits, *, store: Store, limiter: RateLimiter,
+    def __init__(self, pools: PoolSource, limits: ServiceLimits, *, store: Store, limiter: RateLimiter,
                  sessions: SessionManager | None = None) -> None:
         self.pools = pools
         self.limits = limits
@@ -105,7 +132,7 @@ class Gate:
         self.limiter = limiter
         self.sessions = sessions
         self.catalog = ModelCatalog({name: ProfileModel(pool.profile.model, pool.profile.system_prompt)
-                                     for name, pool in pools.items()})
+                                     for name, pool in pools.configured.items()})
         self._queued: Counter[str] = Counter()
 
     @property
@@ -115,7 +142,7 @@ class Gate:
 
     async def admit(self, tenant: Tenant, request: PromptRequest, request_id: str) -> Admission:
         profile = request.profile or tenant.profile
-        pools = self.pools
+        configured = self.pools.configured
         if request.session is not None:
             if self.sessions is None:
                 raise NotFound("unknown session")
@@ -124,13 +151,22 @@ class Gate:
                 raise SessionClosed(f"session {record.id} is closed ({record.close_reason})")
             if request.profile is not None and request.profile != record.profile:
                 raise BadRequest(f"session {record.id} runs on profile {record.profile!r}")
-            profile, pools = record.profile, self.sessions.pools
-        if profile not in pools:
+            if request.system is not None and request.system != system_prompt_of(self.sessions.pools, record):
+                raise BadRequest(f"session {record.id} keeps the system prompt it was created with: send none")
+            profile = record.profile
+        if profile not in configured:
             raise NotFound(f"unknown profile {profile!r}")
         if profile not in tenant.profiles:
             raise Forbidden(f"profile {profile!r} is not allowed for this tenant")
         model_switch = self.catalog.switch_for(profile, tenant.models, request.model)
-        size = len(request.prompt.encode())
+        system_bytes = len(request.system.encode()) if request.system is not None else 0
+        if system_bytes > self.limits.max_system_prompt_bytes:
+            raise PromptTooLarge(f"system prompt of {system_bytes} bytes exceeds the limit of "
+                                 f"{self.limits.max_system_prompt_bytes}")
+        # A session's system prompt is its record's: its pool is found when its worker is bound.
+        system = (tenant.system_prompt_for(configured[profile].profile.system_prompt, request.system)
+                  if request.session is None else None)
+        size = len(request.prompt.encode()) + system_bytes
         if size > self.limits.max_prompt_bytes:
             raise PromptTooLarge(f"prompt of {size} bytes exceeds the limit of {self.limits.max_prompt_bytes}")
         files = input_files(request, self.limits.files)
@@ -142,17 +178,21 @@ class Gate:
         try:
             await self.limiter.check(tenant.name, requests_per_minute=tenant.requests_per_minute,
                                      tokens_per_minute=tenant.tokens_per_minute)
-            pool = pools[profile]
-            model = model_switch or pool.profile.model or "default"
+            model = model_switch or configured[profile].profile.model or "default"
             timeout_s = min(request.timeout_s or self.limits.default_timeout_s, self.limits.max_timeout_s)
             if tenant.has_budget:
                 await self._check_budget(tenant)
+            # Found (or made) and pinned in one step after the last await: no eviction between.
+            pool = (self.pools.pool_for(profile, system) if request.session is None else
+                    # What a session's turn waits for is its own pool's (same config as this one).
+                    self.pools.pool_for(profile, configured[profile].profile.system_prompt, sessions=True))
         except BaseException:
             slot.release()
             raise
+        unpin = self.pools.pin(pool)
         context = RequestContext(request_id=request_id, tenant=tenant.name, profile=profile, model=model,
                                  session=request.session)
-        return Admission(request_id, tenant, request, pool, timeout_s, context, slot, files, model_switch)
+        return Admission(request_id, tenant, request, pool, timeout_s, context, slot, files, model_switch, unpin)
 
     async def _check_budget(self, tenant: Tenant) -> None:
         state = await self.store.budget(tenant.name)

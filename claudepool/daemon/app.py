@@ -52,6 +52,7 @@ from claudepool.daemon.facade import Facade
 from claudepool.daemon.front_ends import FrontEnds
 from claudepool.daemon.metrics import RequestMetrics, StoreMetrics, TenantLabels, UsageMetrics, WorkerMetrics
 from claudepool.daemon.notify import Notifier
+from claudepool.daemon.pools import PoolRegistry
 from claudepool.daemon.service import PromptService
 from claudepool.daemon.spend import TenantSpend
 from claudepool.daemon.status import Status
@@ -67,7 +68,7 @@ from claudepool.gateway.server import Gateway
 from claudepool.gateway.settings import Upstream
 from claudepool.logs import add_key_digests
 from claudepool.pool import sandbox
-from claudepool.pool.pool import Pool
+from claudepool.pool.profile import pool_labels
 from claudepool.pool.shares import TenantSlots
 from claudepool.pool.workspace_files import FileBounds
 from claudepool.sessions.manager import SessionManager
@@ -95,8 +96,9 @@ class Daemon:
         self.registry = CollectorRegistry(auto_describe=True)
         tenant_labels = TenantLabels(self.tenants.names(), max_labels=settings.metrics.max_tenant_labels)
         request_metrics = RequestMetrics(self.registry, tenant_labels)
-        worker_metrics = WorkerMetrics(self.registry, [pool for name in settings.profiles
-                                                       for pool in (name, f"{name}.sessions")])
+        # On-demand pools count under PROFILE~custom (`claudepool.pool.profile.pool_label`).
+        worker_metrics = WorkerMetrics(self.registry, [label for name in settings.profiles
+                                                       for label in pool_labels(name)])
         usage_metrics = UsageMetrics(self.registry, tenant_labels, max_model_labels=settings.metrics.max_model_labels)
         self.store = InstrumentedStore(build_store(settings.store))
         self.store.observer = StoreMetrics(self.registry).store_call
@@ -109,23 +111,16 @@ class Daemon:
         slots = TenantSlots()
         # Every worker's credential for the gateway: the workers never see the provider's key.
         self.credentials = CredentialRegistry()
-        hooks: dict[str, Any] = {"on_turn_result": self.meter.on_turn_result, "on_lease_done": self.meter.on_lease_done,
-                                 "slots": slots, "observer": worker_metrics, "credentials": self.credentials,
-                                 # Their memory measurements run in the task group (see _serve).
-                                 "run_maintenance": False}
-        self.pools = {name: Pool(settings.profile(name), settings.pool_config(name), **hooks)
-                      for name in settings.profiles}
-        # Conversations run on each profile's session-capable twin: the same spawn settings, with
-        # transcripts kept so a parked conversation can resume on any of its workers.
-        sessions = settings.sessions
-        self.session_pools = {
-            name: Pool(settings.profile(name).session_variant(),
-                       settings.pool_config(name).model_copy(update={"min_idle": sessions.min_idle,
-                                                                     "max_workers": sessions.max_workers}),
-                       **hooks)
-            for name in settings.profiles
-        }
-        self.sessions = SessionManager(self.store, self.session_pools, settings.session_options())
+        # Every pool, configured or made on demand for another system prompt, is built by the registry.
+        # Their memory measurements run in the task group (see _serve).
+        self.pool_registry = PoolRegistry(
+            settings, observer=worker_metrics, on_turn_result=self.meter.on_turn_result,
+            on_lease_done=self.meter.on_lease_done, slots=slots, credentials=self.credentials,
+            run_maintenance=False)
+        self.pools = self.pool_registry.configured
+        self.session_pools = self.pool_registry.configured_sessions
+        self.sessions = SessionManager(self.store, self.pool_registry, settings.session_options(),
+                                       max_system_prompt_bytes=settings.server.max_system_prompt_bytes)
         self.gateway = self._gateway(settings, tenant_labels)
         server = settings.server
         file_bounds = FileBounds(
@@ -134,9 +129,9 @@ class Daemon:
             max_return_bytes=server.max_return_bytes, max_listed_files=server.max_listed_files,
             max_file_read_bytes=server.max_file_read_bytes)
         gate = Gate(
-            self.pools,
+            self.pool_registry,
             ServiceLimits(server.max_prompt_bytes, server.default_timeout_s, server.max_timeout_s, server.max_queued,
-                          file_bounds),
+                          file_bounds, server.max_system_prompt_bytes),
             store=self.store, limiter=self.limiter, sessions=self.sessions,
         )
         self.service = PromptService(gate, self.tenants, self.meter, metrics=request_metrics, sessions=self.sessions,
@@ -184,7 +179,8 @@ class Daemon:
                             reservation_ttl_s=settings.store.reservation_ttl_s)
         # Only the pools whose profile allows outbound hosts have egress series (the others open no socket).
         egress = EgressProxy(settings.egress, metrics=EgressMetrics(self.registry, [
-            name for name, pool in self.all_pools().items() if pool.profile.allowed_hosts]))
+            label for name in settings.profiles if settings.profile(name).allowed_hosts
+            for label in pool_labels(name)]))
         gateway = Gateway(self.credentials, from_leases(self.all_pools()), upstreams, metrics=metrics,
                           account_limits=account_limits, budget=budget, egress=egress,
                           connect_timeout_s=up.connect_timeout_s, max_connections=up.max_connections,
@@ -197,9 +193,10 @@ class Daemon:
         gateway.hooks.add(budget)  # after the pricing hook: it learns from each call's cost
         return gateway
 
-    def all_pools(self) -> dict[str, Pool]:
-        """Stateless and session-capable pools, by pool name (``default``, ``default.sessions``)."""
-        return {pool.profile.name: pool for pool in (*self.pools.values(), *self.session_pools.values())}
+    def all_pools(self) -> PoolRegistry:
+        """Every live pool by pool name (``default``, ``default.sessions``, and those made on demand,
+        ``default~…``): a live view, which sees pools made later."""
+        return self.pool_registry
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -239,9 +236,10 @@ class Daemon:
         front: FrontEnds | None = None
         try:
             await self.gateway.start()
-            for name, pool in self.all_pools().items():
+            for name, pool in list(self.all_pools().items()):
                 await pool.start()
                 loops.append(self._supervise(tg, f"pool-{name}-maintenance", pool.maintain))
+            loops.append(self._supervise(tg, "pools-on-demand", self.pool_registry.maintain))
             front = self.front_ends = await FrontEnds.start(self.facade, self.settings.server,
                                                             shutdown_timeout_s=_HTTP_SHUTDOWN_TIMEOUT_S,
                                                             messages=self.facade)
@@ -262,8 +260,7 @@ class Daemon:
                 await front.close(_HTTP_SHUTDOWN_TIMEOUT_S)
             # Conversations keep their checkpoints and resume after a restart (or on another daemon).
             await self.sessions.park_all()
-            for pool in self.all_pools().values():
-                await pool.close()
+            await self.pool_registry.close()
             await self.gateway.close(_HTTP_SHUTDOWN_TIMEOUT_S)
             # Every turn has settled now; give its record a bounded chance to reach the store.
             if not metering.done():
@@ -293,7 +290,7 @@ class Daemon:
 
     async def _announce_ready(self) -> None:
         try:
-            for pool in self.all_pools().values():
+            for pool in (*self.pools.values(), *self.session_pools.values()):
                 await pool.wait_ready(self.settings.server.ready_timeout_s)
         except (TimeoutError, ClaudepoolError) as exc:
             # Not fatal: the pool keeps trying and /readyz says why; systemd will time the start out.

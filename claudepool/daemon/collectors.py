@@ -26,6 +26,7 @@ from claudepool.daemon.metrics import SESSION_EVENTS, WORKER_STATES
 from claudepool.daemon.service import PromptService
 from claudepool.pool.memory import available_memory_bytes, plan_memory
 from claudepool.pool.pool import Pool
+from claudepool.pool.profile import pool_label
 from claudepool.sessions.manager import SessionManager
 from claudepool.store.instrumented import InstrumentedStore
 from claudepool.tenancy.limits import RateLimiter
@@ -57,28 +58,42 @@ class PoolCollector(Collector):
         available = available_memory_bytes()
         in_turn = 0
         waiting = {"interactive": 0, "batch": 0}
-        for name, pool in self._pools.items():
-            counts = pool.counts()
+        # Pools made on demand count together under their profile's label (PROFILE~custom): one
+        # series per profile however many system prompts arrive. Their workers' own PSS and RSS
+        # series are left out (their slots repeat across those pools); the totals include them.
+        by_label: dict[str, list[tuple[str, Pool]]] = {}
+        for pool_name, pool in list(self._pools.items()):
+            by_label.setdefault(pool_label(pool_name), []).append((pool_name, pool))
+        for name, named in by_label.items():
+            pools = [pool for _, pool in named]
+            own = named[0][0] == name  # one pool, of that very name: its workers have their own series
+            counts = {state: sum(p.counts()[state] for p in pools) for state in WORKER_STATES}
             for state in WORKER_STATES:
                 workers.add_metric([name, state], counts[state])
-            plan = pool.memory
-            ram = plan_memory(available_bytes=available, pool_pss_bytes=pool.total_pss_bytes(),
-                              memory_fraction=pool.config.memory_fraction, per_worker_bytes=plan.per_worker_bytes)
-            max_workers.add_metric([name, "configured"], pool.config.max_workers)
-            max_workers.add_metric([name, "ram_derived"], ram.max_workers)
-            max_workers.add_metric([name, "effective"], pool.max_workers)
-            breaker.add_metric([name], 0 if str(pool.breaker_state) == "closed" else 1)
-            for worker in pool.workers():
-                in_turn += worker.in_turn()
-                if worker.pss_bytes is not None:
-                    pss.add_metric([name, str(worker.slot)], worker.pss_bytes)
-                if worker.rss_bytes is not None:
-                    rss.add_metric([name, str(worker.slot)], worker.rss_bytes)
-            total_pss.add_metric([name], pool.total_pss_bytes())
-            budget.add_metric([name, "soft"], plan.soft_limit_bytes)
-            budget.add_metric([name, "hard"], plan.hard_limit_bytes)
-            for priority, count in pool.waiting_by_priority().items():
-                waiting[priority] += count
+            ram_derived = soft = hard = 0
+            for pool in pools:
+                plan = pool.memory
+                ram_derived += plan_memory(available_bytes=available, pool_pss_bytes=pool.total_pss_bytes(),
+                                           memory_fraction=pool.config.memory_fraction,
+                                           per_worker_bytes=plan.per_worker_bytes).max_workers
+                soft += plan.soft_limit_bytes
+                hard += plan.hard_limit_bytes
+                for worker in pool.workers():
+                    in_turn += worker.in_turn()
+                    if own:
+                        if worker.pss_bytes is not None:
+                            pss.add_metric([name, str(worker.slot)], worker.pss_bytes)
+                        if worker.rss_bytes is not None:
+                            rss.add_metric([name, str(worker.slot)], worker.rss_bytes)
+                for priority, count in pool.waiting_by_priority().items():
+                    waiting[priority] += count
+            max_workers.add_metric([name, "configured"], sum(p.config.max_workers for p in pools))
+            max_workers.add_metric([name, "ram_derived"], ram_derived)
+            max_workers.add_metric([name, "effective"], sum(p.max_workers for p in pools))
+            breaker.add_metric([name], int(any(str(p.breaker_state) != "closed" for p in pools)))
+            total_pss.add_metric([name], sum(p.total_pss_bytes() for p in pools))
+            budget.add_metric([name, "soft"], soft)
+            budget.add_metric([name, "hard"], hard)
         yield from (workers, max_workers, breaker, pss, rss, total_pss, budget)
         queue = GaugeMetricFamily("claudepool_queue_depth", "Requests waiting for a worker.", labels=["priority"])
         for priority, count in waiting.items():

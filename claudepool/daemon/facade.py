@@ -53,7 +53,8 @@ class Api(Protocol):
 
     def scope(self, key: str | None, tenant: str | None = None) -> list[str] | None: ...
 
-    async def create_session(self, tenant: Tenant, profile: str | None) -> dict[str, Any]: ...
+    async def create_session(self, tenant: Tenant, profile: str | None, system: str | None = None
+                             ) -> dict[str, Any]: ...
 
     async def list_sessions(self, owner: str | None) -> list[dict[str, Any]]: ...
 
@@ -133,8 +134,9 @@ class Facade:
 
     # -- sessions (the caller's ``owner`` comes from `authenticate` or `scope`) ------------------
 
-    async def create_session(self, tenant: Tenant, profile: str | None) -> dict[str, Any]:
-        return self._sessions.view(await self._sessions.create(tenant, profile))
+    async def create_session(self, tenant: Tenant, profile: str | None, system: str | None = None
+                             ) -> dict[str, Any]:
+        return self._sessions.view(await self._sessions.create(tenant, profile, system=system))
 
     async def list_sessions(self, owner: str | None) -> list[dict[str, Any]]:
         return [self._sessions.view(r) for r in await self._sessions.list(owner)]

@@ -265,7 +265,7 @@ async def _session_create(request: web.Request) -> web.Response:
         raise BadRequest("the body is not valid JSON") from None
     except ValidationError as exc:
         raise BadRequest(describe_validation_error(exc)) from None
-    return json_response(await api.create_session(tenant, body.profile), status=201)
+    return json_response(await api.create_session(tenant, body.profile, body.system), status=201)
 
 
 def _session_owner(request: web.Request) -> str | None:

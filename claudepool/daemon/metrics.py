@@ -37,7 +37,8 @@ EXIT_REASONS = ("recycle_turns", "recycle_age", "recycle_memory", "recycle_conte
                 "reset_failed", "boot_failure", "memory_pressure", "idle", "unclean", "shutdown", "respawn",
                 "workspace_full")
 OUTCOMES = ("ok", "model_error", "cancelled", "draining", "timeout", "turn_stalled", "worker_died",
-            "worker_error", "pool_timeout", "pool_unhealthy", "rate_limited", "budget_exhausted", "queue_full",
+            "worker_error", "pool_timeout", "pool_unhealthy", "too_many_pools", "rate_limited", "budget_exhausted",
+            "queue_full",
             "store_unavailable", "session_closed", "session_limit_reached", "session_elsewhere",
             "session_unavailable", "bad_request", "unauthorized", "forbidden", "not_found", "prompt_too_large",
             "frame_too_large", "session_checkpoint_failed", "too_many_in_flight", "error")

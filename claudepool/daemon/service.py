@@ -168,7 +168,7 @@ class PromptService:
             error = exc
             raise
         finally:
-            admission.queue_slot.release()  # if it never reached the queue's end (a deadline, a cancel)
+            admission.release()  # if it never reached the queue's end (a deadline, a cancel)
             self._in_flight.discard(task)
             self._stopped_by_drain.discard(task)
             if not self._in_flight:
@@ -261,7 +261,7 @@ class PromptService:
             if isinstance(item, SystemApiRetry) and self.metrics is not None:
                 self.metrics.upstream_retry(item.error_status)
             if isinstance(item, SystemModelFallback) and self.metrics is not None:
-                self.metrics.model_fallback(lease.worker.profile.name, item.trigger)
+                self.metrics.model_fallback(lease.worker.profile.label, item.trigger)
             for out in stream_items(item, self.tool_preview_bytes):
                 if isinstance(out, TextDelta) and trace.first_text_s is None:
                     trace.first_text_s = time.monotonic() - trace.started
@@ -294,7 +294,7 @@ class PromptService:
                 priority=Priority(admission.request.priority),
             )
         finally:
-            admission.queue_slot.release()
+            admission.release()  # it has its worker (the pool is busy now), or it gave up
         lease.context = admission.context
         return lease
 

@@ -247,7 +247,7 @@ class _Connection:
             try:
                 tenant = self.api.authenticate(frame.key)
                 if isinstance(frame, SessionCreateFrame):
-                    view = await self.api.create_session(tenant, frame.profile)
+                    view = await self.api.create_session(tenant, frame.profile, frame.system)
                     self.send(event_frame(frame.id, "session", {"session": view}))
                 else:
                     await self.api.delete_session(tenant.name, frame.session)

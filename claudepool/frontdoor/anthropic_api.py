@@ -25,7 +25,7 @@ import orjson
 from aiohttp import web
 
 from claudepool.errors import NotFound
-from claudepool.frontdoor.anthropic_request import MessagesRequest, check_unsupported, prompt_of
+from claudepool.frontdoor.anthropic_request import MessagesRequest, check_unsupported, prompt_of, system_of
 from claudepool.frontdoor.errors import error_event, error_response, sse
 from claudepool.frontdoor.serving import parse, read_body, serve
 from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta
@@ -113,13 +113,14 @@ async def _messages(request: web.Request) -> web.StreamResponse:
         nonlocal model, streaming
         tenant = api.authenticate(key)  # handle has checked it: this only names the profile
         body = parse(MessagesRequest, await read_body(request))
-        check_unsupported(body, api.catalog.system_prompt(tenant.profile))
+        check_unsupported(body)
         # What message_start names, sent before the CLI reports the model in force: the model asked
         # for, "default" meaning the profile's own.
         model, streaming = resolve_model(body.model), body.stream
         if model == DEFAULT_MODEL:
             model = api.catalog.profile_model(tenant.profile)
-        return PromptRequest(prompt=prompt_of(body.messages), model=body.model, stream=body.stream)
+        return PromptRequest(prompt=prompt_of(body.messages), model=body.model, stream=body.stream,
+                             system=system_of(body))
 
     async def opened() -> web.StreamResponse:
         nonlocal stream

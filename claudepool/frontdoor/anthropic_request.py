@@ -6,8 +6,10 @@ The documented rules (README, "Anthropic Messages API"):
   is, for now, flattened into one prompt with a role marker before each message (the conversation
   is not continued on a warm worker yet). The last message must be the user's (no assistant
   prefill). Image, document, tool_use and tool_result blocks are refused (400).
-* ``system``: only absent or equal to the profile's own system prompt: the CLI fixes it at spawn,
-  and per-request system prompts are not supported yet (400).
+* ``system`` (a string or text blocks, joined by blank lines) is the request's system prompt
+  (`claudepool.protocol.wire.PromptRequest.system`): absent or empty, the tenant's persona, else the
+  profile's own; another one needs ``tenants.NAME.allow_custom_system_prompt`` (else 403) and runs on
+  a pool made on demand for it (README, "System prompts and pools made on demand").
 * ``max_tokens`` is required and checked (≥ 1) but does not bound the CLI's own model calls.
 * ``stop_sequences`` is refused unless empty; client-defined ``tools`` (and ``tool_choice``) are
   refused; the sampling parameters ``temperature``, ``top_p`` and ``top_k``, ``metadata``,
@@ -76,17 +78,17 @@ def blocks_text(content: str | list[dict[str, Any]], where: str) -> str:
     return "\n\n".join(parts)
 
 
-def check_unsupported(body: MessagesRequest, profile_system_prompt: str | None) -> None:
+def check_unsupported(body: MessagesRequest) -> None:
     """Refuse what the CLI cannot honour (see the module's rules)."""
     if body.stop_sequences:
         raise BadRequest("stop_sequences are not supported: the CLI runs its own model calls")
     if body.tools or body.tool_choice is not None:
         raise BadRequest("client-defined tools are not supported: the profile decides the agent's tools")
-    if body.system is not None:
-        system = blocks_text(body.system, "system")
-        if system != (profile_system_prompt or ""):
-            raise BadRequest("per-request system prompts are not supported yet: send none, or exactly the "
-                             "profile's own")
+
+
+def system_of(body: MessagesRequest) -> str | None:
+    """The request's system prompt; None when it sends none (or an empty one): the tenant's default."""
+    return (blocks_text(body.system, "system") or None) if body.system is not None else None
 
 
 def prompt_of(messages: list[Message]) -> str:

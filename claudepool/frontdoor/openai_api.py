@@ -88,12 +88,12 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         nonlocal model, streaming, include_usage
         tenant = api.authenticate(key)  # handle has checked it: this only names the profile
         body = parse(ChatRequest, await read_body(request))
-        prompt = prompt_of(body, api.catalog.system_prompt(tenant.profile))
+        prompt, system = prompt_of(body)
         model, streaming = resolve_model(body.model), body.stream
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         if model == DEFAULT_MODEL:
             model = api.catalog.profile_model(tenant.profile)
-        return PromptRequest(prompt=prompt, model=body.model, stream=body.stream)
+        return PromptRequest(prompt=prompt, model=body.model, stream=body.stream, system=system)
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created,

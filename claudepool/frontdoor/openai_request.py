@@ -5,8 +5,9 @@ The documented rules (README, "OpenAI Chat Completions API"):
 * ``messages``: ``system``/``developer``, ``user`` and ``assistant`` messages with string content
   or text parts. The history becomes one prompt (`claudepool.frontdoor.history`); image, audio
   and file parts, ``tool`` messages and assistant ``tool_calls`` are refused (400).
-* ``system`` and ``developer`` messages: only when their text equals the profile's system prompt
-  (the CLI fixes it at spawn; per-request system prompts are not supported yet), else 400.
+* ``system`` and ``developer`` messages, wherever they stand, are joined by blank lines into the
+  request's system prompt (`claudepool.protocol.wire.PromptRequest.system`), by the rule of the
+  Messages API's ``system`` (README, "System prompts and pools made on demand").
 * ``n`` must be 1; ``stop``, ``tools``, ``tool_choice``, ``functions``, ``function_call``,
   ``response_format`` other than text, ``logprobs`` and ``audio`` are refused; ``max_tokens`` and
   ``max_completion_tokens`` are checked (≥ 1) but do not bound the CLI's own calls; the sampling
@@ -83,8 +84,9 @@ def parts_text(content: str | list[dict[str, Any]] | None, where: str) -> str:
     return "\n\n".join(texts)
 
 
-def prompt_of(body: ChatRequest, profile_system_prompt: str | None) -> str:
-    """Refuse what the CLI cannot honour (see the module's rules); the prompt the history becomes."""
+def prompt_of(body: ChatRequest) -> tuple[str, str | None]:
+    """Refuse what the CLI cannot honour (see the module's rules); the prompt the history becomes,
+    and the system prompt (None when no system or developer message has text)."""
     if body.n != 1:
         raise BadRequest("n must be 1: one worker gives one answer")
     refused = {"stop": body.stop, "tools": body.tools, "tool_choice": body.tool_choice, "functions": body.functions,
@@ -96,15 +98,15 @@ def prompt_of(body: ChatRequest, profile_system_prompt: str | None) -> str:
     if body.response_format is not None and body.response_format.get("type") != "text":
         raise BadRequest("response_format: only text (a profile's json_schema gives structured output)")
     turns: list[tuple[Role, str]] = []
+    system: list[str] = []
     for index, message in enumerate(body.messages):
         where = f"messages.{index}"
         if message.role in ("tool", "function") or message.tool_calls:
             raise BadRequest(f"{where}: tool messages and tool calls are not supported")
         text = parts_text(message.content, f"{where}.content")
         if message.role in ("system", "developer"):
-            if text != (profile_system_prompt or ""):
-                raise BadRequest(f"{where}: per-request system prompts are not supported yet: send none, or "
-                                 "exactly the profile's own")
+            if text:
+                system.append(text)
             continue
         turns.append(("user" if message.role == "user" else "assistant", text))
-    return flatten(turns)
+    return flatten(turns), "\n\n".join(system) or None

@@ -188,7 +188,7 @@ class EgressProxy:
         allow = AllowList.of(worker.profile.allowed_hosts)
         if not allow:
             return None
-        listener = _Listener(worker.profile.name, allow, self._dir / f"{next(_names)}.sock")
+        listener = _Listener(worker.profile.label, allow, self._dir / f"{next(_names)}.sock")
         listener.server = await asyncio.start_unix_server(
             lambda r, w: self._accept(listener, r, w), str(listener.path), limit=self.settings.max_head_bytes)
         os.chmod(listener.path, 0o600)

@@ -68,6 +68,7 @@ from claudepool.gateway.ratelimits import AccountLimits
 from claudepool.gateway.settings import MiB, Upstream
 from claudepool.gateway.sockets import WorkerSockets
 from claudepool.logs import RateLimitedLog, scrub
+from claudepool.pool.profile import configured_pool
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,8 @@ class Gateway:
                  connect_timeout_s: float = 10.0, max_connections: int = 100,
                  idle_timeout_s: float = 0.0,
                  max_request_bytes: int = 32 * MiB, shutdown_timeout_s: float = 5.0) -> None:
-        """``upstreams`` by pool name (a worker's profile name); a pool without one uses ``default``.
+        """``upstreams`` by configured pool name (a worker's profile name, an on-demand pool's base
+        profile's: `configured_pool`); a pool without one uses ``default``.
         ``account_limits`` hears every answer's status and headers, by the upstream's account;
         ``caps`` holds the windows of the upstreams' caps (default: one-minute windows)."""
         self.credentials = credentials
@@ -207,7 +209,8 @@ class Gateway:
             raise NoLease(f"worker {worker.id} serves no request")
         if not (worker.in_turn() or worker.in_model_switch()):
             raise NotInTurn(f"worker {worker.id} runs no turn")
-        upstream = self._upstreams.get(attribution.pool, self._default)
+        # A pool made on demand (another system prompt) calls its configured profile's upstream.
+        upstream = self._upstreams.get(configured_pool(attribution.pool), self._default)
         if upstream is None:
             raise NoLease(f"no upstream for pool {attribution.pool}")
         return attribution, upstream

@@ -16,6 +16,7 @@ True
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -66,6 +67,37 @@ def routes_upstream(name: str) -> bool:
     upper = name.upper()
     return (upper in UPSTREAM_ENV or upper.startswith("CLAUDE_CODE_USE_")
             or (upper.startswith("ANTHROPIC_") and any(word in upper for word in _UPSTREAM_WORDS)))
+
+
+# A pool made on demand (`claudepool.daemon.pools`) is named after its base profile's pool, with "~"
+# and 16 hex digits of its spawn key inserted after the profile's name ("default~0123456789abcdef",
+# "default~0123456789abcdef.sessions"): unique, of bounded length, and never the system prompt itself.
+ON_DEMAND_MARK = "~"
+_ON_DEMAND_KEY = re.compile(r"~[0-9a-f]{16}")
+
+
+def pool_label(name: str) -> str:
+    """The bounded name metrics show for pool ``name``: an on-demand pool's key becomes ``custom``, so
+    every on-demand pool of a profile counts under one label, however many prompts arrive.
+
+    >>> pool_label("default~0123456789abcdef.sessions"), pool_label("default")
+    ('default~custom.sessions', 'default')
+    """
+    return _ON_DEMAND_KEY.sub("~custom", name)
+
+
+def pool_labels(profile: str) -> tuple[str, ...]:
+    """Every label the pools of configured profile ``profile`` are counted under (`pool_label`)."""
+    return profile, f"{profile}.sessions", f"{profile}~custom", f"{profile}~custom.sessions"
+
+
+def configured_pool(name: str) -> str:
+    """The configured pool an on-demand pool ``name`` derives from (its upstream is that one's).
+
+    >>> configured_pool("default~0123456789abcdef.sessions"), configured_pool("lean")
+    ('default.sessions', 'lean')
+    """
+    return _ON_DEMAND_KEY.sub("", name)
 
 
 # Arguments that would break how a worker is driven or reset.
@@ -186,6 +218,11 @@ class Profile(SpawnSettings):
     # Transcripts on disk, so a conversation can be resumed elsewhere (--resume). Only the
     # session-capable variant of a profile turns this on; stateless workers write nothing.
     session_persistence: bool = False
+
+    @property
+    def label(self) -> str:
+        """This pool's name as metrics show it (`pool_label`)."""
+        return pool_label(self.name)
 
     def session_variant(self) -> Profile:
         """The same spawn settings with transcripts kept, for conversations."""

@@ -48,6 +48,9 @@ from claudepool.protocol.cli_events import (
 )
 
 _ID = Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
+# A system prompt of the request's own: bounded here in characters (cheaply; never more bytes than
+# one CLI argument may hold), and by the daemon in bytes (``server.max_system_prompt_bytes``).
+_SYSTEM = Field(default=None, max_length=128 * 1024)
 _VALID_ID = re.compile(r"[\x21-\x7e]{1,128}")
 # What clients send: unknown fields and wrong types are refused. What we answer: strict types, and
 # unknown fields tolerated (a newer daemon may add some).
@@ -77,6 +80,10 @@ class PromptRequest(BaseModel):
     prompt: str = Field(min_length=1)
     session: str | None = None
     profile: str | None = None
+    # The system prompt, instead of the tenant's default (its persona, else the profile's): see
+    # `claudepool.tenancy.tenants.Tenant.system_prompt_for`. Not on a session's turn (its own is
+    # set when it is created).
+    system: str | None = _SYSTEM
     # A model other than the profile's (a full id or an alias), within the tenant's ``models``.
     model: str | None = Field(default=None, min_length=1, max_length=256)
     stream: bool = False
@@ -267,6 +274,8 @@ class SessionCreateRequest(BaseModel):
     model_config = _REQUEST
 
     profile: str | None = None
+    # The conversation's system prompt, for all its turns (as `PromptRequest.system`).
+    system: str | None = _SYSTEM
 
 
 class TenantQuery(BaseModel):
@@ -362,6 +371,7 @@ class SessionCreateFrame(_KeyedFrame):
 
     op: Literal["session.create"]
     profile: str | None = None
+    system: str | None = _SYSTEM
 
 
 class SessionDeleteFrame(_KeyedFrame):

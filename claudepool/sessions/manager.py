@@ -1,10 +1,10 @@
 """Conversations: sessions with worker affinity, parking, resume, limits and retention.
 
-A session belongs to one tenant and one profile. While it is *active* it holds one worker of the
-profile's session-capable pool (workers that keep transcripts; stateless workers never do), so a
-follow-up turn goes straight to the warm process that already holds its context: no reset, no
-queue, a warm prompt cache. One turn at a time: a second concurrent turn on the same session waits
-behind the first (within its own deadline).
+A session belongs to one tenant, one profile and one system prompt (`claudepool.sessions.pools`).
+While it is *active* it holds one worker of its session-capable pool (workers that keep
+transcripts; stateless workers never do), so a follow-up turn goes straight to the warm process
+that already holds its context: no reset, no queue, a warm prompt cache. One turn at a time: a
+second concurrent turn on the same session waits behind the first (within its own deadline).
 
 After every turn the CLI's transcript is checkpointed to ``<sessions dir>/<tenant>/<session>.jsonl``.
 When the worker is needed elsewhere (the session sat idle for ``park_idle_s``, or other sessions wait
@@ -43,7 +43,6 @@ import orjson
 
 from claudepool.errors import (
     ClaudepoolError,
-    Forbidden,
     NotFound,
     SessionCheckpointFailed,
     SessionClosed,
@@ -57,6 +56,7 @@ from claudepool.pool.pool import Pool
 from claudepool.pool.shares import Priority, TenantShare
 from claudepool.pool.worker import TurnResult, Worker
 from claudepool.sessions.files import SessionFiles
+from claudepool.sessions.pools import SessionPools, new_session_system_prompt, pool_of
 from claudepool.sessions.settings import LimitOverrides, SessionLimits, SessionOptions, SessionSettings
 from claudepool.sessions.workspaces import SessionWorkspaces
 from claudepool.store.base import SessionRecord, Store
@@ -74,11 +74,12 @@ _T = TypeVar("_T")
 
 @dataclass
 class _Binding:
-    """An active session on this daemon: its worker, and the session's lock (one turn at a time)."""
+    """An active session on this daemon: its worker and pool, and its lock (one turn at a time)."""
 
     record: SessionRecord
     lease: Lease
     lock: asyncio.Lock
+    pool: Pool
     # Turns the checkpoint on disk lacks (its save failed): until a save succeeds they live only in
     # the worker, which therefore is not given back.
     unsaved: bool = False
@@ -89,10 +90,11 @@ def new_session_id() -> str:
 
 
 class SessionManager:
-    def __init__(self, store: Store, pools: dict[str, Pool], options: SessionOptions, *,
-                 daemon_id: str | None = None) -> None:
+    def __init__(self, store: Store, pools: SessionPools, options: SessionOptions, *,
+                 daemon_id: str | None = None, max_system_prompt_bytes: int = 64 * 1024) -> None:
         self.store = store
-        self.pools = pools  # profile name -> its session-capable pool
+        self.pools = pools
+        self.max_system_prompt_bytes = max_system_prompt_bytes
         self.config: SessionSettings = options.settings
         self._profile_limits = options.profile_limits
         self.daemon_id = daemon_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -105,15 +107,16 @@ class SessionManager:
 
     # -- records ---------------------------------------------------------------------------------
 
-    async def create(self, tenant: Tenant, profile: str | None = None) -> SessionRecord:
+    async def create(self, tenant: Tenant, profile: str | None = None, *, system: str | None = None) -> SessionRecord:
+        """A new session; ``system``: its system prompt (`new_session_system_prompt`)."""
         name = profile or tenant.profile
-        if name not in self.pools:
-            raise NotFound(f"unknown profile {name!r}")
-        if name not in tenant.profiles:
-            raise Forbidden(f"profile {name!r} is not allowed for this tenant")
+        return await self._new(tenant, name, new_session_system_prompt(
+            self.pools, tenant, name, system, max_bytes=self.max_system_prompt_bytes))
+
+    async def _new(self, tenant: Tenant, profile: str, system_prompt: str | None) -> SessionRecord:
         now = time.time()
-        record = SessionRecord(id=new_session_id(), tenant=tenant.name, profile=name, created_at=now,
-                               last_used_at=now, state="new")
+        record = SessionRecord(id=new_session_id(), tenant=tenant.name, profile=profile, created_at=now,
+                               last_used_at=now, state="new", system_prompt=system_prompt)
         bound = tenant.max_sessions if tenant.max_sessions is not None else self.config.max_sessions
         if not await self.store.session_create(record, max_open=bound):
             raise TooManySessions(f"this tenant has {bound} open sessions, its limit: delete one (or let one "
@@ -156,8 +159,9 @@ class SessionManager:
             if binding is not None:
                 where["worker_slot"] = binding.lease.worker.slot
         body = record.to_dict()
-        for private in ("cli_session_id", "transcript", "owner", "state"):
+        for private in ("cli_session_id", "transcript", "owner", "state", "system_prompt"):
             body.pop(private)
+        body["custom_system_prompt"] = record.system_prompt is not None
         return {**body, "age_s": round(time.time() - record.created_at, 3), "where": where}
 
     # -- turns -----------------------------------------------------------------------------------
@@ -188,7 +192,7 @@ class SessionManager:
         if binding is not None:
             self._unbind(record.id)  # its worker died: resume from the checkpoint
         self._check_not_elsewhere(record)
-        pool = self.pools[record.profile]
+        pool = pool_of(self.pools, record)  # made again if it was closed; acquired before any await
         resume = bool(record.cli_session_id)
         if resume and not self.files.transcript(record).exists():
             raise SessionUnavailable(f"session {record.id}'s transcript is not in this daemon's sessions directory "
@@ -202,7 +206,7 @@ class SessionManager:
             lease.release()
             raise
         record.state, record.owner = "active", self.daemon_id
-        binding = _Binding(record, lease, self._lock(record.id))
+        binding = _Binding(record, lease, self._lock(record.id), pool)
         self._bindings[record.id] = binding
         await self.store.session_put(record)
         return binding
@@ -293,7 +297,7 @@ class SessionManager:
         await self._close(record, f"limit: {reached}")
         if not self.config.rollover:
             raise SessionLimitReached(f"session {record.id} reached {reached} and is closed")
-        fresh = await self.create(tenant, record.profile)
+        fresh = await self._new(tenant, record.profile, record.system_prompt)  # the same system prompt
         self.events["rolled_over"] += 1
         return fresh
 
@@ -340,7 +344,7 @@ class SessionManager:
         the next turn resumes the conversation on a fresh process."""
         if self._bindings.get(binding.record.id) is not binding:
             return  # parked meanwhile
-        reason = self.pools[binding.record.profile].recycle_due(binding.lease.worker)
+        reason = binding.pool.recycle_due(binding.lease.worker)
         if reason is None:
             return
         log.info("session %s: its worker is due for recycling (%s); parking it", binding.record.id, reason)
@@ -386,10 +390,9 @@ class SessionManager:
                 # Memory readings and the pool's hard limit arrive between turns.
                 async with binding.lock:
                     await self._park_if_recycle_due(binding)
-        for profile, pool in self.pools.items():
+        for pool in self.pools.session_pools():
             needed = pool.unserved
-            idle_bound = sorted((b for b in self._bindings.values()
-                                 if b.record.profile == profile and not b.lock.locked()),
+            idle_bound = sorted((b for b in self._bindings.values() if b.pool is pool and not b.lock.locked()),
                                 key=lambda b: b.record.last_used_at)
             for binding in idle_bound[:max(0, needed)]:
                 await self.park(binding.record.id)

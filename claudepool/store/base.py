@@ -115,6 +115,9 @@ class SessionRecord:
     workspace: str = ""  # its workspace at the last park: "" (none), "saved", or "dropped: why"
     closed_at: float | None = None
     close_reason: str | None = None
+    # Its system prompt when not its profile's own (a custom one, or the tenant's persona): what
+    # finds, or makes again after a restart, the pool its turns run on.
+    system_prompt: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

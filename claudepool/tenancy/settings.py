@@ -22,6 +22,11 @@ class TenantSettings(BaseModel):
     # Models a request may switch to (full ids or the aliases opus, sonnet, haiku), besides the
     # profile's own; empty = only the profile's model, no switching.
     models: list[str] = Field(default_factory=list)
+    # The tenant's persona: the system prompt of its requests and sessions that send none (unset:
+    # the profile's own). One a request sends that differs from it is refused (403) unless
+    # allow_custom_system_prompt. Either runs on a pool made on demand for it (README, "System prompts").
+    system_prompt: str | None = None
+    allow_custom_system_prompt: bool = False
     # Scheduling: share of the workers when several tenants wait, and bounds. 0 = unlimited.
     weight: float = Field(default=1.0, gt=0)
     max_concurrency: int = Field(default=0, ge=0)

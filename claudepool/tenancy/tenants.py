@@ -59,6 +59,9 @@ class Tenant:
     max_sessions: int | None = None
     # Full model ids a request may switch to, besides its profile's own (aliases resolved).
     models: frozenset[str] = frozenset()
+    # The persona (None: the profile's own system prompt), and whether a request may send another.
+    system_prompt: str | None = None
+    allow_custom_system_prompt: bool = False
 
     @classmethod
     def of(cls, name: str, settings: TenantSettings) -> Tenant:
@@ -71,7 +74,25 @@ class Tenant:
                    soft_stop_fraction=settings.soft_stop_fraction, max_session_turns=settings.max_session_turns,
                    max_session_age_s=settings.max_session_age_s,
                    max_session_context_tokens=settings.max_session_context_tokens, max_sessions=settings.max_sessions,
-                   models=resolve_all(settings.models))
+                   models=resolve_all(settings.models), system_prompt=settings.system_prompt,
+                   allow_custom_system_prompt=settings.allow_custom_system_prompt)
+
+    def system_prompt_for(self, profile_system_prompt: str | None, requested: str | None) -> str | None:
+        """The system prompt a request (or a session) of this tenant runs with, on a profile whose own
+        is ``profile_system_prompt``: ``requested`` if it sent one, else the tenant's persona, else the
+        profile's. One that differs from that default needs ``allow_custom_system_prompt``
+        (`Forbidden` otherwise): a persona is the operator's choice, not the caller's.
+
+        >>> Tenant("a", "", "default", frozenset()).system_prompt_for("Be brief.", None)
+        'Be brief.'
+        """
+        default = self.system_prompt if self.system_prompt is not None else profile_system_prompt
+        if requested is None or requested == default:
+            return default
+        if not self.allow_custom_system_prompt:
+            raise Forbidden("a system prompt of the request's own is not allowed for this tenant "
+                            "(tenants.NAME.allow_custom_system_prompt): send none, or exactly its default")
+        return requested
 
     @property
     def has_budget(self) -> bool:

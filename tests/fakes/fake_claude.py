@@ -36,6 +36,7 @@ Per-turn directives, in the prompt text
   [[huge:N]]       print one line of N bytes                 [[garbage]]  print a non-JSON line
   [[grow:MB]]      allocate and keep MB of memory            [[child]]    spawn a sleeping grandchild
   [[env]]          answer with the environment as JSON       [[cwd]]      answer with the cwd
+  [[system]]       answer with the ``--system-prompt`` it was started with (``<none>`` without one)
   [[tool:Bash:CMD]] call a tool first, as the real CLI does when the model asks for one: a
                    ``tool_use`` assistant message (after its ``stream_event``s), then the tool's
                    ``tool_result`` user message. Bash runs CMD (``bash -c`` in a process group of
@@ -116,6 +117,7 @@ class FakeClaude:
     def __init__(self, argv: list[str]) -> None:
         self.partial = "--include-partial-messages" in argv
         self.default_model = argv[argv.index("--model") + 1] if "--model" in argv else "claude-fake-1"
+        self.system_prompt = argv[argv.index("--system-prompt") + 1] if "--system-prompt" in argv else None
         self.model = self.default_model
         self.output_style = "default"
         self.effort = "medium"
@@ -417,6 +419,8 @@ class FakeClaude:
             return json.dumps(dict(os.environ))
         if "cwd" in plan:
             return os.getcwd()
+        if "system" in plan:
+            return "<none>" if self.system_prompt is None else self.system_prompt
         return f"ok: {DIRECTIVE.sub('', prompt).strip()[:40]}"
 
     def context_tokens(self) -> int:

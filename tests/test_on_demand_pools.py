@@ -15,9 +15,10 @@ import anthropic
 import openai
 import pytest
 
+from claudepool.client import AsyncClient
 from claudepool.config import load_settings
 from claudepool.daemon.pools import PoolRegistry
-from claudepool.errors import TooManyPools
+from claudepool.errors import RemoteError, TooManyPools
 from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
 from tests.helpers import until
 from tests.test_sessions import call, say, sessions_config
@@ -256,3 +257,18 @@ async def test_a_pinned_pool_is_never_evicted_and_the_bound_refuses_when_all_are
         assert reg.on_demand == [second] and reg.evicted == 1
     finally:
         await reg.close()
+
+
+@pytest.mark.parametrize("transport", ["socket", "http"])
+async def test_the_client_library_sends_system_on_both_transports(make_daemon: MakeDaemon, transport: str) -> None:
+    d = await make_daemon(**config(), **sessions_config())
+    where: dict[str, Any] = {"socket_path": d.socket} if transport == "socket" else {"url": d.url}
+    async with AsyncClient(key=KEYS["acme"], **where) as client:
+        assert (await client.prompt("[[system]]", system=PIRATE)).text == PIRATE
+        session = await client.create_session(system=POET)
+        assert session["custom_system_prompt"] is True
+        assert (await client.prompt("[[system]]", session=session["id"])).text == POET
+    async with AsyncClient(key=KEYS["beta"], **where) as client:
+        with pytest.raises(RemoteError) as refused:
+            await client.prompt("[[system]]", system=PIRATE)
+        assert refused.value.remote_code == "forbidden"

@@ -39,6 +39,7 @@ PROMPT_FIELDS: dict[str, list[tuple[Any, bool]]] = {
     "session": WRONG_FOR_OPTIONAL_STR,
     "profile": WRONG_FOR_OPTIONAL_STR,
     "model": WRONG_FOR_OPTIONAL_STR,
+    "system": WRONG_FOR_OPTIONAL_STR,
     "stream": WRONG_FOR_BOOL,
     "timeout_s": WRONG_FOR_FLOAT,
     "priority": WRONG_FOR_LITERAL,
@@ -103,7 +104,8 @@ async def test_http_prompt_refuses_a_wrong_type(make_daemon: MakeDaemon, field: 
     assert_refused_before_admission(d)
 
 
-@pytest.mark.parametrize(("field", "value"), cases({"profile": WRONG_FOR_OPTIONAL_STR}))
+@pytest.mark.parametrize(("field", "value"), cases({"profile": WRONG_FOR_OPTIONAL_STR,
+                                                    "system": WRONG_FOR_OPTIONAL_STR}))
 async def test_http_session_create_refuses_a_wrong_type(make_daemon: MakeDaemon, field: str, value: Any) -> None:
     d = await quiet_daemon(make_daemon)
     async with http(d) as s, s.post("/v1/sessions", data=orjson.dumps({field: value})) as resp:
@@ -196,7 +198,8 @@ FRAME_FIELDS: dict[str, tuple[dict[str, Any], dict[str, list[tuple[Any, bool]]]]
               {"key": WRONG_FOR_STR, "tenant": WRONG_FOR_OPTIONAL_STR, "window": WRONG_FOR_LITERAL,
                "date": WRONG_FOR_OPTIONAL_STR}),
     "session.create": ({"op": "session.create", "key": KEYS["acme"]},
-                       {"key": WRONG_FOR_STR, "profile": WRONG_FOR_OPTIONAL_STR}),
+                       {"key": WRONG_FOR_STR, "profile": WRONG_FOR_OPTIONAL_STR,
+                        "system": WRONG_FOR_OPTIONAL_STR}),
     "session.delete": ({"op": "session.delete", "key": KEYS["acme"], "session": "s_0123456789abcdef"},
                        {"key": WRONG_FOR_STR, "session": WRONG_FOR_STR}),
 }

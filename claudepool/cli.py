@@ -71,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if name == "run":
             cmd.add_argument("prompt")
             cmd.add_argument("--profile")
+            cmd.add_argument("--system", help="the request's own system prompt (the tenant must be allowed one)")
             cmd.add_argument("--timeout", type=float, dest="timeout_s")
             cmd.add_argument("--file", action="append", default=[], dest="files", metavar="PATH[=WORKSPACE_PATH]",
                              help="put a local file into the request's workspace, as its name (or WORKSPACE_PATH)")
@@ -208,7 +209,7 @@ async def _run(client: AsyncClient, args: argparse.Namespace) -> int:
     try:
         async with client:
             async for piece in client.stream(args.prompt, profile=args.profile, timeout_s=args.timeout_s,
-                                             files=files or None):
+                                             files=files or None, system=args.system):
                 if isinstance(piece, str):
                     streamed = True
                     sys.stdout.write(piece)

@@ -272,3 +272,11 @@ async def test_the_client_library_sends_system_on_both_transports(make_daemon: M
         with pytest.raises(RemoteError) as refused:
             await client.prompt("[[system]]", system=PIRATE)
         assert refused.value.remote_code == "forbidden"
+
+
+async def test_claudepool_run_sends_system(make_daemon: MakeDaemon) -> None:
+    from tests.test_cli_client import claudepool
+
+    d = await make_daemon(**config())
+    done = await claudepool("run", "--socket", d.socket, "--key", KEYS["acme"], "--system", PIRATE, "[[system]]")
+    assert (done.code, done.out) == (0, PIRATE + "\n"), done.err

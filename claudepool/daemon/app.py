@@ -112,11 +112,10 @@ class Daemon:
         # Every worker's credential for the gateway: the workers never see the provider's key.
         self.credentials = CredentialRegistry()
         # Every pool, configured or made on demand for another system prompt, is built by the registry.
-        # Their memory measurements run in the task group (see _serve).
+        # The configured pools' memory measurements run in the task group (see _serve), the others' in the registry.
         self.pool_registry = PoolRegistry(
             settings, observer=worker_metrics, on_turn_result=self.meter.on_turn_result,
-            on_lease_done=self.meter.on_lease_done, slots=slots, credentials=self.credentials,
-            run_maintenance=False)
+            on_lease_done=self.meter.on_lease_done, slots=slots, credentials=self.credentials)
         self.pools = self.pool_registry.configured
         self.session_pools = self.pool_registry.configured_sessions
         self.sessions = SessionManager(self.store, self.pool_registry, settings.session_options(),

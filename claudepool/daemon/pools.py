@@ -114,8 +114,10 @@ class PoolRegistry(Mapping[str, Pool]):
         self.reaped = 0  # closed once idle
 
     def build(self, profile: Profile, config: PoolConfig) -> Pool:
-        """A pool of the daemon's: its hooks (metering, tenant slots, worker credentials) and observer."""
-        return Pool(profile, config, observer=self._observer, **self._hooks)
+        """A pool of the daemon's: its hooks (metering, tenant slots, worker credentials) and observer.
+        Its memory measurements (`Pool.maintain`) are run by its owner: the daemon's task group for the
+        configured pools, this registry for those made on demand (`maintain` raises what they raise)."""
+        return Pool(profile, config, observer=self._observer, **{**self._hooks, "run_maintenance": False})
 
     # -- the mapping: every live pool ------------------------------------------------------------
 

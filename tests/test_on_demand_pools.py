@@ -19,7 +19,7 @@ from claudepool.client import AsyncClient
 from claudepool.config import load_settings
 from claudepool.daemon.pools import PoolRegistry
 from claudepool.errors import RemoteError, TooManyPools
-from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
+from tests.daemon_fixtures import ADMIN_KEY, KEYS, RunningDaemon, make_daemon
 from tests.helpers import until
 from tests.test_sessions import call, say, sessions_config
 
@@ -188,8 +188,10 @@ async def test_metrics_stay_bounded_and_no_prompt_text_reaches_logs_or_labels(
                         "other~custom", "other~custom.sessions"}, profiles
     for pool in registry(d).on_demand:
         assert pool.profile.name not in text  # no digest either: one label for them all
+    status, pools = await call(d, "GET", "/v1/pool", key=ADMIN_KEY)  # the admin sees them, by key
+    assert status == 200 and len([name for name in pools["pools"] if name.startswith("default~")]) == 4
     logged = caplog.text + "".join(str(getattr(r, "fields", "")) for r in caplog.records)
-    assert "SECRET-PERSONA" not in text and "SECRET-PERSONA" not in logged
+    assert "SECRET-PERSONA" not in text and "SECRET-PERSONA" not in logged and "SECRET-PERSONA" not in str(pools)
 
 
 async def test_a_session_keeps_its_system_prompt_through_parking_and_a_restart(make_daemon: MakeDaemon) -> None:

@@ -138,6 +138,8 @@ async def test_at_the_bound_the_least_recently_used_idle_pool_is_closed(make_dae
     status, body = await say(d, None, "[[system]]", system="third")
     assert (status, body["text"]) == (200, "third")
     assert {p.profile.system_prompt for p in reg.on_demand} == {"first", "third"} and reg.evicted == 1
+    assert d.sample("claudepool_on_demand_pool_events_total", event="evicted") == 1
+    assert d.sample("claudepool_on_demand_pools") == 2
     await until(lambda: pools["second"].workers() == [], 10)  # closed, its worker with it
     assert pools["first"] in reg.on_demand
 
@@ -163,6 +165,8 @@ async def test_idle_on_demand_pools_are_reaped(make_daemon: MakeDaemon) -> None:
     assert reg.reap() == 0  # not idle for on_demand_idle_s yet
     assert reg.reap(now=2e12) == 1
     assert reg.on_demand == [] and pool.profile.name not in reg
+    assert d.sample("claudepool_on_demand_pool_events_total", event="reaped") == 1
+    assert d.sample("claudepool_on_demand_pools") == 0
     await until(lambda: pool._state.closed, 5)
     # Needed again: made again.
     assert (await say(d, None, "[[system]]", system=PIRATE))[1]["text"] == PIRATE

@@ -42,6 +42,7 @@ from claudepool.daemon.admission import Gate, ServiceLimits
 from claudepool.daemon.collectors import (
     LimiterCollector,
     MeterCollector,
+    OnDemandPoolCollector,
     PoolCollector,
     ProcessCollector,
     ServiceCollector,
@@ -138,6 +139,7 @@ class Daemon:
         self.status = Status(self.pools, self.all_pools(), self.service)
         self.spend = TenantSpend(self.tenants, self.store, tenant_labels, self.registry)
         PoolCollector(self.all_pools(), self.registry)
+        OnDemandPoolCollector(self.pool_registry, self.registry)
         ServiceCollector(self.service, self.registry)
         ProcessCollector(self.registry)
         SessionCollector(self.sessions, self.registry)

@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from claudepool.daemon.metrics import SESSION_EVENTS, WORKER_STATES
+from claudepool.daemon.pools import PoolRegistry
 from claudepool.daemon.service import PromptService
 from claudepool.pool.memory import available_memory_bytes, plan_memory
 from claudepool.pool.pool import Pool
@@ -100,6 +101,26 @@ class PoolCollector(Collector):
             queue.add_metric([priority], count)
         yield queue
         yield GaugeMetricFamily("claudepool_in_flight_turns", "Workers running a turn.", value=in_turn)
+
+
+class OnDemandPoolCollector(Collector):
+    """Pools made on demand for other system prompts: how many live, and how many were made, closed
+    for room and reaped once idle (`claudepool.daemon.pools`)."""
+
+    def __init__(self, pools: PoolRegistry, registry: CollectorRegistry) -> None:
+        self._pools = pools
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        p = self._pools
+        yield GaugeMetricFamily("claudepool_on_demand_pools", "Pools made on demand, alive now.",
+                                value=len(p.on_demand))
+        events = CounterMetricFamily("claudepool_on_demand_pool_events", "Pools made on demand: made, "
+                                     "evicted (closed for room at the bound), reaped (closed once idle).",
+                                     labels=["event"])
+        for event, count in (("made", p.made), ("evicted", p.evicted), ("reaped", p.reaped)):
+            events.add_metric([event], count)
+        yield events
 
 
 class ServiceCollector(Collector):

@@ -2,10 +2,11 @@
 
 The documented rules (README, "Anthropic Messages API"):
 
-* ``messages``: strings or text blocks. One user message is the prompt as it is. A longer history
-  is, for now, flattened into one prompt with a role marker before each message (the conversation
-  is not continued on a warm worker yet). The last message must be the user's (no assistant
-  prefill). Image, document, tool_use and tool_result blocks are refused (400).
+* ``messages``: strings or text blocks (a message's blocks are joined with a blank line). The
+  history is recognised as a conversation and continued, or started seeded with it
+  (`claudepool.frontdoor.conversation`); opted out, it is flattened into one prompt with a role
+  marker before each message. The last message must be the user's (no assistant prefill). Image,
+  document, tool_use and tool_result blocks are refused (400).
 * ``system``: only absent or equal to the profile's own system prompt: the CLI fixes it at spawn,
   and per-request system prompts are not supported yet (400).
 * ``max_tokens`` is required and checked (≥ 1) but does not bound the CLI's own model calls.
@@ -23,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from claudepool.errors import BadRequest
-from claudepool.frontdoor.history import flatten
+from claudepool.frontdoor.history import Role
 
 
 class TextBlock(BaseModel):
@@ -89,6 +90,10 @@ def check_unsupported(body: MessagesRequest, profile_system_prompt: str | None) 
                              "profile's own")
 
 
-def prompt_of(messages: list[Message]) -> str:
-    """The one prompt the history becomes (`claudepool.frontdoor.history`)."""
-    return flatten([(m.role, blocks_text(m.content, f"messages.{i}.content")) for i, m in enumerate(messages)])
+def turns_of(messages: list[Message]) -> list[tuple[Role, str]]:
+    """The history as (role, text), oldest first."""
+    return [(m.role, blocks_text(m.content, f"messages.{i}.content")) for i, m in enumerate(messages)]
+
+
+def system_of(body: MessagesRequest) -> str:
+    return "" if body.system is None else blocks_text(body.system, "system")

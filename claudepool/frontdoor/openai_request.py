@@ -3,8 +3,10 @@
 The documented rules (README, "OpenAI Chat Completions API"):
 
 * ``messages``: ``system``/``developer``, ``user`` and ``assistant`` messages with string content
-  or text parts. The history becomes one prompt (`claudepool.frontdoor.history`); image, audio
-  and file parts, ``tool`` messages and assistant ``tool_calls`` are refused (400).
+  or text parts. The history is recognised as a conversation and continued, or started seeded
+  with it (`claudepool.frontdoor.conversation`); opted out, it becomes one prompt
+  (`claudepool.frontdoor.history`). Image, audio and file parts, ``tool`` messages and assistant
+  ``tool_calls`` are refused (400).
 * ``system`` and ``developer`` messages: only when their text equals the profile's system prompt
   (the CLI fixes it at spawn; per-request system prompts are not supported yet), else 400.
 * ``n`` must be 1; ``stop``, ``tools``, ``tool_choice``, ``functions``, ``function_call``,
@@ -22,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from claudepool.errors import BadRequest
-from claudepool.frontdoor.history import Role, flatten
+from claudepool.frontdoor.history import Role
 
 
 class ChatMessage(BaseModel):
@@ -83,8 +85,9 @@ def parts_text(content: str | list[dict[str, Any]] | None, where: str) -> str:
     return "\n\n".join(texts)
 
 
-def prompt_of(body: ChatRequest, profile_system_prompt: str | None) -> str:
-    """Refuse what the CLI cannot honour (see the module's rules); the prompt the history becomes."""
+def turns_of(body: ChatRequest, profile_system_prompt: str | None) -> tuple[str, list[tuple[Role, str]]]:
+    """Refuse what the CLI cannot honour (see the module's rules); the system text the request sent
+    ("" if none) and the history as (role, text), oldest first."""
     if body.n != 1:
         raise BadRequest("n must be 1: one worker gives one answer")
     refused = {"stop": body.stop, "tools": body.tools, "tool_choice": body.tool_choice, "functions": body.functions,
@@ -96,6 +99,7 @@ def prompt_of(body: ChatRequest, profile_system_prompt: str | None) -> str:
     if body.response_format is not None and body.response_format.get("type") != "text":
         raise BadRequest("response_format: only text (a profile's json_schema gives structured output)")
     turns: list[tuple[Role, str]] = []
+    systems: list[str] = []
     for index, message in enumerate(body.messages):
         where = f"messages.{index}"
         if message.role in ("tool", "function") or message.tool_calls:
@@ -105,6 +109,7 @@ def prompt_of(body: ChatRequest, profile_system_prompt: str | None) -> str:
             if text != (profile_system_prompt or ""):
                 raise BadRequest(f"{where}: per-request system prompts are not supported yet: send none, or "
                                  "exactly the profile's own")
+            systems.append(text)
             continue
         turns.append(("user" if message.role == "user" else "assistant", text))
-    return flatten(turns)
+    return "\n\n".join(systems), turns

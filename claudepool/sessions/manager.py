@@ -105,7 +105,7 @@ class SessionManager:
 
     # -- records ---------------------------------------------------------------------------------
 
-    async def create(self, tenant: Tenant, profile: str | None = None) -> SessionRecord:
+    async def create(self, tenant: Tenant, profile: str | None = None, *, conversation: bool = False) -> SessionRecord:
         name = profile or tenant.profile
         if name not in self.pools:
             raise NotFound(f"unknown profile {name!r}")
@@ -113,7 +113,7 @@ class SessionManager:
             raise Forbidden(f"profile {name!r} is not allowed for this tenant")
         now = time.time()
         record = SessionRecord(id=new_session_id(), tenant=tenant.name, profile=name, created_at=now,
-                               last_used_at=now, state="new")
+                               last_used_at=now, state="new", conversation=conversation)
         bound = tenant.max_sessions if tenant.max_sessions is not None else self.config.max_sessions
         if not await self.store.session_create(record, max_open=bound):
             raise TooManySessions(f"this tenant has {bound} open sessions, its limit: delete one (or let one "
@@ -276,17 +276,15 @@ class SessionManager:
                 "succeeds") from None
         binding.unsaved = False
 
+    def limit_reached(self, tenant: Tenant, record: SessionRecord) -> str | None:
+        """Which limit the session's next turn would be refused (or rolled over) at, if any."""
+        return self.limits(tenant, record.profile).reached(record.turns, time.time() - record.created_at,
+                                                           record.context_tokens)
+
     async def _check_limits(self, tenant: Tenant, record: SessionRecord) -> SessionRecord:
         if record.state == "closed":
             raise SessionClosed(f"session {record.id} is closed ({record.close_reason})")
-        limits = self.limits(tenant, record.profile)
-        reached = None
-        if limits.max_turns and record.turns >= limits.max_turns:
-            reached = f"max_turns ({limits.max_turns})"
-        elif limits.max_age_s and time.time() - record.created_at >= limits.max_age_s:
-            reached = f"max_age_s ({limits.max_age_s:g})"
-        elif limits.max_context_tokens and record.context_tokens >= limits.max_context_tokens:
-            reached = f"max_context_tokens ({limits.max_context_tokens})"
+        reached = self.limit_reached(tenant, record)
         if reached is None:
             return record
         self._unbind(record.id)  # the worker, and its copy of the conversation, go back to the pool
@@ -394,21 +392,27 @@ class SessionManager:
             for binding in idle_bound[:max(0, needed)]:
                 await self.park(binding.record.id)
 
+    async def close_idle(self, record: SessionRecord, reason: str) -> bool:
+        """Close the session ``record`` (from a listing) unless a turn holds it or it was used since."""
+        lock = self._lock(record.id)
+        if lock.locked():
+            return False
+        async with lock:
+            fresh = await self.store.session_get(record.tenant, record.id)
+            if fresh is None or fresh.state == "closed" or fresh.last_used_at > record.last_used_at:
+                return False
+            self._unbind(record.id)
+            await self._close(fresh, reason)
+        return True
+
     async def sweep(self) -> None:
         now = time.time()
         for record in await self.store.session_list(None):
-            if record.state != "closed" and now - record.last_used_at >= self.config.ttl_s:
-                lock = self._lock(record.id)
-                if lock.locked():
-                    continue  # a turn is running right now: not idle after all
-                async with lock:
-                    # The listing may be stale by now: act on the record as it is.
-                    fresh = await self.store.session_get(record.tenant, record.id)
-                    if fresh is None or fresh.state == "closed" or now - fresh.last_used_at < self.config.ttl_s:
-                        continue
-                    self._unbind(record.id)
-                    await self._close(fresh, "expired")
-                self.events["expired"] += 1
+            ttl_s = self.config.conversation_idle_ttl_s if record.conversation else self.config.ttl_s
+            if record.state != "closed" and now - record.last_used_at >= ttl_s:
+                # The listing may be stale by now: closed only if still unused since (and not mid-turn).
+                if await self.close_idle(record, "expired"):
+                    self.events["expired"] += 1
             elif record.state == "closed" and record.closed_at is not None and (
                     now - record.closed_at >= self.config.retention_s):
                 self.files.remove(record)

@@ -234,3 +234,16 @@ async def test_a_tenant_at_its_max_sessions_gives_up_a_conversation_not_the_requ
     assert (await session_view(d, own["id"]))["where"]["state"] != "closed"  # a client's session stays
     # A session a client creates gives nothing up: the tenant's bound is as it always was.
     assert (await call(d, "POST", "/v1/sessions", {}))[0] == 429
+
+
+async def test_a_conversation_at_a_session_limit_starts_afresh_rather_than_rolling_over(
+        make_daemon: MakeDaemon) -> None:
+    # With rollover its next turn would run in a fresh session holding none of the history.
+    d = await make_daemon(**conversations_config(max_turns=2, rollover=True))
+    chat = Chat(d)
+    await chat.say("first")
+    await chat.say("second")
+    echo = await chat.say("[[echo]]")
+    assert "[user]\nfirst" in echo and "[user]\nsecond" in echo  # seeded with the whole history
+    assert chat.sessions[2] != chat.sessions[0]
+    assert (await session_view(d, chat.sessions[0]))["where"]["state"] == "closed"

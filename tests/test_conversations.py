@@ -8,6 +8,7 @@ the whole prompt: a history that may be flattened into one holds no ``[[reply:â€
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,6 +16,8 @@ import anthropic
 import pytest
 
 from claudepool.frontdoor.conversation import OPT_OUT_HEADER, SESSION_HEADER
+from claudepool.sessions import conversations
+from claudepool.sessions.conversations import Thread, digest
 from tests import test_anthropic_api, test_openai_api
 from tests.daemon_fixtures import RunningDaemon, make_daemon
 from tests.helpers import eventually
@@ -79,6 +82,32 @@ async def session_view(d: RunningDaemon, session: str | None, tenant: str = "acm
     status, view = await call(d, "GET", f"/v1/sessions/{session}", tenant=tenant)
     assert status == 200, view
     return dict(view)
+
+
+def test_the_module_doctests_pass() -> None:
+    import doctest
+
+    assert doctest.testmod(conversations).failed == 0
+
+
+def test_the_digest_covers_everything_that_makes_two_conversations_different() -> None:
+    thread = Thread("acme", "default", "claude-sonnet-4-5", "")
+    history = [("user", "hi"), ("assistant", "hello"), ("user", "and?")]
+    base = digest(thread, history)
+    others = [
+        digest(Thread("beta", "default", "claude-sonnet-4-5", ""), history),
+        digest(Thread("acme", "lean", "claude-sonnet-4-5", ""), history),
+        digest(Thread("acme", "default", "claude-haiku-4-5", ""), history),
+        digest(Thread("acme", "default", "claude-sonnet-4-5", "Be terse."), history),
+        digest(thread, [("user", "hi"), ("user", "hello"), ("user", "and?")]),  # a role
+        digest(thread, [("user", "hi "), ("assistant", "hello"), ("user", "and?")]),  # a user's exact text
+        digest(thread, [("user", "hi"), ("assistant", "hello"), ("user", "and")]),
+        digest(thread, history[:1]),
+        digest(thread, [("user", "hi\u001f"), ("assistant", "hello"), ("user", "and?")]),
+    ]
+    assert len({base, *others}) == len(others) + 1
+    assert base == digest(thread, [("user", "hi"), ("assistant", "\n hello \n"), ("user", "and?")])
+    assert len(base) == 64 and int(base, 16) >= 0  # sha256, hex
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
@@ -247,3 +276,18 @@ async def test_a_conversation_at_a_session_limit_starts_afresh_rather_than_rolli
     assert "[user]\nfirst" in echo and "[user]\nsecond" in echo  # seeded with the whole history
     assert chat.sessions[2] != chat.sessions[0]
     assert (await session_view(d, chat.sessions[0]))["where"]["state"] == "closed"
+
+
+async def test_a_conversation_another_daemon_holds_is_started_afresh_here(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon(**conversations_config())
+    chat = Chat(d, "openai")
+    await chat.say("first")
+    assert await d.daemon.sessions.park(chat.sessions[0] or "")  # its worker is not this daemon's any more
+    store = d.daemon.sessions.store
+    record = await store.session_get("acme", chat.sessions[0] or "")
+    assert record is not None
+    # As a daemon sharing the store sees it while another one serves the session.
+    record.state, record.owner, record.last_used_at = "active", "elsewhere:1:abc", time.time()
+    await store.session_put(record)
+    echo = await chat.say("[[echo]]")  # answered here, not 409 session_elsewhere
+    assert chat.sessions[1] != chat.sessions[0] and "[user]\nfirst" in echo

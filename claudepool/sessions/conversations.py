@@ -29,7 +29,8 @@ Sessions started here are ordinary sessions of the tenant (limits, budgets, mete
 ``max_sessions``) marked ``conversation``: they expire after ``conversation_idle_ttl_s`` unused,
 and a tenant keeps at most ``max_conversations`` open: starting one more closes its least recently
 used idle one (as does a tenant at its ``max_sessions``) rather than refusing. A session that is
-closed, expired, at a limit or on another profile is simply not recognised.
+closed, expired, at a limit, on another profile, or held by another daemon (or with its transcript
+out of this daemon's reach) is simply not recognised: the request starts its own conversation.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from claudepool.errors import NotFound, TooManySessions
+from claudepool.errors import NotFound, SessionElsewhere, TooManySessions
 from claudepool.sessions.manager import SessionManager
 from claudepool.store.base import SessionRecord, Store
 from claudepool.tenancy.tenants import Tenant
@@ -101,7 +102,7 @@ class Conversations:
             record = await self.sessions.get(tenant.name, session_id)
         except NotFound:
             return None
-        if record.state == "closed" or record.profile != thread.profile:
+        if record.state == "closed" or record.profile != thread.profile or not self._runs_here(record):
             return None
         if self.sessions.limit_reached(tenant, record) is not None:
             # Its next turn would be refused or rolled over into a session without this history.
@@ -109,6 +110,16 @@ class Conversations:
             return None
         self.sessions.events["conversation_continued"] += 1
         return record
+
+    def _runs_here(self, record: SessionRecord) -> bool:
+        """Whether its turn can run on this daemon: not held by another daemon, and its transcript
+        here if it has one (a sessions directory not shared). Else this daemon starts its own."""
+        try:
+            self.sessions.check_not_elsewhere(record)
+        except SessionElsewhere:
+            return False
+        return not record.cli_session_id or self.sessions.bound_worker(record.id) is not None or (
+            self.sessions.files.transcript(record).exists())
 
     async def start(self, tenant: Tenant, thread: Thread) -> SessionRecord:
         """A new conversation's session: the one place one is created (a per-request system prompt

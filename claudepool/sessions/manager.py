@@ -187,7 +187,7 @@ class SessionManager:
             return binding
         if binding is not None:
             self._unbind(record.id)  # its worker died: resume from the checkpoint
-        self._check_not_elsewhere(record)
+        self.check_not_elsewhere(record)
         pool = self.pools[record.profile]
         resume = bool(record.cli_session_id)
         if resume and not self.files.transcript(record).exists():
@@ -463,12 +463,12 @@ class SessionManager:
             result = await asyncio.to_thread(live, cwd)
             if self._bindings.get(record.id) is binding:
                 return result  # else parked meanwhile: its worker may hold another lease's files by now
-        self._check_not_elsewhere(record)
+        self.check_not_elsewhere(record)
         return await asyncio.to_thread(parked, self.files.workspace(record))
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _check_not_elsewhere(self, record: SessionRecord) -> None:
+    def check_not_elsewhere(self, record: SessionRecord) -> None:  # SessionElsewhere: another daemon holds it
         if (record.state == "active" and record.owner and record.owner != self.daemon_id
                 and time.time() < record.last_used_at + self.config.park_idle_s + _OWNERSHIP_GRACE_S):
             raise SessionElsewhere(f"session {record.id} is active on daemon {record.owner}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -291,3 +292,17 @@ async def test_a_conversation_another_daemon_holds_is_started_afresh_here(make_d
     await store.session_put(record)
     echo = await chat.say("[[echo]]")  # answered here, not 409 session_elsewhere
     assert chat.sessions[1] != chat.sessions[0] and "[user]\nfirst" in echo
+
+
+async def test_two_daemons_on_one_redis_continue_one_conversation(
+        make_daemon: MakeDaemon, redis_url: str, tmp_path: Path) -> None:
+    shared = {**conversations_config(), "store": {"url": redis_url}}
+    first = await make_daemon(**shared)
+    second = await make_daemon(**shared, server={"socket": str(tmp_path / "second.sock")})
+    chat = Chat(first, "anthropic")
+    await chat.say("remember OSPREY-3")
+    assert await first.daemon.sessions.park(chat.sessions[0] or "")
+    chat.d = second  # the client's next turn lands on the other daemon
+    assert await chat.say("[[echo]]") == "remember OSPREY-3\n[[echo]]"  # resumed there, history intact
+    assert chat.sessions[1] == chat.sessions[0]
+    assert second.daemon.sessions.events["resumed"] == 1

@@ -306,3 +306,18 @@ async def test_two_daemons_on_one_redis_continue_one_conversation(
     assert await chat.say("[[echo]]") == "remember OSPREY-3\n[[echo]]"  # resumed there, history intact
     assert chat.sessions[1] == chat.sessions[0]
     assert second.daemon.sessions.events["resumed"] == 1
+
+
+async def test_a_turn_cut_by_its_deadline_is_never_continued_from(make_daemon: MakeDaemon) -> None:
+    # Its prompt reached the CLI (and stays in the session's context) though no turn was counted.
+    d = await make_daemon(**conversations_config(), server={"default_timeout_s": 0.5})
+    chat = Chat(d)
+    await chat.say("first")
+    before = list(chat.history)
+    with pytest.raises(anthropic.APIStatusError) as cut:
+        await chat.say("slow [[sleep:2]]")
+    assert cut.value.status_code == 504
+    chat.history = before
+    echo = await chat.say("[[echo]]")
+    assert "slow" not in echo and "[user]\nfirst" in echo
+    assert chat.sessions[-1] != chat.sessions[0]

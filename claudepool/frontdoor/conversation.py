@@ -44,6 +44,7 @@ class ConversationTurn:
     turns: list[tuple[Role, str]]
     record: SessionRecord  # as the request took it
     claimed: bool  # continued (else started by this request)
+    begun_before: int  # the session's turns this daemon had begun when the request took it
 
     @property
     def session(self) -> str:
@@ -55,7 +56,7 @@ class ConversationTurn:
         try:
             if answer_text is None:
                 await self.conversations.failed(self.tenant, self.thread, self.turns[:-1], self.record,
-                                                claimed=self.claimed)
+                                                claimed=self.claimed, begun_before=self.begun_before)
             else:
                 await self.conversations.advance(self.tenant, self.thread, [*self.turns, ("assistant", answer_text)],
                                                  self.record.id)
@@ -73,6 +74,7 @@ async def plan(conversations: Conversations | None, tenant: Tenant, thread: Thre
     if len(turns) > 1:
         record = await conversations.claim(tenant, thread, turns[:-1])
         if record is not None:
-            return turns[-1][1], ConversationTurn(conversations, tenant, thread, turns, record, claimed=True)
+            return turns[-1][1], ConversationTurn(conversations, tenant, thread, turns, record, claimed=True,
+                                                  begun_before=conversations.turns_begun(record.id))
     record = await conversations.start(tenant, thread)
-    return prompt, ConversationTurn(conversations, tenant, thread, turns, record, claimed=False)
+    return prompt, ConversationTurn(conversations, tenant, thread, turns, record, claimed=False, begun_before=0)

@@ -7,9 +7,10 @@ but its last user message) has a digest there *claims* it (`Store.conversation_c
 two clients replaying one history concurrently, one continues the session and the other starts its
 own conversation) and runs only its new message in that session. After the turn the digest of
 history + new message + the answer as the client will resend it points at the session; the old
-digest is gone (claimed). A turn that fails does not advance: if it never ran, the old digest is put
-back (the client's retry continues the session); if it ran (the session's context now holds a
-failed or unseen turn), the session is closed and the retry starts afresh.
+digest is gone (claimed). A turn that fails does not advance: if it never reached a worker, the
+old digest is put back (the client's retry continues the session); if it did (the session's context
+may now hold a failed or unseen turn: an error result, a deadline mid-answer, a client gone), the
+session is closed and the retry starts afresh.
 
 A history that matches nothing starts a new session (`Conversations.start`, the one place one is
 created), its first turn the history flattened with role markers by the front door
@@ -141,12 +142,21 @@ class Conversations:
         to the session."""
         await self.store.conversation_put(tenant.name, digest(thread, messages), session_id, self.idle_ttl_s)
 
+    def turns_begun(self, session_id: str) -> int:
+        """How many turns of the session this daemon has begun: compared before and after a request,
+        whether its turn reached a worker (and the conversation's context)."""
+        return self.sessions.turns_begun[session_id]
+
     async def failed(self, tenant: Tenant, thread: Thread, history: Sequence[tuple[str, str]],
-                     before: SessionRecord, *, claimed: bool) -> None:
-        """After a turn that failed: ``before`` is the session as it was when the request took it."""
+                     before: SessionRecord, *, claimed: bool, begun_before: int) -> None:
+        """After a turn that failed: ``before`` is the session as the request took it, when this
+        daemon had begun ``begun_before`` of its turns."""
         now = await self.store.session_get(tenant.name, before.id)
-        if claimed and now is not None and now.state != "closed" and now.turns == before.turns:
-            # It never ran (refused at admission, a queue deadline): the conversation is as it was.
+        if (claimed and now is not None and now.state != "closed" and now.turns == before.turns
+                and self.turns_begun(before.id) == begun_before):
+            # It never reached a worker (refused at admission, a queue deadline): as it was. A turn
+            # that did may be in the context although it failed (a deadline mid-answer, the client
+            # gone, an error result): never continued from.
             await self.store.conversation_put(tenant.name, digest(thread, history), before.id, self.idle_ttl_s)
             return
         self.sessions.events["conversation_dropped"] += 1

@@ -3,23 +3,17 @@
 A session belongs to one tenant and one profile. While it is *active* it holds one worker of the
 profile's session-capable pool (workers that keep transcripts; stateless workers never do), so a
 follow-up turn goes straight to the warm process that already holds its context: no reset, no
-queue, a warm prompt cache. One turn at a time: a second concurrent turn on the same session waits
-behind the first (within its own deadline).
+queue, a warm prompt cache. One turn at a time: a second concurrent turn waits behind the first.
 
 After every turn the CLI's transcript is checkpointed to ``<sessions dir>/<tenant>/<session>.jsonl``.
 When the worker is needed elsewhere (the session sat idle for ``park_idle_s``, or other sessions wait
 for a worker: least recently used first) the session is *parked*: its worker gives up the transcript
-and is reset for others. The next turn *resumes* it on any free worker of the pool, started with
-``--resume`` from the checkpoint, with its full history. A daemon restart, or another daemon sharing
-the store and the sessions directory, resumes it the same way.
+and is reset for others. The next turn *resumes* it on any free worker (``--resume`` from the
+checkpoint), here, after a restart, or on another daemon sharing the store and the directory.
 
-A tenant holds at most ``max_sessions`` open (not closed) sessions (its own, else ``[sessions]``);
-creating one more is ``too_many_sessions``, checked by the store atomically with the insert.
-
-Limits (turns, age, context tokens; per tenant, else per profile, else ``[sessions]``) close a
-session with ``session_limit_reached``, or roll it over into a fresh session whose id the answer
-carries. Idle sessions expire after ``ttl_s``. Transcripts of closed sessions are deleted after
-``retention_s``; the directory is bounded by ``max_disk_bytes``.
+A tenant holds at most ``max_sessions`` open sessions (checked atomically with the insert). Limits
+(turns, age, context tokens; per tenant, else profile, else ``[sessions]``) close a session, or roll
+it over into a fresh one. Idle sessions expire after ``ttl_s``; closed transcripts go after ``retention_s``.
 """
 
 from __future__ import annotations
@@ -101,6 +95,7 @@ class SessionManager:
         self.workspaces = SessionWorkspaces(self.files, self.config, self.events)
         self._bindings: dict[str, _Binding] = {}
         self._locks: dict[str, asyncio.Lock] = {}  # per session, also while it has no worker
+        self.turns_begun: Counter[str] = Counter()  # per session: turns handed a worker on this daemon
         self.transcript_bytes = 0
 
     # -- records ---------------------------------------------------------------------------------
@@ -144,7 +139,7 @@ class SessionManager:
             self._unbind(session_id)
             self.files.remove(record)
             await self.store.session_delete(tenant, session_id)
-        self._locks.pop(session_id, None)
+        self._forget(session_id)
         self.events["deleted"] += 1
 
     def view(self, record: SessionRecord) -> dict[str, Any]:
@@ -176,6 +171,7 @@ class SessionManager:
             if lease.worker.in_turn():
                 # The previous turn's client went away mid-answer: finish it before writing again.
                 await lease.worker.finish_abandoned_turn()
+            self.turns_begun[record.id] += 1  # before: a turn that fails mid-way has begun all the same
             result = await drive(lease, binding.record)
             await self._after_turn(binding, result)
             return binding.record, result
@@ -417,7 +413,7 @@ class SessionManager:
                     now - record.closed_at >= self.config.retention_s):
                 self.files.remove(record)
                 await self.store.session_delete(record.tenant, record.id)
-                self._locks.pop(record.id, None)
+                self._forget(record.id)
                 self.events["deleted"] += 1
         self.transcript_bytes = await self.files.disk_usage()
         if self.config.max_disk_bytes and self.transcript_bytes > self.config.max_disk_bytes:
@@ -489,6 +485,10 @@ class SessionManager:
     def _lock(self, session_id: str) -> asyncio.Lock:
         """The session's one lock, whether or not it holds a worker right now."""
         return self._locks.setdefault(session_id, asyncio.Lock())
+
+    def _forget(self, session_id: str) -> None:
+        self._locks.pop(session_id, None)
+        self.turns_begun.pop(session_id, None)
 
     def _unbind(self, session_id: str) -> None:
         """Give the worker back. Its copy of the transcript goes first: the worker is reset and lent

@@ -205,6 +205,10 @@ class ScriptedMessages:
     def catalog(self) -> ModelCatalog:
         return ModelCatalog({"default": ProfileModel(None, None)})
 
+    @property
+    def conversations(self) -> None:
+        return None  # every request stateless
+
 
 @pytest.fixture
 async def scripted() -> AsyncIterator[tuple[str, ScriptedMessages]]:

@@ -59,7 +59,8 @@ async def test_the_whole_suite_passes_in_one_call() -> None:
 
 def test_every_check_written_is_registered() -> None:
     # A coroutine function taking a store but missing its @check would silently never run.
-    written = {name for module in (conformance, conformance.store_conformance_budgets)
+    written = {name for module in (conformance, conformance.store_conformance_budgets,
+                                         conformance.store_conformance_conversations)
                for name, value in vars(module).items()
                if inspect.iscoroutinefunction(value) and list(inspect.signature(value).parameters) in (
                    ["store"], ["small_store"])}

@@ -18,8 +18,8 @@ import aiohttp_cors
 from aiohttp import web
 
 # Answer headers a browser script may read besides the simple ones: the back-off and the rate-limit
-# hints, the request's id.
-EXPOSED_HEADERS = ("Retry-After", "X-Request-Id", "X-Ledger-Next-Since", "X-Ledger-Limit")
+# hints, the request's id, the session a front door's conversation runs in.
+EXPOSED_HEADERS = ("Retry-After", "X-Request-Id", "X-Ledger-Next-Since", "X-Ledger-Limit", "X-Claudepool-Session")
 PREFLIGHT_MAX_AGE_S = 600
 
 

@@ -27,6 +27,7 @@ from claudepool.errors import BadRequest, ClaudepoolError, Forbidden
 from claudepool.pool.workspace_files import FileBounds, check_path, list_entries, read_file
 from claudepool.protocol.wire import PromptRequest, PromptResult
 from claudepool.sessions import workspace_archive
+from claudepool.sessions.conversations import Conversations
 from claudepool.sessions.manager import SessionManager
 from claudepool.store.base import Store, UsageRecord, Window
 from claudepool.tenancy.models import ModelCatalog
@@ -88,6 +89,7 @@ class Facade:
         self._tenants = tenants
         self._service = service
         self._sessions = sessions
+        self._conversations = Conversations(store, sessions)
         self._store = store
         self._status = status
         self._registry = registry
@@ -116,6 +118,11 @@ class Facade:
     def catalog(self) -> ModelCatalog:
         """The profiles' models and system prompts, and the checks of a request's ``model``."""
         return self._service.gate.catalog
+
+    @property
+    def conversations(self) -> Conversations:
+        """What the front doors recognise conversations from chat histories with."""
+        return self._conversations
 
     # -- who the caller is -----------------------------------------------------------------------
 

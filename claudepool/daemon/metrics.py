@@ -53,8 +53,9 @@ FALLBACK_TRIGGERS = ("overloaded", "unavailable", "rate_limited", "not_found")
 UPSTREAM_STATUSES = ("400", "401", "403", "404", "408", "409", "413", "429", "500", "502", "503", "504", "529",
                      "none", "other")
 SESSION_EVENTS = ("created", "parked", "recycled", "resumed", "rolled_over", "expired", "deleted",
-                  "checkpoint_failed")
-STORE_OPERATIONS = ("reserve", "settle", "release", "budget", "usage", "ledger", "session")
+                  "checkpoint_failed", "conversation_started", "conversation_continued", "conversation_evicted",
+                  "conversation_dropped")
+STORE_OPERATIONS = ("reserve", "settle", "release", "budget", "usage", "ledger", "session", "conversation")
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _SPAWN_SECONDS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 

@@ -25,10 +25,12 @@ import orjson
 from aiohttp import web
 
 from claudepool.errors import NotFound
-from claudepool.frontdoor.anthropic_request import MessagesRequest, check_unsupported, prompt_of, system_of
+from claudepool.frontdoor.anthropic_request import MessagesRequest, check_unsupported, system_of, turns_of
+from claudepool.frontdoor.conversation import SESSION_HEADER, ConversationTurn, opted_out, plan
 from claudepool.frontdoor.errors import error_event, error_response, sse
 from claudepool.frontdoor.serving import parse, read_body, serve
 from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta
+from claudepool.sessions.conversations import Conversations
 from claudepool.tenancy.models import DEFAULT_MODEL, ModelCatalog, display_name, resolve_model
 from claudepool.tenancy.tenants import Tenant
 
@@ -52,6 +54,11 @@ class MessagesApi(Protocol):
 
     @property
     def catalog(self) -> ModelCatalog: ...
+
+    @property
+    def conversations(self) -> Conversations | None:
+        """What recognises conversations from their history (None: every request is stateless)."""
+        ...
 
 
 MESSAGES_API: web.AppKey[MessagesApi] = web.AppKey("messages_api")
@@ -108,9 +115,11 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     model = ""
     streaming = False
     stream: web.StreamResponse | None = None
+    convo: ConversationTurn | None = None
+    streamed: list[str] = []  # what a streaming client assembles its answer from (and resends)
 
     async def read() -> PromptRequest:
-        nonlocal model, streaming
+        nonlocal model, streaming, convo
         tenant = api.authenticate(key)  # handle has checked it: this only names the profile
         body = parse(MessagesRequest, await read_body(request))
         check_unsupported(body)
@@ -119,14 +128,21 @@ async def _messages(request: web.Request) -> web.StreamResponse:
         model, streaming = resolve_model(body.model), body.stream
         if model == DEFAULT_MODEL:
             model = api.catalog.profile_model(tenant.profile)
-        return PromptRequest(prompt=prompt_of(body.messages), model=body.model, stream=body.stream,
-                             system=system_of(body))
+        planned = await plan(api.conversations, tenant, turns_of(body.messages), model=model, system=system_of(body),
+                             profile_system_prompt=api.catalog.system_prompt(tenant.profile),
+                             opted_out=opted_out(request))
+        convo = planned.turn
+        return PromptRequest(prompt=planned.prompt, model=body.model, stream=body.stream, system=planned.system,
+                             session=planned.session)
+
+    def headers() -> dict[str, str]:
+        return {"request-id": request_id, **({SESSION_HEADER: convo.session} if convo is not None else {})}
 
     async def opened() -> web.StreamResponse:
         nonlocal stream
         if stream is None:
             stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                                 "request-id": request_id})
+                                                 **headers()})
             await stream.prepare(request)
             await stream.write(
                 sse("message_start", {"type": "message_start", "message": {
@@ -142,14 +158,18 @@ async def _messages(request: web.Request) -> web.StreamResponse:
         if isinstance(item, TextDelta) and item.text:
             await (await opened()).write(sse("content_block_delta", {
                 "type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": item.text}}))
+            streamed.append(item.text)
 
     answer = await serve(request, api.handle, key, read, on_event, request_id, stream=lambda: stream,
                          error_response=error_response, error_in_stream=error_event)
+    if convo is not None:
+        # Before the answer's last bytes: the client may send its next turn as soon as it has them.
+        await convo.settle(said(answer, streamed if streaming else None))
     if not isinstance(answer, PromptResult):
         return answer
     if not streaming:
         return web.Response(body=orjson.dumps(message_of(answer, model)), content_type="application/json",
-                            headers={"request-id": request_id})
+                            headers=headers())
     out = await opened()
     with contextlib.suppress(ConnectionResetError):
         await out.write(
@@ -160,6 +180,14 @@ async def _messages(request: web.Request) -> web.StreamResponse:
             + sse("message_stop", {"type": "message_stop"}))
         await out.write_eof()
     return out
+
+
+def said(answer: PromptResult | web.StreamResponse, streamed: list[str] | None) -> str | None:
+    """The answer's text as the client has it (and will resend it): what it was streamed, else the
+    answer's text; None for a request that failed."""
+    if not isinstance(answer, PromptResult):
+        return None
+    return "".join(streamed) if streamed is not None else answer.text
 
 
 def _listed(request: web.Request) -> tuple[bool, list[str]]:

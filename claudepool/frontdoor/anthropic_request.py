@@ -2,10 +2,11 @@
 
 The documented rules (README, "Anthropic Messages API"):
 
-* ``messages``: strings or text blocks. One user message is the prompt as it is. A longer history
-  is, for now, flattened into one prompt with a role marker before each message (the conversation
-  is not continued on a warm worker yet). The last message must be the user's (no assistant
-  prefill). Image, document, tool_use and tool_result blocks are refused (400).
+* ``messages``: strings or text blocks (a message's blocks are joined with a blank line). The
+  history is recognised as a conversation and continued, or started seeded with it
+  (`claudepool.frontdoor.conversation`); opted out, it is flattened into one prompt with a role
+  marker before each message. The last message must be the user's (no assistant prefill). Image,
+  document, tool_use and tool_result blocks are refused (400).
 * ``system`` (a string or text blocks, joined by blank lines) is the request's system prompt
   (`claudepool.protocol.wire.PromptRequest.system`): absent or empty, the tenant's persona, else the
   profile's own; another one needs ``tenants.NAME.allow_custom_system_prompt`` (else 403) and runs on
@@ -25,7 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from claudepool.errors import BadRequest
-from claudepool.frontdoor.history import flatten
+from claudepool.frontdoor.history import Role
 
 
 class TextBlock(BaseModel):
@@ -91,6 +92,6 @@ def system_of(body: MessagesRequest) -> str | None:
     return (blocks_text(body.system, "system") or None) if body.system is not None else None
 
 
-def prompt_of(messages: list[Message]) -> str:
-    """The one prompt the history becomes (`claudepool.frontdoor.history`)."""
-    return flatten([(m.role, blocks_text(m.content, f"messages.{i}.content")) for i, m in enumerate(messages)])
+def turns_of(messages: list[Message]) -> list[tuple[Role, str]]:
+    """The history as (role, text), oldest first."""
+    return [(m.role, blocks_text(m.content, f"messages.{i}.content")) for i, m in enumerate(messages)]

@@ -1,5 +1,6 @@
-"""A chat history turned into one claudepool prompt, for both front doors (interim, until
-conversations are recognised and continued on a warm worker).
+"""A chat history turned into one claudepool prompt, for both front doors: the first turn of a
+conversation started from a history (`claudepool.frontdoor.conversation`), and a stateless turn
+when a client opts out of conversations.
 
 One user message is the prompt as it is. A longer history is flattened: a head line, then each
 message after its role marker, oldest first; the last message must be the user's (no assistant

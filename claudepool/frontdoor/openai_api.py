@@ -26,8 +26,9 @@ import orjson
 from aiohttp import web
 
 from claudepool.errors import BudgetExhausted, ClaudepoolError, ModelNotAllowed, Unauthorized
-from claudepool.frontdoor.anthropic_api import MESSAGES_API, MessagesApi
-from claudepool.frontdoor.openai_request import ChatRequest, prompt_of
+from claudepool.frontdoor.anthropic_api import MESSAGES_API, MessagesApi, said
+from claudepool.frontdoor.conversation import SESSION_HEADER, ConversationTurn, opted_out, plan
+from claudepool.frontdoor.openai_request import ChatRequest, turns_of
 from claudepool.frontdoor.serving import parse, read_body, serve
 from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta
 from claudepool.tenancy.models import DEFAULT_MODEL, resolve_model
@@ -83,17 +84,27 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     created = int(time.time())
     model, streaming, include_usage = "", False, False
     stream: web.StreamResponse | None = None
+    convo: ConversationTurn | None = None
+    streamed: list[str] = []  # what a streaming client assembles its answer from (and resends)
 
     async def read() -> PromptRequest:
-        nonlocal model, streaming, include_usage
+        nonlocal model, streaming, include_usage, convo
         tenant = api.authenticate(key)  # handle has checked it: this only names the profile
         body = parse(ChatRequest, await read_body(request))
-        prompt, system = prompt_of(body)
+        system, turns = turns_of(body)
         model, streaming = resolve_model(body.model), body.stream
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         if model == DEFAULT_MODEL:
             model = api.catalog.profile_model(tenant.profile)
-        return PromptRequest(prompt=prompt, model=body.model, stream=body.stream, system=system)
+        planned = await plan(api.conversations, tenant, turns, model=model, system=system,
+                             profile_system_prompt=api.catalog.system_prompt(tenant.profile),
+                             opted_out=opted_out(request))
+        convo = planned.turn
+        return PromptRequest(prompt=planned.prompt, model=body.model, stream=body.stream, system=planned.system,
+                             session=planned.session)
+
+    def headers() -> dict[str, str]:
+        return {"x-request-id": request_id, **({SESSION_HEADER: convo.session} if convo is not None else {})}
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created,
@@ -103,7 +114,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         nonlocal stream
         if stream is None:
             stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                                 "x-request-id": request_id})
+                                                 **headers()})
             await stream.prepare(request)
             await stream.write(_data(chunk({"role": "assistant", "content": ""})))
         return stream
@@ -111,10 +122,14 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     async def on_event(item: StreamItem) -> None:  # called only when the request asked for a stream
         if isinstance(item, TextDelta) and item.text:
             await (await opened()).write(_data(chunk({"content": item.text})))
+            streamed.append(item.text)
 
     # The SDK raises an error chunk in the stream as APIError.
     answer = await serve(request, api.handle, key, read, on_event, request_id, stream=lambda: stream,
                          error_response=error_response, error_in_stream=lambda exc: _data(openai_error(exc)[1]))
+    if convo is not None:
+        # Before the answer's last bytes: the client may send its next turn as soon as it has them.
+        await convo.settle(said(answer, streamed if streaming else None))
     if not isinstance(answer, PromptResult):
         return answer
     finish = _FINISH.get(answer.stop_reason or "", "stop")
@@ -124,8 +139,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text, "refusal": None},
                              "finish_reason": finish, "logprobs": None}],
                 "usage": usage_of(answer)}
-        return web.Response(body=orjson.dumps(body), content_type="application/json",
-                            headers={"x-request-id": request_id})
+        return web.Response(body=orjson.dumps(body), content_type="application/json", headers=headers())
     out = await opened()
     with contextlib.suppress(ConnectionResetError):
         tail = _data(chunk({}, finish))

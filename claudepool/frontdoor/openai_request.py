@@ -3,8 +3,10 @@
 The documented rules (README, "OpenAI Chat Completions API"):
 
 * ``messages``: ``system``/``developer``, ``user`` and ``assistant`` messages with string content
-  or text parts. The history becomes one prompt (`claudepool.frontdoor.history`); image, audio
-  and file parts, ``tool`` messages and assistant ``tool_calls`` are refused (400).
+  or text parts. The history is recognised as a conversation and continued, or started seeded
+  with it (`claudepool.frontdoor.conversation`); opted out, it becomes one prompt
+  (`claudepool.frontdoor.history`). Image, audio and file parts, ``tool`` messages and assistant
+  ``tool_calls`` are refused (400).
 * ``system`` and ``developer`` messages, wherever they stand, are joined by blank lines into the
   request's system prompt (`claudepool.protocol.wire.PromptRequest.system`), by the rule of the
   Messages API's ``system`` (README, "System prompts and pools made on demand").
@@ -23,7 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from claudepool.errors import BadRequest
-from claudepool.frontdoor.history import Role, flatten
+from claudepool.frontdoor.history import Role
 
 
 class ChatMessage(BaseModel):
@@ -84,9 +86,9 @@ def parts_text(content: str | list[dict[str, Any]] | None, where: str) -> str:
     return "\n\n".join(texts)
 
 
-def prompt_of(body: ChatRequest) -> tuple[str, str | None]:
-    """Refuse what the CLI cannot honour (see the module's rules); the prompt the history becomes,
-    and the system prompt (None when no system or developer message has text)."""
+def turns_of(body: ChatRequest) -> tuple[str | None, list[tuple[Role, str]]]:
+    """Refuse what the CLI cannot honour (see the module's rules); the system prompt the request sent
+    (None when no system or developer message has text) and the history as (role, text), oldest first."""
     if body.n != 1:
         raise BadRequest("n must be 1: one worker gives one answer")
     refused = {"stop": body.stop, "tools": body.tools, "tool_choice": body.tool_choice, "functions": body.functions,
@@ -109,4 +111,4 @@ def prompt_of(body: ChatRequest) -> tuple[str, str | None]:
                 system.append(text)
             continue
         turns.append(("user" if message.role == "user" else "assistant", text))
-    return flatten(turns), "\n\n".join(system) or None
+    return "\n\n".join(system) or None, turns

@@ -9,17 +9,12 @@ second concurrent turn on the same session waits behind the first (within its ow
 After every turn the CLI's transcript is checkpointed to ``<sessions dir>/<tenant>/<session>.jsonl``.
 When the worker is needed elsewhere (the session sat idle for ``park_idle_s``, or other sessions wait
 for a worker: least recently used first) the session is *parked*: its worker gives up the transcript
-and is reset for others. The next turn *resumes* it on any free worker of the pool, started with
-``--resume`` from the checkpoint, with its full history. A daemon restart, or another daemon sharing
-the store and the sessions directory, resumes it the same way.
+and is reset for others. The next turn *resumes* it on any free worker (``--resume`` from the
+checkpoint), here, after a restart, or on another daemon sharing the store and the directory.
 
-A tenant holds at most ``max_sessions`` open (not closed) sessions (its own, else ``[sessions]``);
-creating one more is ``too_many_sessions``, checked by the store atomically with the insert.
-
-Limits (turns, age, context tokens; per tenant, else per profile, else ``[sessions]``) close a
-session with ``session_limit_reached``, or roll it over into a fresh session whose id the answer
-carries. Idle sessions expire after ``ttl_s``. Transcripts of closed sessions are deleted after
-``retention_s``; the directory is bounded by ``max_disk_bytes``.
+A tenant holds at most ``max_sessions`` open sessions (checked atomically with the insert). Limits
+(turns, age, context tokens; per tenant, else profile, else ``[sessions]``) close a session, or roll
+it over into a fresh one. Idle sessions expire after ``ttl_s``; closed transcripts go after ``retention_s``.
 """
 
 from __future__ import annotations
@@ -103,20 +98,25 @@ class SessionManager:
         self.workspaces = SessionWorkspaces(self.files, self.config, self.events)
         self._bindings: dict[str, _Binding] = {}
         self._locks: dict[str, asyncio.Lock] = {}  # per session, also while it has no worker
+        self.turns_begun: Counter[str] = Counter()  # per session: turns handed a worker on this daemon
         self.transcript_bytes = 0
 
     # -- records ---------------------------------------------------------------------------------
 
-    async def create(self, tenant: Tenant, profile: str | None = None, *, system: str | None = None) -> SessionRecord:
-        """A new session; ``system``: its system prompt (`new_session_system_prompt`)."""
+    async def create(self, tenant: Tenant, profile: str | None = None, *, system: str | None = None,
+                     conversation: bool = False) -> SessionRecord:
+        """A new session; ``system``: its system prompt (`new_session_system_prompt`); ``conversation``:
+        started by a front door from a chat history (`claudepool.sessions.conversations`)."""
         name = profile or tenant.profile
         return await self._new(tenant, name, new_session_system_prompt(
-            self.pools, tenant, name, system, max_bytes=self.max_system_prompt_bytes))
+            self.pools, tenant, name, system, max_bytes=self.max_system_prompt_bytes), conversation=conversation)
 
-    async def _new(self, tenant: Tenant, profile: str, system_prompt: str | None) -> SessionRecord:
+    async def _new(self, tenant: Tenant, profile: str, system_prompt: str | None, *,
+                   conversation: bool = False) -> SessionRecord:
         now = time.time()
         record = SessionRecord(id=new_session_id(), tenant=tenant.name, profile=profile, created_at=now,
-                               last_used_at=now, state="new", system_prompt=system_prompt)
+                               last_used_at=now, state="new", system_prompt=system_prompt,
+                               conversation=conversation)
         bound = tenant.max_sessions if tenant.max_sessions is not None else self.config.max_sessions
         if not await self.store.session_create(record, max_open=bound):
             raise TooManySessions(f"this tenant has {bound} open sessions, its limit: delete one (or let one "
@@ -147,7 +147,7 @@ class SessionManager:
             self._unbind(session_id)
             self.files.remove(record)
             await self.store.session_delete(tenant, session_id)
-        self._locks.pop(session_id, None)
+        self._forget(session_id)
         self.events["deleted"] += 1
 
     def view(self, record: SessionRecord) -> dict[str, Any]:
@@ -180,6 +180,7 @@ class SessionManager:
             if lease.worker.in_turn():
                 # The previous turn's client went away mid-answer: finish it before writing again.
                 await lease.worker.finish_abandoned_turn()
+            self.turns_begun[record.id] += 1  # before: a turn that fails mid-way has begun all the same
             result = await drive(lease, binding.record)
             await self._after_turn(binding, result)
             return binding.record, result
@@ -191,7 +192,7 @@ class SessionManager:
             return binding
         if binding is not None:
             self._unbind(record.id)  # its worker died: resume from the checkpoint
-        self._check_not_elsewhere(record)
+        self.check_not_elsewhere(record)
         pool = pool_of(self.pools, record)  # made again if it was closed; acquired before any await
         resume = bool(record.cli_session_id)
         if resume and not self.files.transcript(record).exists():
@@ -280,17 +281,15 @@ class SessionManager:
                 "succeeds") from None
         binding.unsaved = False
 
+    def limit_reached(self, tenant: Tenant, record: SessionRecord) -> str | None:
+        """Which limit the session's next turn would be refused (or rolled over) at, if any."""
+        return self.limits(tenant, record.profile).reached(record.turns, time.time() - record.created_at,
+                                                           record.context_tokens)
+
     async def _check_limits(self, tenant: Tenant, record: SessionRecord) -> SessionRecord:
         if record.state == "closed":
             raise SessionClosed(f"session {record.id} is closed ({record.close_reason})")
-        limits = self.limits(tenant, record.profile)
-        reached = None
-        if limits.max_turns and record.turns >= limits.max_turns:
-            reached = f"max_turns ({limits.max_turns})"
-        elif limits.max_age_s and time.time() - record.created_at >= limits.max_age_s:
-            reached = f"max_age_s ({limits.max_age_s:g})"
-        elif limits.max_context_tokens and record.context_tokens >= limits.max_context_tokens:
-            reached = f"max_context_tokens ({limits.max_context_tokens})"
+        reached = self.limit_reached(tenant, record)
         if reached is None:
             return record
         self._unbind(record.id)  # the worker, and its copy of the conversation, go back to the pool
@@ -397,26 +396,32 @@ class SessionManager:
             for binding in idle_bound[:max(0, needed)]:
                 await self.park(binding.record.id)
 
+    async def close_idle(self, record: SessionRecord, reason: str) -> bool:
+        """Close the session ``record`` (from a listing) unless a turn holds it or it was used since."""
+        lock = self._lock(record.id)
+        if lock.locked():
+            return False
+        async with lock:
+            fresh = await self.store.session_get(record.tenant, record.id)
+            if fresh is None or fresh.state == "closed" or fresh.last_used_at > record.last_used_at:
+                return False
+            self._unbind(record.id)
+            await self._close(fresh, reason)
+        return True
+
     async def sweep(self) -> None:
         now = time.time()
         for record in await self.store.session_list(None):
-            if record.state != "closed" and now - record.last_used_at >= self.config.ttl_s:
-                lock = self._lock(record.id)
-                if lock.locked():
-                    continue  # a turn is running right now: not idle after all
-                async with lock:
-                    # The listing may be stale by now: act on the record as it is.
-                    fresh = await self.store.session_get(record.tenant, record.id)
-                    if fresh is None or fresh.state == "closed" or now - fresh.last_used_at < self.config.ttl_s:
-                        continue
-                    self._unbind(record.id)
-                    await self._close(fresh, "expired")
-                self.events["expired"] += 1
+            ttl_s = self.config.conversation_idle_ttl_s if record.conversation else self.config.ttl_s
+            if record.state != "closed" and now - record.last_used_at >= ttl_s:
+                # The listing may be stale by now: closed only if still unused since (and not mid-turn).
+                if await self.close_idle(record, "expired"):
+                    self.events["expired"] += 1
             elif record.state == "closed" and record.closed_at is not None and (
                     now - record.closed_at >= self.config.retention_s):
                 self.files.remove(record)
                 await self.store.session_delete(record.tenant, record.id)
-                self._locks.pop(record.id, None)
+                self._forget(record.id)
                 self.events["deleted"] += 1
         self.transcript_bytes = await self.files.disk_usage()
         if self.config.max_disk_bytes and self.transcript_bytes > self.config.max_disk_bytes:
@@ -462,12 +467,12 @@ class SessionManager:
             result = await asyncio.to_thread(live, cwd)
             if self._bindings.get(record.id) is binding:
                 return result  # else parked meanwhile: its worker may hold another lease's files by now
-        self._check_not_elsewhere(record)
+        self.check_not_elsewhere(record)
         return await asyncio.to_thread(parked, self.files.workspace(record))
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _check_not_elsewhere(self, record: SessionRecord) -> None:
+    def check_not_elsewhere(self, record: SessionRecord) -> None:  # SessionElsewhere: another daemon holds it
         if (record.state == "active" and record.owner and record.owner != self.daemon_id
                 and time.time() < record.last_used_at + self.config.park_idle_s + _OWNERSHIP_GRACE_S):
             raise SessionElsewhere(f"session {record.id} is active on daemon {record.owner}")
@@ -488,6 +493,10 @@ class SessionManager:
     def _lock(self, session_id: str) -> asyncio.Lock:
         """The session's one lock, whether or not it holds a worker right now."""
         return self._locks.setdefault(session_id, asyncio.Lock())
+
+    def _forget(self, session_id: str) -> None:
+        self._locks.pop(session_id, None)
+        self.turns_begun.pop(session_id, None)
 
     def _unbind(self, session_id: str) -> None:
         """Give the worker back. Its copy of the transcript goes first: the worker is reset and lent

@@ -49,6 +49,13 @@ class SessionSettings(BaseModel):
     rollover: bool = False
     # Open (not closed) sessions per tenant; past it, creating one is 429 too_many_sessions. 0 = no bound.
     max_sessions: int = Field(default=100, ge=0)
+    # Conversations recognised from a chat history by the front doors (/v1/messages,
+    # /v1/chat/completions; `claudepool.sessions.conversations`): on or off, how long one unused
+    # is still recognised (its session then expires), and how many open ones a tenant keeps (past
+    # it, the least recently used is closed). They count in max_sessions like any session.
+    conversations: bool = True
+    conversation_idle_ttl_s: float = Field(default=3600.0, gt=0)
+    max_conversations: int = Field(default=20, ge=1)
     # How often to park idle sessions, and how often to sweep for expiry, retention and disk use.
     maintenance_interval_s: float = Field(default=1.0, gt=0)
     sweep_interval_s: float = Field(default=15.0, gt=0)
@@ -64,6 +71,16 @@ class SessionLimits:
     max_turns: int
     max_age_s: float
     max_context_tokens: int
+
+    def reached(self, turns: int, age_s: float, context_tokens: int) -> str | None:
+        """Which limit a session with these counts is at, if any."""
+        if self.max_turns and turns >= self.max_turns:
+            return f"max_turns ({self.max_turns})"
+        if self.max_age_s and age_s >= self.max_age_s:
+            return f"max_age_s ({self.max_age_s:g})"
+        if self.max_context_tokens and context_tokens >= self.max_context_tokens:
+            return f"max_context_tokens ({self.max_context_tokens})"
+        return None
 
 
 @dataclass(frozen=True)

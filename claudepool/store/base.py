@@ -118,6 +118,9 @@ class SessionRecord:
     # Its system prompt when not its profile's own (a custom one, or the tenant's persona): what
     # finds, or makes again after a restart, the pool its turns run on.
     system_prompt: str | None = None
+    # Started by a front door recognising a chat history (`claudepool.sessions.conversations`):
+    # bounded per tenant and expired sooner than sessions a client created.
+    conversation: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -286,6 +289,16 @@ class Store(Protocol):
         ...
 
     async def session_delete(self, tenant: str, session_id: str) -> None: ...
+
+    async def conversation_put(self, tenant: str, digest: str, session_id: str, ttl_s: float) -> None:
+        """Point the tenant's conversation ``digest`` (a chat history's sha256) at ``session_id`` for
+        ``ttl_s`` seconds, replacing what it pointed at."""
+        ...
+
+    async def conversation_claim(self, tenant: str, digest: str) -> str | None:
+        """The session the tenant's ``digest`` points at, removed in the same atomic step (of two
+        concurrent claims one gets it, the other None); None if absent or expired."""
+        ...
 
     async def ping(self) -> None: ...
 

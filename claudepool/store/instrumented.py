@@ -73,6 +73,12 @@ class InstrumentedStore:
     async def session_delete(self, tenant: str, session_id: str) -> None:
         await self._timed("session", self.inner.session_delete(tenant, session_id))
 
+    async def conversation_put(self, tenant: str, digest: str, session_id: str, ttl_s: float) -> None:
+        await self._timed("conversation", self.inner.conversation_put(tenant, digest, session_id, ttl_s))
+
+    async def conversation_claim(self, tenant: str, digest: str) -> str | None:
+        return await self._timed("conversation", self.inner.conversation_claim(tenant, digest))
+
     async def ping(self) -> None:
         await self.inner.ping()
 

@@ -40,6 +40,8 @@ key (prefix ``cp``, tenant ``acme``)     type    content and lifetime
 ``cp:{acme}:sessions:open``              SET     ids of the tenant's sessions not closed, written in
                                                  the same transaction as the record: the O(1) count
                                                  ``max_sessions`` is checked against
+``cp:{acme}:conv:<sha256 hex>``          STRING  the session a chat history (its digest) continues;
+                                                 claimed with GETDEL; TTL the conversations' idle TTL
 =======================================  ======  ==========================================================
 
 TTLs are relative and refreshed on every write, so a day bucket lives about 40 days after its last
@@ -148,3 +150,8 @@ def rate_tokens(prefix: str, tenant: str) -> str:
 def open_sessions(prefix: str, tenant: str) -> str:
     """SET of the tenant's session ids that are not closed."""
     return tenant_prefix(prefix, tenant) + "sessions:open"
+
+
+def conversation(prefix: str, tenant: str, digest: str) -> str:
+    """STRING: the session id the tenant's conversation ``digest`` continues."""
+    return tenant_prefix(prefix, tenant) + "conv:" + digest

@@ -139,6 +139,8 @@ class MemoryStore:
         self._ledger = RecordLog(ledger_max_records)
         self._sessions: dict[str, dict[str, SessionRecord]] = {}  # tenant -> session id -> record
         self._open_sessions: dict[str, set[str]] = {}  # tenant -> ids not closed
+        # tenant -> digest -> (session id, expiry in unix s); expired entries go at the next put
+        self._conversations: dict[str, dict[str, tuple[str, float]]] = {}
         self._last_pruned_at = 0.0
 
     async def reserve(self, tenant: str, reservation_id: str, amount_usd: float, *, daily_limit_usd: float,
@@ -232,6 +234,19 @@ class MemoryStore:
             if not mine:
                 del self._sessions[tenant]
         self._forget_open(tenant, session_id)
+
+    async def conversation_put(self, tenant: str, digest: str, session_id: str, ttl_s: float) -> None:
+        now = self._clock()
+        mine = self._conversations.setdefault(tenant, {})
+        for old in [d for d, (_, expires_at) in mine.items() if expires_at <= now]:
+            del mine[old]  # O(the tenant's digests), which its conversation bound keeps small
+        mine[digest] = (session_id, now + ttl_s)
+
+    async def conversation_claim(self, tenant: str, digest: str) -> str | None:
+        found = self._conversations.get(tenant, {}).pop(digest, None)  # no await: atomic
+        if found is None or found[1] <= self._clock():
+            return None
+        return found[0]
 
     def _forget_open(self, tenant: str, session_id: str) -> None:
         open_ids = self._open_sessions.get(tenant)

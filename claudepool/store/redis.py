@@ -271,6 +271,16 @@ class RedisStore:
             pipe.srem(keys.open_sessions(self._prefix, tenant), session_id)
             await pipe.execute()
 
+    async def conversation_put(self, tenant: str, digest: str, session_id: str, ttl_s: float) -> None:
+        async with self._errors("conversation_put"):
+            await self._redis.set(keys.conversation(self._prefix, tenant, digest), session_id,
+                                  px=max(1, math.ceil(ttl_s * 1000)))
+
+    async def conversation_claim(self, tenant: str, digest: str) -> str | None:
+        async with self._errors("conversation_claim"):
+            raw = await self._redis.getdel(keys.conversation(self._prefix, tenant, digest))
+        return _text(raw) if raw else None
+
     async def ping(self) -> None:
         async with self._errors("ping"):
             await self._redis.ping()

@@ -29,7 +29,7 @@ import time
 from dataclasses import replace
 
 from claudepool.store.base import BudgetState, SessionRecord, Store, UsageRecord, UsageTotals, Window
-from claudepool.testing import store_conformance_budgets
+from claudepool.testing import store_conformance_budgets, store_conformance_conversations
 from claudepool.testing.conformance_kit import (
     CHECKS,
     DAY,
@@ -46,7 +46,8 @@ from claudepool.testing.conformance_kit import (
     run_all,
 )
 
-__all__ = ["CHECKS", "Check", "StoreFactory", "run", "run_all", "store_conformance_budgets"]
+__all__ = ["CHECKS", "Check", "StoreFactory", "run", "run_all", "store_conformance_budgets",
+           "store_conformance_conversations"]
 
 # -- settle -------------------------------------------------------------------------------------
 

@@ -59,7 +59,8 @@ async def test_a_requests_system_and_a_tenants_persona_reach_the_upstream(
     assert "You are the default profile." in system_text(call)
     assert PIRATE not in system_text(call) and PERSONA not in system_text(call)
     reg = real_daemon.daemon.pool_registry
-    assert reg.made == 2 and real_daemon.pool().stats.leases == 1
+    # Each first message starts a conversation (a session) on its system prompt's session-capable pool.
+    assert reg.made == 2 and reg.configured_sessions["default"].stats.leases == 1
     # Each call was attributed to its request at the gateway and billed: one record per call.
     ledger = await real_daemon.daemon.store.ledger(None, since=None, limit=100)
     calls = [r for r in ledger if r.kind == "call"]

@@ -40,6 +40,7 @@ from prometheus_client import CollectorRegistry
 from claudepool.config import Settings, key_digest
 from claudepool.daemon.admission import Gate, ServiceLimits
 from claudepool.daemon.collectors import (
+    CapacityCollector,
     LimiterCollector,
     MeterCollector,
     PoolCollector,
@@ -67,6 +68,7 @@ from claudepool.gateway.server import Gateway
 from claudepool.gateway.settings import Upstream
 from claudepool.logs import add_key_digests
 from claudepool.pool import sandbox
+from claudepool.pool.capacity import Capacity
 from claudepool.pool.pool import Pool
 from claudepool.pool.shares import TenantSlots
 from claudepool.pool.workspace_files import FileBounds
@@ -107,10 +109,13 @@ class Daemon:
         self.meter = Meter(self.store, self.limiter, self.pricing, settings.metering,
                            on_record=usage_metrics.turn_billed)
         slots = TenantSlots()
+        # One worker ceiling and RAM budget for every pool (stateless, sessions, and on demand).
+        self.capacity = Capacity(settings.capacity)
         # Every worker's credential for the gateway: the workers never see the provider's key.
         self.credentials = CredentialRegistry()
         hooks: dict[str, Any] = {"on_turn_result": self.meter.on_turn_result, "on_lease_done": self.meter.on_lease_done,
                                  "slots": slots, "observer": worker_metrics, "credentials": self.credentials,
+                                 "capacity": self.capacity,
                                  # Their memory measurements run in the task group (see _serve).
                                  "run_maintenance": False}
         self.pools = {name: Pool(settings.profile(name), settings.pool_config(name), **hooks)
@@ -141,9 +146,10 @@ class Daemon:
         )
         self.service = PromptService(gate, self.tenants, self.meter, metrics=request_metrics, sessions=self.sessions,
                                      tool_preview_bytes=server.tool_preview_bytes, file_bounds=file_bounds)
-        self.status = Status(self.pools, self.all_pools(), self.service)
+        self.status = Status(self.pools, self.all_pools(), self.service, self.capacity)
         self.spend = TenantSpend(self.tenants, self.store, tenant_labels, self.registry)
         PoolCollector(self.all_pools(), self.registry)
+        CapacityCollector(self.capacity, self.registry)
         ServiceCollector(self.service, self.registry)
         ProcessCollector(self.registry)
         SessionCollector(self.sessions, self.registry)

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from claudepool.daemon.metrics import SESSION_EVENTS, WORKER_STATES
 from claudepool.daemon.service import PromptService
+from claudepool.pool.capacity import Capacity
 from claudepool.pool.memory import available_memory_bytes, plan_memory
 from claudepool.pool.pool import Pool
 from claudepool.sessions.manager import SessionManager
@@ -85,6 +86,33 @@ class PoolCollector(Collector):
             queue.add_metric([priority], count)
         yield queue
         yield GaugeMetricFamily("claudepool_in_flight_turns", "Workers running a turn.", value=in_turn)
+
+
+class CapacityCollector(Collector):
+    """The worker ceiling and RAM budget all pools share: ceiling, live workers, evictions by pool."""
+
+    def __init__(self, capacity: Capacity, registry: CollectorRegistry) -> None:
+        self._capacity = capacity
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        capacity = self._capacity
+        yield GaugeMetricFamily("claudepool_capacity_max_workers", "Worker ceiling shared by all pools.",
+                                value=capacity.max_workers)
+        yield GaugeMetricFamily("claudepool_capacity_workers",
+                                "Live workers of all pools (closing ones count until gone).", value=capacity.live)
+        yield GaugeMetricFamily("claudepool_capacity_pools", "Pools sharing the capacity.", value=capacity.pools)
+        budget = GaugeMetricFamily("claudepool_capacity_memory_limit_bytes",
+                                   "Total-PSS limits of all pools together.", labels=["limit"])
+        budget.add_metric(["soft"], capacity.plan.soft_limit_bytes)
+        budget.add_metric(["hard"], capacity.plan.hard_limit_bytes)
+        yield budget
+        evictions = CounterMetricFamily("claudepool_evictions", "Idle workers retired to make room for another "
+                                        "pool (or past the shared hard memory limit), by the victim's pool.",
+                                        labels=["pool"])
+        for pool, count in sorted(capacity.evictions.items()):
+            evictions.add_metric([pool], count)
+        yield evictions
 
 
 class ServiceCollector(Collector):

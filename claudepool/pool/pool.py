@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from claudepool.errors import PoolClosed, PoolTimeout, PoolUnhealthy
 from claudepool.pool import planner
 from claudepool.pool.breaker import Breaker, BreakerState
+from claudepool.pool.capacity import Capacity, Need
 from claudepool.pool.config import PoolConfig
 from claudepool.pool.events import PoolObserver, PoolStats, status_rows
 from claudepool.pool.fair_queue import FairQueue
@@ -59,11 +60,16 @@ class Pool:
         observer: PoolObserver | None = None,
         run_maintenance: bool = True,
         credentials: WorkerCredentials | None = None,
+        capacity: Capacity | None = None,
     ) -> None:
         self.profile = profile
         self.config = config = config or PoolConfig()
         self.stats = PoolStats()
-        self._sizing = PoolSizing(config, memory_probe)
+        # The daemon's pools share one capacity (one ceiling, one RAM budget); then this pool's own
+        # max_workers and memory limits are only caps within it. Alone, the pool sizes itself from
+        # its own config, as a capacity of its own would.
+        self.capacity = capacity or Capacity()
+        self._sizing = PoolSizing(config, memory_probe, caps_only=self.capacity.bounded)
         # Every settled turn, including one drained after its consumer left; then, once per lease,
         # the moment no further result can come (metering settles the request there).
         self._on_turn_result = on_turn_result
@@ -78,7 +84,7 @@ class Pool:
                                               batch_running=lambda: self._state.batch_leased)
         breaker = Breaker(config.boot_failure_threshold, config.breaker_cooldown_s, config.breaker_max_cooldown_s)
         self._state: planner.PoolState[Worker, Lease, Waiter] = planner.PoolState(
-            config, queue, slots, breaker, self._sizing.initial())
+            config, queue, slots, breaker, self._sizing.initial(), seat=self.capacity.join(_Member(self)))
         slots.add_listener(self._on_tenant_released)
 
         # Each worker's own credential for the gateway (None: workers use the profile's upstream
@@ -106,7 +112,13 @@ class Pool:
 
     @property
     def max_workers(self) -> int:
-        return self._state.memory.max_workers
+        """The ceiling in force: this pool's own cap, within the shared capacity's."""
+        return min(self._state.memory.max_workers, self.capacity.max_workers)
+
+    @property
+    def last_lease_at(self) -> float:
+        """When this pool last handed out a lease (monotonic; 0 = never): the capacity's LRU key."""
+        return self._state.seat.last_lease_at
 
     @property
     def waiting(self) -> int:
@@ -193,13 +205,15 @@ class Pool:
             await asyncio.sleep(self.config.maintenance_interval_s)
             await self._sizing.measure(self._sizing.measurable(self._state.records))
             self._state.memory = self._sizing.plan(self._state.records)
+            self.capacity.replan()
             self._step()
 
     async def wait_ready(self, timeout_s: float | None = None, *, idle: int | None = None) -> None:
         """Wait until ``idle`` (default ``min_idle``, capped by ``max_workers``) warm workers are idle."""
         target = min(self.config.min_idle if idle is None else idle, self.max_workers)
         async with asyncio.timeout(timeout_s):
-            while self._state.count(Phase.IDLE) < target:
+            # A shared ceiling smaller than the pools' floors together leaves some floors short.
+            while self._state.count(Phase.IDLE) < target and not self._ceiling_full():
                 if self._state.closed:
                     raise PoolClosed(f"pool {self.profile.name} is closed")
                 if self.breaker_state is BreakerState.OPEN:
@@ -220,6 +234,7 @@ class Pool:
     async def _close(self) -> None:
         state = self._state
         state.closed = True
+        state.seat.want(Need.NONE)
         self._slots.remove_listener(self._on_tenant_released)
         for waiter in state.queue.drain():
             if not waiter.future.done():
@@ -235,6 +250,8 @@ class Pool:
                                  return_exceptions=True)
         for record in records:
             state.remove(record.worker)
+        # Its workers are gone (each freed its place as it went): the pool leaves the capacity.
+        state.seat.leave()
         for record in records:
             self._settle_lease(record.unsettled)
             self._settle_lease(record.lease)
@@ -281,6 +298,7 @@ class Pool:
             else:
                 future.cancel()
                 queue.cancel(ticket)
+                self._step()  # what the pool waits for may have changed (a claim on shared room)
             if isinstance(exc, TimeoutError):
                 self.stats.lease_timeouts += 1
                 raise PoolTimeout(
@@ -394,8 +412,13 @@ class Pool:
             self._ops.spawn(action.slot, action.turn_limit)
         elif isinstance(action, planner.Clean):
             self._ops.clean(action.worker)
+        elif isinstance(action, planner.Evict):
+            self._state.seat.evict(action.count, action.need)
         else:
             self._ops.retire(action.worker, action.reason)
+
+    def _ceiling_full(self) -> bool:
+        return self.capacity.bounded and self.capacity.live >= self.capacity.max_workers
 
     def _batch_room(self) -> int:
         return max(1, int(self.max_workers * self.config.batch_max_share))
@@ -409,5 +432,40 @@ class Pool:
     def refresh_memory(self) -> MemoryPlan:
         """Measure every worker's PSS and RSS now, re-derive the memory plan, and act on it."""
         self._state.memory = self._sizing.measure_now(self._state.records)
+        self.capacity.replan()
         self._step()
         return self._state.memory
+
+    def _evict(self, worker: Worker, reason: str) -> None:
+        """The capacity takes this idle worker's place for another pool (or sheds memory)."""
+        record = self._state.records.get(worker)
+        if record is not None and record.phase is Phase.IDLE and not self._state.closed:
+            self._apply(planner.retire(self._state, record, reason), time.monotonic())
+            self._changed.set()
+
+
+class _Member:
+    """What the shared capacity sees of a pool (see `claudepool.pool.capacity.Member`)."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+
+    @property
+    def name(self) -> str:
+        return self._pool.profile.name
+
+    def floor(self) -> int:
+        return self._pool.config.min_idle
+
+    def idle_workers(self) -> list[Worker]:
+        state = self._pool._state
+        return [] if state.closed else [r.worker for r in state.in_phase(Phase.IDLE)]
+
+    def pss_sizes(self) -> list[int]:
+        return [w.pss_bytes for w in self._pool._state.records if w.pss_bytes]
+
+    def evict(self, worker: Worker, reason: str) -> None:
+        self._pool._evict(worker, reason)
+
+    def wake(self) -> None:
+        self._pool._step()

@@ -264,8 +264,9 @@ class Capacity:
         self._wake()
 
     def _wake(self) -> None:
-        """Step the seats waiting for room, waiters first, longest waiting first, while room lasts.
-        Re-entrant calls (a woken pool's step freeing or asking for room) fold into this loop."""
+        """Step the seats waiting for room, the longest waiting first, while room lasts (a floor
+        woken while some pool's waiters wait takes nothing: see `room`). Re-entrant calls (a woken
+        pool's step freeing or asking for room) fold into this loop."""
         if self._waking:
             self._wake_again = True
             return
@@ -275,7 +276,7 @@ class Capacity:
             while again:
                 self._wake_again = False
                 waiting = sorted((s for s in self._seats if s.need is not Need.NONE and s.member is not None),
-                                 key=lambda s: (-s.need, s.need_since))
+                                 key=lambda s: s.need_since)
                 for seat in waiting:
                     if self.free() <= 0:
                         break

@@ -83,6 +83,8 @@ class StubPool:
             elif isinstance(action, Assign):
                 self.tenant_of[action.worker] = action.waiter.tenant
         self.log.extend(actions)
+        if self.state.count(Phase.IDLE):
+            self.state.seat.offer()  # as Pool._step does
         return actions
 
     def ready(self) -> None:
@@ -255,10 +257,9 @@ def test_a_floor_refill_evicts_only_idle_workers_outside_floors() -> None:
     f1.gone(victim)
     free.ready()
     (worker,) = free.assigned()
-    free.release(worker)
-    assert cap.live == 2 and free.idle_workers() == [worker]
-    f2.step()
-    assert free.closing() == [worker]  # a worker outside any floor is fair game for a floor
+    free.release(worker)  # idle now, outside any floor: the waiting floor (f2 first) evicts it at once
+    assert free.closing() == [worker] and cap.live == 2
+    assert f2.state.seat.evicting == 1
 
 
 def test_waiters_beat_a_floor_refill_to_a_freed_place() -> None:
@@ -369,3 +370,18 @@ def test_the_shared_ceiling_is_derived_from_ram_by_the_largest_worker_of_any_poo
     wa.pss_bytes, wb.pss_bytes = 100 * MiB, 200 * MiB
     # What the pools hold counts as available to them: (2000 + 300) × 0.5 ÷ 200 (the largest).
     assert cap.replan().max_workers == 5
+
+
+def test_a_pool_waiting_for_room_evicts_a_worker_as_soon_as_it_turns_idle_elsewhere() -> None:
+    cap = capacity(1)
+    busy = StubPool("busy", cap)
+    busy.wait()
+    busy.ready()
+    needy = StubPool("needy", cap)
+    needy.wait()
+    assert needy.state.seat.need is Need.WAITERS and cap.evictions == {}  # nothing idle to evict yet
+    (worker,) = busy.assigned()
+    busy.release(worker)  # idle again: the waiting pool is offered it in the same step
+    assert busy.closing() == [worker] and cap.evictions == {"busy": 1}
+    busy.gone(worker)
+    assert needy.count(Phase.STARTING) == 1

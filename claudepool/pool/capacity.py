@@ -108,6 +108,7 @@ class Seat:
     def want(self, need: Need) -> None:
         """What this seat waits for after its step (NONE: it has all the room it can use now)."""
         if need is not self.need:
+            self.capacity.waiting += (need is not Need.NONE) - (self.need is not Need.NONE)
             self.need, self.need_since = need, next(self.capacity._clock)
 
     def leased(self, now: float) -> None:
@@ -116,7 +117,13 @@ class Seat:
     def evict(self, count: int, need: Need) -> int:
         return self.capacity.evict(self, count, need)
 
+    def offer(self) -> None:
+        """After a step that left this pool with idle workers: a pool waiting for room may evict one."""
+        if self.capacity.waiting:
+            self.capacity._offer(self)
+
     def leave(self) -> None:
+        self.want(Need.NONE)
         self.capacity._leave(self)
 
 
@@ -165,12 +172,14 @@ class Capacity:
         self._sizing = PoolSizing(config, memory_probe) if config is not None else None
         self.plan: MemoryPlan = self._sizing.initial() if self._sizing is not None else _Unbounded().plan
         self.live = 0
+        self.waiting = 0  # seats whose need is not NONE
         self.evictions: Counter[str] = Counter()  # by the victim's pool
         self._seats: list[Seat] = []
         self._victims: dict[Any, Seat] = {}
         self._clock: Iterator[int] = itertools.count(1)
         self._waking = False
         self._wake_again = False
+        self._offering = False
 
     def __repr__(self) -> str:
         return f"<Capacity {self.live}/{self.max_workers} workers, {len(self._seats)} pools>"
@@ -253,6 +262,25 @@ class Capacity:
                 member.evict(worker, "memory_pressure")
         self._wake()
         return self.plan
+
+    def _offer(self, seat: Seat) -> None:
+        """``seat`` has idle workers: wake the seats that could evict one (any idle worker for
+        waiters, one beyond the pool's floor for a floor). Without this, a pool whose waiters found
+        every worker busy would wait until some worker is gone, while one sits idle elsewhere."""
+        if self._offering or seat.member is None:
+            return
+        idle = len(seat.member.idle_workers())
+        spare = idle - seat.member.floor()
+        if not idle:
+            return
+        self._offering = True
+        try:
+            for other in sorted((s for s in self._seats if s is not seat and s.need is not Need.NONE),
+                                key=lambda s: s.need_since):
+                if other.member is not None and (other.need is Need.WAITERS or spare > 0):
+                    other.member.wake()
+        finally:
+            self._offering = False
 
     # -- workers gone ------------------------------------------------------------------------
 

@@ -395,6 +395,8 @@ class Pool:
         now = time.monotonic()
         for action in planner.plan(self._state, now):
             self._apply(action, now)
+        if self._state.count(Phase.IDLE):
+            self._state.seat.offer()
         self._changed.set()
 
     def _apply(self, action: planner.Action[Worker, Waiter], now: float) -> None:

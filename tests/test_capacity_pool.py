@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import psutil
 import pytest
 
@@ -24,7 +25,7 @@ from claudepool.pool.profile import Profile
 from claudepool.pool.timeouts import WorkerTimeouts
 from claudepool.pool.worker import TurnResult
 from tests.conftest import FAKE_CLAUDE
-from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon, post
+from tests.daemon_fixtures import ADMIN_KEY, KEYS, RunningDaemon, make_daemon, post
 from tests.helpers import collect, until
 
 __all__ = ["make_daemon"]
@@ -221,5 +222,8 @@ async def test_two_profiles_of_a_daemon_share_its_ceiling(make_daemon: Any) -> N
     assert cap.live <= 2 and d.sample("claudepool_capacity_workers") == cap.live
     assert (d.sample("claudepool_evictions_total", pool="default") or 0) + (
         d.sample("claudepool_evictions_total", pool="lean") or 0) >= 1
-    status_page = d.daemon.status.pool_status()
-    assert status_page["capacity"]["max_workers"] == 2 and status_page["capacity"]["workers"] == cap.live
+    async with aiohttp.ClientSession() as session, session.get(
+            f"{d.url}/v1/pool", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp:
+        shown = (await resp.json())["capacity"]
+    assert shown["max_workers"] == 2 and shown["workers"] == cap.live and shown["pools"] == 6
+    assert sum(shown["evictions"].values()) >= 1

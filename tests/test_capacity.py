@@ -61,6 +61,9 @@ class StubPool:
     def idle_workers(self) -> list[StubWorker]:
         return [] if self.state.closed else [r.worker for r in self.state.in_phase(Phase.IDLE)]
 
+    def resetting(self) -> int:
+        return 0 if self.state.closed else self.count(Phase.CLEANING, Phase.RETURNED)
+
     def pss_sizes(self) -> list[int]:
         return [w.pss_bytes for w in self.state.records if w.pss_bytes]
 
@@ -259,7 +262,7 @@ def test_a_floor_refill_evicts_only_idle_workers_outside_floors() -> None:
     (worker,) = free.assigned()
     free.release(worker)  # idle now, outside any floor: the waiting floor (f2 first) evicts it at once
     assert free.closing() == [worker] and cap.live == 2
-    assert f2.state.seat.evicting == 1
+    assert cap.evicting == 1
 
 
 def test_waiters_beat_a_floor_refill_to_a_freed_place() -> None:
@@ -385,3 +388,20 @@ def test_a_pool_waiting_for_room_evicts_a_worker_as_soon_as_it_turns_idle_elsewh
     assert busy.closing() == [worker] and cap.evictions == {"busy": 1}
     busy.gone(worker)
     assert needy.count(Phase.STARTING) == 1
+
+
+def test_a_worker_of_an_older_pool_still_resetting_is_waited_for_not_passed_over() -> None:
+    cap = capacity(2)
+    old, recent = StubPool("old", cap), StubPool("recent", cap)
+    old.now = 1.0
+    (old_worker,) = warm(old, 1)
+    recent.now = 2.0
+    (recent_worker,) = warm(recent, 1)
+    old.state.move(old.state.records[old_worker], Phase.CLEANING)  # (its reset after a lease, say)
+    needy = StubPool("needy", cap)
+    needy.now = 3.0
+    needy.wait()
+    assert recent.closing() == [] and needy.state.seat.need is Need.WAITERS  # the LRU pool's is coming
+    old.state.move(old.state.records[old_worker], Phase.RETURNED)
+    old.step()  # clean again, idle: offered to the waiting pool, which takes the LRU victim
+    assert old.closing() == [old_worker] and recent.idle_workers() == [recent_worker]

@@ -227,3 +227,30 @@ async def test_two_profiles_of_a_daemon_share_its_ceiling(make_daemon: Any) -> N
         shown = (await resp.json())["capacity"]
     assert shown["max_workers"] == 2 and shown["workers"] == cap.live and shown["pools"] == 6
     assert sum(shown["evictions"].values()) >= 1
+
+
+async def test_200_prompts_from_50_tenants_on_a_budget_of_8_every_request_answered_busiest_pools_warm(
+    make_pool: Callable[..., Pool], make_fake_profile: Callable[..., Profile]
+) -> None:
+    """Issue 14's test: 200 pools (one per system prompt, min_idle 0) and 50 tenants on 8 workers.
+    Traffic comes in waves of 8 at once: one request to each of the 2 busiest pools, and 6 to pools
+    seen once each (198 of them)."""
+    cap = Capacity(CapacityConfig(max_workers=8))
+    pools = [make_pool(make_fake_profile(name=f"prompt-{i}"), capacity=cap, max_concurrent_spawns=2)
+             for i in range(200)]
+    sampler = Sampler(pools)
+    busy, once = pools[:2], iter(pools[2:])
+    requests = 0
+    async with asyncio.timeout(240):
+        for wave in range(33):
+            targets = [*busy, *(next(once) for _ in range(6))]
+            await asyncio.gather(*(served(pool, f"tenant-{(wave * 8 + j) % 50}") for j, pool in enumerate(targets)))
+            requests += len(targets)
+    await settled(*pools)
+    sampler.sample()
+    assert sampler.max_records <= 8 and sampler.max_processes <= 8
+    assert sum(p.stats.leases for p in pools) == requests == 264  # every request answered
+    # The busiest pools kept one warm worker all along: started once, never evicted (the pools used
+    # once are the least recently leased, so they are the victims).
+    assert [(p.stats.spawned, p.stats.retired["evicted"], p.idle_count) for p in busy] == [(1, 0, 1)] * 2
+    assert sum(p.stats.retired["evicted"] for p in pools) == 198 - 6

@@ -76,8 +76,10 @@ class PoolCollector(Collector):
                 if worker.rss_bytes is not None:
                     rss.add_metric([name, str(worker.slot)], worker.rss_bytes)
             total_pss.add_metric([name], pool.total_pss_bytes())
-            budget.add_metric([name, "soft"], plan.soft_limit_bytes)
-            budget.add_metric([name, "hard"], plan.hard_limit_bytes)
+            # A pool without limits of its own is held by the shared capacity's.
+            shared = pool.capacity.plan
+            budget.add_metric([name, "soft"], min(plan.soft_limit_bytes, shared.soft_limit_bytes))
+            budget.add_metric([name, "hard"], min(plan.hard_limit_bytes, shared.hard_limit_bytes))
             for priority, count in pool.waiting_by_priority().items():
                 waiting[priority] += count
         yield from (workers, max_workers, breaker, pss, rss, total_pss, budget)

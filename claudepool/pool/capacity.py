@@ -62,6 +62,10 @@ class Member(Protocol):
         """Its idle workers, the longest idle first (none once it is closing)."""
         ...
 
+    def resetting(self) -> int:
+        """Its workers being reset after a lease (idle soon, unless its own waiters take them)."""
+        ...
+
     def pss_sizes(self) -> list[int]:
         """The measured PSS of each of its workers (not measured yet: left out)."""
         ...
@@ -87,8 +91,8 @@ class Seat:
     need: Need = Need.NONE
     # Orders seats waiting at the same need: the one that began waiting first is woken first.
     need_since: int = 0
-    # Victims closing on this seat's behalf: their places are already asked for.
-    evicting: int = 0
+    # Places the ceiling denies this seat now (what its step could start with them).
+    short: int = 0
 
     @property
     def name(self) -> str:
@@ -105,8 +109,10 @@ class Seat:
     def room(self, need: Need) -> int:
         return self.capacity.room(self, need)
 
-    def want(self, need: Need) -> None:
-        """What this seat waits for after its step (NONE: it has all the room it can use now)."""
+    def want(self, need: Need, short: int = 0) -> None:
+        """What this seat waits for after its step, and for how many places (NONE: it has all the
+        room it can use now)."""
+        self.short = short if need is not Need.NONE else 0
         if need is not self.need:
             self.capacity.waiting += (need is not Need.NONE) - (self.need is not Need.NONE)
             self.need, self.need_since = need, next(self.capacity._clock)
@@ -116,6 +122,12 @@ class Seat:
 
     def evict(self, count: int, need: Need) -> int:
         return self.capacity.evict(self, count, need)
+
+    def to_evict(self) -> int:
+        """Victims to ask for now: this seat's shortfall less the victims already closing for the
+        seats waiting before it, or for it. The count is daemon-wide, not per seat, because a freed
+        place goes to the longest waiting seat, whichever seat's eviction freed it."""
+        return self.capacity._to_evict(self)
 
     def offer(self) -> None:
         """After a step that left this pool with idle workers: a pool waiting for room may evict one."""
@@ -129,20 +141,23 @@ class Seat:
 
 @dataclass(frozen=True)
 class Victim:
+    """``worker`` None: a worker of ``seat`` still being reset ranks here; it is waited for (its
+    pool offers it once idle) rather than passed over for a more recently used pool's idle one."""
+
     seat: Seat
     worker: Any
 
 
 def pick_victims(seats: Sequence[Seat], requester: Seat, count: int, need: Need) -> list[Victim]:
     """Up to ``count`` idle workers to evict for ``requester``: outside warm floors first, each tier
-    in least-recently-leased pool order (within a pool the longest idle first); floors only for
-    waiters, never for another floor."""
+    in least-recently-leased pool order (within a pool the longest idle first, then the ones being
+    reset, as ``worker`` None); floors only for waiters, never for another floor."""
     outside: list[tuple[float, int, Victim]] = []
     floors: list[tuple[float, int, Victim]] = []
     for order, seat in enumerate(seats):
         if seat is requester or seat.member is None:
             continue
-        idle = list(seat.member.idle_workers())
+        idle = [*seat.member.idle_workers(), *[None] * seat.member.resetting()]
         spare = max(0, len(idle) - seat.member.floor())
         for i, worker in enumerate(idle):
             key = (seat.last_lease_at, order * 1_000_000 + i, Victim(seat, worker))
@@ -175,7 +190,7 @@ class Capacity:
         self.waiting = 0  # seats whose need is not NONE
         self.evictions: Counter[str] = Counter()  # by the victim's pool
         self._seats: list[Seat] = []
-        self._victims: dict[Any, Seat] = {}
+        self._victims: set[Any] = set()  # evicted, still closing
         self._clock: Iterator[int] = itertools.count(1)
         self._waking = False
         self._wake_again = False
@@ -232,14 +247,26 @@ class Capacity:
     def evict(self, requester: Seat, count: int, need: Need) -> int:
         """Retire up to ``count`` idle workers of other pools for ``requester``; returns how many.
         Synchronous: each victim moves to closing in its pool before this returns."""
-        victims = pick_victims(self._seats, requester, count, need)
+        victims = [v for v in pick_victims(self._seats, requester, count, need) if v.worker is not None]
         for victim in victims:
             assert victim.seat.member is not None  # pick_victims skips member-less seats
-            self._victims[victim.worker] = requester
-            requester.evicting += 1
+            self._victims.add(victim.worker)
             self.evictions[victim.seat.name] += 1
             victim.seat.member.evict(victim.worker, "evicted")
         return len(victims)
+
+    @property
+    def evicting(self) -> int:
+        """Evicted workers still closing: their places are promised to the seats waiting for room."""
+        return len(self._victims)
+
+    def _to_evict(self, seat: Seat) -> int:
+        if not seat.short:
+            return 0
+        # Freed places go to waiters before floors, then to the longest waiting: the seats served first.
+        ahead = sum(s.short for s in self._seats if s.need > seat.need
+                    or (s.need is seat.need and s.need_since <= seat.need_since))
+        return max(0, min(seat.short, ahead - len(self._victims)))
 
     def replan(self) -> MemoryPlan:
         """Re-derive the ceiling from the latest PSS readings of every pool's workers; past the hard
@@ -286,9 +313,7 @@ class Capacity:
 
     def _gone(self, worker: Any) -> None:
         self.live -= 1
-        requester = self._victims.pop(worker, None)
-        if requester is not None:
-            requester.evicting -= 1
+        self._victims.discard(worker)
         self._wake()
 
     def _wake(self) -> None:

@@ -375,8 +375,8 @@ def spawn_count(state: PoolState[W, L, T], now: float) -> tuple[int, Evict | Non
     take_f = max(0, min(want_f, seat.room(Need.FLOOR) - take_w))
     short_w, short_f = want_w - take_w, want_f - take_f
     need = Need.WAITERS if short_w else Need.FLOOR if short_f else Need.NONE
-    seat.want(need)
-    evict = (short_w or short_f) - seat.evicting
+    seat.want(need, short_w or short_f)
+    evict = seat.to_evict()
     return take_w + take_f, Evict(evict, need) if evict > 0 else None
 
 

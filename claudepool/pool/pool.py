@@ -463,6 +463,10 @@ class _Member:
         state = self._pool._state
         return [] if state.closed else [r.worker for r in state.in_phase(Phase.IDLE)]
 
+    def resetting(self) -> int:
+        state = self._pool._state
+        return 0 if state.closed else state.count(Phase.CLEANING, Phase.RETURNED)
+
     def pss_sizes(self) -> list[int]:
         return [w.pss_bytes for w in self._pool._state.records if w.pss_bytes]
 

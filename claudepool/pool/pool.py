@@ -30,6 +30,7 @@ from claudepool.pool.config import PoolConfig
 from claudepool.pool.events import PoolObserver, PoolStats, status_rows
 from claudepool.pool.fair_queue import FairQueue
 from claudepool.pool.lease import Lease, Waiter
+from claudepool.pool.membership import PoolMember
 from claudepool.pool.memory import MemoryPlan, available_memory_bytes
 from claudepool.pool.operations import WorkerOperations
 from claudepool.pool.planner import Phase
@@ -83,8 +84,10 @@ class Pool:
         queue: FairQueue[Waiter] = FairQueue(slots, batch_max_running=self._batch_room,
                                               batch_running=lambda: self._state.batch_leased)
         breaker = Breaker(config.boot_failure_threshold, config.breaker_cooldown_s, config.breaker_max_cooldown_s)
+        member = PoolMember(profile.name, config, apply=self._apply, step=self._step)
         self._state: planner.PoolState[Worker, Lease, Waiter] = planner.PoolState(
-            config, queue, slots, breaker, self._sizing.initial(), seat=self.capacity.join(_Member(self)))
+            config, queue, slots, breaker, self._sizing.initial(), seat=self.capacity.join(member))
+        member.state = self._state
         slots.add_listener(self._on_tenant_released)
 
         # Each worker's own credential for the gateway (None: workers use the profile's upstream
@@ -437,41 +440,3 @@ class Pool:
         self.capacity.replan()
         self._step()
         return self._state.memory
-
-    def _evict(self, worker: Worker, reason: str) -> None:
-        """The capacity takes this idle worker's place for another pool (or sheds memory)."""
-        record = self._state.records.get(worker)
-        if record is not None and record.phase is Phase.IDLE and not self._state.closed:
-            self._apply(planner.retire(self._state, record, reason), time.monotonic())
-            self._changed.set()
-
-
-class _Member:
-    """What the shared capacity sees of a pool (see `claudepool.pool.capacity.Member`)."""
-
-    def __init__(self, pool: Pool) -> None:
-        self._pool = pool
-
-    @property
-    def name(self) -> str:
-        return self._pool.profile.name
-
-    def floor(self) -> int:
-        return self._pool.config.min_idle
-
-    def idle_workers(self) -> list[Worker]:
-        state = self._pool._state
-        return [] if state.closed else [r.worker for r in state.in_phase(Phase.IDLE)]
-
-    def resetting(self) -> int:
-        state = self._pool._state
-        return 0 if state.closed else state.count(Phase.CLEANING, Phase.RETURNED)
-
-    def pss_sizes(self) -> list[int]:
-        return [w.pss_bytes for w in self._pool._state.records if w.pss_bytes]
-
-    def evict(self, worker: Worker, reason: str) -> None:
-        self._pool._evict(worker, reason)
-
-    def wake(self) -> None:
-        self._pool._step()

@@ -254,3 +254,13 @@ async def test_200_prompts_from_50_tenants_on_a_budget_of_8_every_request_answer
     # once are the least recently leased, so they are the victims).
     assert [(p.stats.spawned, p.stats.retired["evicted"], p.idle_count) for p in busy] == [(1, 0, 1)] * 2
     assert sum(p.stats.retired["evicted"] for p in pools) == 198 - 6
+
+
+async def test_a_floor_larger_than_the_shared_ceiling_is_ready_once_the_ceiling_is_full_of_idle_workers(
+    make_pool: Callable[..., Pool], fake_profile: Profile
+) -> None:
+    cap = Capacity(CapacityConfig(max_workers=1))
+    pool = make_pool(fake_profile, min_idle=2, capacity=cap)
+    await pool.start()
+    await pool.wait_ready(10)  # not 2 (it never could be), and not before the one it has is idle
+    assert pool.idle_count == 1 and cap.live == 1

@@ -423,7 +423,9 @@ class Pool:
             self._ops.retire(action.worker, action.reason)
 
     def _ceiling_full(self) -> bool:
-        return self.capacity.bounded and self.capacity.live >= self.capacity.max_workers
+        """The shared ceiling is reached and none of this pool's workers is on its way to idle."""
+        return (self.capacity.bounded and self.capacity.live >= self.capacity.max_workers
+                and not self._state.count(Phase.STARTING, Phase.CLEANING, Phase.RETURNED))
 
     def _batch_room(self) -> int:
         return max(1, int(self.max_workers * self.config.batch_max_share))

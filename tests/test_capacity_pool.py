@@ -264,3 +264,13 @@ async def test_a_floor_larger_than_the_shared_ceiling_is_ready_once_the_ceiling_
     await pool.start()
     await pool.wait_ready(10)  # not 2 (it never could be), and not before the one it has is idle
     assert pool.idle_count == 1 and cap.live == 1
+
+
+async def test_a_daemon_whose_floors_exceed_its_ceiling_is_ready_and_serves_every_profile(make_daemon: Any) -> None:
+    # Two warm floors on one place: one of them stays empty, yet the daemon is ready (make_daemon
+    # waits for /readyz's condition) and both profiles answer.
+    d: RunningDaemon = await make_daemon(capacity={"max_workers": 1}, profiles={"lean": {"min_idle": 1}})
+    assert d.daemon.status.readiness()[0] and d.daemon.capacity.live == 1
+    for profile in ("default", "lean"):
+        status, body = await post(d.url, {"prompt": "hi [[reply:OK]]", "profile": profile}, KEYS["acme"])
+        assert status == 200, body

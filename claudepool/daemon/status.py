@@ -31,8 +31,9 @@ class Status:
             counts = pool.counts()
             warm = counts["idle"] + counts["leased"] + counts["cleaning"]
             pools[name] = {"healthy": pool.healthy, "warm": warm, "idle": counts["idle"]}
-            # A profile started on demand (min_idle 0) is ready with no warm worker.
-            ready = ready and pool.healthy and (warm > 0 or pool.config.min_idle == 0)
+            # A profile started on demand (min_idle 0) is ready with no warm worker, and so is one
+            # whose floor the shared ceiling leaves empty (its first request evicts for room).
+            ready = ready and pool.healthy and (warm > 0 or pool.config.min_idle == 0 or pool.ceiling_full)
         return ready, {"ready": ready, "draining": self._service.draining, "pools": pools}
 
     def pool_status(self) -> dict[str, Any]:

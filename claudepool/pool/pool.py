@@ -216,7 +216,7 @@ class Pool:
         target = min(self.config.min_idle if idle is None else idle, self.max_workers)
         async with asyncio.timeout(timeout_s):
             # A shared ceiling smaller than the pools' floors together leaves some floors short.
-            while self._state.count(Phase.IDLE) < target and not self._ceiling_full():
+            while self._state.count(Phase.IDLE) < target and not self.ceiling_full:
                 if self._state.closed:
                     raise PoolClosed(f"pool {self.profile.name} is closed")
                 if self.breaker_state is BreakerState.OPEN:
@@ -422,7 +422,8 @@ class Pool:
         else:
             self._ops.retire(action.worker, action.reason)
 
-    def _ceiling_full(self) -> bool:
+    @property
+    def ceiling_full(self) -> bool:
         """The shared ceiling is reached and none of this pool's workers is on its way to idle."""
         return (self.capacity.bounded and self.capacity.live >= self.capacity.max_workers
                 and not self._state.count(Phase.STARTING, Phase.CLEANING, Phase.RETURNED))

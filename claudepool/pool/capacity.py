@@ -276,7 +276,9 @@ class Capacity:
             return self.plan
         sizes = [size for s in self._seats if s.member is not None for size in s.member.pss_sizes()]
         self.plan = self._sizing.plan_sizes(sizes)
-        excess = sum(sizes) - self.plan.hard_limit_bytes
+        # Workers already evicted still hold their memory until gone: what they free is counted
+        # as freed, or every pool's next measurement would shed another one for the same excess.
+        excess = sum(sizes) - sum(w.pss_bytes or 0 for w in self._victims) - self.plan.hard_limit_bytes
         if excess > 0:
             idle = [(w.pss_bytes or 0, s.member, w) for s in self._seats if s.member is not None
                     for w in s.member.idle_workers()]
@@ -286,6 +288,7 @@ class Capacity:
                     break  # (one not measured yet frees nothing we know of)
                 excess -= pss_bytes
                 idle_left -= 1
+                self._victims.add(worker)
                 member.evict(worker, "memory_pressure")
         self._wake()
         return self.plan

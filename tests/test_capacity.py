@@ -22,7 +22,7 @@ from claudepool.pool.capacity import UNBOUNDED, Capacity, Need
 from claudepool.pool.config import CapacityConfig, PoolConfig
 from claudepool.pool.fair_queue import FairQueue
 from claudepool.pool.memory import MemoryPlan, MiB
-from claudepool.pool.planner import Assign, Evict, Phase, PoolState, Retire, Spawn, plan, retire
+from claudepool.pool.planner import Assign, Evict, Phase, PoolState, Retire, Spawn, plan, retire, unserved
 from claudepool.pool.shares import TenantShare, TenantSlots
 from tests.test_planner import StubWaiter, StubWorker
 
@@ -407,3 +407,17 @@ def test_a_worker_of_an_older_pool_still_resetting_is_waited_for_not_passed_over
     old.state.move(old.state.records[old_worker], Phase.RETURNED)
     old.step()  # clean again, idle: offered to the waiting pool, which takes the LRU victim
     assert old.closing() == [old_worker] and recent.idle_workers() == [recent_worker]
+
+
+def test_waiters_another_pools_idle_worker_will_serve_are_not_unserved() -> None:
+    # (A session pool parks idle-bound conversations for its unserved waiters: not for these.)
+    cap = capacity(1)
+    other = StubPool("other", cap)
+    other.wait()
+    other.ready()
+    sessions = StubPool("sessions", cap)
+    sessions.state.queue.push(StubWaiter("t"), "t", EQUAL)
+    assert unserved(sessions.state) == 1  # the one place is leased: only a parked session helps
+    (worker,) = other.assigned()
+    other.state.move(other.state.records[worker], Phase.IDLE)
+    assert unserved(sessions.state) == 0  # its step would evict the idle worker

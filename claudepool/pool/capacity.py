@@ -260,6 +260,10 @@ class Capacity:
         """Evicted workers still closing: their places are promised to the seats waiting for room."""
         return len(self._victims)
 
+    def evictable(self, seat: Seat) -> int:
+        """Idle workers of other pools that waiters of ``seat`` could evict (floors included)."""
+        return sum(len(s.member.idle_workers()) for s in self._seats if s is not seat and s.member is not None)
+
     def _to_evict(self, seat: Seat) -> int:
         if not seat.short:
             return 0

@@ -394,11 +394,13 @@ def cannot_serve(state: PoolState[W, L, T], now: float) -> bool:
 
 
 def unserved(state: PoolState[W, L, T]) -> int:
-    """Waiters that no idle, starting or resetting worker, and no room to spawn one, will serve:
-    only a worker given back (a parked session) can serve them."""
+    """Waiters that no idle, starting or resetting worker, and no room to spawn one (nor to make by
+    evicting another pool's idle worker), will serve: only a worker given back (a parked session)
+    can serve them."""
     ready_soon = state.count(Phase.IDLE, Phase.STARTING, Phase.CLEANING, Phase.RETURNED)
     live = ready_soon + state.count(Phase.LEASED)
-    room = max(0, min(state.memory.max_workers - live, state.seat.room(Need.WAITERS)))
+    shared = state.seat.room(Need.WAITERS) + state.seat.capacity.evictable(state.seat)
+    room = max(0, min(state.memory.max_workers - live, shared))
     if live and state.total_pss_bytes() >= state.memory.soft_limit_bytes:
         room = 0
     return max(0, state.queue.eligible() - ready_soon - room)

@@ -11,12 +11,14 @@ the pool's records before that step returns, so two pools can never both take th
 
 When a pool's waiters (or, at lower priority, its warm floor) find the ceiling reached, its step
 asks for evictions: the capacity retires idle workers of other pools, least recently leased pool
-first, never a leased or cleaning one, and only once no idle worker outside a warm floor is left
-does it touch a floor (``min_idle`` of a configured pool). A floor's refill may evict only
-workers outside floors. When a worker of any pool is gone, the seats waiting for room are woken
-(waiters before floors, longest waiting first) in the same call, so the freed place goes to them
-and not to whichever pool happens to step next; while some pool's waiters wait for room, no floor
-refill may take a freed place.
+first, never a leased or cleaning one (a less recently leased pool's worker still being reset is
+waited for, not passed over), and only once no idle worker outside a warm floor is left does it
+touch a floor (``min_idle`` of a configured pool). A floor's refill may evict only workers outside
+floors. Victims in flight are counted daemon-wide against the shortfalls of the waiting seats.
+When a worker of any pool is gone, the seats waiting for room are woken (the longest waiting
+first) in the same call, so the freed place goes to them and not to whichever pool happens to
+step next; while some pool's waiters wait for room, no floor refill may take a freed place. When a
+pool's step leaves it idle workers, the seats waiting for room are woken to evict one.
 
 >>> cap = Capacity(CapacityConfig(max_workers=2), memory_probe=lambda: 0)
 >>> seat = cap.join(None)

@@ -15,6 +15,9 @@ defaults. Nested keys use ``__`` in variable names: ``CLAUDEPOOL_POOL__MIN_IDLE=
     max_workers = 0          # 0 = derive from RAM
     env = { }                # extra environment for every worker (never a provider key: see [upstream])
 
+    [capacity]               # one worker ceiling and RAM budget for all pools
+    max_workers = 0          # 0 = derive from RAM ([pool]/profile max_workers cap each pool within it)
+
     [upstream]               # the provider; only the daemon's gateway holds its key
     api_key_file = "/etc/claudepool/anthropic.key"
 
@@ -46,7 +49,7 @@ from pydantic_settings import (
 
 from claudepool.errors import ConfigError
 from claudepool.gateway.settings import EgressSettings, Upstream, UpstreamProfileSettings, UpstreamSettings
-from claudepool.pool.config import PoolConfig
+from claudepool.pool.config import CapacityConfig, PoolConfig
 from claudepool.pool.memory import MiB
 from claudepool.pool.profile import Profile, SpawnSettings, routes_upstream
 from claudepool.sessions.settings import LimitOverrides, SessionOptions, SessionSettings
@@ -56,8 +59,9 @@ from claudepool.tenancy.tenants import TenantRegistry, key_digest
 
 # Each section's model lives in the package it configures; these names stay importable from here.
 __all__ = [
-    "EgressSettings", "MeteringSettings", "MetricsSettings", "PoolSettings", "PriceSettings", "ProfileSettings",
-    "ServerSettings", "SessionSettings", "Settings", "StoreSettings", "TenantSettings", "UpstreamProfileSettings",
+    "CapacityConfig", "EgressSettings", "MeteringSettings", "MetricsSettings", "PoolSettings", "PriceSettings",
+    "ProfileSettings", "ServerSettings", "SessionSettings", "Settings", "StoreSettings", "TenantSettings",
+    "UpstreamProfileSettings",
     "UpstreamSettings",
     "default_socket_path", "key_digest", "load_settings",
 ]
@@ -217,6 +221,7 @@ class Settings(BaseSettings):
 
     server: ServerSettings = Field(default_factory=ServerSettings)
     pool: PoolSettings = Field(default_factory=PoolSettings)
+    capacity: CapacityConfig = Field(default_factory=CapacityConfig)
     profiles: dict[str, ProfileSettings] = Field(default_factory=lambda: {"default": ProfileSettings()})
     tenants: dict[str, TenantSettings] = Field(default_factory=dict)
     store: StoreSettings = Field(default_factory=StoreSettings)

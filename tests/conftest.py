@@ -133,11 +133,11 @@ def pool_defaults() -> dict[str, Any]:
 @pytest.fixture
 async def make_pool(tmp_path: Path, pool_defaults: dict[str, Any]) -> AsyncIterator[Callable[..., Pool]]:
     """Build pools that are closed after the test. Keywords are PoolConfig fields, except
-    ``on_turn_result`` and ``memory_probe``, which go to the Pool."""
+    ``on_turn_result``, ``memory_probe`` and ``capacity``, which go to the Pool."""
     pools: list[Pool] = []
 
     def make(profile: Profile, **kw: Any) -> Pool:
-        extra = {k: kw.pop(k) for k in ("on_turn_result", "memory_probe") if k in kw}
+        extra = {k: kw.pop(k) for k in ("on_turn_result", "memory_probe", "capacity") if k in kw}
         config = PoolConfig(**{"workdir": tmp_path / "workers", **pool_defaults, **kw})
         pool = Pool(profile, config, **extra)
         pools.append(pool)

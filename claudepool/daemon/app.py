@@ -40,6 +40,7 @@ from prometheus_client import CollectorRegistry
 from claudepool.config import Settings, key_digest
 from claudepool.daemon.admission import Gate, ServiceLimits
 from claudepool.daemon.collectors import (
+    CapacityCollector,
     LimiterCollector,
     MeterCollector,
     OnDemandPoolCollector,
@@ -69,6 +70,7 @@ from claudepool.gateway.server import Gateway
 from claudepool.gateway.settings import Upstream
 from claudepool.logs import add_key_digests
 from claudepool.pool import sandbox
+from claudepool.pool.capacity import Capacity
 from claudepool.pool.profile import pool_labels
 from claudepool.pool.shares import TenantSlots
 from claudepool.pool.workspace_files import FileBounds
@@ -110,13 +112,16 @@ class Daemon:
         self.meter = Meter(self.store, self.limiter, self.pricing, settings.metering,
                            on_record=usage_metrics.turn_billed)
         slots = TenantSlots()
+        # One worker ceiling and RAM budget for every pool (stateless, sessions, and on demand).
+        self.capacity = Capacity(settings.capacity)
         # Every worker's credential for the gateway: the workers never see the provider's key.
         self.credentials = CredentialRegistry()
         # Every pool, configured or made on demand for another system prompt, is built by the registry.
         # The configured pools' memory measurements run in the task group (see _serve), the others' in the registry.
         self.pool_registry = PoolRegistry(
             settings, observer=worker_metrics, on_turn_result=self.meter.on_turn_result,
-            on_lease_done=self.meter.on_lease_done, slots=slots, credentials=self.credentials)
+            on_lease_done=self.meter.on_lease_done, slots=slots, credentials=self.credentials,
+            capacity=self.capacity)
         self.pools = self.pool_registry.configured
         self.session_pools = self.pool_registry.configured_sessions
         self.sessions = SessionManager(self.store, self.pool_registry, settings.session_options(),
@@ -136,10 +141,11 @@ class Daemon:
         )
         self.service = PromptService(gate, self.tenants, self.meter, metrics=request_metrics, sessions=self.sessions,
                                      tool_preview_bytes=server.tool_preview_bytes, file_bounds=file_bounds)
-        self.status = Status(self.pools, self.all_pools(), self.service)
+        self.status = Status(self.pools, self.all_pools(), self.service, self.capacity)
         self.spend = TenantSpend(self.tenants, self.store, tenant_labels, self.registry)
         PoolCollector(self.all_pools(), self.registry)
         OnDemandPoolCollector(self.pool_registry, self.registry)
+        CapacityCollector(self.capacity, self.registry)
         ServiceCollector(self.service, self.registry)
         ProcessCollector(self.registry)
         SessionCollector(self.sessions, self.registry)

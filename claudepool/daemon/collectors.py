@@ -15,6 +15,7 @@ True
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 
 import psutil
@@ -25,6 +26,7 @@ from prometheus_client.registry import Collector
 from claudepool.daemon.metrics import SESSION_EVENTS, WORKER_STATES
 from claudepool.daemon.pools import PoolRegistry
 from claudepool.daemon.service import PromptService
+from claudepool.pool.capacity import Capacity
 from claudepool.pool.memory import available_memory_bytes, plan_memory
 from claudepool.pool.pool import Pool
 from claudepool.pool.profile import pool_label
@@ -77,8 +79,9 @@ class PoolCollector(Collector):
                 ram_derived += plan_memory(available_bytes=available, pool_pss_bytes=pool.total_pss_bytes(),
                                            memory_fraction=pool.config.memory_fraction,
                                            per_worker_bytes=plan.per_worker_bytes).max_workers
-                soft += plan.soft_limit_bytes
-                hard += plan.hard_limit_bytes
+                # A pool without limits of its own is held by the shared capacity's.
+                soft += min(plan.soft_limit_bytes, pool.capacity.plan.soft_limit_bytes)
+                hard += min(plan.hard_limit_bytes, pool.capacity.plan.hard_limit_bytes)
                 for worker in pool.workers():
                     in_turn += worker.in_turn()
                     if own:
@@ -121,6 +124,36 @@ class OnDemandPoolCollector(Collector):
         for event, count in (("made", p.made), ("evicted", p.evicted), ("reaped", p.reaped)):
             events.add_metric([event], count)
         yield events
+
+
+class CapacityCollector(Collector):
+    """The worker ceiling and RAM budget all pools share: ceiling, live workers, evictions by pool."""
+
+    def __init__(self, capacity: Capacity, registry: CollectorRegistry) -> None:
+        self._capacity = capacity
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        capacity = self._capacity
+        yield GaugeMetricFamily("claudepool_capacity_max_workers", "Worker ceiling shared by all pools.",
+                                value=capacity.max_workers)
+        yield GaugeMetricFamily("claudepool_capacity_workers",
+                                "Live workers of all pools (closing ones count until gone).", value=capacity.live)
+        yield GaugeMetricFamily("claudepool_capacity_pools", "Pools sharing the capacity.", value=capacity.pools)
+        budget = GaugeMetricFamily("claudepool_capacity_memory_limit_bytes",
+                                   "Total-PSS limits of all pools together.", labels=["limit"])
+        budget.add_metric(["soft"], capacity.plan.soft_limit_bytes)
+        budget.add_metric(["hard"], capacity.plan.hard_limit_bytes)
+        yield budget
+        evictions = CounterMetricFamily("claudepool_evictions", "Idle workers retired to make room for another "
+                                        "pool (or past the shared hard memory limit), by the victim's pool.",
+                                        labels=["pool"])
+        by_label: Counter[str] = Counter()
+        for pool, count in capacity.evictions.items():
+            by_label[pool_label(pool)] += count  # pools made on demand: one series per profile
+        for label, count in sorted(by_label.items()):
+            evictions.add_metric([label], count)
+        yield evictions
 
 
 class ServiceCollector(Collector):

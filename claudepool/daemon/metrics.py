@@ -35,7 +35,7 @@ UNAUTHENTICATED = "__unauthenticated__"
 WORKER_STATES = ("starting", "idle", "leased", "cleaning", "closing")
 EXIT_REASONS = ("recycle_turns", "recycle_age", "recycle_memory", "recycle_context", "watchdog", "crash",
                 "reset_failed", "boot_failure", "memory_pressure", "idle", "unclean", "shutdown", "respawn",
-                "workspace_full")
+                "workspace_full", "evicted")
 OUTCOMES = ("ok", "model_error", "cancelled", "draining", "timeout", "turn_stalled", "worker_died",
             "worker_error", "pool_timeout", "pool_unhealthy", "too_many_pools", "rate_limited", "budget_exhausted",
             "queue_full",

@@ -53,3 +53,21 @@ class PoolConfig(BaseModel):
 
     def spawn_limit(self) -> int:
         return self.max_concurrent_spawns or _CPUS
+
+
+class CapacityConfig(BaseModel):
+    """The worker ceiling and RAM budget shared by every pool of a daemon (``[capacity]``).
+
+    A pool's own ``max_workers`` and memory limits are then caps of that pool within it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # 0 derives the ceiling from RAM: available memory × memory_fraction ÷ the largest measured
+    # worker PSS across all pools (worker_pss_estimate_bytes until one is measured).
+    max_workers: int = Field(default=0, ge=0)
+    memory_fraction: float = Field(default=0.5, gt=0, le=1)
+    worker_pss_estimate_bytes: int = Field(default=250 * MiB, gt=0)
+    # Total PSS of all pools' workers: past the soft limit no pool spawns; past the hard limit idle
+    # workers are retired, largest first. 0 = derived (the RAM budget; hard = soft × 1.25).
+    memory_soft_limit_bytes: int = Field(default=0, ge=0)
+    memory_hard_limit_bytes: int = Field(default=0, ge=0)

@@ -112,6 +112,7 @@ class WorkerOperations:
         await self._sizing.measure([worker])
         if worker.is_alive() and not self._state.closed:
             self._state.memory = self._sizing.plan(self._state.records)
+            self._state.seat.capacity.replan()
             self._step()  # as after a maintenance pass: the limits see the new reading
 
     async def _clean(self, worker: Worker) -> None:

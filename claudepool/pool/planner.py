@@ -1,9 +1,10 @@
 """The pool's decisions: one synchronous, await-free step over one record per worker.
 
 `plan(state, now)` is the pool's whole policy, in the style of httpcore's
-``_assign_requests_to_connections``: it reads the records, the fair queue, the breaker and the
-memory plan, moves records between phases, pops the waiters it serves, and returns the I/O to do
-(`Spawn`, `Clean`, `Retire`) and the answers to give (`Assign`, `Refuse`). It never awaits, calls
+``_assign_requests_to_connections``: it reads the records, the fair queue, the breaker, the
+memory plan and the room its seat in the daemon's shared `Capacity` leaves, moves records between
+phases, pops the waiters it serves, and returns the I/O to do (`Spawn`, `Clean`, `Retire`,
+`Evict` idle workers of other pools) and the answers to give (`Assign`, `Refuse`). It never awaits, calls
 back, starts a process or reads a clock: the pool's async shell (`pool.py`) applies the actions, and
 the unit tests drive it with stub workers and a synthetic clock.
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from claudepool.pool.breaker import Breaker, BreakerState
+from claudepool.pool.capacity import Capacity, Need, Seat
 from claudepool.pool.config import PoolConfig
 from claudepool.pool.fair_queue import FairQueue
 from claudepool.pool.memory import MemoryPlan
@@ -140,7 +142,20 @@ class Refuse(Generic[T]):
     waiter: T
 
 
-Action = Spawn | Clean[W] | Retire[W] | Assign[W, T] | Refuse[T]
+@dataclass(frozen=True)
+class Evict:
+    """The shared ceiling is reached: ask the capacity to retire ``count`` idle workers of other
+    pools for ``need`` (their places come back to this pool's seat when they are gone)."""
+
+    count: int
+    need: Need
+
+
+Action = Spawn | Clean[W] | Retire[W] | Assign[W, T] | Refuse[T] | Evict
+
+
+def _private_seat() -> Seat:
+    return Capacity().join(None)
 
 
 @dataclass
@@ -156,6 +171,9 @@ class PoolState(Generic[W, L, T]):
     batch_leased: int = 0
     closed: bool = False
     rng: random.Random = field(default_factory=random.Random)
+    # This pool's place in the daemon's shared capacity (default: a capacity of its own, no ceiling
+    # beyond ``memory``). Every record added or removed is counted there.
+    seat: Seat = field(default_factory=_private_seat)
     _clock: Iterator[int] = field(default_factory=itertools.count)
     # Records per phase, kept by add/move/remove (the only writers), so counting is O(1): the
     # planner counts phases a dozen times per step, and a step runs several times per request.
@@ -165,6 +183,7 @@ class PoolState(Generic[W, L, T]):
         record: Record[W, L] = Record(worker, phase, turn_limit, since=next(self._clock))
         self.records[worker] = record
         self._phase_counts[phase] += 1
+        self.seat.added()
         return record
 
     def move(self, record: Record[W, L], phase: Phase) -> None:
@@ -177,6 +196,7 @@ class PoolState(Generic[W, L, T]):
         record = self.records.pop(worker, None)
         if record is not None:
             self._phase_counts[record.phase] -= 1
+            self.seat.removed(worker)  # may step other pools: a place under the ceiling is free
         return record
 
     def in_phase(self, phase: Phase) -> list[Record[W, L]]:
@@ -250,6 +270,7 @@ def plan(state: PoolState[W, L, T], now: float) -> list[Action[W, T]]:
             continue
         idle.pop()
         state.move(record, Phase.LEASED)
+        state.seat.leased(now)  # the capacity's LRU key: pools leased longest ago are evicted first
         # Before the next pop: the queue must see this tenant's new count against its cap.
         state.slots.acquire(waiter.tenant, waiter.priority)
         if waiter.priority is Priority.BATCH:
@@ -259,7 +280,9 @@ def plan(state: PoolState[W, L, T], now: float) -> list[Action[W, T]]:
     if cannot_serve(state, now):
         actions.extend(Refuse(waiter) for waiter in state.queue.drain() if not waiter.gone())
 
-    spawns = spawn_count(state, now)
+    spawns, evict = spawn_count(state, now)
+    if evict is not None:
+        actions.append(evict)
     used = {r.worker.slot for r in state.records.values()} if spawns else set()
     free_slots = (i for i in itertools.count() if i not in used)
     for slot in itertools.islice(free_slots, spawns):
@@ -322,20 +345,39 @@ def shed_memory(state: PoolState[W, L, T]) -> list[Action[W, T]]:
     return actions
 
 
-def spawn_count(state: PoolState[W, L, T], now: float) -> int:
-    """Workers to start now: enough for the eligible waiters plus ``min_idle``, within the worker
-    ceiling, the spawn limit and the soft memory limit."""
+def spawn_count(state: PoolState[W, L, T], now: float) -> tuple[int, Evict | None]:
+    """Workers to start now: enough for the eligible waiters plus ``min_idle``, within the pool's
+    own cap, the shared capacity's room, the spawn limit and the soft memory limit; and the idle
+    workers of other pools to evict when the shared ceiling is what stops it.
+
+    Tells the seat what it waits for: waiters the ceiling keeps from being served (they beat every
+    floor's refill), or a floor the ceiling keeps from being refilled."""
+    seat = state.seat
     if state.breaker.state(now) is BreakerState.OPEN:
-        return 0
+        seat.want(Need.NONE)  # a pool that may not start workers claims no room
+        return 0, None
     ready_soon = state.count(Phase.IDLE, Phase.STARTING, Phase.CLEANING)
-    need = state.queue.eligible() + state.config.min_idle - ready_soon
-    if need <= 0:
-        return 0
+    eligible = state.queue.eligible()
+    for_waiters = max(0, eligible - ready_soon)
+    for_floor = max(0, eligible + state.config.min_idle - ready_soon) - for_waiters
+    if for_waiters + for_floor == 0:
+        seat.want(Need.NONE)
+        return 0, None
     live = ready_soon + state.count(Phase.LEASED)
-    room = min(state.memory.max_workers - live, spawn_room(state, now))
+    own_room = max(0, state.memory.max_workers - live)
     if live and state.total_pss_bytes() >= state.memory.soft_limit_bytes:
-        room = 0
-    return max(0, min(need, room))
+        own_room = 0
+    cpu_room = max(0, spawn_room(state, now))
+    # What the shared ceiling is asked for: within the pool's own cap and what can start now.
+    want_w = min(for_waiters, own_room, cpu_room)
+    take_w = min(want_w, seat.room(Need.WAITERS))
+    want_f = min(for_floor, own_room - take_w, cpu_room - take_w)
+    take_f = max(0, min(want_f, seat.room(Need.FLOOR) - take_w))
+    short_w, short_f = want_w - take_w, want_f - take_f
+    need = Need.WAITERS if short_w else Need.FLOOR if short_f else Need.NONE
+    seat.want(need, short_w or short_f)
+    evict = seat.to_evict()
+    return take_w + take_f, Evict(evict, need) if evict > 0 else None
 
 
 def spawn_room(state: PoolState[W, L, T], now: float) -> int:
@@ -352,11 +394,13 @@ def cannot_serve(state: PoolState[W, L, T], now: float) -> bool:
 
 
 def unserved(state: PoolState[W, L, T]) -> int:
-    """Waiters that no idle, starting or resetting worker, and no room to spawn one, will serve:
-    only a worker given back (a parked session) can serve them."""
+    """Waiters that no idle, starting or resetting worker, and no room to spawn one (nor to make by
+    evicting another pool's idle worker), will serve: only a worker given back (a parked session)
+    can serve them."""
     ready_soon = state.count(Phase.IDLE, Phase.STARTING, Phase.CLEANING, Phase.RETURNED)
     live = ready_soon + state.count(Phase.LEASED)
-    room = max(0, state.memory.max_workers - live)
+    shared = state.seat.room(Need.WAITERS) + state.seat.capacity.evictable(state.seat)
+    room = max(0, min(state.memory.max_workers - live, shared))
     if live and state.total_pss_bytes() >= state.memory.soft_limit_bytes:
         room = 0
     return max(0, state.queue.eligible() - ready_soon - room)

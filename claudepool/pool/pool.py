@@ -25,10 +25,12 @@ from collections.abc import AsyncIterator, Callable
 from claudepool.errors import PoolClosed, PoolTimeout, PoolUnhealthy
 from claudepool.pool import planner
 from claudepool.pool.breaker import Breaker, BreakerState
+from claudepool.pool.capacity import Capacity, Need
 from claudepool.pool.config import PoolConfig
 from claudepool.pool.events import PoolObserver, PoolStats, status_rows
 from claudepool.pool.fair_queue import FairQueue
 from claudepool.pool.lease import Lease, Waiter
+from claudepool.pool.membership import PoolMember
 from claudepool.pool.memory import MemoryPlan, available_memory_bytes
 from claudepool.pool.operations import WorkerOperations
 from claudepool.pool.planner import Phase
@@ -59,11 +61,16 @@ class Pool:
         observer: PoolObserver | None = None,
         run_maintenance: bool = True,
         credentials: WorkerCredentials | None = None,
+        capacity: Capacity | None = None,
     ) -> None:
         self.profile = profile
         self.config = config = config or PoolConfig()
         self.stats = PoolStats()
-        self._sizing = PoolSizing(config, memory_probe)
+        # The daemon's pools share one capacity (one ceiling, one RAM budget); then this pool's own
+        # max_workers and memory limits are only caps within it. Alone, the pool sizes itself from
+        # its own config, as a capacity of its own would.
+        self.capacity = capacity or Capacity()
+        self._sizing = PoolSizing(config, memory_probe, caps_only=self.capacity.bounded)
         # Every settled turn, including one drained after its consumer left; then, once per lease,
         # the moment no further result can come (metering settles the request there).
         self._on_turn_result = on_turn_result
@@ -77,8 +84,10 @@ class Pool:
         queue: FairQueue[Waiter] = FairQueue(slots, batch_max_running=self._batch_room,
                                               batch_running=lambda: self._state.batch_leased)
         breaker = Breaker(config.boot_failure_threshold, config.breaker_cooldown_s, config.breaker_max_cooldown_s)
+        member = PoolMember(profile.name, config, apply=self._apply, step=self._step)
         self._state: planner.PoolState[Worker, Lease, Waiter] = planner.PoolState(
-            config, queue, slots, breaker, self._sizing.initial())
+            config, queue, slots, breaker, self._sizing.initial(), seat=self.capacity.join(member))
+        member.state = self._state
         slots.add_listener(self._on_tenant_released)
 
         # Each worker's own credential for the gateway (None: workers use the profile's upstream
@@ -106,7 +115,13 @@ class Pool:
 
     @property
     def max_workers(self) -> int:
-        return self._state.memory.max_workers
+        """The ceiling in force: this pool's own cap, within the shared capacity's."""
+        return min(self._state.memory.max_workers, self.capacity.max_workers)
+
+    @property
+    def last_lease_at(self) -> float:
+        """When this pool last handed out a lease (monotonic; 0 = never): the capacity's LRU key."""
+        return self._state.seat.last_lease_at
 
     @property
     def waiting(self) -> int:
@@ -193,13 +208,15 @@ class Pool:
             await asyncio.sleep(self.config.maintenance_interval_s)
             await self._sizing.measure(self._sizing.measurable(self._state.records))
             self._state.memory = self._sizing.plan(self._state.records)
+            self.capacity.replan()
             self._step()
 
     async def wait_ready(self, timeout_s: float | None = None, *, idle: int | None = None) -> None:
         """Wait until ``idle`` (default ``min_idle``, capped by ``max_workers``) warm workers are idle."""
         target = min(self.config.min_idle if idle is None else idle, self.max_workers)
         async with asyncio.timeout(timeout_s):
-            while self._state.count(Phase.IDLE) < target:
+            # A shared ceiling smaller than the pools' floors together leaves some floors short.
+            while self._state.count(Phase.IDLE) < target and not self.ceiling_full:
                 if self._state.closed:
                     raise PoolClosed(f"pool {self.profile.name} is closed")
                 if self.breaker_state is BreakerState.OPEN:
@@ -220,6 +237,7 @@ class Pool:
     async def _close(self) -> None:
         state = self._state
         state.closed = True
+        state.seat.want(Need.NONE)
         self._slots.remove_listener(self._on_tenant_released)
         for waiter in state.queue.drain():
             if not waiter.future.done():
@@ -235,6 +253,8 @@ class Pool:
                                  return_exceptions=True)
         for record in records:
             state.remove(record.worker)
+        # Its workers are gone (each freed its place as it went): the pool leaves the capacity.
+        state.seat.leave()
         for record in records:
             self._settle_lease(record.unsettled)
             self._settle_lease(record.lease)
@@ -281,6 +301,7 @@ class Pool:
             else:
                 future.cancel()
                 queue.cancel(ticket)
+                self._step()  # what the pool waits for may have changed (a claim on shared room)
             if isinstance(exc, TimeoutError):
                 self.stats.lease_timeouts += 1
                 raise PoolTimeout(
@@ -377,6 +398,8 @@ class Pool:
         now = time.monotonic()
         for action in planner.plan(self._state, now):
             self._apply(action, now)
+        if self._state.count(Phase.IDLE):
+            self._state.seat.offer()
         self._changed.set()
 
     def _apply(self, action: planner.Action[Worker, Waiter], now: float) -> None:
@@ -394,8 +417,16 @@ class Pool:
             self._ops.spawn(action.slot, action.turn_limit)
         elif isinstance(action, planner.Clean):
             self._ops.clean(action.worker)
+        elif isinstance(action, planner.Evict):
+            self._state.seat.evict(action.count, action.need)
         else:
             self._ops.retire(action.worker, action.reason)
+
+    @property
+    def ceiling_full(self) -> bool:
+        """The shared ceiling is reached and none of this pool's workers is on its way to idle."""
+        return (self.capacity.bounded and self.capacity.live >= self.capacity.max_workers
+                and not self._state.count(Phase.STARTING, Phase.CLEANING, Phase.RETURNED))
 
     def _batch_room(self) -> int:
         return max(1, int(self.max_workers * self.config.batch_max_share))
@@ -409,5 +440,6 @@ class Pool:
     def refresh_memory(self) -> MemoryPlan:
         """Measure every worker's PSS and RSS now, re-derive the memory plan, and act on it."""
         self._state.memory = self._sizing.measure_now(self._state.records)
+        self.capacity.replan()
         self._step()
         return self._state.memory

@@ -1,6 +1,8 @@
 """Admission: every check a prompt passes before it may wait for a worker.
 
-In order: the session (if any) and its profile, the profile, the prompt's size, the daemon's and
+In order: the route (the request's ``kind`` and its tenant's tier choose a profile, model and
+effort where the request names none: `claudepool.tenancy.routing`), the session (if any) and its
+profile, the profile, the model, the request's own budget against its tenant's cap, the prompt's size, the daemon's and
 the tenant's queue bounds, the rate limits, the budget. The first that fails raises the error to
 answer; a place taken in the queue bounds is given back. An `Admission` holds what passed.
 
@@ -38,6 +40,7 @@ from claudepool.store.base import Store
 from claudepool.tenancy.limits import RateLimiter
 from claudepool.tenancy.metering import RequestContext
 from claudepool.tenancy.models import ModelCatalog, ProfileModel
+from claudepool.tenancy.routing import Effort, Router
 from claudepool.tenancy.tenants import Tenant
 
 
@@ -92,14 +95,17 @@ class Admission:
     files: tuple[InputFile, ...] = ()
     # The model to switch the worker to for this request (None: the profile's own).
     model_switch: str | None = None
+    # The effort to switch the worker to for this request (None: the profile's own).
+    effort_switch: Effort | None = None
 
 
 class Gate:
     """The checks of admission, over the pools a request may run on and the tenancy components."""
 
     def __init__(self, pools: Mapping[str, Pool], limits: ServiceLimits, *, store: Store, limiter: RateLimiter,
-                 sessions: SessionManager | None = None) -> None:
+                 sessions: SessionManager | None = None, router: Router | None = None) -> None:
         self.pools = pools
+        self.router = router or Router()
         self.limits = limits
         self.store = store
         self.limiter = limiter
@@ -114,7 +120,9 @@ class Gate:
         return self._queued.total()
 
     async def admit(self, tenant: Tenant, request: PromptRequest, request_id: str) -> Admission:
-        profile = request.profile or tenant.profile
+        routed = self.router.resolve(tier=tenant.tier, kind=request.kind, profile=request.profile,
+                                     model=request.model)
+        profile = routed.profile or tenant.profile
         pools = self.pools
         if request.session is not None:
             if self.sessions is None:
@@ -129,7 +137,10 @@ class Gate:
             raise NotFound(f"unknown profile {profile!r}")
         if profile not in tenant.profiles:
             raise Forbidden(f"profile {profile!r} is not allowed for this tenant")
-        model_switch = self.catalog.switch_for(profile, tenant.models, request.model)
+        # The routed model passes the same check as one the request names: a route widens nothing.
+        model_switch = self.catalog.switch_for(profile, tenant.models, routed.model)
+        effort_switch = routed.effort if routed.effort != pools[profile].profile.effort else None
+        budget_usd = request_budget(tenant, request)
         size = len(request.prompt.encode())
         if size > self.limits.max_prompt_bytes:
             raise PromptTooLarge(f"prompt of {size} bytes exceeds the limit of {self.limits.max_prompt_bytes}")
@@ -151,8 +162,9 @@ class Gate:
             slot.release()
             raise
         context = RequestContext(request_id=request_id, tenant=tenant.name, profile=profile, model=model,
-                                 session=request.session)
-        return Admission(request_id, tenant, request, pool, timeout_s, context, slot, files, model_switch)
+                                 session=request.session, max_budget_usd=budget_usd)
+        return Admission(request_id, tenant, request, pool, timeout_s, context, slot, files, model_switch,
+                         effort_switch)
 
     async def _check_budget(self, tenant: Tenant) -> None:
         state = await self.store.budget(tenant.name)
@@ -162,6 +174,17 @@ class Gate:
             if limit_usd > 0 and spent_usd >= limit_usd * fraction:
                 raise BudgetExhausted(f"the {name} budget of ${limit_usd:g} is spent (spent ${spent_usd:.4f}"
                                       + ("" if fraction == 1 else f", stop at {fraction:g} of it") + ")")
+
+
+def request_budget(tenant: Tenant, request: PromptRequest) -> float | None:
+    """What the request may spend (None: no bound of its own): its ``max_budget_usd``, or its
+    tenant's ``max_request_budget_usd``. One above the tenant's cap is refused, not lowered: the
+    client asked for a bound it cannot have, and would otherwise be stopped earlier than it asked."""
+    cap = tenant.max_request_budget_usd
+    asked = request.max_budget_usd
+    if asked is not None and cap > 0 and asked > cap:
+        raise BadRequest(f"max_budget_usd {asked:g} is over this tenant's cap of {cap:g} per request")
+    return asked if asked is not None else (cap or None)
 
 
 def input_files(request: PromptRequest, bounds: FileBounds) -> tuple[InputFile, ...]:

@@ -40,7 +40,8 @@ OUTCOMES = ("ok", "model_error", "cancelled", "draining", "timeout", "turn_stall
             "worker_error", "pool_timeout", "pool_unhealthy", "rate_limited", "budget_exhausted", "queue_full",
             "store_unavailable", "session_closed", "session_limit_reached", "session_elsewhere",
             "session_unavailable", "bad_request", "unauthorized", "forbidden", "not_found", "prompt_too_large",
-            "frame_too_large", "session_checkpoint_failed", "too_many_in_flight", "error")
+            "frame_too_large", "session_checkpoint_failed", "too_many_in_flight", "unknown_kind",
+            "request_budget_exhausted", "error")
 # What a request can end in before its tenant is known.
 UNAUTHENTICATED_OUTCOMES = ("unauthorized", "bad_request", "prompt_too_large", "frame_too_large")
 REJECTION_KINDS = ("requests_per_minute", "tokens_per_minute", "budget", "queue_full")

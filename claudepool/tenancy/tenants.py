@@ -59,6 +59,8 @@ class Tenant:
     max_sessions: int | None = None
     # Full model ids a request may switch to, besides its profile's own (aliases resolved).
     models: frozenset[str] = frozenset()
+    tier: str | None = None
+    max_request_budget_usd: float = 0.0
 
     @classmethod
     def of(cls, name: str, settings: TenantSettings) -> Tenant:
@@ -71,7 +73,8 @@ class Tenant:
                    soft_stop_fraction=settings.soft_stop_fraction, max_session_turns=settings.max_session_turns,
                    max_session_age_s=settings.max_session_age_s,
                    max_session_context_tokens=settings.max_session_context_tokens, max_sessions=settings.max_sessions,
-                   models=resolve_all(settings.models))
+                   models=resolve_all(settings.models), tier=settings.tier,
+                   max_request_budget_usd=settings.max_request_budget_usd)
 
     @property
     def has_budget(self) -> bool:

@@ -17,7 +17,8 @@ Faithful behaviours
     file into HOME; other listed commands just answer; an unknown NAME is a prompt. A command's ``result`` names it in
     ``local_command`` and costs nothing
   * ``set_model`` (a control request; ``model`` null = the default) answers the model in force;
-    ``get_settings`` answers the settings in force (``applied``: model, effort)
+    ``get_settings`` answers the settings in force (``applied``: model, effort); ``apply_flag_settings``
+    with ``effortLevel`` changes the effort as the real CLI does (see `apply_effort`)
   * ``interrupt`` stops a running turn: ``result`` with ``is_error`` and ``error_during_execution``
   * an upstream failure ends as ``subtype: "success", is_error: true, terminal_reason: "api_error"``
     and the failed prompt stays in the history
@@ -36,6 +37,7 @@ Per-turn directives, in the prompt text
   [[huge:N]]       print one line of N bytes                 [[garbage]]  print a non-JSON line
   [[grow:MB]]      allocate and keep MB of memory            [[child]]    spawn a sleeping grandchild
   [[env]]          answer with the environment as JSON       [[cwd]]      answer with the cwd
+  [[settings]]     answer with the model and effort in force, as JSON
   [[tool:Bash:CMD]] call a tool first, as the real CLI does when the model asks for one: a
                    ``tool_use`` assistant message (after its ``stream_event``s), then the tool's
                    ``tool_result`` user message. Bash runs CMD (``bash -c`` in a process group of
@@ -60,6 +62,7 @@ Process-wide faults, in FAKE_CLAUDE_FAULTS (comma-separated)
   ignore_text_not_typed  run commands even from lines marked ``text_not_typed``
   silent_commands  leave ``local_command`` out of the results of commands other than ``/clear``
   set_model_noop   answer ``set_model`` as done but change nothing
+  apply_effort_noop  answer ``apply_flag_settings`` as done but change no effort
 
 FAKE_CLAUDE_LOG=PATH appends every stdin line received, as JSON lines, for tests to inspect.
 """
@@ -118,7 +121,10 @@ class FakeClaude:
         self.default_model = argv[argv.index("--model") + 1] if "--model" in argv else "claude-fake-1"
         self.model = self.default_model
         self.output_style = "default"
-        self.effort = "medium"
+        # As the real CLI: ``--effort`` at spawn, else its default; ``apply_flag_settings`` changes
+        # it for the next turns (and, for a level it persists, names it in ``effective``).
+        self.effort = argv[argv.index("--effort") + 1] if "--effort" in argv else "medium"
+        self.effective: dict[str, Any] = {}
         self.started_at = time.monotonic()
         self.session_id = str(uuid.uuid4())
         self.history: list[dict[str, str]] = []
@@ -219,11 +225,32 @@ class FakeClaude:
                   "response": {"subtype": "success", "request_id": request_id, "response": {"model": self.model}}})
         elif subtype == "get_settings":
             emit({"type": "control_response", "response": {"subtype": "success", "request_id": request_id, "response": {
-                "effective": {}, "sources": [], "applied": {"model": self.model, "effort": self.effort}}}})
+                "effective": dict(self.effective), "sources": [],
+                "applied": {"model": self.model, "effort": self.effort}}}})
+        elif subtype == "apply_flag_settings":
+            settings = request.get("settings") or {}
+            if "effortLevel" in settings and "apply_effort_noop" not in FAULTS:
+                self.apply_effort(settings["effortLevel"])
+            emit({"type": "control_response",
+                  "response": {"subtype": "success", "request_id": request_id, "response": None}})
         else:
             emit({"type": "control_response", "response": {
                 "subtype": "error", "request_id": request_id,
                 "error": f"Unsupported control request subtype: {subtype}", "error_code": "unsupported_request"}})
+
+    def apply_effort(self, level: object) -> None:
+        # Measured on the real CLI (2.1.328): low..xhigh are set and named in ``effective``; "max"
+        # is set but not named; null drops the flag (the default, not the spawn's ``--effort``);
+        # anything else is ignored, silently.
+        if level in ("low", "medium", "high", "xhigh"):
+            self.effort = str(level)
+            self.effective["effortLevel"] = level
+        elif level == "max":
+            self.effort = "max"
+            self.effective.pop("effortLevel", None)
+        elif level is None:
+            self.effort = "medium"
+            self.effective.pop("effortLevel", None)
 
     async def answer_initialize(self, request_id: str) -> None:
         if "never_ready" in FAULTS:
@@ -417,6 +444,8 @@ class FakeClaude:
             return json.dumps(dict(os.environ))
         if "cwd" in plan:
             return os.getcwd()
+        if "settings" in plan:
+            return json.dumps({"model": self.model, "effort": self.effort})
         return f"ok: {DIRECTIVE.sub('', prompt).strip()[:40]}"
 
     def context_tokens(self) -> int:

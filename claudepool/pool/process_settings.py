@@ -24,12 +24,13 @@ def applied_of(body: ControlResponseBody, worker: str) -> dict[str, Any]:
 
 def check_effort(worker: str, wanted: str | None, applied: dict[str, Any], started: dict[str, Any]) -> str:
     """The effort in force, if it is ``wanted`` (None: as at start); the CLI ignores a level it does
-    not know without an error, so the switch is read back."""
+    not know without an error, so the switch is read back. None in force is taken: the model in
+    force has no effort levels (the real CLI reports none on Haiku, and sends none upstream)."""
     in_force = applied.get("effort")
     expected = wanted if wanted is not None else started.get("effort")
-    if in_force != expected:
+    if in_force is not None and in_force != expected:
         raise WorkerProtocolError(f"worker {worker}: effort {wanted!r} asked, {in_force!r} in force")
-    return str(in_force)
+    return str(in_force) if in_force is not None else "none"
 
 
 def restored_effort(started: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:

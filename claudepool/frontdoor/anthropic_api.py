@@ -27,7 +27,7 @@ from aiohttp import web
 from claudepool.errors import NotFound
 from claudepool.frontdoor.anthropic_request import MessagesRequest, check_unsupported, prompt_of
 from claudepool.frontdoor.errors import error_event, error_response, sse
-from claudepool.frontdoor.serving import parse, read_body, serve
+from claudepool.frontdoor.serving import parse, read_body, routed_fields, serve
 from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta
 from claudepool.tenancy.models import DEFAULT_MODEL, ModelCatalog, display_name, resolve_model
 from claudepool.tenancy.tenants import Tenant
@@ -119,7 +119,8 @@ async def _messages(request: web.Request) -> web.StreamResponse:
         model, streaming = resolve_model(body.model), body.stream
         if model == DEFAULT_MODEL:
             model = api.catalog.profile_model(tenant.profile)
-        return PromptRequest(prompt=prompt_of(body.messages), model=body.model, stream=body.stream)
+        return routed_fields(request, body.model, body.kind, body.max_budget_usd, prompt_of(body.messages),
+                             body.stream)
 
     async def opened() -> web.StreamResponse:
         nonlocal stream

@@ -28,7 +28,7 @@ from aiohttp import web
 from claudepool.errors import BudgetExhausted, ClaudepoolError, ModelNotAllowed, Unauthorized
 from claudepool.frontdoor.anthropic_api import MESSAGES_API, MessagesApi
 from claudepool.frontdoor.openai_request import ChatRequest, prompt_of
-from claudepool.frontdoor.serving import parse, read_body, serve
+from claudepool.frontdoor.serving import parse, read_body, routed_fields, serve
 from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta
 from claudepool.tenancy.models import DEFAULT_MODEL, resolve_model
 
@@ -93,7 +93,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         if model == DEFAULT_MODEL:
             model = api.catalog.profile_model(tenant.profile)
-        return PromptRequest(prompt=prompt, model=body.model, stream=body.stream)
+        return routed_fields(request, body.model, body.kind, body.max_budget_usd, prompt, body.stream)
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created,

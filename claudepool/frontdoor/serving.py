@@ -14,8 +14,14 @@ from pydantic import BaseModel, ValidationError
 
 from claudepool.errors import BadRequest, ClaudepoolError, PromptTooLarge
 from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, describe_validation_error
+from claudepool.tenancy.models import DEFAULT_MODEL, resolve_model
 
 log = logging.getLogger(__name__)
+
+# A request's kind (README, "Routing"): the SDKs' typed ``metadata`` takes no field of ours, so a
+# client sends it in this header (``default_headers``/``extra_headers``) or as a body field
+# ``kind`` (``extra_body``).
+KIND_HEADER = "x-claudepool-kind"
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -25,6 +31,21 @@ async def read_body(request: web.Request) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PromptTooLarge("request body too large") from None
+
+
+def routed_fields(request: web.Request, model: str, kind: str | None, max_budget_usd: float | None,
+                  prompt: str, stream: bool) -> PromptRequest:
+    """The prompt a front door serves, with claudepool's own fields: the kind (header or body; both
+    must agree), the request's budget, and the model, where ``"default"`` names none (the route's,
+    the tier's or the profile's)."""
+    header = request.headers.get(KIND_HEADER, "").strip() or None
+    if header is not None and kind is not None and header != kind:
+        raise BadRequest(f"the {KIND_HEADER} header and the body's kind differ")
+    chosen = header or kind
+    if chosen is not None and not 1 <= len(chosen) <= 64:
+        raise BadRequest(f"invalid request: kind: 1 to 64 characters ({KIND_HEADER})")
+    return PromptRequest(prompt=prompt, model=None if resolve_model(model) == DEFAULT_MODEL else model,
+                         kind=chosen, max_budget_usd=max_budget_usd, stream=stream)
 
 
 def parse(model: type[M], raw: bytes) -> M:

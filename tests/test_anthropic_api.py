@@ -25,6 +25,7 @@ from claudepool.errors import (
 )
 from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta, UsageOut
 from claudepool.tenancy.models import ModelCatalog, ProfileModel
+from claudepool.tenancy.routing import Router
 from claudepool.tenancy.tenants import Tenant
 from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
 
@@ -213,6 +214,10 @@ class ScriptedMessages:
     @property
     def catalog(self) -> ModelCatalog:
         return ModelCatalog({"default": ProfileModel(None, None)})
+
+    @property
+    def router(self) -> Router:
+        return Router()
 
 
 @pytest.fixture

@@ -72,3 +72,22 @@ async def test_chat_completions_take_the_kind_as_a_header_or_in_the_body(make_da
                                             extra_body={"kind": "poetry"})
     texts = [orjson.loads(r.choices[0].message.content or "") for r in (by_header, by_body)]
     assert texts == [{"model": HAIKU, "effort": "medium"}, {"model": OPUS, "effort": "high"}]
+
+
+async def test_a_routed_stream_names_the_routed_model_and_takes_the_routed_profiles_system(
+    make_daemon: MakeDaemon
+) -> None:
+    d = await make_daemon(**config())
+    async with anthropic_client(d) as c:
+        async with c.messages.stream(model="default", max_tokens=64, messages=SETTINGS,  # type: ignore[arg-type]
+                                     extra_headers={"x-claudepool-kind": "code_review"}) as stream:
+            started = [event async for event in stream if event.type == "message_start"]
+        assert started[0].message.model == HAIKU  # before the CLI said so: as admission resolves it
+        # simple_qa runs on the lean profile: its system prompt ("brief") is the one a client may send
+        message = await c.messages.create(model="default", max_tokens=64, system="brief",
+                                          messages=[{"role": "user", "content": "[[reply:ok]]"}],
+                                          extra_headers={"x-claudepool-kind": "simple_qa"})
+        assert message.content[0].text == "ok"  # type: ignore[union-attr]
+        with pytest.raises(anthropic.BadRequestError, match="system prompts"):
+            await c.messages.create(model="default", max_tokens=64, system="brief",
+                                    messages=[{"role": "user", "content": "[[reply:ok]]"}])

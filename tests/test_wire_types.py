@@ -39,6 +39,8 @@ PROMPT_FIELDS: dict[str, list[tuple[Any, bool]]] = {
     "session": WRONG_FOR_OPTIONAL_STR,
     "profile": WRONG_FOR_OPTIONAL_STR,
     "model": WRONG_FOR_OPTIONAL_STR,
+    "kind": WRONG_FOR_OPTIONAL_STR,
+    "max_budget_usd": WRONG_FOR_FLOAT,
     "stream": WRONG_FOR_BOOL,
     "timeout_s": WRONG_FOR_FLOAT,
     "priority": WRONG_FOR_LITERAL,

@@ -30,6 +30,7 @@ from claudepool.sessions import workspace_archive
 from claudepool.sessions.manager import SessionManager
 from claudepool.store.base import Store, UsageRecord, Window
 from claudepool.tenancy.models import ModelCatalog
+from claudepool.tenancy.routing import Router
 from claudepool.tenancy.tenants import Tenant, TenantRegistry
 
 
@@ -115,6 +116,11 @@ class Facade:
     def catalog(self) -> ModelCatalog:
         """The profiles' models and system prompts, and the checks of a request's ``model``."""
         return self._service.gate.catalog
+
+    @property
+    def router(self) -> Router:
+        """The routing table admission resolves requests with."""
+        return self._service.gate.router
 
     # -- who the caller is -----------------------------------------------------------------------
 

@@ -27,9 +27,10 @@ from aiohttp import web
 from claudepool.errors import NotFound
 from claudepool.frontdoor.anthropic_request import MessagesRequest, check_unsupported, prompt_of
 from claudepool.frontdoor.errors import error_event, error_response, sse
-from claudepool.frontdoor.serving import parse, read_body, routed_fields, serve
+from claudepool.frontdoor.serving import asked_model, kind_of, parse, read_body, serve, served_as
 from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta
-from claudepool.tenancy.models import DEFAULT_MODEL, ModelCatalog, display_name, resolve_model
+from claudepool.tenancy.models import ModelCatalog, display_name, resolve_model
+from claudepool.tenancy.routing import Router
 from claudepool.tenancy.tenants import Tenant
 
 # Stop reasons the Messages API knows; anything else the CLI says ends as end_turn.
@@ -52,6 +53,9 @@ class MessagesApi(Protocol):
 
     @property
     def catalog(self) -> ModelCatalog: ...
+
+    @property
+    def router(self) -> Router: ...
 
 
 MESSAGES_API: web.AppKey[MessagesApi] = web.AppKey("messages_api")
@@ -113,14 +117,13 @@ async def _messages(request: web.Request) -> web.StreamResponse:
         nonlocal model, streaming
         tenant = api.authenticate(key)  # handle has checked it: this only names the profile
         body = parse(MessagesRequest, await read_body(request))
-        check_unsupported(body, api.catalog.system_prompt(tenant.profile))
-        # What message_start names, sent before the CLI reports the model in force: the model asked
-        # for, "default" meaning the profile's own.
-        model, streaming = resolve_model(body.model), body.stream
-        if model == DEFAULT_MODEL:
-            model = api.catalog.profile_model(tenant.profile)
-        return routed_fields(request, body.model, body.kind, body.max_budget_usd, prompt_of(body.messages),
-                             body.stream)
+        kind, asked = kind_of(request, body.kind), asked_model(body.model)
+        # What message_start names, sent before the CLI reports the model in force.
+        profile, model = served_as(api.router, api.catalog, tenant, kind, asked)
+        check_unsupported(body, api.catalog.system_prompt(profile))
+        streaming = body.stream
+        return PromptRequest(prompt=prompt_of(body.messages), model=asked, kind=kind,
+                             max_budget_usd=body.max_budget_usd, stream=body.stream)
 
     async def opened() -> web.StreamResponse:
         nonlocal stream

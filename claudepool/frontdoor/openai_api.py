@@ -28,9 +28,8 @@ from aiohttp import web
 from claudepool.errors import BudgetExhausted, ClaudepoolError, ModelNotAllowed, Unauthorized
 from claudepool.frontdoor.anthropic_api import MESSAGES_API, MessagesApi
 from claudepool.frontdoor.openai_request import ChatRequest, prompt_of
-from claudepool.frontdoor.serving import parse, read_body, routed_fields, serve
+from claudepool.frontdoor.serving import asked_model, kind_of, parse, read_body, serve, served_as
 from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta
-from claudepool.tenancy.models import DEFAULT_MODEL, resolve_model
 
 PATH = "/v1/chat/completions"
 _FINISH = {"max_tokens": "length", "refusal": "content_filter"}
@@ -88,12 +87,13 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         nonlocal model, streaming, include_usage
         tenant = api.authenticate(key)  # handle has checked it: this only names the profile
         body = parse(ChatRequest, await read_body(request))
-        prompt = prompt_of(body, api.catalog.system_prompt(tenant.profile))
-        model, streaming = resolve_model(body.model), body.stream
+        kind, asked = kind_of(request, body.kind), asked_model(body.model)
+        profile, model = served_as(api.router, api.catalog, tenant, kind, asked)
+        prompt = prompt_of(body, api.catalog.system_prompt(profile))
+        streaming = body.stream
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        if model == DEFAULT_MODEL:
-            model = api.catalog.profile_model(tenant.profile)
-        return routed_fields(request, body.model, body.kind, body.max_budget_usd, prompt, body.stream)
+        return PromptRequest(prompt=prompt, model=asked, kind=kind, max_budget_usd=body.max_budget_usd,
+                             stream=body.stream)
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created,

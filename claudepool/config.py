@@ -290,6 +290,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"{where}: a kind must match {KIND_PATTERN}")
             if place.profile is not None and place.profile not in self.profiles:
                 raise ValueError(f"{where}: unknown profile {place.profile!r} (define [profiles.{place.profile}])")
+            # The CLI switches effort at runtime among low..xhigh only: "max" is a spawn flag.
+            own = self.profiles[place.profile].effort if place.profile is not None else None
+            if place.effort == "max" and own != "max":
+                raise ValueError(f"{where}: effort \"max\" cannot be switched to on a warm worker: define a "
+                                 "profile with effort = \"max\" and name it here as profile")
+            if place.effort is not None and own == "max" and place.effort != "max":
+                raise ValueError(f"{where}: profile {place.profile!r} runs at effort \"max\", which a warm worker "
+                                 "cannot be switched back to: name a profile with this effort instead")
         for name, tenant in self.tenants.items():
             if tenant.tier is None:
                 continue

@@ -7,6 +7,7 @@ The upstream is the loopback fake; prices are Sonnet-like."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ import orjson
 import pytest
 
 from claudepool.client import AsyncClient
-from claudepool.errors import RemoteError
+from claudepool.errors import RemoteError, WorkerProtocolError
 from claudepool.testing.fake_upstream import FakeUpstream
 from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
 from tests.test_real_cli_budgets import LOW_OUTPUT, real_daemon, settled
@@ -115,3 +116,52 @@ async def test_a_routed_request_reaches_the_upstream_on_the_routes_model_and_eff
     assert efforts[2] == ("claude-opus-4-5", "high")  # beta has no tier: the global route
     assert efforts[1] == efforts[3] and efforts[1][0] == plain.model  # back on the profile's, both times
     assert d.daemon.pools["default"].stats.reset_failures == 0
+
+
+@pytest.mark.parametrize("profile_effort", ["low", "xhigh"])
+async def test_a_profile_with_its_own_effort_gets_it_back_after_a_routed_one(
+    make_daemon: MakeDaemon, real_claude: str, upstream: FakeUpstream, profile_effort: str
+) -> None:
+    # The CLI names a level set at runtime in get_settings' ``effective``, the spawn's --effort
+    # not: the reset must still find the worker as it started, and keep it. On opus-4-5 the CLI runs
+    # --effort xhigh as high (measured): restored as it started, high.
+    sent = {"low": "low", "xhigh": "high"}[profile_effort]
+    d = await make_daemon(
+        pool={"claude_bin": real_claude, "min_idle": 1, "max_workers": 1, "timeouts": {"ready_timeout_s": 30}},
+        upstream={"base_url": upstream.base_url, "api_key": "sk-ant-test"},
+        profiles={"default": {"upstream_max_retries": 0, "model": "claude-opus-4-5", "effort": profile_effort},
+                  "lean": {"min_idle": 0}, "other": {"min_idle": 0}},
+        routes={"security_audit": {"effort": "high"}})
+    async with AsyncClient(key=KEYS["acme"], url=d.url) as acme, AsyncClient(key=KEYS["beta"], url=d.url) as beta:
+        for client, kind in ((acme, "security_audit"), (beta, None), (acme, "security_audit"), (beta, None)):
+            await client.prompt("[[reply:ok]]", kind=kind, timeout_s=60)
+    efforts = [orjson.loads(r.body).get("output_config", {}).get("effort")
+               for r in upstream.requests if r.path == "/v1/messages"]
+    assert efforts == ["high", sent, "high", sent], efforts
+    stats = d.daemon.pools["default"].stats
+    assert (stats.spawned, stats.reset_failures) == (1, 0)  # restored and kept, never retired
+
+
+async def test_the_cli_does_not_switch_to_effort_max_at_runtime(
+    make_daemon: MakeDaemon, real_claude: str, upstream: FakeUpstream
+) -> None:
+    # Why a route's "max" needs a profile of its own (a config error otherwise): asked at runtime,
+    # the CLI keeps the effort it had. Seen through a worker of the pool, the daemon's way.
+    d = await make_daemon(
+        pool={"claude_bin": real_claude, "min_idle": 1, "max_workers": 1, "timeouts": {"ready_timeout_s": 30}},
+        upstream={"base_url": upstream.base_url, "api_key": "sk-ant-test"},
+        profiles={"default": {"model": "claude-opus-4-5", "effort": "low"}, "lean": {"min_idle": 0},
+                  "other": {"min_idle": 0}})
+    pool = d.daemon.pools["default"]
+    lease = await pool.acquire("acme", timeout_s=30)
+    lease.worker.dirty = True  # as the service marks it: the reset restores the profile's effort
+    try:
+        assert await lease.worker.set_effort("high") == "high"
+        with pytest.raises(WorkerProtocolError, match="effort 'max' asked, 'high' in force"):
+            await lease.worker.set_effort("max")
+    finally:
+        lease.release()
+    async with asyncio.timeout(30):  # the reset puts the profile's effort back, or retires the worker
+        while pool.stats.resets + pool.stats.reset_failures == 0:
+            await asyncio.sleep(0.05)
+    assert (pool.stats.resets, pool.stats.reset_failures) == (1, 0)

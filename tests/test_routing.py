@@ -157,10 +157,28 @@ async def test_a_sessions_next_turn_runs_on_the_profiles_effort(make_daemon: Mak
     ({"routes": {"k": {"effort": "extreme"}}}, "routes.k.effort"),
     ({"routes": {"a kind": {}}}, "a kind must match"),
     ({"routes": {"k": {"temperature": 1}}}, "routes.k.temperature"),
+    # the CLI switches effort at runtime among low..xhigh only: "max" needs a profile of its own
+    ({"routes": {"k": {"effort": "max"}}}, 'routes.k: effort "max" cannot be switched to'),
+    ({"profiles": {"default": {}, "deep": {"effort": "max"}}, "routes": {"k": {"profile": "deep", "effort": "low"}}},
+     "routes.k: profile 'deep' runs at effort \"max\""),
 ])
 def test_a_bad_routing_table_is_a_config_error(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_settings(None, **overrides)
+
+
+async def test_a_switch_from_a_profiles_max_effort_is_refused(make_daemon: MakeDaemon) -> None:
+    # The tenant's own profile runs at max: its tier's "low" would need a switch the CLI cannot undo.
+    d = await make_daemon(**config(profiles={"default": {"effort": "max"}}))
+    status, body = await say(d, None, "hi")
+    assert (status, body["error"]["code"]) == (400, "bad_request"), body
+    assert "at runtime" in body["error"]["message"]
+    assert await settings_of(d, "beta") == {"model": SONNET, "effort": "max"}  # no effort asked: served
+
+
+def test_a_route_to_a_max_profile_loads() -> None:
+    load_settings(None, profiles={"default": {}, "deep": {"effort": "max"}},
+                  routes={"security_audit": {"profile": "deep", "effort": "max"}})
 
 
 def test_a_good_routing_table_loads() -> None:

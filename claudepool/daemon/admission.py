@@ -140,6 +140,11 @@ class Gate:
         # The routed model passes the same check as one the request names: a route widens nothing.
         model_switch = self.catalog.switch_for(profile, tenant.models, routed.model)
         effort_switch = routed.effort if routed.effort != pools[profile].profile.effort else None
+        if effort_switch is not None and "max" in (effort_switch, pools[profile].profile.effort):
+            # Checked at load where a route names its profile; here for the others (the tenant's).
+            raise BadRequest(f"effort {effort_switch!r} on profile {profile!r} (effort "
+                             f"{pools[profile].profile.effort!r}): the CLI switches effort at runtime among low, "
+                             "medium, high and xhigh only; route to a profile with that effort")
         budget_usd = request_budget(tenant, request)
         size = len(request.prompt.encode())
         if size > self.limits.max_prompt_bytes:

@@ -261,13 +261,16 @@ class Exchange:
         return resolved
 
     async def set_effort(self, effort: str | None) -> str:
-        """Switch the effort for the next turns with ``apply_flag_settings`` (None: the profile's);
-        returns the effort in force, checked: the CLI ignores a level it does not know, silently."""
-        wanted = effort if effort is not None else self._default_effort
-        self._effort_switched = self._effort_switched or wanted != self._default_effort
+        """Switch the effort for the next turns with ``apply_flag_settings`` (None: back to the
+        spawn's, as ``get_settings`` reported it at start: the CLI may have lowered the profile's
+        level to what its model has); returns the effort in force, checked: the CLI ignores a level
+        it does not take, silently."""
+        restore = self.started_applied.get("effort") if self._default_effort is not None else None
+        wanted = effort if effort is not None else restore
+        self._effort_switched = self._effort_switched or wanted != restore
         await self._control("apply_flag_settings", self.timeouts.reset_timeout_s, settings={"effortLevel": wanted})
         in_force = check_effort(self.id, wanted, await self._applied_settings(), self.started_applied)
-        if wanted == self._default_effort:
+        if wanted == restore:
             self._effort_switched = False
         return in_force
 

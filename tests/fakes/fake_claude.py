@@ -239,15 +239,12 @@ class FakeClaude:
                 "error": f"Unsupported control request subtype: {subtype}", "error_code": "unsupported_request"}})
 
     def apply_effort(self, level: object) -> None:
-        # Measured on the real CLI (2.1.328): low..xhigh are set and named in ``effective``; "max"
-        # is set but not named; null drops the flag (the default, not the spawn's ``--effort``);
-        # anything else is ignored, silently.
+        # Measured on the real CLI (2.1.328): low..xhigh are set and named in ``effective``; null
+        # drops the flag (the default, not the spawn's ``--effort``); anything else, "max" included,
+        # is ignored, silently.
         if level in ("low", "medium", "high", "xhigh"):
             self.effort = str(level)
             self.effective["effortLevel"] = level
-        elif level == "max":
-            self.effort = "max"
-            self.effective.pop("effortLevel", None)
         elif level is None:
             self.effort = "medium"
             self.effective.pop("effortLevel", None)

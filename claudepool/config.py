@@ -54,15 +54,15 @@ from claudepool.pool.memory import MiB
 from claudepool.pool.profile import Profile, SpawnSettings, routes_upstream
 from claudepool.sessions.settings import LimitOverrides, SessionOptions, SessionSettings
 from claudepool.store.settings import StoreSettings
+from claudepool.tenancy.routing import KIND_PATTERN, Router, RouteSettings, TierSettings
 from claudepool.tenancy.settings import MeteringSettings, PriceSettings, TenantSettings, default_prices
 from claudepool.tenancy.tenants import TenantRegistry, key_digest
 
 # Each section's model lives in the package it configures; these names stay importable from here.
 __all__ = [
     "CapacityConfig", "EgressSettings", "MeteringSettings", "MetricsSettings", "PoolSettings", "PriceSettings",
-    "ProfileSettings", "ServerSettings", "SessionSettings", "Settings", "StoreSettings", "TenantSettings",
-    "UpstreamProfileSettings",
-    "UpstreamSettings",
+    "ProfileSettings", "RouteSettings", "ServerSettings", "SessionSettings", "Settings", "StoreSettings",
+    "TenantSettings", "TierSettings", "UpstreamProfileSettings", "UpstreamSettings",
     "default_socket_path", "key_digest", "load_settings",
 ]
 
@@ -224,6 +224,9 @@ class Settings(BaseSettings):
     capacity: CapacityConfig = Field(default_factory=CapacityConfig)
     profiles: dict[str, ProfileSettings] = Field(default_factory=lambda: {"default": ProfileSettings()})
     tenants: dict[str, TenantSettings] = Field(default_factory=dict)
+    # What a request's ``kind`` chooses, and each tier's defaults and own routes (README, "Routing").
+    routes: dict[str, RouteSettings] = Field(default_factory=dict)
+    tiers: dict[str, TierSettings] = Field(default_factory=dict)
     store: StoreSettings = Field(default_factory=StoreSettings)
     pricing: dict[str, PriceSettings] = Field(default_factory=default_prices)
     metering: MeteringSettings = Field(default_factory=MeteringSettings)
@@ -267,6 +270,7 @@ class Settings(BaseSettings):
                                  "which only the daemon's gateway reads")
         # Models without their own entry are priced by pricing.default, which always exists.
         self.pricing.setdefault("default", default_prices()["default"])
+        self._check_routes()
         digests: dict[str, str] = {}
         for name, tenant in self.tenants.items():
             allowed = tenant.allowed_profiles()
@@ -287,6 +291,43 @@ class Settings(BaseSettings):
         if admin and key_digest(admin) in digests:
             raise ValueError(f"server.admin_key equals the key of tenants.{digests[key_digest(admin)]}")
         return self
+
+    def _check_routes(self) -> None:
+        """Every route's and tier's profile exists, kinds are names, and each tenant's tier exists
+        with a default profile the tenant may use (else every request of it would be refused)."""
+        places: list[tuple[str, str | None, RouteSettings | TierSettings]] = [
+            (f"routes.{kind}", kind, route) for kind, route in self.routes.items()]
+        for name, tier in self.tiers.items():
+            if not re.match(_NAME, name):
+                raise ValueError(f"tiers: name {name!r} must match {_NAME}")
+            places.append((f"tiers.{name}", None, tier))
+            places += [(f"tiers.{name}.routes.{kind}", kind, route) for kind, route in tier.routes.items()]
+        for where, kind, place in places:
+            if kind is not None and not re.match(KIND_PATTERN, kind):
+                raise ValueError(f"{where}: a kind must match {KIND_PATTERN}")
+            if place.profile is not None and place.profile not in self.profiles:
+                raise ValueError(f"{where}: unknown profile {place.profile!r} (define [profiles.{place.profile}])")
+            # The CLI switches effort at runtime among low..xhigh only: "max" is a spawn flag.
+            own = self.profiles[place.profile].effort if place.profile is not None else None
+            if place.effort == "max" and own != "max":
+                raise ValueError(f"{where}: effort \"max\" cannot be switched to on a warm worker: define a "
+                                 "profile with effort = \"max\" and name it here as profile")
+            if place.effort is not None and own == "max" and place.effort != "max":
+                raise ValueError(f"{where}: profile {place.profile!r} runs at effort \"max\", which a warm worker "
+                                 "cannot be switched back to: name a profile with this effort instead")
+        for name, tenant in self.tenants.items():
+            if tenant.tier is None:
+                continue
+            found = self.tiers.get(tenant.tier)
+            if found is None:
+                raise ValueError(f"tenants.{name}: unknown tier {tenant.tier!r} (define [tiers.{tenant.tier}])")
+            if found.profile is not None and found.profile not in tenant.allowed_profiles():
+                raise ValueError(f"tenants.{name}: its tier {tenant.tier!r} defaults to profile {found.profile!r}, "
+                                 "which is not in its profiles list")
+
+    def router(self) -> Router:
+        """The routing table: ``[routes]`` and ``[tiers]``."""
+        return Router.of(self.routes, self.tiers)
 
     def profile(self, name: str) -> Profile:
         """The spawn profile ``name``, with ``[pool]`` defaults filled in."""

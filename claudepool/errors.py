@@ -94,6 +94,13 @@ class ModelNotAllowed(RequestError):
     status = 400
 
 
+class UnknownKind(RequestError):
+    """The request names a ``kind`` that neither ``[routes]`` nor its tenant's tier routes."""
+
+    code = "unknown_kind"
+    status = 400
+
+
 class PromptTooLarge(RequestError):
     """The prompt exceeds ``server.max_prompt_bytes``."""
 
@@ -200,6 +207,13 @@ class BudgetExhausted(TenancyError):
     code = "budget_exhausted"
     status = 402
     retryable = False
+
+
+class RequestBudgetExhausted(BudgetExhausted):
+    """The request's own budget (``max_budget_usd``, or ``tenants.NAME.max_request_budget_usd``)
+    cannot hold its next model call: the request ends, its spend within that budget."""
+
+    code = "request_budget_exhausted"
 
 
 class QueueFull(TenancyError):

@@ -14,9 +14,18 @@ import pytest
 from aiohttp import web
 
 from claudepool.daemon.http_api import build_app
-from claudepool.errors import BudgetExhausted, ClaudepoolError, Forbidden, PoolTimeout, RequestTimeout
+from claudepool.errors import (
+    BudgetExhausted,
+    ClaudepoolError,
+    Forbidden,
+    PoolTimeout,
+    RequestBudgetExhausted,
+    RequestTimeout,
+    UnknownKind,
+)
 from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta, UsageOut
 from claudepool.tenancy.models import ModelCatalog, ProfileModel
+from claudepool.tenancy.routing import Router
 from claudepool.tenancy.tenants import Tenant
 from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
 
@@ -209,6 +218,10 @@ class ScriptedMessages:
     def conversations(self) -> None:
         return None  # every request stateless
 
+    @property
+    def router(self) -> Router:
+        return Router()
+
 
 @pytest.fixture
 async def scripted() -> AsyncIterator[tuple[str, ScriptedMessages]]:
@@ -228,6 +241,8 @@ async def scripted() -> AsyncIterator[tuple[str, ScriptedMessages]]:
 @pytest.mark.parametrize(("error", "sdk_class", "status", "kind"), [
     (Forbidden("no"), anthropic.PermissionDeniedError, 403, "permission_error"),
     (BudgetExhausted("spent"), anthropic.APIStatusError, 402, "billing_error"),
+    (RequestBudgetExhausted("this request's"), anthropic.APIStatusError, 402, "billing_error"),
+    (UnknownKind("poetry"), anthropic.BadRequestError, 400, "invalid_request_error"),
     (PoolTimeout("busy", retry_after_s=2), anthropic.OverloadedError, 529, "overloaded_error"),
     (RequestTimeout("late"), anthropic.APIStatusError, 504, "timeout_error"),
     (ClaudepoolError("boom"), anthropic.InternalServerError, 500, "api_error"),

@@ -69,6 +69,7 @@ class ScriptedCli:
     def __init__(self) -> None:
         self.model = "model-a"
         self.effort = "low"
+        self.effective: dict[str, Any] = {}
         self.total_cost_usd = 0.0
         self.turn_costs_usd = [0.01, 0.03, 0.005]
         self.session = 0
@@ -110,7 +111,12 @@ class ScriptedCli:
     def answer(self, t: MemoryTransport, request_id: str, request: dict[str, Any]) -> None:
         body: dict[str, Any] = {}
         if request["subtype"] == "get_settings":
-            body = {"applied": {"model": self.model, "effort": self.effort}, "effective": {}}
+            body = {"applied": {"model": self.model, "effort": self.effort}, "effective": dict(self.effective)}
+        elif request["subtype"] == "apply_flag_settings":
+            # As the real CLI: a level set this way is named in ``effective``; null is the default.
+            level = request["settings"]["effortLevel"]
+            self.effort = level or "medium"
+            self.effective = {"effortLevel": level} if level else {}
         elif request["subtype"] == "set_model":
             self.model = request["model"] or "model-a"
             body = {"model": self.model}
@@ -258,6 +264,38 @@ async def test_reset_restores_the_model_a_request_set(harness: Harness) -> None:
     assert set_models == [{"subtype": "set_model", "model": "model-other"}, {"subtype": "set_model", "model": None}]
     assert harness.cli.model == "model-a"
     assert ex.failure is None
+
+
+async def test_reset_restores_the_effort_a_request_set(harness: Harness) -> None:
+    harness.exchange._default_effort = "low"  # the profile's --effort, as the CLI started with it
+    ex = await harness.start()
+    assert await ex.set_effort("high") == "high"
+    await ex.reset()
+    applied = [o["request"] for o in harness.transport.lines_of("control_request")
+               if o["request"]["subtype"] == "apply_flag_settings"]
+    assert applied == [{"subtype": "apply_flag_settings", "settings": {"effortLevel": "high"}},
+                       {"subtype": "apply_flag_settings", "settings": {"effortLevel": "low"}}]
+    assert harness.cli.effort == "low"
+    # the restored level is named in ``effective`` where the spawn's was not: still as at start
+    assert harness.cli.effective == {"effortLevel": "low"} and ex.failure is None
+    await ex.reset()  # nothing switched since: no restore, and the check still passes
+    assert len([o for o in harness.transport.lines_of("control_request")
+                if o["request"]["subtype"] == "apply_flag_settings"]) == 2 and ex.failure is None
+
+
+async def test_an_effort_the_cli_did_not_take_is_an_error(harness: Harness) -> None:
+    ex = await harness.start()
+    harness.cli.unanswered = set()
+    original = harness.cli.answer
+
+    def ignoring(t: MemoryTransport, request_id: str, request: dict[str, Any]) -> None:
+        if request["subtype"] == "apply_flag_settings":  # the CLI ignores a level it does not know
+            request = {**request, "subtype": "ignored"}
+        original(t, request_id, request)
+
+    harness.cli.answer = ignoring  # type: ignore[method-assign]
+    with pytest.raises(WorkerProtocolError, match="effort 'high' asked, 'low' in force"):
+        await ex.set_effort("high")
 
 
 async def test_reset_refuses_a_process_setting_changed_since_start(harness: Harness) -> None:

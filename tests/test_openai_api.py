@@ -11,7 +11,7 @@ import aiohttp
 import openai
 import pytest
 
-from claudepool.errors import BudgetExhausted, ClaudepoolError, PoolTimeout
+from claudepool.errors import BudgetExhausted, ClaudepoolError, PoolTimeout, RequestBudgetExhausted, UnknownKind
 from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
 from tests.test_anthropic_api import FAKE_DEFAULT, ScriptedMessages, config, scripted
 
@@ -131,6 +131,8 @@ async def test_errors_are_the_sdks_exception_classes(make_daemon: MakeDaemon) ->
 
 @pytest.mark.parametrize(("error", "sdk_class", "status", "code"), [
     (BudgetExhausted("spent"), openai.RateLimitError, 429, "insufficient_quota"),  # as OpenAI answers a spent quota
+    (RequestBudgetExhausted("this request's"), openai.RateLimitError, 429, "insufficient_quota"),
+    (UnknownKind("poetry"), openai.BadRequestError, 400, "unknown_kind"),
     (PoolTimeout("busy", retry_after_s=2), openai.InternalServerError, 503, "pool_timeout"),
     (ClaudepoolError("boom"), openai.InternalServerError, 500, "internal_error"),
 ])

@@ -40,6 +40,8 @@ PROMPT_FIELDS: dict[str, list[tuple[Any, bool]]] = {
     "profile": WRONG_FOR_OPTIONAL_STR,
     "model": WRONG_FOR_OPTIONAL_STR,
     "system": WRONG_FOR_OPTIONAL_STR,
+    "kind": WRONG_FOR_OPTIONAL_STR,
+    "max_budget_usd": WRONG_FOR_FLOAT,
     "stream": WRONG_FOR_BOOL,
     "timeout_s": WRONG_FOR_FLOAT,
     "priority": WRONG_FOR_LITERAL,

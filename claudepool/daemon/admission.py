@@ -1,10 +1,12 @@
 """Admission: every check a prompt passes before it may wait for a worker.
 
-In order: the session (if any) and its profile, the profile, the system prompt (the request's, else
-the tenant's persona, else the profile's: it picks the pool, see `claudepool.daemon.pools`), the
-prompt's size, the daemon's and the tenant's queue bounds, the rate limits, the budget. The first
-that fails raises the error to answer; a place taken in the queue bounds is given back. An
-`Admission` holds what passed.
+In order: the route (the request's ``kind`` and its tenant's tier choose a profile, model and
+effort where the request names none: `claudepool.tenancy.routing`), the session (if any) and its
+profile, the profile, the model, the request's own budget against its tenant's cap, the system
+prompt (the request's, else the tenant's persona, else the profile's: it picks the pool, see
+`claudepool.daemon.pools`), the prompt's size, the daemon's and the tenant's queue bounds, the rate
+limits, the budget. The first that fails raises the error to answer; a place taken in the queue
+bounds is given back. An `Admission` holds what passed.
 
 The budget check holds nothing: each model call holds its own budget at the gateway
 (`claudepool.gateway.budget`). A request is admitted while the tenant's spend is under its budget
@@ -42,6 +44,7 @@ from claudepool.store.base import Store
 from claudepool.tenancy.limits import RateLimiter
 from claudepool.tenancy.metering import RequestContext
 from claudepool.tenancy.models import ModelCatalog, ProfileModel
+from claudepool.tenancy.routing import Effort, Router
 from claudepool.tenancy.tenants import Tenant
 
 
@@ -112,6 +115,8 @@ class Admission:
     files: tuple[InputFile, ...] = ()
     # The model to switch the worker to for this request (None: the profile's own).
     model_switch: str | None = None
+    # The effort to switch the worker to for this request (None: the profile's own).
+    effort_switch: Effort | None = None
     # Keeps an on-demand pool open until the request has its worker or ends (`PoolSource.pin`).
     unpin: Callable[[], None] = _nothing
 
@@ -125,8 +130,9 @@ class Gate:
     """The checks of admission, over the pools a request may run on and the tenancy components."""
 
     def __init__(self, pools: PoolSource, limits: ServiceLimits, *, store: Store, limiter: RateLimiter,
-                 sessions: SessionManager | None = None) -> None:
+                 sessions: SessionManager | None = None, router: Router | None = None) -> None:
         self.pools = pools
+        self.router = router or Router()
         self.limits = limits
         self.store = store
         self.limiter = limiter
@@ -141,7 +147,9 @@ class Gate:
         return self._queued.total()
 
     async def admit(self, tenant: Tenant, request: PromptRequest, request_id: str) -> Admission:
-        profile = request.profile or tenant.profile
+        routed = self.router.resolve(tier=tenant.tier, kind=request.kind, profile=request.profile,
+                                     model=request.model)
+        profile = routed.profile or tenant.profile
         configured = self.pools.configured
         if request.session is not None:
             if self.sessions is None:
@@ -158,7 +166,16 @@ class Gate:
             raise NotFound(f"unknown profile {profile!r}")
         if profile not in tenant.profiles:
             raise Forbidden(f"profile {profile!r} is not allowed for this tenant")
-        model_switch = self.catalog.switch_for(profile, tenant.models, request.model)
+        # The routed model passes the same check as one the request names: a route widens nothing.
+        model_switch = self.catalog.switch_for(profile, tenant.models, routed.model)
+        own_effort = configured[profile].profile.effort
+        effort_switch = routed.effort if routed.effort != own_effort else None
+        if effort_switch is not None and "max" in (effort_switch, own_effort):
+            # Checked at load where a route names its profile; here for the others (the tenant's).
+            raise BadRequest(f"effort {effort_switch!r} on profile {profile!r} (effort {own_effort!r}): the CLI "
+                             "switches effort at runtime among low, medium, high and xhigh only; route to a profile "
+                             "with that effort")
+        budget_usd = request_budget(tenant, request)
         system_bytes = len(request.system.encode()) if request.system is not None else 0
         if system_bytes > self.limits.max_system_prompt_bytes:
             raise PromptTooLarge(f"system prompt of {system_bytes} bytes exceeds the limit of "
@@ -191,8 +208,9 @@ class Gate:
             raise
         unpin = self.pools.pin(pool)
         context = RequestContext(request_id=request_id, tenant=tenant.name, profile=profile, model=model,
-                                 session=request.session)
-        return Admission(request_id, tenant, request, pool, timeout_s, context, slot, files, model_switch, unpin)
+                                 session=request.session, max_budget_usd=budget_usd)
+        return Admission(request_id, tenant, request, pool, timeout_s, context, slot, files, model_switch,
+                         effort_switch, unpin)
 
     async def _check_budget(self, tenant: Tenant) -> None:
         state = await self.store.budget(tenant.name)
@@ -202,6 +220,17 @@ class Gate:
             if limit_usd > 0 and spent_usd >= limit_usd * fraction:
                 raise BudgetExhausted(f"the {name} budget of ${limit_usd:g} is spent (spent ${spent_usd:.4f}"
                                       + ("" if fraction == 1 else f", stop at {fraction:g} of it") + ")")
+
+
+def request_budget(tenant: Tenant, request: PromptRequest) -> float | None:
+    """What the request may spend (None: no bound of its own): its ``max_budget_usd``, or its
+    tenant's ``max_request_budget_usd``. One above the tenant's cap is refused, not lowered: the
+    client asked for a bound it cannot have, and would otherwise be stopped earlier than it asked."""
+    cap = tenant.max_request_budget_usd
+    asked = request.max_budget_usd
+    if asked is not None and cap > 0 and asked > cap:
+        raise BadRequest(f"max_budget_usd {asked:g} is over this tenant's cap of {cap:g} per request")
+    return asked if asked is not None else (cap or None)
 
 
 def input_files(request: PromptRequest, bounds: FileBounds) -> tuple[InputFile, ...]:

@@ -137,7 +137,7 @@ class Daemon:
             self.pool_registry,
             ServiceLimits(server.max_prompt_bytes, server.default_timeout_s, server.max_timeout_s, server.max_queued,
                           file_bounds, server.max_system_prompt_bytes),
-            store=self.store, limiter=self.limiter, sessions=self.sessions,
+            store=self.store, limiter=self.limiter, sessions=self.sessions, router=settings.router(),
         )
         self.service = PromptService(gate, self.tenants, self.meter, metrics=request_metrics, sessions=self.sessions,
                                      tool_preview_bytes=server.tool_preview_bytes, file_bounds=file_bounds)

@@ -31,6 +31,7 @@ from claudepool.sessions.conversations import Conversations
 from claudepool.sessions.manager import SessionManager
 from claudepool.store.base import Store, UsageRecord, Window
 from claudepool.tenancy.models import ModelCatalog
+from claudepool.tenancy.routing import Router
 from claudepool.tenancy.tenants import Tenant, TenantRegistry
 
 
@@ -123,6 +124,11 @@ class Facade:
     def conversations(self) -> Conversations:
         """What the front doors recognise conversations from chat histories with."""
         return self._conversations
+
+    @property
+    def router(self) -> Router:
+        """The routing table admission resolves requests with."""
+        return self._service.gate.router
 
     # -- who the caller is -----------------------------------------------------------------------
 

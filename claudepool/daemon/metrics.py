@@ -41,7 +41,8 @@ OUTCOMES = ("ok", "model_error", "cancelled", "draining", "timeout", "turn_stall
             "queue_full",
             "store_unavailable", "session_closed", "session_limit_reached", "session_elsewhere",
             "session_unavailable", "bad_request", "unauthorized", "forbidden", "not_found", "prompt_too_large",
-            "frame_too_large", "session_checkpoint_failed", "too_many_in_flight", "error")
+            "frame_too_large", "session_checkpoint_failed", "too_many_in_flight", "unknown_kind",
+            "request_budget_exhausted", "error")
 # What a request can end in before its tenant is known.
 UNAUTHENTICATED_OUTCOMES = ("unauthorized", "bad_request", "prompt_too_large", "frame_too_large")
 REJECTION_KINDS = ("requests_per_minute", "tokens_per_minute", "budget", "queue_full")

@@ -254,6 +254,9 @@ class PromptService:
             # the profile's model before anyone's next turn, even when this switch fails half-way.
             lease.worker.dirty = True
             await lease.worker.set_model(admission.model_switch)
+        if admission.effort_switch is not None:
+            lease.worker.dirty = True  # as for the model: the reset restores the profile's effort
+            await lease.worker.set_effort(admission.effort_switch)
         async for item in lease.run_turn(admission.request.prompt):
             if isinstance(item, TurnResult):
                 trace.result = item
@@ -275,6 +278,8 @@ class PromptService:
             # the model is the request's (a reset holds no lease: the gateway would refuse it). A
             # session's next turn, which gets no reset, runs on the profile's model again.
             await lease.worker.set_model(admission.pool.profile.model)
+        if admission.effort_switch is not None:
+            await lease.worker.set_effort(None)  # a session's next turn runs on the profile's effort
         if admission.request.return_files and cwd is not None:
             b = self.file_bounds
             trace.files_back = await to_the_end(functools.partial(

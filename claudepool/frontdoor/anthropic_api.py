@@ -28,10 +28,11 @@ from claudepool.errors import NotFound
 from claudepool.frontdoor.anthropic_request import MessagesRequest, check_unsupported, system_of, turns_of
 from claudepool.frontdoor.conversation import SESSION_HEADER, ConversationTurn, opted_out, plan
 from claudepool.frontdoor.errors import error_event, error_response, sse
-from claudepool.frontdoor.serving import parse, read_body, serve
+from claudepool.frontdoor.serving import asked_model, kind_of, parse, read_body, serve, served_as
 from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta
 from claudepool.sessions.conversations import Conversations
-from claudepool.tenancy.models import DEFAULT_MODEL, ModelCatalog, display_name, resolve_model
+from claudepool.tenancy.models import ModelCatalog, display_name, resolve_model
+from claudepool.tenancy.routing import Router
 from claudepool.tenancy.tenants import Tenant
 
 # Stop reasons the Messages API knows; anything else the CLI says ends as end_turn.
@@ -59,6 +60,9 @@ class MessagesApi(Protocol):
     def conversations(self) -> Conversations | None:
         """What recognises conversations from their history (None: every request is stateless)."""
         ...
+
+    @property
+    def router(self) -> Router: ...
 
 
 MESSAGES_API: web.AppKey[MessagesApi] = web.AppKey("messages_api")
@@ -123,17 +127,16 @@ async def _messages(request: web.Request) -> web.StreamResponse:
         tenant = api.authenticate(key)  # handle has checked it: this only names the profile
         body = parse(MessagesRequest, await read_body(request))
         check_unsupported(body)
-        # What message_start names, sent before the CLI reports the model in force: the model asked
-        # for, "default" meaning the profile's own.
-        model, streaming = resolve_model(body.model), body.stream
-        if model == DEFAULT_MODEL:
-            model = api.catalog.profile_model(tenant.profile)
-        planned = await plan(api.conversations, tenant, turns_of(body.messages), model=model, system=system_of(body),
-                             profile_system_prompt=api.catalog.system_prompt(tenant.profile),
+        kind, asked = kind_of(request, body.kind), asked_model(body.model)
+        # What message_start names, sent before the CLI reports the model in force.
+        profile, model = served_as(api.router, api.catalog, tenant, kind, asked)
+        streaming = body.stream
+        planned = await plan(api.conversations, tenant, turns_of(body.messages), profile=profile, model=model,
+                             system=system_of(body), profile_system_prompt=api.catalog.system_prompt(profile),
                              opted_out=opted_out(request))
         convo = planned.turn
-        return PromptRequest(prompt=planned.prompt, model=body.model, stream=body.stream, system=planned.system,
-                             session=planned.session)
+        return PromptRequest(prompt=planned.prompt, model=asked, kind=kind, max_budget_usd=body.max_budget_usd,
+                             stream=body.stream, system=planned.system, session=planned.session)
 
     def headers() -> dict[str, str]:
         return {"request-id": request_id, **({SESSION_HEADER: convo.session} if convo is not None else {})}

@@ -17,6 +17,9 @@ The documented rules (README, "Anthropic Messages API"):
   ``service_tier`` and a top-level ``cache_control`` (the CLI caches its own prompts) are ignored.
   Any other field (``thinking``, ``output_config``, ``container``, …) is refused, by name, rather
   than silently dropped.
+* claudepool's own fields, sent with the SDK's ``extra_body``: ``kind`` (also the
+  ``x-claudepool-kind`` header; README, "Routing") and ``max_budget_usd`` (README, "Budgets").
+  ``model: "default"`` names no model: the route's, the tier's or the profile's serves.
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ class MessagesRequest(BaseModel):
     cache_control: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None
+    # claudepool's own, sent with the SDK's ``extra_body`` (README, "Routing" and "Budgets").
+    kind: str | None = Field(default=None, min_length=1, max_length=64)
+    max_budget_usd: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 def blocks_text(content: str | list[dict[str, Any]], where: str) -> str:

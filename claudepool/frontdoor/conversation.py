@@ -79,16 +79,18 @@ class Planned:
 
 
 async def plan(conversations: Conversations | None, tenant: Tenant, turns: Sequence[tuple[Role, str]], *,
-               model: str, system: str | None, profile_system_prompt: str | None, opted_out: bool) -> Planned:
-    """What to run for a request of ``tenant`` with this history, asking for ``model`` and ``system``
-    (None: its default) on its profile, whose own system prompt is ``profile_system_prompt``."""
+               profile: str, model: str, system: str | None, profile_system_prompt: str | None,
+               opted_out: bool) -> Planned:
+    """What to run for a request of ``tenant`` with this history on ``profile`` (as routed), served by
+    ``model``, asking for ``system`` (None: its default), where the profile's own system prompt is
+    ``profile_system_prompt``."""
     prompt = flatten(turns)  # checks the history whichever way it runs
     if conversations is None or not conversations.enabled or opted_out:
         return Planned(prompt, system, None)
     # The system prompt the turns run with (the persona included) is part of what a conversation is;
     # a custom one the tenant may not send is refused here, as admission would.
     effective = tenant.system_prompt_for(profile_system_prompt, system)
-    thread = Thread(tenant.name, tenant.profile, model, effective or "")
+    thread = Thread(tenant.name, profile, model, effective or "")
     turns = list(turns)
     if len(turns) > 1:
         record = await conversations.claim(tenant, thread, turns[:-1])

@@ -29,9 +29,8 @@ from claudepool.errors import BudgetExhausted, ClaudepoolError, ModelNotAllowed,
 from claudepool.frontdoor.anthropic_api import MESSAGES_API, MessagesApi, said
 from claudepool.frontdoor.conversation import SESSION_HEADER, ConversationTurn, opted_out, plan
 from claudepool.frontdoor.openai_request import ChatRequest, turns_of
-from claudepool.frontdoor.serving import parse, read_body, serve
+from claudepool.frontdoor.serving import asked_model, kind_of, parse, read_body, serve, served_as
 from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta
-from claudepool.tenancy.models import DEFAULT_MODEL, resolve_model
 
 PATH = "/v1/chat/completions"
 _FINISH = {"max_tokens": "length", "refusal": "content_filter"}
@@ -92,16 +91,16 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         tenant = api.authenticate(key)  # handle has checked it: this only names the profile
         body = parse(ChatRequest, await read_body(request))
         system, turns = turns_of(body)
-        model, streaming = resolve_model(body.model), body.stream
+        kind, asked = kind_of(request, body.kind), asked_model(body.model)
+        profile, model = served_as(api.router, api.catalog, tenant, kind, asked)
+        streaming = body.stream
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        if model == DEFAULT_MODEL:
-            model = api.catalog.profile_model(tenant.profile)
-        planned = await plan(api.conversations, tenant, turns, model=model, system=system,
-                             profile_system_prompt=api.catalog.system_prompt(tenant.profile),
+        planned = await plan(api.conversations, tenant, turns, profile=profile, model=model, system=system,
+                             profile_system_prompt=api.catalog.system_prompt(profile),
                              opted_out=opted_out(request))
         convo = planned.turn
-        return PromptRequest(prompt=planned.prompt, model=body.model, stream=body.stream, system=planned.system,
-                             session=planned.session)
+        return PromptRequest(prompt=planned.prompt, model=asked, kind=kind, max_budget_usd=body.max_budget_usd,
+                             stream=body.stream, system=planned.system, session=planned.session)
 
     def headers() -> dict[str, str]:
         return {"x-request-id": request_id, **({SESSION_HEADER: convo.session} if convo is not None else {})}

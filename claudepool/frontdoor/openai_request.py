@@ -16,6 +16,9 @@ The documented rules (README, "OpenAI Chat Completions API"):
   and bookkeeping fields (``temperature``, ``top_p``, ``presence_penalty``, ``frequency_penalty``,
   ``seed``, ``user``, ``metadata``, ``store``, ``service_tier``, ``parallel_tool_calls``) are
   ignored. Any other field is refused by name.
+* claudepool's own fields, as for the Messages API (`claudepool.frontdoor.anthropic_request`):
+  ``kind`` (or the ``x-claudepool-kind`` header) and ``max_budget_usd`` with ``extra_body``;
+  ``model: "default"`` names no model.
 """
 
 from __future__ import annotations
@@ -73,6 +76,9 @@ class ChatRequest(BaseModel):
     store: bool | None = None
     service_tier: str | None = None
     parallel_tool_calls: bool | None = None
+    # claudepool's own, sent with the SDK's ``extra_body`` (README, "Routing" and "Budgets").
+    kind: str | None = Field(default=None, min_length=1, max_length=64)
+    max_budget_usd: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 def parts_text(content: str | list[dict[str, Any]] | None, where: str) -> str:

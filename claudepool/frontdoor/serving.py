@@ -14,8 +14,16 @@ from pydantic import BaseModel, ValidationError
 
 from claudepool.errors import BadRequest, ClaudepoolError, PromptTooLarge
 from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, describe_validation_error
+from claudepool.tenancy.models import DEFAULT_MODEL, ModelCatalog, resolve_model
+from claudepool.tenancy.routing import Router
+from claudepool.tenancy.tenants import Tenant
 
 log = logging.getLogger(__name__)
+
+# A request's kind (README, "Routing"): the SDKs' typed ``metadata`` takes no field of ours, so a
+# client sends it in this header (``default_headers``/``extra_headers``) or as a body field
+# ``kind`` (``extra_body``).
+KIND_HEADER = "x-claudepool-kind"
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -25,6 +33,32 @@ async def read_body(request: web.Request) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PromptTooLarge("request body too large") from None
+
+
+def kind_of(request: web.Request, body_kind: str | None) -> str | None:
+    """The request's kind: the header's or the body's (both given must agree)."""
+    header = request.headers.get(KIND_HEADER, "").strip() or None
+    if header is not None and body_kind is not None and header != body_kind:
+        raise BadRequest(f"the {KIND_HEADER} header and the body's kind differ")
+    chosen = header or body_kind
+    if chosen is not None and not 1 <= len(chosen) <= 64:
+        raise BadRequest(f"invalid request: kind: 1 to 64 characters ({KIND_HEADER})")
+    return chosen
+
+
+def asked_model(model: str) -> str | None:
+    """The body's model, where ``"default"`` names none (the route's, the tier's or the profile's)."""
+    return None if resolve_model(model) == DEFAULT_MODEL else model
+
+
+def served_as(router: Router, catalog: ModelCatalog, tenant: Tenant, kind: str | None,
+              model: str | None) -> tuple[str, str]:
+    """The profile the request runs on and the model it is served by, as admission will resolve them
+    (`Router`): what the system prompt is checked against, and what ``message_start`` names before
+    the CLI reports the model in force. Raises `UnknownKind`."""
+    routed = router.resolve(tier=tenant.tier, kind=kind, profile=None, model=model)
+    profile = routed.profile or tenant.profile
+    return profile, resolve_model(routed.model) if routed.model is not None else catalog.profile_model(profile)
 
 
 def parse(model: type[M], raw: bytes) -> M:

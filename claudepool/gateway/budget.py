@@ -31,6 +31,16 @@ down, it does not refuse it. A refused call is answered to the CLI as 402 ``bill
 (`CallOverBudget`), which it does not retry: the turn ends, and the request's answer becomes
 `BudgetExhausted` (the refusal is kept on the request's context). A store that does not answer
 fails the call closed (`BudgetStoreDown`).
+
+A request's own budget (``max_budget_usd``, or its tenant's ``max_request_budget_usd``) is held
+the same way, on the request's context rather than in the store (one request runs on one daemon):
+the call reserves as the tenant's ``budget_mode`` says (strict: its bound, ``max_tokens`` lowered
+to fit what the request has left; soft: the estimate), and it goes out only if what the request's
+calls cost so far, plus what its calls in flight hold, plus this reservation fit. Else the call is
+refused as above and the request is answered `RequestBudgetExhausted` (402). A request budget
+holds every call, whether or not the tenant has a budget of its own. The CLI's own
+``--max-budget-usd`` counts per process, across every tenant a warm worker serves, so it cannot
+bound one request.
 """
 
 from __future__ import annotations
@@ -44,7 +54,14 @@ from typing import Any
 
 import orjson
 
-from claudepool.errors import BudgetExhausted, BudgetStoreDown, CallOverBudget, CallUnpriceable, StoreError
+from claudepool.errors import (
+    BudgetExhausted,
+    BudgetStoreDown,
+    CallOverBudget,
+    CallUnpriceable,
+    RequestBudgetExhausted,
+    StoreError,
+)
 from claudepool.gateway.calls import Call
 from claudepool.store.base import Store
 from claudepool.tenancy.budgets import PricingTable
@@ -150,7 +167,9 @@ class CallBudget:
         `BudgetStoreDown`, holding nothing; the refusal is kept on the request's context."""
         ctx = call.attribution.context
         tenant = self._tenants.get(call.attribution.tenant)
-        if ctx is None or tenant is None or not tenant.has_budget or call.path != _BILLED_PATH:
+        if ctx is None or tenant is None or call.path != _BILLED_PATH:
+            return body
+        if not tenant.has_budget and ctx.max_budget_usd is None:
             return body
         try:
             body = await self._hold(call, ctx, tenant, body)
@@ -168,6 +187,7 @@ class CallBudget:
 
     def release(self, call: Call) -> None:
         """Give back what the call holds: it was refused after its hold (the account's caps)."""
+        self._release_request_hold(call)
         if call.reservation_id is not None:
             self._meter.release(call.attribution.tenant, call.reservation_id)
             call.reservation_id = None
@@ -181,7 +201,7 @@ class CallBudget:
                          one_hour_writes=b'"1h"' in body) if isinstance(request, dict) else None
         strict = tenant.budget_mode == "strict"
         if bound is None:
-            if strict:
+            if strict or ctx.max_budget_usd is not None:
                 raise CallUnpriceable("the request is not a JSON object with a positive integer max_tokens")
             return body  # the provider refuses it, at no cost; a soft budget holds nothing for it
         rid = f"{ctx.request_id}:{call.id}"
@@ -194,11 +214,51 @@ class CallBudget:
         else:
             estimate = self.estimates.estimate(ctx.profile)
             amount, least = (bound.input_usd / 4 if estimate is None else estimate), 0.0
-        granted = await self._reserve(tenant, rid, amount, least, fraction)
-        call.reservation_id = rid
-        if not strict or granted >= amount:
+        wanted = amount
+        if ctx.max_budget_usd is not None:
+            amount = self._hold_request(call, ctx, amount, least, strict)
+        granted = amount
+        if tenant.has_budget:
+            try:
+                granted = await self._reserve(tenant, rid, amount, least, fraction)
+            except BaseException:
+                self._release_request_hold(call)
+                raise
+            call.reservation_id = rid
+            self._shrink_request_hold(call, ctx, granted)
+        if not strict or granted >= wanted:
             return body if body.count(b'"max_tokens"') == 1 else orjson.dumps(request)
         return self._lowered(request, bound, bound.max_tokens_within(granted))
+
+    def _hold_request(self, call: Call, ctx: RequestContext, amount: float, least: float, strict: bool) -> float:
+        """Hold ``amount`` (strict: at least ``least``) of what the request has left, at once (no
+        await: two calls of one request cannot both take the last of it); raises
+        `RequestBudgetExhausted`."""
+        assert ctx.max_budget_usd is not None
+        left = ctx.max_budget_usd - ctx.call_cost_usd - ctx.held_usd
+        if left < amount and not (strict and left >= least and left > 0):
+            raise RequestBudgetExhausted(
+                f"this request's budget of ${ctx.max_budget_usd:g} cannot hold its next model call (spent "
+                f"${ctx.call_cost_usd:.4f}, held by calls in flight ${ctx.held_usd:.4f}, the call needs "
+                f"${amount if not strict else least:.4f})")
+        held = min(amount, left)
+        ctx.held_usd += held
+        call.request_held_usd = held
+        return held
+
+    @staticmethod
+    def _shrink_request_hold(call: Call, ctx: RequestContext, granted: float) -> None:
+        """The tenant's budget granted less than the request held: hold only that."""
+        if call.request_held_usd > granted:
+            ctx.held_usd -= call.request_held_usd - granted
+            call.request_held_usd = granted
+
+    @staticmethod
+    def _release_request_hold(call: Call) -> None:
+        ctx = call.attribution.context
+        if ctx is not None and call.request_held_usd:
+            ctx.held_usd = max(0.0, ctx.held_usd - call.request_held_usd)
+            call.request_held_usd = 0.0
 
     async def _reserve(self, tenant: Tenant, rid: str, amount: float, least: float, fraction: float) -> float:
         """Reserve; while only what calls in flight hold is in the way (spend alone leaves room),
@@ -246,5 +306,7 @@ class CallBudget:
         pass
 
     def call_finished(self, call: Call) -> None:
+        # Its cost is on the request's context by now (the hook that prices calls runs first).
+        self._release_request_hold(call)
         if call.cost_usd is not None and call.status == 200 and call.attribution.context is not None:
             self.estimates.observe(call.attribution.context.profile, call.cost_usd)

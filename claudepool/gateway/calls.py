@@ -53,6 +53,8 @@ class Call:
     cost_usd: float | None = None
     # The budget reservation the call holds (`claudepool.gateway.budget`), which its record settles.
     reservation_id: str | None = None
+    # What the call holds of its request's own budget (``max_budget_usd``), given back at its end.
+    request_held_usd: float = 0.0
 
     @property
     def first_token_ms(self) -> float | None:

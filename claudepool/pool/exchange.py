@@ -19,9 +19,8 @@ import enum
 import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
 from claudepool.errors import (
@@ -34,6 +33,8 @@ from claudepool.errors import (
     WorkerError,
     WorkerProtocolError,
 )
+from claudepool.pool.channel import Channel
+from claudepool.pool.process_settings import applied_of, changed, check_effort, restored_effort
 from claudepool.pool.timeouts import WorkerTimeouts
 from claudepool.protocol.cli_events import (
     AssistantEvent,
@@ -108,31 +109,6 @@ def local_command(event: ResultEvent) -> str | None:
     return event.local_command
 
 
-@dataclass
-class _Channel:
-    """Events of the running exchange, handed from the reader task to one consumer."""
-
-    items: deque[CliEvent] = field(default_factory=deque)
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    error: BaseException | None = None
-
-    def push(self, event: CliEvent) -> None:
-        self.items.append(event)
-        self.ready.set()
-
-    def fail(self, exc: BaseException) -> None:
-        self.error = exc
-        self.ready.set()
-
-    async def get(self) -> CliEvent:
-        while not self.items:
-            if self.error is not None:
-                raise self.error
-            self.ready.clear()
-            await self.ready.wait()
-        return self.items.popleft()
-
-
 class Exchange:
     """The conversation with one CLI process. One exchange at a time: the pool leases the worker to
     one caller. ``kill`` stops the process at once (the watchdog's last resort); ``on_failure(quiet)``
@@ -146,6 +122,7 @@ class Exchange:
         *,
         kill: Callable[[], Awaitable[None]],
         default_model: str | None = None,
+        default_effort: str | None = None,
         on_failure: Callable[[bool], None] | None = None,
         ran_command: Callable[[ResultEvent], str | None] = local_command,
     ) -> None:
@@ -171,10 +148,14 @@ class Exchange:
         self._transport = transport
         self._kill = kill
         self._default_model = default_model
+        self._default_effort = default_effort
+        # Set by `set_effort` to another effort than the profile's: the reset restores it (only
+        # then: an effort changed any other way, a slash command, fails the reset's check).
+        self._effort_switched = False
         self._on_failure = on_failure
         self._ran_command = ran_command
         self._reader: asyncio.Task[None] | None = None
-        self._channel: _Channel | None = None
+        self._channel: Channel | None = None
         self._controls: dict[str, asyncio.Future[ControlResponseBody]] = {}
         self._control_ids = itertools.count(1)
         self._cost_baseline_usd = 0.0
@@ -223,7 +204,7 @@ class Exchange:
         self._write(line)
         return self._turn_events(channel, idle_timeout_s)
 
-    async def _turn_events(self, channel: _Channel, idle_timeout_s: float) -> AsyncIterator[CliEvent | TurnResult]:
+    async def _turn_events(self, channel: Channel, idle_timeout_s: float) -> AsyncIterator[CliEvent | TurnResult]:
         try:
             await self._drain(idle_timeout_s)
         except TimeoutError:
@@ -254,7 +235,7 @@ class Exchange:
                     text_parts.append(event.text())
             yield event
 
-    async def _on_stall(self, channel: _Channel, idle_timeout_s: float) -> NoReturn:
+    async def _on_stall(self, channel: Channel, idle_timeout_s: float) -> NoReturn:
         """Watchdog expiry: interrupt; if even that is not confirmed, kill. Always raises."""
         log.warning("worker %s: no event for %.1fs, interrupting the turn", self.id, idle_timeout_s)
         try:
@@ -269,12 +250,7 @@ class Exchange:
 
     async def _applied_settings(self) -> dict[str, Any]:
         """The settings in force, as the CLI reports them (``get_settings``: model, effort, …)."""
-        body = await self._control("get_settings", self.timeouts.reset_timeout_s)
-        response = body.response or {}
-        applied, effective = response.get("applied"), response.get("effective")
-        if not isinstance(applied, dict):
-            raise WorkerProtocolError(f"worker {self.id}: get_settings answered no applied settings")
-        return {**applied, "effective": effective}
+        return applied_of(await self._control("get_settings", self.timeouts.reset_timeout_s), self.id)
 
     async def set_model(self, model: str | None) -> str:
         """Switch the model for the next turns (None: the CLI's default); returns the model in force."""
@@ -283,6 +259,20 @@ class Exchange:
         if not isinstance(resolved, str):
             raise WorkerProtocolError(f"worker {self.id}: set_model answered no model")
         return resolved
+
+    async def set_effort(self, effort: str | None) -> str:
+        """Switch the effort for the next turns with ``apply_flag_settings`` (None: back to the
+        spawn's, as ``get_settings`` reported it at start: the CLI may have lowered the profile's
+        level to what its model has); returns the effort in force, checked: the CLI ignores a level
+        it does not take, silently."""
+        restore = self.started_applied.get("effort") if self._default_effort is not None else None
+        wanted = effort if effort is not None else restore
+        self._effort_switched = self._effort_switched or wanted != restore
+        await self._control("apply_flag_settings", self.timeouts.reset_timeout_s, settings={"effortLevel": wanted})
+        in_force = check_effort(self.id, wanted, await self._applied_settings(), self.started_applied)
+        if wanted == restore:
+            self._effort_switched = False
+        return in_force
 
     async def interrupt(self) -> None:
         """Ask the CLI to stop the running turn; its ``result`` still ends the turn's iterator."""
@@ -298,7 +288,7 @@ class Exchange:
         with self._poison_on_failure("interrupted turn did not end", WorkerError):
             return await self._interrupt_and_settle(channel)
 
-    async def _interrupt_and_settle(self, channel: _Channel) -> TurnResult:
+    async def _interrupt_and_settle(self, channel: Channel) -> TurnResult:
         await self._control("interrupt", self.timeouts.interrupt_timeout_s)
         async with asyncio.timeout(self.timeouts.interrupt_timeout_s):
             while True:
@@ -332,15 +322,18 @@ class Exchange:
                     if applied.get("model") != self.started_applied.get("model"):
                         await self.set_model(self._default_model)
                         applied = await self._applied_settings()
+                    if self._effort_switched:
+                        await self.set_effort(None)
+                        applied = await self._applied_settings()
         if not confirmed or event.is_error:
             failure = ResetFailed(f"worker {self.id}: /clear ended without a conversation_reset")
             self.poison(failure)
             raise failure
         # /clear's system/init was reported before the model was restored: get_settings checks that.
-        changed = _changed(self.started_applied, applied) + [
-            name for name in _changed(self.started_settings or {}, reported or {}) if name != "model"]
-        if changed:
-            failure = ResetFailed(f"worker {self.id}: process settings changed since start ({', '.join(changed)})")
+        drifted = changed(self.started_applied, restored_effort(self.started_applied, applied)) + [
+            name for name in changed(self.started_settings or {}, reported or {}) if name != "model"]
+        if drifted:
+            failure = ResetFailed(f"worker {self.id}: process settings changed since start ({', '.join(drifted)})")
             self.poison(failure)
             raise failure
         self._channel = None
@@ -369,16 +362,16 @@ class Exchange:
                 raise
             raise failure from None
 
-    def _begin(self, state: WorkerState) -> _Channel:
+    def _begin(self, state: WorkerState) -> Channel:
         if self.failure is not None:
             raise self.failure
         if self.state is not WorkerState.IDLE:
             raise WorkerBusy(f"worker {self.id} is {self.state}, not idle")
         self.state = state
-        self._channel = _Channel()
+        self._channel = Channel()
         return self._channel
 
-    def _settle(self, event: ResultEvent, channel: _Channel, streamed_text: str,
+    def _settle(self, event: ResultEvent, channel: Channel, streamed_text: str,
                 interrupted: bool = False) -> TurnResult:
         cost = max(0.0, event.total_cost_usd - self._cost_baseline_usd)
         self._cost_baseline_usd = event.total_cost_usd
@@ -497,10 +490,3 @@ class Exchange:
         for future in self._controls.values():
             if not future.done():
                 future.set_exception(exc)
-
-
-def _changed(started: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """Names of the settings whose values differ (a setting only one side has counts as changed)."""
-    if not started or not now:
-        return []  # nothing to compare with: a turn or reset that never reported
-    return sorted(name for name in started.keys() | now.keys() if started.get(name) != now.get(name))

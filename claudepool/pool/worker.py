@@ -110,7 +110,7 @@ class Worker:
             max_line_bytes=max_line_bytes, log_fields=lambda: {"worker": self.id, "slot": self.slot})
         self._exchange = Exchange(
             self.id, self._process, self.timeouts, kill=self._kill, default_model=profile.model,
-            on_failure=self._failed, ran_command=self._ran_command)
+            default_effort=profile.effort, on_failure=self._failed, ran_command=self._ran_command)
         self._exchange.last_active_at = self.created_at
         self._close_task: asyncio.Task[None] | None = None
         self._model_switching = False
@@ -366,6 +366,11 @@ class Worker:
             return await self._exchange.set_model(model)
         finally:
             self._model_switching = False
+
+    async def set_effort(self, effort: str | None) -> str:
+        """Switch the effort for the next turns (None: the profile's); returns the effort in force.
+        The reset restores the profile's (a process setting survives ``/clear``)."""
+        return await self._exchange.set_effort(effort)
 
     async def interrupt(self) -> None:
         """Ask the CLI to stop the running turn. Its ``result`` (``is_error``) still arrives through

@@ -86,6 +86,12 @@ class PromptRequest(BaseModel):
     system: str | None = _SYSTEM
     # A model other than the profile's (a full id or an alias), within the tenant's ``models``.
     model: str | None = Field(default=None, min_length=1, max_length=256)
+    # The kind of task: ``[routes.KIND]`` (and the tenant's tier's routes) choose its profile, model
+    # and effort where the request names none (README, "Routing").
+    kind: str | None = Field(default=None, min_length=1, max_length=64)
+    # The most this request may spend, all its model calls together (held at the gateway), within
+    # the tenant's ``max_request_budget_usd``. None: that cap, if any.
+    max_budget_usd: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     stream: bool = False
     timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     # batch requests run only on capacity no interactive request is waiting for.

@@ -56,6 +56,10 @@ class RequestContext:
     profile: str
     model: str
     session: str | None = None
+    # The most the request may spend, all its calls together (None: no bound of its own), and what
+    # its calls in flight hold of it (`claudepool.gateway.budget`).
+    max_budget_usd: float | None = None
+    held_usd: float = 0.0
     results: int = 0
     finished: bool = False
     # Model calls the gateway metered for this request, those still being relayed, and their tokens.

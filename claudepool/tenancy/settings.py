@@ -27,6 +27,9 @@ class TenantSettings(BaseModel):
     # allow_custom_system_prompt. Either runs on a pool made on demand for it (README, "System prompts").
     system_prompt: str | None = None
     allow_custom_system_prompt: bool = False
+    # The ``[tiers.NAME]`` whose defaults and per-kind routes this tenant's requests get (README,
+    # "Routing"); None: the global ``[routes]`` only.
+    tier: str | None = None
     # Scheduling: share of the workers when several tenants wait, and bounds. 0 = unlimited.
     weight: float = Field(default=1.0, gt=0)
     max_concurrency: int = Field(default=0, ge=0)
@@ -37,6 +40,9 @@ class TenantSettings(BaseModel):
     tokens_per_minute: int = Field(default=0, ge=0)
     daily_budget_usd: float = Field(default=0.0, ge=0)
     monthly_budget_usd: float = Field(default=0.0, ge=0)
+    # The most one request may spend, all its model calls together, held at the gateway: a request's
+    # ``max_budget_usd`` above it is refused, and a request naming none gets this one. 0 = no cap.
+    max_request_budget_usd: float = Field(default=0.0, ge=0)
     # How the budgets hold each model call (see README, "Budgets"): "strict" reserves what a call can
     # cost at most and lowers its max_tokens to fit, so spend never exceeds a budget; "soft" reserves
     # an estimate learnt from recent calls and stops admitting at soft_stop_fraction of the budget.

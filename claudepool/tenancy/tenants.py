@@ -62,6 +62,8 @@ class Tenant:
     # The persona (None: the profile's own system prompt), and whether a request may send another.
     system_prompt: str | None = None
     allow_custom_system_prompt: bool = False
+    tier: str | None = None
+    max_request_budget_usd: float = 0.0
 
     @classmethod
     def of(cls, name: str, settings: TenantSettings) -> Tenant:
@@ -75,7 +77,8 @@ class Tenant:
                    max_session_age_s=settings.max_session_age_s,
                    max_session_context_tokens=settings.max_session_context_tokens, max_sessions=settings.max_sessions,
                    models=resolve_all(settings.models), system_prompt=settings.system_prompt,
-                   allow_custom_system_prompt=settings.allow_custom_system_prompt)
+                   allow_custom_system_prompt=settings.allow_custom_system_prompt, tier=settings.tier,
+                   max_request_budget_usd=settings.max_request_budget_usd)
 
     def system_prompt_for(self, profile_system_prompt: str | None, requested: str | None) -> str | None:
         """The system prompt a request (or a session) of this tenant runs with, on a profile whose own

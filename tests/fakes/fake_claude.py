@@ -17,7 +17,8 @@ Faithful behaviours
     file into HOME; other listed commands just answer; an unknown NAME is a prompt. A command's ``result`` names it in
     ``local_command`` and costs nothing
   * ``set_model`` (a control request; ``model`` null = the default) answers the model in force;
-    ``get_settings`` answers the settings in force (``applied``: model, effort)
+    ``get_settings`` answers the settings in force (``applied``: model, effort); ``apply_flag_settings``
+    with ``effortLevel`` changes the effort as the real CLI does (see `apply_effort`)
   * ``interrupt`` stops a running turn: ``result`` with ``is_error`` and ``error_during_execution``
   * an upstream failure ends as ``subtype: "success", is_error: true, terminal_reason: "api_error"``
     and the failed prompt stays in the history
@@ -37,6 +38,7 @@ Per-turn directives, in the prompt text
   [[grow:MB]]      allocate and keep MB of memory            [[child]]    spawn a sleeping grandchild
   [[env]]          answer with the environment as JSON       [[cwd]]      answer with the cwd
   [[system]]       answer with the ``--system-prompt`` it was started with (``<none>`` without one)
+  [[settings]]     answer with the model and effort in force, as JSON
   [[tool:Bash:CMD]] call a tool first, as the real CLI does when the model asks for one: a
                    ``tool_use`` assistant message (after its ``stream_event``s), then the tool's
                    ``tool_result`` user message. Bash runs CMD (``bash -c`` in a process group of
@@ -61,6 +63,7 @@ Process-wide faults, in FAKE_CLAUDE_FAULTS (comma-separated)
   ignore_text_not_typed  run commands even from lines marked ``text_not_typed``
   silent_commands  leave ``local_command`` out of the results of commands other than ``/clear``
   set_model_noop   answer ``set_model`` as done but change nothing
+  apply_effort_noop  answer ``apply_flag_settings`` as done but change no effort
 
 FAKE_CLAUDE_LOG=PATH appends every stdin line received, as JSON lines, for tests to inspect.
 """
@@ -120,7 +123,10 @@ class FakeClaude:
         self.system_prompt = argv[argv.index("--system-prompt") + 1] if "--system-prompt" in argv else None
         self.model = self.default_model
         self.output_style = "default"
-        self.effort = "medium"
+        # As the real CLI: ``--effort`` at spawn, else its default; ``apply_flag_settings`` changes
+        # it for the next turns (and, for a level it persists, names it in ``effective``).
+        self.effort = argv[argv.index("--effort") + 1] if "--effort" in argv else "medium"
+        self.effective: dict[str, Any] = {}
         self.started_at = time.monotonic()
         self.session_id = str(uuid.uuid4())
         self.history: list[dict[str, str]] = []
@@ -221,11 +227,29 @@ class FakeClaude:
                   "response": {"subtype": "success", "request_id": request_id, "response": {"model": self.model}}})
         elif subtype == "get_settings":
             emit({"type": "control_response", "response": {"subtype": "success", "request_id": request_id, "response": {
-                "effective": {}, "sources": [], "applied": {"model": self.model, "effort": self.effort}}}})
+                "effective": dict(self.effective), "sources": [],
+                "applied": {"model": self.model, "effort": self.effort}}}})
+        elif subtype == "apply_flag_settings":
+            settings = request.get("settings") or {}
+            if "effortLevel" in settings and "apply_effort_noop" not in FAULTS:
+                self.apply_effort(settings["effortLevel"])
+            emit({"type": "control_response",
+                  "response": {"subtype": "success", "request_id": request_id, "response": None}})
         else:
             emit({"type": "control_response", "response": {
                 "subtype": "error", "request_id": request_id,
                 "error": f"Unsupported control request subtype: {subtype}", "error_code": "unsupported_request"}})
+
+    def apply_effort(self, level: object) -> None:
+        # Measured on the real CLI (2.1.328): low..xhigh are set and named in ``effective``; null
+        # drops the flag (the default, not the spawn's ``--effort``); anything else, "max" included,
+        # is ignored, silently.
+        if level in ("low", "medium", "high", "xhigh"):
+            self.effort = str(level)
+            self.effective["effortLevel"] = level
+        elif level is None:
+            self.effort = "medium"
+            self.effective.pop("effortLevel", None)
 
     async def answer_initialize(self, request_id: str) -> None:
         if "never_ready" in FAULTS:
@@ -421,6 +445,8 @@ class FakeClaude:
             return os.getcwd()
         if "system" in plan:
             return "<none>" if self.system_prompt is None else self.system_prompt
+        if "settings" in plan:
+            return json.dumps({"model": self.model, "effort": self.effort})
         return f"ok: {DIRECTIVE.sub('', prompt).strip()[:40]}"
 
     def context_tokens(self) -> int:

@@ -88,6 +88,7 @@ async def test_a_routed_stream_names_the_routed_model_and_takes_the_routed_profi
                                           messages=[{"role": "user", "content": "[[reply:ok]]"}],
                                           extra_headers={"x-claudepool-kind": "simple_qa"})
         assert message.content[0].text == "ok"  # type: ignore[union-attr]
-        with pytest.raises(anthropic.BadRequestError, match="system prompts"):
+        # Unrouted, the default profile's: "brief" is then a prompt of the tenant's own, which it may not send.
+        with pytest.raises(anthropic.PermissionDeniedError, match="allow_custom_system_prompt"):
             await c.messages.create(model="default", max_tokens=64, system="brief",
                                     messages=[{"role": "user", "content": "[[reply:ok]]"}])

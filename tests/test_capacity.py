@@ -64,6 +64,9 @@ class StubPool:
     def resetting(self) -> int:
         return 0 if self.state.closed else self.count(Phase.CLEANING, Phase.RETURNED)
 
+    def serving(self) -> int:
+        return 0 if self.state.closed else len(self.state.records) - self.count(Phase.CLOSING)
+
     def pss_sizes(self) -> list[int]:
         return [w.pss_bytes for w in self.state.records if w.pss_bytes]
 
@@ -217,6 +220,50 @@ def test_waiters_evict_the_idle_worker_of_the_least_recently_leased_pool() -> No
     assert newcomer.count(Phase.STARTING) == 1
     newcomer.ready()
     assert len(newcomer.assigned()) == 1 and cap.live == 3
+
+
+def lease_again(pool: StubPool, now: float) -> None:
+    """Lease each of ``pool``'s idle workers once more at ``now`` and give them back."""
+    pool.now = now
+    idle = pool.count(Phase.IDLE)
+    for _ in range(idle):
+        pool.wait()
+    for worker in pool.assigned()[-idle:]:
+        pool.release(worker)
+
+
+def test_a_pool_used_once_is_evicted_before_a_pool_used_again_however_recent_its_one_use() -> None:
+    """LRU-2: ranked by the last-but-one lease, so prompts seen once (a scan) cannot push out the
+    busy pools. Plain LRU would take busy's worker here: its last lease (t=2) is older than once's."""
+    cap = capacity(2)
+    busy, once = StubPool("busy", cap), StubPool("once", cap)
+    busy.now = 1.0
+    warm(busy, 1)
+    lease_again(busy, 2.0)
+    once.now = 3.0
+    (once_worker,) = warm(once, 1)
+    newcomer = StubPool("new", cap)
+    newcomer.now = 4.0
+    newcomer.wait()
+    assert once.closing() == [once_worker] and busy.closing() == [] and cap.evictions == {"once": 1}
+
+
+def test_a_pools_last_worker_goes_after_every_other_pools_spare_one() -> None:
+    """Evicting a pool's only idle worker would make its next request a cold start: a more recently
+    used pool gives up its second worker first."""
+    cap = capacity(3)
+    old, recent = StubPool("old", cap), StubPool("recent", cap)
+    old.now = 1.0
+    warm(old, 1)
+    lease_again(old, 2.0)
+    recent.now = 3.0
+    warm(recent, 2)
+    lease_again(recent, 4.0)
+    newcomer = StubPool("new", cap)
+    newcomer.now = 5.0
+    newcomer.wait()
+    assert old.closing() == [] and len(recent.closing()) == 1 and recent.count(Phase.IDLE) == 1
+    assert cap.evictions == {"recent": 1}
 
 
 def test_warm_floors_are_evicted_only_when_no_other_idle_worker_is_left() -> None:

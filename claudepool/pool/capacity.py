@@ -10,9 +10,11 @@ A pool's planner reads its seat's room in its synchronous step; the spawns it de
 the pool's records before that step returns, so two pools can never both take the last place.
 
 When a pool's waiters (or, at lower priority, its warm floor) find the ceiling reached, its step
-asks for evictions: the capacity retires idle workers of other pools, least recently leased pool
-first, never a leased or cleaning one (a less recently leased pool's worker still being reset is
-waited for, not passed over), and only once no idle worker outside a warm floor is left does it
+asks for evictions: the capacity retires idle workers of other pools, least recently used pool
+first by LRU-2 (the pool whose last-but-one lease is oldest: pools used once go before any used
+twice, see `Seat.previous_lease_at`; a pool's last worker after every other pool's spare ones),
+never a leased or cleaning one (a less recently leased pool's worker still being reset is waited
+for, not passed over), and only once no idle worker outside a warm floor is left does it
 touch a floor (``min_idle`` of a configured pool). A floor's refill may evict only workers outside
 floors. Victims in flight are counted daemon-wide against the shortfalls of the waiting seats.
 When a worker of any pool is gone, the seats waiting for room are woken (the longest waiting
@@ -68,6 +70,10 @@ class Member(Protocol):
         """Its workers being reset after a lease (idle soon, unless its own waiters take them)."""
         ...
 
+    def serving(self) -> int:
+        """Its workers not closing: starting, idle, leased or being reset."""
+        ...
+
     def pss_sizes(self) -> list[int]:
         """The measured PSS of each of its workers (not measured yet: left out)."""
         ...
@@ -88,8 +94,13 @@ class Seat:
     capacity: Capacity
     member: Member | None
     live: int = 0
-    # The LRU key: when this pool last handed out a lease (monotonic; 0 = never).
+    # The eviction key (LRU-2): when this pool handed out its last and its last-but-one lease
+    # (monotonic; 0 = never). Ranked by the last-but-one first, a pool used once is evicted before
+    # any pool used again, however recent that one use: 200 prompts seen once each (a scan) cannot
+    # push out the busy pools, as plain LRU lets them when a newcomer's lease starts after a busy
+    # pool's (it waits for a spawn).
     last_lease_at: float = 0.0
+    previous_lease_at: float = 0.0
     need: Need = Need.NONE
     # Orders seats waiting at the same need: the one that began waiting first is woken first.
     need_since: int = 0
@@ -120,7 +131,7 @@ class Seat:
             self.need, self.need_since = need, next(self.capacity._clock)
 
     def leased(self, now: float) -> None:
-        self.last_lease_at = now
+        self.previous_lease_at, self.last_lease_at = self.last_lease_at, now
 
     def evict(self, count: int, need: Need) -> int:
         return self.capacity.evict(self, count, need)
@@ -154,19 +165,22 @@ def pick_victims(seats: Sequence[Seat], requester: Seat, count: int, need: Need)
     """Up to ``count`` idle workers to evict for ``requester``: outside warm floors first, each tier
     in least-recently-leased pool order (within a pool the longest idle first, then the ones being
     reset, as ``worker`` None); floors only for waiters, never for another floor."""
-    outside: list[tuple[float, int, Victim]] = []
-    floors: list[tuple[float, int, Victim]] = []
+    outside: list[tuple[bool, float, float, int, Victim]] = []
+    floors: list[tuple[bool, float, float, int, Victim]] = []
     for order, seat in enumerate(seats):
         if seat is requester or seat.member is None:
             continue
         idle = [*seat.member.idle_workers(), *[None] * seat.member.resetting()]
         spare = max(0, len(idle) - seat.member.floor())
         for i, worker in enumerate(idle):
-            key = (seat.last_lease_at, order * 1_000_000 + i, Victim(seat, worker))
+            # A pool's last worker goes after every other pool's spare one: a pool kept warm with one
+            # worker beats one with two (evicting both would make its next request a cold start).
+            last = i == len(idle) - 1 and seat.member.serving() <= len(idle)
+            key = (last, seat.previous_lease_at, seat.last_lease_at, order * 1_000_000 + i, Victim(seat, worker))
             (outside if i < spare else floors).append(key)
-    ranked = sorted(outside, key=lambda k: k[:2])
+    ranked = sorted(outside, key=lambda k: k[:4])
     if need is Need.WAITERS:
-        ranked += sorted(floors, key=lambda k: k[:2])
+        ranked += sorted(floors, key=lambda k: k[:4])
     return [victim for *_, victim in ranked[:max(0, count)]]
 
 

@@ -36,6 +36,10 @@ class PoolMember:
         state = self.state
         return 0 if state is None or state.closed else state.count(Phase.CLEANING, Phase.RETURNED)
 
+    def serving(self) -> int:
+        state = self.state
+        return 0 if state is None or state.closed else len(state.records) - state.count(Phase.CLOSING)
+
     def pss_sizes(self) -> list[int]:
         return [] if self.state is None else [w.pss_bytes for w in self.state.records if w.pss_bytes]
 

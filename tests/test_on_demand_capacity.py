@@ -15,12 +15,11 @@ import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import psutil
 import pytest
 
 from claudepool.pool.capacity import Seat
-from tests.conftest import FAKE_CLAUDE
 from tests.daemon_fixtures import RunningDaemon, make_daemon, post
+from tests.test_capacity_pool import fake_processes
 
 __all__ = ["make_daemon"]
 
@@ -29,18 +28,6 @@ MAX_POOLS = 48
 TENANTS = {f"t{i:02d}": f"tenant-{i:02d}-key-0123" for i in range(50)}
 BUSY = ["You are the support desk of a bank. Prompt BUSY-A.", "You review pull requests. Prompt BUSY-B."]
 ONCE = [f"You are persona number {i}. Prompt ONCE-{i:03d}." for i in range(198)]
-
-
-def fake_processes() -> int:
-    """Fake `claude` processes alive now (the daemon runs in this test's process)."""
-    count = 0
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE and any(str(FAKE_CLAUDE) in part for part in child.cmdline()):
-                count += 1
-        except psutil.Error:
-            continue
-    return count
 
 
 async def test_200_system_prompts_from_50_tenants_on_8_workers(

@@ -52,7 +52,7 @@ from claudepool.pool.shares import Priority, TenantShare
 from claudepool.pool.worker import TurnResult, Worker
 from claudepool.sessions.files import SessionFiles
 from claudepool.sessions.pools import SessionPools, new_session_system_prompt, pool_of
-from claudepool.sessions.settings import LimitOverrides, SessionLimits, SessionOptions, SessionSettings
+from claudepool.sessions.settings import LimitOverrides, SessionOptions, SessionSettings
 from claudepool.sessions.workspaces import SessionWorkspaces
 from claudepool.store.base import SessionRecord, Store
 from claudepool.tenancy.metering import RequestContext
@@ -91,9 +91,10 @@ class SessionManager:
         self.pools = pools
         self.max_system_prompt_bytes = max_system_prompt_bytes
         self.config: SessionSettings = options.settings
-        self._profile_limits = options.profile_limits
+        self._options = options
         self.daemon_id = daemon_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.files = SessionFiles(options.dir)
+        self.dir = self.files.dir  # where transcripts rest
         self.events: Counter[str] = Counter()
         self.workspaces = SessionWorkspaces(self.files, self.config, self.events)
         self._bindings: dict[str, _Binding] = {}
@@ -283,8 +284,9 @@ class SessionManager:
 
     def limit_reached(self, tenant: Tenant, record: SessionRecord) -> str | None:
         """Which limit the session's next turn would be refused (or rolled over) at, if any."""
-        return self.limits(tenant, record.profile).reached(record.turns, time.time() - record.created_at,
-                                                           record.context_tokens)
+        own = LimitOverrides(tenant.max_session_turns, tenant.max_session_age_s, tenant.max_session_context_tokens)
+        return self._options.limits_for(record.profile, own).reached(
+            record.turns, time.time() - record.created_at, record.context_tokens)
 
     async def _check_limits(self, tenant: Tenant, record: SessionRecord) -> SessionRecord:
         if record.state == "closed":
@@ -299,12 +301,6 @@ class SessionManager:
         fresh = await self._new(tenant, record.profile, record.system_prompt)  # the same system prompt
         self.events["rolled_over"] += 1
         return fresh
-
-    def limits(self, tenant: Tenant, profile: str) -> SessionLimits:
-        """The tenant's own limits, else the profile's, else ``[sessions]``."""
-        by_profile = self._profile_limits.get(profile, LimitOverrides()).over(self.config.limits())
-        return LimitOverrides(tenant.max_session_turns, tenant.max_session_age_s,
-                              tenant.max_session_context_tokens).over(by_profile)
 
     # -- parking, expiry, retention ----------------------------------------------------------------
 
@@ -481,11 +477,6 @@ class SessionManager:
         """The worker an active session holds on this daemon, if any."""
         binding = self._bindings.get(session_id)
         return binding.lease.worker if binding is not None else None
-
-    @property
-    def dir(self) -> Path:
-        """Where transcripts rest."""
-        return self.files.dir
 
     def counts(self) -> dict[str, int]:
         return {"active_here": len(self._bindings)}

@@ -109,3 +109,7 @@ class SessionOptions:
     dir: Path
     # By profile name; a profile without an entry sets no limit of its own.
     profile_limits: Mapping[str, LimitOverrides] = field(default_factory=dict)
+
+    def limits_for(self, profile: str, tenant: LimitOverrides) -> SessionLimits:
+        """A session's limits: its tenant's own, else its profile's, else ``[sessions]``."""
+        return tenant.over(self.profile_limits.get(profile, LimitOverrides()).over(self.settings.limits()))

@@ -18,12 +18,13 @@ import pytest
 
 from claudepool.pool import capacity as capacity_module
 from claudepool.pool.breaker import Breaker
-from claudepool.pool.capacity import UNBOUNDED, Capacity, Need
+from claudepool.pool.capacity import Capacity, Need
 from claudepool.pool.config import CapacityConfig, PoolConfig
 from claudepool.pool.fair_queue import FairQueue
 from claudepool.pool.memory import MemoryPlan, MiB
 from claudepool.pool.planner import Assign, Evict, Phase, PoolState, Retire, Spawn, plan, retire, unserved
 from claudepool.pool.shares import TenantShare, TenantSlots
+from claudepool.pool.sizing import UNBOUNDED
 from tests.test_planner import StubWaiter, StubWorker
 
 EQUAL = TenantShare()

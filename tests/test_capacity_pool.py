@@ -143,6 +143,7 @@ async def test_a_waiter_is_served_by_evicting_the_idle_worker_of_the_least_recen
     await settled(old, recent, newcomer)
     assert old.stats.retired["evicted"] == 1 and recent.stats.retired["evicted"] == 0
     assert old.workers() == [] and recent.idle_count == 1 and newcomer.idle_count == 1
+    assert old_pid is not None
     assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
     assert cap.evictions == {"old": 1}
 

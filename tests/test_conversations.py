@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import openai
 import pytest
 
 from claudepool.frontdoor.conversation import OPT_OUT_HEADER, SESSION_HEADER
@@ -60,6 +61,7 @@ async def send(d: RunningDaemon, door: str, messages: list[Message], *, stream: 
         if stream:
             chunks = await o.chat.completions.create(model="default", messages=messages, stream=True,  # type: ignore[arg-type]
                                                      **extra)
+            assert isinstance(chunks, openai.AsyncStream)
             text = "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
             return text, chunks.response.headers.get(SESSION_HEADER)
         raw_chat = await o.chat.completions.with_raw_response.create(model="default", messages=messages,  # type: ignore[arg-type]

@@ -59,7 +59,8 @@ class ScriptedApi:
     def scope(self, key: str | None, tenant: str | None = None) -> list[str] | None:
         raise Unauthorized("missing or unknown key")
 
-    async def create_session(self, tenant: Tenant, profile: str | None) -> dict[str, Any]:
+    async def create_session(self, tenant: Tenant, profile: str | None, system: str | None = None
+                             ) -> dict[str, Any]:
         raise NotImplementedError
 
     async def list_sessions(self, owner: str | None) -> list[dict[str, Any]]:

@@ -67,6 +67,7 @@ async def test_two_profiles_on_one_place_evict_each_other_and_answer(
     cold_s = time.monotonic() - started
     assert result.text == "COLD" and not result.is_error
     assert warm.stats.retired["evicted"] == 1 and cap.evictions == {"warm": 1}
+    assert warm_pid is not None
     assert not psutil.pid_exists(warm_pid) or psutil.Process(warm_pid).status() == psutil.STATUS_ZOMBIE
     # The warm profile's floor comes back once the cold one's worker is idle (floors evict
     # workers outside floors), and its next request is answered by its own system prompt.

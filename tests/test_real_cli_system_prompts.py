@@ -43,7 +43,9 @@ async def ask(d: RunningDaemon, tenant: str, **extra: Any) -> str:
     async with anthropic.AsyncAnthropic(base_url=d.url, api_key=KEYS[tenant], max_retries=0) as c:
         message = await c.messages.create(model="default", max_tokens=256,
                                           messages=[{"role": "user", "content": "[[reply:aye]]"}], **extra)
-    return message.content[0].text  # type: ignore[union-attr]
+    block = message.content[0]
+    assert block.type == "text"
+    return str(block.text)
 
 
 async def test_a_requests_system_and_a_tenants_persona_reach_the_upstream(

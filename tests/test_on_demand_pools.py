@@ -134,6 +134,9 @@ async def test_at_the_bound_the_least_recently_used_idle_pool_is_closed(make_dae
     reg = registry(d)
     for system in ("first", "second", "first"):  # first is used again: second is the least recent
         assert (await say(d, None, "[[system]]", system=system))[1]["text"] == system
+    # A maintenance pass sees both pools holding an idle worker: that is no use, and must not make
+    # them equally recent (it did, and then the bound closed whichever came first).
+    assert reg.reap() == 0
     pools = {p.profile.system_prompt: p for p in reg.on_demand}
     status, body = await say(d, None, "[[system]]", system="third")
     assert (status, body["text"]) == (200, "third")

@@ -70,10 +70,13 @@ class _Labelled:
 class _OnDemand:
     pool: Pool
     key: tuple[str, bool]  # the spawn key, and whether it is the session-capable variant
-    last_used: float
+    last_used: float  # the LRU key at the bound: a request admitted to it, or released
     maintenance: asyncio.Task[None]
     # Requests admitted to this pool that hold no lease yet (`PoolRegistry.pin`).
     pins: int = 0
+    # When it last had a worker, a waiter or a pin (seen by `reap`): apart from the LRU key, which
+    # an idle worker sitting in the pool must not refresh.
+    last_busy: float = 0.0
 
     def busy(self) -> bool:
         counts = self.pool.counts()
@@ -210,8 +213,8 @@ class PoolRegistry(Mapping[str, Pool]):
         reaped = 0
         for entry in list(self._on_demand.values()):
             if entry.busy():
-                entry.last_used = max(entry.last_used, now)
-            elif now - entry.last_used >= self.idle_s:
+                entry.last_busy = now
+            elif now - max(entry.last_busy, entry.last_used) >= self.idle_s:
                 self._forget(entry, "idle")
                 reaped += 1
         self.reaped += reaped

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -28,6 +28,7 @@ from claudepool.errors import NotFound
 from claudepool.frontdoor.anthropic_request import MessagesRequest, check_unsupported, system_of, turns_of
 from claudepool.frontdoor.conversation import SESSION_HEADER, ConversationTurn, opted_out, plan
 from claudepool.frontdoor.errors import error_event, error_response, sse
+from claudepool.frontdoor.history import Role
 from claudepool.frontdoor.serving import asked_model, kind_of, parse, read_body, serve, served_as
 from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta
 from claudepool.sessions.conversations import Conversations
@@ -67,6 +68,20 @@ class MessagesApi(Protocol):
 
 MESSAGES_API: web.AppKey[MessagesApi] = web.AppKey("messages_api")
 PATHS = ("/v1/messages", "/v1/models")
+
+
+async def translated(api: MessagesApi, request: web.Request, tenant: Tenant, turns: Sequence[tuple[Role, str]],
+                     system: str | None, *, model: str, kind: str | None, max_budget_usd: float | None,
+                     stream: bool) -> tuple[PromptRequest, str, ConversationTurn | None]:
+    """What both doors run for a chat request: the `PromptRequest` (routed by its kind, in the
+    conversation its history belongs to), the model its answer names before the CLI reports one
+    (as admission will resolve it), and the conversation turn to settle afterwards (None: stateless)."""
+    kind, asked = kind_of(request, kind), asked_model(model)
+    profile, served = served_as(api.router, api.catalog, tenant, kind, asked)
+    planned = await plan(api.conversations, tenant, turns, profile=profile, model=served, system=system,
+                         profile_system_prompt=api.catalog.system_prompt(profile), opted_out=opted_out(request))
+    return (PromptRequest(prompt=planned.prompt, model=asked, kind=kind, max_budget_usd=max_budget_usd,
+                          stream=stream, system=planned.system, session=planned.session), served, planned.turn)
 
 
 def add_routes(app: web.Application, api: MessagesApi) -> None:
@@ -127,16 +142,12 @@ async def _messages(request: web.Request) -> web.StreamResponse:
         tenant = api.authenticate(key)  # handle has checked it: this only names the profile
         body = parse(MessagesRequest, await read_body(request))
         check_unsupported(body)
-        kind, asked = kind_of(request, body.kind), asked_model(body.model)
-        # What message_start names, sent before the CLI reports the model in force.
-        profile, model = served_as(api.router, api.catalog, tenant, kind, asked)
         streaming = body.stream
-        planned = await plan(api.conversations, tenant, turns_of(body.messages), profile=profile, model=model,
-                             system=system_of(body), profile_system_prompt=api.catalog.system_prompt(profile),
-                             opted_out=opted_out(request))
-        convo = planned.turn
-        return PromptRequest(prompt=planned.prompt, model=asked, kind=kind, max_budget_usd=body.max_budget_usd,
-                             stream=body.stream, system=planned.system, session=planned.session)
+        # model: what message_start names, sent before the CLI reports the model in force.
+        prompt_request, model, convo = await translated(
+            api, request, tenant, turns_of(body.messages), system_of(body), model=body.model, kind=body.kind,
+            max_budget_usd=body.max_budget_usd, stream=body.stream)
+        return prompt_request
 
     def headers() -> dict[str, str]:
         return {"request-id": request_id, **({SESSION_HEADER: convo.session} if convo is not None else {})}

@@ -26,10 +26,10 @@ import orjson
 from aiohttp import web
 
 from claudepool.errors import BudgetExhausted, ClaudepoolError, ModelNotAllowed, Unauthorized
-from claudepool.frontdoor.anthropic_api import MESSAGES_API, MessagesApi, said
-from claudepool.frontdoor.conversation import SESSION_HEADER, ConversationTurn, opted_out, plan
+from claudepool.frontdoor.anthropic_api import MESSAGES_API, MessagesApi, said, translated
+from claudepool.frontdoor.conversation import SESSION_HEADER, ConversationTurn
 from claudepool.frontdoor.openai_request import ChatRequest, turns_of
-from claudepool.frontdoor.serving import asked_model, kind_of, parse, read_body, serve, served_as
+from claudepool.frontdoor.serving import parse, read_body, serve
 from claudepool.protocol.wire import PromptRequest, PromptResult, StreamItem, TextDelta
 
 PATH = "/v1/chat/completions"
@@ -91,16 +91,12 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         tenant = api.authenticate(key)  # handle has checked it: this only names the profile
         body = parse(ChatRequest, await read_body(request))
         system, turns = turns_of(body)
-        kind, asked = kind_of(request, body.kind), asked_model(body.model)
-        profile, model = served_as(api.router, api.catalog, tenant, kind, asked)
         streaming = body.stream
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        planned = await plan(api.conversations, tenant, turns, profile=profile, model=model, system=system,
-                             profile_system_prompt=api.catalog.system_prompt(profile),
-                             opted_out=opted_out(request))
-        convo = planned.turn
-        return PromptRequest(prompt=planned.prompt, model=asked, kind=kind, max_budget_usd=body.max_budget_usd,
-                             stream=body.stream, system=planned.system, session=planned.session)
+        prompt_request, model, convo = await translated(api, request, tenant, turns, system, model=body.model,
+                                                        kind=body.kind, max_budget_usd=body.max_budget_usd,
+                                                        stream=body.stream)
+        return prompt_request
 
     def headers() -> dict[str, str]:
         return {"x-request-id": request_id, **({SESSION_HEADER: convo.session} if convo is not None else {})}

@@ -287,6 +287,22 @@ class SessionUnavailable(SessionError):
     code = "session_unavailable"
 
 
+# -- jobs: durable asynchronous requests ----------------------------------------------------------
+
+
+class JobNotFound(NotFound):
+    """No job with this id among the caller's (another tenant's job is not found either)."""
+
+    code = "job_not_found"
+
+
+class JobConflict(ClaudepoolError):
+    """The job cannot move that way now: its claim was taken over, or it has already ended."""
+
+    code = "job_conflict"
+    status = 409
+
+
 # -- store: where limits, budgets and usage live --------------------------------------------------
 
 

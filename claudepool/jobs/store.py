@@ -24,7 +24,7 @@ class JobStore(Protocol):
         """The tenant's job; `JobNotFound` for another tenant's or an unknown id."""
         ...
 
-    async def list(self, tenant: str, *, status: JobStatus | None = None, since: float | None = None,
+    async def list_jobs(self, tenant: str, *, status: JobStatus | None = None, since: float | None = None,
                    limit: int = 100) -> list[JobRecord]:
         """The tenant's jobs created at or after ``since``, oldest first, at most ``limit``."""
         ...

@@ -49,6 +49,7 @@ from pydantic_settings import (
 
 from claudepool.errors import ConfigError
 from claudepool.gateway.settings import EgressSettings, Upstream, UpstreamProfileSettings, UpstreamSettings
+from claudepool.jobs.settings import JobSettings
 from claudepool.pool.config import CapacityConfig, PoolConfig
 from claudepool.pool.memory import MiB
 from claudepool.pool.profile import Profile, SpawnSettings, routes_upstream
@@ -234,6 +235,7 @@ class Settings(BaseSettings):
     sessions: SessionSettings = Field(default_factory=SessionSettings)
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     egress: EgressSettings = Field(default_factory=EgressSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
 
     @classmethod
     def settings_customise_sources(

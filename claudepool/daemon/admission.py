@@ -198,7 +198,7 @@ class Gate:
             model = model_switch or configured[profile].profile.model or "default"
             timeout_s = min(request.timeout_s or self.limits.default_timeout_s, self.limits.max_timeout_s)
             if tenant.has_budget:
-                await self._check_budget(tenant)
+                await self.check_budget(tenant)
             # Found (or made) and pinned in one step after the last await: no eviction between.
             pool = (self.pools.pool_for(profile, system) if request.session is None else
                     # What a session's turn waits for is its own pool's (same config as this one).
@@ -212,7 +212,7 @@ class Gate:
         return Admission(request_id, tenant, request, pool, timeout_s, context, slot, files, model_switch,
                          effort_switch, unpin)
 
-    async def _check_budget(self, tenant: Tenant) -> None:
+    async def check_budget(self, tenant: Tenant) -> None:
         state = await self.store.budget(tenant.name)
         fraction = 1.0 if tenant.budget_mode == "strict" else tenant.soft_stop_fraction
         for name, limit_usd, spent_usd in (("daily", tenant.daily_budget_usd, state.day_spent_usd),

@@ -68,6 +68,7 @@ from claudepool.gateway.metrics import GatewayMetrics
 from claudepool.gateway.ratelimits import AccountLimits
 from claudepool.gateway.server import Gateway
 from claudepool.gateway.settings import Upstream
+from claudepool.jobs.runtime import Jobs, build_job_store
 from claudepool.logs import add_key_digests
 from claudepool.pool import sandbox
 from claudepool.pool.capacity import Capacity
@@ -156,6 +157,11 @@ class Daemon:
                              status=self.status, registry=self.registry, metrics_public=settings.metrics.public,
                              ledger_page_records=server.ledger_page_records,
                              max_ledger_reads_per_tenant=server.max_ledger_reads_per_tenant, file_bounds=file_bounds)
+        self.jobs = Jobs(build_job_store(settings.jobs, store_url=store_url, key_prefix=settings.store.key_prefix,
+                                         socket_timeout_s=settings.store.socket_timeout_s,
+                                         workdir=settings.pool.workdir),
+                         self.service, self.tenants, settings.jobs, batch_lane=False,
+                         has_tools=lambda name: bool(settings.profile(name).tools)) if settings.jobs.enabled else None
         self.notifier = notifier or Notifier()
         self.listening: dict[str, str] = {}
         self.front_ends: FrontEnds | None = None  # once bound
@@ -243,13 +249,16 @@ class Daemon:
         front: FrontEnds | None = None
         try:
             await self.gateway.start()
+            if self.jobs is not None:
+                await self.jobs.start()
             for name, pool in list(self.all_pools().items()):
                 await pool.start()
                 loops.append(self._supervise(tg, f"pool-{name}-maintenance", pool.maintain))
             loops.append(self._supervise(tg, "pools-on-demand", self.pool_registry.maintain))
             front = self.front_ends = await FrontEnds.start(self.facade, self.settings.server,
                                                             shutdown_timeout_s=_HTTP_SHUTDOWN_TIMEOUT_S,
-                                                            messages=self.facade)
+                                                            messages=self.facade,
+                                                            jobs=self.jobs.door if self.jobs is not None else None)
             self.listening.update(front.listening)
             where = " and ".join(f"{kind} {addr}" for kind, addr in self.listening.items()) or "nothing"
             print(f"claudepool: listening on {where}", flush=True)
@@ -257,6 +266,8 @@ class Daemon:
                       self._supervise(tg, "watchdog", self.notifier.run_watchdog),
                       self._supervise(tg, "spend-gauges", self.spend.run),
                       self._supervise(tg, "sessions", self.sessions.maintain)]
+            if self.jobs is not None:
+                loops += [self._supervise(tg, name, loop) for name, loop in self.jobs.loops()]
             await self._stop.wait()
             return await self._shutdown()
         finally:
@@ -275,7 +286,7 @@ class Daemon:
             metering.cancel()
             await asyncio.gather(metering, return_exceptions=True)
             # Bounded: a store that stopped answering must not hold the exit (systemd would kill us).
-            for closing in (self.store.close, self.limiter.close):
+            for closing in (self.store.close, self.limiter.close, *([self.jobs.close] if self.jobs else [])):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(_HTTP_SHUTDOWN_TIMEOUT_S):
                         await closing()

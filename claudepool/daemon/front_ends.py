@@ -23,6 +23,7 @@ from claudepool.daemon.rlimit import ensure_open_files
 from claudepool.daemon.unix_api import UnixFrontEnd
 from claudepool.errors import ConfigError
 from claudepool.frontdoor.anthropic_api import MessagesApi
+from claudepool.jobs.door import JobDoor
 
 
 class FrontEnds:
@@ -36,7 +37,7 @@ class FrontEnds:
 
     @classmethod
     async def start(cls, api: Api, server: ServerSettings, *, shutdown_timeout_s: float,
-                    messages: MessagesApi | None = None) -> FrontEnds:
+                    messages: MessagesApi | None = None, jobs: JobDoor | None = None) -> FrontEnds:
         """``messages``: serve the Anthropic front door over HTTP too (the daemon's `Facade` is one)."""
         ensure_open_files(2 * server.max_connections)  # each front end admits max_connections
         adopted = inherited_sockets()
@@ -53,7 +54,8 @@ class FrontEnds:
                               body_timeout_s=server.body_timeout_s)
             runner = web.AppRunner(build_app(api, guard.middleware(), max_prompt_bytes=server.max_prompt_bytes,
                                              max_input_bytes=server.max_input_bytes,
-                                             cors_origins=server.cors_origins, messages=messages),
+                                             cors_origins=server.cors_origins, messages=messages,
+                                             jobs=jobs),
                                    handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout_s,
                                    keepalive_timeout=server.keepalive_timeout_s)
             await runner.setup()

@@ -31,12 +31,13 @@ from aiohttp_sse import EventSourceResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
-from claudepool.daemon import cors
+from claudepool.daemon import cors, http_jobs
 from claudepool.daemon.admission import new_request_id
 from claudepool.daemon.facade import Api
 from claudepool.errors import BadRequest, ClaudepoolError, NotFound, PromptTooLarge, RequestError
 from claudepool.frontdoor import anthropic_api, openai_api
 from claudepool.frontdoor import errors as anthropic_errors
+from claudepool.jobs.door import JobDoor
 from claudepool.protocol.wire import (
     LedgerQuery,
     PromptRequest,
@@ -58,7 +59,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def build_app(api: Api, *middlewares: Middleware, max_prompt_bytes: int, max_input_bytes: int = 0,
-              cors_origins: Sequence[str] = (), messages: anthropic_api.MessagesApi | None = None) -> web.Application:
+              cors_origins: Sequence[str] = (), messages: anthropic_api.MessagesApi | None = None,
+              jobs: JobDoor | None = None) -> web.Application:
     """``middlewares`` run inside the error mapping, so what they raise is answered like a handler's.
     With ``messages``, the Anthropic and OpenAI front doors (``/v1/messages``, ``/v1/models``,
     ``/v1/chat/completions``) are served too."""
@@ -82,6 +84,8 @@ def build_app(api: Api, *middlewares: Middleware, max_prompt_bytes: int, max_inp
     app.router.add_delete("/v1/sessions/{id}", _session_delete)
     app.router.add_get("/v1/sessions/{id}/files", _session_files)
     app.router.add_get("/v1/sessions/{id}/files/{path:.+}", _session_file)
+    if jobs is not None:
+        http_jobs.add_routes(app, jobs)
     if messages is not None:
         anthropic_api.add_routes(app, messages)
         openai_api.add_routes(app, messages)

@@ -15,6 +15,10 @@ from claudepool.jobs.model import JobRecord, JobStatus, Lane, Outcome, WebhookDe
 
 
 class JobStore(Protocol):
+    async def start(self) -> None:
+        """Open (and create) what the store needs; before any other call."""
+        ...
+
     async def submit(self, jobs: Sequence[JobRecord]) -> list[tuple[JobRecord, bool]]:
         """Store new ``queued`` jobs, in order, all at once. A job whose tenant already has a job with
         its ``idempotency_key`` is not stored again: its entry is that job and False."""

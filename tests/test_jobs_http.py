@@ -1,0 +1,169 @@
+"""Jobs over HTTP on an in-process daemon with the fake CLI: submit, read, list, follow, cancel;
+idempotency, tenant isolation, refusals at submission, and a restart that keeps the jobs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.daemon_fixtures import ADMIN_KEY, KEYS, RunningDaemon, make_daemon  # noqa: F401 (fixture)
+
+Make = Callable[..., Awaitable[RunningDaemon]]
+ACME = KEYS["acme"]
+BETA = KEYS["beta"]
+
+
+async def call(d: RunningDaemon, method: str, path: str, body: Any = None, key: str = ACME,
+               headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as s, s.request(
+            method, f"{d.url}{path}", data=None if body is None else orjson.dumps(body),
+            headers={"Authorization": f"Bearer {key}", **(headers or {})}) as resp:
+        return resp.status, await resp.json()
+
+
+async def finished(d: RunningDaemon, job_id: str, key: str = ACME, timeout_s: float = 20) -> dict[str, Any]:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            status, job = await call(d, "GET", f"/v1/jobs/{job_id}", key=key)
+            assert status == 200, job
+            if job["status"] in ("succeeded", "failed", "cancelled", "dead"):
+                return dict(job)
+            await asyncio.sleep(0.05)
+
+
+async def test_a_job_runs_on_a_pool_worker_and_keeps_its_result(make_daemon: Make) -> None:
+    d = await make_daemon()
+    status, entry = await call(d, "POST", "/v1/jobs", {"prompt": "[[reply:done]]", "metadata": {"doc": "7"}})
+    assert status == 202 and entry["status"] == "queued" and entry["lane"] == "pool" and entry["created"]
+    job = await finished(d, entry["id"])
+    assert job["status"] == "succeeded", job
+    assert job["result"]["text"] == "done" and job["metadata"] == {"doc": "7"}
+    assert job["usage"]["output_tokens"] > 0 and job["cost_usd"] > 0 and job["attempts"] == 1
+    assert "attempt_token" not in job and "claimed_by" not in job  # the claim's internals stay inside
+
+
+async def test_jobs_are_each_tenants_own(make_daemon: Make) -> None:
+    d = await make_daemon()
+    _, entry = await call(d, "POST", "/v1/jobs", {"prompt": "[[reply:mine]]"})
+    await finished(d, entry["id"])
+    status, body = await call(d, "GET", f"/v1/jobs/{entry['id']}", key=BETA)
+    assert status == 404 and body["error"]["code"] == "job_not_found"
+    status, body = await call(d, "DELETE", f"/v1/jobs/{entry['id']}", key=BETA)
+    assert status == 404
+    _, listed = await call(d, "GET", "/v1/jobs", key=BETA)
+    assert listed["jobs"] == []
+    _, listed = await call(d, "GET", "/v1/jobs")
+    assert [j["id"] for j in listed["jobs"]] == [entry["id"]]
+    status, body = await call(d, "GET", f"/v1/jobs/{entry['id']}?tenant=acme", key=ADMIN_KEY)
+    assert status == 200 and body["id"] == entry["id"]
+
+
+async def test_an_idempotency_key_makes_a_retried_submission_safe(make_daemon: Make) -> None:
+    d = await make_daemon()
+    headers = {"Idempotency-Key": "order-42"}
+    _, first = await call(d, "POST", "/v1/jobs", {"prompt": "[[reply:once]]"}, headers=headers)
+    _, again = await call(d, "POST", "/v1/jobs", {"prompt": "[[reply:once]]"}, headers=headers)
+    assert again["id"] == first["id"] and first["created"] and not again["created"]
+    # The same key is another tenant's own.
+    _, other = await call(d, "POST", "/v1/jobs", {"prompt": "[[reply:once]]"}, key=BETA, headers=headers)
+    assert other["id"] != first["id"] and other["created"]
+    _, listed = await call(d, "GET", "/v1/jobs")
+    assert len(listed["jobs"]) == 1
+
+
+async def test_bulk_submission_and_listing_by_status(make_daemon: Make) -> None:
+    d = await make_daemon()
+    jobs = [{"prompt": f"[[reply:n{i}]]"} for i in range(30)]
+    status, body = await call(d, "POST", "/v1/jobs/bulk", {"jobs": jobs}, headers={"Idempotency-Key": "b1"})
+    assert status == 202 and len(body["jobs"]) == 30
+    _, again = await call(d, "POST", "/v1/jobs/bulk", {"jobs": jobs}, headers={"Idempotency-Key": "b1"})
+    assert [j["id"] for j in again["jobs"]] == [j["id"] for j in body["jobs"]]
+    assert not any(j["created"] for j in again["jobs"])
+    done = [await finished(d, j["id"]) for j in body["jobs"]]
+    assert [j["result"]["text"] for j in done] == [f"n{i}" for i in range(30)]
+    _, listed = await call(d, "GET", "/v1/jobs?status=succeeded&limit=1000")
+    assert len(listed["jobs"]) == 30
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    ({"prompt": "x", "profile": "nope"}, "not_found"),
+    ({"prompt": "x", "profile": "other"}, "forbidden"),
+    ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "bad_request"),
+    ({"messages": [{"role": "assistant", "content": "y"}]}, "bad_request"),
+    ({"prompt": "x", "lane": "nowhere"}, "bad_request"),
+    ({"prompt": "x", "surprise": 1}, "bad_request"),
+    ("not an object", "bad_request"),
+])
+async def test_a_bad_job_is_refused_when_submitted(make_daemon: Make, body: Any, code: str) -> None:
+    d = await make_daemon()
+    status, answer = await call(d, "POST", "/v1/jobs", body)
+    assert status in (400, 403, 404) and answer["error"]["code"] == code, answer
+    _, listed = await call(d, "GET", "/v1/jobs")
+    assert listed["jobs"] == []
+
+
+async def test_a_bad_key_is_refused(make_daemon: Make) -> None:
+    d = await make_daemon()
+    status, answer = await call(d, "POST", "/v1/jobs", {"prompt": "x"}, key="wrong")
+    assert status == 401 and answer["error"]["code"] == "unauthorized"
+    status, answer = await call(d, "POST", "/v1/jobs", {"prompt": "x"}, key=ADMIN_KEY)
+    assert status == 401  # the admin key is no tenant's: a job is always some tenant's
+
+
+async def test_a_chat_history_is_one_prompt_on_the_pool(make_daemon: Make) -> None:
+    d = await make_daemon()
+    _, entry = await call(d, "POST", "/v1/jobs", {"messages": [
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "[[echo]]"}]})
+    job = await finished(d, entry["id"])
+    assert "[assistant]\nhi" in job["result"]["text"]
+
+
+async def test_cancelling_a_running_job_stops_its_turn(make_daemon: Make) -> None:
+    d = await make_daemon(jobs={"visibility_timeout_s": 0.6})
+    _, entry = await call(d, "POST", "/v1/jobs", {"prompt": "[[hang]]"})
+    async with asyncio.timeout(10):
+        while (await call(d, "GET", f"/v1/jobs/{entry['id']}"))[1]["status"] != "running":
+            await asyncio.sleep(0.05)
+    status, job = await call(d, "DELETE", f"/v1/jobs/{entry['id']}")
+    assert status == 200 and job["status"] == "cancelled"
+    # The worker is interrupted and reset (the heartbeat found the claim gone), then serves others.
+    _, other = await call(d, "POST", "/v1/jobs", {"prompt": "[[reply:next]]"})
+    assert (await finished(d, other["id"]))["result"]["text"] == "next"
+    assert (await finished(d, entry["id"]))["status"] == "cancelled"
+
+
+async def test_events_follow_a_job_until_it_ends(make_daemon: Make) -> None:
+    d = await make_daemon()
+    _, entry = await call(d, "POST", "/v1/jobs", {"prompt": "[[sleep:0.3]][[reply:late]]"})
+    seen: list[dict[str, Any]] = []
+    async with aiohttp.ClientSession() as s, s.get(
+            f"{d.url}/v1/jobs/{entry['id']}/events", headers={"Authorization": f"Bearer {ACME}"}) as resp:
+        assert resp.status == 200
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if line.startswith("data:"):
+                seen.append(orjson.loads(line[5:]))
+    assert seen[-1]["status"] == "succeeded" and seen[-1]["result"]["text"] == "late"
+    assert len({j["status"] for j in seen}) == len(seen)  # one event per change
+    async with aiohttp.ClientSession() as s, s.get(
+            f"{d.url}/v1/jobs/{entry['id']}/events", headers={"Authorization": f"Bearer {BETA}"}) as resp:
+        assert resp.status == 404
+
+
+async def test_jobs_outlive_a_restart_of_the_embedded_daemon(make_daemon: Make, tmp_path: Path) -> None:
+    path = str(tmp_path / "jobs.sqlite3")
+    d = await make_daemon(jobs={"path": path})
+    _, done = await call(d, "POST", "/v1/jobs", {"prompt": "[[reply:kept]]"})
+    await finished(d, done["id"])
+    d.daemon.request_stop()
+    assert await d.task == 0
+    again = await make_daemon(jobs={"path": path}, server={"socket": str(tmp_path / "cp2.sock")})
+    _, job = await call(again, "GET", f"/v1/jobs/{done['id']}")
+    assert job["status"] == "succeeded" and job["result"]["text"] == "kept"

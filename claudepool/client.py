@@ -43,7 +43,8 @@ from claudepool.protocol.wire import (
     stream_item_of_frame,
 )
 
-_TERMINAL_EVENTS = frozenset({"result", "error", "status", "cancelled", "usage", "session", "session_deleted"})
+_TERMINAL_EVENTS = frozenset({"result", "error", "status", "cancelled", "usage", "session", "session_deleted", "job",
+                              "jobs"})
 # Back-off between connect attempts: full jitter over a doubling ceiling, from 10 ms up to 0.5 s.
 _RETRY_FIRST_S = 0.01
 _RETRY_MAX_S = 0.5

@@ -12,6 +12,9 @@ import aiohttp
 import orjson
 import pytest
 
+from claudepool.client import AsyncClient
+from claudepool.errors import RemoteError
+from claudepool.jobs.client import JobsClient
 from tests.daemon_fixtures import ADMIN_KEY, KEYS, RunningDaemon, make_daemon  # noqa: F401 (fixture)
 
 Make = Callable[..., Awaitable[RunningDaemon]]
@@ -167,3 +170,31 @@ async def test_jobs_outlive_a_restart_of_the_embedded_daemon(make_daemon: Make, 
     again = await make_daemon(jobs={"path": path}, server={"socket": str(tmp_path / "cp2.sock")})
     _, job = await call(again, "GET", f"/v1/jobs/{done['id']}")
     assert job["status"] == "succeeded" and job["result"]["text"] == "kept"
+
+
+@pytest.mark.parametrize("transport", ["http", "socket"])
+async def test_the_client_submits_follows_and_cancels_jobs(make_daemon: Make, transport: str) -> None:
+    d = await make_daemon()
+    where = {"url": d.url} if transport == "http" else {"socket_path": d.socket}
+    async with AsyncClient(key=ACME, **where) as client:
+        jobs = JobsClient(client)
+        entry = await jobs.submit("[[reply:from the client]]", idempotency_key="c-1")
+        assert (await jobs.submit("[[reply:from the client]]", idempotency_key="c-1"))["id"] == entry["id"]
+        done = await jobs.wait(entry["id"], timeout_s=20)
+        assert done["status"] == "succeeded" and done["result"]["text"] == "from the client"
+        bulk = await jobs.submit_bulk([{"prompt": "[[reply:a]]"}, {"prompt": "[[reply:b]]"}])
+        texts = [(await jobs.wait(j["id"], timeout_s=20))["result"]["text"] for j in bulk]
+        assert texts == ["a", "b"]
+        assert {j["id"] for j in await jobs.list(status="succeeded")} == {entry["id"], *(j["id"] for j in bulk)}
+        hung = await jobs.submit("[[hang]]")
+        assert (await jobs.cancel(hung["id"]))["status"] == "cancelled"
+        with pytest.raises(RemoteError) as refused:
+            await jobs.get("job_unknown")
+        assert refused.value.remote_code == "job_not_found"
+        with pytest.raises(RemoteError) as bad:
+            await jobs.submit(None)
+        assert bad.value.remote_code == "bad_request"
+    async with AsyncClient(key=BETA, **where) as client:
+        with pytest.raises(RemoteError) as other:
+            await JobsClient(client).get(entry["id"])
+        assert other.value.remote_code == "job_not_found"

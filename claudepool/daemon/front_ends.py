@@ -76,7 +76,7 @@ class FrontEnds:
                 await GuardedSockSite(runner, sock, guard, backlog=server.backlog).start()
                 listening["http"] = f"http://{_address(sock)}"
         unix = UnixFrontEnd(api, max_connections=server.max_connections, max_frame_bytes=server.max_frame_bytes,
-                            max_requests_per_connection=server.max_requests_per_connection)
+                            max_requests_per_connection=server.max_requests_per_connection, jobs=jobs)
         front = cls(runner, guard, unix, listening)
         try:
             if unix_socks:

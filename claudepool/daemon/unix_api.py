@@ -38,6 +38,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from claudepool.daemon import unix_jobs
 from claudepool.daemon.admission import new_request_id
 from claudepool.daemon.facade import Api
 from claudepool.errors import (
@@ -50,9 +51,11 @@ from claudepool.errors import (
     TooManyConnections,
     TooManyInFlight,
 )
+from claudepool.jobs.door import JobDoor
 from claudepool.protocol.framing import LineFramer, decode_object
 from claudepool.protocol.wire import (
     CancelFrame,
+    JobFrame,
     PromptFrame,
     PromptRequest,
     SessionCreateFrame,
@@ -77,8 +80,9 @@ class UnixFrontEnd:
     """The listening sockets and the open connections, so shutdown can close both."""
 
     def __init__(self, api: Api, *, max_connections: int = 1024, max_frame_bytes: int = 2 << 20,
-                 max_requests_per_connection: int = 256) -> None:
+                 max_requests_per_connection: int = 256, jobs: JobDoor | None = None) -> None:
         self.api = api
+        self.jobs = jobs
         # Clients here are local and hold one connection for many requests, idle in between, so
         # there is no idle timeout: this bound is what caps connections a client can open and hold.
         self.max_connections = max_connections
@@ -125,7 +129,7 @@ class UnixFrontEnd:
         if len(self.connections) >= self.max_connections:
             await self._refuse(writer)
             return
-        connection = _Connection(self.api, writer, max_frame_bytes=self.max_frame_bytes,
+        connection = _Connection(self.api, writer, jobs=self.jobs, max_frame_bytes=self.max_frame_bytes,
                                  max_requests=self.max_requests_per_connection)
         task = asyncio.current_task()
         assert task is not None
@@ -162,7 +166,9 @@ class _Connection:
     accepted and leaves it in `finished`, which writes that prompt's one terminal frame, so a frame
     arriving meanwhile with the same id is refused (answered with id null) whatever it is."""
 
-    def __init__(self, api: Api, writer: asyncio.StreamWriter, *, max_frame_bytes: int, max_requests: int) -> None:
+    def __init__(self, api: Api, writer: asyncio.StreamWriter, *, max_frame_bytes: int, max_requests: int,
+                 jobs: JobDoor | None = None) -> None:
+        self.jobs = jobs
         self.api = api
         self.writer = writer
         self.max_frame_bytes = max_frame_bytes
@@ -243,6 +249,8 @@ class _Connection:
             self.send(event_frame(frame.id, "cancelled", {"target": frame.target, "found": found}))
         elif isinstance(frame, StatusFrame):
             self.send(event_frame(frame.id, "status", self.status(frame)))
+        elif isinstance(frame, JobFrame):
+            self.send(await unix_jobs.answer(self.jobs, frame))
         elif isinstance(frame, SessionCreateFrame | SessionDeleteFrame):
             try:
                 tenant = self.api.authenticate(frame.key)

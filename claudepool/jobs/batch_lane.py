@@ -207,7 +207,10 @@ class BatchLane:
         cost_usd = self._pricing.cost(model, batch=True, **tokens)
         self._meter.submit(UsageRecord(
             record_id=f"batch:{job.id}", request_id=job.id, tenant=job.tenant, profile=profile, model=model,
-            outcome="ok", at=time.time(), cost_usd=cost_usd, kind="batch", message_id=message.get("id"), **tokens))
+            outcome="ok", at=time.time(), input_tokens=tokens["input_tokens"], output_tokens=tokens["output_tokens"],
+            cache_read_input_tokens=tokens["cache_read_input_tokens"],
+            cache_creation_input_tokens=tokens["cache_creation_input_tokens"], cost_usd=cost_usd, kind="batch",
+            message_id=message.get("id")))
         text = "".join(block.get("text", "") for block in message.get("content") or []
                        if isinstance(block, dict) and block.get("type") == "text")
         return Outcome(status="succeeded", usage=tokens, cost_usd=cost_usd, result={

@@ -49,7 +49,8 @@ def build_job_store(settings: JobSettings, *, store_url: str, key_prefix: str, s
         return RedisJobStore(client, prefix=f"{key_prefix}:jobs:")
     from claudepool.jobs.sqlite_store import SqliteJobStore
 
-    path = Path(settings.path) if settings.path else state_directory(workdir) / "jobs.sqlite3"
+    path = Path(settings.path) if settings.path else state_directory(workdir) / "claudepool-jobs.sqlite3"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     return SqliteJobStore(path)
 
 

@@ -385,10 +385,27 @@ class SessionDeleteFrame(_KeyedFrame):
     session: str
 
 
-Frame = PromptFrame | CancelFrame | StatusFrame | UsageFrame | SessionCreateFrame | SessionDeleteFrame
+class JobFrame(_KeyedFrame):
+    """A jobs operation (`claudepool.jobs.door`): ``job.submit`` (``job``, ``idempotency_key``),
+    ``job.bulk`` (``jobs``), ``job.get`` and ``job.cancel`` (``job_id``), ``job.list`` (``status``,
+    ``since``, ``limit``); ``tenant`` for the admin key. Answered by one ``job`` or ``jobs`` frame."""
+
+    op: Literal["job.submit", "job.bulk", "job.get", "job.list", "job.cancel"]
+    job: dict[str, Any] | None = None
+    jobs: list[dict[str, Any]] | None = None
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    job_id: str | None = Field(default=None, min_length=1, max_length=128)
+    tenant: str | None = None
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled", "dead"] | None = None
+    since: float | None = Field(default=None, allow_inf_nan=False)
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+Frame = PromptFrame | CancelFrame | StatusFrame | UsageFrame | SessionCreateFrame | SessionDeleteFrame | JobFrame
 FRAME_MODELS: dict[str, type[Frame]] = {
     "prompt": PromptFrame, "cancel": CancelFrame, "status": StatusFrame, "usage": UsageFrame,
     "session.create": SessionCreateFrame, "session.delete": SessionDeleteFrame,
+    **{op: JobFrame for op in ("job.submit", "job.bulk", "job.get", "job.list", "job.cancel")},
 }
 
 

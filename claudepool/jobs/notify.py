@@ -1,0 +1,70 @@
+"""A job's end, POSTed to its tenant's webhook (`claudepool.jobs.webhooks`), its delivery state kept on the job.
+
+The body is ``{"type": "job.ended", "job": <the job as GET /v1/jobs/{id} shows it>}``, the event id
+(``Claudepool-Event-Id``) is the job id: delivery is at least once (a retry after a lost answer, or
+the daemon stopping mid-delivery), so a receiver de-duplicates by it. Each attempt's state is
+written on the job (``webhook``), so a tenant can see a delivery that is pending or failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+import orjson
+
+from claudepool.jobs.model import JobRecord, WebhookDelivery
+from claudepool.jobs.store import JobStore
+from claudepool.jobs.webhooks import DeliveryState, WebhookSender
+
+log = logging.getLogger(__name__)
+
+_CLOSE_TIMEOUT_S = 5.0
+
+
+class JobWebhooks:
+    def __init__(self, sender: WebhookSender, targets: Mapping[str, tuple[str, bytes]], store: JobStore) -> None:
+        """``targets``: each tenant's webhook URL and secret (tenants without one are not called)."""
+        self._sender = sender
+        self._targets = targets
+        self._store = store
+        self._deliveries: set[asyncio.Task[None]] = set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._deliveries)
+
+    async def ended(self, record: JobRecord) -> None:
+        target = self._targets.get(record.tenant)
+        if target is None:
+            return
+        task = asyncio.create_task(self._deliver(record, *target), name=f"webhook-{record.id}")
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver(self, record: JobRecord, url: str, secret: bytes) -> None:
+        async def keep(state: DeliveryState) -> None:
+            try:
+                await self._store.set_webhook(record.tenant, record.id,
+                                              WebhookDelivery.model_validate(state.model_dump()))
+            except Exception as exc:  # the delivery goes on; only its visible state is behind
+                log.warning("job %s: could not record its webhook state: %s", record.id, exc)
+
+        payload = orjson.dumps({"type": "job.ended", "job": record.view()})
+        await keep(DeliveryState(state="pending", attempts=0))
+        await self._sender.deliver(url, secret, record.id, payload, on_state=keep)
+
+    async def start(self) -> None:
+        await self._sender.start()
+
+    async def run(self) -> None:
+        """Hold the sender open; on the way out stop the deliveries (their state stays pending)."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            for task in list(self._deliveries):
+                task.cancel()
+            if self._deliveries:
+                await asyncio.wait(list(self._deliveries), timeout=_CLOSE_TIMEOUT_S)
+            await self._sender.close(_CLOSE_TIMEOUT_S)

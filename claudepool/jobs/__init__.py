@@ -1,0 +1,1 @@
+"""Durable asynchronous jobs: store, runner, batch lane, webhooks."""

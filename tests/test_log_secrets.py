@@ -228,3 +228,16 @@ def test_the_daemon_masks_every_key_it_holds_the_providers_admin_key_too() -> No
                              upstream={"admin_key": admin})
     digests = _held_key_digests(settings)
     assert {hashlib.sha256(k.encode()).hexdigest() for k in (ADMIN_KEY, TENANT_KEY, admin)} <= digests
+
+
+def test_a_tenants_webhook_secret_is_masked_and_never_in_a_repr() -> None:
+    """The webhook secret signs the tenant's deliveries: held like a key, so masked like one."""
+    secret = "whsec-Lq93Vb0XnT7eRk2"
+    settings = load_settings(None, tenants={"acme": {"key": TENANT_KEY, "webhook_url": "https://hooks.example.com/cp",
+                                                     "webhook_secret": secret}})
+    assert secret not in repr(settings) and secret not in repr(settings.tenants["acme"])
+    assert secret not in str(settings.model_dump())  # a dump keeps it a SecretStr
+    digests = _held_key_digests(settings)
+    assert hashlib.sha256(secret.encode()).hexdigest() in digests
+    add_key_digests(digests)
+    assert secret not in mask_secrets(f"signing for acme with {secret} failed")

@@ -367,6 +367,7 @@ def _held_key_digests(settings: Settings) -> set[str]:
     """The SHA-256 of every key and credential the daemon holds (see `claudepool.logs.mask_secrets`)."""
     keys = [t.key for t in settings.tenants.values()] + [settings.server.admin_key, settings.metrics.key,
                                                          settings.upstream.admin_key]
+    keys += [t.webhook_secret for t in settings.tenants.values() if t.webhook_secret is not None]
     digests = {key_digest(k.get_secret_value()) for k in keys if k.get_secret_value()}
     for env in (settings.pool.env, *(p.env for p in settings.profiles.values())):
         digests |= {hashlib.sha256(v.encode()).hexdigest() for k, v in env.items() if v and _SECRET_NAME.search(k)}

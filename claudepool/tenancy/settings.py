@@ -6,9 +6,10 @@ such as a tenant's profiles existing); nothing here knows about the rest of the 
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 
 class TenantSettings(BaseModel):
@@ -54,6 +55,10 @@ class TenantSettings(BaseModel):
     max_session_context_tokens: int | None = Field(default=None, ge=0)
     # Open (not closed) sessions this tenant may hold (None = [sessions] max_sessions; 0 = no bound).
     max_sessions: int | None = Field(default=None, ge=0)
+    # Where a job's end is POSTed (`claudepool.jobs.webhooks`), signed with webhook_secret: both or
+    # neither. Its host must also be in [webhooks] allowed_hosts, checked when it is called.
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
 
     @field_validator("key")
     @classmethod
@@ -61,6 +66,28 @@ class TenantSettings(BaseModel):
         if not value.get_secret_value():
             raise ValueError("a tenant key may not be empty")
         return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        # The shape only (stdlib: the configuration loads no HTTP stack); the webhook sender parses
+        # it again, as it calls it, against the allow-list.
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http(s) URL with a host, got {value!r}")
+        if "@" in parts.netloc:
+            raise ValueError("a webhook URL may not carry a user or password")
+        return value
+
+    @model_validator(mode="after")
+    def _webhook_pair(self) -> TenantSettings:
+        if (self.webhook_url is None) != (self.webhook_secret is None):
+            raise ValueError("set both webhook_url and webhook_secret, or neither (deliveries are signed)")
+        if self.webhook_secret is not None and not self.webhook_secret.get_secret_value():
+            raise ValueError("webhook_secret may not be empty")
+        return self
 
     def allowed_profiles(self) -> frozenset[str]:
         return frozenset(self.profiles if self.profiles is not None else [self.profile])

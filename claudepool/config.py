@@ -50,6 +50,7 @@ from pydantic_settings import (
 from claudepool.errors import ConfigError
 from claudepool.gateway.settings import EgressSettings, Upstream, UpstreamProfileSettings, UpstreamSettings
 from claudepool.jobs.settings import JobSettings
+from claudepool.jobs.webhooks import WebhookSettings
 from claudepool.pool.config import CapacityConfig, PoolConfig
 from claudepool.pool.memory import MiB
 from claudepool.pool.profile import Profile, SpawnSettings, routes_upstream
@@ -236,6 +237,7 @@ class Settings(BaseSettings):
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     egress: EgressSettings = Field(default_factory=EgressSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
     @classmethod
     def settings_customise_sources(

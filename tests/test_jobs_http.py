@@ -4,18 +4,22 @@ idempotency, tenant isolation, refusals at submission, and a restart that keeps 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from claudepool.client import AsyncClient
 from claudepool.errors import RemoteError
 from claudepool.jobs.client import JobsClient
-from tests.daemon_fixtures import ADMIN_KEY, KEYS, RunningDaemon, make_daemon  # noqa: F401 (fixture)
+from claudepool.jobs.webhooks import verify
+from tests.daemon_fixtures import ADMIN_KEY, KEYS, RunningDaemon, make_daemon
+
+__all__ = ["make_daemon"]
 
 Make = Callable[..., Awaitable[RunningDaemon]]
 ACME = KEYS["acme"]
@@ -198,3 +202,49 @@ async def test_the_client_submits_follows_and_cancels_jobs(make_daemon: Make, tr
         with pytest.raises(RemoteError) as other:
             await JobsClient(client).get(entry["id"])
         assert other.value.remote_code == "job_not_found"
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[str, list[tuple[dict[str, str], bytes]]]]:
+    got: list[tuple[dict[str, str], bytes]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        got.append((dict(request.headers), await request.read()))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}/hook", got
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+async def test_a_job_end_is_posted_to_the_tenants_webhook_signed(
+        make_daemon: Make, receiver: tuple[str, list[tuple[dict[str, str], bytes]]], allowed: bool) -> None:
+    url, got = receiver
+    secret = "whsec-acme-0123"
+    d = await make_daemon(tenants={"acme": {"webhook_url": url, "webhook_secret": secret}},
+                          webhooks={"allowed_hosts": ["127.0.0.1"] if allowed else ["example.invalid"]})
+    _, entry = await call(d, "POST", "/v1/jobs", {"prompt": "[[reply:hooked]]"})
+    await finished(d, entry["id"])
+    async with asyncio.timeout(10):
+        while (job := (await call(d, "GET", f"/v1/jobs/{entry['id']}"))[1]).get("webhook", {}).get(
+                "state") in (None, "pending"):
+            await asyncio.sleep(0.05)
+    if not allowed:  # the negative control: a host off the allow-list is never called
+        assert job["webhook"]["state"] == "failed" and got == []
+        return
+    assert job["webhook"]["state"] == "delivered" and job["webhook"]["attempts"] == 1
+    [(headers, body)] = got
+    assert verify(secret.encode(), headers["Claudepool-Signature"], body)
+    assert not verify(b"another tenant's secret", headers["Claudepool-Signature"], body)
+    event = orjson.loads(body)
+    assert headers["Claudepool-Event-Id"] == entry["id"] and event["type"] == "job.ended"
+    assert event["job"]["result"]["text"] == "hooked" and "attempt_token" not in event["job"]

@@ -68,7 +68,7 @@ from claudepool.gateway.metrics import GatewayMetrics
 from claudepool.gateway.ratelimits import AccountLimits
 from claudepool.gateway.server import Gateway
 from claudepool.gateway.settings import Upstream
-from claudepool.jobs.runtime import Jobs, build_job_store
+from claudepool.jobs.runtime import Jobs
 from claudepool.logs import add_key_digests
 from claudepool.pool import sandbox
 from claudepool.pool.capacity import Capacity
@@ -157,11 +157,7 @@ class Daemon:
                              status=self.status, registry=self.registry, metrics_public=settings.metrics.public,
                              ledger_page_records=server.ledger_page_records,
                              max_ledger_reads_per_tenant=server.max_ledger_reads_per_tenant, file_bounds=file_bounds)
-        self.jobs = Jobs(build_job_store(settings.jobs, store_url=store_url, key_prefix=settings.store.key_prefix,
-                                         socket_timeout_s=settings.store.socket_timeout_s,
-                                         workdir=settings.pool.workdir),
-                         self.service, self.tenants, settings.jobs, batch_lane=False,
-                         has_tools=lambda name: bool(settings.profile(name).tools)) if settings.jobs.enabled else None
+        self.jobs = Jobs.build(settings, self.service, self.tenants) if settings.jobs.enabled else None
         self.notifier = notifier or Notifier()
         self.listening: dict[str, str] = {}
         self.front_ends: FrontEnds | None = None  # once bound

@@ -16,7 +16,7 @@ import orjson
 
 from claudepool.jobs.model import JobRecord, WebhookDelivery
 from claudepool.jobs.store import JobStore
-from claudepool.jobs.webhooks import DeliveryState, WebhookSender
+from claudepool.jobs.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,14 @@ class JobWebhooks:
         task.add_done_callback(self._deliveries.discard)
 
     async def _deliver(self, record: JobRecord, url: str, secret: bytes) -> None:
-        async def keep(state: DeliveryState) -> None:
+        async def keep(state: WebhookDelivery) -> None:
             try:
-                await self._store.set_webhook(record.tenant, record.id,
-                                              WebhookDelivery.model_validate(state.model_dump()))
+                await self._store.set_webhook(record.tenant, record.id, state)
             except Exception as exc:  # the delivery goes on; only its visible state is behind
                 log.warning("job %s: could not record its webhook state: %s", record.id, exc)
 
         payload = orjson.dumps({"type": "job.ended", "job": record.view()})
-        await keep(DeliveryState(state="pending", attempts=0))
+        await keep(WebhookDelivery(state="pending", attempts=0))
         await self._sender.deliver(url, secret, record.id, payload, on_state=keep)
 
     async def start(self) -> None:

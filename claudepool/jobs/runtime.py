@@ -15,13 +15,15 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from claudepool.config import Settings
 from claudepool.daemon.service import PromptService
 from claudepool.jobs.door import JobDoor
-from claudepool.jobs.model import JobRecord
+from claudepool.jobs.notify import JobWebhooks
 from claudepool.jobs.pool_lane import PoolLane
 from claudepool.jobs.service import JobService
 from claudepool.jobs.settings import JobSettings
 from claudepool.jobs.store import JobStore
+from claudepool.jobs.webhooks import WebhookSender
 from claudepool.tenancy.tenants import TenantRegistry
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ def build_job_store(settings: JobSettings, *, store_url: str, key_prefix: str, s
 
 class Jobs:
     def __init__(self, store: JobStore, service: PromptService, tenants: TenantRegistry, settings: JobSettings, *,
-                 batch_lane: bool, has_tools: Callable[[str], bool]) -> None:
+                 batch_lane: bool, has_tools: Callable[[str], bool], webhooks: JobWebhooks | None = None) -> None:
         self.store = store
         self.settings = settings
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -65,15 +67,40 @@ class Jobs:
         self.pool_lane = PoolLane(store, service, tenants, settings, consumer=self.consumer,
                                   on_settled=self.service.ended)
         self.service.on_submitted(lambda lane: self.pool_lane.wake() if lane == "pool" else None)
+        self.webhooks = webhooks
+        if webhooks is not None:
+            self.service.on_ended(webhooks.ended)
+
+    @classmethod
+    def build(cls, settings: Settings, service: PromptService, tenants: TenantRegistry) -> Jobs:
+        store = build_job_store(settings.jobs, store_url=settings.store.url.get_secret_value(),
+                                key_prefix=settings.store.key_prefix, socket_timeout_s=settings.store.socket_timeout_s,
+                                workdir=settings.pool.workdir)
+        return cls(store, service, tenants, settings.jobs, batch_lane=False,
+                   has_tools=lambda name: bool(settings.profile(name).tools), webhooks=_webhooks(settings, store))
 
     async def start(self) -> None:
         await self.store.start()
+        if self.webhooks is not None:
+            await self.webhooks.start()
 
     def loops(self) -> list[Loop]:
-        return [("jobs-pool-lane", self.pool_lane.run), ("jobs-purge", self.service.purge_forever)]
+        loops: list[Loop] = [("jobs-pool-lane", self.pool_lane.run), ("jobs-purge", self.service.purge_forever)]
+        if self.webhooks is not None:
+            loops.append(("jobs-webhooks", self.webhooks.run))
+        return loops
 
     async def close(self) -> None:
         await self.store.close()
 
-    async def ended(self, record: JobRecord) -> None:
-        await self.service.ended(record)
+
+
+def _webhooks(settings: Settings, store: JobStore) -> JobWebhooks | None:
+    """Each tenant's webhook, if any tenant has one."""
+    targets = {name: (t.webhook_url, t.webhook_secret.get_secret_value().encode())
+               for name, t in settings.tenants.items() if t.webhook_url and t.webhook_secret is not None}
+    if not targets:
+        return None
+    if not settings.webhooks.allowed_hosts:
+        log.warning("tenants have webhooks but [webhooks] allowed_hosts is empty: none will be called")
+    return JobWebhooks(WebhookSender(settings.webhooks), targets, store)

@@ -36,13 +36,15 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from yarl import URL
 
 from claudepool.errors import BadRequest, Draining
+
+# Where one event's delivery stands: persisted on its job after every attempt.
+from claudepool.jobs.model import WebhookDelivery as DeliveryState
 
 log = logging.getLogger(__name__)
 
@@ -140,19 +142,6 @@ def verify(secret: bytes, header: str, body: bytes, *, tolerance_s: float = 300,
         return False  # a replay of an old delivery, or a clock far off
     expected = hmac.new(secret, found[1].encode() + b"." + body, hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected, found[2])
-
-
-class DeliveryState(BaseModel):
-    """Where one event's delivery stands: persisted on its job after every attempt."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    state: Literal["pending", "delivered", "failed"]
-    attempts: int
-    last_status: int | None = None
-    last_error: str | None = None
-    delivered_at: float | None = None
-    next_attempt_at: float | None = None
 
 
 def retry_delay_s(attempt: int, settings: WebhookSettings, *, retry_after_s: float | None = None,

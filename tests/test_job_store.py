@@ -26,7 +26,7 @@ from claudepool.jobs.sqlite_store import SqliteJobStore
 from claudepool.jobs.store import JobStore
 from claudepool.testing import job_conformance as conformance
 from claudepool.testing import job_conformance_claims, job_conformance_kit
-from claudepool.testing.job_conformance_kit import job, ok
+from claudepool.testing.job_conformance_kit import job, ok, submit_one
 from tests.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,7 +101,7 @@ async def test_a_new_store_on_the_same_file_sees_every_committed_move(tmp_path: 
 _WRITER = """
 import asyncio, sys
 from claudepool.jobs.sqlite_store import SqliteJobStore
-from claudepool.testing.job_conformance_kit import job, ok
+from claudepool.testing.job_conformance_kit import job, ok, submit_one
 from tests.redis_server import RedisServer
 
 async def main() -> None:
@@ -184,6 +184,27 @@ async def test_another_daemon_takes_over_the_jobs_of_one_that_died(redis_url: st
     finally:
         await dying_client.aclose()
         await survivor_client.aclose()
+
+
+async def test_a_heartbeat_restarts_the_idle_time_of_its_entry(redis_client: redis.asyncio.Redis) -> None:
+    # The two clocks of a claim move together: the record's visible_at and the entry's idle time,
+    # which is what XAUTOCLAIM takes over by.
+    store = RedisJobStore(redis_client)
+    record = await submit_one(store, job())
+    [held] = await store.claim("pool", "c1", visibility_timeout_s=60)
+    assert held.attempt_token is not None
+
+    async def idle_ms() -> int:
+        [entry] = await redis_client.xpending_range("cp:jobs:q:pool:interactive", "claudepool", "-", "+", 10)
+        assert entry["consumer"] == "c1"
+        return int(entry["time_since_delivered"])
+
+    started = time.monotonic()
+    while await idle_ms() < 300:
+        assert time.monotonic() - started < 10
+        await asyncio.sleep(0.05)
+    assert await store.heartbeat("acme", record.id, held.attempt_token, visibility_timeout_s=60)
+    assert await idle_ms() < 300
 
 
 async def test_purge_leaves_only_the_empty_queues(redis_client: redis.asyncio.Redis) -> None:

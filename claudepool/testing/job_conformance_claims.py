@@ -9,6 +9,7 @@ from collections import Counter
 
 from claudepool.jobs.store import JobStore
 from claudepool.testing.job_conformance_kit import (
+    HELD_VT_S,
     LONG_VT_S,
     SHORT_VT_S,
     WAIT_S,
@@ -86,7 +87,8 @@ async def two_consumers_never_claim_the_same_job(store: JobStore) -> None:
 @check
 async def an_expired_claim_is_taken_over_and_the_old_token_is_refused(store: JobStore) -> None:
     record = await submit_one(store, job())
-    first = await claim_one(store, "c1", vt_s=SHORT_VT_S)
+    # A longer visibility than the taker's: its claims see the job held (not merely idle) at first.
+    first = await claim_one(store, "c1", vt_s=HELD_VT_S)
     assert first is not None and first.attempt_token is not None
     assert await claim_one(store, "c2", vt_s=SHORT_VT_S) is None  # held by a live claim
     second = await claim_when_expired(store, "c2")
@@ -103,17 +105,18 @@ async def an_expired_claim_is_taken_over_and_the_old_token_is_refused(store: Job
 @check
 async def heartbeats_keep_the_claim(store: JobStore) -> None:
     record = await submit_one(store, job())
-    held = await claim_one(store, "c1", vt_s=SHORT_VT_S)
+    held = await claim_one(store, "c1", vt_s=HELD_VT_S)
     assert held is not None and held.attempt_token is not None
-    until = time.monotonic() + 4 * SHORT_VT_S
+    # Well past one visibility timeout, a heartbeat every fifth of one (a slow machine has margin).
+    until = time.monotonic() + 4 * HELD_VT_S
     while time.monotonic() < until:
-        assert await store.heartbeat("acme", record.id, held.attempt_token, visibility_timeout_s=SHORT_VT_S)
-        assert await claim_one(store, "c2", vt_s=SHORT_VT_S) is None
-        await asyncio.sleep(SHORT_VT_S / 4)
+        assert await store.heartbeat("acme", record.id, held.attempt_token, visibility_timeout_s=HELD_VT_S)
+        assert await claim_one(store, "c2", vt_s=HELD_VT_S) is None
+        await asyncio.sleep(HELD_VT_S / 5)
     after = await store.get("acme", record.id)
     assert (after.attempt_token, after.attempts, after.claimed_by) == (held.attempt_token, 1, "c1")
     # Unattended, it expires as usual.
-    taken = await claim_when_expired(store, "c2")
+    taken = await claim_when_expired(store, "c2", vt_s=HELD_VT_S)
     assert taken is not None and taken.attempts == 2
 
 

@@ -20,6 +20,8 @@ Body = Callable[[JobStore], Awaitable[None]]
 # Short enough that the checks of expiry wait a fraction of a second of real time: the Redis store's
 # visibility is the idle time of a stream entry, Redis's own clock, which no ``now=`` moves.
 SHORT_VT_S = 0.2
+# A claim a check must see held while it works: room for a busy machine's pauses, still quick to expire.
+HELD_VT_S = 0.5
 LONG_VT_S = 60.0
 # How long a check polls for something that must happen (a claim expiring) before it fails.
 WAIT_S = 10.0

@@ -77,8 +77,9 @@ class RedisJobStore:
     backend = "redis"
 
     def __init__(self, client: redis.asyncio.Redis, *, prefix: str = "cp:jobs:", consumer_group: str = "claudepool",
-                 operation_timeout_s: float = 10.0) -> None:
+                 operation_timeout_s: float = 10.0, owns_client: bool = False) -> None:
         self._redis = client
+        self._owns_client = owns_client
         self._prefix = prefix
         self._group = consumer_group
         self._timeout_s = operation_timeout_s
@@ -231,8 +232,13 @@ class RedisJobStore:
                 out.append(await self.get(fields["t"], fields["j"]))
         return out
 
+    async def start(self) -> None:
+        """Nothing to open: the consumer groups are made on first use (Redis may be down now)."""
+
     async def close(self) -> None:
-        """Nothing to release: the client is the caller's."""
+        """Closes the client only when it was handed over (``owns_client``)."""
+        if self._owns_client:
+            await self._redis.aclose()
 
     # -- internals -------------------------------------------------------------------------------
 

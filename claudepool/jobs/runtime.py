@@ -48,7 +48,7 @@ def build_job_store(settings: JobSettings, *, store_url: str, key_prefix: str, s
 
         client = redis.Redis.from_url(store_url, socket_timeout=socket_timeout_s,
                                       socket_connect_timeout=socket_timeout_s)
-        return RedisJobStore(client, prefix=f"{key_prefix}:jobs:")
+        return RedisJobStore(client, prefix=f"{key_prefix}:jobs:", owns_client=True)
     from claudepool.jobs.sqlite_store import SqliteJobStore
 
     path = Path(settings.path) if settings.path else state_directory(workdir) / "claudepool-jobs.sqlite3"

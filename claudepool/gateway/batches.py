@@ -32,9 +32,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from claudepool.errors import BatchApiError, BatchWaitTimeout, UpstreamUnreachable
 from claudepool.gateway.forward import request_headers
-from claudepool.gateway.settings import Upstream
+from claudepool.gateway.settings import API_VERSION, Upstream
 from claudepool.gateway.usage import CallUsage, usage_of_message
-from claudepool.reconcile.provider import API_VERSION
 
 BATCHES_PATH = "/v1/messages/batches"
 # A results line holds one message: its text is bounded by max_tokens (at most a few MB of it).

@@ -27,10 +27,10 @@ import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from claudepool.errors import ProviderReportUnavailable
+from claudepool.gateway.settings import API_VERSION
 
 USAGE_PATH = "/v1/organizations/usage_report/messages"
 COST_PATH = "/v1/organizations/cost_report"
-API_VERSION = "2023-06-01"
 # The most buckets of a day the provider gives in one page.
 MAX_DAYS_PER_PAGE = 31
 # A report longer than this many pages is not believed (a provider answering the same token forever).

@@ -141,7 +141,7 @@ class _Refused(Exception):
 class FakeBatches:
     """Every batch of one fake upstream, newest last."""
 
-    host: BatchHost
+    host: BatchHost = field(repr=False, compare=False)
     batches: dict[str, FakeBatch] = field(default_factory=dict)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     # The clock batches end by (unix seconds); a test may replace it.

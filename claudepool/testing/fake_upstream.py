@@ -139,7 +139,7 @@ class FakeUpstream:
     _stalled: list[asyncio.Event] = field(default_factory=list)
     # A Message Batch ends this long after it was created (`claudepool.testing.fake_batches`).
     batch_delay_s: float = 0.2
-    batches: fake_batches.FakeBatches = field(init=False)
+    batches: fake_batches.FakeBatches = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.batches = fake_batches.FakeBatches(self)

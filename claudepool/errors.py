@@ -562,6 +562,34 @@ class UpstreamIdle(GatewayError):
     reason = "idle"
 
 
+class BatchApiError(GatewayError):
+    """The provider's Message Batches API answered an error status, or something that is not the
+    answer it documents (`claudepool.gateway.batches`). ``provider_status`` and ``provider_type`` are
+    the provider's HTTP status and error type when it sent one; ``transient`` says whether the same
+    call may work later (429, 5xx, 529)."""
+
+    code = "batch_api_error"
+    status = 502
+    reason = "batch_api"
+
+    def __init__(self, message: str, *, provider_status: int | None = None, provider_type: str | None = None) -> None:
+        super().__init__(message)
+        self.provider_status = provider_status
+        self.provider_type = provider_type
+
+    @property
+    def transient(self) -> bool:
+        return self.provider_status is not None and (self.provider_status == 429 or self.provider_status >= 500)
+
+
+class BatchWaitTimeout(BatchApiError):
+    """A batch did not end within the wait's ``timeout_s`` (it goes on at the provider)."""
+
+    code = "batch_wait_timeout"
+    status = 504
+    retryable = True
+
+
 # -- egress: a sandboxed tool's outbound connection refused or not made --------------------------
 # Answered by the egress proxy (`claudepool.gateway.egress`) to whatever runs in the sandbox, as an
 # HTTP proxy's status line; counted by ``reason``.

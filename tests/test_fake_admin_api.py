@@ -33,6 +33,11 @@ async def fake() -> AsyncIterator[FakeUpstream]:
         await server.stop()
 
 
+def tokens_of(usage: dict[str, Any] | None) -> dict[str, Any]:
+    """A usage's token counts, as `PricingTable.cost` takes them (Any: mypy cannot tell them from ``batch``)."""
+    return {f: (usage or {})[f] for f in FIELDS}
+
+
 def today() -> datetime:
     return datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
@@ -120,8 +125,8 @@ async def test_the_cost_report_prices_what_was_sent_in_cents(fake: FakeUpstream)
         "cache_creation.ephemeral_5m_input_tokens", "cache_creation.ephemeral_1h_input_tokens"}
     for model in ("m-a", "m-b"):
         cents = sum(Decimal(r["amount"]) for r in results if r["model"] == model)
-        usd = sum(PRICES.cost(model, **{f: (r.usage or {})[f] for f in FIELDS})
-                  for r in fake.message_requests() if r.model == model and r.usage)
+        usd = sum(PRICES.cost(model, **tokens_of(r.usage)) for r in fake.message_requests()
+                  if r.model == model and r.usage)
         assert float(cents / 100) == pytest.approx(usd, rel=1e-9, abs=1e-12)
         assert usd > 0
     output_a = next(r for r in results if r["model"] == "m-a" and r["token_type"] == "output_tokens")

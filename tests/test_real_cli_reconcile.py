@@ -148,7 +148,7 @@ async def test_reconcile_finds_no_difference_after_mixed_traffic_and_the_gap_of_
         "uncached_input_tokens": bypass.usage["input_tokens"], "output_tokens": bypass.usage["output_tokens"],
         "cache_read_input_tokens": bypass.usage["cache_read_input_tokens"],
         "cache_write_5m_input_tokens": bypass.usage["cache_creation_input_tokens"], "cache_write_1h_input_tokens": 0,
-        "cost_usd": pytest.approx(org.pricing.cost(model, **bypass.usage), abs=1e-9)}
+        "cost_usd": pytest.approx(org.pricing.cost(model, **dict[str, Any](bypass.usage)), abs=1e-9)}
     assert row["difference"]["output_tokens"] > 0 and row["difference"]["cost_usd"] > 0
     code, text, _ = await reconcile(*days, "--url", d.url, "--key", ADMIN_KEY, "--tolerance-usd", "0.0")
     assert code == 1 and "DIFF" in text

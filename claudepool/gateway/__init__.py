@@ -13,5 +13,6 @@ the lease the worker serves.
 - `metrics`: calls, their duration and refusals, on the injected registry;
 - `usage`: one call's usage read from its answer's bytes as they are relayed;
 - `ratelimits`: the provider account's rate limits as answers report them, exported per account;
-- `caps`: the account's optional caps (requests and input tokens per minute), interactive before batch.
+- `caps`: the account's optional caps (requests and input tokens per minute), interactive before batch;
+- `batches`: a client of the provider's Message Batches API (half-price calls, results within 24 h).
 """

@@ -29,6 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from claudepool.errors import ConfigError
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
+# The API version claudepool's own calls to the provider send (the Admin API, Message Batches); a
+# worker's calls carry the CLI's own.
+API_VERSION = "2023-06-01"
 MiB = 1 << 20
 # Headers the gateway sets itself on every forwarded call: extra_headers may not replace them.
 _RESERVED_HEADERS = frozenset({

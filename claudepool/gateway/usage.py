@@ -218,10 +218,19 @@ class StreamUsage:
 def usage_of_body(body: bytes) -> CallUsage:
     """The usage of a whole JSON response (a non-streamed call). A body that is not a message
     (an error, or not JSON) reports nothing and is not complete."""
+    try:
+        return usage_of_message(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return CallUsage()
+
+
+def usage_of_message(decoded: object) -> CallUsage:
+    """The usage of a decoded message object (a JSON answer, a batch's succeeded result); one that is
+    not a message reports nothing and is not complete."""
     usage = CallUsage()
     try:
-        message = _Message.model_validate(orjson.loads(body))
-    except (orjson.JSONDecodeError, ValidationError):
+        message = _Message.model_validate(decoded)
+    except ValidationError:
         return usage
     usage.message_id, usage.model, usage.stop_reason = message.id, message.model, message.stop_reason
     if message.usage is not None:

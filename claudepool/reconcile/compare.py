@@ -6,6 +6,11 @@ day of their bucket. A difference is the provider's figure less the ledger's: po
 provider counted more than claudepool billed (traffic that did not pass the gateway, a call billed
 short), negative when less.
 
+Requests of a Message Batch, which the provider bills at half price, count in a row of their own,
+``MODEL (batch)``: a ledger record with ``service_tier="batch"`` on one side, the usage and cost
+reports' rows of service tier ``batch`` on the other. So a batch priced at the wrong multiplier is a
+difference in dollars on that row, not one hidden in the model's interactive calls.
+
 >>> from datetime import date
 >>> day = date(2026, 12, 2)
 >>> ledger = {(day, "m"): Totals(uncached_input_tokens=10, output_tokens=5, cost_usd=0.0001)}
@@ -13,6 +18,8 @@ short), negative when less.
 >>> (row,) = compare(ledger, provider)
 >>> row.difference().output_tokens, row.within(Tolerance(usd=0.01, tokens=0)), row.within(Tolerance(tokens=2))
 (2, False, True)
+>>> row_label("m", "batch"), row_label("m", "standard"), row_label("m", None)
+('m (batch)', 'm', 'm')
 """
 
 from __future__ import annotations
@@ -29,10 +36,18 @@ from claudepool.reconcile.provider import CostBucket, UsageBucket
 # nothing in the ledger to match them.
 NON_TOKEN = "(non-token costs)"
 NO_MODEL = "(no model)"
+BATCH_TIER = "batch"
 # Float sums of prices differ from the provider's decimal cents far below a cent; this is not a difference.
 _USD_EPSILON = 1e-9
 
-Key = tuple[date, str]
+Key = tuple[date, str]  # a UTC day, and a row's label (`row_label`)
+
+
+def row_label(model: str, service_tier: str | None) -> str:
+    """The row a model's usage of a service tier counts in: ``MODEL (batch)`` for the Message Batches
+    API's, the model's own for any other tier (an account's standard or priority calls are one row,
+    as the ledger does not tell them apart)."""
+    return f"{model} ({BATCH_TIER})" if service_tier == BATCH_TIER else model
 
 
 @dataclass
@@ -82,14 +97,14 @@ class Row:
 
 def ledger_totals(records: Iterable[LedgerRecord], first_day: date, last_day: date) -> dict[Key, Totals]:
     """The ledger's model calls that began from ``first_day`` through ``last_day`` (UTC), per day and
-    model. Turn records (a turn the gateway saw no call of: the CLI's own figure) are not calls the
-    provider reports, and are left out."""
+    row (`row_label`: a model, and its batch calls apart). Turn records (a turn the gateway saw no
+    call of: the CLI's own figure) are not calls the provider reports, and are left out."""
     out: dict[Key, Totals] = {}
     for r in records:
         day = datetime.fromtimestamp(r.started_at, UTC).date()
         if r.kind != "call" or not first_day <= day <= last_day:
             continue
-        t = out.setdefault((day, r.model), Totals())
+        t = out.setdefault((day, row_label(r.model, r.service_tier)), Totals())
         t.uncached_input_tokens += r.input_tokens
         t.cache_read_input_tokens += r.cache_read_input_tokens
         t.cache_write_5m_input_tokens += r.cache_creation_input_tokens - r.cache_write_1h_input_tokens
@@ -101,13 +116,13 @@ def ledger_totals(records: Iterable[LedgerRecord], first_day: date, last_day: da
 
 
 def provider_totals(usage: Iterable[UsageBucket], cost: Iterable[CostBucket]) -> dict[Key, Totals]:
-    """The provider's tokens (usage report, grouped by model) and dollars (cost report, grouped by
-    description), per day of their bucket and model."""
+    """The provider's tokens (usage report, grouped by model and service tier) and dollars (cost
+    report, grouped by description), per day of their bucket and row (`row_label`)."""
     out: dict[Key, Totals] = {}
     for bucket in usage:
         day = bucket.starting_at.astimezone(UTC).date()
         for u in bucket.results:
-            t = out.setdefault((day, u.model or NO_MODEL), Totals())
+            t = out.setdefault((day, row_label(u.model or NO_MODEL, u.service_tier)), Totals())
             t.uncached_input_tokens += u.uncached_input_tokens
             t.cache_read_input_tokens += u.cache_read_input_tokens
             t.cache_write_5m_input_tokens += u.cache_creation.ephemeral_5m_input_tokens
@@ -116,7 +131,8 @@ def provider_totals(usage: Iterable[UsageBucket], cost: Iterable[CostBucket]) ->
     for cost_bucket in cost:
         day = cost_bucket.starting_at.astimezone(UTC).date()
         for c in cost_bucket.results:
-            model = c.model or (NON_TOKEN if c.cost_type not in (None, "tokens") else NO_MODEL)
+            model = row_label(c.model, c.service_tier) if c.model else (
+                NON_TOKEN if c.cost_type not in (None, "tokens") else NO_MODEL)
             out.setdefault((day, model), Totals()).cost_usd += float(c.usd)
     return out
 

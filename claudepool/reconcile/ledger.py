@@ -48,6 +48,9 @@ class LedgerRecord(BaseModel):
     cache_write_1h_input_tokens: int = 0
     cost_usd: float = 0.0
     duration_ms: float | None = None
+    # How the provider bills the call: "batch" for a request of a Message Batch (at the batch price),
+    # "standard" for a /v1/messages call (and a record written before batches existed).
+    service_tier: str = "standard"
 
     @property
     def started_at(self) -> float:

@@ -1,6 +1,7 @@
 """The provider's side of a reconciliation: its Usage & Cost Admin API, read with the Admin API key.
 
     GET /v1/organizations/usage_report/messages?starting_at=…&ending_at=…&bucket_width=1d&group_by[]=model
+        &group_by[]=service_tier
     GET /v1/organizations/cost_report?starting_at=…&ending_at=…&bucket_width=1d&group_by[]=description
 
 each followed through its pages (``has_more``, ``next_page`` as ``page``). Answers are validated with
@@ -9,7 +10,8 @@ count or an amount gone missing, or a currency other than USD is an error, never
 provider adds later are ignored.
 
 A cost amount is what the docs say it is: a decimal string in the currency's lowest unit, cents
-("123.45" USD is $1.23). Grouped by ``description``, a token cost names its model and token type;
+("123.45" USD is $1.23). Grouped by ``description``, a token cost names its model, token type and
+service tier (``batch``: a request of a Message Batch, billed at half price);
 web search and code execution costs name no model (they are counted as model `NON_TOKEN`).
 """
 
@@ -25,10 +27,10 @@ import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from claudepool.errors import ProviderReportUnavailable
+from claudepool.gateway.settings import API_VERSION
 
 USAGE_PATH = "/v1/organizations/usage_report/messages"
 COST_PATH = "/v1/organizations/cost_report"
-API_VERSION = "2023-06-01"
 # The most buckets of a day the provider gives in one page.
 MAX_DAYS_PER_PAGE = 31
 # A report longer than this many pages is not believed (a provider answering the same token forever).
@@ -45,9 +47,10 @@ class CacheCreation(_Strict):
 
 
 class UsageResult(_Strict):
-    """One row of a usage bucket: one model's tokens when grouped by model."""
+    """One row of a usage bucket: one model's tokens of one service tier when grouped by both."""
 
     model: str | None = None
+    service_tier: str | None = None
     uncached_input_tokens: int
     cache_read_input_tokens: int
     cache_creation: CacheCreation
@@ -72,6 +75,7 @@ class CostResult(_Strict):
     amount: str  # cents, as a decimal string
     currency: Literal["USD"]
     model: str | None = None
+    service_tier: str | None = None
     cost_type: str | None = None
     token_type: str | None = None
     description: str | None = None
@@ -133,18 +137,19 @@ class AdminApi:
             self._session = None
 
     async def usage(self, starting_at: datetime, ending_at: datetime) -> list[UsageBucket]:
-        """Tokens per UTC day and model, from ``starting_at`` to before ``ending_at``."""
-        query = self._query(starting_at, ending_at, group_by="model")
+        """Tokens per UTC day, model and service tier, from ``starting_at`` to before ``ending_at``."""
+        query = self._query(starting_at, ending_at, group_by=("model", "service_tier"))
         return [bucket async for page in self._pages(USAGE_PATH, query, UsageReport) for bucket in page.data]
 
     async def cost(self, starting_at: datetime, ending_at: datetime) -> list[CostBucket]:
         """What they cost per UTC day, model and token type, from ``starting_at`` to before ``ending_at``."""
-        query = self._query(starting_at, ending_at, group_by="description")
+        query = self._query(starting_at, ending_at, group_by=("description",))
         return [bucket async for page in self._pages(COST_PATH, query, CostReport) for bucket in page.data]
 
-    def _query(self, starting_at: datetime, ending_at: datetime, *, group_by: str) -> list[tuple[str, str]]:
+    def _query(self, starting_at: datetime, ending_at: datetime, *,
+               group_by: tuple[str, ...]) -> list[tuple[str, str]]:
         return [("starting_at", _rfc3339(starting_at)), ("ending_at", _rfc3339(ending_at)), ("bucket_width", "1d"),
-                ("group_by[]", group_by), ("limit", str(self._days_per_page))]
+                *(("group_by[]", g) for g in group_by), ("limit", str(self._days_per_page))]
 
     async def _pages(self, path: str, query: list[tuple[str, str]], model: type[Report]) -> AsyncIterator[Report]:
         page_token: str | None = None

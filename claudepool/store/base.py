@@ -79,6 +79,9 @@ class UsageRecord:
     status: int | None = None
     duration_ms: float | None = None
     first_token_ms: float | None = None
+    # Of a call: how the provider bills it, "standard" (a /v1/messages call) or "batch" (a request
+    # of a Message Batch, priced at [pricing] batch_multiplier); reconciled in a row of its own.
+    service_tier: str = "standard"
 
     @property
     def tokens(self) -> int:

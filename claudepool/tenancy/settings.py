@@ -105,6 +105,9 @@ class PriceSettings(BaseModel):
     cache_write_per_mtok: float = Field(ge=0)
     # A 1-hour cache write; unset, twice the input price, as the provider prices it.
     cache_write_1h_per_mtok: float | None = Field(default=None, ge=0)
+    # What a Message Batches call costs, as a fraction of the prices above: the provider prices the
+    # Batches API at 50% of its standard prices.
+    batch_multiplier: float = Field(default=0.5, ge=0, le=1)
 
 
 def default_prices() -> dict[str, PriceSettings]:

@@ -21,6 +21,12 @@ answer ended (`RecordedRequest.usage`: a stream cut after ``message_start`` coun
 input side and its first output count), in the bucket of the time it arrived; an error answer
 counts nothing. Costs are the request log priced with the fake's `PricingTable`, so a test prices
 both sides alike.
+
+A Message Batches request (`claudepool.testing.fake_batches`) counts once its batch has ended and
+only if it succeeded, in the bucket of the time its batch was created, with service tier ``batch``:
+at `BATCH_PRICE_FACTOR` of the list price, as the provider bills the Batches API. Grouped by
+``service_tier``, the usage report gives its tokens a row of their own; the cost report grouped by
+``description`` names each row's tier (``standard`` or ``batch``).
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ from claudepool.tenancy.budgets import PricingTable
 USAGE_PATH = "/v1/organizations/usage_report/messages"
 COST_PATH = "/v1/organizations/cost_report"
 Query = MultiMapping[str]
+# What a Message Batches request costs, as a fraction of the list price ("50% of standard prices").
+BATCH_PRICE_FACTOR = 0.5
 # Bucket widths: their length, and the default and largest number of buckets in one page.
 _WIDTHS = {"1d": (timedelta(days=1), 7, 31), "1h": (timedelta(hours=1), 24, 168),
            "1m": (timedelta(minutes=1), 60, 1440)}
@@ -67,6 +75,8 @@ class Billable(Protocol):
     def model(self) -> str: ...
     @property
     def usage(self) -> dict[str, Any] | None: ...
+    @property
+    def service_tier(self) -> str: ...
 
 
 class AdminSource(Protocol):
@@ -76,7 +86,7 @@ class AdminSource(Protocol):
     def admin_key(self) -> str: ...
     @property
     def pricing(self) -> PricingTable: ...
-    def message_requests(self) -> Sequence[Billable]: ...
+    def billable_requests(self) -> Sequence[Billable]: ...
 
 
 def add_routes(app: web.Application, source: AdminSource) -> None:
@@ -119,10 +129,10 @@ def _usage_report(query: Query, source: AdminSource) -> dict[str, Any]:
     page = _page(query, widths=("1d", "1h", "1m"), groups=_USAGE_GROUPS)
     data = []
     for start, end in page.buckets:
-        rows: dict[str | None, dict[str, int]] = {}
-        for usage, model in _billed(source.message_requests(), start, end):
-            row = rows.setdefault(model if "model" in page.group_by else None, dict.fromkeys(
-                (f for _, f, _ in _TOKEN_TYPES), 0))
+        rows: dict[tuple[str | None, str | None], dict[str, int]] = {}
+        for usage, model, tier in _billed(source.billable_requests(), start, end):
+            key = (model if "model" in page.group_by else None, tier if "service_tier" in page.group_by else None)
+            row = rows.setdefault(key, dict.fromkeys((f for _, f, _ in _TOKEN_TYPES), 0))
             for field, count in usage.items():
                 row[field] += count
         results = [{
@@ -132,8 +142,8 @@ def _usage_report(query: Query, source: AdminSource) -> dict[str, Any]:
             "cache_read_input_tokens": row["cache_read_input_tokens"],
             "output_tokens": row["output_tokens"],
             "server_tool_use": {"web_search_requests": 0},
-            **_dimensions(page.group_by, model=model),
-        } for model, row in sorted(rows.items(), key=lambda item: item[0] or "")]
+            **_dimensions(page.group_by, model=model, tier=tier),
+        } for (model, tier), row in sorted(rows.items(), key=lambda item: [x or "" for x in item[0]])]
         data.append(_bucket(start, end, results))
     return _envelope(data, page)
 
@@ -143,31 +153,37 @@ def _cost_report(query: Query, source: AdminSource) -> dict[str, Any]:
     by_item = "description" in page.group_by
     data = []
     for start, end in page.buckets:
-        cents: dict[tuple[str | None, str | None], Decimal] = {}
-        for usage, model in _billed(source.message_requests(), start, end):
+        cents: dict[tuple[str | None, str | None, str | None], Decimal] = {}
+        for usage, model, tier in _billed(source.billable_requests(), start, end):
+            factor = Decimal(repr(BATCH_PRICE_FACTOR)) if tier == "batch" else Decimal(1)
             for token_type, field, _ in _TOKEN_TYPES:
-                usd = source.pricing.cost(model, **{field: usage[field]})
-                key = (model, token_type) if by_item else (None, None)
-                cents[key] = cents.get(key, Decimal(0)) + Decimal(repr(usd)) * 100
+                count: dict[str, Any] = {field: usage[field]}  # Any: mypy cannot tell it from ``batch``
+                usd = source.pricing.cost(model, **count)
+                key = (model, token_type, tier) if by_item else (None, None, None)
+                cents[key] = cents.get(key, Decimal(0)) + Decimal(repr(usd)) * 100 * factor
         results = []
-        for (item_model, item_type), amount in sorted(cents.items(), key=lambda kv: [x or "" for x in kv[0]]):
+        for (item_model, item_type, item_tier), amount in sorted(cents.items(),
+                                                                 key=lambda kv: [x or "" for x in kv[0]]):
             label = next((name for t, _, name in _TOKEN_TYPES if t == item_type), "")
             results.append({
                 # The docs: "Cost amount in lowest currency units (e.g. cents) as a decimal string. For
                 # example, "123.45" in "USD" represents $1.23." This fake keeps 6 decimals of a cent.
                 "amount": f"{amount:.6f}", "currency": "USD",
                 "cost_type": "tokens" if by_item else None,
-                "description": f"{item_model} Usage - {label}" if by_item else None,
+                "description": (f"{item_model} Usage - {label}" + (" (Batch)" if item_tier == "batch" else ""))
+                if by_item else None,
                 "model": item_model, "token_type": item_type,
-                "context_window": "0-200k" if by_item else None, "service_tier": "standard" if by_item else None,
+                "context_window": "0-200k" if by_item else None, "service_tier": item_tier if by_item else None,
                 "inference_geo": None, "workspace_id": None,
             })
         data.append(_bucket(start, end, results))
     return _envelope(data, page)
 
 
-def _billed(requests: Iterable[Billable], start: datetime, end: datetime) -> Iterable[tuple[dict[str, int], str]]:
-    """Each request that arrived in [start, end) and had usage reported: its tokens by price field."""
+def _billed(requests: Iterable[Billable], start: datetime,
+            end: datetime) -> Iterable[tuple[dict[str, int], str, str]]:
+    """Each request that arrived in [start, end) and had usage reported: its tokens by price field,
+    its model and its service tier."""
     low, high = start.timestamp(), end.timestamp()
     for r in requests:
         if r.usage is None or not low <= r.received_unix < high:
@@ -178,7 +194,7 @@ def _billed(requests: Iterable[Billable], start: datetime, end: datetime) -> Ite
                "output_tokens": int(r.usage.get("output_tokens", 0)),
                "cache_read_input_tokens": int(r.usage.get("cache_read_input_tokens", 0)),
                "cache_creation_input_tokens": int(r.usage.get("cache_creation_input_tokens", 0)) - one_hour,
-               "cache_write_1h_input_tokens": one_hour}, r.model
+               "cache_write_1h_input_tokens": one_hour}, r.model, r.service_tier
 
 
 def _page(query: Query, *, widths: tuple[str, ...], groups: frozenset[str]) -> _Page:
@@ -250,13 +266,12 @@ def _envelope(data: list[dict[str, Any]], page: _Page) -> dict[str, Any]:
     return {"data": data, "has_more": more, "next_page": _token(page.next_start) if page.next_start else None}
 
 
-def _dimensions(group_by: frozenset[str], *, model: str | None) -> dict[str, Any]:
+def _dimensions(group_by: frozenset[str], *, model: str | None, tier: str | None) -> dict[str, Any]:
     """The usage report's grouping fields: each null unless grouped by (this fake has one workspace,
-    one key, standard tier, the 0-200k context window)."""
-    fixed = {"service_tier": "standard", "context_window": "0-200k", "inference_geo": "not_available",
+    one key, the 0-200k context window)."""
+    fixed = {"model": model, "service_tier": tier, "context_window": "0-200k", "inference_geo": "not_available",
              "speed": "standard"}
-    return {name: (model if name == "model" else fixed.get(name)) if name in group_by else None
-            for name in sorted(_USAGE_GROUPS)}
+    return {name: fixed.get(name) if name in group_by else None for name in sorted(_USAGE_GROUPS)}
 
 
 def _error(kind: str, message: str) -> dict[str, Any]:

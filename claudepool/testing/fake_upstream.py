@@ -37,6 +37,10 @@ Every response carries a ``request-id`` (``req_fake_…``, kept in the log) and 
 Given an ``admin_key``, it also serves the provider's Usage & Cost Admin API over its own log
 (`claudepool.testing.fake_admin_api`): what it sent, priced with its ``pricing`` table.
 
+It serves the Message Batches API too (`claudepool.testing.fake_batches`): a batch ends
+``batch_delay_s`` after its creation, each request answered as `FakeUpstream.message` answers a
+non-streamed call. The directives and the cache simulation live in `claudepool.testing.fake_prompts`.
+
 Run standalone with ``python -m claudepool.testing.fake_upstream --port 8788``.
 """
 
@@ -45,12 +49,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import math
-import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,20 +61,32 @@ from aiohttp import web
 
 from claudepool.tenancy.budgets import PricingTable
 from claudepool.tenancy.settings import default_prices
-from claudepool.testing import fake_admin_api
+from claudepool.testing import fake_admin_api, fake_batches
+from claudepool.testing.fake_prompts import (
+    answer_text,
+    cache_usage,
+    directives,
+    error_body,
+    last_user_text,
+    loop_step,
+    tokens,
+    tool_result_text,
+    tool_use_block,
+)
 
-_DIRECTIVE = re.compile(r"\[\[(\w+)(?::([^\]]*))?\]\]")
-# The API looks for earlier cache entries at most this many blocks back from a breakpoint.
-_CACHE_LOOKBACK_BLOCKS = 20
 # The account's limits per kind this fake reports (a tier-4-like account).
 RATELIMITS = {"requests": 4000, "input-tokens": 2_000_000, "output-tokens": 400_000}
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    429: "rate_limit_error",
-    500: "api_error",
-    529: "overloaded_error",
-}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the fake answers to a message request it does not fail: the text (or one tool call) and
+    the usage it reports."""
+
+    text: str
+    tool_use: dict[str, Any] | None
+    stop_reason: str
+    usage: dict[str, int]
 
 
 @dataclass
@@ -95,6 +109,8 @@ class RecordedRequest:
     # When it arrived, in unix seconds (the Admin API's buckets), and the model it asked for.
     received_unix: float = 0.0
     model: str = ""
+    # What the provider bills it as (the Admin API's service tier): a /v1/messages call is standard.
+    service_tier: str = "standard"
 
     def json(self) -> Any:
         return orjson.loads(self.body) if self.body else None
@@ -121,12 +137,19 @@ class FakeUpstream:
     _seen_prefixes: set[bytes] = field(default_factory=set)
     _ids: Iterator[int] = field(default_factory=itertools.count)
     _stalled: list[asyncio.Event] = field(default_factory=list)
+    # A Message Batch ends this long after it was created (`claudepool.testing.fake_batches`).
+    batch_delay_s: float = 0.2
+    batches: fake_batches.FakeBatches = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.batches = fake_batches.FakeBatches(self)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         fake_admin_api.add_routes(app, self)
+        self.batches.add_routes(app)
         app.router.add_route("*", "/{tail:.*}", self._other)
         # A client that disconnects cancels its handler, so the log can say a stream was cut.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
@@ -152,12 +175,16 @@ class FakeUpstream:
     def message_requests(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path == "/v1/messages"]
 
+    def billable_requests(self) -> Sequence[fake_admin_api.Billable]:
+        """What the Admin API reports: the message requests, then every request of every batch."""
+        return [*self.message_requests(), *self.batches.billable()]
+
     def requests_containing(self, needle: str) -> list[RecordedRequest]:
         return [r for r in self.requests if r.contains(needle)]
 
     # -- handlers ----------------------------------------------------------------------------
 
-    async def _record(self, request: web.Request) -> RecordedRequest:
+    async def record(self, request: web.Request) -> RecordedRequest:
         body = await request.read()
         rec = RecordedRequest(
             method=request.method,
@@ -172,7 +199,7 @@ class FakeUpstream:
         self.requests.append(rec)
         return rec
 
-    def _headers(self, rec: RecordedRequest, remaining: str | None = None, **extra: str) -> dict[str, str]:
+    def response_headers(self, rec: RecordedRequest, remaining: str | None = None, **extra: str) -> dict[str, str]:
         """What the provider sends with every answer: its id of the call and the account's limits
         (``remaining`` of each kind, default its limit - 1; reset a minute from now)."""
         reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 60))
@@ -184,18 +211,18 @@ class FakeUpstream:
         return {**headers, **extra}
 
     async def _other(self, request: web.Request) -> web.Response:
-        rec = await self._record(request)
+        rec = await self.record(request)
         rec.status = 404
-        return web.json_response(_error_body(404, "not found in fake upstream"), status=404,
-                                 headers=self._headers(rec))
+        return web.json_response(error_body(404, "not found in fake upstream"), status=404,
+                                 headers=self.response_headers(rec))
 
     async def _count_tokens(self, request: web.Request) -> web.Response:
-        rec = await self._record(request)
+        rec = await self.record(request)
         rec.status = 200
-        return web.json_response({"input_tokens": _tokens(rec.body)}, headers=self._headers(rec))
+        return web.json_response({"input_tokens": tokens(rec.body)}, headers=self.response_headers(rec))
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
-        rec = await self._record(request)
+        rec = await self.record(request)
         try:
             return await self._answer(request, rec)
         except asyncio.CancelledError:
@@ -205,7 +232,7 @@ class FakeUpstream:
     async def _answer(self, request: web.Request, rec: RecordedRequest) -> web.StreamResponse:
         body = rec.json() or {}
         rec.model = str(body.get("model", "claude-fake"))
-        plan = self.scripted.pop(0) if self.scripted else _directives(_last_user_text(body))
+        plan = self.scripted.pop(0) if self.scripted else directives(last_user_text(body))
         if "delay_s" in plan:
             await asyncio.sleep(float(plan["delay_s"]))
         if plan.get("busy_model") == rec.model:  # that model is overloaded; any other answers
@@ -214,38 +241,52 @@ class FakeUpstream:
             status = int(plan["status"])
             rec.status = status
             extra = {"retry-after": plan["retry_after"]} if "retry_after" in plan else {}
-            return web.json_response(_error_body(status, f"fake upstream injected {status}"), status=status,
-                                     headers=self._headers(rec, plan.get("ratelimit_remaining"), **extra))
-        tool_result = _tool_result_text(body)
-        step, pad_bytes = _loop_step(body)
+            return web.json_response(error_body(status, f"fake upstream injected {status}"), status=status,
+                                     headers=self.response_headers(rec, plan.get("ratelimit_remaining"), **extra))
+        reply = self.reply(body, plan)
+        rec.status = 200
+        if not body.get("stream"):
+            message = self._message_of(body, reply)
+            rec.usage = reply.usage
+            return web.json_response(message, headers=self.response_headers(rec, plan.get("ratelimit_remaining")))
+        return await self._stream(request, rec, body, reply.text, reply.usage, plan, reply.tool_use,
+                                  reply.stop_reason)
+
+    def reply(self, body: dict[str, Any], plan: dict[str, str]) -> Reply:
+        """The answer to a message request under ``plan`` (its directives), error statuses and delays
+        aside. Each reply is a call to the cache simulation: it reads and writes the prompt cache."""
+        tool_result = tool_result_text(body)
+        step, pad_bytes = loop_step(body)
         if step:
             pad = f"head -c {pad_bytes} /dev/zero | tr '\\0' x; " if pad_bytes else ""
             plan = {**plan, "tool": f"Bash:{pad}echo loop step {step}"}
         if "tool" in plan and (tool_result is None or step):
-            block = _tool_use_block(plan["tool"], next(self._ids))
-            text = ""
-            stop_reason = "tool_use"
-            output = orjson.dumps(block["input"])
-        else:
-            block = None
-            text = tool_result if tool_result is not None and not {"reply", "echo"} & set(plan) else \
-                _answer_text(plan, body)
-            stop_reason = "end_turn"
-            output = text.encode()
-            max_tokens = body.get("max_tokens")
-            if isinstance(max_tokens, int) and _tokens(output) > max_tokens:
-                # The answer stops at max_tokens, as the API's does (4 bytes a token here).
-                output = output[:4 * max_tokens]
-                text, stop_reason = output.decode(errors="ignore"), "max_tokens"
-        usage = {**self._usage(body), "output_tokens": max(1, _tokens(output))}
-        rec.status = 200
-        if not body.get("stream"):
-            message = self._message_object(body, text, usage, stop_reason)
-            if block is not None:
-                message["content"] = [block]
-            rec.usage = usage
-            return web.json_response(message, headers=self._headers(rec, plan.get("ratelimit_remaining")))
-        return await self._stream(request, rec, body, text, usage, plan, block, stop_reason)
+            block = tool_use_block(plan["tool"], next(self._ids))
+            return Reply("", block, "tool_use", self._usage(body, orjson.dumps(block["input"])))
+        text = tool_result if tool_result is not None and not {"reply", "echo"} & set(plan) else \
+            answer_text(plan, body)
+        stop_reason = "end_turn"
+        output = text.encode()
+        max_tokens = body.get("max_tokens")
+        if isinstance(max_tokens, int) and tokens(output) > max_tokens:
+            # The answer stops at max_tokens, as the API's does (4 bytes a token here).
+            output = output[:4 * max_tokens]
+            text, stop_reason = output.decode(errors="ignore"), "max_tokens"
+        return Reply(text, None, stop_reason, self._usage(body, output))
+
+    def message(self, body: dict[str, Any], plan: dict[str, str] | None = None) -> dict[str, Any]:
+        """The message JSON /v1/messages answers a non-streamed ``body`` with (under ``plan``, default
+        the directives of its last user text), as a Message Batches request is answered too."""
+        return self._message_of(body, self.reply(body, directives(last_user_text(body)) if plan is None else plan))
+
+    def _message_of(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
+        message = self._message_object(body, reply.text, reply.usage, reply.stop_reason)
+        if reply.tool_use is not None:
+            message["content"] = [reply.tool_use]
+        return message
+
+    def _usage(self, body: dict[str, Any], output: bytes) -> dict[str, int]:
+        return {**cache_usage(body, self._seen_prefixes), "output_tokens": max(1, tokens(output))}
 
     async def _stream(
         self,
@@ -258,7 +299,7 @@ class FakeUpstream:
         tool_use: dict[str, Any] | None = None,
         stop_reason: str = "end_turn",
     ) -> web.StreamResponse:
-        resp = web.StreamResponse(headers=self._headers(rec, plan.get("ratelimit_remaining"), **{
+        resp = web.StreamResponse(headers=self.response_headers(rec, plan.get("ratelimit_remaining"), **{
             "content-type": "text/event-stream", "cache-control": "no-cache"}))
         await resp.prepare(request)
 
@@ -323,138 +364,6 @@ class FakeUpstream:
             "stop_sequence": None,
             "usage": usage,
         }
-
-    def _usage(self, body: dict[str, Any]) -> dict[str, int]:
-        """Usage with prompt caching simulated the way the API documents it: each cache_control
-        breakpoint writes its prefix; a read is the longest prefix written before that ends at a block
-        boundary at most ``_CACHE_LOOKBACK_BLOCKS`` blocks before a breakpoint. So turn k of a
-        conversation reads what turn k-1 wrote, though the breakpoint has moved to the new message."""
-        segments = _segments(body)
-        total = sum(_tokens(s) for s, _ in segments)
-        digest = hashlib.sha256()
-        boundaries: list[tuple[bytes, int]] = []  # (hash of the prefix through block i, its tokens)
-        running = 0
-        for seg, _ in segments:
-            digest.update(seg)
-            running += _tokens(seg)
-            boundaries.append((digest.copy().digest(), running))
-        breakpoints = [i for i, (_, cached) in enumerate(segments) if cached]
-        read = 0
-        for i in breakpoints:
-            for j in range(i, max(-1, i - _CACHE_LOOKBACK_BLOCKS), -1):
-                if boundaries[j][0] in self._seen_prefixes:
-                    read = max(read, boundaries[j][1])
-                    break
-        cached_total = boundaries[breakpoints[-1]][1] if breakpoints else 0
-        self._seen_prefixes.update(boundaries[i][0] for i in breakpoints)
-        return {
-            "input_tokens": total - cached_total,
-            "cache_creation_input_tokens": cached_total - read,
-            "cache_read_input_tokens": read,
-            "output_tokens": 0,
-        }
-
-
-def _segments(body: dict[str, Any]) -> list[tuple[bytes, bool]]:
-    """The request's prompt blocks in cache order (tools, system, messages), each with its flag.
-    A block's bytes leave out its cache_control: moving a breakpoint does not change the prefix."""
-    out: list[tuple[bytes, bool]] = []
-
-    def block(b: Any) -> tuple[bytes, bool]:
-        if not isinstance(b, dict):
-            return orjson.dumps(b), False
-        return orjson.dumps({k: v for k, v in b.items() if k != "cache_control"}), "cache_control" in b
-
-    for tool in body.get("tools") or []:
-        out.append(block(tool))
-    # A string is one text block: the API caches "content": "hi" and [{"type": "text", "text": "hi"}]
-    # alike (a resumed CLI sends some old turns as strings that it first sent as blocks).
-    system = body.get("system")
-    if isinstance(system, str):
-        out.append(block({"type": "text", "text": system}))
-    elif isinstance(system, list):
-        out.extend(block(b) for b in system)
-    for msg in body.get("messages") or []:
-        content = msg.get("content")
-        if isinstance(content, str):
-            out.append(block({"type": "text", "text": content}))
-        else:
-            out.extend(block(b) for b in content or [])
-    return out
-
-
-def _tokens(raw: bytes) -> int:
-    return math.ceil(len(raw) / 4)
-
-
-def _user_texts(msg: dict[str, Any]) -> list[str]:
-    content = msg.get("content")
-    if isinstance(content, str):
-        return [content]
-    return [b.get("text", "") for b in content or [] if isinstance(b, dict) and b.get("type") == "text"]
-
-
-def _last_user_text(body: dict[str, Any]) -> str:
-    users = [m for m in body.get("messages") or [] if m.get("role") == "user"]
-    return "\n".join(_user_texts(users[-1])) if users else ""
-
-
-def _tool_result_text(body: dict[str, Any]) -> str | None:
-    """The text of the ``tool_result`` in the request's last user message (None: it has none)."""
-    messages = body.get("messages") or []
-    if not messages or messages[-1].get("role") != "user" or not isinstance(messages[-1].get("content"), list):
-        return None
-    for b in messages[-1]["content"]:
-        if isinstance(b, dict) and b.get("type") == "tool_result":
-            content = b.get("content")
-            if isinstance(content, str):
-                return content
-            texts = [c.get("text", "") for c in content or [] if isinstance(c, dict) and c.get("type") == "text"]
-            return "\n".join(texts)
-    return None
-
-
-def _loop_step(body: dict[str, Any]) -> tuple[int, int]:
-    """Under ``[[loop:N]]`` in the turn's prompt (its last user message with text): the number of the
-    tool call to answer next, or 0 once N tool results came back (or without the directive); and
-    the bytes each tool call prints besides."""
-    messages = [m for m in body.get("messages") or [] if m.get("role") == "user"]
-    for back, message in enumerate(reversed(messages)):
-        found = re.search(r"\[\[loop:(\d+)(?::(\d+))?\]\]", "\n".join(_user_texts(message)))
-        if found:
-            return (back + 1 if back < int(found.group(1)) else 0), int(found.group(2) or 0)
-    return 0, 0
-
-
-def _tool_use_block(directive: str, number: int) -> dict[str, Any]:
-    name, _, argument = directive.partition(":")
-    tool_input = orjson.loads(argument) if name != "Bash" and argument.startswith("{") else {"command": argument}
-    return {"type": "tool_use", "id": f"toolu_fake_{number:06d}", "name": name, "input": tool_input}
-
-
-def _directives(text: str) -> dict[str, str]:
-    plan = {m.group(1): m.group(2) or "" for m in _DIRECTIVE.finditer(text)}
-    # The user's own words are the last block: after a /clear the CLI puts caveat blocks first.
-    plan["_prompt"] = _DIRECTIVE.sub("", text.rsplit("\n<local-command-stdout></local-command-stdout>\n", 1)[-1])
-    return plan
-
-
-def _answer_text(plan: dict[str, str], body: dict[str, Any]) -> str:
-    if "reply" in plan:
-        return plan["reply"]
-    if "tokens" in plan:
-        return ("word " * int(plan["tokens"]))[:4 * int(plan["tokens"])]
-    if "echo" in plan:
-        texts = [t for m in body.get("messages") or [] if m.get("role") == "user" for t in _user_texts(m)]
-        return "\n".join(texts)
-    prompt = plan.get("_prompt", "")
-    # The CLI wraps prompts in <system-reminder> blocks; answer about the user's own words.
-    visible = re.sub(r"<system-reminder>.*?</system-reminder>", "", prompt, flags=re.S).strip()
-    return f"ok: {visible.strip()[:40]}"
-
-
-def _error_body(status: int, message: str) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": _ERROR_TYPES.get(status, "api_error"), "message": message}}
 
 
 async def _serve(port: int) -> None:

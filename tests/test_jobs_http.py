@@ -179,7 +179,7 @@ async def test_jobs_outlive_a_restart_of_the_embedded_daemon(make_daemon: Make, 
 @pytest.mark.parametrize("transport", ["http", "socket"])
 async def test_the_client_submits_follows_and_cancels_jobs(make_daemon: Make, transport: str) -> None:
     d = await make_daemon()
-    where = {"url": d.url} if transport == "http" else {"socket_path": d.socket}
+    where: dict[str, Any] = {"url": d.url} if transport == "http" else {"socket_path": d.socket}
     async with AsyncClient(key=ACME, **where) as client:
         jobs = JobsClient(client)
         entry = await jobs.submit("[[reply:from the client]]", idempotency_key="c-1")

@@ -23,11 +23,12 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from claudepool.daemon.admission import Gate
 from claudepool.errors import BudgetExhausted, ClaudepoolError
-from claudepool.gateway.batches import BatchApi, BatchResult
+from claudepool.gateway.batches import BatchApi, BatchInfo, BatchResult
 from claudepool.jobs.api import request_of
 from claudepool.jobs.model import JobFailure, JobRecord, Outcome
 from claudepool.jobs.pool_lane import OnSettled, PoolLane
@@ -173,22 +174,23 @@ class BatchLane:
         lost: set[str] = set()
         keeper = asyncio.create_task(self._keep_claims(by_id, lost), name=f"jobs-batch-heartbeat-{batch_id}")
         try:
-            await api.wait_ended(batch_id, first_poll_s=self._settings.batch_poll_first_s,
-                                 max_poll_s=self._settings.batch_poll_max_s, timeout_s=self._settings.batch_timeout_s)
+            batch = await api.wait_ended(batch_id, first_poll_s=self._settings.batch_poll_first_s,
+                                         max_poll_s=self._settings.batch_poll_max_s,
+                                         timeout_s=self._settings.batch_timeout_s)
             async for result in api.results(batch_id):
                 job = by_id.pop(result.custom_id, None)
                 # A cancelled job's result is still metered (the provider bills it) but settles nothing.
                 if job is not None and (result.type == "succeeded" or job.id not in lost):
-                    await self._settle(job, await self._outcome(job, profile, batch_id, result))
+                    await self._settle(job, await self._outcome(job, profile, batch, result))
         except ClaudepoolError as exc:
             log.warning("batch %s: %s; its unsettled jobs will be delivered again", batch_id, exc)
         finally:
             keeper.cancel()
             await asyncio.wait({keeper}, timeout=5.0)
 
-    async def _outcome(self, job: JobRecord, profile: str, batch_id: str, result: BatchResult) -> Outcome:
+    async def _outcome(self, job: JobRecord, profile: str, batch: BatchInfo, result: BatchResult) -> Outcome:
         if result.type == "succeeded" and result.message is not None:
-            return self._meter_result(job, profile, batch_id, result.message)
+            return self._meter_result(job, profile, batch, result)
         reason = result.error_message or f"the provider's batch request was {result.type}"
         code = f"batch_{result.type}"
         if request_of(job).fallback_to_pool and result.type in ("errored", "expired"):
@@ -199,24 +201,33 @@ class BatchLane:
                 return _failed(exc.code, str(exc))
         return _failed(code, reason)
 
-    def _meter_result(self, job: JobRecord, profile: str, batch_id: str, message: dict[str, Any]) -> Outcome:
-        usage = message.get("usage") or {}
-        tokens = {name: int(usage.get(name) or 0) for name in (
-            "input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")}
-        model = str(message.get("model") or "")
-        cost_usd = self._pricing.cost(model, batch=True, **tokens)
+    def _meter_result(self, job: JobRecord, profile: str, batch: BatchInfo, result: BatchResult) -> Outcome:
+        """Bill one succeeded request: one call record in the batch tier, at the batch price, dated
+        when the batch ended (``record_id`` ``batch:<job>``: the store counts it once)."""
+        assert result.message is not None
+        usage = result.usage()
+        model = usage.model or str(result.message.get("model") or "")
+        cost_usd = self._pricing.cost(
+            model, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+            cache_read_input_tokens=usage.cache_read_tokens, cache_creation_input_tokens=usage.cache_write_5m_tokens,
+            cache_write_1h_input_tokens=usage.cache_write_1h_tokens, batch=True)
+        ended_at = (batch.ended_at or datetime.now(UTC)).timestamp()
         self._meter.submit(UsageRecord(
             record_id=f"batch:{job.id}", request_id=job.id, tenant=job.tenant, profile=profile, model=model,
-            outcome="ok", at=time.time(), input_tokens=tokens["input_tokens"], output_tokens=tokens["output_tokens"],
-            cache_read_input_tokens=tokens["cache_read_input_tokens"],
-            cache_creation_input_tokens=tokens["cache_creation_input_tokens"], cost_usd=cost_usd, kind="batch",
-            message_id=message.get("id")))
-        text = "".join(block.get("text", "") for block in message.get("content") or []
+            outcome="ok", at=ended_at, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+            cache_read_input_tokens=usage.cache_read_tokens, cache_creation_input_tokens=usage.cache_write_tokens,
+            cache_write_1h_input_tokens=usage.cache_write_1h_tokens, cost_usd=cost_usd, kind="call",
+            service_tier="batch", message_id=usage.message_id,
+            duration_ms=round((ended_at - batch.created_at.timestamp()) * 1000, 2)))
+        tokens = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+                  "cache_read_input_tokens": usage.cache_read_tokens,
+                  "cache_creation_input_tokens": usage.cache_write_tokens}
+        text = "".join(block.get("text", "") for block in result.message.get("content") or []
                        if isinstance(block, dict) and block.get("type") == "text")
         return Outcome(status="succeeded", usage=tokens, cost_usd=cost_usd, result={
             "id": job.id, "tenant": job.tenant, "session": None, "text": text, "is_error": False,
-            "stop_reason": message.get("stop_reason"), "usage": tokens, "cost_usd": cost_usd, "model": model,
-            "batch_id": batch_id})
+            "stop_reason": usage.stop_reason, "usage": tokens, "cost_usd": cost_usd, "model": model,
+            "batch_id": batch.id})
 
     async def _settle(self, job: JobRecord, outcome: Outcome) -> None:
         await self._pool_lane.settle(job, outcome)

@@ -17,6 +17,9 @@ from typing import Any
 
 from claudepool.config import Settings
 from claudepool.daemon.service import PromptService
+from claudepool.gateway.batches import BatchApi
+from claudepool.gateway.settings import Upstream
+from claudepool.jobs.batch_lane import BatchLane
 from claudepool.jobs.door import JobDoor
 from claudepool.jobs.notify import JobWebhooks
 from claudepool.jobs.pool_lane import PoolLane
@@ -24,6 +27,7 @@ from claudepool.jobs.service import JobService
 from claudepool.jobs.settings import JobSettings
 from claudepool.jobs.store import JobStore
 from claudepool.jobs.webhooks import WebhookSender
+from claudepool.tenancy.budgets import PricingTable
 from claudepool.tenancy.tenants import TenantRegistry
 
 log = logging.getLogger(__name__)
@@ -58,15 +62,29 @@ def build_job_store(settings: JobSettings, *, store_url: str, key_prefix: str, s
 
 class Jobs:
     def __init__(self, store: JobStore, service: PromptService, tenants: TenantRegistry, settings: JobSettings, *,
-                 batch_lane: bool, has_tools: Callable[[str], bool], webhooks: JobWebhooks | None = None) -> None:
+                 has_tools: Callable[[str], bool], upstream_for: Callable[[str], Upstream] | None = None,
+                 pricing: PricingTable | None = None, webhooks: JobWebhooks | None = None) -> None:
+        """``upstream_for`` (a profile's provider address and key) turns the batch lane on."""
         self.store = store
         self.settings = settings
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.service = JobService(store, service.gate, settings, batch_lane=batch_lane, has_tools=has_tools)
+        self.service = JobService(store, service.gate, settings, batch_lane=upstream_for is not None,
+                                  has_tools=has_tools)
         self.door = JobDoor(tenants, self.service)
         self.pool_lane = PoolLane(store, service, tenants, settings, consumer=self.consumer,
                                   on_settled=self.service.ended)
-        self.service.on_submitted(lambda lane: self.pool_lane.wake() if lane == "pool" else None)
+        self._batch_apis: dict[str, BatchApi] = {}
+        self.batch_lane: BatchLane | None = None
+        if upstream_for is not None:
+            def api_for(profile: str) -> BatchApi:
+                if profile not in self._batch_apis:
+                    self._batch_apis[profile] = BatchApi(upstream_for(profile))
+                return self._batch_apis[profile]
+
+            self.batch_lane = BatchLane(store, api_for, gate=service.gate, tenants=tenants, meter=service.meter,
+                                        pricing=pricing or service.meter.pricing, settings=settings,
+                                        consumer=self.consumer, pool_lane=self.pool_lane, on_settled=self.service.ended)
+        self.service.on_submitted(self._wake)
         self.webhooks = webhooks
         if webhooks is not None:
             self.service.on_ended(webhooks.ended)
@@ -76,8 +94,16 @@ class Jobs:
         store = build_job_store(settings.jobs, store_url=settings.store.url.get_secret_value(),
                                 key_prefix=settings.store.key_prefix, socket_timeout_s=settings.store.socket_timeout_s,
                                 workdir=settings.pool.workdir)
-        return cls(store, service, tenants, settings.jobs, batch_lane=False,
-                   has_tools=lambda name: bool(settings.profile(name).tools), webhooks=_webhooks(settings, store))
+        return cls(store, service, tenants, settings.jobs,
+                   has_tools=lambda name: bool(settings.profile(name).tools or settings.profile(name).mcp_servers),
+                   upstream_for=settings.upstream_for if settings.jobs.batch_lane else None,
+                   webhooks=_webhooks(settings, store))
+
+    def _wake(self, lane: str) -> None:
+        if lane == "pool":
+            self.pool_lane.wake()
+        elif self.batch_lane is not None:
+            self.batch_lane.wake()
 
     async def start(self) -> None:
         await self.store.start()
@@ -88,9 +114,14 @@ class Jobs:
         loops: list[Loop] = [("jobs-pool-lane", self.pool_lane.run), ("jobs-purge", self.service.purge_forever)]
         if self.webhooks is not None:
             loops.append(("jobs-webhooks", self.webhooks.run))
+        if self.batch_lane is not None:
+            loops.append(("jobs-batch-lane", self.batch_lane.run))
         return loops
 
     async def close(self) -> None:
+        """After the loops have stopped: the provider clients, then the store."""
+        for api in self._batch_apis.values():
+            await api.close()
         await self.store.close()
 
 

@@ -42,9 +42,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from yarl import URL
 
 from claudepool.errors import BadRequest, Draining
+from claudepool.jobs.model import WebhookDelivery
 
 # Where one event's delivery stands: persisted on its job after every attempt.
-from claudepool.jobs.model import WebhookDelivery as DeliveryState
+DeliveryState = WebhookDelivery
 
 log = logging.getLogger(__name__)
 

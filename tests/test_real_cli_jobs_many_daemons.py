@@ -130,6 +130,7 @@ async def test_jobs_survive_a_daemon_killed_mid_run(
     assert sorted(await submit(alive[0].url, [f"job 0-{n}: answer briefly" for n in range(per)], "batch-0")) \
         == sorted(ids[:per])
     redelivered = [j for j in found.values() if j["attempts"] > 1]
+    assert redelivered  # the killed daemon held jobs: they were delivered again, and ended once
 
     for d in alive:
         d.proc.send_signal(signal.SIGTERM)

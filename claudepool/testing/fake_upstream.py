@@ -366,8 +366,8 @@ class FakeUpstream:
         }
 
 
-async def _serve(port: int) -> None:
-    upstream = FakeUpstream()
+async def _serve(port: int, batch_delay_s: float) -> None:
+    upstream = FakeUpstream(batch_delay_s=batch_delay_s)
     url = await upstream.start(port=port)
     print(f"fake upstream listening on {url}", flush=True)
     try:
@@ -379,9 +379,10 @@ async def _serve(port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=8788)
+    parser.add_argument("--batch-delay-s", type=float, default=0.2, help="how long a Message Batch takes to end")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(args.port))
+        asyncio.run(_serve(args.port, args.batch_delay_s))
 
 
 if __name__ == "__main__":

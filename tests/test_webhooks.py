@@ -13,6 +13,8 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -517,3 +519,16 @@ async def test_the_secret_and_the_urls_token_stay_out_of_the_logs(
     assert "job_1" in caplog.text and "127.0.0.1" in caplog.text  # the lines are there
     assert SECRET.decode() not in caplog.text and "tok-Zz81Qp" not in caplog.text
     assert SECRET.decode() not in repr(state)
+
+
+def test_the_readmes_verification_example_accepts_a_signature_and_refuses_a_forgery() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    snippet = readme.split("`claudepool.jobs.webhooks.verify`):\n\n```python\n", 1)[1].split("```", 1)[0]
+    scope: dict[str, Any] = {}
+    exec(snippet, scope)  # the code a tenant copies
+    body = b'{"type": "job.ended"}'
+    header = sign(b"s3cret", body, timestamp=int(time.time()))
+    assert scope["verify"](b"s3cret", header, body)
+    assert not scope["verify"](b"s3cret", header, body + b" ")
+    assert not scope["verify"](b"other", header, body)
+    assert not scope["verify"](b"s3cret", sign(b"s3cret", body, timestamp=int(time.time()) - 3600), body)

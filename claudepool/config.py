@@ -49,8 +49,7 @@ from pydantic_settings import (
 
 from claudepool.errors import ConfigError
 from claudepool.gateway.settings import EgressSettings, Upstream, UpstreamProfileSettings, UpstreamSettings
-from claudepool.jobs.settings import JobSettings
-from claudepool.jobs.webhooks import WebhookSettings
+from claudepool.jobs.settings import JobSettings, WebhookSettings
 from claudepool.pool.config import CapacityConfig, PoolConfig
 from claudepool.pool.memory import MiB
 from claudepool.pool.profile import Profile, SpawnSettings, routes_upstream

@@ -18,6 +18,7 @@ from claudepool.errors import RemoteError
 from claudepool.jobs.client import JobsClient
 from claudepool.jobs.webhooks import verify
 from tests.daemon_fixtures import ADMIN_KEY, KEYS, RunningDaemon, make_daemon
+from tests.helpers import spend
 
 __all__ = ["make_daemon"]
 
@@ -248,3 +249,34 @@ async def test_a_job_end_is_posted_to_the_tenants_webhook_signed(
     event = orjson.loads(body)
     assert headers["Claudepool-Event-Id"] == entry["id"] and event["type"] == "job.ended"
     assert event["job"]["result"]["text"] == "hooked" and "attempt_token" not in event["job"]
+
+
+@pytest.mark.parametrize("priority", ["batch", "interactive"])
+async def test_batch_jobs_use_only_what_interactive_requests_leave_free(make_daemon: Make, priority: str) -> None:
+    # One worker; twelve jobs of 0.3 s each are waiting. An interactive prompt then waits at most for
+    # the job running now, not for the rest. The negative control: jobs at interactive priority
+    # queue like requests, so the prompt waits behind those already waiting.
+    d = await make_daemon(pool={"min_idle": 1, "max_workers": 1}, jobs={"max_running": 12})
+    _, bulk = await call(d, "POST", "/v1/jobs/bulk", {"jobs": [
+        {"prompt": f"[[sleep:0.3]][[reply:j{i}]]", "priority": priority} for i in range(12)]})
+    async with asyncio.timeout(10):
+        while d.daemon.service.queued < 10:
+            await asyncio.sleep(0.02)
+    async with AsyncClient(key=ACME, url=d.url) as client:
+        answer = await client.prompt("[[reply:interactive]]", timeout_s=30)
+    ended_before = sum([(await call(d, "GET", f"/v1/jobs/{j['id']}"))[1]["status"] == "succeeded"
+                        for j in bulk["jobs"]])
+    if priority == "batch":
+        assert answer.queue_ms < 1000 and ended_before <= 3, (answer.queue_ms, ended_before)
+    else:
+        assert ended_before >= 8, (answer.queue_ms, ended_before)
+    for j in bulk["jobs"]:
+        await finished(d, j["id"], timeout_s=30)
+
+
+async def test_a_job_of_a_tenant_whose_budget_is_spent_fails_budget_exhausted(make_daemon: Make) -> None:
+    d = await make_daemon(tenants={"acme": {"daily_budget_usd": 0.0001}})
+    await spend(d.daemon.store, "acme", 1.0)
+    _, entry = await call(d, "POST", "/v1/jobs", {"prompt": "[[reply:never]]"})
+    job = await finished(d, entry["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "budget_exhausted", job

@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from claudepool.client import AsyncClient
+from claudepool.jobs.client import JobsClient
 from claudepool.testing.fake_upstream import FakeUpstream
 from tests.daemon_fixtures import KEY, KEYS, DaemonProcess, RunningDaemon, make_daemon, post, start_daemon
 from tests.helpers import pid_gone, until
@@ -106,5 +107,13 @@ async def test_dev_mode_answers_through_the_real_cli(
     ) as resp:
         assert resp.status == 200
         assert 'claudepool_requests_total{outcome="ok",tenant="dev"} 1.0' in await resp.text()
+    # Jobs on both lanes, end to end: the batch lane against the dev fake's Message Batches API.
+    async with AsyncClient(key="dev", url=daemon.url) as client:
+        jobs = JobsClient(client)
+        pooled = await jobs.submit("a job from the readme")
+        batched = await jobs.submit("a batch job from the readme", lane="batch_api")
+        assert (await jobs.wait(pooled["id"], timeout_s=60))["result"]["text"] == "ok: a job from the readme"
+        done = await jobs.wait(batched["id"], timeout_s=60)
+        assert done["status"] == "succeeded" and done["result"]["batch_id"]
     daemon.proc.send_signal(signal.SIGTERM)
     assert await daemon.wait_exit() == 0

@@ -22,12 +22,12 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from claudepool.errors import BadRequest, Draining
+from claudepool.jobs.settings import WebhookSettings
 from claudepool.jobs.webhooks import (
     EVENT_ID_HEADER,
     SIGNATURE_HEADER,
     DeliveryState,
     WebhookSender,
-    WebhookSettings,
     check_url,
     retry_delay_s,
     sign,

@@ -146,6 +146,14 @@ class Gate:
         """Requests admitted (or being admitted) that have no worker yet: what the queue bounds count."""
         return self._queued.total()
 
+    @property
+    def profile_names(self) -> frozenset[str]:
+        return frozenset(self.pools.configured)
+
+    @property
+    def default_timeout_s(self) -> float:
+        return self.limits.default_timeout_s
+
     async def admit(self, tenant: Tenant, request: PromptRequest, request_id: str) -> Admission:
         routed = self.router.resolve(tier=tenant.tier, kind=request.kind, profile=request.profile,
                                      model=request.model)

@@ -52,6 +52,7 @@ from claudepool.daemon.collectors import (
 )
 from claudepool.daemon.facade import Facade
 from claudepool.daemon.front_ends import FrontEnds
+from claudepool.daemon.jobs import Jobs
 from claudepool.daemon.metrics import RequestMetrics, StoreMetrics, TenantLabels, UsageMetrics, WorkerMetrics
 from claudepool.daemon.notify import Notifier
 from claudepool.daemon.pools import PoolRegistry
@@ -68,7 +69,6 @@ from claudepool.gateway.metrics import GatewayMetrics
 from claudepool.gateway.ratelimits import AccountLimits
 from claudepool.gateway.server import Gateway
 from claudepool.gateway.settings import Upstream
-from claudepool.jobs.runtime import Jobs
 from claudepool.logs import add_key_digests
 from claudepool.pool import sandbox
 from claudepool.pool.capacity import Capacity

@@ -104,6 +104,10 @@ class PromptService:
         admission = await self.admit(tenant, request, request_id)
         return await self.run(admission, on_event if request.stream else None)
 
+    async def serve(self, tenant: Tenant, request: PromptRequest, request_id: str) -> PromptResult:
+        """Admit and run a prompt for a tenant already known (a job): no stream."""
+        return await self.run(await self.admit(tenant, request, request_id))
+
     def refused(self, exc: BaseException, *, tenant: Tenant | None = None, request: PromptRequest | None = None,
                 request_id: str | None = None, started: float | None = None) -> None:
         """Count a request that ends before admission and write its one canonical log line.

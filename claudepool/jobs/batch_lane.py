@@ -26,12 +26,12 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from claudepool.daemon.admission import Gate
 from claudepool.errors import BudgetExhausted, ClaudepoolError
 from claudepool.gateway.batches import BatchApi, BatchInfo, BatchResult
 from claudepool.jobs.api import request_of
 from claudepool.jobs.model import JobFailure, JobRecord, Outcome
 from claudepool.jobs.pool_lane import OnSettled, PoolLane
+from claudepool.jobs.ports import Checks
 from claudepool.jobs.settings import JobSettings
 from claudepool.jobs.store import JobStore
 from claudepool.store.base import UsageRecord
@@ -46,7 +46,7 @@ _STORE_BACKOFF_S = 2.0
 
 
 class BatchLane:
-    def __init__(self, store: JobStore, api_for: Callable[[str], BatchApi], *, gate: Gate, tenants: TenantRegistry,
+    def __init__(self, store: JobStore, api_for: Callable[[str], BatchApi], *, gate: Checks, tenants: TenantRegistry,
                  meter: Meter, pricing: PricingTable, settings: JobSettings, consumer: str, pool_lane: PoolLane,
                  on_settled: OnSettled) -> None:
         self._store = store

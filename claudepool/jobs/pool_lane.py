@@ -2,7 +2,7 @@
 
 Each daemon runs one `PoolLane`. It claims at most ``jobs.max_running`` jobs at a time (so a daemon
 takes only what it can serve, and the others take the rest), and serves each through
-`PromptService.admit` / `run` at the job's priority: the tenant's limits, budget and fair share
+`PromptService.serve` at the job's priority: the tenant's limits, budget and fair share
 apply as to any request, and a ``batch`` job waits for capacity no interactive request wants.
 
 While a job runs its claim is kept alive by heartbeats; when a heartbeat finds the claim gone (the
@@ -23,7 +23,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from claudepool.daemon.service import PromptService
 from claudepool.errors import (
     ClaudepoolError,
     Draining,
@@ -36,6 +35,7 @@ from claudepool.errors import (
 )
 from claudepool.jobs.api import request_of
 from claudepool.jobs.model import JobFailure, JobRecord, Outcome
+from claudepool.jobs.ports import Serving
 from claudepool.jobs.settings import JobSettings
 from claudepool.jobs.store import JobStore
 from claudepool.tenancy.tenants import TenantRegistry
@@ -53,14 +53,15 @@ OnSettled = Callable[[JobRecord], Awaitable[None]]
 
 
 class PoolLane:
-    def __init__(self, store: JobStore, service: PromptService, tenants: TenantRegistry, settings: JobSettings,
-                 *, consumer: str, on_settled: OnSettled) -> None:
+    def __init__(self, store: JobStore, service: Serving, tenants: TenantRegistry, settings: JobSettings,
+                 *, consumer: str, on_settled: OnSettled, default_timeout_s: float) -> None:
         self._store = store
         self._service = service
         self._tenants = tenants
         self._settings = settings
         self._consumer = consumer
         self._on_settled = on_settled
+        self._default_timeout_s = default_timeout_s
         self._running: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
 
@@ -155,12 +156,11 @@ class PoolLane:
         request = request_of(job)
         worker_retries = 0
         started = time.monotonic()
-        timeout_s = request.timeout_s or self._service.gate.limits.default_timeout_s
+        timeout_s = request.timeout_s or self._default_timeout_s
         while True:
             try:
                 prompt = request.prompt_request()
-                admission = await self._service.admit(tenant, prompt, request_id=f"{job.id}-{job.attempts}")
-                result = await self._service.run(admission)
+                result = await self._service.serve(tenant, prompt, f"{job.id}-{job.attempts}")
             except Draining:
                 raise
             except _WAIT_OUT as exc:

@@ -20,10 +20,10 @@ from collections import defaultdict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
 
-from claudepool.daemon.admission import Gate
 from claudepool.errors import BadRequest, Forbidden, NotFound
 from claudepool.jobs.api import JobRequest, choose_lane, new_record
 from claudepool.jobs.model import JobRecord, JobStatus, Lane
+from claudepool.jobs.ports import Checks
 from claudepool.jobs.settings import JobSettings
 from claudepool.jobs.store import JobStore
 from claudepool.tenancy.tenants import Tenant
@@ -35,7 +35,7 @@ _MAX_LISTED = 1_000
 
 
 class JobService:
-    def __init__(self, store: JobStore, gate: Gate, settings: JobSettings, *, batch_lane: bool,
+    def __init__(self, store: JobStore, gate: Checks, settings: JobSettings, *, batch_lane: bool,
                  has_tools: Callable[[str], bool]) -> None:
         self.store = store
         self._gate = gate
@@ -74,7 +74,7 @@ class JobService:
     def _check(self, tenant: Tenant, job: JobRequest) -> Lane:
         routed = self._gate.router.resolve(tier=tenant.tier, kind=job.kind, profile=job.profile, model=job.model)
         profile = routed.profile or tenant.profile
-        if profile not in self._gate.pools.configured:
+        if profile not in self._gate.profile_names:
             raise NotFound(f"unknown profile {profile!r}")
         if profile not in tenant.profiles:
             raise Forbidden(f"profile {profile!r} is not allowed for this tenant")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import contextlib
+import ipaddress
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class JobSettings(BaseModel):
@@ -43,3 +47,46 @@ class JobSettings(BaseModel):
     batch_default_model: str = Field(default="claude-sonnet-4-5", min_length=1)
     # A batch request's max_tokens (the Messages API requires one).
     batch_max_tokens: int = Field(default=4_096, ge=1)
+
+
+class WebhookSettings(BaseModel):
+    """``[webhooks]``: where job webhooks may go and how hard they are retried."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    # Exact host names or IP literals a webhook URL may name (any port); empty: webhooks are off.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    # One attempt, connect to the end of the bounded read.
+    timeout_s: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=8, ge=1)
+    # Exponential back-off with full jitter: attempt n waits up to first_retry_s * 2**(n-1), at most max_retry_s.
+    first_retry_s: float = Field(default=1.0, ge=0)
+    max_retry_s: float = Field(default=300.0, ge=0)
+    # What is read of an answer; the rest is never read (the connection is closed).
+    max_response_bytes: int = Field(default=64 * 1024, ge=0)
+    # For receivers (`verify`): how old or new a signature's timestamp may be.
+    tolerance_s: float = Field(default=300.0, gt=0)
+    # Attempts in flight at once, over every delivery (a delivery waiting out its back-off holds none).
+    max_concurrent: int = Field(default=32, ge=1)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        return [normal_host(host) for host in hosts]
+
+
+def normal_host(host: str) -> str:
+    """``host`` as a URL's host compares: lower case, IDNA-encoded, IPv6 without brackets and
+    compressed, without a trailing dot. Raises ValueError for what cannot be a host."""
+    bare = host.strip().removeprefix("[").removesuffix("]").rstrip(".").lower()
+    if not bare:
+        raise ValueError(f"{host!r} is not a host")
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(bare).compressed
+    try:
+        encoded = bare.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"{host!r} is not a host") from None
+    if not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*", encoded):
+        raise ValueError(f"{host!r} is not a host")
+    return encoded

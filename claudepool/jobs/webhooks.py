@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import logging
 import random
 import re
@@ -38,11 +37,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from yarl import URL
 
 from claudepool.errors import BadRequest, Draining
 from claudepool.jobs.model import WebhookDelivery
+from claudepool.jobs.settings import WebhookSettings, normal_host
 
 # Where one event's delivery stands: persisted on its job after every attempt.
 DeliveryState = WebhookDelivery
@@ -55,43 +54,6 @@ EVENT_ID_HEADER = "Claudepool-Event-Id"
 _RETRIED_STATUSES = frozenset({408, 429})
 # How much of a refusing answer's body its DeliveryState keeps (for the tenant to debug its receiver).
 _ERROR_EXCERPT_CHARS = 200
-
-
-class WebhookSettings(BaseModel):
-    """``[webhooks]``: where job webhooks may go and how hard they are retried."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    # Exact host names or IP literals a webhook URL may name (any port); empty: webhooks are off.
-    allowed_hosts: list[str] = Field(default_factory=list)
-    # One attempt, connect to the end of the bounded read.
-    timeout_s: float = Field(default=10.0, gt=0)
-    max_attempts: int = Field(default=8, ge=1)
-    # Exponential back-off with full jitter: attempt n waits up to first_retry_s * 2**(n-1), at most max_retry_s.
-    first_retry_s: float = Field(default=1.0, ge=0)
-    max_retry_s: float = Field(default=300.0, ge=0)
-    # What is read of an answer; the rest is never read (the connection is closed).
-    max_response_bytes: int = Field(default=64 * 1024, ge=0)
-    # For receivers (`verify`): how old or new a signature's timestamp may be.
-    tolerance_s: float = Field(default=300.0, gt=0)
-    # Attempts in flight at once, over every delivery (a delivery waiting out its back-off holds none).
-    max_concurrent: int = Field(default=32, ge=1)
-
-    @field_validator("allowed_hosts")
-    @classmethod
-    def _hosts(cls, hosts: list[str]) -> list[str]:
-        return [normal_host(host) for host in hosts]
-
-
-def normal_host(host: str) -> str:
-    """``host`` as a URL's host compares: lower case, IDNA-encoded, IPv6 without brackets and
-    compressed, without a trailing dot. Raises ValueError for what cannot be a host."""
-    bare = host.strip().removeprefix("[").removesuffix("]").rstrip(".").lower()
-    if not bare:
-        raise ValueError(f"{host!r} is not a host")
-    with contextlib.suppress(ValueError):
-        return ipaddress.ip_address(bare).compressed
-    return str(URL.build(scheme="http", host=bare).raw_host)
 
 
 def _checked(url: str, allowed_hosts: list[str]) -> URL:

@@ -72,7 +72,7 @@ class Jobs:
                                   has_tools=has_tools)
         self.door = JobDoor(tenants, self.service)
         self.pool_lane = PoolLane(store, service, tenants, settings, consumer=self.consumer,
-                                  on_settled=self.service.ended)
+                                  on_settled=self.service.ended, default_timeout_s=service.gate.default_timeout_s)
         self._batch_apis: dict[str, BatchApi] = {}
         self.batch_lane: BatchLane | None = None
         if upstream_for is not None:

@@ -216,6 +216,15 @@ class RequestBudgetExhausted(BudgetExhausted):
     code = "request_budget_exhausted"
 
 
+class TooManyJobs(TenancyError):
+    """The tenant has ``jobs.max_open_jobs_per_tenant`` jobs queued or running: wait for some to end."""
+
+    code = "too_many_jobs"
+    status = 429
+    retryable = True
+    retry_after_s = 10.0
+
+
 class QueueFull(TenancyError):
     """The tenant's or the daemon's queue bound is reached."""
 

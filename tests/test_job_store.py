@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 import redis.asyncio
 
+from claudepool.errors import TooManyJobs
 from claudepool.jobs import model
 from claudepool.jobs.model import JobRecord, Lane, Outcome
 from claudepool.jobs.redis_store import RedisJobStore
 from claudepool.jobs.sqlite_store import SqliteJobStore
 from claudepool.jobs.store import JobStore
 from claudepool.testing import job_conformance as conformance
-from claudepool.testing import job_conformance_claims, job_conformance_kit
+from claudepool.testing import job_conformance_bounds, job_conformance_claims, job_conformance_kit
 from claudepool.testing.job_conformance_kit import job, ok, submit_one
 from tests.redis_server import RedisServer
 
@@ -66,7 +67,7 @@ async def test_conformance(check: conformance.JobCheck, make_store: conformance.
 
 def test_every_check_written_is_registered() -> None:
     # A coroutine function taking a store but missing its @check would silently never run.
-    written = {name for module in (conformance, job_conformance_claims)
+    written = {name for module in (conformance, job_conformance_claims, job_conformance_bounds)
                for name, value in vars(module).items()
                if inspect.iscoroutinefunction(value) and list(inspect.signature(value).parameters) == ["store"]}
     assert written == {one.name for one in conformance.CHECKS}
@@ -295,6 +296,21 @@ class TokenBlindHeartbeat(SqliteJobStore):
                                                               visibility_timeout_s=visibility_timeout_s)
 
 
+class CountBeforeWrite(SqliteJobStore):
+    """Counts the tenant's open jobs in one step and stores them in another: concurrent submissions
+    each see room, and together pass the bound."""
+
+    async def submit(self, jobs: Sequence[JobRecord], *, max_open_per_tenant: int = 0
+                     ) -> list[tuple[JobRecord, bool]]:
+        if max_open_per_tenant:
+            tenants = {j.tenant for j in jobs}
+            for tenant in tenants:
+                open_now = [j for j in await self.list_jobs(tenant, limit=100_000) if not j.terminal]
+                if len(open_now) + sum(j.tenant == tenant for j in jobs) > max_open_per_tenant:
+                    raise TooManyJobs("over the bound")
+        return await super().submit(jobs)
+
+
 def _factory(kind: type[SqliteJobStore], tmp_path: Path) -> conformance.JobStoreFactory:
     counter = iter(range(1_000_000))
 
@@ -321,6 +337,7 @@ async def _failing(make: conformance.JobStoreFactory, names: Sequence[str]) -> s
     (OverwritingSettle, ["the_first_settle_wins", "a_settle_after_a_cancel_changes_nothing"]),
     (NonExclusiveClaim, ["two_consumers_never_claim_the_same_job", "many_consumers_settle_each_job_exactly_once"]),
     (TokenBlindHeartbeat, ["an_expired_claim_is_taken_over_and_the_old_token_is_refused"]),
+    (CountBeforeWrite, ["concurrent_submissions_never_pass_the_bound"]),
 ], ids=lambda v: v.__name__ if isinstance(v, type) else None)
 async def test_the_suite_rejects_a_broken_store(broken: type[SqliteJobStore], caught_by: list[str],
                                                 tmp_path: Path) -> None:

@@ -280,3 +280,17 @@ async def test_a_job_of_a_tenant_whose_budget_is_spent_fails_budget_exhausted(ma
     _, entry = await call(d, "POST", "/v1/jobs", {"prompt": "[[reply:never]]"})
     job = await finished(d, entry["id"])
     assert job["status"] == "failed" and job["error"]["code"] == "budget_exhausted", job
+
+
+async def test_a_tenants_open_jobs_are_bounded(make_daemon: Make) -> None:
+    d = await make_daemon(jobs={"max_open_jobs_per_tenant": 3})
+    _, first = await call(d, "POST", "/v1/jobs/bulk", {"jobs": [{"prompt": "[[hang]]"}] * 3})
+    status, body = await call(d, "POST", "/v1/jobs", {"prompt": "[[reply:one too many]]"})
+    assert status == 429 and body["error"]["code"] == "too_many_jobs"
+    status, _ = await call(d, "POST", "/v1/jobs", {"prompt": "[[reply:another tenant's own]]"}, key=BETA)
+    assert status == 202
+    await call(d, "DELETE", f"/v1/jobs/{first['jobs'][0]['id']}")
+    status, _ = await call(d, "POST", "/v1/jobs", {"prompt": "[[reply:room again]]"})
+    assert status == 202
+    for j in first["jobs"][1:]:
+        await call(d, "DELETE", f"/v1/jobs/{j['id']}")

@@ -44,7 +44,7 @@ import orjson
 import redis.asyncio
 import redis.exceptions
 
-from claudepool.errors import JobConflict, JobNotFound, StoreError
+from claudepool.errors import JobConflict, JobNotFound, StoreError, TooManyJobs
 from claudepool.jobs import model
 from claudepool.jobs.model import JobPriority, JobRecord, JobStatus, Lane, Outcome, TransitionRefused, WebhookDelivery
 
@@ -102,6 +102,9 @@ class RedisJobStore:
     def _idem_key(self, tenant: str, key: str) -> str:
         return f"{self._prefix}{{{tenant}}}:idem:{key}"
 
+    def _open_key(self, tenant: str) -> str:
+        return f"{self._prefix}{{{tenant}}}:open"
+
     def _list_key(self, tenant: str) -> str:
         return f"{self._prefix}{{{tenant}}}:list"
 
@@ -118,20 +121,28 @@ class RedisJobStore:
 
     # -- the interface ---------------------------------------------------------------------------
 
-    async def submit(self, jobs: Sequence[JobRecord]) -> list[tuple[JobRecord, bool]]:
+    async def submit(self, jobs: Sequence[JobRecord], *, max_open_per_tenant: int = 0
+                     ) -> list[tuple[JobRecord, bool]]:
         if not jobs:
             return []
         keys: list[str] = []
-        args: list[Any] = [self._group]
+        args: list[Any] = [self._group, str(max_open_per_tenant)]
         for job in jobs:
             record = self._record_key(job.tenant, job.id)
             idem = self._idem_key(job.tenant, job.idempotency_key) if job.idempotency_key is not None else record
-            keys += [idem, record, self._list_key(job.tenant), self._stream(job.lane, job.priority)]
+            keys += [idem, record, self._list_key(job.tenant), self._stream(job.lane, job.priority),
+                     self._open_key(job.tenant)]
             args += ["0" if job.idempotency_key is None else "1", job.id, job.tenant, _dumps(job)]
         args += [repr(job.created_at) for job in jobs]
-        async with self._errors("submit"):
-            await self._ensure_groups()
-            replies = await self._submit(keys=keys, args=args)
+        try:
+            async with self._errors("submit"):
+                await self._ensure_groups()
+                replies = await self._submit(keys=keys, args=args)
+        except StoreError as exc:
+            if "too_many_jobs" not in str(exc):
+                raise
+            raise TooManyJobs(f"{str(exc).rsplit(' ', 1)[-1]} jobs would be open for this tenant, over its limit "
+                              f"of {max_open_per_tenant}") from None
         out: list[tuple[JobRecord, bool]] = []
         for job, prior in zip(jobs, replies, strict=True):
             prior_id = _text(prior)
@@ -274,7 +285,8 @@ class RedisJobStore:
         record = self._record_key(before.tenant, before.id)
         async with self._errors("write"):
             written = await self._cas(
-                keys=[record, self._stream(before.lane, before.priority), self._dead, self._ended],
+                keys=[record, self._stream(before.lane, before.priority), self._dead, self._ended,
+                      self._open_key(before.tenant)],
                 args=[version, _dumps(after), action, self._group, consumer or after.claimed_by or "",
                       repr(after.finished_at or 0.0), after.id, after.tenant])
         return bool(written)

@@ -65,7 +65,7 @@ class JobService:
             key = f"{idempotency_key}.{index}" if bulk and idempotency_key is not None else idempotency_key
             records.append(new_record(tenant.name, job, lane, idempotency_key=key,
                                       max_attempts=self.settings.max_attempts))
-        stored = await self.store.submit(records)
+        stored = await self.store.submit(records, max_open_per_tenant=self.settings.max_open_jobs_per_tenant)
         for lane in {r.lane for r, _ in stored}:
             for wake in self._wakers:
                 wake(lane)

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from claudepool.errors import JobNotFound, StoreError
+from claudepool.errors import JobNotFound, StoreError, TooManyJobs
 from claudepool.jobs import model
 from claudepool.jobs.model import JobRecord, JobStatus, Lane, Outcome, TransitionRefused, WebhookDelivery
 
@@ -60,6 +60,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (tenant, idempotency_
 CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (lane, status, priority, created_at);
 CREATE INDEX IF NOT EXISTS jobs_visible ON jobs (lane, status, visible_at);
 CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs (tenant, created_at);
+CREATE INDEX IF NOT EXISTS jobs_open ON jobs (tenant, status);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (status, finished_at);
 """
 
@@ -108,8 +109,20 @@ class SqliteJobStore:
 
     # -- the interface ---------------------------------------------------------------------------
 
-    async def submit(self, jobs: Sequence[JobRecord]) -> list[tuple[JobRecord, bool]]:
-        return await self._transaction(lambda db: [self._submit_one(db, job) for job in jobs])
+    async def submit(self, jobs: Sequence[JobRecord], *, max_open_per_tenant: int = 0
+                     ) -> list[tuple[JobRecord, bool]]:
+        def submit(db: sqlite3.Connection) -> list[tuple[JobRecord, bool]]:
+            out = [self._submit_one(db, job) for job in jobs]
+            if max_open_per_tenant:
+                for tenant in {job.tenant for job, created in out if created}:
+                    (count,) = db.execute("SELECT COUNT(*) FROM jobs WHERE tenant = ? AND status IN"
+                                          " ('queued', 'running')", (tenant,)).fetchone()
+                    if count > max_open_per_tenant:
+                        raise TooManyJobs(f"{count} jobs would be open for this tenant, over its limit of "
+                                          f"{max_open_per_tenant}")  # rolls the transaction back
+            return out
+
+        return await self._transaction(submit)
 
     async def get(self, tenant: str, job_id: str) -> JobRecord:
         return await self._transaction(lambda db: self._load(db, tenant, job_id))

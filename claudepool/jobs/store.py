@@ -19,9 +19,12 @@ class JobStore(Protocol):
         """Open (and create) what the store needs; before any other call."""
         ...
 
-    async def submit(self, jobs: Sequence[JobRecord]) -> list[tuple[JobRecord, bool]]:
+    async def submit(self, jobs: Sequence[JobRecord], *, max_open_per_tenant: int = 0
+                     ) -> list[tuple[JobRecord, bool]]:
         """Store new ``queued`` jobs, in order, all at once. A job whose tenant already has a job with
-        its ``idempotency_key`` is not stored again: its entry is that job and False."""
+        its ``idempotency_key`` is not stored again: its entry is that job and False. With
+        ``max_open_per_tenant``, `TooManyJobs` (and nothing stored) when a tenant's queued and running
+        jobs would exceed it, checked in the same atomic step as the write."""
         ...
 
     async def get(self, tenant: str, job_id: str) -> JobRecord:

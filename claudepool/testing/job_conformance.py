@@ -31,7 +31,7 @@ import time
 from claudepool.errors import JobNotFound
 from claudepool.jobs.model import JobFailure, Outcome, WebhookDelivery
 from claudepool.jobs.store import JobStore
-from claudepool.testing import job_conformance_claims
+from claudepool.testing import job_conformance_bounds, job_conformance_claims
 from claudepool.testing.conformance_kit import raises
 from claudepool.testing.job_conformance_kit import (
     CHECKS,
@@ -46,7 +46,8 @@ from claudepool.testing.job_conformance_kit import (
     submit_one,
 )
 
-__all__ = ["CHECKS", "JobCheck", "JobStoreFactory", "job_conformance_claims", "run", "run_all"]
+__all__ = ["CHECKS", "JobCheck", "JobStoreFactory", "job_conformance_bounds", "job_conformance_claims", "run",
+           "run_all"]
 
 # -- submit, get, list ---------------------------------------------------------------------------
 

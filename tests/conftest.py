@@ -22,6 +22,7 @@ from claudepool.pool.pool import Pool
 from claudepool.pool.profile import Profile
 from claudepool.pool.reaper import default_reaper
 from claudepool.testing.fake_upstream import FakeUpstream
+from tests.helpers import running
 from tests.redis_server import _redis_server, redis_url
 
 # Re-exported so every test module can use a real redis-server without importing it.
@@ -92,12 +93,8 @@ def fake_profile(make_fake_profile: Callable[..., Profile]) -> Profile:
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[FakeUpstream]:
-    server = FakeUpstream()
-    await server.start()
-    try:
+    async with running(FakeUpstream()) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture

@@ -10,10 +10,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import psutil
+from aiohttp import web
 
 from claudepool.pool.worker import TurnResult
 from claudepool.protocol.cli_events import CliEvent
 from claudepool.store.base import Store, UsageRecord
+from claudepool.testing.fake_upstream import FakeUpstream
 
 
 async def collect(turn: AsyncIterator[CliEvent | TurnResult], timeout_s: float = 30.0) -> tuple[
@@ -78,3 +80,27 @@ async def spend(store: Store, tenant: str, cost_usd: float) -> None:
     assert await store.settle(UsageRecord(record_id=f"spent-{tenant}-{time.monotonic_ns()}", request_id="earlier",
                                           tenant=tenant, profile="default", model="m", outcome="ok", at=time.time(),
                                           cost_usd=cost_usd, kind="call"))
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """``app`` on a free loopback port for the block: its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def running(server: FakeUpstream) -> AsyncIterator[FakeUpstream]:
+    """The fake upstream started for the block, stopped after it."""
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()

@@ -11,7 +11,6 @@ import aiohttp
 import anthropic
 import orjson
 import pytest
-from aiohttp import web
 
 from claudepool.daemon.http_api import build_app
 from claudepool.errors import (
@@ -28,6 +27,7 @@ from claudepool.tenancy.models import ModelCatalog, ProfileModel
 from claudepool.tenancy.routing import Router
 from claudepool.tenancy.tenants import Tenant
 from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
+from tests.helpers import serving
 
 __all__ = ["make_daemon"]
 
@@ -227,15 +227,8 @@ class ScriptedMessages:
 async def scripted() -> AsyncIterator[tuple[str, ScriptedMessages]]:
     api = ScriptedMessages()
     app = build_app(api, max_prompt_bytes=1 << 20, messages=api)  # type: ignore[arg-type]
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}", api
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield url, api
 
 
 @pytest.mark.parametrize(("error", "sdk_class", "status", "kind"), [

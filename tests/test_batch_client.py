@@ -27,7 +27,7 @@ from claudepool.tenancy import budgets
 from claudepool.tenancy.budgets import Price, PricingTable
 from claudepool.tenancy.settings import PriceSettings
 from claudepool.testing.fake_upstream import FakeUpstream
-from tests.helpers import closed_port_url
+from tests.helpers import closed_port_url, running
 
 KEY = "sk-ant-api03-batch-client"
 ADMIN = "sk-ant-admin01-batch-org"
@@ -37,12 +37,8 @@ PROVIDER_PRICES = PricingTable({"default": LIST})
 
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeUpstream]:
-    server = FakeUpstream(admin_key=ADMIN, pricing=PROVIDER_PRICES)
-    await server.start()
-    try:
+    async with running(FakeUpstream(admin_key=ADMIN, pricing=PROVIDER_PRICES)) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 def upstream_at(base_url: str) -> Upstream:

@@ -16,7 +16,7 @@ import pytest
 from claudepool.tenancy.budgets import Price, PricingTable
 from claudepool.testing.fake_admin_api import COST_PATH, USAGE_PATH
 from claudepool.testing.fake_upstream import FakeUpstream
-from tests.helpers import until
+from tests.helpers import running, until
 
 ADMIN = "sk-ant-admin01-fake-org"
 PRICES = PricingTable({"default": Price(3.0, 15.0, 0.3, 3.75, 6.0), "m-b": Price(1.0, 5.0, 0.1, 1.25)})
@@ -25,12 +25,8 @@ FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_cre
 
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeUpstream]:
-    server = FakeUpstream(admin_key=ADMIN, pricing=PRICES)
-    await server.start()
-    try:
+    async with running(FakeUpstream(admin_key=ADMIN, pricing=PRICES)) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 def tokens_of(usage: dict[str, Any] | None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from anthropic.types.messages.batch_create_params import Request
 from claudepool.tenancy.budgets import Price, PricingTable
 from claudepool.testing.fake_admin_api import BATCH_PRICE_FACTOR, COST_PATH, USAGE_PATH
 from claudepool.testing.fake_upstream import FakeUpstream
-from tests.helpers import eventually
+from tests.helpers import eventually, running
 
 ADMIN = "sk-ant-admin01-fake-org"
 KEY = "sk-ant-api03-batches"
@@ -28,12 +28,8 @@ PRICES = PricingTable({"default": Price(3.0, 15.0, 0.3, 3.75, 6.0)})
 
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeUpstream]:
-    server = FakeUpstream(admin_key=ADMIN, pricing=PRICES)
-    await server.start()
-    try:
+    async with running(FakeUpstream(admin_key=ADMIN, pricing=PRICES)) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture

@@ -44,14 +44,7 @@ class RedisJobStoreOwningItsClient(RedisJobStore):
 @pytest.fixture(params=["sqlite", "redis"])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> conformance.JobStoreFactory:
     if request.param == "sqlite":
-        counter = iter(range(1_000_000))
-
-        async def sqlite_store() -> JobStore:
-            store = SqliteJobStore(tmp_path / f"jobs-{next(counter)}.db")
-            await store.start()
-            return store
-
-        return sqlite_store
+        return _factory(SqliteJobStore, tmp_path)
     url = request.getfixturevalue("redis_url")  # emptied for this test
 
     async def redis_store() -> JobStore:

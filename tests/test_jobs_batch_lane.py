@@ -19,6 +19,7 @@ from claudepool.tenancy.budgets import Price, PricingTable
 from claudepool.testing.fake_batches import BATCHES_PATH
 from claudepool.testing.fake_upstream import FakeUpstream
 from tests.daemon_fixtures import RunningDaemon, make_daemon
+from tests.helpers import running
 from tests.test_jobs_http import call, finished
 from tests.test_tenancy import FAKE_PRICING
 
@@ -64,9 +65,7 @@ async def test_batch_lane_jobs_are_answered_by_the_batches_api_at_half_price(
 
 
 async def test_the_batch_ledger_reconciles_with_the_providers_report(make_daemon: Make, tmp_path: Path) -> None:
-    org = FakeUpstream(admin_key=ADMIN, pricing=PROVIDER_PRICES)
-    await org.start()
-    try:
+    async with running(FakeUpstream(admin_key=ADMIN, pricing=PROVIDER_PRICES)) as org:
         ledger_file = tmp_path / "ledger.jsonl"
         d = await make_daemon(upstream={"base_url": org.base_url, "api_key": "sk-ant-test", "admin_key": ADMIN},
                               pricing=FAKE_PRICING, jobs=FAST, metering={"ledger_file": str(ledger_file)})
@@ -81,8 +80,6 @@ async def test_the_batch_ledger_reconciles_with_the_providers_report(make_daemon
         assert set(rows) == {"claude-sonnet-4-5 (batch)"}, rows
         row = rows["claude-sonnet-4-5 (batch)"]
         assert row.within(plan.tolerance) and row.ledger.calls == 4, row.difference()
-    finally:
-        await org.stop()
 
 
 @pytest.mark.parametrize("fallback", [True, False])

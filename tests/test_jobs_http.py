@@ -18,7 +18,7 @@ from claudepool.errors import RemoteError
 from claudepool.jobs.client import JobsClient
 from claudepool.jobs.webhooks import verify
 from tests.daemon_fixtures import ADMIN_KEY, KEYS, RunningDaemon, make_daemon
-from tests.helpers import spend
+from tests.helpers import serving, spend
 
 __all__ = ["make_daemon"]
 
@@ -215,15 +215,8 @@ async def receiver() -> AsyncIterator[tuple[str, list[tuple[dict[str, str], byte
 
     app = web.Application()
     app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}/hook", got
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield f"{url}/hook", got
 
 
 @pytest.mark.parametrize("allowed", [True, False])

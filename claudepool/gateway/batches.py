@@ -31,7 +31,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from claudepool.errors import BatchApiError, BatchWaitTimeout, UpstreamUnreachable
-from claudepool.gateway.forward import request_headers
+from claudepool.gateway.forward import close_session, request_headers
 from claudepool.gateway.settings import API_VERSION, Upstream
 from claudepool.gateway.usage import CallUsage, usage_of_message
 
@@ -138,10 +138,7 @@ class BatchApi:
 
     async def close(self, timeout_s: float = 5.0) -> None:
         session, self._session = self._session, None
-        if session is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout_s):
-                    await session.close()
+        await close_session(session, timeout_s)
 
     async def create(self, requests: Sequence[tuple[str, dict[str, Any]]]) -> BatchInfo:
         """Send one batch: each request is a ``custom_id`` and the body of a non-streamed /v1/messages call."""

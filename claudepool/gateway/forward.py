@@ -81,6 +81,14 @@ IDLE_ERROR_EVENT = (b'event: error\ndata: {"type":"error","error":{"type":"overl
 _STREAMED = re.compile(rb'"stream"\s*:\s*true')
 
 
+async def close_session(session: aiohttp.ClientSession | None, timeout_s: float) -> None:
+    """Close a client session within ``timeout_s`` (a peer that never answers must not hold a shutdown)."""
+    if session is not None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await session.close()
+
+
 class Forwarder:
     """The gateway's one client session, and the relay of each call through it.
 
@@ -106,10 +114,7 @@ class Forwarder:
 
     async def close(self, timeout_s: float) -> None:
         session, self._session = self._session, None
-        if session is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout_s):
-                    await session.close()
+        await close_session(session, timeout_s)
 
     async def forward(self, request: web.Request, body: bytes, upstream: Upstream, call: Call,
                       on_chunk: Callable[[bytes], None],

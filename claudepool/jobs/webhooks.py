@@ -26,7 +26,6 @@ False
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -40,6 +39,7 @@ import aiohttp
 from yarl import URL
 
 from claudepool.errors import BadRequest, Draining
+from claudepool.gateway.forward import close_session
 from claudepool.jobs.model import WebhookDelivery
 from claudepool.jobs.settings import WebhookSettings, normal_host
 
@@ -168,10 +168,7 @@ class WebhookSender:
 
     async def close(self, timeout_s: float) -> None:
         session, self._session = self._session, None
-        if session is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout_s):
-                    await session.close()
+        await close_session(session, timeout_s)
 
     async def deliver(self, url: str, secret: bytes, event_id: str, payload: bytes,
                       on_state: OnState | None = None) -> DeliveryState:

@@ -205,6 +205,16 @@ FRAME_FIELDS: dict[str, tuple[dict[str, Any], dict[str, list[tuple[Any, bool]]]]
     "session.delete": ({"op": "session.delete", "key": KEYS["acme"], "session": "s_0123456789abcdef"},
                        {"key": WRONG_FOR_STR, "session": WRONG_FOR_STR}),
 }
+WRONG_FOR_OBJECT = [("SECRET-job", False), (5, False), (["x"], False), (True, False)]
+WRONG_FOR_OBJECTS = [("SECRET-jobs", False), ({"prompt": "x"}, False), (True, False), (5, False)]
+WRONG_FOR_STATUS = [(1, False), (True, False), (["queued"], False), ("SECRET-done", False)]
+WRONG_FOR_LIMIT = [("5", True), (1.5, False), (0, False), (100_000, False), (None, False)]
+for _op in ("job.submit", "job.bulk", "job.get", "job.list", "job.cancel"):
+    FRAME_FIELDS[_op] = ({"op": _op, "key": KEYS["acme"], "job_id": "job_0123"}, {
+        "key": WRONG_FOR_STR, "job": WRONG_FOR_OBJECT, "jobs": WRONG_FOR_OBJECTS,
+        "idempotency_key": [*WRONG_FOR_OPTIONAL_STR, ("", False)], "job_id": WRONG_FOR_OPTIONAL_STR,
+        "tenant": WRONG_FOR_OPTIONAL_STR, "status": WRONG_FOR_STATUS, "since": WRONG_FOR_FLOAT,
+        "limit": WRONG_FOR_LIMIT})
 for _, _fields in FRAME_FIELDS.values():  # every frame has an id and an op
     _fields.update(id=WRONG_FOR_STR, op=WRONG_FOR_LITERAL)
 

@@ -267,7 +267,7 @@ class NonExclusiveClaim(SqliteJobStore):
     """Reads the candidates, then writes its claims without looking again: two consumers both win."""
 
     async def claim(self, lane: Lane, consumer: str, *, visibility_timeout_s: float, limit: int = 1,
-                    now: float | None = None) -> list[JobRecord]:
+                    now: float | None = None, ended: list[JobRecord] | None = None) -> list[JobRecord]:
         at = time.time() if now is None else now
         rows = await self._transaction(lambda db: db.execute(
             "SELECT record FROM jobs WHERE lane = ? AND status = 'queued' ORDER BY priority, created_at LIMIT ?",

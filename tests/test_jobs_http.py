@@ -287,3 +287,20 @@ async def test_a_tenants_open_jobs_are_bounded(make_daemon: Make) -> None:
     assert status == 202
     for j in first["jobs"][1:]:
         await call(d, "DELETE", f"/v1/jobs/{j['id']}")
+
+
+async def test_a_job_past_its_deadline_fails_and_its_tenant_is_told(
+        make_daemon: Make, receiver: tuple[str, list[tuple[dict[str, str], bytes]]]) -> None:
+    url, got = receiver
+    d = await make_daemon(tenants={"acme": {"webhook_url": url, "webhook_secret": "whsec-0123"}},
+                          webhooks={"allowed_hosts": ["127.0.0.1"]}, jobs={"max_running": 1})
+    _, busy = await call(d, "POST", "/v1/jobs", {"prompt": "[[sleep:1]][[reply:slow]]"})
+    _, late = await call(d, "POST", "/v1/jobs", {"prompt": "[[reply:too late]]", "deadline_s": 0.2})
+    job = await finished(d, late["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "deadline_exceeded"
+    await finished(d, busy["id"])
+    async with asyncio.timeout(10):
+        while len(got) < 2:
+            await asyncio.sleep(0.05)
+    told = {orjson.loads(body)["job"]["id"]: orjson.loads(body)["job"]["status"] for _, body in got}
+    assert told == {late["id"]: "failed", busy["id"]: "succeeded"}

@@ -93,13 +93,17 @@ class BatchLane:
         task.add_done_callback(self._batches.discard)
 
     async def _claim(self, limit: int) -> list[JobRecord]:
+        ended: list[JobRecord] = []
         try:
-            return await self._store.claim("batch_api", self._consumer, limit=limit,
-                                           visibility_timeout_s=self._settings.visibility_timeout_s)
+            claimed = await self._store.claim("batch_api", self._consumer, limit=limit, ended=ended,
+                                              visibility_timeout_s=self._settings.visibility_timeout_s)
         except ClaudepoolError as exc:
             log.warning("job store unavailable for the batch lane: %s", exc)
             await asyncio.sleep(_STORE_BACKOFF_S)
             return []
+        for job in ended:
+            await self._on_settled(job)
+        return claimed
 
     async def _gather(self) -> list[JobRecord]:
         """The next batch's jobs: the first claimed, then whatever arrives within the window."""

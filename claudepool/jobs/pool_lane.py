@@ -81,11 +81,12 @@ class PoolLane:
             while True:
                 free = self._settings.max_running - len(self._running)
                 claimed: list[JobRecord] = []
+                ended: list[JobRecord] = []
                 if free > 0 and not self._service.draining:
                     try:
                         claimed = await self._store.claim(
                             "pool", self._consumer, visibility_timeout_s=self._settings.visibility_timeout_s,
-                            limit=free)
+                            limit=free, ended=ended)
                         failures = 0
                     except ClaudepoolError as exc:
                         delay_s = _STORE_BACKOFF_S[min(failures, len(_STORE_BACKOFF_S) - 1)]
@@ -93,6 +94,8 @@ class PoolLane:
                         log.warning("job store unavailable, claiming again in %gs: %s", delay_s, exc)
                         await asyncio.sleep(delay_s)
                         continue
+                for job in ended:  # past its deadline, or dead-lettered: its end is told like any
+                    await self._on_settled(job)
                 for job in claimed:
                     task = asyncio.create_task(self._attempt(job), name=f"job-{job.id}")
                     self._running[job.id] = task

@@ -179,7 +179,7 @@ class RedisJobStore:
         return out
 
     async def claim(self, lane: Lane, consumer: str, *, visibility_timeout_s: float, limit: int = 1,
-                    now: float | None = None) -> list[JobRecord]:
+                    now: float | None = None, ended: list[JobRecord] | None = None) -> list[JobRecord]:
         at = time.time() if now is None else now
         out: list[JobRecord] = []
         async with self._errors("claim"):
@@ -189,13 +189,13 @@ class RedisJobStore:
                 # Expired claims first: they were queued before anything still new in this stream.
                 if len(out) < limit:
                     for entry in await self._expired(stream, consumer, visibility_timeout_s, limit - len(out)):
-                        await self._take(stream, entry, consumer, at, visibility_timeout_s, out)
+                        await self._take(stream, entry, consumer, at, visibility_timeout_s, out, ended)
                 while len(out) < limit:
                     entries = await self._new(stream, consumer, limit - len(out))
                     if not entries:
                         break
                     for entry in entries:
-                        await self._take(stream, entry, consumer, at, visibility_timeout_s, out)
+                        await self._take(stream, entry, consumer, at, visibility_timeout_s, out, ended)
         return out
 
     async def heartbeat(self, tenant: str, job_id: str, token: str, *, visibility_timeout_s: float) -> bool:
@@ -320,7 +320,7 @@ class RedisJobStore:
         return [(_text(entry_id), _fields(raw)) for entry_id, raw in entries if raw is not None]
 
     async def _take(self, stream: str, entry: tuple[str, dict[str, str]], consumer: str, at: float,
-                    visibility_timeout_s: float, out: list[JobRecord]) -> None:
+                    visibility_timeout_s: float, out: list[JobRecord], ended: list[JobRecord] | None) -> None:
         """Claim the job of one delivered entry into ``out``, if the model lets this consumer have it."""
         entry_id, fields = entry
         try:
@@ -338,8 +338,11 @@ class RedisJobStore:
             return
         action = {"running": "keep", "dead": "dead"}.get(moved.status, "end")
         # Lost the race: another move (a cancel) came first, so the job is not ours.
-        if await self._write(job, version, moved, action, consumer) and moved.status == "running":
-            out.append(moved)
+        if await self._write(job, version, moved, action, consumer):
+            if moved.status == "running":
+                out.append(moved)
+            elif ended is not None:
+                ended.append(moved)
 
     async def _drop(self, stream: str, entry_id: str) -> None:
         await self._redis.xack(stream, self._group, entry_id)

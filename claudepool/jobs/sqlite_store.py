@@ -142,7 +142,7 @@ class SqliteJobStore:
         return [_loads(raw) for (raw,) in rows]
 
     async def claim(self, lane: Lane, consumer: str, *, visibility_timeout_s: float, limit: int = 1,
-                    now: float | None = None) -> list[JobRecord]:
+                    now: float | None = None, ended: list[JobRecord] | None = None) -> list[JobRecord]:
         at = time.time() if now is None else now
 
         def claim(db: sqlite3.Connection) -> list[JobRecord]:
@@ -167,6 +167,8 @@ class SqliteJobStore:
                     self._write(db, moved)
                     if moved.status == "running":
                         out.append(moved)
+                    elif ended is not None:
+                        ended.append(moved)
             return out
 
         return await self._transaction(claim)

@@ -37,10 +37,11 @@ class JobStore(Protocol):
         ...
 
     async def claim(self, lane: Lane, consumer: str, *, visibility_timeout_s: float, limit: int = 1,
-                    now: float | None = None) -> list[JobRecord]:
+                    now: float | None = None, ended: list[JobRecord] | None = None) -> list[JobRecord]:
         """Up to ``limit`` jobs of ``lane`` for ``consumer``, ``interactive`` ones before ``batch``,
         oldest first: queued jobs and jobs whose claim expired. A claimed job past its deadline or its
-        delivery cap is failed or dead-lettered instead and not returned."""
+        delivery cap is failed or dead-lettered instead and not returned: it is appended to ``ended``
+        (so the claimant can tell its tenant, as of any job's end)."""
         ...
 
     async def heartbeat(self, tenant: str, job_id: str, token: str, *, visibility_timeout_s: float) -> bool:

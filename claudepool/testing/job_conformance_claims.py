@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections import Counter
 
+from claudepool.jobs.model import JobRecord
 from claudepool.jobs.store import JobStore
 from claudepool.testing.job_conformance_kit import (
     HELD_VT_S,
@@ -146,8 +147,10 @@ async def dead_letters_are_listed_oldest_first(store: JobStore) -> None:
     # No delivery allowed at all: the first claim dead-letters each.
     records = [job(max_attempts=0, tenant=tenant) for tenant in ("acme", "beta", "acme")]
     await store.submit(records)
+    ended: list[JobRecord] = []
     for _ in records:
-        assert await claim_one(store, "c1") is None
+        assert await store.claim("pool", "c1", visibility_timeout_s=LONG_VT_S, ended=ended) == []
+    assert [(j.id, j.status) for j in ended] == [(r.id, "dead") for r in records]
     assert [j.id for j in await store.dead_letters()] == [r.id for r in records]
     assert [j.id for j in await store.dead_letters(limit=2)] == [r.id for r in records[:2]]
 
@@ -158,8 +161,10 @@ async def a_job_past_its_deadline_fails_instead_of_running(store: JobStore) -> N
     late = job(deadline_at=now + 100)
     fine = job()
     await store.submit([late, fine])
-    got = await store.claim("pool", "c1", visibility_timeout_s=LONG_VT_S, limit=1, now=now + 200)
+    ended: list[JobRecord] = []
+    got = await store.claim("pool", "c1", visibility_timeout_s=LONG_VT_S, limit=1, now=now + 200, ended=ended)
     assert [j.id for j in got] == [fine.id]  # the late one ended, and the claim went on to the next
+    assert [(j.id, j.status) for j in ended] == [(late.id, "failed")]  # told, so its tenant can be
     failed = await store.get("acme", late.id)
     assert failed.status == "failed" and failed.error is not None
     assert failed.error.code == "deadline_exceeded"

@@ -229,7 +229,7 @@ async def test_a_job_end_is_posted_to_the_tenants_webhook_signed(
     _, entry = await call(d, "POST", "/v1/jobs", {"prompt": "[[reply:hooked]]"})
     await finished(d, entry["id"])
     async with asyncio.timeout(10):
-        while (job := (await call(d, "GET", f"/v1/jobs/{entry['id']}"))[1]).get("webhook", {}).get(
+        while ((job := (await call(d, "GET", f"/v1/jobs/{entry['id']}"))[1]).get("webhook") or {}).get(
                 "state") in (None, "pending"):
             await asyncio.sleep(0.05)
     if not allowed:  # the negative control: a host off the allow-list is never called
@@ -304,3 +304,34 @@ async def test_a_job_past_its_deadline_fails_and_its_tenant_is_told(
             await asyncio.sleep(0.05)
     told = {orjson.loads(body)["job"]["id"]: orjson.loads(body)["job"]["status"] for _, body in got}
     assert told == {late["id"]: "failed", busy["id"]: "succeeded"}
+
+
+async def test_a_restart_resumes_a_webhook_delivery_left_pending(make_daemon: Make, tmp_path: Path) -> None:
+    statuses = [503]
+    got: list[bytes] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        got.append(await request.read())
+        return web.Response(status=statuses[0])
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    async with serving(app) as url:
+        config: dict[str, Any] = {
+            "tenants": {"acme": {"webhook_url": f"{url}/hook", "webhook_secret": "whsec-0123"}},
+            "webhooks": {"allowed_hosts": ["127.0.0.1"], "first_retry_s": 3600.0, "max_retry_s": 3600.0},
+            "jobs": {"path": str(tmp_path / "jobs.sqlite3")}}
+        d = await make_daemon(**config)
+        _, entry = await call(d, "POST", "/v1/jobs", {"prompt": "[[reply:told later]]"})
+        async with asyncio.timeout(10):
+            while ((await call(d, "GET", f"/v1/jobs/{entry['id']}"))[1].get("webhook") or {}).get("attempts") != 1:
+                await asyncio.sleep(0.05)
+        d.daemon.request_stop()  # its next attempt was an hour away: the delivery is left pending
+        assert await d.task == 0
+        statuses[0] = 204
+        again = await make_daemon(**config, server={"socket": str(tmp_path / "cp2.sock")})
+        async with asyncio.timeout(10):
+            while (job := (await call(again, "GET", f"/v1/jobs/{entry['id']}"))[1])["webhook"]["state"] != (
+                    "delivered"):
+                await asyncio.sleep(0.05)
+    assert len(got) == 2 and orjson.loads(got[-1])["job"]["id"] == entry["id"] and job["status"] == "succeeded"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 
 import orjson
@@ -21,6 +22,9 @@ from claudepool.jobs.webhooks import WebhookSender
 log = logging.getLogger(__name__)
 
 _CLOSE_TIMEOUT_S = 5.0
+# At start, the ended jobs of this last hour whose delivery a stopped daemon left are delivered.
+_RECOVERY_WINDOW_S = 3600.0
+_RECOVERY_PAGE = 500
 
 
 class JobWebhooks:
@@ -57,9 +61,36 @@ class JobWebhooks:
     async def start(self) -> None:
         await self._sender.start()
 
+    async def recover(self, window_s: float = _RECOVERY_WINDOW_S) -> int:
+        """Deliver again what a stopped daemon left undelivered: the ended jobs of the last
+        ``window_s`` whose webhook is pending or was never started. Another daemon may be delivering
+        some of them now; a receiver sees those twice (at least once), never none."""
+        since = time.time() - window_s
+        resumed = 0
+        for tenant in self._targets:
+            after = since
+            while True:
+                page = await self._store.list_jobs(tenant, since=after, limit=_RECOVERY_PAGE)
+                for record in page:
+                    if (record.terminal and (record.finished_at or 0) >= since
+                            and (record.webhook is None or record.webhook.state == "pending")):
+                        await self.ended(record)
+                        resumed += 1
+                if len(page) < _RECOVERY_PAGE:
+                    break
+                after = page[-1].created_at + 1e-6
+        if resumed:
+            log.info("resumed %d webhook deliveries a stopped daemon had left", resumed)
+        return resumed
+
     async def run(self) -> None:
-        """Hold the sender open; on the way out stop the deliveries (their state stays pending)."""
+        """Hold the sender open (after resuming what was left); on the way out stop the deliveries
+        (their state stays pending, for `recover`)."""
         try:
+            try:
+                await self.recover()
+            except Exception as exc:  # a store outage: what was pending stays so until the next start
+                log.warning("could not resume pending webhook deliveries: %s", exc)
             await asyncio.Event().wait()
         finally:
             for task in list(self._deliveries):

@@ -18,7 +18,7 @@ from claudepool.errors import RemoteError
 from claudepool.jobs.client import JobsClient
 from claudepool.jobs.webhooks import verify
 from tests.daemon_fixtures import ADMIN_KEY, KEYS, RunningDaemon, make_daemon
-from tests.helpers import serving, spend
+from tests.helpers import serving, spend, until
 
 __all__ = ["make_daemon"]
 
@@ -54,6 +54,9 @@ async def test_a_job_runs_on_a_pool_worker_and_keeps_its_result(make_daemon: Mak
     assert job["result"]["text"] == "done" and job["metadata"] == {"doc": "7"}
     assert job["usage"]["output_tokens"] > 0 and job["cost_usd"] > 0 and job["attempts"] == 1
     assert "attempt_token" not in job and "claimed_by" not in job  # the claim's internals stay inside
+    assert d.sample("claudepool_jobs_submitted_total", lane="pool") == 1
+    assert d.sample("claudepool_jobs_ended_total", lane="pool", status="succeeded") == 1
+    assert d.sample("claudepool_jobs_ended_total", lane="batch_api", status="failed") == 0
 
 
 async def test_jobs_are_each_tenants_own(make_daemon: Make) -> None:
@@ -234,7 +237,9 @@ async def test_a_job_end_is_posted_to_the_tenants_webhook_signed(
             await asyncio.sleep(0.05)
     if not allowed:  # the negative control: a host off the allow-list is never called
         assert job["webhook"]["state"] == "failed" and got == []
+        await until(lambda: d.sample("claudepool_job_webhooks_total", state="failed") == 1, 5)
         return
+    await until(lambda: d.sample("claudepool_job_webhooks_total", state="delivered") == 1, 5)
     assert job["webhook"]["state"] == "delivered" and job["webhook"]["attempts"] == 1
     [(headers, body)] = got
     assert verify(secret.encode(), headers["Claudepool-Signature"], body)

@@ -157,7 +157,7 @@ class Daemon:
                              status=self.status, registry=self.registry, metrics_public=settings.metrics.public,
                              ledger_page_records=server.ledger_page_records,
                              max_ledger_reads_per_tenant=server.max_ledger_reads_per_tenant, file_bounds=file_bounds)
-        self.jobs = Jobs.build(settings, self.service, self.tenants) if settings.jobs.enabled else None
+        self.jobs = Jobs.build(settings, self.service, self.tenants, self.registry) if settings.jobs.enabled else None
         self.notifier = notifier or Notifier()
         self.listening: dict[str, str] = {}
         self.front_ends: FrontEnds | None = None  # once bound

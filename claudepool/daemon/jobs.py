@@ -15,12 +15,16 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from claudepool.config import Settings
+from claudepool.daemon.metrics import JobMetrics
 from claudepool.daemon.service import PromptService
 from claudepool.gateway.batches import BatchApi
 from claudepool.gateway.settings import Upstream
 from claudepool.jobs.batch_lane import BatchLane
 from claudepool.jobs.door import JobDoor
+from claudepool.jobs.model import JobRecord
 from claudepool.jobs.notify import JobWebhooks
 from claudepool.jobs.pool_lane import PoolLane
 from claudepool.jobs.service import JobService
@@ -63,9 +67,11 @@ def build_job_store(settings: JobSettings, *, store_url: str, key_prefix: str, s
 class Jobs:
     def __init__(self, store: JobStore, service: PromptService, tenants: TenantRegistry, settings: JobSettings, *,
                  has_tools: Callable[[str], bool], upstream_for: Callable[[str], Upstream] | None = None,
-                 pricing: PricingTable | None = None, webhooks: JobWebhooks | None = None) -> None:
+                 pricing: PricingTable | None = None, webhooks: JobWebhooks | None = None,
+                 metrics: JobMetrics | None = None) -> None:
         """``upstream_for`` (a profile's provider address and key) turns the batch lane on."""
         self.store = store
+        self.metrics = metrics
         self.settings = settings
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.service = JobService(store, service.gate, settings, batch_lane=upstream_for is not None,
@@ -85,21 +91,30 @@ class Jobs:
                                         pricing=pricing or service.meter.pricing, settings=settings,
                                         consumer=self.consumer, pool_lane=self.pool_lane, on_settled=self.service.ended)
         self.service.on_submitted(self._wake)
+        self.service.on_ended(self._ended)
         self.webhooks = webhooks
         if webhooks is not None:
             self.service.on_ended(webhooks.ended)
 
     @classmethod
-    def build(cls, settings: Settings, service: PromptService, tenants: TenantRegistry) -> Jobs:
+    def build(cls, settings: Settings, service: PromptService, tenants: TenantRegistry,
+              registry: CollectorRegistry) -> Jobs:
+        metrics = JobMetrics(registry)
         store = build_job_store(settings.jobs, store_url=settings.store.url.get_secret_value(),
                                 key_prefix=settings.store.key_prefix, socket_timeout_s=settings.store.socket_timeout_s,
                                 workdir=settings.pool.workdir)
         return cls(store, service, tenants, settings.jobs,
                    has_tools=lambda name: bool(settings.profile(name).tools or settings.profile(name).mcp_servers),
                    upstream_for=settings.upstream_for if settings.jobs.batch_lane else None,
-                   webhooks=_webhooks(settings, store))
+                   webhooks=_webhooks(settings, store, metrics), metrics=metrics)
 
-    def _wake(self, lane: str) -> None:
+    async def _ended(self, record: JobRecord) -> None:
+        if self.metrics is not None:
+            self.metrics.ended.labels(record.lane, record.status).inc()
+
+    def _wake(self, lane: str, count: int) -> None:
+        if self.metrics is not None:
+            self.metrics.submitted.labels(lane).inc(count)
         if lane == "pool":
             self.pool_lane.wake()
         elif self.batch_lane is not None:
@@ -125,8 +140,7 @@ class Jobs:
         await self.store.close()
 
 
-
-def _webhooks(settings: Settings, store: JobStore) -> JobWebhooks | None:
+def _webhooks(settings: Settings, store: JobStore, metrics: JobMetrics) -> JobWebhooks | None:
     """Each tenant's webhook, if any tenant has one."""
     targets = {name: (t.webhook_url, t.webhook_secret.get_secret_value().encode())
                for name, t in settings.tenants.items() if t.webhook_url and t.webhook_secret is not None}
@@ -134,4 +148,5 @@ def _webhooks(settings: Settings, store: JobStore) -> JobWebhooks | None:
         return None
     if not settings.webhooks.allowed_hosts:
         log.warning("tenants have webhooks but [webhooks] allowed_hosts is empty: none will be called")
-    return JobWebhooks(WebhookSender(settings.webhooks), targets, store)
+    return JobWebhooks(WebhookSender(settings.webhooks), targets, store,
+                       on_delivery=lambda state: metrics.webhooks.labels(state).inc())

@@ -224,3 +224,29 @@ class StoreMetrics:
         self.store_seconds.labels(operation).observe(seconds)
         if failed:
             self.store_errors.labels(operation).inc()
+
+
+JOB_LANES = ("pool", "batch_api")
+JOB_ENDS = ("succeeded", "failed", "cancelled", "dead")
+WEBHOOK_STATES = ("delivered", "failed")
+
+
+class JobMetrics:
+    """Jobs as this daemon saw them: submitted here, ended here (settled, cancelled, or ended in a
+    claim), by lane and end; webhook deliveries by how they ended. No tenant label: a tenant's own
+    jobs are in its API, and a flood of them must not grow the series."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.submitted = Counter("claudepool_jobs_submitted_total", "Jobs stored by this daemon, by lane.",
+                                 ["lane"], registry=r)
+        self.ended = Counter("claudepool_jobs_ended_total", "Jobs this daemon ended, by lane and how they ended.",
+                             ["lane", "status"], registry=r)
+        self.webhooks = Counter("claudepool_job_webhooks_total", "Webhook deliveries that ended, by state.",
+                                ["state"], registry=r)
+        for lane in JOB_LANES:
+            self.submitted.labels(lane)
+            for status in JOB_ENDS:
+                self.ended.labels(lane, status)
+        for state in WEBHOOK_STATES:
+            self.webhooks.labels(state)

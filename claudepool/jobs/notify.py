@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import orjson
 
@@ -28,8 +28,11 @@ _RECOVERY_PAGE = 500
 
 
 class JobWebhooks:
-    def __init__(self, sender: WebhookSender, targets: Mapping[str, tuple[str, bytes]], store: JobStore) -> None:
-        """``targets``: each tenant's webhook URL and secret (tenants without one are not called)."""
+    def __init__(self, sender: WebhookSender, targets: Mapping[str, tuple[str, bytes]], store: JobStore, *,
+                 on_delivery: Callable[[str], None] | None = None) -> None:
+        """``targets``: each tenant's webhook URL and secret (tenants without one are not called);
+        ``on_delivery(state)`` is told how each delivery ended (delivered or failed)."""
+        self._on_delivery = on_delivery
         self._sender = sender
         self._targets = targets
         self._store = store
@@ -56,7 +59,9 @@ class JobWebhooks:
 
         payload = orjson.dumps({"type": "job.ended", "job": record.view()})
         await keep(WebhookDelivery(state="pending", attempts=0))
-        await self._sender.deliver(url, secret, record.id, payload, on_state=keep)
+        final = await self._sender.deliver(url, secret, record.id, payload, on_state=keep)
+        if self._on_delivery is not None:
+            self._on_delivery(final.state)
 
     async def start(self) -> None:
         await self._sender.start()

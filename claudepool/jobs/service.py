@@ -44,10 +44,11 @@ class JobService:
         self._has_tools = has_tools
         self._changed: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self._listeners: list[Notify] = []
-        self._wakers: list[Callable[[str], None]] = []
+        self._wakers: list[Callable[[str, int], None]] = []
 
-    def on_submitted(self, waker: Callable[[str], None]) -> None:
-        """``waker(lane)`` is called after jobs of that lane are stored (a runner here may take them now)."""
+    def on_submitted(self, waker: Callable[[str, int], None]) -> None:
+        """``waker(lane, count)`` is called after ``count`` new jobs of that lane are stored (a lane
+        here may take them now)."""
         self._wakers.append(waker)
 
     def on_ended(self, listener: Notify) -> None:
@@ -68,7 +69,7 @@ class JobService:
         stored = await self.store.submit(records, max_open_per_tenant=self.settings.max_open_jobs_per_tenant)
         for lane in {r.lane for r, _ in stored}:
             for wake in self._wakers:
-                wake(lane)
+                wake(lane, sum(created and r.lane == lane for r, created in stored))
         return [{"id": r.id, "status": r.status, "lane": r.lane, "created": created} for r, created in stored]
 
     def _check(self, tenant: Tenant, job: JobRequest) -> Lane:

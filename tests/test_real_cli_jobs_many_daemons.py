@@ -31,7 +31,8 @@ __all__ = ["start_daemon"]
 
 Start = Callable[..., Awaitable[DaemonProcess]]
 _ENDED = {"succeeded", "failed", "cancelled", "dead"}
-WORKERS = 2
+# One warm worker per daemon: three real CLIs in all (the suite runs beside other tests).
+WORKERS = 1
 
 
 def extra_config(upstream: FakeUpstream, *, store: str, jobs: str = "") -> str:
@@ -113,10 +114,12 @@ async def test_jobs_survive_a_daemon_killed_mid_run(
     for i, d in enumerate(daemons):
         ids += await submit(d.url, [f"job {i}-{n}: answer briefly" for n in range(per)], f"batch-{i}")
     victim = daemons[-1]
-    # Killed once work is under way everywhere (a tenth of the jobs settled).
+    # Killed once work is under way everywhere (a tenth of the jobs settled), while it runs a job.
     async with asyncio.timeout(120):
         while await count_settled(daemons[0].url, ids) < total // 10:
             await asyncio.sleep(0.2)
+        while (await victim.status())["in_flight"] < 1:
+            await asyncio.sleep(0.005)
     victim.proc.send_signal(signal.SIGKILL)
     assert await victim.wait_exit() == -signal.SIGKILL
     config = tmp_path / names[-1] / "claudepool.toml"

@@ -135,3 +135,23 @@ async def test_a_restarted_daemon_resumes_the_batch_it_had_sent(make_daemon: Mak
     assert [j["result"]["text"] for j in done] == ["r0", "r1", "r2"]
     assert created_batches(upstream) == 1  # resumed, not sent again
     assert {j["attempts"] for j in done} == {2}
+
+
+async def test_cancelling_every_job_of_a_batch_cancels_the_providers_batch(make_daemon: Make,
+                                                                           upstream: FakeUpstream) -> None:
+    upstream.batch_delay_s = 5.0
+    d = await batch_daemon(make_daemon, upstream, visibility_timeout_s=0.6)
+    _, bulk = await call(d, "POST", "/v1/jobs/bulk", {"jobs": [
+        {"prompt": f"[[reply:r{i}]]", "lane": "batch_api"} for i in range(2)]})
+    ids = [j["id"] for j in bulk["jobs"]]
+    async with asyncio.timeout(10):
+        while not all([(await call(d, "GET", f"/v1/jobs/{i}"))[1].get("batch_id") for i in ids]):
+            await asyncio.sleep(0.05)
+    await call(d, "DELETE", f"/v1/jobs/{ids[0]}")
+    await asyncio.sleep(1.0)  # one job still held: the batch runs on
+    assert not [r for r in upstream.requests if r.path.endswith("/cancel")]
+    await call(d, "DELETE", f"/v1/jobs/{ids[1]}")
+    async with asyncio.timeout(10):
+        while not [r for r in upstream.requests if r.path.endswith("/cancel")]:
+            await asyncio.sleep(0.05)
+    assert {(await call(d, "GET", f"/v1/jobs/{i}"))[1]["status"] for i in ids} == {"cancelled"}

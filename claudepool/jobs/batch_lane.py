@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -176,7 +176,8 @@ class BatchLane:
         api = self._api_for(profile)
         by_id = {job.id: job for job in jobs}
         lost: set[str] = set()
-        keeper = asyncio.create_task(self._keep_claims(by_id, lost), name=f"jobs-batch-heartbeat-{batch_id}")
+        keeper = asyncio.create_task(self._keep_claims(by_id, lost, lambda: api.cancel(batch_id)),
+                                     name=f"jobs-batch-heartbeat-{batch_id}")
         try:
             batch = await api.wait_ended(batch_id, first_poll_s=self._settings.batch_poll_first_s,
                                          max_poll_s=self._settings.batch_poll_max_s,
@@ -236,8 +237,12 @@ class BatchLane:
     async def _settle(self, job: JobRecord, outcome: Outcome) -> None:
         await self._pool_lane.settle(job, outcome)
 
-    async def _keep_claims(self, jobs: dict[str, JobRecord], lost: set[str]) -> None:
+    async def _keep_claims(self, jobs: dict[str, JobRecord], lost: set[str],
+                           cancel: Callable[[], Awaitable[object]]) -> None:
+        """Heartbeat every job of the batch; once none is held any more (all cancelled), cancel the
+        provider's batch too, so what it has not run yet is not billed."""
         every_s = self._settings.visibility_timeout_s / 3
+        cancelled: set[str] = set()
         while True:
             await asyncio.sleep(every_s)
             for job_id, job in list(jobs.items()):
@@ -250,6 +255,16 @@ class BatchLane:
                     continue
                 if not held:
                     lost.add(job_id)  # cancelled, or taken over by another daemon
+                    with contextlib.suppress(ClaudepoolError):
+                        if (await self._store.get(job.tenant, job_id)).status == "cancelled":
+                            cancelled.add(job_id)
+            # Only when the tenant cancelled them all: a daemon that took the jobs over resumes this batch.
+            if jobs and cancelled >= set(jobs):
+                try:
+                    await cancel()
+                except ClaudepoolError as exc:
+                    log.warning("could not cancel a batch none of whose jobs is held any more: %s", exc)
+                return
 
 
 def _failed(code: str, message: str) -> Outcome:

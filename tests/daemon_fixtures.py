@@ -136,8 +136,12 @@ class DaemonProcess:
         return [w["pid"] for p in (await self.status())["pools"].values() for w in p["workers"] if w["pid"]]
 
     async def wait_exit(self, timeout_s: float = 20) -> int:
-        async with asyncio.timeout(timeout_s):
-            return await self.proc.wait()
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self.proc.wait()
+        except TimeoutError:
+            tail = "".join(self.output[-40:])
+            raise AssertionError(f"the daemon did not exit within {timeout_s:g}s; its last output:\n{tail}") from None
 
     async def start_request(self, prompt: str, timeout_s: float = 10) -> asyncio.Task[tuple[int, dict[str, Any]]]:
         """Post ``prompt`` in the background; return once the daemon counts it in flight."""

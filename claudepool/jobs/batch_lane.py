@@ -30,7 +30,7 @@ from claudepool.errors import BudgetExhausted, ClaudepoolError
 from claudepool.gateway.batches import BatchApi, BatchInfo, BatchResult
 from claudepool.jobs.api import request_of
 from claudepool.jobs.model import JobFailure, JobRecord, Outcome
-from claudepool.jobs.pool_lane import OnSettled, PoolLane
+from claudepool.jobs.pool_lane import OnSettled, PoolLane, stop_if_cancelled
 from claudepool.jobs.ports import Checks
 from claudepool.jobs.settings import JobSettings
 from claudepool.jobs.store import JobStore
@@ -109,6 +109,7 @@ class BatchLane:
         """The next batch's jobs: the first claimed, then whatever arrives within the window."""
         size = self._settings.max_batch_requests
         while True:
+            stop_if_cancelled()
             jobs = await self._claim(size)
             if jobs:
                 break

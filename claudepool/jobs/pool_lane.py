@@ -79,6 +79,7 @@ class PoolLane:
         failures = 0
         try:
             while True:
+                stop_if_cancelled()
                 free = self._settings.max_running - len(self._running)
                 claimed: list[JobRecord] = []
                 ended: list[JobRecord] = []
@@ -199,6 +200,14 @@ class PoolLane:
             if not held:
                 attempt.cancel()
                 return False
+
+
+def stop_if_cancelled() -> None:
+    """Raise `CancelledError` when this task was asked to stop, even if a library below swallowed the
+    request (redis-py can, when it lands mid-command): a lane that missed it would never exit."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _failed(exc: ClaudepoolError) -> Outcome:

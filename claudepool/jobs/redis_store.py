@@ -353,11 +353,16 @@ class RedisJobStore:
         try:
             async with asyncio.timeout(self._timeout_s):
                 yield
-        except TimeoutError as exc:
-            raise StoreError(f"Redis did not answer the job store's {op} within {self._timeout_s:g}s") from exc
-        except redis.exceptions.ResponseError as exc:
-            if "NOGROUP" in str(exc):  # the streams were deleted behind our back: make them again next time
-                self._groups_ready = False
-            raise StoreError(f"Redis failed the job store's {op}: {exc}") from exc
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except (TimeoutError, redis.exceptions.RedisError, OSError) as exc:
+            # redis-py may turn a cancellation that lands mid-command into a connection error: the
+            # caller is being cancelled (a shutdown), so that is what it gets, never a StoreError to retry.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from None
+            if isinstance(exc, TimeoutError):
+                raise StoreError(f"Redis did not answer the job store's {op} within {self._timeout_s:g}s") from exc
+            if isinstance(exc, redis.exceptions.ResponseError):
+                if "NOGROUP" in str(exc):  # the streams were deleted behind our back: make them again next time
+                    self._groups_ready = False
+                raise StoreError(f"Redis failed the job store's {op}: {exc}") from exc
             raise StoreError(f"Redis is unavailable for the job store's {op}: {exc}") from exc

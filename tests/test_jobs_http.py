@@ -340,3 +340,18 @@ async def test_a_restart_resumes_a_webhook_delivery_left_pending(make_daemon: Ma
                     "delivered"):
                 await asyncio.sleep(0.05)
     assert len(got) == 2 and orjson.loads(got[-1])["job"]["id"] == entry["id"] and job["status"] == "succeeded"
+
+
+async def test_followers_that_leave_keep_nothing_in_the_daemon(make_daemon: Make) -> None:
+    # A client may follow its jobs and hang up, again and again: what a follower holds goes with it.
+    d = await make_daemon()
+    _, entry = await call(d, "POST", "/v1/jobs", {"prompt": "[[hang]]"})
+    jobs = d.daemon.jobs
+    assert jobs is not None
+    for _ in range(5):
+        async with aiohttp.ClientSession() as s, s.get(
+                f"{d.url}/v1/jobs/{entry['id']}/events", headers={"Authorization": f"Bearer {ACME}"}) as resp:
+            await resp.content.readline()  # the first event: it is followed now
+            await until(lambda: entry["id"] in jobs.service._followers, 5)
+    await until(lambda: not jobs.service._followers and not jobs.service._changed, 5)
+    await call(d, "DELETE", f"/v1/jobs/{entry['id']}")

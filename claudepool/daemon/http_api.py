@@ -22,7 +22,6 @@ import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 import orjson
 from aiohttp import web
@@ -34,6 +33,7 @@ from pydantic import ValidationError
 from claudepool.daemon import cors, http_jobs
 from claudepool.daemon.admission import new_request_id
 from claudepool.daemon.facade import Api
+from claudepool.daemon.http_wire import bearer, json_response, read_json
 from claudepool.errors import BadRequest, ClaudepoolError, NotFound, PromptTooLarge, RequestError
 from claudepool.frontdoor import anthropic_api, openai_api
 from claudepool.frontdoor import errors as anthropic_errors
@@ -93,21 +93,11 @@ def build_app(api: Api, *middlewares: Middleware, max_prompt_bytes: int, max_inp
     return app
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json",
-                        headers=headers)
-
-
 def error_response(exc: ClaudepoolError) -> web.Response:
     headers = {}
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(math.ceil(exc.retry_after_s))
     return json_response({"error": error_body(exc)}, status=exc.status, headers=headers)
-
-
-def bearer(request: web.Request) -> str | None:
-    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
 
 
 @web.middleware
@@ -161,14 +151,9 @@ async def _refused_before_the_handler(request: web.Request, handler: Handler) ->
 
 async def _read_request(request: web.Request) -> PromptRequest:
     """The body as a `PromptRequest` (read only once the key is known to be good)."""
+    body = await read_json(request)
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PromptTooLarge("request body too large") from None
-    try:
-        return PromptRequest.model_validate(orjson.loads(raw))
-    except orjson.JSONDecodeError:
-        raise BadRequest("the body is not valid JSON") from None
+        return PromptRequest.model_validate(body)
     except ValidationError as exc:
         raise BadRequest(describe_validation_error(exc)) from None
 
@@ -262,11 +247,8 @@ async def _ledger(request: web.Request) -> web.StreamResponse:
 async def _session_create(request: web.Request) -> web.Response:
     api = request.app[API]
     tenant = api.authenticate(bearer(request))
-    raw = await request.read()
     try:
-        body = SessionCreateRequest.model_validate(orjson.loads(raw) if raw.strip() else {})
-    except orjson.JSONDecodeError:
-        raise BadRequest("the body is not valid JSON") from None
+        body = SessionCreateRequest.model_validate(await read_json(request, empty={}))
     except ValidationError as exc:
         raise BadRequest(describe_validation_error(exc)) from None
     return json_response(await api.create_session(tenant, body.profile, body.system), status=201)

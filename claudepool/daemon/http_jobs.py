@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from claudepool.errors import BadRequest, PromptTooLarge
+from claudepool.daemon.http_wire import bearer, json_response, read_json
 from claudepool.jobs.door import JobDoor
 from claudepool.jobs.model import JobStatus
 from claudepool.protocol.wire import parse_query
@@ -55,63 +55,44 @@ def add_routes(app: web.Application, door: JobDoor) -> None:
     app.router.add_get("/v1/jobs/{id}/events", _events)
 
 
-def _json(body: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
-
-
-def _bearer(request: web.Request) -> str | None:
-    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
-
-
-async def _body(request: web.Request) -> object:
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PromptTooLarge("request body too large") from None
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise BadRequest("the body is not valid JSON") from None
-
-
 def _tenant(request: web.Request) -> str | None:
     return parse_query(_TenantQuery, request.query.items()).tenant
 
 
 async def _submit(request: web.Request) -> web.Response:
     door = request.app[JOBS]
-    key = _bearer(request)
+    key = bearer(request)
     door.authenticate(key)  # a bad key is refused before the body is read
-    entry = await door.submit(key, await _body(request), request.headers.get("Idempotency-Key"))
-    return _json(entry, status=202)
+    entry = await door.submit(key, await read_json(request), request.headers.get("Idempotency-Key"))
+    return json_response(entry, status=202)
 
 
 async def _submit_bulk(request: web.Request) -> web.Response:
     door = request.app[JOBS]
-    key = _bearer(request)
+    key = bearer(request)
     door.authenticate(key)
-    return _json(await door.submit_bulk(key, await _body(request), request.headers.get("Idempotency-Key")),
+    return json_response(await door.submit_bulk(key, await read_json(request), request.headers.get("Idempotency-Key")),
                  status=202)
 
 
 async def _get(request: web.Request) -> web.Response:
-    return _json(await request.app[JOBS].get(_bearer(request), request.match_info["id"], tenant=_tenant(request)))
+    door = request.app[JOBS]
+    return json_response(await door.get(bearer(request), request.match_info["id"], tenant=_tenant(request)))
 
 
 async def _cancel(request: web.Request) -> web.Response:
-    return _json(await request.app[JOBS].cancel(_bearer(request), request.match_info["id"],
+    return json_response(await request.app[JOBS].cancel(bearer(request), request.match_info["id"],
                                                 tenant=_tenant(request)))
 
 
 async def _list(request: web.Request) -> web.Response:
     q = parse_query(JobQuery, request.query.items())
-    return _json(await request.app[JOBS].list(_bearer(request), tenant=q.tenant, status=q.status, since=q.since,
+    return json_response(await request.app[JOBS].list(bearer(request), tenant=q.tenant, status=q.status, since=q.since,
                                               limit=q.limit))
 
 
 async def _events(request: web.Request) -> web.StreamResponse:
-    followed = request.app[JOBS].follow(_bearer(request), request.match_info["id"], tenant=_tenant(request))
+    followed = request.app[JOBS].follow(bearer(request), request.match_info["id"], tenant=_tenant(request))
     # The first read happens before the stream opens: an unknown job is a plain 404.
     first = await anext(followed)
     stream = EventSourceResponse()

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -43,6 +43,7 @@ class JobService:
         self._batch_lane = batch_lane
         self._has_tools = has_tools
         self._changed: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self._followers: Counter[str] = Counter()
         self._listeners: list[Notify] = []
         self._wakers: list[Callable[[str, int], None]] = []
 
@@ -111,16 +112,23 @@ class JobService:
         record = await self.store.get(tenant, job_id)
         yield record
         last = record.status
-        while not record.terminal:
-            changed = self._changed[job_id]
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.poll_interval_s):
-                    await changed.wait()
-            record = await self.store.get(tenant, job_id)
-            if record.status != last:
-                last = record.status
-                yield record
-        self._changed.pop(job_id, None)
+        self._followers[job_id] += 1
+        try:
+            while not record.terminal:
+                changed = self._changed[job_id]
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.settings.poll_interval_s):
+                        await changed.wait()
+                record = await self.store.get(tenant, job_id)
+                if record.status != last:
+                    last = record.status
+                    yield record
+        finally:
+            # The last follower gone (the job ended, or its client left): nothing of it is kept here.
+            self._followers[job_id] -= 1
+            if not self._followers[job_id]:
+                del self._followers[job_id]
+                self._changed.pop(job_id, None)
 
     async def purge_forever(self) -> None:
         """Delete ended jobs past ``jobs.retention_s`` (every daemon may: purging is idempotent)."""

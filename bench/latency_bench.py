@@ -1,0 +1,347 @@
+"""Latency and CPU per request: the daemon (HTTP and socket) vs a hand-driven warm process vs cold.
+
+Same CLI, same flags (`Profile.argv`), one loopback fake upstream in a process of its own (its CPU
+is counted in no arm), the same prompt:
+
+* floor: ``c`` warm ``claude`` processes driven directly over stream-json by a minimal asyncio
+  driver in this process, one request at a time each, each sending ``/clear`` after its answer
+  and before its next request (what a hand-written wrapper with one process per concurrent caller
+  does to keep callers apart; the reset is not in the latency). CPU: the processes' plus this
+  driver's. ``floor-noreset`` (full runs): the same without ``/clear``, for reference.
+* http / socket: a ``claudepool serve`` process (``c + 2`` warm workers; its gateway in the path),
+  driven by `AsyncClient.stream`. CPU: the daemon's and every worker's (live and reaped), measured
+  until the resets of the run are done; the clients' CPU is not counted.
+* cold: ``claude -p`` per request (`bench.pool_bench.bench_cold`).
+
+Latency is request to result, TTFT request to the first text delta. Each phase runs ``n``
+requests with ``c`` in flight after a warm-up; medians over the repeats are reported, and the
+ratios compare arms measured in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import psutil
+
+from bench.daemon_proc import DaemonProc, daemon_process
+from bench.pool_bench import bench_cold, fake_upstream_process, percentile, self_cpu_s
+from bench.suite import Options, Report, table
+from claudepool.client import AsyncClient
+from claudepool.pool.profile import Profile
+from claudepool.protocol.cli_events import encode_command, encode_control_request, encode_user_message
+from claudepool.protocol.wire import PromptResult
+
+NAME = "latency"
+KEY = "bench-key-0123"
+ADMIN = "bench-admin-0123"
+PROMPT = "Summarise the benefits of a warm process pool in one line."
+
+
+@dataclass
+class Phase:
+    mode: str  # floor | http | socket | cold
+    concurrency: int
+    delay_s: float
+    requests: int
+    p50_ms: float
+    p95_ms: float
+    ttft_p50_ms: float | None
+    cpu_ms_per_request: float
+
+
+Sample = tuple[float, float | None]  # (latency s, time to first token s)
+
+
+def prompt_for(delay_s: float) -> str:
+    return f"{PROMPT} [[delay_s:{delay_s:g}]]" if delay_s else PROMPT
+
+
+async def run_phase(one: Callable[[], Awaitable[Sample]], n: int, c: int) -> list[Sample]:
+    left = n
+    samples: list[Sample] = []
+
+    async def runner() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            samples.append(await one())
+
+    await asyncio.gather(*(runner() for _ in range(c)))
+    return samples
+
+
+def phase_of(mode: str, c: int, delay_s: float, samples: list[Sample], cpu_s: float) -> Phase:
+    lat = [s[0] for s in samples]
+    ttft = [s[1] for s in samples if s[1] is not None]
+    return Phase(mode, c, delay_s, len(samples), round(percentile(lat, 0.5) * 1000, 2),
+                 round(percentile(lat, 0.95) * 1000, 2), round(percentile(ttft, 0.5) * 1000, 2) if ttft else None,
+                 round(cpu_s / len(samples) * 1000, 2))
+
+
+class HandDriven:
+    """One warm CLI process driven by hand: initialize once, then one user message per request."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def start(cls, profile: Profile, home: Path) -> HandDriven:
+        home.mkdir(parents=True, exist_ok=True)
+        proc = await asyncio.create_subprocess_exec(
+            *profile.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env=profile.environ(home=home, tmpdir=home), cwd=home, limit=2**24)
+        driven = cls(proc)
+        await driven._send(encode_control_request("init", "initialize"))
+        await driven._until(lambda e: e.get("type") == "control_response")
+        return driven
+
+    async def _send(self, line: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line)
+        await self.proc.stdin.drain()
+
+    async def _until(self, done: Callable[[dict[str, Any]], bool],
+                     on: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            event = orjson.loads(line)
+            if on is not None:
+                on(event)
+            if done(event):
+                return dict(event)
+        raise RuntimeError("the CLI exited")
+
+    async def turn(self, prompt: str) -> Sample:
+        t0 = time.perf_counter()
+        first: list[float] = []
+
+        def on(event: dict[str, Any]) -> None:
+            if not first and event.get("type") == "stream_event" and \
+                    event.get("event", {}).get("delta", {}).get("type") == "text_delta":
+                first.append(time.perf_counter() - t0)
+
+        await self._send(encode_user_message(prompt))
+        result = await self._until(lambda e: e.get("type") == "result", on)
+        if result.get("is_error"):
+            raise RuntimeError(f"hand-driven turn failed: {str(result)[:300]}")
+        return time.perf_counter() - t0, first[0] if first else None
+
+    async def clear(self) -> None:
+        await self._send(encode_command("/clear"))
+        await self._until(lambda e: e.get("type") == "result")
+
+    def cpu_s(self) -> float:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(self.proc.pid).cpu_times()
+            return t.user + t.system + t.children_user + t.children_system
+        return 0.0
+
+    async def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            async with asyncio.timeout(5):
+                await self.proc.wait()
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def hand_driven(profile: Profile, tmp: Path, count: int) -> AsyncIterator[list[HandDriven]]:
+    procs = list(await asyncio.gather(*(HandDriven.start(profile, tmp / f"floor-{i}") for i in range(count))))
+    try:
+        yield procs
+    finally:
+        await asyncio.gather(*(p.close() for p in procs))
+
+
+async def floor_phase(procs: list[HandDriven], n: int, c: int, delay_s: float, *, reset: bool = True) -> Phase:
+    free = list(procs[:c])
+
+    async def one() -> Sample:
+        proc = free.pop()
+        try:
+            sample = await proc.turn(prompt_for(delay_s))
+            if reset:  # after the answer: its runner's next request waits for it, as a wrapper's would
+                await proc.clear()
+            return sample
+        finally:
+            free.append(proc)
+
+    await run_phase(one, 3 * c, c)  # warm-up: the first turns of a process are slower
+    cpu0 = sum(p.cpu_s() for p in procs) + self_cpu_s()
+    samples = await run_phase(one, n, c)
+    cpu_s = sum(p.cpu_s() for p in procs) + self_cpu_s() - cpu0
+    return phase_of("floor" if reset else "floor-noreset", c, delay_s, samples, cpu_s)
+
+
+async def pool_counts(d: DaemonProc) -> dict[str, int]:
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{d.url}/v1/pool", headers={"Authorization": f"Bearer {ADMIN}"}) as resp:
+        body = await resp.json()
+    counts: dict[str, int] = {}
+    for pool in body["pools"].values():
+        for k, v in pool["counts"].items():
+            counts[k] = counts.get(k, 0) + v
+    return counts
+
+
+async def settle(d: DaemonProc, idle: int) -> None:
+    async with asyncio.timeout(180):
+        while True:
+            counts = await pool_counts(d)
+            if counts.get("idle", 0) >= idle and not any(counts.get(k) for k in ("starting", "cleaning", "leased")):
+                return
+            await asyncio.sleep(0.05)
+
+
+async def daemon_phase(d: DaemonProc, mode: str, n: int, c: int, delay_s: float) -> Phase:
+    where = {"url": d.url} if mode == "http" else {"socket_path": d.socket}
+    async with AsyncClient(key=KEY, **where) as client:  # type: ignore[arg-type]
+
+        async def one() -> Sample:
+            t0 = time.perf_counter()
+            first: float | None = None
+            async for piece in client.stream(prompt_for(delay_s)):
+                if first is None and isinstance(piece, str):
+                    first = time.perf_counter() - t0
+                if isinstance(piece, PromptResult):
+                    if piece.is_error:
+                        raise RuntimeError(f"daemon request failed: {piece.text[:300]}")
+                    return time.perf_counter() - t0, first
+            raise RuntimeError("the stream ended without a result")
+
+        await run_phase(one, 3 * c, c)
+        await settle(d, c + 2)
+        cpu0 = d.tree_cpu_s()
+        samples = await run_phase(one, n, c)
+        await settle(d, c + 2)  # the resets of the run are part of its cost
+        return phase_of(mode, c, delay_s, samples, d.tree_cpu_s() - cpu0)
+
+
+def daemon_config(claude: str, base_url: str, tmp: Path, workers: int) -> dict[str, Any]:
+    return {
+        "server": {"socket": str(tmp / "cp.sock"), "http": "127.0.0.1:0", "admin_key": ADMIN, "max_queued": 10_000},
+        "pool": {"claude_bin": claude, "min_idle": workers, "max_workers": workers, "max_turns": 1_000_000,
+                 "workdir": str(tmp / "w"), "timeouts": {"ready_timeout_s": 60}},
+        "upstream": {"base_url": base_url, "api_key": "sk-ant-bench"},
+        "sessions": {"min_idle": 0, "dir": str(tmp / "sessions")},
+        "tenants": {"bench": {"key": KEY, "requests_per_minute": 0, "max_queued": 0}},
+    }
+
+
+def plan(opts: Options) -> tuple[list[int], list[tuple[float, Callable[[int], int], int]]]:
+    """Concurrency levels, and per upstream delay: requests per phase (from c) and repeats."""
+    if opts.quick:
+        return [1, 4], [(0.0, lambda c: 12, 1)]
+    return [1, 4, 16], [(0.0, lambda c: max(40, 4 * c), opts.repeats), (1.0, lambda c: 2 * c, 1),
+                        (5.0, lambda c: c, 1)]
+
+
+async def run(opts: Options) -> Report:
+    levels, delays = plan(opts)
+    phases: list[Phase] = []
+    with fake_upstream_process() as base_url, tempfile.TemporaryDirectory(prefix="claudepool-latency-") as tmp_s:
+        tmp = Path(tmp_s)
+        profile = Profile(name="bench", claude_bin=opts.claude,
+                          env={"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "sk-ant-bench"})
+        cold_home = tmp / "cold"
+        cold_home.mkdir()
+        for c in levels:
+            async with daemon_process(daemon_config(opts.claude, base_url, tmp / f"d{c}", c + 2)) as d, \
+                    hand_driven(profile, tmp / f"f{c}", c) as procs:
+                await settle(d, c + 2)
+                for delay_s, n_of, repeats in delays:
+                    n = n_of(c)
+                    for _ in range(repeats):
+                        # Interleaved arms, so a slow spell of the machine hits all of them.
+                        phases.append(await floor_phase(procs, n, c, delay_s))
+                        phases.append(await daemon_phase(d, "http", n, c, delay_s))
+                        phases.append(await daemon_phase(d, "socket", n, c, delay_s))
+                        if not opts.quick and delay_s == 0:
+                            phases.append(await floor_phase(procs, n, c, delay_s, reset=False))
+            # Cold only with the upstream answering at once: with a slow one it is that delay plus this.
+            cold = await bench_cold(profile, cold_home, min(delays[0][1](c), 20), c)
+            phases.append(Phase("cold", c, 0.0, cold.requests, round(cold.p50_ms, 2), round(cold.p95_ms, 2),
+                                None, round(cold.cpu_s_per_request * 1000, 2)))
+    return report(phases, opts)
+
+
+def medians(phases: list[Phase]) -> dict[tuple[str, int, float], dict[str, float | None]]:
+    groups: dict[tuple[str, int, float], list[Phase]] = {}
+    for p in phases:
+        groups.setdefault((p.mode, p.concurrency, p.delay_s), []).append(p)
+
+    def med(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return round(statistics.median(present), 2) if present else None
+
+    return {k: {"p50_ms": med([p.p50_ms for p in g]), "p95_ms": med([p.p95_ms for p in g]),
+                "ttft_p50_ms": med([p.ttft_p50_ms for p in g]),
+                "cpu_ms_per_request": med([p.cpu_ms_per_request for p in g])} for k, g in groups.items()}
+
+
+def ratio(m: dict[tuple[str, int, float], dict[str, float | None]], mode: str, c: int, delay_s: float,
+          key: str) -> float | None:
+    """``mode``'s ``key`` over the floor's, at the same concurrency and delay (None: not measured)."""
+    mine, floor = m.get((mode, c, delay_s), {}).get(key), m.get(("floor", c, delay_s), {}).get(key)
+    return mine / floor if mine is not None and floor else None
+
+
+def report(phases: list[Phase], opts: Options) -> Report:
+    m = medians(phases)
+    rows, checks = [], []
+    for (mode, c, delay_s), v in sorted(m.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
+        lat, cpu = ratio(m, mode, c, delay_s, "p50_ms"), ratio(m, mode, c, delay_s, "cpu_ms_per_request")
+        rows.append([f"{delay_s:g}", c, mode, v["p50_ms"], v["p95_ms"], v["ttft_p50_ms"] or "",
+                     v["cpu_ms_per_request"], "" if mode == "floor" or lat is None else f"{lat:.2f}×",
+                     "" if mode == "floor" or cpu is None else f"{cpu:.2f}×"])
+    for c in sorted({p.concurrency for p in phases}):
+        for mode in ("http", "socket"):
+            lat, cpu = ratio(m, mode, c, 0.0, "p50_ms"), ratio(m, mode, c, 0.0, "cpu_ms_per_request")
+            if lat is not None and cpu is not None:
+                checks.append((f"c={c} {mode}: p50 ≤ 1.1× floor", lat <= 1.1, f"{lat:.2f}×"))
+                checks.append((f"c={c} {mode}: CPU/request ≤ 1.1× floor", cpu <= 1.1, f"{cpu:.2f}×"))
+    markdown = ("Upstream delay in seconds; p50/p95/TTFT in ms; CPU ms per request (daemon + workers, or "
+                "floor processes + driver); ratios to the floor at the same concurrency and delay, same run"
+                f"{'' if opts.quick else f' (medians of {opts.repeats} repeats at delay 0)'}.\n\n") + table(
+        ["delay s", "c", "mode", "p50", "p95", "TTFT p50", "CPU ms/req", "p50 vs floor", "CPU vs floor"], rows)
+    return Report(NAME, {"phases": [asdict(p) for p in phases],
+                         "medians": [{"mode": k[0], "concurrency": k[1], "delay_s": k[2], **v} for k, v in m.items()]},
+                  markdown, checks)
+
+
+def plot(rep: Report, out_dir: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    med = [r for r in rep.data["medians"] if r["delay_s"] == 0]
+    levels = sorted({r["concurrency"] for r in med})
+    modes = [m for m in ("floor-noreset", "floor", "socket", "http", "cold") if any(r["mode"] == m for r in med)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
+        values = [next((r["p50_ms"] for r in med if r["mode"] == mode and r["concurrency"] == c), 0) for c in levels]
+        ax.bar([x + i * width for x in range(len(levels))], values, width, label=mode)
+    ax.set_xticks([x + width * (len(modes) - 1) / 2 for x in range(len(levels))], [f"c={c}" for c in levels])
+    ax.set_yscale("log")
+    ax.set_ylabel("p50 latency, ms (log)")
+    ax.set_title("Request latency: daemon vs hand-driven warm process vs cold claude -p")
+    ax.legend()
+    fig.tight_layout()
+    path = out_dir / "latency.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

@@ -48,6 +48,9 @@ class PoolConfig(BaseModel):
     max_line_bytes: int = Field(default=DEFAULT_MAX_LINE_BYTES, gt=0)
     # Batch requests run only on spare capacity and on at most this share of max_workers.
     batch_max_share: float = Field(default=0.5, gt=0, le=1)
+    # A worker being cleaned runs at this nice value, so its reset takes only cores no turn is using,
+    # and is put back before it is lent (see pool/priority.py). 0 = at the daemon's own priority.
+    reset_nice: int = Field(default=19, ge=0, le=19)
     workdir: Path | None = None
     timeouts: WorkerTimeouts = Field(default_factory=WorkerTimeouts)
 

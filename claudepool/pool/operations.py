@@ -8,11 +8,14 @@ step so the planner decides what follows. The boot breaker is fed here, where st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from claudepool.errors import WorkerError
+from claudepool.pool import priority
 from claudepool.pool.config import PoolConfig
 from claudepool.pool.events import PoolObserver, PoolStats, exit_reason
 from claudepool.pool.lease import Lease, Waiter
@@ -36,6 +39,15 @@ class WorkerOperations:
         self._step, self._settle = step, settle
         self.tasks: set[asyncio.Task[None]] = set()
         self._breaker_timer: asyncio.TimerHandle | None = None
+        # Background cleaning only where a worker's priority can be put back (see pool/priority.py).
+        self._baseline_nice = priority.own_nice()
+        self._reset_nice: int | None = None
+        if config.reset_nice > self._baseline_nice:
+            if priority.can_restore(self._baseline_nice):
+                self._reset_nice = config.reset_nice
+            else:
+                log.info("pool %s: resets run at normal priority: lowering a worker's nice value back needs "
+                         "CAP_SYS_NICE or RLIMIT_NICE (systemd LimitNICE=)", profile.name)
 
     def new_worker(self, profile: Profile, *, slot: int, prepare: Callable[[Worker], None] | None = None) -> Worker:
         worker = Worker(profile, timeouts=self._config.timeouts, max_line_bytes=self._config.max_line_bytes,
@@ -116,11 +128,24 @@ class WorkerOperations:
             self._step()  # as after a maintenance pass: the limits see the new reading
 
     async def _clean(self, worker: Worker) -> None:
+        lowered: list[int] = []
         try:
+            if self._reset_nice is not None:
+                lowered = worker.process_ids()
+                priority.set_nice(lowered, self._reset_nice)
             if worker.in_turn():
                 self._stats.abandoned_turns += 1
                 await worker.finish_abandoned_turn()
             await worker.reset()
+            if lowered:
+                # Before the worker counts as clean: one lent at the background priority would serve
+                # its next caller slowly; one that cannot be put back is retired.
+                try:
+                    priority.set_nice(lowered, self._baseline_nice)
+                except OSError as exc:
+                    worker.failure = WorkerError(f"worker {worker.id}: its priority cannot be restored: {exc}")
+                    raise
+                lowered = []
             self._stats.resets += 1
             if self._observer is not None:
                 self._observer.worker_reset(self._profile.name)
@@ -130,6 +155,11 @@ class WorkerOperations:
             self._stats.reset_failures += 1
             log.warning("pool %s: cleaning %s failed: %s", self._profile.name, worker.id, exc)
         finally:
+            if lowered:
+                # Cleaning failed or was cancelled: the worker is retired, but back at its priority
+                # first, so its shutdown is not starved.
+                with contextlib.suppress(OSError):
+                    priority.set_nice(lowered, self._baseline_nice)
             worker.on_result = None
             self._finish(worker, Phase.RETURNED)
 

@@ -36,6 +36,7 @@ from claudepool.pool import sandbox
 from claudepool.pool.confinement import Confinement
 from claudepool.pool.exchange import Exchange, TurnResult, WorkerState, local_command
 from claudepool.pool.memory import tree_memory
+from claudepool.pool.priority import process_tree
 from claudepool.pool.process import WorkerProcess
 from claudepool.pool.profile import Profile
 from claudepool.pool.reaper import Reaper, default_reaper
@@ -400,6 +401,13 @@ class Worker:
         elif self._process.cwd is not None:
             # Unsandboxed: no tool's files to chase, but a request's input files are its lease's alone.
             await empty_cwd(self._process.cwd, self.timeouts.remove_dirs_timeout_s)
+
+    def process_ids(self) -> list[int]:
+        """The worker's processes: the CLI alone, or with a sandbox its whole tree (walked each time,
+        since a pid kept past its process's end could name someone else's)."""
+        if self.pid is None:
+            return []
+        return process_tree(self.pid) if self._confinement is not None else [self.pid]
 
     @property
     def workspace_killed(self) -> int:

@@ -59,6 +59,9 @@ class Phase:
     p95_ms: float
     ttft_p50_ms: float | None
     cpu_ms_per_request: float
+    # Requests per second over the phase: in a closed loop a floor runner's next request waits for
+    # its process's /clear, a daemon runner's does not (the reset is on another worker).
+    req_per_s: float = 0.0
 
 
 Sample = tuple[float, float | None]  # (latency s, time to first token s)
@@ -68,7 +71,9 @@ def prompt_for(delay_s: float) -> str:
     return f"{PROMPT} [[delay_s:{delay_s:g}]]" if delay_s else PROMPT
 
 
-async def run_phase(one: Callable[[], Awaitable[Sample]], n: int, c: int) -> list[Sample]:
+async def run_phase(one: Callable[[], Awaitable[Sample]], n: int, c: int) -> tuple[list[Sample], float]:
+    """``n`` requests, ``c`` in flight; the samples and the wall time in seconds."""
+    t0 = time.perf_counter()
     left = n
     samples: list[Sample] = []
 
@@ -79,15 +84,16 @@ async def run_phase(one: Callable[[], Awaitable[Sample]], n: int, c: int) -> lis
             samples.append(await one())
 
     await asyncio.gather(*(runner() for _ in range(c)))
-    return samples
+    return samples, time.perf_counter() - t0
 
 
-def phase_of(mode: str, c: int, delay_s: float, samples: list[Sample], cpu_s: float) -> Phase:
+def phase_of(mode: str, c: int, delay_s: float, run: tuple[list[Sample], float], cpu_s: float) -> Phase:
+    samples, wall_s = run
     lat = [s[0] for s in samples]
     ttft = [s[1] for s in samples if s[1] is not None]
     return Phase(mode, c, delay_s, len(samples), round(percentile(lat, 0.5) * 1000, 2),
                  round(percentile(lat, 0.95) * 1000, 2), round(percentile(ttft, 0.5) * 1000, 2) if ttft else None,
-                 round(cpu_s / len(samples) * 1000, 2))
+                 round(cpu_s / len(samples) * 1000, 2), round(len(samples) / wall_s, 1))
 
 
 class HandDriven:
@@ -183,9 +189,9 @@ async def floor_phase(procs: list[HandDriven], n: int, c: int, delay_s: float, *
 
     await run_phase(one, 3 * c, c)  # warm-up: the first turns of a process are slower
     cpu0 = sum(p.cpu_s() for p in procs) + self_cpu_s()
-    samples = await run_phase(one, n, c)
+    measured = await run_phase(one, n, c)
     cpu_s = sum(p.cpu_s() for p in procs) + self_cpu_s() - cpu0
-    return phase_of("floor" if reset else "floor-noreset", c, delay_s, samples, cpu_s)
+    return phase_of("floor" if reset else "floor-noreset", c, delay_s, measured, cpu_s)
 
 
 async def pool_counts(d: DaemonProc) -> dict[str, int]:
@@ -227,9 +233,9 @@ async def daemon_phase(d: DaemonProc, mode: str, n: int, c: int, delay_s: float)
         await run_phase(one, 3 * c, c)
         await settle(d, c + 2)
         cpu0 = d.tree_cpu_s()
-        samples = await run_phase(one, n, c)
+        measured = await run_phase(one, n, c)
         await settle(d, c + 2)  # the resets of the run are part of its cost
-        return phase_of(mode, c, delay_s, samples, d.tree_cpu_s() - cpu0)
+        return phase_of(mode, c, delay_s, measured, d.tree_cpu_s() - cpu0)
 
 
 def daemon_config(claude: str, base_url: str, tmp: Path, workers: int) -> dict[str, Any]:
@@ -291,7 +297,8 @@ def medians(phases: list[Phase]) -> dict[tuple[str, int, float], dict[str, float
 
     return {k: {"p50_ms": med([p.p50_ms for p in g]), "p95_ms": med([p.p95_ms for p in g]),
                 "ttft_p50_ms": med([p.ttft_p50_ms for p in g]),
-                "cpu_ms_per_request": med([p.cpu_ms_per_request for p in g])} for k, g in groups.items()}
+                "cpu_ms_per_request": med([p.cpu_ms_per_request for p in g]),
+                "req_per_s": med([p.req_per_s or None for p in g])} for k, g in groups.items()}
 
 
 def ratio(m: dict[tuple[str, int, float], dict[str, float | None]], mode: str, c: int, delay_s: float,
@@ -306,9 +313,12 @@ def report(phases: list[Phase], opts: Options) -> Report:
     rows, checks = [], []
     for (mode, c, delay_s), v in sorted(m.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
         lat, cpu = ratio(m, mode, c, delay_s, "p50_ms"), ratio(m, mode, c, delay_s, "cpu_ms_per_request")
+        rate = ratio(m, mode, c, delay_s, "req_per_s")
         rows.append([f"{delay_s:g}", c, mode, v["p50_ms"], v["p95_ms"], v["ttft_p50_ms"] or "",
-                     v["cpu_ms_per_request"], "" if mode == "floor" or lat is None else f"{lat:.2f}×",
-                     "" if mode == "floor" or cpu is None else f"{cpu:.2f}×"])
+                     v["cpu_ms_per_request"], v["req_per_s"] or "",
+                     "" if mode == "floor" or lat is None else f"{lat:.2f}×",
+                     "" if mode == "floor" or cpu is None else f"{cpu:.2f}×",
+                     "" if mode == "floor" or rate is None else f"{rate:.2f}×"])
     for c in sorted({p.concurrency for p in phases}):
         for mode in ("http", "socket"):
             lat, cpu = ratio(m, mode, c, 0.0, "p50_ms"), ratio(m, mode, c, 0.0, "cpu_ms_per_request")
@@ -318,7 +328,8 @@ def report(phases: list[Phase], opts: Options) -> Report:
     markdown = ("Upstream delay in seconds; p50/p95/TTFT in ms; CPU ms per request (daemon + workers, or "
                 "floor processes + driver); ratios to the floor at the same concurrency and delay, same run"
                 f"{'' if opts.quick else f' (medians of {opts.repeats} repeats at delay 0)'}.\n\n") + table(
-        ["delay s", "c", "mode", "p50", "p95", "TTFT p50", "CPU ms/req", "p50 vs floor", "CPU vs floor"], rows)
+        ["delay s", "c", "mode", "p50", "p95", "TTFT p50", "CPU ms/req", "req/s", "p50 vs floor", "CPU vs floor",
+         "req/s vs floor"], rows)
     return Report(NAME, {"phases": [asdict(p) for p in phases],
                          "medians": [{"mode": k[0], "concurrency": k[1], "delay_s": k[2], **v} for k, v in m.items()]},
                   markdown, checks)

@@ -1,0 +1,354 @@
+"""Tokens and dollars per 1,000 requests, at list prices, from the daemon's own ledger.
+
+A ``claudepool serve`` process on the real CLI, the loopback fake upstream in this process (its
+request log is the cross-check; its cache simulation reads what an earlier call wrote). Cells:
+
+* profile: ``default`` (the safe profile: ``--bare``, ``--tools ""``, the CLI's own system prompt),
+  ``lean`` (the same with a one-line ``system_prompt``, README Routing's ``lean``) and ``unbare``
+  (the default with ``bare = false``: what ``--bare`` saves, since default and lean are both bare);
+* turn kind, all on the pool lane: ``prompt`` (stateless ``/v1/prompt``), ``session`` (the turns of
+  one ``/v1/sessions`` session), ``conversation`` (``POST /v1/messages`` with the growing history,
+  recognised: only the new message runs) and ``resent`` (the same history with
+  ``x-claudepool-conversation: off``: flattened and re-paid every turn). Each kind sends the same
+  user messages, ``turns`` per conversation, each asking for an answer of ``ANSWER_TOKENS``;
+* lane: jobs (`bench.jobs_bench.run_lane`, short classification prompts) on the pool lane and on the
+  batch lane (the fake's Message Batches API, billed at the batch multiplier).
+
+Each cell is a tenant of its own, so its records are its own: ``GET /v1/ledger?tenant=…`` gives every
+model call it was billed for. Tokens per request and $ per 1,000 requests are those records' sums
+over the requests sent. Every record is matched to the fake's log (by the provider's request id, or
+a batch request's message id) and its tokens compared; the fake's calls that no record bills are
+counted. One warm-up request per profile first, under a tenant of its own, so the provider's cache
+holds each profile's system prompt as it would in steady state.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from bench.daemon_proc import daemon_process
+from bench.jobs_bench import LIST_PRICES, run_lane
+from bench.suite import Options, Report, table
+from claudepool.tenancy.budgets import PricingTable
+from claudepool.tenancy.settings import PriceSettings
+from claudepool.testing.fake_upstream import FakeUpstream
+
+NAME = "cost"
+ADMIN = "bench-admin-0123"
+LEAN_PROMPT = "Answer in one short paragraph."
+ANSWER_TOKENS = 150
+# Profile -> its [profiles.NAME] table (min_idle set so that every table has a key).
+PROFILES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "lean": {"system_prompt": LEAN_PROMPT},
+    "unbare": {"bare": False},
+}
+KINDS = ("prompt", "session", "conversation", "resent")
+TOKEN_KEYS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "output_tokens")
+SHORT = {"input_tokens": "input", "cache_read_input_tokens": "cache read",
+         "cache_creation_input_tokens": "cache write", "output_tokens": "output"}
+
+
+@dataclass
+class Cell:
+    profile: str
+    kind: str  # prompt | session | conversation | resent | job
+    lane: str  # pool | batch
+    requests: int  # sent (and answered)
+    ledger_requests: int  # what the ledger counts (its records' ``requests``)
+    calls_per_request: float
+    tokens_per_request: dict[str, float]
+    usd_per_1000: float  # the daemon's ledger
+    upstream_usd_per_1000: float  # the fake's log of the same calls, priced with the same table
+    unmatched: int  # records the fake's log has no call for
+    mismatched: int  # records whose tokens differ from the fake's
+
+
+def tenant_of(profile: str, kind: str, lane: str) -> str:
+    return f"{profile}-{kind}-{lane}"
+
+
+def key_of(tenant: str) -> str:
+    return f"key-{tenant}-0123"
+
+
+def pricing() -> PricingTable:
+    return PricingTable.of({m: PriceSettings(**p) for m, p in LIST_PRICES.items()})
+
+
+def upstream_index(upstream: FakeUpstream) -> dict[str, tuple[dict[str, int], bool]]:
+    """Every billable call of the fake's log: provider request id (a /v1/messages call) or message id
+    (a batch request) -> (its usage, whether it was a batch request)."""
+    index: dict[str, tuple[dict[str, int], bool]] = {}
+    for rec in upstream.message_requests():
+        if rec.usage is not None:
+            index[rec.request_id] = (rec.usage, False)
+    for item in upstream.batches.billable():
+        if item.usage is not None and item.result is not None:
+            index[str(item.result["message"]["id"])] = (dict(item.usage), True)
+    return index
+
+
+def aggregate(profile: str, kind: str, lane: str, requests: int, records: Iterable[Mapping[str, Any]],
+              index: Mapping[str, tuple[dict[str, int], bool]], prices: PricingTable) -> Cell:
+    """One cell from its ledger records, cross-checked call by call against the fake's log.
+
+    >>> idx = {"req_1": ({"input_tokens": 10, "output_tokens": 5}, False)}
+    >>> rec = {"upstream_request_id": "req_1", "input_tokens": 10, "output_tokens": 5, "cost_usd": 0.000105,
+    ...        "requests": 1, "model": "m"}
+    >>> c = aggregate("default", "prompt", "pool", 1, [rec], idx, pricing())
+    >>> c.usd_per_1000, c.upstream_usd_per_1000, c.mismatched, c.tokens_per_request["output_tokens"]
+    (0.105, 0.105, 0, 5.0)
+    """
+    totals = dict.fromkeys(TOKEN_KEYS, 0)
+    usd = upstream_usd = 0.0
+    calls = ledger_requests = unmatched = mismatched = 0
+    for r in records:
+        calls += 1
+        ledger_requests += int(r.get("requests", 0))
+        usd += float(r.get("cost_usd", 0.0))
+        for k in TOKEN_KEYS:
+            totals[k] += int(r.get(k, 0))
+        seen = index.get(str(r.get("upstream_request_id") or "")) or index.get(str(r.get("message_id") or ""))
+        if seen is None:
+            unmatched += 1
+            continue
+        usage, batch = seen
+        if any(int(usage.get(k, 0)) != int(r.get(k, 0)) for k in TOKEN_KEYS):
+            mismatched += 1
+        upstream_usd += prices.cost(str(r.get("model", "")), batch=batch, **{k: int(usage.get(k, 0))
+                                                                              for k in TOKEN_KEYS})
+    n = max(requests, 1)
+    return Cell(profile, kind, lane, requests, ledger_requests, round(calls / n, 2),
+                {k: round(v / n, 1) for k, v in totals.items()}, round(usd / n * 1000, 4),
+                round(upstream_usd / n * 1000, 4), unmatched, mismatched)
+
+
+def conversations(count: int, turns: int, tag: str) -> list[list[str]]:
+    """User messages, unique per conversation (a recognised history must not match another's)."""
+    return [[f"Conversation {tag}-{c}, turn {t}: name one benefit of a warm process pool. "
+             f"[[tokens:{ANSWER_TOKENS}]]" for t in range(turns)] for c in range(count)]
+
+
+async def _post(http: aiohttp.ClientSession, url: str, body: dict[str, Any],
+                headers: dict[str, str]) -> tuple[dict[str, Any], Mapping[str, str]]:
+    async with http.post(url, data=orjson.dumps(body), headers=headers) as resp:
+        raw = await resp.read()
+        if resp.status not in (200, 201):
+            raise RuntimeError(f"{url} answered {resp.status}: {raw[:300]!r}")
+        return orjson.loads(raw), resp.headers
+
+
+async def run_kind(http: aiohttp.ClientSession, url: str, key: str, kind: str, convs: list[list[str]]) -> int:
+    """Send ``convs`` as turns of ``kind``; the number of requests sent."""
+    auth = {"Authorization": f"Bearer {key}"}
+    sent = 0
+    for conv in convs:
+        if kind == "prompt":
+            for text in conv:
+                answer, _ = await _post(http, f"{url}/v1/prompt", {"prompt": text}, auth)
+                assert not answer["is_error"], answer
+                sent += 1
+        elif kind == "session":
+            session, _ = await _post(http, f"{url}/v1/sessions", {}, auth)
+            for text in conv:
+                answer, _ = await _post(http, f"{url}/v1/prompt", {"prompt": text, "session": session["id"]}, auth)
+                assert not answer["is_error"], answer
+                sent += 1
+            async with http.delete(f"{url}/v1/sessions/{session['id']}", headers=auth) as resp:
+                assert resp.status == 204, await resp.text()
+        else:
+            headers = {"x-api-key": key, **({"x-claudepool-conversation": "off"} if kind == "resent" else {})}
+            history: list[dict[str, str]] = []
+            sid = ""
+            for text in conv:
+                history.append({"role": "user", "content": text})
+                answer, got = await _post(http, f"{url}/v1/messages",
+                                          {"model": "default", "max_tokens": 1024, "messages": history}, headers)
+                history.append({"role": "assistant", "content": "".join(
+                    b.get("text", "") for b in answer["content"] if b.get("type") == "text")})
+                sid = got.get("x-claudepool-session", sid)
+                sent += 1
+            if sid:  # the recognised conversation's session: give its worker back now
+                async with http.delete(f"{url}/v1/sessions/{sid}", headers=auth) as resp:
+                    assert resp.status == 204, await resp.text()
+    return sent
+
+
+async def warm_up(http: aiohttp.ClientSession, url: str) -> None:
+    """Steady state before any cell: the provider's cache holds each profile's prefix, and each
+    stateless worker is past its first turn (which, unlike every later one, follows no ``/clear``
+    and so carries none of its caveat text)."""
+    auth = {"Authorization": f"Bearer {key_of('warm')}"}
+    for profile in PROFILES:
+        for i in range(2):
+            await _post(http, f"{url}/v1/prompt", {"prompt": f"warm-up {i}", "profile": profile}, auth)
+        session, _ = await _post(http, f"{url}/v1/sessions", {"profile": profile}, auth)
+        await _post(http, f"{url}/v1/prompt", {"prompt": "warm-up", "session": session["id"]}, auth)
+        async with http.delete(f"{url}/v1/sessions/{session['id']}", headers=auth) as resp:
+            assert resp.status == 204, await resp.text()
+
+
+def daemon_config(opts: Options, base_url: str, tmp: Path, tenants: list[tuple[str, str]]) -> dict[str, Any]:
+    return {
+        "server": {"socket": "", "http": "127.0.0.1:0", "admin_key": ADMIN, "max_queued": 10_000},
+        # One stateless worker per profile: every stateless turn follows a /clear, as in steady state.
+        "pool": {"claude_bin": opts.claude, "min_idle": 1, "max_workers": 1, "batch_max_share": 1.0,
+                 "workdir": str(tmp / "w"), "timeouts": {"ready_timeout_s": 60}},
+        "profiles": {name: {"min_idle": 1, **table_} for name, table_ in PROFILES.items()},
+        "upstream": {"base_url": base_url, "api_key": "sk-ant-bench"},
+        "pricing": LIST_PRICES,
+        "sessions": {"min_idle": 1, "max_workers": 2, "dir": str(tmp / "sessions")},
+        "jobs": {"path": str(tmp / "jobs.sqlite3"), "max_running": 2, "batch_window_s": 0.3,
+                 "max_batch_requests": 10_000, "batch_poll_first_s": 0.2, "batch_poll_max_s": 0.5,
+                 "poll_interval_s": 0.1},
+        "tenants": {t: {"key": key_of(t), "profile": p, "profiles": list(PROFILES), "requests_per_minute": 0,
+                        "max_queued": 0} for t, p in tenants},
+    }
+
+
+def sizes(opts: Options) -> tuple[int, int, int]:
+    """Conversations per cell, turns per conversation, jobs per lane cell."""
+    return (1, 3, 3) if opts.quick else (3, 6, 20)
+
+
+async def run(opts: Options) -> Report:
+    n_convs, turns, n_jobs = sizes(opts)
+    cells_wanted = [(p, k, "pool") for p in PROFILES for k in KINDS] + \
+                   [(p, "job", lane) for p in PROFILES for lane in ("pool", "batch")]
+    tenants = [("warm", "default")] + [(tenant_of(*c), c[0]) for c in cells_wanted]
+    upstream = FakeUpstream(batch_delay_s=0.2)
+    t0 = time.perf_counter()
+    base_url = await upstream.start()
+    sent: dict[str, int] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="claudepool-cost-") as tmp_s:
+            async with daemon_process(daemon_config(opts, base_url, Path(tmp_s), tenants)) as d, \
+                    aiohttp.ClientSession() as http:
+                print(f"  {time.perf_counter() - t0:5.1f} s: daemon ready", file=sys.stderr, flush=True)
+                await warm_up(http, d.url)
+                for profile, kind, lane in cells_wanted:
+                    tenant = tenant_of(profile, kind, lane)
+                    print(f"  {time.perf_counter() - t0:5.1f} s: {tenant}", file=sys.stderr, flush=True)
+                    if kind == "job":
+                        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key_of(tenant)}"}) as h:
+                            done = await run_lane(h, d.url, "batch_api" if lane == "batch" else "pool", n_jobs)
+                        assert done["succeeded"] == n_jobs, done
+                        sent[tenant] = n_jobs
+                    else:
+                        sent[tenant] = await run_kind(http, d.url, key_of(tenant), kind,
+                                                      conversations(n_convs, turns, tenant))
+                records = await ledger(http, d.url)
+    finally:
+        await upstream.stop()
+    index, prices = upstream_index(upstream), pricing()
+    by_tenant: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_tenant.setdefault(r["tenant"], []).append(r)
+    cells = [aggregate(p, k, lane, sent[tenant_of(p, k, lane)], by_tenant.get(tenant_of(p, k, lane), []), index,
+                       prices) for p, k, lane in cells_wanted]
+    billed = {str(r.get("upstream_request_id") or "") for r in records} | {str(r.get("message_id") or "")
+                                                                             for r in records}
+    unbilled = [i for i in index if i not in billed]
+    return report(cells, unbilled, len(index), opts, turns, n_convs, n_jobs)
+
+
+async def ledger(http: aiohttp.ClientSession, url: str) -> list[dict[str, Any]]:
+    async with http.get(f"{url}/v1/ledger", params={"limit": "10000"},
+                        headers={"Authorization": f"Bearer {ADMIN}"}) as resp:
+        assert resp.status == 200, await resp.text()
+        return [orjson.loads(line) for line in (await resp.read()).splitlines() if line.strip()]
+
+
+def find(cells: list[Cell], profile: str, kind: str, lane: str = "pool") -> Cell | None:
+    return next((c for c in cells if (c.profile, c.kind, c.lane) == (profile, kind, lane)), None)
+
+
+def ratio(a: Cell | None, b: Cell | None) -> float | None:
+    return a.usd_per_1000 / b.usd_per_1000 if a is not None and b is not None and b.usd_per_1000 else None
+
+
+def report(cells: list[Cell], unbilled: list[str], upstream_calls: int, opts: Options, turns: int,
+           n_convs: int, n_jobs: int) -> Report:
+    rows = [[c.profile, c.kind, c.lane, c.requests, c.calls_per_request,
+             *(c.tokens_per_request[k] for k in TOKEN_KEYS), f"{c.usd_per_1000:.4f}",
+             f"{c.upstream_usd_per_1000:.4f}"] for c in cells]
+    ratios: list[list[Any]] = []
+    for p in PROFILES:
+        for what, a, b in (("batch / pool (jobs)", find(cells, p, "job", "batch"), find(cells, p, "job")),
+                           ("recognised / resent", find(cells, p, "conversation"), find(cells, p, "resent")),
+                           ("session / stateless prompt", find(cells, p, "session"), find(cells, p, "prompt"))):
+            r = ratio(a, b)
+            ratios.append([p, what, "" if r is None else f"{r:.2f}×"])
+    for p in ("lean", "unbare"):
+        for k in KINDS:
+            r = ratio(find(cells, p, k), find(cells, "default", k))
+            ratios.append([p, f"{k}: vs default", "" if r is None else f"{r:.2f}×"])
+    mismatched = sum(c.mismatched + c.unmatched for c in cells)
+    miscounted = [c for c in cells if c.ledger_requests != c.requests]
+    checks: list[tuple[str, bool, str]] = [
+        ("every ledger record matches the upstream's log, token for token", mismatched == 0,
+         f"{mismatched} of {sum(round(c.calls_per_request * c.requests) for c in cells)} records differ"),
+        ("every upstream call is billed in the ledger", not unbilled,
+         f"{len(unbilled)} of {upstream_calls} calls unbilled"),
+        ("the ledger counts each request once", not miscounted,
+         f"{len(miscounted)} cells off" if miscounted else "all cells"),
+    ]
+    for p in PROFILES:
+        r = ratio(find(cells, p, "job", "batch"), find(cells, p, "job"))
+        if r is not None:
+            checks.append((f"{p}: batch lane ≤ 0.5× the pool lane per job", r <= 0.5, f"{r:.2f}×"))
+        r = ratio(find(cells, p, "conversation"), find(cells, p, "resent"))
+        if r is not None:
+            checks.append((f"{p}: recognised conversation cheaper than resent history", r < 1, f"{r:.2f}×"))
+    prices = LIST_PRICES["default"]
+    markdown = (
+        f"Tokens per request and $ per 1,000 requests from the daemon's ledger (`/v1/ledger`, one record per "
+        f"model call), at list prices ${prices['input_per_mtok']:g} in / ${prices['output_per_mtok']:g} out / "
+        f"${prices['cache_read_per_mtok']:g} cache read / ${prices['cache_write_per_mtok']:g} cache write per "
+        f"MTok, batch at 50%. Turn kinds: {n_convs} conversation(s) of {turns} user messages per cell, each "
+        f"asking for {ANSWER_TOKENS} output tokens (the fake upstream's prompt cache simulation); jobs: "
+        f"{n_jobs} per lane, short classification prompts. `upstream $` prices the fake's own log of the same "
+        f"calls. Profiles: default = `--bare --tools \"\"` with the CLI's system prompt; lean = default + "
+        f"system prompt \"{LEAN_PROMPT}\"; unbare = default with `bare = false`. A conversation's cost grows "
+        f"with its length, so the conversation ratios hold for {turns} turns only.\n\n"
+        + table(["profile", "kind", "lane", "requests", "calls/req", *(f"{SHORT[k]} tok/req" for k in TOKEN_KEYS),
+                 "$ / 1000 (ledger)", "upstream $ / 1000"], rows)
+        + "\n\n" + table(["profile", "ratio of $ per request", "value"], ratios))
+    return Report(NAME, {"cells": [asdict(c) for c in cells], "unbilled_upstream_calls": unbilled,
+                         "upstream_calls": upstream_calls, "turns": turns, "conversations": n_convs,
+                         "jobs": n_jobs, "quick": opts.quick}, markdown, checks)
+
+
+def plot(rep: Report, out_dir: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    cells = rep.data["cells"]
+    groups = [(k, lane) for k in (*KINDS, "job") for lane in ("pool", "batch")
+              if any(c["kind"] == k and c["lane"] == lane for c in cells)]
+    profiles = [p for p in PROFILES if any(c["profile"] == p for c in cells)]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(profiles)
+    for i, p in enumerate(profiles):
+        values = [next((c["usd_per_1000"] for c in cells if (c["profile"], c["kind"], c["lane"]) == (p, k, lane)), 0)
+                  for k, lane in groups]
+        ax.bar([x + i * width for x in range(len(groups))], values, width, label=p)
+    ax.set_xticks([x + width * (len(profiles) - 1) / 2 for x in range(len(groups))],
+                  [k if k != "job" else f"job ({lane} lane)" for k, lane in groups])
+    ax.set_ylabel("$ per 1,000 requests (list prices)")
+    ax.set_title("Cost per 1,000 requests by profile, turn kind and lane (daemon's ledger)")
+    ax.legend(title="profile")
+    fig.tight_layout()
+    path = out_dir / "cost_per_1000.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

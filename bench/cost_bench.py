@@ -24,6 +24,7 @@ holds each profile's system prompt as it would in steady state.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import tempfile
 import time
@@ -51,6 +52,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default": {},
     "lean": {"system_prompt": LEAN_PROMPT},
     "unbare": {"bare": False},
+    # The CLI's own tool set, unsandboxed: safe here only because the fake upstream never asks for a
+    # tool call (no [[tool:…]] directive in any prompt), so no tool ever runs.
+    "tools": {"tools": ["default"], "sandbox": False},
 }
 KINDS = ("prompt", "session", "conversation", "resent")
 TOKEN_KEYS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "output_tokens")
@@ -68,6 +72,7 @@ class Cell:
     calls_per_request: float
     tokens_per_request: dict[str, float]
     usd_per_1000: float  # the daemon's ledger
+    input_usd_per_1000: float  # of which the input side (input, cache reads and writes): what profiles change
     upstream_usd_per_1000: float  # the fake's log of the same calls, priced with the same table
     unmatched: int  # records the fake's log has no call for
     mismatched: int  # records whose tokens differ from the fake's
@@ -100,22 +105,17 @@ def upstream_index(upstream: FakeUpstream) -> dict[str, tuple[dict[str, int], bo
 
 def aggregate(profile: str, kind: str, lane: str, requests: int, records: Iterable[Mapping[str, Any]],
               index: Mapping[str, tuple[dict[str, int], bool]], prices: PricingTable) -> Cell:
-    """One cell from its ledger records, cross-checked call by call against the fake's log.
-
-    >>> idx = {"req_1": ({"input_tokens": 10, "output_tokens": 5}, False)}
-    >>> rec = {"upstream_request_id": "req_1", "input_tokens": 10, "output_tokens": 5, "cost_usd": 0.000105,
-    ...        "requests": 1, "model": "m"}
-    >>> c = aggregate("default", "prompt", "pool", 1, [rec], idx, pricing())
-    >>> c.usd_per_1000, c.upstream_usd_per_1000, c.mismatched, c.tokens_per_request["output_tokens"]
-    (0.105, 0.105, 0, 5.0)
-    """
+    """One cell from its ledger records, cross-checked call by call against the fake's log (a record
+    is matched by the provider's request id, or a batch request's message id)."""
     totals = dict.fromkeys(TOKEN_KEYS, 0)
-    usd = upstream_usd = 0.0
+    usd = upstream_usd = output_usd = 0.0
     calls = ledger_requests = unmatched = mismatched = 0
     for r in records:
         calls += 1
         ledger_requests += int(r.get("requests", 0))
         usd += float(r.get("cost_usd", 0.0))
+        output_usd += prices.cost(str(r.get("model", "")), output_tokens=int(r.get("output_tokens", 0)),
+                                  batch=r.get("service_tier") == "batch")
         for k in TOKEN_KEYS:
             totals[k] += int(r.get(k, 0))
         seen = index.get(str(r.get("upstream_request_id") or "")) or index.get(str(r.get("message_id") or ""))
@@ -130,7 +130,7 @@ def aggregate(profile: str, kind: str, lane: str, requests: int, records: Iterab
     n = max(requests, 1)
     return Cell(profile, kind, lane, requests, ledger_requests, round(calls / n, 2),
                 {k: round(v / n, 1) for k, v in totals.items()}, round(usd / n * 1000, 4),
-                round(upstream_usd / n * 1000, 4), unmatched, mismatched)
+                round((usd - output_usd) / n * 1000, 4), round(upstream_usd / n * 1000, 4), unmatched, mismatched)
 
 
 def conversations(count: int, turns: int, tag: str) -> list[list[str]]:
@@ -184,18 +184,32 @@ async def run_kind(http: aiohttp.ClientSession, url: str, key: str, kind: str, c
     return sent
 
 
-async def warm_up(http: aiohttp.ClientSession, url: str) -> None:
-    """Steady state before any cell: the provider's cache holds each profile's prefix, and each
-    stateless worker is past its first turn (which, unlike every later one, follows no ``/clear``
-    and so carries none of its caveat text)."""
+async def warm_up(http: aiohttp.ClientSession, url: str, profile: str) -> None:
+    """Steady state before the profile's cells: the provider's cache holds its prefix, and each of its
+    workers is past its first turn. A fresh worker's first turn follows no ``/clear``: it carries a
+    block of its own before the cache breakpoint (so it reads nothing from the cache) and none of the
+    reset's caveat text; later turns all follow a reset, and workers are recycled only every
+    ``max_turns``, so the first turn is left out."""
     auth = {"Authorization": f"Bearer {key_of('warm')}"}
-    for profile in PROFILES:
-        for i in range(2):
-            await _post(http, f"{url}/v1/prompt", {"prompt": f"warm-up {i}", "profile": profile}, auth)
-        session, _ = await _post(http, f"{url}/v1/sessions", {"profile": profile}, auth)
-        await _post(http, f"{url}/v1/prompt", {"prompt": "warm-up", "session": session["id"]}, auth)
-        async with http.delete(f"{url}/v1/sessions/{session['id']}", headers=auth) as resp:
-            assert resp.status == 204, await resp.text()
+    for i in range(2):
+        await _post(http, f"{url}/v1/prompt", {"prompt": f"warm-up {i}", "profile": profile}, auth)
+    session, _ = await _post(http, f"{url}/v1/sessions", {"profile": profile}, auth)
+    await _post(http, f"{url}/v1/prompt", {"prompt": "warm-up", "session": session["id"]}, auth)
+    async with http.delete(f"{url}/v1/sessions/{session['id']}", headers=auth) as resp:
+        assert resp.status == 204, await resp.text()
+
+
+async def run_cell(http: aiohttp.ClientSession, url: str, cell: tuple[str, str, str], n_convs: int, turns: int,
+                   n_jobs: int) -> int:
+    """Run one cell under its own tenant; the number of requests it sent."""
+    profile, kind, lane = cell
+    tenant = tenant_of(profile, kind, lane)
+    if kind != "job":
+        return await run_kind(http, url, key_of(tenant), kind, conversations(n_convs, turns, tenant))
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key_of(tenant)}"}) as h:
+        done = await run_lane(h, url, "batch_api" if lane == "batch" else "pool", n_jobs)
+    assert done["succeeded"] == n_jobs, done
+    return n_jobs
 
 
 def daemon_config(opts: Options, base_url: str, tmp: Path, tenants: list[tuple[str, str]]) -> dict[str, Any]:
@@ -207,13 +221,21 @@ def daemon_config(opts: Options, base_url: str, tmp: Path, tenants: list[tuple[s
         "profiles": {name: {"min_idle": 1, **table_} for name, table_ in PROFILES.items()},
         "upstream": {"base_url": base_url, "api_key": "sk-ant-bench"},
         "pricing": LIST_PRICES,
-        "sessions": {"min_idle": 1, "max_workers": 2, "dir": str(tmp / "sessions")},
+        # One session worker per profile too: the cells run one session at a time and close it, so
+        # every session's first turn follows a reset, as on a pool in steady state.
+        "sessions": {"min_idle": 1, "max_workers": 1, "dir": str(tmp / "sessions")},
         "jobs": {"path": str(tmp / "jobs.sqlite3"), "max_running": 2, "batch_window_s": 0.3,
                  "max_batch_requests": 10_000, "batch_poll_first_s": 0.2, "batch_poll_max_s": 0.5,
                  "poll_interval_s": 0.1},
         "tenants": {t: {"key": key_of(t), "profile": p, "profiles": list(PROFILES), "requests_per_minute": 0,
                         "max_queued": 0} for t, p in tenants},
     }
+
+
+def job_profiles(opts: Options) -> list[str]:
+    """The batch lane sends a bare Messages request whatever the profile's CLI flags (only its system
+    prompt and model go with it), so quick runs lanes on the default profile only."""
+    return ["default"] if opts.quick else list(PROFILES)
 
 
 def sizes(opts: Options) -> tuple[int, int, int]:
@@ -224,7 +246,8 @@ def sizes(opts: Options) -> tuple[int, int, int]:
 async def run(opts: Options) -> Report:
     n_convs, turns, n_jobs = sizes(opts)
     cells_wanted = [(p, k, "pool") for p in PROFILES for k in KINDS] + \
-                   [(p, "job", lane) for p in PROFILES for lane in ("pool", "batch")]
+                   [(p, "job", lane) for p in job_profiles(opts) for lane in ("pool", "batch")
+                    if lane == "pool" or not PROFILES[p].get("tools")]  # the batch lane refuses tools
     tenants = [("warm", "default")] + [(tenant_of(*c), c[0]) for c in cells_wanted]
     upstream = FakeUpstream(batch_delay_s=0.2)
     t0 = time.perf_counter()
@@ -235,18 +258,16 @@ async def run(opts: Options) -> Report:
             async with daemon_process(daemon_config(opts, base_url, Path(tmp_s), tenants)) as d, \
                     aiohttp.ClientSession() as http:
                 print(f"  {time.perf_counter() - t0:5.1f} s: daemon ready", file=sys.stderr, flush=True)
-                await warm_up(http, d.url)
-                for profile, kind, lane in cells_wanted:
-                    tenant = tenant_of(profile, kind, lane)
-                    print(f"  {time.perf_counter() - t0:5.1f} s: {tenant}", file=sys.stderr, flush=True)
-                    if kind == "job":
-                        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key_of(tenant)}"}) as h:
-                            done = await run_lane(h, d.url, "batch_api" if lane == "batch" else "pool", n_jobs)
-                        assert done["succeeded"] == n_jobs, done
-                        sent[tenant] = n_jobs
-                    else:
-                        sent[tenant] = await run_kind(http, d.url, key_of(tenant), kind,
-                                                      conversations(n_convs, turns, tenant))
+
+                async def chain(profile: str) -> None:
+                    # Profiles run side by side: each has its own workers and tenants, and the fake's
+                    # cache is keyed by content, so no profile's tokens depend on another's timing.
+                    await warm_up(http, d.url, profile)
+                    for cell in (c for c in cells_wanted if c[0] == profile):
+                        sent[tenant_of(*cell)] = await run_cell(http, d.url, cell, n_convs, turns, n_jobs)
+                    print(f"  {time.perf_counter() - t0:5.1f} s: {profile} done", file=sys.stderr, flush=True)
+
+                await asyncio.gather(*(chain(p) for p in PROFILES))
                 records = await ledger(http, d.url)
     finally:
         await upstream.stop()
@@ -273,60 +294,78 @@ def find(cells: list[Cell], profile: str, kind: str, lane: str = "pool") -> Cell
     return next((c for c in cells if (c.profile, c.kind, c.lane) == (profile, kind, lane)), None)
 
 
-def ratio(a: Cell | None, b: Cell | None) -> float | None:
-    return a.usd_per_1000 / b.usd_per_1000 if a is not None and b is not None and b.usd_per_1000 else None
+def ratio(a: Cell | None, b: Cell | None, *, input_side: bool = False) -> float | None:
+    """``a``'s $ per request over ``b``'s (None: either not measured); ``input_side``: input tokens only."""
+    if a is None or b is None:
+        return None
+    mine, theirs = (a.input_usd_per_1000, b.input_usd_per_1000) if input_side else (a.usd_per_1000, b.usd_per_1000)
+    return mine / theirs if theirs else None
+
+
+# What each profile is, for the report.
+ABOUT = {
+    "default": 'the safe default: `--bare`, `--tools ""`, the CLI\'s own (bare) system prompt',
+    "lean": f'the default with `system_prompt = "{LEAN_PROMPT}"` (README Routing\'s lean)',
+    "unbare": "the default with `bare = false`: what `--bare` saves",
+    "tools": '`tools = ["default"]` (the CLI\'s tool set, no tool ever called): what `--tools ""` saves',
+}
 
 
 def report(cells: list[Cell], unbilled: list[str], upstream_calls: int, opts: Options, turns: int,
            n_convs: int, n_jobs: int) -> Report:
     rows = [[c.profile, c.kind, c.lane, c.requests, c.calls_per_request,
              *(c.tokens_per_request[k] for k in TOKEN_KEYS), f"{c.usd_per_1000:.4f}",
-             f"{c.upstream_usd_per_1000:.4f}"] for c in cells]
-    ratios: list[list[Any]] = []
-    for p in PROFILES:
-        for what, a, b in (("batch / pool (jobs)", find(cells, p, "job", "batch"), find(cells, p, "job")),
-                           ("recognised / resent", find(cells, p, "conversation"), find(cells, p, "resent")),
-                           ("session / stateless prompt", find(cells, p, "session"), find(cells, p, "prompt"))):
-            r = ratio(a, b)
-            ratios.append([p, what, "" if r is None else f"{r:.2f}×"])
-    for p in ("lean", "unbare"):
-        for k in KINDS:
-            r = ratio(find(cells, p, k), find(cells, "default", k))
-            ratios.append([p, f"{k}: vs default", "" if r is None else f"{r:.2f}×"])
+             f"{c.input_usd_per_1000:.4f}", f"{c.upstream_usd_per_1000:.4f}"] for c in cells]
+    pairs = [(p, what, find(cells, *a), find(cells, *b)) for p in PROFILES for what, a, b in (
+        ("batch / pool (jobs)", (p, "job", "batch"), (p, "job")),
+        ("recognised / resent", (p, "conversation"), (p, "resent")),
+        ("session / stateless prompt", (p, "session"), (p, "prompt")))]
+    pairs += [(p, f"{k}: {p} / default", find(cells, p, k), find(cells, "default", k))
+              for p in PROFILES if p != "default" for k in (*KINDS, "job")]
+    ratios = [[p, what, f"{r:.2f}×", f"{ratio(a, b, input_side=True) or 0:.2f}×"]
+              for p, what, a, b in pairs if (r := ratio(a, b)) is not None]
+    records = sum(round(c.calls_per_request * c.requests) for c in cells)
     mismatched = sum(c.mismatched + c.unmatched for c in cells)
-    miscounted = [c for c in cells if c.ledger_requests != c.requests]
+    miscounted = [f"{c.profile}/{c.kind}/{c.lane}" for c in cells if c.ledger_requests != c.requests]
+    usd = sum(c.usd_per_1000 * c.requests for c in cells)
+    usd_gap = abs(usd - sum(c.upstream_usd_per_1000 * c.requests for c in cells)) / usd if usd else 0.0
     checks: list[tuple[str, bool, str]] = [
         ("every ledger record matches the upstream's log, token for token", mismatched == 0,
-         f"{mismatched} of {sum(round(c.calls_per_request * c.requests) for c in cells)} records differ"),
+         f"{mismatched} of {records} records differ or have no upstream call"),
         ("every upstream call is billed in the ledger", not unbilled,
          f"{len(unbilled)} of {upstream_calls} calls unbilled"),
+        ("ledger $ = the upstream's log priced alike (within 0.1%)", usd_gap <= 0.001, f"{usd_gap:.4%} apart"),
         ("the ledger counts each request once", not miscounted,
-         f"{len(miscounted)} cells off" if miscounted else "all cells"),
+         ", ".join(miscounted) + " off" if miscounted else "every cell"),
     ]
     for p in PROFILES:
-        r = ratio(find(cells, p, "job", "batch"), find(cells, p, "job"))
-        if r is not None:
+        if (r := ratio(find(cells, p, "job", "batch"), find(cells, p, "job"))) is not None:
             checks.append((f"{p}: batch lane ≤ 0.5× the pool lane per job", r <= 0.5, f"{r:.2f}×"))
-        r = ratio(find(cells, p, "conversation"), find(cells, p, "resent"))
-        if r is not None:
-            checks.append((f"{p}: recognised conversation cheaper than resent history", r < 1, f"{r:.2f}×"))
+        if (r := ratio(find(cells, p, "conversation"), find(cells, p, "resent"))) is not None:
+            checks.append((f"{p}: a recognised conversation costs less than the resent history", r < 1,
+                           f"{r:.2f}× over {turns} turns"))
     prices = LIST_PRICES["default"]
+    about = "\n".join(f"- `{p}`: {ABOUT.get(p, '')}" for p in PROFILES)
     markdown = (
-        f"Tokens per request and $ per 1,000 requests from the daemon's ledger (`/v1/ledger`, one record per "
-        f"model call), at list prices ${prices['input_per_mtok']:g} in / ${prices['output_per_mtok']:g} out / "
-        f"${prices['cache_read_per_mtok']:g} cache read / ${prices['cache_write_per_mtok']:g} cache write per "
-        f"MTok, batch at 50%. Turn kinds: {n_convs} conversation(s) of {turns} user messages per cell, each "
-        f"asking for {ANSWER_TOKENS} output tokens (the fake upstream's prompt cache simulation); jobs: "
-        f"{n_jobs} per lane, short classification prompts. `upstream $` prices the fake's own log of the same "
-        f"calls. Profiles: default = `--bare --tools \"\"` with the CLI's system prompt; lean = default + "
-        f"system prompt \"{LEAN_PROMPT}\"; unbare = default with `bare = false`. A conversation's cost grows "
-        f"with its length, so the conversation ratios hold for {turns} turns only.\n\n"
+        "Tokens per request and $ per 1,000 requests from the daemon's own ledger (`GET /v1/ledger`, one record "
+        f"per model call, a tenant per cell), at list prices ${prices['input_per_mtok']:g} in, "
+        f"${prices['output_per_mtok']:g} out, ${prices['cache_read_per_mtok']:g} cache read, "
+        f"${prices['cache_write_per_mtok']:g} cache write per MTok, the batch lane at 50%. The real CLI against "
+        "the loopback fake upstream (its prompt-cache simulation; tokens are its bytes / 4). Turn kinds: "
+        f"{n_convs} conversation(s) of {turns} user messages per cell, each answered with {ANSWER_TOKENS} output "
+        f"tokens; `conversation`/`resent` are `POST /v1/messages` with the growing history, recognised or with "
+        f"`x-claudepool-conversation: off`; a conversation's cost grows with its length, so those ratios hold for "
+        f"{turns} turns. Jobs: {n_jobs} short classification prompts per lane; the batch lane sends a bare "
+        "Messages request (no CLI system prompt, whatever the profile's flags) and refuses a profile with tools. "
+        "`input $`: the input side alone (input, cache reads and writes), what a profile changes; `upstream $`: "
+        "the fake's own log of the same calls, priced alike. Profiles:\n\n" + about + "\n\n"
         + table(["profile", "kind", "lane", "requests", "calls/req", *(f"{SHORT[k]} tok/req" for k in TOKEN_KEYS),
-                 "$ / 1000 (ledger)", "upstream $ / 1000"], rows)
-        + "\n\n" + table(["profile", "ratio of $ per request", "value"], ratios))
+                 "$ / 1000", "input $ / 1000", "upstream $ / 1000"], rows)
+        + "\n\n" + table(["profile", "ratio of $ per request", "all $", "input side $"], ratios))
     return Report(NAME, {"cells": [asdict(c) for c in cells], "unbilled_upstream_calls": unbilled,
                          "upstream_calls": upstream_calls, "turns": turns, "conversations": n_convs,
-                         "jobs": n_jobs, "quick": opts.quick}, markdown, checks)
+                         "jobs": n_jobs, "answer_tokens": ANSWER_TOKENS, "prices": LIST_PRICES,
+                         "quick": opts.quick}, markdown, checks)
 
 
 def plot(rep: Report, out_dir: Path) -> list[Path]:

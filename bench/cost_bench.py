@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     # The CLI's own tool set, unsandboxed: safe here only because the fake upstream never asks for a
     # tool call (no [[tool:…]] directive in any prompt), so no tool ever runs.
     "tools": {"tools": ["default"], "sandbox": False},
+    # Both: the CLI as it comes, against which the safe default's savings add up.
+    "stock": {"bare": False, "tools": ["default"], "sandbox": False},
 }
 KINDS = ("prompt", "session", "conversation", "resent")
 TOKEN_KEYS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "output_tokens")
@@ -76,6 +78,8 @@ class Cell:
     upstream_usd_per_1000: float  # the fake's log of the same calls, priced with the same table
     unmatched: int  # records the fake's log has no call for
     mismatched: int  # records whose tokens differ from the fake's
+    # $ per 1,000 requests at each turn of the cell's conversations (kinds other than job).
+    usd_per_1000_by_turn: list[float] = field(default_factory=list)
 
 
 def tenant_of(profile: str, kind: str, lane: str) -> str:
@@ -131,6 +135,22 @@ def aggregate(profile: str, kind: str, lane: str, requests: int, records: Iterab
     return Cell(profile, kind, lane, requests, ledger_requests, round(calls / n, 2),
                 {k: round(v / n, 1) for k, v in totals.items()}, round(usd / n * 1000, 4),
                 round((usd - output_usd) / n * 1000, 4), round(upstream_usd / n * 1000, 4), unmatched, mismatched)
+
+
+def usd_by_turn(records: Iterable[Mapping[str, Any]], turns: int) -> list[float]:
+    """$ per 1,000 requests at each turn index: the cell's requests in the order they ended (a
+    request's records together, by its ``request_id``), the i-th one being turn ``i % turns``."""
+    ended: dict[str, float] = {}
+    usd: dict[str, float] = {}
+    for r in records:
+        rid = str(r["request_id"])
+        ended[rid] = max(ended.get(rid, 0.0), float(r["at"]))
+        usd[rid] = usd.get(rid, 0.0) + float(r.get("cost_usd", 0.0))
+    sums, counts = [0.0] * turns, [0] * turns
+    for i, rid in enumerate(sorted(ended, key=lambda k: ended[k])):
+        sums[i % turns] += usd[rid]
+        counts[i % turns] += 1
+    return [round(total / n * 1000, 4) if n else 0.0 for total, n in zip(sums, counts, strict=True)]
 
 
 def conversations(count: int, turns: int, tag: str) -> list[list[str]]:
@@ -218,7 +238,7 @@ def daemon_config(opts: Options, base_url: str, tmp: Path, tenants: list[tuple[s
         # One stateless worker per profile: every stateless turn follows a /clear, as in steady state.
         "pool": {"claude_bin": opts.claude, "min_idle": 1, "max_workers": 1, "batch_max_share": 1.0,
                  "workdir": str(tmp / "w"), "timeouts": {"ready_timeout_s": 60}},
-        "profiles": {name: {"min_idle": 1, **table_} for name, table_ in PROFILES.items()},
+        "profiles": {name: {"min_idle": 1, **PROFILES[name]} for name in profiles(opts)},
         "upstream": {"base_url": base_url, "api_key": "sk-ant-bench"},
         "pricing": LIST_PRICES,
         # One session worker per profile too: the cells run one session at a time and close it, so
@@ -227,15 +247,20 @@ def daemon_config(opts: Options, base_url: str, tmp: Path, tenants: list[tuple[s
         "jobs": {"path": str(tmp / "jobs.sqlite3"), "max_running": 2, "batch_window_s": 0.3,
                  "max_batch_requests": 10_000, "batch_poll_first_s": 0.2, "batch_poll_max_s": 0.5,
                  "poll_interval_s": 0.1},
-        "tenants": {t: {"key": key_of(t), "profile": p, "profiles": list(PROFILES), "requests_per_minute": 0,
+        "tenants": {t: {"key": key_of(t), "profile": p, "profiles": profiles(opts), "requests_per_minute": 0,
                         "max_queued": 0} for t, p in tenants},
     }
+
+
+def profiles(opts: Options) -> list[str]:
+    """Quick runs the default, lean (the brief's pair) and stock (what the default saves in all)."""
+    return ["default", "lean", "stock"] if opts.quick else list(PROFILES)
 
 
 def job_profiles(opts: Options) -> list[str]:
     """The batch lane sends a bare Messages request whatever the profile's CLI flags (only its system
     prompt and model go with it), so quick runs lanes on the default profile only."""
-    return ["default"] if opts.quick else list(PROFILES)
+    return ["default"] if opts.quick else profiles(opts)
 
 
 def sizes(opts: Options) -> tuple[int, int, int]:
@@ -245,7 +270,7 @@ def sizes(opts: Options) -> tuple[int, int, int]:
 
 async def run(opts: Options) -> Report:
     n_convs, turns, n_jobs = sizes(opts)
-    cells_wanted = [(p, k, "pool") for p in PROFILES for k in KINDS] + \
+    cells_wanted = [(p, k, "pool") for p in profiles(opts) for k in KINDS] + \
                    [(p, "job", lane) for p in job_profiles(opts) for lane in ("pool", "batch")
                     if lane == "pool" or not PROFILES[p].get("tools")]  # the batch lane refuses tools
     tenants = [("warm", "default")] + [(tenant_of(*c), c[0]) for c in cells_wanted]
@@ -267,7 +292,7 @@ async def run(opts: Options) -> Report:
                         sent[tenant_of(*cell)] = await run_cell(http, d.url, cell, n_convs, turns, n_jobs)
                     print(f"  {time.perf_counter() - t0:5.1f} s: {profile} done", file=sys.stderr, flush=True)
 
-                await asyncio.gather(*(chain(p) for p in PROFILES))
+                await asyncio.gather(*(chain(p) for p in profiles(opts)))
                 records = await ledger(http, d.url)
     finally:
         await upstream.stop()
@@ -277,6 +302,9 @@ async def run(opts: Options) -> Report:
         by_tenant.setdefault(r["tenant"], []).append(r)
     cells = [aggregate(p, k, lane, sent[tenant_of(p, k, lane)], by_tenant.get(tenant_of(p, k, lane), []), index,
                        prices) for p, k, lane in cells_wanted]
+    for c in cells:
+        if c.kind != "job":
+            c.usd_per_1000_by_turn = usd_by_turn(by_tenant.get(tenant_of(c.profile, c.kind, c.lane), []), turns)
     billed = {str(r.get("upstream_request_id") or "") for r in records} | {str(r.get("message_id") or "")
                                                                              for r in records}
     unbilled = [i for i in index if i not in billed]
@@ -308,6 +336,7 @@ ABOUT = {
     "lean": f'the default with `system_prompt = "{LEAN_PROMPT}"` (README Routing\'s lean)',
     "unbare": "the default with `bare = false`: what `--bare` saves",
     "tools": '`tools = ["default"]` (the CLI\'s tool set, no tool ever called): what `--tools ""` saves',
+    "stock": "`bare = false` and the CLI's tool set: the CLI as it comes, what the safe default saves in all",
 }
 
 
@@ -316,14 +345,15 @@ def report(cells: list[Cell], unbilled: list[str], upstream_calls: int, opts: Op
     rows = [[c.profile, c.kind, c.lane, c.requests, c.calls_per_request,
              *(c.tokens_per_request[k] for k in TOKEN_KEYS), f"{c.usd_per_1000:.4f}",
              f"{c.input_usd_per_1000:.4f}", f"{c.upstream_usd_per_1000:.4f}"] for c in cells]
-    pairs = [(p, what, find(cells, *a), find(cells, *b)) for p in PROFILES for what, a, b in (
-        ("batch / pool (jobs)", (p, "job", "batch"), (p, "job")),
-        ("recognised / resent", (p, "conversation"), (p, "resent")),
-        ("session / stateless prompt", (p, "session"), (p, "prompt")))]
-    pairs += [(p, f"{k}: {p} / default", find(cells, p, k), find(cells, "default", k))
-              for p in PROFILES if p != "default" for k in (*KINDS, "job")]
-    ratios = [[p, what, f"{r:.2f}×", f"{ratio(a, b, input_side=True) or 0:.2f}×"]
-              for p, what, a, b in pairs if (r := ratio(a, b)) is not None]
+    def shown(a: Cell | None, b: Cell | None) -> str:
+        r = ratio(a, b)
+        return "" if r is None else f"{r:.2f}× ({ratio(a, b, input_side=True) or 0:.2f}×)"
+
+    within = [[p, shown(find(cells, p, "job", "batch"), find(cells, p, "job")),
+               shown(find(cells, p, "conversation"), find(cells, p, "resent")),
+               shown(find(cells, p, "session"), find(cells, p, "prompt"))] for p in profiles(opts)]
+    versus = [[p, *(shown(find(cells, p, k), find(cells, "default", k)) for k in (*KINDS, "job"))]
+              for p in profiles(opts) if p != "default"]
     records = sum(round(c.calls_per_request * c.requests) for c in cells)
     mismatched = sum(c.mismatched + c.unmatched for c in cells)
     miscounted = [f"{c.profile}/{c.kind}/{c.lane}" for c in cells if c.ledger_requests != c.requests]
@@ -338,6 +368,9 @@ def report(cells: list[Cell], unbilled: list[str], upstream_calls: int, opts: Op
         ("the ledger counts each request once", not miscounted,
          ", ".join(miscounted) + " off" if miscounted else "every cell"),
     ]
+    if (r := ratio(find(cells, "default", "prompt"), find(cells, "stock", "prompt"))) is not None:
+        checks.append(("the safe default costs less per stateless request than the stock CLI", r < 1,
+                       f"{r:.2f}× the stock CLI's $"))
     for p in PROFILES:
         if (r := ratio(find(cells, p, "job", "batch"), find(cells, p, "job"))) is not None:
             checks.append((f"{p}: batch lane ≤ 0.5× the pool lane per job", r <= 0.5, f"{r:.2f}×"))
@@ -345,7 +378,7 @@ def report(cells: list[Cell], unbilled: list[str], upstream_calls: int, opts: Op
             checks.append((f"{p}: a recognised conversation costs less than the resent history", r < 1,
                            f"{r:.2f}× over {turns} turns"))
     prices = LIST_PRICES["default"]
-    about = "\n".join(f"- `{p}`: {ABOUT.get(p, '')}" for p in PROFILES)
+    about = "\n".join(f"- `{p}`: {ABOUT.get(p, '')}" for p in profiles(opts))
     markdown = (
         "Tokens per request and $ per 1,000 requests from the daemon's own ledger (`GET /v1/ledger`, one record "
         f"per model call, a tenant per cell), at list prices ${prices['input_per_mtok']:g} in, "
@@ -361,7 +394,16 @@ def report(cells: list[Cell], unbilled: list[str], upstream_calls: int, opts: Op
         "the fake's own log of the same calls, priced alike. Profiles:\n\n" + about + "\n\n"
         + table(["profile", "kind", "lane", "requests", "calls/req", *(f"{SHORT[k]} tok/req" for k in TOKEN_KEYS),
                  "$ / 1000", "input $ / 1000", "upstream $ / 1000"], rows)
-        + "\n\n" + table(["profile", "ratio of $ per request", "all $", "input side $"], ratios))
+        + "\n\nRatios of $ per request, all of it (the input side alone in brackets), within each profile:\n\n"
+        + table(["profile", "jobs: batch / pool lane", "recognised / resent history", "session / stateless"],
+                within)
+        + "\n\nEach profile over the default, per turn kind:\n\n"
+        + table(["profile", *KINDS, "job (pool lane)"], versus)
+        + "\n\n$ per 1,000 requests at each turn of a conversation (a session's context and a resent history "
+          "grow with it; the stateless prompt's turns are independent):\n\n"
+        + table(["profile", "kind", *(f"turn {t + 1}" for t in range(turns))],
+                [[c.profile, c.kind, *c.usd_per_1000_by_turn] for c in cells
+                 if c.usd_per_1000_by_turn and c.profile in ("default", "stock")]))
     return Report(NAME, {"cells": [asdict(c) for c in cells], "unbilled_upstream_calls": unbilled,
                          "upstream_calls": upstream_calls, "turns": turns, "conversations": n_convs,
                          "jobs": n_jobs, "answer_tokens": ANSWER_TOKENS, "prices": LIST_PRICES,

@@ -47,3 +47,13 @@ def test_cost_cells_match_ledger_records_to_the_upstream_log_and_price_the_batch
     # The input side: the ledger's $ less its output tokens at the output price (batch at 50%).
     output_usd = (5 + 1) * 15e-6 + 10 * 15e-6 * 0.5
     assert cell.input_usd_per_1000 == round((0.000372 - output_usd) / 2 * 1000, 4)
+
+
+def test_cost_by_turn_sums_each_request_s_calls_and_indexes_requests_by_when_they_ended() -> None:
+    from bench.cost_bench import usd_by_turn
+
+    records = [{"request_id": "b", "at": 2.0, "cost_usd": 0.003}, {"request_id": "a", "at": 1.0, "cost_usd": 0.001},
+               {"request_id": "b", "at": 2.5, "cost_usd": 0.001},  # b's second call: one request, one turn
+               {"request_id": "c", "at": 3.0, "cost_usd": 0.003}]
+    # a: turn 1, b: turn 2, c: turn 1 of the next conversation.
+    assert usd_by_turn(records, 2) == [2.0, 4.0]

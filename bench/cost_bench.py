@@ -4,8 +4,9 @@ A ``claudepool serve`` process on the real CLI, the loopback fake upstream in th
 request log is the cross-check; its cache simulation reads what an earlier call wrote). Cells:
 
 * profile: ``default`` (the safe profile: ``--bare``, ``--tools ""``, the CLI's own system prompt),
-  ``lean`` (the same with a one-line ``system_prompt``, README Routing's ``lean``) and ``unbare``
-  (the default with ``bare = false``: what ``--bare`` saves, since default and lean are both bare);
+  ``lean`` (the same with a one-line ``system_prompt``, README Routing's ``lean``). Both are bare, so
+  three more say what the default saves: ``unbare`` (``bare = false``), ``tools`` (the CLI's tool set)
+  and ``stock`` (both: the CLI as it comes). Quick runs default, lean and stock;
 * turn kind, all on the pool lane: ``prompt`` (stateless ``/v1/prompt``), ``session`` (the turns of
   one ``/v1/sessions`` session), ``conversation`` (``POST /v1/messages`` with the growing history,
   recognised: only the new message runs) and ``resent`` (the same history with
@@ -14,12 +15,14 @@ request log is the cross-check; its cache simulation reads what an earlier call 
 * lane: jobs (`bench.jobs_bench.run_lane`, short classification prompts) on the pool lane and on the
   batch lane (the fake's Message Batches API, billed at the batch multiplier).
 
-Each cell is a tenant of its own, so its records are its own: ``GET /v1/ledger?tenant=…`` gives every
-model call it was billed for. Tokens per request and $ per 1,000 requests are those records' sums
-over the requests sent. Every record is matched to the fake's log (by the provider's request id, or
-a batch request's message id) and its tokens compared; the fake's calls that no record bills are
-counted. One warm-up request per profile first, under a tenant of its own, so the provider's cache
-holds each profile's system prompt as it would in steady state.
+Each cell is a tenant of its own, so the ledger's records (``GET /v1/ledger``, one per model call)
+say which cell each call was billed to. Tokens per request and $ per 1,000 requests are those
+records' sums over the requests sent. Every record is matched to the fake's log (by the provider's
+request id, or a batch request's message id) and its tokens compared; the fake's calls that no
+record bills are counted. Each pool has one worker, warmed past its first turn (`warm_up`), so every
+measured turn is a steady-state one. Profiles run side by side, each its cells in turn: the fake's
+cache is keyed by content, so the tokens do not depend on the interleaving (runs give the same
+numbers to the token).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ NAME = "cost"
 ADMIN = "bench-admin-0123"
 LEAN_PROMPT = "Answer in one short paragraph."
 ANSWER_TOKENS = 150
-# Profile -> its [profiles.NAME] table (min_idle set so that every table has a key).
+# Profile -> its [profiles.NAME] table.
 PROFILES: dict[str, dict[str, Any]] = {
     "default": {},
     "lean": {"system_prompt": LEAN_PROMPT},
@@ -292,8 +295,10 @@ async def run(opts: Options) -> Report:
                         sent[tenant_of(*cell)] = await run_cell(http, d.url, cell, n_convs, turns, n_jobs)
                     print(f"  {time.perf_counter() - t0:5.1f} s: {profile} done", file=sys.stderr, flush=True)
 
-                await asyncio.gather(*(chain(p) for p in profiles(opts)))
-                records = await ledger(http, d.url)
+                async with asyncio.TaskGroup() as tg:  # one failing cell cancels the others
+                    for p in profiles(opts):
+                        tg.create_task(chain(p))
+                records = await ledger(http, d.url, sent)
     finally:
         await upstream.stop()
     index, prices = upstream_index(upstream), pricing()
@@ -311,11 +316,22 @@ async def run(opts: Options) -> Report:
     return report(cells, unbilled, len(index), opts, turns, n_convs, n_jobs)
 
 
-async def ledger(http: aiohttp.ClientSession, url: str) -> list[dict[str, Any]]:
-    async with http.get(f"{url}/v1/ledger", params={"limit": "10000"},
-                        headers={"Authorization": f"Bearer {ADMIN}"}) as resp:
-        assert resp.status == 200, await resp.text()
-        return [orjson.loads(line) for line in (await resp.read()).splitlines() if line.strip()]
+async def ledger(http: aiohttp.ClientSession, url: str, sent: Mapping[str, int]) -> list[dict[str, Any]]:
+    """Every tenant's records, once the ledger counts each cell's requests (a record is settled just
+    after its answer; bounded: a shortfall left after 10 s is reported by the checks, not waited for)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while True:
+        async with http.get(f"{url}/v1/ledger", params={"limit": "10000"},
+                            headers={"Authorization": f"Bearer {ADMIN}"}) as resp:
+            assert resp.status == 200, await resp.text()
+            records = [orjson.loads(line) for line in (await resp.read()).splitlines() if line.strip()]
+        counted: dict[str, int] = {}
+        for r in records:
+            counted[r["tenant"]] = counted.get(r["tenant"], 0) + int(r.get("requests", 0))
+        if all(counted.get(t, 0) >= n for t, n in sent.items()) or loop.time() > deadline:
+            return records
+        await asyncio.sleep(0.1)
 
 
 def find(cells: list[Cell], profile: str, kind: str, lane: str = "pool") -> Cell | None:
@@ -391,7 +407,9 @@ def report(cells: list[Cell], unbilled: list[str], upstream_calls: int, opts: Op
         f"{turns} turns. Jobs: {n_jobs} short classification prompts per lane; the batch lane sends a bare "
         "Messages request (no CLI system prompt, whatever the profile's flags) and refuses a profile with tools. "
         "`input $`: the input side alone (input, cache reads and writes), what a profile changes; `upstream $`: "
-        "the fake's own log of the same calls, priced alike. Profiles:\n\n" + about + "\n\n"
+        "the fake's own log of the same calls, priced alike. Steady state: one worker per pool, warmed past its "
+        "first turn (a fresh worker's first turn follows no reset and reads nothing from the cache; workers are "
+        "recycled every `max_turns`). Profiles:\n\n" + about + "\n\n"
         + table(["profile", "kind", "lane", "requests", "calls/req", *(f"{SHORT[k]} tok/req" for k in TOKEN_KEYS),
                  "$ / 1000", "input $ / 1000", "upstream $ / 1000"], rows)
         + "\n\nRatios of $ per request, all of it (the input side alone in brackets), within each profile:\n\n"

@@ -19,3 +19,41 @@ def test_to_toml_round_trips_the_config_shapes_the_benchmarks_write() -> None:
 def test_table_is_markdown_with_one_row_per_entry() -> None:
     assert table(["a", "b"], [[1, 2], ["x", None]]).splitlines() == ["| a | b |", "|---|---|", "| 1 | 2 |",
                                                                     "| x | None |"]
+
+
+def test_cost_cells_match_ledger_records_to_the_upstream_log_and_price_the_batch_tier() -> None:
+    from bench.cost_bench import aggregate, pricing
+
+    index = {"req_1": ({"input_tokens": 10, "output_tokens": 5}, False),
+             "msg_b": ({"input_tokens": 100, "output_tokens": 10}, True),
+             "req_2": ({"input_tokens": 7, "output_tokens": 1}, False)}
+    records = [
+        {"upstream_request_id": "req_1", "input_tokens": 10, "output_tokens": 5, "cost_usd": 0.000105,
+         "requests": 1, "model": "m"},
+        # A batch request: matched by its message id, priced at half.
+        {"message_id": "msg_b", "input_tokens": 100, "output_tokens": 10, "cost_usd": 0.000225, "requests": 1,
+         "model": "m", "service_tier": "batch"},
+        # Billed with other tokens than the upstream reported: a mismatch, priced as the upstream saw it.
+        {"upstream_request_id": "req_2", "input_tokens": 8, "output_tokens": 1, "cost_usd": 0.000039,
+         "requests": 0, "model": "m"},
+        {"upstream_request_id": "req_nowhere", "input_tokens": 1, "cost_usd": 0.000003, "requests": 1, "model": "m"},
+    ]
+    cell = aggregate("default", "prompt", "pool", 2, records, index, pricing())
+    assert (cell.mismatched, cell.unmatched, cell.ledger_requests, cell.calls_per_request) == (1, 1, 3, 2.0)
+    assert cell.tokens_per_request["input_tokens"] == 59.5  # (10 + 100 + 8 + 1) / 2 requests
+    assert cell.usd_per_1000 == round((0.000105 + 0.000225 + 0.000039 + 0.000003) / 2 * 1000, 4)
+    # The upstream side: the three matched calls at $3 in / $15 out, the batch one at 50%.
+    assert cell.upstream_usd_per_1000 == round((0.000105 + 0.000225 + 0.000036) / 2 * 1000, 4)
+    # The input side: the ledger's $ less its output tokens at the output price (batch at 50%).
+    output_usd = (5 + 1) * 15e-6 + 10 * 15e-6 * 0.5
+    assert cell.input_usd_per_1000 == round((0.000372 - output_usd) / 2 * 1000, 4)
+
+
+def test_cost_by_turn_sums_each_request_s_calls_and_indexes_requests_by_when_they_ended() -> None:
+    from bench.cost_bench import usd_by_turn
+
+    records = [{"request_id": "b", "at": 2.0, "cost_usd": 0.003}, {"request_id": "a", "at": 1.0, "cost_usd": 0.001},
+               {"request_id": "b", "at": 2.5, "cost_usd": 0.001},  # b's second call: one request, one turn
+               {"request_id": "c", "at": 3.0, "cost_usd": 0.003}]
+    # a: turn 1, b: turn 2, c: turn 1 of the next conversation.
+    assert usd_by_turn(records, 2) == [2.0, 4.0]

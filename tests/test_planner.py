@@ -56,6 +56,7 @@ class StubWorker:
     created_at: float = 0.0
     alive: bool = True
     busy: bool = False
+    frozen: bool = False
 
     def is_alive(self) -> bool:
         return self.alive

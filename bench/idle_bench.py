@@ -2,7 +2,7 @@
 them (``pool.freeze_idle_after_s``: SIGSTOP after that long idle, SIGCONT as they are lent) saves
 and adds to the next request.
 
-Three ``claudepool serve`` daemons (`bench.daemon_proc`) run side by side against one loopback fake
+Three ``claudepool serve`` daemons (`bench.daemon_proc`; quick runs: the first two) run side by side against one loopback fake
 upstream, each with 4 workers: ``running`` (freezing off), ``frozen`` (freezing after 0.5 s) and
 ``frozen+quiet`` (freezing, and the daemon's own polls slowed: ``jobs.poll_interval_s`` and
 ``sessions.maintenance_interval_s`` at 5 s). They idle through one window together, so a noisy spell
@@ -10,10 +10,10 @@ of the machine hits all three; CPU is user + system from /proc (the daemon alone
 with every worker), PSS from ``smaps_rollup`` of the whole tree. One running worker's threads are
 read from ``/proc/PID/task/*/stat`` over the window, to show where the idle CLI's CPU goes.
 
-Then the thaw: requests, one at a time, to ``running`` after resting as long as ``frozen`` takes to
-freeze every worker (``rested``), to ``frozen`` once every worker is stopped (``thawed``: the lease
-continues one), and to ``frozen`` right after the last one settled (``hot``: still running). The
-thaw's cost is thawed minus rested, p50, same run.
+Then the thaw, in rounds, requests one at a time: once every worker of ``frozen`` is stopped, one to
+``frozen`` (``thawed``: the lease continues one) and one to ``running`` (``rested``: its workers
+idled as long, not stopped); then one to ``frozen`` right after the last settled (``hot``: that
+worker still runs). The thaw's cost is thawed minus rested, p50, same run.
 """
 
 from __future__ import annotations
@@ -80,13 +80,13 @@ def thread_ticks(pid: int) -> dict[str, int]:
 
 
 @contextlib.asynccontextmanager
-async def daemons(claude: str, base_url: str, tmp: Path) -> AsyncIterator[dict[str, DaemonProc]]:
+async def daemons(claude: str, base_url: str, tmp: Path, names: list[str]) -> AsyncIterator[dict[str, DaemonProc]]:
     async with contextlib.AsyncExitStack() as stack:
         entered = await asyncio.gather(*(
             stack.enter_async_context(daemon_process(merged(daemon_config(claude, base_url, tmp / name, WORKERS),
-                                                            extra)))
-            for name, extra in ARMS.items()))
-        yield dict(zip(ARMS, entered, strict=True))
+                                                            ARMS[name])))
+            for name in names))
+        yield dict(zip(names, entered, strict=True))
 
 
 async def idle_window(ds: dict[str, DaemonProc], window_s: float) -> tuple[dict[str, dict[str, Any]], list[Any]]:
@@ -132,23 +132,24 @@ async def thaw_arms(ds: dict[str, DaemonProc], n: int) -> dict[str, list[float]]
     samples: dict[str, list[float]] = {"rested": [], "thawed": [], "hot": []}
     async with AsyncClient(key=KEY, url=running.url) as rc, AsyncClient(key=KEY, url=frozen.url) as fc:
         for _ in range(n + 1):  # the first round warms each arm up and is dropped
-            rest_s = await wait_stopped(frozen)
+            # Both daemons rest at least as long: until every worker of `frozen` is stopped.
+            await wait_stopped(frozen)
             thawed = await one_request(fc)
+            rested = await one_request(rc)
             await settle(frozen, WORKERS)
             hot = await one_request(fc)
-            await settle(frozen, WORKERS)
-            await asyncio.sleep(max(rest_s, FREEZE_AFTER_S + 0.2))
-            rested = await one_request(rc)
-            await settle(running, WORKERS)
+            await asyncio.gather(settle(frozen, WORKERS), settle(running, WORKERS))
             for arm, value in (("thawed", thawed), ("hot", hot), ("rested", rested)):
                 samples[arm].append(value)
     return {arm: values[1:] for arm, values in samples.items()}
 
 
 async def run(opts: Options) -> Report:
-    window_s, n = (8.0, 4) if opts.quick else (30.0, 20)
+    window_s, n = (8.0, 5) if opts.quick else (30.0, 30)
+    # Quick: two daemons (starting 12 workers on 2 cores alone takes ~10 s).
+    names = ["running", "frozen"] if opts.quick else list(ARMS)
     with fake_upstream_process() as base_url, tempfile.TemporaryDirectory(prefix="claudepool-idle-") as tmp:
-        async with daemons(opts.claude, base_url, Path(tmp)) as ds:
+        async with daemons(opts.claude, base_url, Path(tmp), names) as ds:
             for d in ds.values():
                 await settle(d, WORKERS)
             await wait_stopped(ds["frozen"])
@@ -164,7 +165,8 @@ def report(idle: dict[str, dict[str, Any]], threads: list[Any], samples: dict[st
     p95 = {arm: round(percentile(v, 0.95) * 1000, 2) for arm, v in samples.items()}
     thaw_ms = round(p50["thawed"] - p50["rested"], 2)
     frozen_cpu = idle["frozen"]["total_cpu_s_per_s"]
-    quiet_cpu = idle["frozen+quiet"]["total_cpu_s_per_s"]
+    quiet = idle.get("frozen+quiet")
+    quiet_note = f"{quiet['total_cpu_s_per_s']} with the daemon's polls at 5 s; " if quiet else ""
     rows = [[name, f"{v['workers_stopped']}/{v['workers']}", v["daemon_cpu_s_per_s"], v["total_cpu_s_per_s"],
              v["pss_mib"]] for name, v in idle.items()]
     markdown = "\n".join([
@@ -181,7 +183,7 @@ def report(idle: dict[str, dict[str, Any]], threads: list[Any], samples: dict[st
         "(py-spy `--gil`): mostly the jobs pool lane claiming from its SQLite store every "
         "`jobs.poll_interval_s` (0.5 s, for jobs another daemon or a restart left), then the sessions "
         "maintenance (1 s), the pools' memory measurement (`maintenance_interval_s`, 5 s) and the "
-        "timers themselves; `frozen+quiet` slows the first two to 5 s.", "",
+        "timers themselves; `frozen+quiet` (full runs) slows the first two to 5 s.", "",
         f"Requests one at a time ({len(samples['thawed'])} per arm, p50 / p95 ms): rested (not frozen) "
         f"{p50['rested']} / {p95['rested']}, thawed (every worker stopped; the lease continues one) "
         f"{p50['thawed']} / {p95['thawed']}, hot (frozen daemon, worker just used) {p50['hot']} / {p95['hot']}. "
@@ -189,7 +191,7 @@ def report(idle: dict[str, dict[str, Any]], threads: list[Any], samples: dict[st
     ])
     checks = [
         ("idle CPU (daemon + 4 workers) with freezing ≤ 0.01 CPU-s/s", frozen_cpu <= 0.01,
-         f"{frozen_cpu} ({quiet_cpu} with the daemon's polls at 5 s; {idle['running']['total_cpu_s_per_s']} unfrozen)"),
+         f"{frozen_cpu} ({quiet_note}{idle['running']['total_cpu_s_per_s']} unfrozen)"),
         ("thaw cost p50 (ms, reported)", True, f"{thaw_ms} ms"),
     ]
     return Report(NAME, {"window_s": window_s, "idle": idle, "threads_ms_per_s": threads,

@@ -145,7 +145,7 @@ async def thaw_arms(ds: dict[str, DaemonProc], n: int) -> dict[str, list[float]]
 
 
 async def run(opts: Options) -> Report:
-    window_s, n = (8.0, 5) if opts.quick else (30.0, 30)
+    window_s, n = (8.0, 3) if opts.quick else (30.0, 30)
     # Quick: two daemons (starting 12 workers on 2 cores alone takes ~10 s).
     names = ["running", "frozen"] if opts.quick else list(ARMS)
     with fake_upstream_process() as base_url, tempfile.TemporaryDirectory(prefix="claudepool-idle-") as tmp:
@@ -153,7 +153,7 @@ async def run(opts: Options) -> Report:
             for d in ds.values():
                 await settle(d, WORKERS)
             await wait_stopped(ds["frozen"])
-            await asyncio.sleep(1.0)  # past the start-up's last timers
+            await asyncio.sleep(0.5)  # past the start-up's last timers
             idle, threads = await idle_window(ds, window_s)
             samples = await thaw_arms(ds, n)
     return report(idle, threads, samples, window_s, opts)
@@ -170,7 +170,7 @@ def report(idle: dict[str, dict[str, Any]], threads: list[Any], samples: dict[st
     rows = [[name, f"{v['workers_stopped']}/{v['workers']}", v["daemon_cpu_s_per_s"], v["total_cpu_s_per_s"],
              v["pss_mib"]] for name, v in idle.items()]
     markdown = "\n".join([
-        f"{WORKERS} warm real-CLI workers idle for {window_s:g} s after warm-up, three daemons side by side "
+        f"{WORKERS} warm real-CLI workers idle for {window_s:g} s after warm-up, {len(idle)} daemons side by side "
         "(CPU-s per second, user + system; PSS of the daemon's whole tree):", "",
         table(["daemon", "workers stopped", "daemon CPU-s/s", "daemon + workers CPU-s/s", "PSS MiB"], rows), "",
         "Where an idle CLI's CPU goes (one `running` worker, ms CPU per s, by thread): "

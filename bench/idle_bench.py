@@ -2,13 +2,14 @@
 them (``pool.freeze_idle_after_s``: SIGSTOP after that long idle, SIGCONT as they are lent) saves
 and adds to the next request.
 
-Three ``claudepool serve`` daemons (`bench.daemon_proc`; quick runs: the first two) run side by side against one loopback fake
-upstream, each with 4 workers: ``running`` (freezing off), ``frozen`` (freezing after 0.5 s) and
-``frozen+quiet`` (freezing, and the daemon's own polls slowed: ``jobs.poll_interval_s`` and
-``sessions.maintenance_interval_s`` at 5 s). They idle through one window together, so a noisy spell
-of the machine hits all three; CPU is user + system from /proc (the daemon alone, and the daemon
-with every worker), PSS from ``smaps_rollup`` of the whole tree. One running worker's threads are
-read from ``/proc/PID/task/*/stat`` over the window, to show where the idle CLI's CPU goes.
+Three ``claudepool serve`` daemons (`bench.daemon_proc`; quick runs: the first two) run side by side
+against one loopback fake upstream, each with 4 workers: ``running`` (freezing off), ``frozen``
+(freezing after 0.5 s) and ``frozen+quiet`` (freezing, and the daemon's own polls slowed:
+``jobs.poll_interval_s`` and ``sessions.maintenance_interval_s`` at 5 s). They idle through one
+window together, so a noisy spell of the machine hits all three; CPU is user + system from /proc
+(the daemon alone, and the daemon with every worker), PSS from ``smaps_rollup`` of the whole tree.
+One running worker's threads are read from ``/proc/PID/task/*/stat`` over the window, to show where
+the idle CLI's CPU goes.
 
 Then the thaw, in rounds, requests one at a time: once every worker of ``frozen`` is stopped, one to
 ``frozen`` (``thawed``: the lease continues one) and one to ``running`` (``rested``: its workers

@@ -12,7 +12,7 @@ from claudepool.pool.timeouts import WorkerTimeouts
 from claudepool.protocol.framing import DEFAULT_MAX_LINE_BYTES
 
 # Past the gap between most requests of a busy pool (its hot workers, served LIFO, stay running),
-# short next to the minutes a quiet pool idles; a thaw costs a lease ~1 ms (bench/idle_bench.py).
+# short next to the minutes a quiet pool idles; a thaw adds a few ms to one lease (bench/idle_bench.py).
 FREEZE_IDLE_AFTER_S = 5.0
 
 # Read once: the planner asks on every step, and os.cpu_count() reads /sys each time (~1.6% of the daemon).

@@ -136,8 +136,9 @@ async def thaw_arms(ds: dict[str, DaemonProc], n: int) -> dict[str, list[float]]
             # Both daemons rest at least as long: until every worker of `frozen` is stopped.
             await wait_stopped(frozen)
             thawed = await one_request(fc)
+            await settle(frozen, WORKERS)  # its reset would otherwise compete with the next request
             rested = await one_request(rc)
-            await settle(frozen, WORKERS)
+            await settle(running, WORKERS)
             hot = await one_request(fc)
             await asyncio.gather(settle(frozen, WORKERS), settle(running, WORKERS))
             for arm, value in (("thawed", thawed), ("hot", hot), ("rested", rested)):

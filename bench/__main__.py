@@ -29,6 +29,7 @@ from bench.suite import RESULTS, Options, Report, cli_version, machine, table
 SECTIONS = {
     "latency": "bench.latency_bench",
     "cost": "bench.cost_bench",
+    "idle": "bench.idle_bench",
 }
 
 

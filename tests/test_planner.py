@@ -56,6 +56,7 @@ class StubWorker:
     created_at: float = 0.0
     alive: bool = True
     busy: bool = False
+    frozen: bool = False
 
     def is_alive(self) -> bool:
         return self.alive
@@ -123,7 +124,9 @@ def no_process_is_started() -> Iterator[None]:
 
 
 def make(**config: Any) -> Harness:
-    defaults: dict[str, Any] = {"min_idle": 0, "max_workers": 4, "max_concurrent_spawns": 2, "max_turns_jitter": 0}
+    # No freezing unless a test asks (test_planner_freeze.py): the exact action lists here leave it out.
+    defaults: dict[str, Any] = {"min_idle": 0, "max_workers": 4, "max_concurrent_spawns": 2, "max_turns_jitter": 0,
+                                "freeze_idle_after_s": 0}
     return Harness(PoolConfig(**(defaults | config)))
 
 

@@ -11,6 +11,10 @@ from claudepool.pool.memory import MiB
 from claudepool.pool.timeouts import WorkerTimeouts
 from claudepool.protocol.framing import DEFAULT_MAX_LINE_BYTES
 
+# Past the gap between most requests of a busy pool (its hot workers, served LIFO, stay running),
+# short next to the minutes a quiet pool idles; a thaw adds a few ms to one lease (bench/idle_bench.py).
+FREEZE_IDLE_AFTER_S = 5.0
+
 # Read once: the planner asks on every step, and os.cpu_count() reads /sys each time (~1.6% of the daemon).
 _CPUS = os.cpu_count() or 1
 
@@ -39,6 +43,9 @@ class PoolConfig(BaseModel):
     max_turns_jitter: int = Field(default=100, ge=0)
     max_age_s: float = Field(default=3600.0, gt=0)
     max_idle_s: float = Field(default=600.0, gt=0)
+    # An idle worker is stopped (SIGSTOP to its process tree) after this long unused, and continued
+    # as it is lent or closed: an idle CLI wakes ~3 times a second (~9 ms CPU/s each). 0 = never.
+    freeze_idle_after_s: float = Field(default=FREEZE_IDLE_AFTER_S, ge=0)
     max_worker_pss_bytes: int = Field(default=1024 * MiB, gt=0)
     max_context_tokens: int = Field(default=200_000, gt=0)
     maintenance_interval_s: float = Field(default=5.0, gt=0)

@@ -69,6 +69,6 @@ def status_rows(records: Iterable[Record[Worker, Any]], profile: str, now: float
         rows.append({"id": w.id, "slot": w.slot, "state": str(phase), "pid": w.pid, "profile": profile,
                      "turns": w.turns, "turn_limit": r.turn_limit, "resets": w.resets,
                      "age_s": round(w.age_s(now), 3), "idle_s": round(w.idle_s(now), 3),
-                     "pss_bytes": w.pss_bytes, "context_tokens": w.context_tokens})
+                     "pss_bytes": w.pss_bytes, "context_tokens": w.context_tokens, "frozen": w.frozen})
     rows.sort(key=lambda row: str(row["id"]))
     return rows

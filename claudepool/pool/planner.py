@@ -10,7 +10,8 @@ the unit tests drive it with stub workers and a synthetic clock.
 
 Phases (each worker's record is in exactly one):
   starting   spawned, waiting for its ``initialize`` reply
-  idle       warm and clean (reset since its last tenant); served last-in first-out
+  idle       warm and clean (reset since its last tenant); served last-in first-out; stopped
+             (SIGSTOP, ``frozen``) once idle ``freeze_idle_after_s``, continued before it is lent
   leased     serving one request of one tenant (``respawning``: its process is being replaced)
   returned   handed back, waiting for the next step to decide: clean, recycle or keep
   cleaning   interrupting an abandoned turn and/or resetting with ``/clear``
@@ -53,6 +54,9 @@ class WorkerView(Protocol):
     def context_tokens(self) -> int: ...
 
     last_active_at: float
+
+    @property
+    def frozen(self) -> bool: ...
 
     def is_alive(self) -> bool: ...
 
@@ -130,6 +134,20 @@ class Retire(Generic[W]):
 
 
 @dataclass(frozen=True)
+class Freeze(Generic[W]):
+    """Stop an idle worker's processes (SIGSTOP): an idle CLI still wakes ~3 times a second."""
+
+    worker: W
+
+
+@dataclass(frozen=True)
+class Thaw(Generic[W]):
+    """Continue a frozen worker's processes; always just before the `Assign` that lends it."""
+
+    worker: W
+
+
+@dataclass(frozen=True)
 class Assign(Generic[W, T]):
     worker: W
     waiter: T
@@ -151,7 +169,7 @@ class Evict:
     need: Need
 
 
-Action = Spawn | Clean[W] | Retire[W] | Assign[W, T] | Refuse[T] | Evict
+Action = Spawn | Clean[W] | Retire[W] | Assign[W, T] | Refuse[T] | Evict | Freeze[W] | Thaw[W]
 
 
 def _private_seat() -> Seat:
@@ -275,7 +293,10 @@ def plan(state: PoolState[W, L, T], now: float) -> list[Action[W, T]]:
         state.slots.acquire(waiter.tenant, waiter.priority)
         if waiter.priority is Priority.BATCH:
             state.batch_leased += 1
+        if worker.frozen:
+            actions.append(Thaw(worker))  # a stopped process would never read its prompt
         actions.append(Assign(worker, waiter))
+    actions.extend(Freeze(r.worker) for r in idle if freeze_due(r.worker, config, now))
 
     if cannot_serve(state, now):
         actions.extend(Refuse(waiter) for waiter in state.queue.drain() if not waiter.gone())
@@ -289,6 +310,21 @@ def plan(state: PoolState[W, L, T], now: float) -> list[Action[W, T]]:
         turn_limit = config.max_turns + state.rng.randint(0, config.max_turns_jitter)
         actions.append(Spawn(slot, turn_limit))
     return actions
+
+
+def freeze_due(worker: WorkerView, config: PoolConfig, now: float) -> bool:
+    return (config.freeze_idle_after_s > 0 and not worker.frozen
+            and worker.idle_s(now) >= config.freeze_idle_after_s)
+
+
+def next_freeze_at(state: PoolState[W, L, T]) -> float | None:
+    """When the next idle worker becomes due to be frozen (monotonic), or None: the shell's timer,
+    since no event may come to step the pool then."""
+    after_s = state.config.freeze_idle_after_s
+    if after_s <= 0 or state.closed:
+        return None
+    due = [r.worker.last_active_at + after_s for r in state.in_phase(Phase.IDLE) if not r.worker.frozen]
+    return min(due, default=None)
 
 
 def retire(state: PoolState[W, L, T], record: Record[W, L], reason: str) -> Retire[W]:

@@ -96,6 +96,9 @@ class Pool:
                                      observer=observer, step=self._step, settle=self._settle_lease,
                                      credentials=credentials)
         self._changed = asyncio.Event()
+        # Steps the pool when the next idle worker becomes due to be frozen (nothing else may).
+        self._freeze_timer: asyncio.TimerHandle | None = None
+        self._freeze_timer_at: float | None = None
         self._started = False
         self._close_task: asyncio.Task[None] | None = None
 
@@ -238,6 +241,7 @@ class Pool:
         state = self._state
         state.closed = True
         state.seat.want(Need.NONE)
+        self._set_freeze_timer(None)
         self._slots.remove_listener(self._on_tenant_released)
         for waiter in state.queue.drain():
             if not waiter.future.done():
@@ -400,7 +404,23 @@ class Pool:
             self._apply(action, now)
         if self._state.count(Phase.IDLE):
             self._state.seat.offer()
+        self._set_freeze_timer(planner.next_freeze_at(self._state))
         self._changed.set()
+
+    def _set_freeze_timer(self, at: float | None) -> None:
+        if at == self._freeze_timer_at:
+            return
+        if self._freeze_timer is not None:
+            self._freeze_timer.cancel()
+        self._freeze_timer, self._freeze_timer_at = None, at
+        if at is not None:
+            # A hair late, so the step finds the worker due.
+            delay_s = max(0.0, at - time.monotonic()) + 0.001
+            self._freeze_timer = asyncio.get_running_loop().call_later(delay_s, self._on_freeze_timer)
+
+    def _on_freeze_timer(self) -> None:
+        self._freeze_timer = self._freeze_timer_at = None
+        self._step()
 
     def _apply(self, action: planner.Action[Worker, Waiter], now: float) -> None:
         if isinstance(action, planner.Assign):
@@ -419,6 +439,10 @@ class Pool:
             self._ops.clean(action.worker)
         elif isinstance(action, planner.Evict):
             self._state.seat.evict(action.count, action.need)
+        elif isinstance(action, planner.Freeze):
+            action.worker.freeze()
+        elif isinstance(action, planner.Thaw):
+            action.worker.thaw()
         else:
             self._ops.retire(action.worker, action.reason)
 

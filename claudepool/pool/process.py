@@ -34,6 +34,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from claudepool.errors import ProtocolError, WorkerStartError
 from claudepool.logs import RateLimitedLog, scrub
 from claudepool.pool.reaper import Reaper
@@ -190,6 +192,8 @@ class WorkerProcess:
         self._stderr_tail = bytearray()
         self._stderr_pending = b""
         self._stderr_forward = RateLimitedLog(stderr_log)
+        # The processes `freeze` stopped, to continue at `thaw` (empty: running).
+        self._frozen: tuple[int, ...] = ()
 
     # -- directories -------------------------------------------------------------------------
 
@@ -276,6 +280,7 @@ class WorkerProcess:
             return
         # Once only: a second SIGKILL to the group, long after, could reach a reused id.
         self._stopped = True
+        self.thaw()  # a frozen CLI would sit out the EOF and the SIGTERM, each to its deadline
         t = self._timeouts
         if graceful and self.exit_code() is None:
             stdin = self._stdin()
@@ -301,6 +306,38 @@ class WorkerProcess:
             # A group leaves the reaper's list only once its leader has been reaped.
             self._reaper.unregister(self.pid)  # type: ignore[arg-type]
             self._registered = False
+
+    @property
+    def frozen(self) -> bool:
+        return bool(self._frozen)
+
+    def freeze(self) -> None:
+        """Stop the process and its descendants (SIGSTOP): an idle CLI then takes no CPU at all.
+
+        The group first, at once (nothing in it can fork past the stop), then descendants that left it
+        (a sandbox's ``--new-session``). Their pids stay valid while frozen: a stopped process cannot
+        exit, only be killed, and the pids are continued before anything of ours kills them."""
+        if self.pid is None or self._frozen or self._stopped or self.exit_code() is not None:
+            return
+        self._signal_group(signal.SIGSTOP)
+        stopped = [self.pid]
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.pid).children(recursive=True):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(child.pid, signal.SIGSTOP)
+                    stopped.append(child.pid)
+        self._frozen = tuple(stopped)
+
+    def thaw(self) -> None:
+        """Continue what `freeze` stopped (SIGCONT; a no-op when running). Before a lease and before any
+        stop: a stopped process reads no EOF and a SIGTERM waits for SIGCONT (only SIGKILL acts)."""
+        frozen, self._frozen = self._frozen, ()
+        if not frozen:
+            return
+        self._signal_group(signal.SIGCONT)
+        for pid in frozen[1:]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGCONT)
 
     def _signal_group(self, sig: signal.Signals) -> None:
         if self.pid is None:

@@ -118,8 +118,8 @@ class Worker:
 
     def __repr__(self) -> str:
         pss = f"{self.pss_bytes / 2**20:.0f}MiB" if self.pss_bytes else "?"
-        return (f"<Worker {self.id} {self.state} pid={self.pid} turns={self.turns} "
-                f"age={self.age_s():.1f}s pss={pss}>")
+        return (f"<Worker {self.id} {self.state}{' frozen' if self.frozen else ''} pid={self.pid} "
+                f"turns={self.turns} age={self.age_s():.1f}s pss={pss}>")
 
     # -- the exchange's state, as the pool reads (and sometimes sets) it ------------------------
     # Plain properties, not a descriptor: mypy checks a worker against the planner's WorkerView
@@ -226,6 +226,19 @@ class Worker:
     @property
     def stderr_tail(self) -> str:
         return self._process.stderr_tail
+
+    @property
+    def frozen(self) -> bool:
+        """Its processes are stopped (SIGSTOP): an idle worker the pool froze."""
+        return self._process.frozen
+
+    def freeze(self) -> None:
+        """Stop an idle worker's processes; a no-op unless idle. `thaw` before any exchange."""
+        if self.is_idle():
+            self._process.freeze()
+
+    def thaw(self) -> None:
+        self._process.thaw()
 
     # -- predicates ---------------------------------------------------------------------------
 

@@ -110,7 +110,8 @@ def soak_config(tmp: Path, workers: int) -> dict[str, Any]:
         "pool": {"claude_bin": str(FAKE), "min_idle": workers, "max_workers": workers, "workdir": str(tmp / "w"),
                  # A stalled turn is cut after 3 s without output (the [[hang]] fault).
                  "timeouts": {"ready_timeout_s": 30, "turn_idle_timeout_s": 3}},
-        "sessions": {"min_idle": 1, "max_workers": 6, "dir": str(tmp / "sessions"), "max_sessions": 1000,
+        "sessions": {"min_idle": 1, "max_workers": 3 if workers < 10 else 6, "dir": str(tmp / "sessions"),
+                     "max_sessions": 1000,
                      "park_idle_s": 5},
         "jobs": {"path": str(tmp / "jobs.sqlite3"), "batch_lane": False, "poll_interval_s": 0.2, "max_running": 2},
         "tenants": {t: {"key": key_of(t), "requests_per_minute": 0, "max_queued": 0} for t in TENANTS},
@@ -143,7 +144,7 @@ def left_behind(root: Path) -> list[str]:
 
 async def soak(opts: Options) -> dict[str, Any]:
     clients, duration_s, warmup_s, every_s = (100, 8.0, 2.0, 1.0) if opts.quick else (1000, 600.0, 60.0, 5.0)
-    workers = 6 if opts.quick else 16
+    workers = 4 if opts.quick else 20
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="claudepool-soak-") as tmp_s:
         tmp = Path(tmp_s)
@@ -151,8 +152,9 @@ async def soak(opts: Options) -> dict[str, Any]:
         async with daemon_process(soak_config(tmp, workers)) as d:
             progress(began, f"daemon ready; {clients} clients for {duration_s:g} s")
             plan = {"socket": d.socket, "url": d.url, "keys": [key_of(t) for t in TENANTS], "clients": clients,
-                    "duration_s": duration_s, "think_s": (0.5, 2.5) if opts.quick else (5.0, 35.0),
-                    "hangup_p": 0.05, "request_timeout_s": 60.0}
+                    "duration_s": duration_s, "think_s": (0.5, 2.5) if opts.quick else (10.0, 40.0),
+                    "hangup_p": 0.05, "request_timeout_s": 30.0 if opts.quick else 120.0,
+                    "session_turns": 2 if opts.quick else 3, "job_poll_s": 0.3 if opts.quick else 1.0}
             start = await scrape(d)
             load = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "bench.soak_load", orjson.dumps(plan).decode(), cwd=REPO,

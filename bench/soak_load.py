@@ -17,7 +17,7 @@ library, which stops reading at the first terminal frame and would hide a second
 * SSE: the whole stream is read to its end; ``result`` and ``error`` events are counted: one is
   right, none is ``missing``, more is ``extra``;
 * HTTP JSON: one status and body by construction (a body that is neither result nor error is ``bad``);
-* sessions: create, three turns (HTTP JSON), delete; jobs: submit, then poll until it has ended.
+* sessions: create, ``session_turns`` turns (HTTP JSON), delete; jobs: submit, then poll until it has ended.
 
 A request that gets no terminal answer within ``request_timeout_s`` is ``no_answer``. A client that
 hangs up counts ``hung_up`` (that is its one end).
@@ -71,6 +71,8 @@ class Plan:
     think_s: tuple[float, float]
     hangup_p: float
     request_timeout_s: float
+    session_turns: int = 3
+    job_poll_s: float = 1.0
     seed: int = 16
 
 
@@ -216,7 +218,7 @@ class Load:
             self.answer("session", f"create_error:{body.get('error', {}).get('code')}")
             return
         try:
-            for _ in range(3):
+            for _ in range(self.plan.session_turns):
                 prompt = draw(rng) if rng.random() < 0.3 else "[[sleep:0.2]] a session turn"
                 await self.http_prompt(http, key, prompt, kind="session", session=body["id"])
         finally:
@@ -233,7 +235,7 @@ class Load:
             return
         self.tally.jobs += 1
         while True:  # bounded by the caller's request timeout
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(self.plan.job_poll_s)
             async with http.get(f"{self.plan.url}/v1/jobs/{body['id']}", headers=auth) as resp:
                 job = orjson.loads(await resp.read())
             if job.get("status") in _ENDED:

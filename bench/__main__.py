@@ -30,6 +30,7 @@ SECTIONS = {
     "latency": "bench.latency_bench",
     "cost": "bench.cost_bench",
     "idle": "bench.idle_bench",
+    "soak": "bench.soak_bench",
 }
 
 

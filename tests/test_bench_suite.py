@@ -5,6 +5,7 @@ from __future__ import annotations
 import tomllib
 
 from bench.daemon_proc import to_toml
+from bench.soak_bench import histogram_quantile, lag_buckets
 from bench.suite import table
 
 
@@ -57,3 +58,24 @@ def test_cost_by_turn_sums_each_request_s_calls_and_indexes_requests_by_when_the
                {"request_id": "c", "at": 3.0, "cost_usd": 0.003}]
     # a: turn 1, b: turn 2, c: turn 1 of the next conversation.
     assert usd_by_turn(records, 2) == [2.0, 4.0]
+
+
+def test_histogram_quantile_interpolates_as_prometheus_does() -> None:
+    inf = float("inf")
+    # 100 observations: 90 at or below 1 ms, 9 in (1 ms, 10 ms], 1 in (10 ms, 100 ms].
+    buckets = [(0.001, 90.0), (0.01, 99.0), (0.1, 100.0), (inf, 100.0)]
+    assert histogram_quantile(0.5, buckets) == 0.001 * 50 / 90
+    assert abs((histogram_quantile(0.99, buckets) or 0) - 0.01) < 1e-12  # the 99th: the 1-10 ms bucket's last
+    assert abs((histogram_quantile(0.995, buckets) or 0) - 0.055) < 1e-12
+    # Past the last finite bound: that bound (nothing is known above it); no observation: None.
+    assert histogram_quantile(0.99, [(0.1, 0.0), (inf, 5.0)]) == 0.1
+    assert histogram_quantile(0.99, [(0.1, 0.0), (inf, 0.0)]) is None
+
+
+def test_lag_buckets_are_the_difference_between_two_scrapes() -> None:
+    def scrape(counts: dict[str, float]) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+        return {"claudepool_event_loop_lag_seconds_bucket": {(("le", le),): v for le, v in counts.items()}}
+
+    before = scrape({"0.01": 5, "0.1": 6, "+Inf": 6})
+    after = scrape({"0.01": 8, "0.1": 10, "+Inf": 11})
+    assert lag_buckets(after, before) == [(0.01, 3.0), (0.1, 4.0), (float("inf"), 5.0)]

@@ -7,8 +7,8 @@ lifecycle, under one `asyncio.TaskGroup` that owns every background task.
 Start-up: the metering flusher starts → the gateway listens on loopback (workers are pointed at it
 when they spawn, so it comes first) → pools begin warming, each with its memory-measuring loop →
 front ends bind (or adopt systemd's sockets) → print where we listen → the background loops start
-(announce-ready, watchdog, spend gauges, session maintenance) → once every pool has ``min_idle``
-warm workers, ``READY=1``.
+(announce-ready, watchdog, spend gauges, the event-loop lag monitor, session maintenance) → once
+every pool has ``min_idle`` warm workers, ``READY=1``.
 
 Shutdown, on SIGTERM or SIGINT, in a fixed order: ``STOPPING=1`` and stop admitting (new requests
 get 503 ``draining``, /readyz turns 503) → wait for requests in flight up to
@@ -53,6 +53,7 @@ from claudepool.daemon.collectors import (
 from claudepool.daemon.facade import Facade
 from claudepool.daemon.front_ends import FrontEnds
 from claudepool.daemon.jobs import Jobs
+from claudepool.daemon.loop_lag import LoopLagMonitor
 from claudepool.daemon.metrics import RequestMetrics, StoreMetrics, TenantLabels, UsageMetrics, WorkerMetrics
 from claudepool.daemon.notify import Notifier
 from claudepool.daemon.pools import PoolRegistry
@@ -153,6 +154,7 @@ class Daemon:
         StoreCollector(self.store, self.registry)
         LimiterCollector(self.limiter, self.registry)
         MeterCollector(self.meter, self.registry)
+        self.loop_lag = LoopLagMonitor(self.registry)
         self.facade = Facade(tenants=self.tenants, service=self.service, sessions=self.sessions, store=self.store,
                              status=self.status, registry=self.registry, metrics_public=settings.metrics.public,
                              ledger_page_records=server.ledger_page_records,
@@ -261,6 +263,7 @@ class Daemon:
             loops += [self._supervise(tg, "announce-ready", self._announce_ready),
                       self._supervise(tg, "watchdog", self.notifier.run_watchdog),
                       self._supervise(tg, "spend-gauges", self.spend.run),
+                      self._supervise(tg, "loop-lag", self.loop_lag.run),
                       self._supervise(tg, "sessions", self.sessions.maintain)]
             if self.jobs is not None:
                 loops += [self._supervise(tg, name, loop) for name, loop in self.jobs.loops()]

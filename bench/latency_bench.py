@@ -87,6 +87,22 @@ async def run_phase(one: Callable[[], Awaitable[Sample]], n: int, c: int) -> tup
     return samples, time.perf_counter() - t0
 
 
+async def run_paced(one: Callable[[], Awaitable[Sample]], n: int, c: int, rate_per_s: float) -> tuple[
+        list[Sample], float]:
+    """``n`` requests started ``1 / rate_per_s`` apart (open loop), at most ``c`` in flight."""
+    t0 = time.perf_counter()
+    gate = asyncio.Semaphore(c)
+    samples: list[Sample] = []
+
+    async def at(i: int) -> None:
+        await asyncio.sleep(max(0.0, t0 + i / rate_per_s - time.perf_counter()))
+        async with gate:
+            samples.append(await one())
+
+    await asyncio.gather(*(at(i) for i in range(n)))
+    return samples, time.perf_counter() - t0
+
+
 def phase_of(mode: str, c: int, delay_s: float, run: tuple[list[Sample], float], cpu_s: float) -> Phase:
     samples, wall_s = run
     lat = [s[0] for s in samples]
@@ -214,7 +230,11 @@ async def settle(d: DaemonProc, idle: int) -> None:
             await asyncio.sleep(0.05)
 
 
-async def daemon_phase(d: DaemonProc, mode: str, n: int, c: int, delay_s: float) -> Phase:
+async def daemon_phase(d: DaemonProc, mode: str, n: int, c: int, delay_s: float,
+                       rate_per_s: float | None = None) -> Phase:
+    """Closed loop (``c`` runners back to back), or with ``rate_per_s`` requests that arrive at that
+    rate: the floor's own, so both serve the same load and the floor's /clear is no longer hidden in
+    its runners' waits."""
     where = {"url": d.url} if mode == "http" else {"socket_path": d.socket}
     async with AsyncClient(key=KEY, **where) as client:  # type: ignore[arg-type]
 
@@ -233,9 +253,10 @@ async def daemon_phase(d: DaemonProc, mode: str, n: int, c: int, delay_s: float)
         await run_phase(one, 3 * c, c)
         await settle(d, c + 2)
         cpu0 = d.tree_cpu_s()
-        measured = await run_phase(one, n, c)
+        measured = await (run_phase(one, n, c) if rate_per_s is None else run_paced(one, n, c, rate_per_s))
         await settle(d, c + 2)  # the resets of the run are part of its cost
-        return phase_of(mode, c, delay_s, measured, d.tree_cpu_s() - cpu0)
+        return phase_of(mode if rate_per_s is None else f"{mode}@floor-rate", c, delay_s, measured,
+                        d.tree_cpu_s() - cpu0)
 
 
 def daemon_config(claude: str, base_url: str, tmp: Path, workers: int) -> dict[str, Any]:
@@ -274,9 +295,12 @@ async def run(opts: Options) -> Report:
                     n = n_of(c)
                     for _ in range(repeats):
                         # Interleaved arms, so a slow spell of the machine hits all of them.
-                        phases.append(await floor_phase(procs, n, c, delay_s))
+                        floor = await floor_phase(procs, n, c, delay_s)
+                        phases.append(floor)
                         phases.append(await daemon_phase(d, "http", n, c, delay_s))
                         phases.append(await daemon_phase(d, "socket", n, c, delay_s))
+                        if delay_s == 0:
+                            phases.append(await daemon_phase(d, "socket", n, c, delay_s, floor.req_per_s))
                         if not opts.quick and delay_s == 0:
                             phases.append(await floor_phase(procs, n, c, delay_s, reset=False))
             # Cold only with the upstream answering at once: with a slow one it is that delay plus this.
@@ -320,14 +344,19 @@ def report(phases: list[Phase], opts: Options) -> Report:
                      "" if mode == "floor" or cpu is None else f"{cpu:.2f}×",
                      "" if mode == "floor" or rate is None else f"{rate:.2f}×"])
     for c in sorted({p.concurrency for p in phases}):
-        for mode in ("http", "socket"):
+        for mode in ("http", "socket", "socket@floor-rate"):
             lat, cpu = ratio(m, mode, c, 0.0, "p50_ms"), ratio(m, mode, c, 0.0, "cpu_ms_per_request")
             if lat is not None and cpu is not None:
                 checks.append((f"c={c} {mode}: p50 ≤ 1.1× floor", lat <= 1.1, f"{lat:.2f}×"))
                 checks.append((f"c={c} {mode}: CPU/request ≤ 1.1× floor", cpu <= 1.1, f"{cpu:.2f}×"))
     markdown = ("Upstream delay in seconds; p50/p95/TTFT in ms; CPU ms per request (daemon + workers, or "
                 "floor processes + driver); ratios to the floor at the same concurrency and delay, same run"
-                f"{'' if opts.quick else f' (medians of {opts.repeats} repeats at delay 0)'}.\n\n") + table(
+                f"{'' if opts.quick else f' (medians of {opts.repeats} repeats at delay 0)'}. http and socket are "
+                "closed loops like the floor's (each runner sends its next request when its last one is "
+                "answered), but a floor runner also waits for its process's /clear while a daemon runner does "
+                "not: on saturated cores the daemon then serves more requests per second at a longer latency "
+                "(Little's law). socket@floor-rate sends requests at the floor's measured rate instead, so "
+                "both serve the same load.\n\n") + table(
         ["delay s", "c", "mode", "p50", "p95", "TTFT p50", "CPU ms/req", "req/s", "p50 vs floor", "CPU vs floor",
          "req/s vs floor"], rows)
     return Report(NAME, {"phases": [asdict(p) for p in phases],
@@ -340,7 +369,8 @@ def plot(rep: Report, out_dir: Path) -> list[Path]:
 
     med = [r for r in rep.data["medians"] if r["delay_s"] == 0]
     levels = sorted({r["concurrency"] for r in med})
-    modes = [m for m in ("floor-noreset", "floor", "socket", "http", "cold") if any(r["mode"] == m for r in med)]
+    modes = [m for m in ("floor-noreset", "floor", "socket@floor-rate", "socket", "http", "cold")
+             if any(r["mode"] == m for r in med)]
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(modes)
     for i, mode in enumerate(modes):

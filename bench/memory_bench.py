@@ -38,13 +38,13 @@ import psutil
 
 from bench.daemon_proc import DaemonProc, daemon_process
 from bench.latency_bench import ADMIN, KEY, daemon_config, pool_counts, settle
-from bench.metrics_bench import FAKE
 from bench.pool_bench import fake_upstream_process
 from bench.suite import Options, Report, table
 from claudepool.client import AsyncClient
 from claudepool.pool.config import CapacityConfig
 from claudepool.pool.memory import MiB, ProcessMemory, available_memory_bytes, measure_trees, process_memory
 from claudepool.pool.sizing import PoolSizing
+from tests.fakes import fake_claude_executable
 
 NAME = "memory"
 KiB = 1024
@@ -56,11 +56,15 @@ class PoolSize:
     processes: int  # in all the workers' trees
     pss_per_worker_mib: float
     rss_per_worker_mib: float
+    uss_per_worker_mib: float  # private pages only: what one more worker costs once many share the rest
     max_worker_pss_mib: float  # the largest one tree: what the sizing rule divides by
     total_pss_mib: float
     daemon_rss_mib: float
     daemon_pss_mib: float
     daemon_max_workers: int  # the capacity ceiling the running daemon derived from RAM
+    # Processes of the same CLI binary outside this daemon (another user of the machine): they share
+    # the binary's pages too, so they lower our workers' PSS.
+    other_cli_processes: int
 
 
 @dataclass
@@ -81,10 +85,26 @@ async def pool_status(d: DaemonProc) -> dict[str, Any]:
     return body
 
 
-def tree_count(pid: int) -> int:
+def other_processes_of(pids: list[int]) -> int:
+    """Processes running the workers' executable that are not these workers."""
+    exes = set()
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            exes.add(psutil.Process(pid).exe())
+    mine = set(pids)
+    return sum(1 for p in psutil.process_iter(["exe"]) if p.info["exe"] in exes and p.pid not in mine)
+
+
+def tree_uss(pid: int) -> tuple[int, int]:
+    """(processes, USS bytes) of a worker's tree: USS is its private memory, what it alone holds."""
+    count, uss = 0, 0
     with contextlib.suppress(psutil.Error):
-        return 1 + len(psutil.Process(pid).children(recursive=True))
-    return 0
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                uss += int(proc.memory_full_info().uss)
+                count += 1
+    return count, uss
 
 
 async def measure_pool(claude: str, base_url: str, tmp: Path, n: int, warm_requests: int) -> tuple[PoolSize, list[int]]:
@@ -100,15 +120,19 @@ async def measure_pool(claude: str, base_url: str, tmp: Path, n: int, warm_reque
         if len(trees) != n:
             raise RuntimeError(f"expected {n} live workers, read {len(trees)} of {pids}")
         total = sum(trees, ProcessMemory(0, 0))
+        others = other_processes_of(pids)
+        private = [tree_uss(pid) for pid in pids]
         own = process_memory(d.proc.pid) or ProcessMemory(0, 0)
         sizes = [t.pss_bytes for t in trees]
         return PoolSize(
-            workers=n, processes=sum(tree_count(pid) for pid in pids),
+            workers=n, processes=sum(c for c, _ in private),
+            uss_per_worker_mib=round(sum(u for _, u in private) / n / MiB, 1),
             pss_per_worker_mib=round(total.pss_bytes / n / MiB, 1),
             rss_per_worker_mib=round(total.rss_bytes / n / MiB, 1),
             max_worker_pss_mib=round(max(sizes) / MiB, 1), total_pss_mib=round(total.pss_bytes / MiB, 1),
             daemon_rss_mib=round(own.rss_bytes / MiB, 1), daemon_pss_mib=round(own.pss_bytes / MiB, 1),
-            daemon_max_workers=int(status["capacity"]["max_workers"]) if status.get("capacity") else 0), sizes
+            daemon_max_workers=int(status["capacity"]["max_workers"]) if status.get("capacity") else 0,
+            other_cli_processes=others), sizes
 
 
 # -- connections ---------------------------------------------------------------------------------
@@ -156,8 +180,9 @@ def connection_fake_config(tmp: Path, workers: int) -> dict[str, Any]:
         "server": {"socket": str(tmp / "cp.sock"), "http": "127.0.0.1:0", "admin_key": ADMIN, "max_queued": 10_000,
                    # Idle connections must outlive the measurement; room for every one of them.
                    "keepalive_timeout_s": 600, "max_connections": 4096, "drain_timeout_s": 5},
-        "pool": {"claude_bin": str(FAKE), "min_idle": workers, "max_workers": workers, "max_turns": 1_000_000,
-                 "workdir": str(tmp / "w"), "maintenance_interval_s": 3600,
+        # Its shebang names this interpreter: through a version manager's shim each spawn costs ~3×.
+        "pool": {"claude_bin": str(fake_claude_executable()), "min_idle": workers, "max_workers": workers,
+                 "max_turns": 1_000_000, "workdir": str(tmp / "w"), "maintenance_interval_s": 3600,
                  "max_concurrent_spawns": 4},
         "sessions": {"min_idle": 0, "dir": str(tmp / "sessions")},
         "tenants": {"bench": {"key": KEY, "requests_per_minute": 0, "max_queued": 0}},
@@ -343,8 +368,10 @@ def sizing_of(largest_pss_bytes: int) -> dict[str, Any]:
 
 def report(pools: list[PoolSize], sizing: dict[str, Any], connections: list[ConnectionStep],
            timings: dict[str, float]) -> Report:
-    rows = [[p.workers, p.processes, p.pss_per_worker_mib, p.rss_per_worker_mib, p.max_worker_pss_mib,
-             p.total_pss_mib, f"{p.daemon_pss_mib} / {p.daemon_rss_mib}", p.daemon_max_workers] for p in pools]
+    rows = [[p.workers, p.processes, p.pss_per_worker_mib, p.rss_per_worker_mib, p.uss_per_worker_mib,
+             p.max_worker_pss_mib,
+             p.total_pss_mib, f"{p.daemon_pss_mib} / {p.daemon_rss_mib}", p.daemon_max_workers,
+             p.other_cli_processes] for p in pools]
     conn_rows = [[s.what, s.connections, s.rss_mib, "" if s.kib_per_connection is None else s.kib_per_connection]
                  for s in connections]
     worst = max(p.max_worker_pss_mib for p in pools)
@@ -357,11 +384,14 @@ def report(pools: list[PoolSize], sizing: dict[str, Any], connections: list[Conn
         "each warmed by a couple of turns (and their `/clear`), then each worker's process tree read from "
         "`/proc/PID/smaps_rollup`. PSS, not RSS: PSS splits the pages the workers share (the CLI's binary, "
         "its libraries) between them, so it sums to what N workers really take; RSS counts them once per "
-        "worker, so RSS/worker stays flat while PSS/worker falls as N grows. MiB; daemon = the daemon's "
+        "worker, so RSS/worker stays flat while PSS/worker falls as N grows toward USS/worker (the pages "
+        "a worker alone holds: what one more worker costs once many share the rest). MiB; daemon = the daemon's "
         "own process (PSS / RSS); ceiling = the worker ceiling the running daemon derived from RAM "
-        "(`[capacity]` without `max_workers`).\n\n"
-        + table(["N", "processes", "PSS/worker", "RSS/worker", "largest PSS", "total PSS", "daemon PSS / RSS",
-                 "ceiling"], rows)
+        "(`[capacity]` without `max_workers`); other CLIs = processes of the same CLI binary outside this "
+        "daemon (another user of the machine), which share its pages too and so lower these PSS figures: "
+        "with none, N = 1 is the worst case (nothing shared).\n\n"
+        + table(["N", "processes", "PSS/worker", "RSS/worker", "USS/worker", "largest PSS", "total PSS",
+                 "daemon PSS / RSS", "ceiling", "other CLIs"], rows)
         + f"\n\n**RAM-derived pool size.** `PoolSizing` over the default `[capacity]` here: "
           f"({sizing['available_mib']} MiB available) × {sizing['memory_fraction']:g} ÷ "
           f"{sizing['assumed_pss_mib']:g} MiB assumed per worker = **{sizing['max_workers_assumed']} workers** "
@@ -394,6 +424,7 @@ def plot(rep: Report, out_dir: Path) -> list[Path]:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(n, [p["pss_per_worker_mib"] for p in pools], "o-", label="PSS / worker")
     left.plot(n, [p["rss_per_worker_mib"] for p in pools], "s--", label="RSS / worker")
+    left.plot(n, [p["uss_per_worker_mib"] for p in pools], "^:", label="USS / worker (private)")
     left.axhline(rep.data["sizing"]["assumed_pss_mib"], color="grey", linestyle=":", label="sizing rule's assumption")
     left.set_xscale("log", base=2)
     left.set_xticks(n, [str(x) for x in n])
@@ -404,6 +435,7 @@ def plot(rep: Report, out_dir: Path) -> list[Path]:
     left.legend()
     right.plot(n, [p["total_pss_mib"] for p in pools], "o-", label="workers' total PSS")
     right.plot(n, [p["rss_per_worker_mib"] * p["workers"] for p in pools], "s--", label="workers' total RSS")
+    right.set_xticks(n, [str(x) for x in n])
     right.set_xlabel("warm workers")
     right.set_ylabel("MiB")
     right.set_title("Total")

@@ -62,6 +62,7 @@ class PoolSize:
     daemon_rss_mib: float
     daemon_pss_mib: float
     daemon_max_workers: int  # the capacity ceiling the running daemon derived from RAM
+    daemon_reading_mib: float  # the workers' total PSS as the daemon last read it (what its ceiling used)
     # Processes of the same CLI binary outside this daemon (another user of the machine): they share
     # the binary's pages too, so they lower our workers' PSS.
     other_cli_processes: int
@@ -122,6 +123,7 @@ async def measure_pool(claude: str, base_url: str, tmp: Path, n: int, warm_reque
         total = sum(trees, ProcessMemory(0, 0))
         others = other_processes_of(pids)
         private = [tree_uss(pid) for pid in pids]
+        capacity = status.get("capacity")
         own = process_memory(d.proc.pid) or ProcessMemory(0, 0)
         sizes = [t.pss_bytes for t in trees]
         return PoolSize(
@@ -131,7 +133,8 @@ async def measure_pool(claude: str, base_url: str, tmp: Path, n: int, warm_reque
             rss_per_worker_mib=round(total.rss_bytes / n / MiB, 1),
             max_worker_pss_mib=round(max(sizes) / MiB, 1), total_pss_mib=round(total.pss_bytes / MiB, 1),
             daemon_rss_mib=round(own.rss_bytes / MiB, 1), daemon_pss_mib=round(own.pss_bytes / MiB, 1),
-            daemon_max_workers=int(status["capacity"]["max_workers"]) if status.get("capacity") else 0,
+            daemon_max_workers=int(capacity["max_workers"]) if capacity else 0,
+            daemon_reading_mib=round(int(capacity["total_pss_bytes"]) / MiB, 1) if capacity else 0.0,
             other_cli_processes=others), sizes
 
 
@@ -175,11 +178,12 @@ def unix_accepted(pid: int, path: str) -> int:
     return count
 
 
-def connection_fake_config(tmp: Path, workers: int) -> dict[str, Any]:
+def connection_fake_config(tmp: Path, workers: int, connections: int) -> dict[str, Any]:
     return {
         "server": {"socket": str(tmp / "cp.sock"), "http": "127.0.0.1:0", "admin_key": ADMIN, "max_queued": 10_000,
                    # Idle connections must outlive the measurement; room for every one of them.
-                   "keepalive_timeout_s": 600, "max_connections": 4096, "drain_timeout_s": 5},
+                   "keepalive_timeout_s": 600, "max_connections": connections + 64,
+                   "drain_timeout_s": 5},
         # Its shebang names this interpreter: through a version manager's shim each spawn costs ~3×.
         "pool": {"claude_bin": str(fake_claude_executable()), "min_idle": workers, "max_workers": workers,
                  "max_turns": 1_000_000, "workdir": str(tmp / "w"), "maintenance_interval_s": 3600,
@@ -207,7 +211,9 @@ async def http_idle(d: DaemonProc) -> asyncio.StreamWriter:
 async def unix_idle(d: DaemonProc) -> asyncio.StreamWriter:
     reader, writer = await asyncio.open_unix_connection(d.socket)
     writer.write(orjson.dumps({"id": "s", "op": "status", "key": ADMIN}) + b"\n")
-    await reader.readline()
+    answer = orjson.loads(await reader.readline())
+    if answer.get("event") != "status":
+        raise RuntimeError(f"the status frame was answered {answer}")
     return writer
 
 
@@ -222,8 +228,9 @@ async def sse_stream(d: DaemonProc, i: int) -> asyncio.StreamWriter:
     head = await reader.readuntil(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 200"):
         raise RuntimeError(f"stream {i} was refused: {head[:200]!r}")
-    while b"event: delta" not in await reader.readline():
-        pass
+    while b"event: delta" not in (line := await reader.readline()):
+        if not line:
+            raise RuntimeError(f"stream {i} ended before its first delta")
     return writer
 
 
@@ -235,7 +242,8 @@ async def gather_bounded(coros: list[Any], at_once: int) -> list[asyncio.StreamW
             result: asyncio.StreamWriter = await coro
             return result
 
-    return list(await asyncio.gather(*(one(c) for c in coros)))
+    async with asyncio.timeout(120):  # a daemon that stops answering fails the section, not hangs it
+        return list(await asyncio.gather(*(one(c) for c in coros)))
 
 
 @contextlib.asynccontextmanager
@@ -277,7 +285,7 @@ async def measure_connections(tmp: Path, idle_n: int, sse_n: int) -> list[Connec
     """One daemon with ``sse_n`` fake workers: idle connections first, then, with them still open,
     the SSE streams. Nothing is closed between readings, so no freed memory is reused by the next step."""
     http_n, unix_n = idle_n // 2, idle_n - idle_n // 2
-    config = connection_fake_config(tmp, sse_n)
+    config = connection_fake_config(tmp, sse_n, idle_n + sse_n)
     async with daemon_process(config, ready_timeout_s=180) as d:
         await settle(d, sse_n)
         # Warm the paths the connections take, so their first use is not counted per connection.
@@ -326,8 +334,8 @@ def plan(opts: Options) -> tuple[list[int], int, int]:
 async def run(opts: Options) -> Report:
     sizes, idle_n, sse_n = plan(opts)
     nofile = raise_open_files()
-    if nofile < idle_n + 256:
-        raise RuntimeError(f"the open-file limit ({nofile}) is too low for {idle_n} connections")
+    if nofile < idle_n + sse_n + 256:
+        raise RuntimeError(f"the open-file limit ({nofile}) is too low for {idle_n + sse_n} connections")
     pools: list[PoolSize] = []
     largest_pss = 0
     timings: dict[str, float] = {}
@@ -342,11 +350,13 @@ async def run(opts: Options) -> Report:
     with fake_upstream_process() as base_url, tempfile.TemporaryDirectory(prefix="claudepool-memory-") as tmp_s:
         tmp = Path(tmp_s)
         for n in sizes:
-            size, trees = await measure_pool(opts.claude, base_url, tmp / f"p{n}", n, warm_requests=2 * n)
+            async with asyncio.timeout(300):  # a phase that stalls fails the section rather than hang it
+                size, trees = await measure_pool(opts.claude, base_url, tmp / f"p{n}", n, warm_requests=2 * n)
             pools.append(size)
             largest_pss = max(largest_pss, *trees)
             lap(f"workers_{n}_s")
-        connections = await measure_connections(tmp / "connections", idle_n, sse_n)
+        async with asyncio.timeout(300):
+            connections = await measure_connections(tmp / "connections", idle_n, sse_n)
         lap("connections_s")
     return report(pools, sizing_of(largest_pss), connections, timings)
 
@@ -370,7 +380,8 @@ def report(pools: list[PoolSize], sizing: dict[str, Any], connections: list[Conn
            timings: dict[str, float]) -> Report:
     rows = [[p.workers, p.processes, p.pss_per_worker_mib, p.rss_per_worker_mib, p.uss_per_worker_mib,
              p.max_worker_pss_mib,
-             p.total_pss_mib, f"{p.daemon_pss_mib} / {p.daemon_rss_mib}", p.daemon_max_workers,
+             p.total_pss_mib, f"{p.daemon_pss_mib} / {p.daemon_rss_mib}",
+             f"{p.daemon_max_workers} ({p.daemon_reading_mib:g})",
              p.other_cli_processes] for p in pools]
     conn_rows = [[s.what, s.connections, s.rss_mib, "" if s.kib_per_connection is None else s.kib_per_connection]
                  for s in connections]
@@ -387,7 +398,9 @@ def report(pools: list[PoolSize], sizing: dict[str, Any], connections: list[Conn
         "worker, so RSS/worker stays flat while PSS/worker falls as N grows toward USS/worker (the pages "
         "a worker alone holds: what one more worker costs once many share the rest). MiB; daemon = the daemon's "
         "own process (PSS / RSS); ceiling = the worker ceiling the running daemon derived from RAM "
-        "(`[capacity]` without `max_workers`); other CLIs = processes of the same CLI binary outside this "
+        "(`[capacity]` without `max_workers`) and, in brackets, the workers' total PSS as the daemon last "
+        "read it (at ready, then every `maintenance_interval_s`: a worker still at its boot size makes "
+        "the ceiling higher); other CLIs = processes of the same CLI binary outside this "
         "daemon (another user of the machine), which share its pages too and so lower these PSS figures: "
         "with none, N = 1 is the worst case (nothing shared).\n\n"
         + table(["N", "processes", "PSS/worker", "RSS/worker", "USS/worker", "largest PSS", "total PSS",

@@ -6,7 +6,8 @@
   what the pool itself reads). PSS splits shared pages (the CLI's ~75 MB binary, its libraries)
   between the processes mapping them, so N workers' PSS sums to what they really hold; RSS counts
   the shared pages once per worker, so RSS/worker staying flat while PSS/worker falls with N is the
-  sharing.
+  sharing; USS (private pages, psutil) is what PSS/worker tends to. Other processes of the same
+  binary on the machine share its pages too and lower PSS: they are counted and shown.
 * sizing: what `PoolSizing` over the default ``[capacity]`` picks on this machine with no configured
   ``max_workers``, before any worker is measured (the estimate) and from the measured workers, and
   what a running daemon reports (`/v1/pool` capacity).
@@ -15,7 +16,8 @@
   HTTP keep-alive connections (each served one ``GET /healthz``) and idle Unix-socket connections
   (each served one ``status`` frame), then, with those still open, with SSE streams (streamed
   prompts whose turn never ends, ``[[hang]]``, each read up to its first ``delta`` event). Every
-  connection is counted open in the daemon's own socket table (psutil) at the moment of reading.
+  connection is counted open in the daemon's own socket table (TCP: psutil; Unix: ``/proc/net/unix``,
+  which tells accepted sockets from the listener) at the moment of reading, or the section fails.
 """
 
 from __future__ import annotations
@@ -379,8 +381,7 @@ def sizing_of(largest_pss_bytes: int) -> dict[str, Any]:
 def report(pools: list[PoolSize], sizing: dict[str, Any], connections: list[ConnectionStep],
            timings: dict[str, float]) -> Report:
     rows = [[p.workers, p.processes, p.pss_per_worker_mib, p.rss_per_worker_mib, p.uss_per_worker_mib,
-             p.max_worker_pss_mib,
-             p.total_pss_mib, f"{p.daemon_pss_mib} / {p.daemon_rss_mib}",
+             p.max_worker_pss_mib, p.total_pss_mib, f"{p.daemon_pss_mib} / {p.daemon_rss_mib}",
              f"{p.daemon_max_workers} ({p.daemon_reading_mib:g})",
              p.other_cli_processes] for p in pools]
     conn_rows = [[s.what, s.connections, s.rss_mib, "" if s.kib_per_connection is None else s.kib_per_connection]
@@ -410,8 +411,12 @@ def report(pools: list[PoolSize], sizing: dict[str, Any], connections: list[Conn
           f"{sizing['assumed_pss_mib']:g} MiB assumed per worker = **{sizing['max_workers_assumed']} workers** "
           f"before any is measured (soft limit {sizing['soft_limit_mib']} MiB, hard {sizing['hard_limit_mib']} MiB); "
           f"from the largest measured worker ({sizing['largest_measured_pss_mib']:g} MiB) "
-          f"**{sizing['max_workers_measured']}**. The assumption is conservative on purpose: it holds for a "
-          "worker before it is measured, and the rule re-derives from measured PSS (the largest worker) after.\n\n"
+          f"**{sizing['max_workers_measured']}**. "
+        + ("The assumption holds: it is above every worker measured here (the largest is a lone worker "
+           "when no other process shares its binary's pages), and the rule re-derives from measured PSS after.\n\n"
+           if worst <= sizing["assumed_pss_mib"] else
+           "The assumption is short of a measured worker: until the first reading the rule admits more "
+           "workers than fit; it re-derives from measured PSS after.\n\n")
         + "**Daemon RSS per connection.** A daemon on the fake CLI (the workers' RAM is theirs, not the "
           "daemon's); idle connections: HTTP keep-alive ones each served one `GET /healthz`, Unix-socket ones "
           "one `status` frame; then, with those still open, SSE streams: streamed prompts whose turn never ends "
@@ -420,10 +425,11 @@ def report(pools: list[PoolSize], sizing: dict[str, Any], connections: list[Conn
           "the RSS growth over the row's added connections (the previous row to this one; `=`: over `before`).\n\n"
         + table(["step", "open", "daemon RSS MiB", "KiB/connection"], conn_rows))
     if idle_all.kib_per_connection is not None:
-        checks.append((f"{idle_all.connections} idle connections held", True,
+        checks.append((f"{idle_all.connections} idle connections (HTTP + socket) open when read", True,
                        f"{idle_all.kib_per_connection:g} KiB each"))
     if sse_all.kib_per_connection is not None:
-        checks.append((f"{sse_all.connections} SSE streams held", True, f"{sse_all.kib_per_connection:g} KiB each"))
+        checks.append((f"{sse_all.connections} SSE streams open when read", True,
+                       f"{sse_all.kib_per_connection:g} KiB each"))
     return Report(NAME, {"pools": [asdict(p) for p in pools], "sizing": sizing,
                          "connections": [asdict(s) for s in connections], **timings},
                   markdown, checks)
@@ -438,6 +444,10 @@ def plot(rep: Report, out_dir: Path) -> list[Path]:
     left.plot(n, [p["pss_per_worker_mib"] for p in pools], "o-", label="PSS / worker")
     left.plot(n, [p["rss_per_worker_mib"] for p in pools], "s--", label="RSS / worker")
     left.plot(n, [p["uss_per_worker_mib"] for p in pools], "^:", label="USS / worker (private)")
+    for p in pools:  # PSS read while other processes shared the binary's pages: lower than alone
+        if p["other_cli_processes"]:
+            left.annotate(f"{p['other_cli_processes']} other CLIs", (p["workers"], p["pss_per_worker_mib"]),
+                          textcoords="offset points", xytext=(-10, 8), fontsize=7)
     left.axhline(rep.data["sizing"]["assumed_pss_mib"], color="grey", linestyle=":", label="sizing rule's assumption")
     left.set_xscale("log", base=2)
     left.set_xticks(n, [str(x) for x in n])

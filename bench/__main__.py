@@ -28,6 +28,7 @@ from bench.suite import RESULTS, Options, Report, cli_version, machine, table
 # Section name -> module; run in this order.
 SECTIONS = {
     "latency": "bench.latency_bench",
+    "memory": "bench.memory_bench",
     "cost": "bench.cost_bench",
     "idle": "bench.idle_bench",
     "soak": "bench.soak_bench",

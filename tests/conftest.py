@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import shutil
-import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -22,6 +19,7 @@ from claudepool.pool.pool import Pool
 from claudepool.pool.profile import Profile
 from claudepool.pool.reaper import default_reaper
 from claudepool.testing.fake_upstream import FakeUpstream
+from tests.fakes import fake_claude_executable
 from tests.helpers import running
 from tests.redis_server import _redis_server, redis_url
 
@@ -31,30 +29,7 @@ __all__ = ["_redis_server", "redis_url"]
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _fake_claude() -> Path:
-    """The fake CLI, as an executable whose shebang names this interpreter.
-
-    Through its own ``#!/usr/bin/env python3`` every spawn starts whatever ``python3`` PATH finds
-    first; behind a version manager's shim (a shell script) that costs ~0.1 CPU-s per spawn instead
-    of ~0.035, and the suite spawns the fake well over a thousand times. Only the first line changes,
-    so tracebacks keep the source's line numbers."""
-    source = REPO / "tests" / "fakes" / "fake_claude.py"
-    shebang = f"#!{sys.executable}"
-    if len(shebang) > 120 or any(c.isspace() for c in sys.executable):
-        return source  # the kernel would truncate or split it: keep the portable shebang
-    body = shebang + "\n" + source.read_text().split("\n", 1)[1]
-    digest = hashlib.sha256(body.encode()).hexdigest()[:16]
-    target = Path(tempfile.gettempdir()) / f"claudepool-tests-{os.getuid()}" / f"fake_claude-{digest}"
-    if not target.exists():
-        target.parent.mkdir(mode=0o700, exist_ok=True)
-        partial = target.with_name(f"{target.name}.{os.getpid()}")  # xdist workers write it at once
-        partial.write_text(body)
-        partial.chmod(0o755)
-        os.replace(partial, target)
-    return target
-
-
-FAKE_CLAUDE = _fake_claude()
+FAKE_CLAUDE = fake_claude_executable()
 
 
 def real_claude_bin() -> str | None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import tomllib
+from pathlib import Path
 
 from bench.daemon_proc import to_toml
+from bench.memory_bench import unix_accepted
 from bench.soak_bench import histogram_quantile, lag_buckets
 from bench.suite import table
 
@@ -79,3 +83,27 @@ def test_lag_buckets_are_the_difference_between_two_scrapes() -> None:
     before = scrape({"0.01": 5, "0.1": 6, "+Inf": 6})
     after = scrape({"0.01": 8, "0.1": 10, "+Inf": 11})
     assert lag_buckets(after, before) == [(0.01, 3.0), (0.1, 4.0), (float("inf"), 5.0)]
+
+
+def test_unix_accepted_counts_the_accepted_connections_of_a_socket_not_its_listener(tmp_path: Path) -> None:
+    # The memory section counts the daemon's open socket connections this way: psutil shows the
+    # listener with the same path and no peer, so it would count one connection too many.
+    path = str(tmp_path / "s.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    clients: list[socket.socket] = []
+    accepted: list[socket.socket] = []
+    try:
+        listener.bind(path)
+        listener.listen(8)
+        assert unix_accepted(os.getpid(), path) == 0
+        for _ in range(3):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.connect(path)
+            clients.append(client)
+            accepted.append(listener.accept()[0])
+        assert unix_accepted(os.getpid(), path) == 3
+        accepted.pop().close()
+        assert unix_accepted(os.getpid(), path) == 2
+    finally:
+        for s in [listener, *clients, *accepted]:
+            s.close()

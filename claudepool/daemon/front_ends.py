@@ -8,6 +8,7 @@ left listening; `FrontEnds.close` stops them, after the requests are done or sto
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 
@@ -67,11 +68,13 @@ class FrontEnds:
                 host, port = server.http_host_port()
                 try:
                     sock = socket.create_server(
-                        (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=server.backlog
+                        (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=server.backlog,
+                        reuse_port=server.reuse_port,
                     )
                 except OSError as exc:
                     await runner.cleanup()
-                    raise ConfigError(f"cannot listen on {server.http}: {exc.strerror}") from None
+                    raise ConfigError(f"cannot listen on {server.http}: {exc.strerror}{_in_use_hint(exc, server)}") \
+                        from None
                 sock.setblocking(False)
                 await GuardedSockSite(runner, sock, guard, backlog=server.backlog).start()
                 listening["http"] = f"http://{_address(sock)}"
@@ -105,3 +108,12 @@ def _address(sock: socket.socket) -> str:
         host, port = name[0], name[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(name)
+
+
+def _in_use_hint(exc: OSError, server: ServerSettings) -> str:
+    """Why a port is taken and what shares it: SO_REUSEPORT only joins sockets that all set it."""
+    if exc.errno != errno.EADDRINUSE:
+        return ""
+    if server.reuse_port:
+        return " (the process holding it did not set SO_REUSEPORT, or runs as another user)"
+    return " (to run several daemons on one port, set server.reuse_port = true in every one of them)"

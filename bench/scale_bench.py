@@ -1,0 +1,281 @@
+"""Scaling past one core: N daemons sharing one HTTP port (``server.reuse_port``) and one Redis.
+
+For N = 1, 2, … up to cores + 1 (quick: 1 and 2), N ``claudepool serve`` processes listen on the
+same loopback port with SO_REUSEPORT, share one ``redis-server`` (started here) as their store, and
+each keeps W warm fake-CLI workers (tests/fakes/fake_claude.py, which answers at once). One tenant
+on a budget no run reaches, so every request reserves and settles in the shared Redis. The load
+generator (`bench.http_load`) is a process of its own: C keep-alive connections, closed loop, one
+``POST /v1/prompt`` after another; the kernel spreads the connections over the daemons by their
+4-tuple hash. The daemons are started one by one and kept: the N = 2 step adds one to N = 1's.
+
+Measured over one window per repeat (the median repeat by req/s is reported): answers per second,
+each daemon's own CPU, its workers' CPU, Redis's and the load generator's (as % of one core), and
+the answers each daemon served (its workers' turns). The scaling ratio is req/s at N over N = 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+
+from bench.daemon_proc import DaemonProc, daemon_process
+from bench.metrics_bench import FAKE
+from bench.suite import REPO, Options, Report, table
+from claudepool.client import AsyncClient
+from tests.redis_server import RedisServer
+
+NAME = "scale"
+KEY = "scale-bench-key-0123"
+ADMIN = "scale-bench-admin-0123"
+BODY = '{"prompt": "[[reply:ok]] scale"}'
+WORKERS = 4  # per daemon
+CONNECTIONS = 32  # the load generator's, whatever N: the same offered load at every N
+
+
+@dataclass
+class Point:
+    daemons: int
+    window_s: float
+    req_per_s: float
+    errors: int
+    p50_ms: float
+    p95_ms: float
+    daemon_cpu_pct: list[float]  # each daemon process's own CPU, % of one core
+    workers_cpu_pct: float  # every daemon's fake-CLI workers together
+    redis_cpu_pct: float
+    load_cpu_pct: float
+    served: list[int]  # answers each daemon gave in the window (its workers' turns)
+    others_cpu_pct: float  # every other process on the host (other users of a shared machine)
+    load_average: float  # the host's 1-minute load average at the window's end
+
+    @property
+    def total_cpu_pct(self) -> float:
+        return sum(self.daemon_cpu_pct) + self.workers_cpu_pct + self.redis_cpu_pct + self.load_cpu_pct
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def daemon_config(tmp: Path, port: int, redis_url: str) -> dict[str, Any]:
+    return {
+        # The Unix socket cannot be shared: each daemon has its own, which the bench uses to reach
+        # one daemon in particular (its readiness, its workers' turns).
+        "server": {"socket": str(tmp / "cp.sock"), "http": f"127.0.0.1:{port}", "reuse_port": True,
+                   "admin_key": ADMIN, "max_queued": 10_000},
+        "pool": {"claude_bin": str(FAKE), "min_idle": WORKERS, "max_workers": WORKERS, "max_turns": 1_000_000,
+                 "workdir": str(tmp / "w")},
+        "sessions": {"min_idle": 0, "dir": str(tmp / "sessions")},
+        "store": {"url": redis_url},
+        "tenants": {"bench": {"key": KEY, "requests_per_minute": 0, "max_queued": 10_000,
+                              "daily_budget_usd": 1e9, "monthly_budget_usd": 1e9}},
+    }
+
+
+async def admin_status(d: DaemonProc) -> dict[str, Any]:
+    async with AsyncClient(key=ADMIN, socket_path=d.socket) as client:
+        return await client.status()
+
+
+async def ready(d: DaemonProc) -> None:
+    """This daemon ready with every worker idle (asked on its own socket: the port may answer for another)."""
+    async with asyncio.timeout(60):
+        while True:
+            # The stateless pool (the sessions' pool keeps no warm worker: sessions.min_idle = 0).
+            if (await admin_status(d))["pools"]["default"]["counts"].get("idle", 0) >= WORKERS:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def turns(d: DaemonProc) -> int:
+    pools = (await admin_status(d))["pools"].values()
+    return sum(int(w["turns"]) for p in pools for w in p["workers"])
+
+
+def cpu_s(process: psutil.Process) -> float:
+    t = process.cpu_times()
+    return t.user + t.system
+
+
+def host_busy_s() -> float:
+    """CPU seconds every core of the host has spent busy (all processes, the kernel's too)."""
+    t = psutil.cpu_times()
+    return float(sum(t)) - t.idle - getattr(t, "iowait", 0.0)
+
+
+async def measure(daemons: list[DaemonProc], url: str, redis: psutil.Process, *, warmup_s: float,
+                  window_s: float) -> Point:
+    start_at = time.monotonic() + warmup_s
+    stop_at = start_at + window_s
+    load = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.http_load", "--url", url, "--key", KEY, "--connections", str(CONNECTIONS),
+        "--start-at", repr(start_at), "--stop-at", repr(stop_at), "--body", BODY,
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        await asyncio.sleep(start_at - time.monotonic())
+        own0 = [d.cpu_s() for d in daemons]
+        tree0 = [d.tree_cpu_s() for d in daemons]
+        redis0 = cpu_s(redis)
+        host0 = host_busy_s()
+        turns0 = await asyncio.gather(*(turns(d) for d in daemons))
+        await asyncio.sleep(stop_at - time.monotonic())
+        own1 = [d.cpu_s() for d in daemons]
+        tree1 = [d.tree_cpu_s() for d in daemons]
+        redis1 = cpu_s(redis)
+        host1 = host_busy_s()
+        turns1 = await asyncio.gather(*(turns(d) for d in daemons))
+        async with asyncio.timeout(60):
+            out, _ = await load.communicate()
+    finally:
+        if load.returncode is None:
+            load.kill()
+            await load.wait()
+    result = orjson.loads(out)
+    if result["failed_connections"]:
+        raise RuntimeError(f"load generator connections failed: {result['failed_connections']}")
+    own = [b - a for a, b in zip(own0, own1, strict=True)]
+    workers = sum(tb - ta for ta, tb in zip(tree0, tree1, strict=True)) - sum(own)
+    pct = 100 / window_s
+    ours = sum(tb - ta for ta, tb in zip(tree0, tree1, strict=True)) + (redis1 - redis0) + result["cpu_s"]
+    return Point(daemons=len(daemons), window_s=window_s, req_per_s=round(result["ok"] / window_s, 1),
+                 errors=result["errors"], p50_ms=result["p50_ms"], p95_ms=result["p95_ms"],
+                 daemon_cpu_pct=[round(c * pct, 1) for c in own], workers_cpu_pct=round(workers * pct, 1),
+                 redis_cpu_pct=round((redis1 - redis0) * pct, 1), load_cpu_pct=round(result["cpu_s"] * pct, 1),
+                 served=[b - a for a, b in zip(turns0, turns1, strict=True)],
+                 others_cpu_pct=round(max(0.0, host1 - host0 - ours) * pct, 1),
+                 load_average=round(os.getloadavg()[0], 2))
+
+
+def plan(opts: Options) -> tuple[list[int], float, float, int]:
+    """Daemon counts, warm-up and window seconds, repeats."""
+    cores = os.cpu_count() or 1
+    if opts.quick:
+        return [1, 2], 1.0, 3.0, 1
+    return list(range(1, cores + 2)), 1.5, 6.0, opts.repeats
+
+
+async def run(opts: Options) -> Report:
+    levels, warmup_s, window_s, repeats = plan(opts)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    points: list[Point] = []
+    with RedisServer() as redis, tempfile.TemporaryDirectory(prefix="claudepool-scale-") as tmp_s:
+        assert redis.pid is not None
+        redis_proc = psutil.Process(redis.pid)
+        async with contextlib.AsyncExitStack() as stack:
+            daemons: list[DaemonProc] = []
+            for n in levels:
+                while len(daemons) < n:
+                    tmp = Path(tmp_s) / f"d{len(daemons)}"
+                    daemons.append(await stack.enter_async_context(
+                        daemon_process(daemon_config(tmp, port, redis.url))))
+                await asyncio.gather(*(ready(d) for d in daemons))
+                tries = [await measure(daemons, url, redis_proc, warmup_s=warmup_s, window_s=window_s)
+                         for _ in range(repeats)]
+                by_rate = sorted(tries, key=lambda p: p.req_per_s)
+                points.append(by_rate[len(by_rate) // 2])
+    return report(points, opts)
+
+
+def report(points: list[Point], opts: Options) -> Report:
+    cores = os.cpu_count() or 1
+    base = points[0].req_per_s or 1.0
+    rows = [[p.daemons, p.req_per_s, f"{p.req_per_s / base:.2f}", p.p50_ms, p.p95_ms,
+             " / ".join(f"{c:.0f}" for c in p.daemon_cpu_pct), f"{p.workers_cpu_pct:.0f}", f"{p.redis_cpu_pct:.0f}",
+             f"{p.load_cpu_pct:.0f}", f"{p.total_cpu_pct:.0f}", f"{p.others_cpu_pct:.0f}", p.load_average,
+             " / ".join(str(s) for s in p.served), p.errors]
+            for p in points]
+    at_cores = next((p for p in points if p.daemons == cores), points[-1])
+    ratio = at_cores.req_per_s / base
+    one = points[0]
+    cpu_ms = {p.daemons: round(10 * p.total_cpu_pct / p.req_per_s, 2) if p.req_per_s else 0.0 for p in points}
+    # At N=1's CPU per answer, all the cores busy on this bench's processes give at most this ratio.
+    ceiling = 100 * cores / one.total_cpu_pct if one.total_cpu_pct else 0.0
+    shared = max(p.others_cpu_pct for p in points) > 25 * cores
+    limit = (f"N=1: the daemon's loop {one.daemon_cpu_pct[0]:.0f}% of a core, the bench's processes "
+             f"{one.total_cpu_pct:.0f}% of the host's {100 * cores}% (so at most {ceiling:.2f}× with every "
+             f"core busy); N={at_cores.daemons}: {at_cores.total_cpu_pct:.0f}% (fake workers "
+             f"{at_cores.workers_cpu_pct:.0f}%, Redis {at_cores.redis_cpu_pct:.0f}%, load generator "
+             f"{at_cores.load_cpu_pct:.0f}%)")
+    if shared:
+        limit += (f"; other processes took up to {max(p.others_cpu_pct for p in points):.0f}% (load average up to "
+                  f"{max(p.load_average for p in points):g}): the bench's share of a busy host, not the "
+                  "daemons, set the curve")
+    markdown = "\n".join([
+        f"N `claudepool serve` processes share one HTTP port (`server.reuse_port`) and one Redis (budgets "
+        f"reserved and settled there on every request); {WORKERS} warm fake-CLI workers each; a load generator "
+        f"in its own process keeps {CONNECTIONS} keep-alive connections busy (closed loop). CPU columns are % "
+        f"of one core over a {points[0].window_s:g} s window (the median of {1 if opts.quick else opts.repeats} "
+        "by req/s); `bench CPU` is all of the bench's processes, `others` the rest of the host; `served` is "
+        "each daemon's answers in the window.",
+        "",
+        table(["daemons", "req/s", "× N=1", "p50 ms", "p95 ms", "daemon CPU % (each)", "workers CPU %",
+               "Redis CPU %", "load gen CPU %", "bench CPU %", "others CPU %", "load avg", "served (each)",
+               "errors"], rows),
+        "",
+        "CPU per answer, all of the bench's processes (ms): " + ", ".join(f"N={n}: {v}" for n, v in cpu_ms.items())
+        + ".",
+        "",
+        f"What limits the curve: {limit}. A daemon is one event loop, so one daemon uses at most one core; "
+        f"its workers, Redis and the load generator need CPU too, and on {cores} cores they take it from the "
+        "daemons: N daemons reach N times one only while the cores are not all busy. On a host with more cores "
+        "than the daemons, each added daemon adds a core's worth of answers up to the core count.",
+    ])
+    data = {"cores": cores, "workers_per_daemon": WORKERS, "connections": CONNECTIONS,
+            "points": [{**asdict(p), "total_cpu_pct": round(p.total_cpu_pct, 1)} for p in points],
+            "ratio_at_cores": round(ratio, 3), "cpu_ceiling_ratio": round(ceiling, 3), "host_shared": shared}
+    met = ratio >= 1.5 and not shared
+    measured = f"{ratio:.2f}× ({at_cores.req_per_s:g} vs {base:g} req/s)" + ("" if met else f"; {limit}")
+    return Report(name=NAME, data=data, markdown=markdown,
+                  checks=[(f"throughput(N={at_cores.daemons}) ≥ 1.5× throughput(1), or explained", met, measured)])
+
+
+def plot(rep: Report, out_dir: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    points = rep.data["points"]
+    ns = [p["daemons"] for p in points]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(ns, [p["req_per_s"] for p in points], marker="o", label="measured")
+    base = points[0]["req_per_s"]
+    left.plot(ns, [base * min(n, rep.data["cores"]) for n in ns], linestyle="--", color="grey",
+              label="linear up to the core count")
+    left.set_xlabel("daemons on one port")
+    left.set_ylabel("answers / s")
+    left.set_xticks(ns)
+    left.legend()
+    left.set_title("Throughput")
+    parts: list[tuple[str, list[float]]] = [
+        ("daemons", [sum(p["daemon_cpu_pct"]) for p in points]),
+        ("fake workers", [p["workers_cpu_pct"] for p in points]),
+        ("Redis", [p["redis_cpu_pct"] for p in points]), ("load generator", [p["load_cpu_pct"] for p in points]),
+        ("other processes", [p["others_cpu_pct"] for p in points])]
+    bottom = [0.0] * len(ns)
+    for label, pcts in parts:
+        values = [v / 100 for v in pcts]
+        right.bar(ns, values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    right.axhline(rep.data["cores"], color="black", linestyle=":", label="cores")
+    right.set_xlabel("daemons on one port")
+    right.set_ylabel("cores busy")
+    right.set_xticks(ns)
+    right.legend(fontsize="small")
+    right.set_title("Where the CPU goes")
+    fig.tight_layout()
+    path = out_dir / "scale.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]

@@ -1,16 +1,18 @@
 """Scaling past one core: N daemons sharing one HTTP port (``server.reuse_port``) and one Redis.
 
-For N = 1, 2, … up to cores + 1 (quick: 1 and 2), N ``claudepool serve`` processes listen on the
-same loopback port with SO_REUSEPORT, share one ``redis-server`` (started here) as their store, and
-each keeps W warm fake-CLI workers (tests/fakes/fake_claude.py, which answers at once). One tenant
-on a budget no run reaches, so every request reserves and settles in the shared Redis. The load
+For N = 1, 2, … up to cores + 1 (quick: 1 and 2), N ``claudepool serve`` processes listen on one
+loopback port with SO_REUSEPORT, share one ``redis-server`` (started here) as their store, and each
+keeps W warm fake-CLI workers (tests/fakes/fake_claude.py, which answers at once). One tenant on a
+budget no run reaches, so every request reserves and settles in the shared Redis. The load
 generator (`bench.http_load`) is a process of its own: C keep-alive connections, closed loop, one
 ``POST /v1/prompt`` after another; the kernel spreads the connections over the daemons by their
-4-tuple hash. The daemons are started one by one and kept: the N = 2 step adds one to N = 1's.
+4-tuple hash.
 
-Measured over one window per repeat (the median repeat by req/s is reported): answers per second,
-each daemon's own CPU, its workers' CPU, Redis's and the load generator's (as % of one core), and
-the answers each daemon served (its workers' turns). The scaling ratio is req/s at N over N = 1.
+Every N has a port of its own and all groups run side by side (1 + 2 + … daemons), measured in
+turns, round after round (1, 2, 3, 1, 2, 3, …), so a change in a shared host's load falls on every
+N alike. Per window: answers per second, each daemon's own CPU, its workers', Redis's, the load
+generator's and the rest of the host's (as % of one core), and the answers each daemon served
+(its workers' turns). The scaling ratio at N is the median over rounds of req/s(N) / req/s(1).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -39,7 +42,14 @@ NAME = "scale"
 KEY = "scale-bench-key-0123"
 ADMIN = "scale-bench-admin-0123"
 BODY = '{"prompt": "[[reply:ok]] scale"}'
-WORKERS = 4  # per daemon
+
+
+def workers_per_daemon(opts: Options) -> int:
+    """Warm workers per daemon: 4 (closed-loop load keeps them all busy); 2 in quick runs, whose
+    time goes mostly to starting processes."""
+    return 2 if opts.quick else 4
+
+
 CONNECTIONS = 32  # the load generator's, whatever N: the same offered load at every N
 
 
@@ -70,13 +80,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def daemon_config(tmp: Path, port: int, redis_url: str) -> dict[str, Any]:
+def daemon_config(tmp: Path, port: int, redis_url: str, workers: int) -> dict[str, Any]:
     return {
         # The Unix socket cannot be shared: each daemon has its own, which the bench uses to reach
         # one daemon in particular (its readiness, its workers' turns).
         "server": {"socket": str(tmp / "cp.sock"), "http": f"127.0.0.1:{port}", "reuse_port": True,
                    "admin_key": ADMIN, "max_queued": 10_000},
-        "pool": {"claude_bin": str(FAKE), "min_idle": WORKERS, "max_workers": WORKERS, "max_turns": 1_000_000,
+        "pool": {"claude_bin": str(FAKE), "min_idle": workers, "max_workers": workers, "max_turns": 1_000_000,
                  "workdir": str(tmp / "w")},
         "sessions": {"min_idle": 0, "dir": str(tmp / "sessions")},
         "store": {"url": redis_url},
@@ -95,7 +105,8 @@ async def ready(d: DaemonProc) -> None:
     async with asyncio.timeout(60):
         while True:
             # The stateless pool (the sessions' pool keeps no warm worker: sessions.min_idle = 0).
-            if (await admin_status(d))["pools"]["default"]["counts"].get("idle", 0) >= WORKERS:
+            pool = (await admin_status(d))["pools"]["default"]
+            if pool["counts"].get("idle", 0) >= pool["max_workers"]:
                 return
             await asyncio.sleep(0.05)
 
@@ -163,43 +174,66 @@ def plan(opts: Options) -> tuple[list[int], float, float, int]:
     """Daemon counts, warm-up and window seconds, repeats."""
     cores = os.cpu_count() or 1
     if opts.quick:
-        return [1, 2], 1.0, 3.0, 1
+        return [1, 2], 0.5, 2.5, 1
     return list(range(1, cores + 2)), 1.5, 6.0, opts.repeats
+
+
+async def start_all(stack: contextlib.AsyncExitStack, configs: list[dict[str, Any]]) -> list[DaemonProc]:
+    """Every daemon at once (each start is mostly waiting for its workers); all entered into
+    ``stack`` before the first failure, if any, is raised, so none is left running."""
+
+    async def one(config: dict[str, Any]) -> DaemonProc:
+        return await stack.enter_async_context(daemon_process(config))
+
+    started = await asyncio.gather(*(one(c) for c in configs), return_exceptions=True)
+    for result in started:
+        if isinstance(result, BaseException):
+            raise result
+    return [d for d in started if isinstance(d, DaemonProc)]
 
 
 async def run(opts: Options) -> Report:
     levels, warmup_s, window_s, repeats = plan(opts)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    points: list[Point] = []
+    rounds: list[list[Point]] = []
     with RedisServer() as redis, tempfile.TemporaryDirectory(prefix="claudepool-scale-") as tmp_s:
         assert redis.pid is not None
         redis_proc = psutil.Process(redis.pid)
         async with contextlib.AsyncExitStack() as stack:
-            daemons: list[DaemonProc] = []
-            for n in levels:
-                while len(daemons) < n:
-                    tmp = Path(tmp_s) / f"d{len(daemons)}"
-                    daemons.append(await stack.enter_async_context(
-                        daemon_process(daemon_config(tmp, port, redis.url))))
-                await asyncio.gather(*(ready(d) for d in daemons))
-                tries = [await measure(daemons, url, redis_proc, warmup_s=warmup_s, window_s=window_s)
-                         for _ in range(repeats)]
-                by_rate = sorted(tries, key=lambda p: p.req_per_s)
-                points.append(by_rate[len(by_rate) // 2])
-    return report(points, opts)
+            # Each N on a port of its own, all running at once, measured in turns (1, 2, 3, 1, 2, …):
+            # a change in the host's load then falls on every N alike. An idle group costs little
+            # (its CPU shows as "others").
+            ports = {n: free_port() for n in levels}
+            configs = [daemon_config(Path(tmp_s) / f"n{n}-d{i}", ports[n], redis.url, workers_per_daemon(opts))
+                       for n in levels for i in range(n)]
+            t0 = time.perf_counter()
+            daemons = await start_all(stack, configs)
+            await asyncio.gather(*(ready(d) for d in daemons))
+            start_s = time.perf_counter() - t0
+            groups = {n: daemons[sum(levels[:k]):sum(levels[:k]) + n] for k, n in enumerate(levels)}
+            for _ in range(repeats):
+                rounds.append([await measure(groups[n], f"http://127.0.0.1:{ports[n]}", redis_proc,
+                                             warmup_s=warmup_s, window_s=window_s) for n in levels])
+    rep = report(rounds, opts)
+    rep.data["start_s"] = round(start_s, 1)  # every daemon started and warm
+    return rep
 
 
-def report(points: list[Point], opts: Options) -> Report:
+def report(rounds: list[list[Point]], opts: Options) -> Report:
+    """``rounds``: one point per N in each round. Per N the round with the median req/s is shown;
+    the ratios are the medians of each round's own ratio (N and N = 1 measured a few seconds apart)."""
     cores = os.cpu_count() or 1
-    base = points[0].req_per_s or 1.0
-    rows = [[p.daemons, p.req_per_s, f"{p.req_per_s / base:.2f}", p.p50_ms, p.p95_ms,
+    width = len(rounds[0])
+    points = [sorted((r[k] for r in rounds), key=lambda p: p.req_per_s)[len(rounds) // 2] for k in range(width)]
+    ratios = [statistics.median(r[k].req_per_s / r[0].req_per_s if r[0].req_per_s else 0.0 for r in rounds)
+              for k in range(width)]
+    rows = [[p.daemons, p.req_per_s, f"{x:.2f}", p.p50_ms, p.p95_ms,
              " / ".join(f"{c:.0f}" for c in p.daemon_cpu_pct), f"{p.workers_cpu_pct:.0f}", f"{p.redis_cpu_pct:.0f}",
              f"{p.load_cpu_pct:.0f}", f"{p.total_cpu_pct:.0f}", f"{p.others_cpu_pct:.0f}", p.load_average,
              " / ".join(str(s) for s in p.served), p.errors]
-            for p in points]
-    at_cores = next((p for p in points if p.daemons == cores), points[-1])
-    ratio = at_cores.req_per_s / base
+            for p, x in zip(points, ratios, strict=True)]
+    k_cores = next((k for k, p in enumerate(points) if p.daemons == cores), width - 1)
+    at_cores = points[k_cores]
+    ratio = ratios[k_cores]
     one = points[0]
     cpu_ms = {p.daemons: round(10 * p.total_cpu_pct / p.req_per_s, 2) if p.req_per_s else 0.0 for p in points}
     # At N=1's CPU per answer, all the cores busy on this bench's processes give at most this ratio.
@@ -216,11 +250,12 @@ def report(points: list[Point], opts: Options) -> Report:
                   "daemons, set the curve")
     markdown = "\n".join([
         f"N `claudepool serve` processes share one HTTP port (`server.reuse_port`) and one Redis (budgets "
-        f"reserved and settled there on every request); {WORKERS} warm fake-CLI workers each; a load generator "
-        f"in its own process keeps {CONNECTIONS} keep-alive connections busy (closed loop). CPU columns are % "
-        f"of one core over a {points[0].window_s:g} s window (the median of {1 if opts.quick else opts.repeats} "
-        "by req/s); `bench CPU` is all of the bench's processes, `others` the rest of the host; `served` is "
-        "each daemon's answers in the window.",
+        f"reserved and settled there on every request); {workers_per_daemon(opts)} warm fake-CLI workers "
+        f"each; a load generator in its own process keeps {CONNECTIONS} keep-alive connections busy (closed "
+        f"loop). CPU columns are % of one core over a {points[0].window_s:g} s window. Each N has a port of "
+        f"its own and they run side by side, measured in turns ({len(rounds)} round(s)): the median round by "
+        "req/s is shown, `× N=1` is the median of each round's own ratio; `bench CPU` is all of the bench's "
+        "processes, `others` the rest of the host; `served` is each daemon's answers in the window.",
         "",
         table(["daemons", "req/s", "× N=1", "p50 ms", "p95 ms", "daemon CPU % (each)", "workers CPU %",
                "Redis CPU %", "load gen CPU %", "bench CPU %", "others CPU %", "load avg", "served (each)",
@@ -234,11 +269,12 @@ def report(points: list[Point], opts: Options) -> Report:
         "daemons: N daemons reach N times one only while the cores are not all busy. On a host with more cores "
         "than the daemons, each added daemon adds a core's worth of answers up to the core count.",
     ])
-    data = {"cores": cores, "workers_per_daemon": WORKERS, "connections": CONNECTIONS,
+    data = {"cores": cores, "workers_per_daemon": workers_per_daemon(opts), "connections": CONNECTIONS,
             "points": [{**asdict(p), "total_cpu_pct": round(p.total_cpu_pct, 1)} for p in points],
+            "ratios": [round(x, 3) for x in ratios], "rounds": [[asdict(p) for p in r] for r in rounds],
             "ratio_at_cores": round(ratio, 3), "cpu_ceiling_ratio": round(ceiling, 3), "host_shared": shared}
     met = ratio >= 1.5 and not shared
-    measured = f"{ratio:.2f}× ({at_cores.req_per_s:g} vs {base:g} req/s)" + ("" if met else f"; {limit}")
+    measured = f"{ratio:.2f}× ({at_cores.req_per_s:g} vs {one.req_per_s:g} req/s)" + ("" if met else f"; {limit}")
     return Report(name=NAME, data=data, markdown=markdown,
                   checks=[(f"throughput(N={at_cores.daemons}) ≥ 1.5× throughput(1), or explained", met, measured)])
 

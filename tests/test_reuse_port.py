@@ -7,6 +7,7 @@ environment, so an ``[[env]]`` answer names the daemon that served it."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from claudepool.client import AsyncClient
 from claudepool.errors import RemoteError
 from claudepool.store.base import Window
 from claudepool.store.redis import RedisStore
-from tests.daemon_fixtures import KEY, DaemonProcess, start_daemon
+from tests.daemon_fixtures import ADMIN, KEY, DaemonProcess, start_daemon
 from tests.helpers import spend
 from tests.test_lifecycle import write_config
 from tests.test_tenancy import FAKE_PRICING
@@ -119,3 +120,26 @@ async def test_a_unix_socket_in_use_is_not_taken_over(tmp_path: Path, start_daem
     async with AsyncClient(key=KEY, socket_path=shared) as client:
         assert (await client.status())["ready"]  # still the first daemon's
     assert a.proc.returncode is None
+
+
+async def test_a_draining_daemon_leaves_new_connections_to_the_others(tmp_path: Path, start_daemon: Start) -> None:
+    # Without closing its listener, a draining daemon kept taking its share of new connections for
+    # up to drain_timeout_s, and answered each 503 draining while its peer had idle workers.
+    port = free_port()
+    a = await start_on(start_daemon, tmp_path / "a", port, reuse_port=True)
+    b = await start_on(start_daemon, tmp_path / "b", port, reuse_port=True)
+    async with AsyncClient(key=KEY, socket_path=a.socket) as on_a, \
+            AsyncClient(key=ADMIN, socket_path=a.socket) as admin_a:
+        slow = asyncio.create_task(on_a.prompt("[[sleep:4]] [[reply:drained]]"))
+        async with asyncio.timeout(10):
+            while (await admin_a.status())["in_flight"] != 1:
+                await asyncio.sleep(0.02)
+        a.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            while not (await admin_a.status())["draining"]:
+                await asyncio.sleep(0.02)
+        served = [await served_by(b.url) for _ in range(20)]  # each must be 200: from b
+        assert served == ["b"] * 20
+        assert not slow.done()  # a was draining all along
+        assert (await slow).text == "drained"
+    assert await a.wait_exit() == 0

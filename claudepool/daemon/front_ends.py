@@ -29,8 +29,9 @@ from claudepool.jobs.door import JobDoor
 
 class FrontEnds:
     def __init__(self, runner: web.AppRunner | None, guard: HttpGuard | None, unix: UnixFrontEnd,
-                 listening: dict[str, str]) -> None:
+                 listening: dict[str, str], sites: list[GuardedSockSite] | None = None) -> None:
         self.runner = runner
+        self.sites = sites or []  # the HTTP listeners
         self.guard = guard  # the HTTP connections and their deadlines (None without HTTP)
         self.unix = unix
         # "http" and "unix" -> where each listens, as printed at start-up.
@@ -48,6 +49,7 @@ class FrontEnds:
         listening: dict[str, str] = {}
         runner: web.AppRunner | None = None
         guard: HttpGuard | None = None
+        sites: list[GuardedSockSite] = []
         if inet_socks or server.http:
             # handler_cancellation: a client that disconnects cancels its handler, which abandons the
             # turn; the pool then interrupts and resets the worker.
@@ -62,7 +64,8 @@ class FrontEnds:
             await runner.setup()
             if inet_socks:
                 for sock in inet_socks:
-                    await GuardedSockSite(runner, sock, guard, backlog=server.backlog).start()
+                    sites.append(GuardedSockSite(runner, sock, guard, backlog=server.backlog))
+                    await sites[-1].start()
                 listening["http"] = ", ".join(_address(s) for s in inet_socks)
             else:
                 host, port = server.http_host_port()
@@ -76,11 +79,12 @@ class FrontEnds:
                     raise ConfigError(f"cannot listen on {server.http}: {exc.strerror}{_in_use_hint(exc, server)}") \
                         from None
                 sock.setblocking(False)
-                await GuardedSockSite(runner, sock, guard, backlog=server.backlog).start()
+                sites.append(GuardedSockSite(runner, sock, guard, backlog=server.backlog))
+                await sites[-1].start()
                 listening["http"] = f"http://{_address(sock)}"
         unix = UnixFrontEnd(api, max_connections=server.max_connections, max_frame_bytes=server.max_frame_bytes,
                             max_requests_per_connection=server.max_requests_per_connection, jobs=jobs)
-        front = cls(runner, guard, unix, listening)
+        front = cls(runner, guard, unix, listening, sites)
         try:
             if unix_socks:
                 for sock in unix_socks:
@@ -94,6 +98,14 @@ class FrontEnds:
             await front.close(shutdown_timeout_s)
             raise
         return front
+
+    def stop_listening_http(self) -> None:
+        """Accept no new HTTP connection; those open go on (each request then gets 503 ``draining``).
+
+        For a daemon that shares its port (``server.reuse_port``): once its listener is closed, the
+        kernel sends every new connection to the other daemons on the port."""
+        for site in self.sites:
+            site.stop_listening()
 
     async def close(self, timeout_s: float) -> None:
         """Stop listening and close every connection (call once requests are done or stopped)."""

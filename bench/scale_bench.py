@@ -66,6 +66,7 @@ class Point:
     redis_cpu_pct: float
     load_cpu_pct: float
     served: list[int]  # answers each daemon gave in the window (its workers' turns)
+    idle_cpu_pct: float  # the other N's daemons and workers, waiting for their turn
     others_cpu_pct: float  # every other process on the host (other users of a shared machine)
     load_average: float  # the host's 1-minute load average at the window's end
 
@@ -127,7 +128,8 @@ def host_busy_s() -> float:
     return float(sum(t)) - t.idle - getattr(t, "iowait", 0.0)
 
 
-async def measure(daemons: list[DaemonProc], url: str, redis: psutil.Process, *, warmup_s: float,
+async def measure(daemons: list[DaemonProc], idle: list[DaemonProc], url: str, redis: psutil.Process, *,
+                  warmup_s: float,
                   window_s: float) -> Point:
     start_at = time.monotonic() + warmup_s
     stop_at = start_at + window_s
@@ -139,12 +141,14 @@ async def measure(daemons: list[DaemonProc], url: str, redis: psutil.Process, *,
         await asyncio.sleep(start_at - time.monotonic())
         own0 = [d.cpu_s() for d in daemons]
         tree0 = [d.tree_cpu_s() for d in daemons]
+        idle0 = sum(d.tree_cpu_s() for d in idle)
         redis0 = cpu_s(redis)
         host0 = host_busy_s()
         turns0 = await asyncio.gather(*(turns(d) for d in daemons))
         await asyncio.sleep(stop_at - time.monotonic())
         own1 = [d.cpu_s() for d in daemons]
         tree1 = [d.tree_cpu_s() for d in daemons]
+        idle1 = sum(d.tree_cpu_s() for d in idle)
         redis1 = cpu_s(redis)
         host1 = host_busy_s()
         turns1 = await asyncio.gather(*(turns(d) for d in daemons))
@@ -166,7 +170,8 @@ async def measure(daemons: list[DaemonProc], url: str, redis: psutil.Process, *,
                  daemon_cpu_pct=[round(c * pct, 1) for c in own], workers_cpu_pct=round(workers * pct, 1),
                  redis_cpu_pct=round((redis1 - redis0) * pct, 1), load_cpu_pct=round(result["cpu_s"] * pct, 1),
                  served=[b - a for a, b in zip(turns0, turns1, strict=True)],
-                 others_cpu_pct=round(max(0.0, host1 - host0 - ours) * pct, 1),
+                 idle_cpu_pct=round((idle1 - idle0) * pct, 1),
+                 others_cpu_pct=round(max(0.0, host1 - host0 - ours - (idle1 - idle0)) * pct, 1),
                  load_average=round(os.getloadavg()[0], 2))
 
 
@@ -211,7 +216,8 @@ async def run(opts: Options) -> Report:
             start_s = time.perf_counter() - t0
             groups = {n: daemons[sum(levels[:k]):sum(levels[:k]) + n] for k, n in enumerate(levels)}
             for _ in range(repeats):
-                rounds.append([await measure(groups[n], f"http://127.0.0.1:{ports[n]}", redis_proc,
+                rounds.append([await measure(groups[n], [d for d in daemons if d not in groups[n]],
+                                             f"http://127.0.0.1:{ports[n]}", redis_proc,
                                              warmup_s=warmup_s, window_s=window_s) for n in levels])
     rep = report(rounds, opts)
     rep.data["start_s"] = round(start_s, 1)  # every daemon started and warm
@@ -228,7 +234,8 @@ def report(rounds: list[list[Point]], opts: Options) -> Report:
               for k in range(width)]
     rows = [[p.daemons, p.req_per_s, f"{x:.2f}", p.p50_ms, p.p95_ms,
              " / ".join(f"{c:.0f}" for c in p.daemon_cpu_pct), f"{p.workers_cpu_pct:.0f}", f"{p.redis_cpu_pct:.0f}",
-             f"{p.load_cpu_pct:.0f}", f"{p.total_cpu_pct:.0f}", f"{p.others_cpu_pct:.0f}", p.load_average,
+             f"{p.load_cpu_pct:.0f}", f"{p.total_cpu_pct:.0f}", f"{p.idle_cpu_pct:.0f}", f"{p.others_cpu_pct:.0f}",
+             p.load_average,
              " / ".join(str(s) for s in p.served), p.errors]
             for p, x in zip(points, ratios, strict=True)]
     k_cores = next((k for k, p in enumerate(points) if p.daemons == cores), width - 1)
@@ -236,14 +243,19 @@ def report(rounds: list[list[Point]], opts: Options) -> Report:
     ratio = ratios[k_cores]
     one = points[0]
     cpu_ms = {p.daemons: round(10 * p.total_cpu_pct / p.req_per_s, 2) if p.req_per_s else 0.0 for p in points}
-    # At N=1's CPU per answer, all the cores busy on this bench's processes give at most this ratio.
-    ceiling = 100 * cores / one.total_cpu_pct if one.total_cpu_pct else 0.0
+    # What the cores allow, from N=1's CPU per answer (all of the bench's processes, and the daemon's
+    # loop alone): one daemon saturates its core at 1000/loop_ms answers/s, every core busy gives
+    # cores*1000/total_ms, so N daemons beat one saturated daemon by at most min(N, cores*loop/total).
+    total_ms = cpu_ms[one.daemons]
+    loop_ms = round(10 * one.daemon_cpu_pct[0] / one.req_per_s, 2) if one.req_per_s else 0.0
+    ceiling = min(at_cores.daemons, cores * loop_ms / total_ms) if total_ms else 0.0
     shared = max(p.others_cpu_pct for p in points) > 25 * cores
-    limit = (f"N=1: the daemon's loop {one.daemon_cpu_pct[0]:.0f}% of a core, the bench's processes "
-             f"{one.total_cpu_pct:.0f}% of the host's {100 * cores}% (so at most {ceiling:.2f}× with every "
-             f"core busy); N={at_cores.daemons}: {at_cores.total_cpu_pct:.0f}% (fake workers "
-             f"{at_cores.workers_cpu_pct:.0f}%, Redis {at_cores.redis_cpu_pct:.0f}%, load generator "
-             f"{at_cores.load_cpu_pct:.0f}%)")
+    limit = (f"an answer costs {total_ms} ms of CPU, {loop_ms} ms of it in the daemon's loop (N=1): one daemon "
+             f"saturates its core at ~{1000 / loop_ms if loop_ms else 0:.0f} req/s, {cores} busy cores give "
+             f"~{cores * 1000 / total_ms if total_ms else 0:.0f} req/s, so at most {ceiling:.2f}× with the fake "
+             f"workers ({at_cores.workers_cpu_pct:.0f}% at N={at_cores.daemons}), Redis "
+             f"({at_cores.redis_cpu_pct:.0f}%) and the load generator ({at_cores.load_cpu_pct:.0f}%) on the same "
+             f"cores; N=1's loop ran at {one.daemon_cpu_pct[0]:.0f}% of a core")
     if shared:
         limit += (f"; other processes took up to {max(p.others_cpu_pct for p in points):.0f}% (load average up to "
                   f"{max(p.load_average for p in points):g}): the bench's share of a busy host, not the "
@@ -255,11 +267,12 @@ def report(rounds: list[list[Point]], opts: Options) -> Report:
         f"loop). CPU columns are % of one core over a {points[0].window_s:g} s window. Each N has a port of "
         f"its own and they run side by side, measured in turns ({len(rounds)} round(s)): the median round by "
         "req/s is shown, `× N=1` is the median of each round's own ratio; `bench CPU` is all of the bench's "
-        "processes, `others` the rest of the host; `served` is each daemon's answers in the window.",
+        "processes, `idle N` the groups waiting for their turn, `others` the rest of the host; `served` is each "
+        "daemon's answers in the window.",
         "",
         table(["daemons", "req/s", "× N=1", "p50 ms", "p95 ms", "daemon CPU % (each)", "workers CPU %",
-               "Redis CPU %", "load gen CPU %", "bench CPU %", "others CPU %", "load avg", "served (each)",
-               "errors"], rows),
+               "Redis CPU %", "load gen CPU %", "bench CPU %", "idle N CPU %", "others CPU %", "load avg",
+               "served (each)", "errors"], rows),
         "",
         "CPU per answer, all of the bench's processes (ms): " + ", ".join(f"N={n}: {v}" for n, v in cpu_ms.items())
         + ".",
@@ -298,6 +311,7 @@ def plot(rep: Report, out_dir: Path) -> list[Path]:
         ("daemons", [sum(p["daemon_cpu_pct"]) for p in points]),
         ("fake workers", [p["workers_cpu_pct"] for p in points]),
         ("Redis", [p["redis_cpu_pct"] for p in points]), ("load generator", [p["load_cpu_pct"] for p in points]),
+        ("the other N, idle", [p["idle_cpu_pct"] for p in points]),
         ("other processes", [p["others_cpu_pct"] for p in points])]
     bottom = [0.0] * len(ns)
     for label, pcts in parts:

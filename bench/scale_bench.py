@@ -256,6 +256,11 @@ def report(rounds: list[list[Point]], opts: Options) -> Report:
              f"workers ({at_cores.workers_cpu_pct:.0f}% at N={at_cores.daemons}), Redis "
              f"({at_cores.redis_cpu_pct:.0f}%) and the load generator ({at_cores.load_cpu_pct:.0f}%) on the same "
              f"cores; N=1's loop ran at {one.daemon_cpu_pct[0]:.0f}% of a core")
+    last_ms = cpu_ms[points[-1].daemons]
+    if total_ms and last_ms > 1.1 * total_ms:
+        limit += (f"; the CPU per answer grows with N ({total_ms} → {last_ms} ms at N={points[-1].daemons}): each "
+                  "loop wakes for fewer events at a time (less batching), and on a busy host each wake-up waits "
+                  "for a core")
     if shared:
         limit += (f"; other processes took up to {max(p.others_cpu_pct for p in points):.0f}% (load average up to "
                   f"{max(p.load_average for p in points):g}): the bench's share of a busy host, not the "

@@ -31,6 +31,7 @@ SECTIONS = {
     "memory": "bench.memory_bench",
     "cost": "bench.cost_bench",
     "idle": "bench.idle_bench",
+    "scale": "bench.scale_bench",
     "soak": "bench.soak_bench",
 }
 

@@ -83,6 +83,10 @@ class ServerSettings(BaseModel):
     socket: str = Field(default_factory=default_socket_path)
     socket_mode: int = Field(default=0o660, ge=0, le=0o777)
     http: str = "127.0.0.1:8787"
+    # Bind ``http`` with SO_REUSEPORT, so several daemons on one host can listen on the same port
+    # (the kernel spreads new connections over them). Every daemon sharing it must set it; each
+    # still needs a Unix socket path of its own (a Unix socket cannot be shared).
+    reuse_port: bool = False
     admin_key: SecretStr = SecretStr("")
     max_prompt_bytes: int = Field(default=1 * MiB, gt=0)
     # A request's (or a session's) own system prompt. It reaches the CLI as one argument of its

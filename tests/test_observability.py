@@ -6,6 +6,7 @@ import asyncio
 import io
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -103,6 +104,13 @@ async def test_memory_series_come_from_measurements_not_scrapes(make_daemon: Mak
     assert slots == {str(w.slot) for w in pool.workers()}
     assert value(samples, "claudepool_workers_pss_bytes", profile="default") == measured
     assert value(samples, "claudepool_daemon_rss_bytes") > 10 * 2**20
+    # The daemon's own CPU (issue 16 goal 3: near 1 s/s, run a second daemon on the port).
+    cpu_before = value(samples, "claudepool_daemon_cpu_seconds_total")
+    assert cpu_before > 0
+    spin_until = time.process_time() + 0.05
+    while time.process_time() < spin_until:
+        pass
+    assert value(await scrape(d), "claudepool_daemon_cpu_seconds_total") >= cpu_before + 0.05
     assert value(samples, "claudepool_memory_available_bytes") > 0
     assert value(samples, "claudepool_memory_budget_bytes", profile="default", limit="hard") >= value(
         samples, "claudepool_memory_budget_bytes", profile="default", limit="soft")

@@ -11,7 +11,8 @@ front ends bind (or adopt systemd's sockets) → print where we listen → the b
 every pool has ``min_idle`` warm workers, ``READY=1``.
 
 Shutdown, on SIGTERM or SIGINT, in a fixed order: ``STOPPING=1`` and stop admitting (new requests
-get 503 ``draining``, /readyz turns 503) → wait for requests in flight up to
+get 503 ``draining``, /readyz turns 503; with ``server.reuse_port`` the HTTP listener closes, so the
+port's other daemons take new connections) → wait for requests in flight up to
 ``server.drain_timeout_s`` → stop the stragglers (each answers 503 ``draining``) → stop the
 background loops → close the front ends → park the conversations → close every worker → close the
 gateway (after the workers: a turn drained at close still calls it) → flush the usage records →
@@ -324,6 +325,10 @@ class Daemon:
         """Drain; the front ends and pools are closed by `_serve` on the way out."""
         self.notifier.stopping()
         self.service.draining = True
+        if self.settings.server.reuse_port and self.front_ends is not None:
+            # The port's other daemons serve the new connections while we drain; a daemon alone on
+            # its port keeps listening, so that its clients get 503 draining, not a refused connection.
+            self.front_ends.stop_listening_http()
         self.notifier.status(f"draining {self.service.in_flight} requests")
         drained = asyncio.create_task(self.service.wait_idle(self.settings.server.drain_timeout_s))
         forced = asyncio.create_task(self._force.wait())

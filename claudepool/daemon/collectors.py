@@ -3,7 +3,7 @@
 As prometheus_client's ``GCCollector``, a collector is given the registry and registers itself, so
 the composition root decides what is exported and no collector reads anything but the component it
 was given. Values come from what the components already hold (the pool's last memory measurement,
-the meter's backlog): a scrape reads no ``/proc`` file per worker, only the daemon's own RSS and
+the meter's backlog): a scrape reads no ``/proc`` file per worker, only the daemon's own RSS and CPU and
 the host's available memory.
 
 >>> registry = CollectorRegistry()
@@ -179,6 +179,11 @@ class ProcessCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("claudepool_daemon_rss_bytes", "RSS of the daemon process itself.",
                                 value=self._self.memory_info().rss)
+        # One event loop: near 1 s/s the daemon is the bottleneck, and a second daemon on the same
+        # port (server.reuse_port) adds throughput. Its workers' CPU is theirs, not counted here.
+        times = self._self.cpu_times()
+        yield CounterMetricFamily("claudepool_daemon_cpu_seconds", "CPU (user + system) of the daemon process "
+                                  "itself, without its workers.", value=times.user + times.system)
         yield GaugeMetricFamily("claudepool_memory_available_bytes",
                                 "Memory available to the daemon (host, capped by its cgroup).",
                                 value=available_memory_bytes())

@@ -8,6 +8,7 @@ left listening; `FrontEnds.close` stops them, after the requests are done or sto
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 
@@ -28,8 +29,9 @@ from claudepool.jobs.door import JobDoor
 
 class FrontEnds:
     def __init__(self, runner: web.AppRunner | None, guard: HttpGuard | None, unix: UnixFrontEnd,
-                 listening: dict[str, str]) -> None:
+                 listening: dict[str, str], sites: list[GuardedSockSite] | None = None) -> None:
         self.runner = runner
+        self.sites = sites or []  # the HTTP listeners
         self.guard = guard  # the HTTP connections and their deadlines (None without HTTP)
         self.unix = unix
         # "http" and "unix" -> where each listens, as printed at start-up.
@@ -47,6 +49,7 @@ class FrontEnds:
         listening: dict[str, str] = {}
         runner: web.AppRunner | None = None
         guard: HttpGuard | None = None
+        sites: list[GuardedSockSite] = []
         if inet_socks or server.http:
             # handler_cancellation: a client that disconnects cancels its handler, which abandons the
             # turn; the pool then interrupts and resets the worker.
@@ -61,23 +64,27 @@ class FrontEnds:
             await runner.setup()
             if inet_socks:
                 for sock in inet_socks:
-                    await GuardedSockSite(runner, sock, guard, backlog=server.backlog).start()
+                    sites.append(GuardedSockSite(runner, sock, guard, backlog=server.backlog))
+                    await sites[-1].start()
                 listening["http"] = ", ".join(_address(s) for s in inet_socks)
             else:
                 host, port = server.http_host_port()
                 try:
                     sock = socket.create_server(
-                        (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=server.backlog
+                        (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=server.backlog,
+                        reuse_port=server.reuse_port,
                     )
                 except OSError as exc:
                     await runner.cleanup()
-                    raise ConfigError(f"cannot listen on {server.http}: {exc.strerror}") from None
+                    raise ConfigError(f"cannot listen on {server.http}: {exc.strerror}{_in_use_hint(exc, server)}") \
+                        from None
                 sock.setblocking(False)
-                await GuardedSockSite(runner, sock, guard, backlog=server.backlog).start()
+                sites.append(GuardedSockSite(runner, sock, guard, backlog=server.backlog))
+                await sites[-1].start()
                 listening["http"] = f"http://{_address(sock)}"
         unix = UnixFrontEnd(api, max_connections=server.max_connections, max_frame_bytes=server.max_frame_bytes,
                             max_requests_per_connection=server.max_requests_per_connection, jobs=jobs)
-        front = cls(runner, guard, unix, listening)
+        front = cls(runner, guard, unix, listening, sites)
         try:
             if unix_socks:
                 for sock in unix_socks:
@@ -92,6 +99,14 @@ class FrontEnds:
             raise
         return front
 
+    def stop_listening_http(self) -> None:
+        """Accept no new HTTP connection; those open go on (each request then gets 503 ``draining``).
+
+        For a daemon that shares its port (``server.reuse_port``): once its listener is closed, the
+        kernel sends every new connection to the other daemons on the port."""
+        for site in self.sites:
+            site.stop_listening()
+
     async def close(self, timeout_s: float) -> None:
         """Stop listening and close every connection (call once requests are done or stopped)."""
         await self.unix.close(timeout_s)
@@ -105,3 +120,12 @@ def _address(sock: socket.socket) -> str:
         host, port = name[0], name[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(name)
+
+
+def _in_use_hint(exc: OSError, server: ServerSettings) -> str:
+    """Why a port is taken and what shares it: SO_REUSEPORT only joins sockets that all set it."""
+    if exc.errno != errno.EADDRINUSE:
+        return ""
+    if server.reuse_port:
+        return " (the process holding it did not set SO_REUSEPORT, or runs as another user)"
+    return " (to run several daemons on one port, set server.reuse_port = true in every one of them)"

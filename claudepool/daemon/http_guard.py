@@ -255,6 +255,11 @@ class GuardedSockSite(web.BaseSite):
         self._server = await loop.create_server(self._guard.protocol_factory(server), sock=self._sock,
                                                 backlog=self._backlog)
 
+    def stop_listening(self) -> None:
+        """Close the listening socket and keep the connections (`stop` later closes those too)."""
+        if self._server is not None:
+            self._server.close()
+
     async def stop(self) -> None:
         await super().stop()
         self._guard.close_lingering()  # aiohttp closes the connections it knows; these it never saw

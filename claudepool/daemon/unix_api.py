@@ -156,7 +156,25 @@ def _prepare_socket_path(target: Path) -> None:
     if target.exists() or target.is_symlink():
         if not stat.S_ISSOCK(target.lstat().st_mode):
             raise ConfigError(f"{target} exists and is not a socket; refusing to replace it")
+        if _has_listener(target):
+            # Unlinking it would silently steal the path from a live daemon (its clients would
+            # reach us and it would serve nobody on the socket again).
+            raise ConfigError(f"another process is listening on {target}; each daemon needs a server.socket "
+                              'of its own (or "" for none)')
         target.unlink()  # a stale socket from a previous run
+
+
+def _has_listener(path: Path) -> bool:
+    """Whether something accepts on the Unix socket ``path`` (a stale file refuses connections)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)  # a listener with a full backlog blocks connect: it is live
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True  # a timeout (full backlog) or EAGAIN: someone holds it
+        return True
 
 
 class _Connection:

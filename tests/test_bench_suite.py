@@ -79,3 +79,22 @@ def test_lag_buckets_are_the_difference_between_two_scrapes() -> None:
     before = scrape({"0.01": 5, "0.1": 6, "+Inf": 6})
     after = scrape({"0.01": 8, "0.1": 10, "+Inf": 11})
     assert lag_buckets(after, before) == [(0.01, 3.0), (0.1, 4.0), (float("inf"), 5.0)]
+
+
+def test_request_lines_count_every_request_line_and_each_job_s_serves() -> None:
+    """The soak's cross-check: the daemon counts a job once per serve, named by its job id."""
+    import orjson
+
+    from bench.soak_bench import RequestLines
+
+    def line(request_id: str, outcome: str = "ok", logger: str = "claudepool.request") -> str:
+        return orjson.dumps({"logger": logger, "msg": "request", "request_id": request_id,
+                             "outcome": outcome}).decode() + "\n"
+
+    lines = RequestLines()
+    for text in (line("0f3a"), line("job_ab-1", "worker_died"), line("job_ab-1"), line("job_cd-2"),
+                 line("x", "error"), line("job_zz-1", logger="claudepool.daemon"), "not json \"claudepool.request\"\n"):
+        lines(text)
+    assert lines.count == 5
+    assert lines.serves_per_job == {"job_ab": 2, "job_cd": 1}
+    assert [r["request_id"] for r in lines.unclassified] == ["x"]

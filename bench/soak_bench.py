@@ -2,21 +2,28 @@
 
 Soak: a ``claudepool serve`` process on fake-CLI workers (tests/fakes/fake_claude.py: no model, so
 2 cores can hold 1,000 clients) and a load process of its own (`bench.soak_load`: 1,000 concurrent
-clients full, 100 quick, over the socket and HTTP, JSON and SSE, five tenants, session turns, jobs).
-Injected: worker crashes mid-turn, upstream 529 and 429 answers and retries (as the CLI reports
-them: the fake plays the CLI's side of a failed call; no real CLI and no gateway traffic here, its
-429/529 paths are the gateway section's), stalls the watchdog must cut, slow streams, and clients
-hanging up mid-stream (socket and SSE) every few seconds. Every few seconds /metrics is scraped for
-the daemon's RSS and event-loop lag (``claudepool_event_loop_lag_seconds``); zombies among the
-daemon's children are counted at each sample. At the end: each request's terminal answers as the
-load counted them from the raw bytes, cross-checked with the daemon's ``claudepool_requests_total``;
-after the daemon stops, no process whose cwd or command line is under the run's directory.
+clients full, 40 quick, over the socket and HTTP, JSON and SSE, five tenants, session turns, jobs,
+half of them ``priority: interactive``). Sized so the pool is loaded, not overloaded (`Sizes`: the
+offered rate and the workers' busy share are reported). Injected: worker crashes mid-turn, upstream
+529 and 429 answers and retries (as the CLI reports them: the fake plays the CLI's side of a failed
+call; no real CLI and no gateway traffic here, its 429/529 paths are the gateway section's), stalls
+the watchdog must cut, slow streams, and clients hanging up mid-stream (socket and SSE). Every few
+seconds /metrics is scraped for the daemon's RSS and event-loop lag
+(``claudepool_event_loop_lag_seconds``), the loop thread's ``schedstat`` is read (time on a CPU, time
+waiting for one: a late loop that was waiting was not scheduled), and zombies among the daemon's
+children are counted. At the end, every job submitted has ended (bounded wait; the store is asked
+for any still queued or running), and each request's terminal answers as the load counted them from
+the raw bytes are cross-checked with ``claudepool_requests_total``, which counts what the daemon
+served: every prompt, and each serve of a job (from the daemon's ``request`` log lines, a job's
+request id being its job id). After the daemon stops: no process whose cwd or command line is under
+the run's directory. The store's bounds are small (`soak_config`) so that the warm-up fills them and
+a flat RSS after it means nothing else grows.
 
-Fairness: a daemon with 4 workers; a quiet tenant sends one request a second alone, then beside a
-noisy tenant keeping 50 requests in flight; its p95 queue wait (the result's ``queue_ms``) under
-noise against solo. Twice: beside a tenant bound by the fair queue alone, then beside one whose
-``max_concurrency`` is one below the pool (the headroom a quiet tenant needs never to wait for a
-turn to end).
+Fairness: a daemon with 4 workers; a quiet tenant sends a request every 0.1 s (220 per arm full, for
+a p95), alone, then beside a noisy tenant keeping 50 requests in flight; its p95 queue wait as the
+daemon measures it (the result's ``queue_ms``) under noise against solo, with the noisy tenant's
+``max_concurrency`` one below the pool (as README's tenancy section advises); informational arms:
+two below, and bound by the fair queue alone (where waiting for a turn to end is by design).
 """
 
 from __future__ import annotations

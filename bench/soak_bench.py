@@ -19,7 +19,7 @@ request id being its job id). After the daemon stops: no process whose cwd or co
 the run's directory. The store's bounds are small (`soak_config`) so that the warm-up fills them and
 a flat RSS after it means nothing else grows.
 
-Fairness: a daemon with 4 workers; a quiet tenant sends a request every 0.1 s (220 per arm full, for
+Fairness: a daemon with 4 workers; a quiet tenant sends a request every 0.1 s (200 per arm full, for
 a p95), alone, then beside a noisy tenant keeping 50 requests in flight; its p95 queue wait as the
 daemon measures it (the result's ``queue_ms``) under noise against solo, with the noisy tenant's
 ``max_concurrency`` one below the pool (as README's tenancy section advises); informational arms:
@@ -137,6 +137,33 @@ def sched_ns(pid: int) -> tuple[int, int]:
         on_cpu, waiting, _ = Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()
         return int(on_cpu), int(waiting)
     return 0, 0
+
+
+def ledger_record_bytes(records: int = 5000) -> float:
+    """What one record costs the in-memory store (its ledger entry and its settled id), measured with
+    tracemalloc: at the default ``store.ledger_max_records`` the ledger fills over hours, so a soak
+    at the defaults sees RSS grow by this much per turn until then."""
+    import tracemalloc
+    import uuid
+
+    from claudepool.store.base import UsageRecord
+    from claudepool.store.memory import SettledIds
+    from claudepool.store.memory_ledger import RecordLog
+
+    ledger, settled = RecordLog(records), SettledIds(max_ids=records, max_age_s=1e9)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(records):
+            request_id = uuid.uuid4().hex
+            record = UsageRecord(record_id=f"turn:{request_id}", request_id=request_id, tenant=TENANTS[i % 5],
+                                 profile="default", model="claude-sonnet-4-5", outcome="ok", at=time.time(),
+                                 input_tokens=10, output_tokens=5, cost_usd=0.001)
+            ledger.append(record)
+            settled.add(record.record_id, time.time())
+        return (tracemalloc.get_traced_memory()[0] - before) / records
+    finally:
+        tracemalloc.stop()
 
 
 def daemon_tree(d: DaemonProc) -> list[psutil.Process]:
@@ -408,7 +435,7 @@ FAIR_ARM = "noisy, fair queue only (informational)"
 async def fairness(opts: Options) -> dict[str, Any]:
     # ≥ 200 quiet requests per arm in the full run, for a p95 that is not the single worst request;
     # 10 a second, well within the one worker the capped tenant leaves (a turn and its reset).
-    count, every_s = (20, 0.08) if opts.quick else (220, 0.1)
+    count, every_s = (20, 0.08) if opts.quick else (200, 0.1)
     workers, noisy = 4, 50
     arms: dict[str, dict[str, Any]] = {}
     began = time.monotonic()
@@ -443,6 +470,7 @@ async def run(opts: Options) -> Report:
     t1 = time.monotonic()
     f = await fairness(opts)
     s["wall_s"], f["wall_s"] = round(t1 - t0, 1), round(time.monotonic() - t1, 1)
+    s["ledger_record_bytes"] = round(ledger_record_bytes())
     return report(s, f, opts)
 
 
@@ -510,7 +538,9 @@ def report(s: dict[str, Any], f: dict[str, Any], opts: Options) -> Report:
           "(`schedstat`: a lag the wait explains is the machine's, not a callback blocking the loop). "
           f"Daemon RSS {s['rss_first_mib']} → {s['rss_last_mib']} MiB (store bounds small enough for the "
           "warm-up to fill them: `store.ledger_max_records` 2,000, `jobs.retention_s` 60, "
-          "`sessions.retention_s` 20).", "",
+          f"`sessions.retention_s` 20). At the defaults RSS grows until the ledger is full: a record and its "
+          f"settled id take {s.get('ledger_record_bytes')} B (tracemalloc), "
+          f"{s.get('ledger_record_bytes', 0) * 100_000 / 2**20:.0f} MiB at 100,000 records.", "",
           f"Fairness: {f['workers']} workers, a noisy tenant keeping {f['noisy_in_flight']} requests in flight "
           f"([[sleep:0.5]] each), the quiet one {f['quiet_requests']} requests, one every {f['quiet_every_s']} s, "
           "per arm. Queue wait as the daemon measures it (the result's `queue_ms`: admission to a worker). "

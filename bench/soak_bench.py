@@ -571,14 +571,19 @@ def plot(rep: Report, out_dir: Path) -> list[Path]:
 
     timeline = rep.data["soak"]["timeline"]
     t = [p["t_s"] for p in timeline]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, (ax, below) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 2))
     ax.plot(t, [p["rss_mib"] for p in timeline], color="tab:blue", label="daemon RSS (MiB)")
-    ax.set_xlabel("seconds")
     ax.set_ylabel("daemon RSS, MiB", color="tab:blue")
     ax2 = ax.twinx()
     ax2.plot(t, [p["lag_p99_ms"] or 0 for p in timeline], color="tab:red", label="event-loop lag p99 (ms)")
     ax2.set_ylabel("event-loop lag p99 per sample, ms", color="tab:red")
     ax.set_title(f"Soak: {rep.data['soak']['clients']} clients, RSS and event-loop lag")
+    # Whether a late loop was busy (on a CPU) or not scheduled (runnable, waiting for one).
+    below.plot(t, [p.get("loop_cpu_share", 0) for p in timeline], color="tab:green", label="on a CPU")
+    below.plot(t, [p.get("loop_runq_share", 0) for p in timeline], color="tab:orange", label="waiting for a CPU")
+    below.set_ylabel("loop thread, share of time")
+    below.set_xlabel("seconds")
+    below.legend(loc="upper right", fontsize="small")
     fig.tight_layout()
     path = out_dir / "soak.png"
     fig.savefig(path, dpi=110)

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,8 +74,12 @@ class DaemonProc:
 
 @contextlib.asynccontextmanager
 async def daemon_process(config: dict[str, Any], *, ready_timeout_s: float = 120,
-                         env: dict[str, str] | None = None) -> AsyncIterator[DaemonProc]:
-    """Run ``claudepool serve --config`` on ``config`` until the block ends (SIGTERM, bounded)."""
+                         env: dict[str, str] | None = None,
+                         on_line: Callable[[str], None] | None = None) -> AsyncIterator[DaemonProc]:
+    """Run ``claudepool serve --config`` on ``config`` until the block ends (SIGTERM, bounded).
+
+    ``d.output`` keeps the daemon's last 200 lines; ``on_line`` is given every line once it is ready
+    (to count log lines over a long run without keeping them)."""
     with tempfile.TemporaryDirectory(prefix="claudepool-bench-cfg-") as tmp:
         path = Path(tmp) / "claudepool.toml"
         path.write_text(to_toml(config))
@@ -98,7 +102,7 @@ async def daemon_process(config: dict[str, Any], *, ready_timeout_s: float = 120
                     d.url = where
                 elif kind == "unix":
                     d.socket = where
-            drain = asyncio.create_task(_drain(proc, d.output))
+            drain = asyncio.create_task(_drain(proc, d.output, on_line))
             if d.url:
                 async with asyncio.timeout(ready_timeout_s), aiohttp.ClientSession() as http:
                     while True:
@@ -120,8 +124,11 @@ async def daemon_process(config: dict[str, Any], *, ready_timeout_s: float = 120
                 drain.cancel()
 
 
-async def _drain(proc: asyncio.subprocess.Process, output: list[str]) -> None:
+async def _drain(proc: asyncio.subprocess.Process, output: list[str],
+                 on_line: Callable[[str], None] | None) -> None:
     assert proc.stdout is not None
     while line := await proc.stdout.readline():
-        output.append(line.decode())
+        output.append(text := line.decode())
         del output[:-200]
+        if on_line is not None:
+            on_line(text)

@@ -17,7 +17,12 @@ library, which stops reading at the first terminal frame and would hide a second
 * SSE: the whole stream is read to its end; ``result`` and ``error`` events are counted: one is
   right, none is ``missing``, more is ``extra``;
 * HTTP JSON: one status and body by construction (a body that is neither result nor error is ``bad``);
-* sessions: create, ``session_turns`` turns (HTTP JSON), delete; jobs: submit, then poll until it has ended.
+* sessions: create, ``session_turns`` turns (HTTP JSON), delete; jobs: submit (a share
+  ``interactive_jobs`` of them ``priority: interactive``, the rest the default ``batch``), then poll
+  until it has ended, past the deadline too (bounded by ``request_timeout_s``): no job is left behind.
+
+No client starts a request past the deadline, nor sleeps its think time beyond it: the load ends with
+the last request in flight at the deadline (``tail_s`` per kind says how long after it).
 
 A request that gets no terminal answer within ``request_timeout_s`` is ``no_answer``. A client that
 hangs up counts ``hung_up`` (that is its one end).
@@ -55,10 +60,13 @@ _ENDED = ("succeeded", "failed", "cancelled", "dead")
 @dataclass
 class Tally:
     answers: Counter[str] = field(default_factory=Counter)  # per request: its terminal answer's kind
+    answers_by_kind: Counter[str] = field(default_factory=Counter)  # "client kind:answer"
     anomalies: Counter[str] = field(default_factory=Counter)  # missing, extra, no_answer, bad, crash
     by_kind: Counter[str] = field(default_factory=Counter)  # requests per client kind
     requests: int = 0  # prompts the daemon saw (socket, SSE, HTTP, session turns), hang-ups included
     jobs: int = 0
+    job_ids: list[str] = field(default_factory=list)
+    tail_s: dict[str, float] = field(default_factory=dict)  # per client kind: its last end past the deadline
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,7 @@ class Plan:
     request_timeout_s: float
     session_turns: int = 3
     job_poll_s: float = 1.0
+    interactive_jobs: float = 0.5
     seed: int = 16
 
 
@@ -89,6 +98,7 @@ class Load:
     def answer(self, kind: str, what: str) -> None:
         self.tally.by_kind[kind] += 1
         self.tally.answers[what] += 1
+        self.tally.answers_by_kind[f"{kind}:{what}"] += 1
 
     async def client(self, index: int, http: aiohttp.ClientSession) -> None:
         kind = KINDS[index % len(KINDS)]
@@ -122,12 +132,15 @@ class Load:
                     if sock is not None:
                         sock[1].close()
                         sock = None
-                await asyncio.sleep(rng.uniform(*self.plan.think_s))
+                # Think, but not past the deadline: a client that would start no more requests is done.
+                await asyncio.sleep(min(rng.uniform(*self.plan.think_s), max(self.deadline - time.monotonic(), 0)))
         except Exception as exc:  # a client that breaks is a finding, not a crash of the whole load
             self.tally.anomalies[f"client_error:{type(exc).__name__}"] += 1
         finally:
             if sock is not None:
                 sock[1].close()
+            late_s = time.monotonic() - self.deadline
+            self.tally.tail_s[kind] = round(max(self.tally.tail_s.get(kind, 0.0), late_s), 2)
 
     async def socket_prompt(self, sock: tuple[asyncio.StreamReader, asyncio.StreamWriter], key: str,
                             frame_id: str, rng: random.Random) -> bool:
@@ -227,19 +240,22 @@ class Load:
 
     async def job(self, http: aiohttp.ClientSession, key: str, rng: random.Random) -> None:
         auth = {"Authorization": f"Bearer {key}"}
-        async with http.post(f"{self.plan.url}/v1/jobs", data=orjson.dumps({"prompt": draw(rng)}),
+        priority = "interactive" if rng.random() < self.plan.interactive_jobs else "batch"
+        async with http.post(f"{self.plan.url}/v1/jobs", data=orjson.dumps({"prompt": draw(rng), "priority": priority}),
                              headers=auth) as resp:
             body = orjson.loads(await resp.read())
         if resp.status != 202:
             self.answer("job", f"submit_error:{body.get('error', {}).get('code')}")
             return
         self.tally.jobs += 1
+        self.tally.job_ids.append(body["id"])
         while True:  # bounded by the caller's request timeout
             await asyncio.sleep(self.plan.job_poll_s)
             async with http.get(f"{self.plan.url}/v1/jobs/{body['id']}", headers=auth) as resp:
                 job = orjson.loads(await resp.read())
             if job.get("status") in _ENDED:
                 self.answer("job", f"job_{job['status']}")
+                self.tally.by_kind[f"job_{priority}"] += 1
                 return
 
     async def run(self) -> dict[str, Any]:
@@ -248,7 +264,8 @@ class Load:
             await asyncio.gather(*(self.client(i, http) for i in range(self.plan.clients)))
         t = self.tally
         return {"requests": t.requests, "jobs": t.jobs, "answers": dict(t.answers), "anomalies": dict(t.anomalies),
-                "by_kind": dict(t.by_kind)}
+                "by_kind": dict(t.by_kind), "answers_by_kind": dict(t.answers_by_kind), "job_ids": t.job_ids,
+                "tail_s": t.tail_s}
 
 
 def main() -> int:

@@ -107,3 +107,22 @@ def test_unix_accepted_counts_the_accepted_connections_of_a_socket_not_its_liste
     finally:
         for s in [listener, *clients, *accepted]:
             s.close()
+
+
+def test_request_lines_count_every_request_line_and_each_job_s_serves() -> None:
+    """The soak's cross-check: the daemon counts a job once per serve, named by its job id."""
+    import orjson
+
+    from bench.soak_bench import RequestLines
+
+    def line(request_id: str, outcome: str = "ok", logger: str = "claudepool.request") -> str:
+        return orjson.dumps({"logger": logger, "msg": "request", "request_id": request_id,
+                             "outcome": outcome}).decode() + "\n"
+
+    lines = RequestLines()
+    for text in (line("0f3a"), line("job_ab-1", "worker_died"), line("job_ab-1"), line("job_cd-2"),
+                 line("x", "error"), line("job_zz-1", logger="claudepool.daemon"), "not json \"claudepool.request\"\n"):
+        lines(text)
+    assert lines.count == 5
+    assert lines.serves_per_job == {"job_ab": 2, "job_cd": 1}
+    assert [r["request_id"] for r in lines.unclassified] == ["x"]

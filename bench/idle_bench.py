@@ -214,8 +214,10 @@ def report(idle: dict[str, dict[str, Any]], threads: list[Any], samples: dict[st
         "session maintenance every 1 s, the memory scan walking the host's whole process table every 5 s); "
         "now the jobs lanes back off to `jobs.poll_max_interval_s` (5 s) while they find nothing, session "
         "maintenance sleeps while no session holds a worker, and a worker's memory is read through its own "
-        "`/proc` children files. What is left: the pools' 5 s memory round, the event-loop lag monitor's "
-        "10 wake-ups a second and Python's timers. `frozen+quiet` (full runs) sets the polls slow from "
+        "`/proc` children files, and the event-loop lag monitor samples once a second, not ten times, while "
+        "no request is in flight. What is left: the pools' 5 s memory round, that sample and Python's "
+        "timers (CPU is read in 10 ms ticks: a 5 s quick window resolves 0.002 CPU-s/s). `frozen+quiet` "
+        "(full runs) sets the polls slow from "
         "the start: it should match `frozen`.", "",
         f"Requests one at a time ({len(samples['thawed'])} per arm, p50 / p95 ms): rested (not frozen) "
         f"{p50['rested']} / {p95['rested']}, thawed (every worker stopped; the lease continues one) "

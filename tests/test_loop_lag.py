@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -70,3 +71,19 @@ async def test_the_daemon_exports_the_lag(make_daemon: Callable[..., Awaitable[R
     async with asyncio.timeout(10):
         while await observations() < 2:  # -1 if the series is missing: the monitor is not running
             await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("busy", [True, False])
+async def test_the_monitor_samples_rarely_while_nothing_is_served(busy: bool) -> None:
+    # An idle daemon's loop has no request to delay: ten wake-ups a second were most of its idle CPU
+    # (issue 16 goal 5). The busy run is the control: the same monitor samples at its interval.
+    registry = CollectorRegistry()
+    monitor = LoopLagMonitor(registry, interval_s=0.02, idle_interval_s=0.3, busy=lambda: busy)
+    task = asyncio.create_task(monitor.run())
+    try:
+        await asyncio.sleep(0.7)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert (count(registry) >= 10) is busy, count(registry)
+    assert count(registry) >= 2  # idle, it still samples (a stalled maintenance loop shows)

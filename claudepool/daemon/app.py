@@ -155,7 +155,7 @@ class Daemon:
         StoreCollector(self.store, self.registry)
         LimiterCollector(self.limiter, self.registry)
         MeterCollector(self.meter, self.registry)
-        self.loop_lag = LoopLagMonitor(self.registry)
+        self.loop_lag = LoopLagMonitor(self.registry, busy=lambda: self.service.in_flight > 0)
         self.facade = Facade(tenants=self.tenants, service=self.service, sessions=self.sessions, store=self.store,
                              status=self.status, registry=self.registry, metrics_public=settings.metrics.public,
                              ledger_page_records=server.ledger_page_records,

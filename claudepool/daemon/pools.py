@@ -106,7 +106,7 @@ class PoolRegistry(Mapping[str, Pool]):
         sessions = settings.sessions
         self.configured_sessions: dict[str, Pool] = {
             name: self.build(settings.profile(name).session_variant(), settings.pool_config(name).model_copy(
-                update={"min_idle": sessions.min_idle, "max_workers": sessions.max_workers}))
+                update={"min_idle": sessions.min_idle, "max_workers": sessions.max_workers, "min_idle_max": 0}))
             for name in settings.profiles}
         self._fixed = {p.profile.name: p for p in (*self.configured.values(), *self.configured_sessions.values())}
         self._on_demand: dict[str, _OnDemand] = {}  # by pool name
@@ -165,7 +165,7 @@ class PoolRegistry(Mapping[str, Pool]):
         self._make_room()
         named = spawn.model_copy(update={"name": f"{profile}{ON_DEMAND_MARK}{key[0][:16]}"})
         pool = self.build(named.session_variant() if sessions else named, base.config.model_copy(
-            update={"min_idle": 0}))
+            update={"min_idle": 0, "min_idle_max": 0}))  # no floor, not even one following demand
         maintenance = asyncio.get_running_loop().create_task(pool.maintain(),
                                                              name=f"pool-{pool.profile.name}-maintenance")
         entry = _OnDemand(pool, key, now, maintenance)

@@ -121,7 +121,8 @@ class Gateway:
                  egress: EgressProxy | None = None,
                  connect_timeout_s: float = 10.0, max_connections: int = 100,
                  idle_timeout_s: float = 0.0,
-                 max_request_bytes: int = 32 * MiB, shutdown_timeout_s: float = 5.0) -> None:
+                 max_request_bytes: int = 32 * MiB, shutdown_timeout_s: float = 5.0,
+                 keepalive_timeout_s: float = 75.0) -> None:
         """``upstreams`` by configured pool name (a worker's profile name, an on-demand pool's base
         profile's: `configured_pool`); a pool without one uses ``default``.
         ``account_limits`` hears every answer's status and headers, by the upstream's account;
@@ -145,6 +146,9 @@ class Gateway:
                                     idle_timeout_s=idle_timeout_s)
         self._max_request_bytes = max_request_bytes
         self._shutdown_timeout_s = shutdown_timeout_s
+        # How long a worker's idle connection to the gateway is kept (aiohttp's default); a worker
+        # frozen past it finds it closed when thawed (`tests/test_real_cli_freeze_keepalive.py`).
+        self._keepalive_timeout_s = keepalive_timeout_s
         self._runner: web.AppRunner | None = None
         self.base_url: str | None = None
         # A tool hammering the gateway with a stolen or stale credential must not flood the log.
@@ -164,7 +168,7 @@ class Gateway:
         # handler_cancellation: a worker that disconnects mid-answer cancels its handler, which stops
         # reading the provider's answer at once (see forward.py).
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                               shutdown_timeout=self._shutdown_timeout_s)
+                               shutdown_timeout=self._shutdown_timeout_s, keepalive_timeout=self._keepalive_timeout_s)
         await runner.setup()
         try:
             sock = self._listener.open()

@@ -29,6 +29,7 @@ from typing import Any
 from claudepool.errors import BudgetExhausted, ClaudepoolError
 from claudepool.gateway.batches import BatchApi, BatchInfo, BatchResult
 from claudepool.jobs.api import request_of
+from claudepool.jobs.idle_poll import IdlePoll
 from claudepool.jobs.model import JobFailure, JobRecord, Outcome
 from claudepool.jobs.pool_lane import OnSettled, PoolLane, stop_if_cancelled
 from claudepool.jobs.ports import Checks
@@ -61,6 +62,7 @@ class BatchLane:
         self._on_settled = on_settled
         self._batches: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        self._poll = IdlePoll(settings.poll_interval_s, settings.poll_max_interval_s)
 
     def wake(self) -> None:
         self._wake.set()
@@ -110,13 +112,12 @@ class BatchLane:
         size = self._settings.max_batch_requests
         while True:
             stop_if_cancelled()
+            self._wake.clear()  # before the claim looks: a job stored while it runs is not missed
             jobs = await self._claim(size)
             if jobs:
+                self._poll.reset()
                 break
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._settings.poll_interval_s):
-                    await self._wake.wait()
+            await self._poll.wait(self._wake)
         closes = time.monotonic() + self._settings.batch_window_s
         while len(jobs) < size and (left_s := closes - time.monotonic()) > 0:
             self._wake.clear()

@@ -17,7 +17,6 @@ daemon draining leaves its jobs unsettled for the next delivery; any other error
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -34,6 +33,7 @@ from claudepool.errors import (
     WorkerError,
 )
 from claudepool.jobs.api import request_of
+from claudepool.jobs.idle_poll import IdlePoll
 from claudepool.jobs.model import JobFailure, JobRecord, Outcome
 from claudepool.jobs.ports import Serving
 from claudepool.jobs.settings import JobSettings
@@ -64,6 +64,7 @@ class PoolLane:
         self._default_timeout_s = default_timeout_s
         self._running: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
+        self._poll = IdlePoll(settings.poll_interval_s, settings.poll_max_interval_s)
 
     @property
     def running(self) -> int:
@@ -80,6 +81,8 @@ class PoolLane:
         try:
             while True:
                 stop_if_cancelled()
+                # Cleared before the claim looks: a job stored while it runs wakes the wait below at once.
+                self._wake.clear()
                 free = self._settings.max_running - len(self._running)
                 claimed: list[JobRecord] = []
                 ended: list[JobRecord] = []
@@ -101,12 +104,11 @@ class PoolLane:
                     task = asyncio.create_task(self._attempt(job), name=f"job-{job.id}")
                     self._running[job.id] = task
                     task.add_done_callback(functools.partial(self._finished, job.id))
-                if claimed and len(self._running) < self._settings.max_running:
-                    continue  # there may be more waiting
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._settings.poll_interval_s):
-                        await self._wake.wait()
+                if claimed:
+                    self._poll.reset()
+                    if len(self._running) < self._settings.max_running:
+                        continue  # there may be more waiting
+                await self._poll.wait(self._wake)
         finally:
             tasks = list(self._running.values())
             for task in tasks:

@@ -27,6 +27,8 @@ class JobSettings(BaseModel):
     max_running: int = Field(default=4, ge=1)
     # How often an idle runner looks for work another daemon (or a restart) left.
     poll_interval_s: float = Field(default=0.5, gt=0)
+    # Empty looks in a row double that interval up to this (jobs submitted here wake the lane at once).
+    poll_max_interval_s: float = Field(default=5.0, gt=0)
     # Jobs per bulk submission, and jobs (not ended) per tenant: past it, 429 too_many_jobs.
     max_bulk_jobs: int = Field(default=5_000, ge=1)
     max_open_jobs_per_tenant: int = Field(default=50_000, ge=1)

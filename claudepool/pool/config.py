@@ -25,6 +25,10 @@ class PoolConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     min_idle: int = Field(default=2, ge=0)
+    # Above min_idle: the warm floor follows demand, up to this (the last min_idle_window_s's peak of
+    # concurrent leases plus one, see pool/demand.py). 0 = a fixed floor of min_idle.
+    min_idle_max: int = Field(default=0, ge=0)
+    min_idle_window_s: float = Field(default=60.0, gt=0)
     # 0 derives the ceiling from RAM: available memory × memory_fraction ÷ measured PSS per worker.
     max_workers: int = Field(default=0, ge=0)
     memory_fraction: float = Field(default=0.5, gt=0, le=1)

@@ -8,8 +8,8 @@ the pool sizes and limits itself by PSS of each worker's whole process group.
 
 from __future__ import annotations
 
-import contextlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,33 +54,78 @@ def pss_bytes(pid: int) -> int | None:
     return memory.pss_bytes if memory is not None else None
 
 
-def measure_trees(pids: list[int]) -> list[ProcessMemory | None]:
-    """`tree_memory` of many processes, finding descendants with one scan of the process table
-    (psutil's per-process ``children()`` scans it once per call). Safe to run in a thread."""
+def _children(pid: int) -> list[int] | None:
+    """The children of ``pid`` from ``/proc/PID/task/*/children`` (each thread's own), [] if it is
+    gone, None when the kernel has no such file (built without CONFIG_PROC_CHILDREN)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    children: list[int] = []
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                children.extend(int(child) for child in f.read().split())
+        except FileNotFoundError:
+            if os.path.exists(f"/proc/{pid}/task/{tid}"):
+                return None  # the thread is there, its children file is not: unsupported
+        except OSError:
+            continue  # the thread ended meanwhile
+    return children
+
+
+def _descendants(pid: int) -> list[int] | None:
+    """Every descendant of ``pid``, reading only its tree's ``children`` files (not the host's
+    process table: a scan of it costs per process on the host, every maintenance round, for workers
+    that mostly have no child at all). None when the kernel cannot tell."""
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        children = _children(stack.pop())
+        if children is None:
+            return None
+        found.extend(children)
+        stack.extend(children)
+    return found
+
+
+def _scan_descendants(pids: list[int]) -> dict[int, list[int]]:
+    """The fallback: descendants of ``pids`` from one scan of the whole process table."""
     children: dict[int, list[int]] = {}
     for proc in psutil.process_iter(["ppid"]):
         children.setdefault(proc.info["ppid"], []).append(proc.pid)
+    out: dict[int, list[int]] = {}
+    for pid in pids:
+        found, stack = [], list(children.get(pid, ()))
+        while stack:
+            child = stack.pop()
+            found.append(child)
+            stack.extend(children.get(child, ()))
+        out[pid] = found
+    return out
+
+
+def measure_trees(pids: list[int]) -> list[ProcessMemory | None]:
+    """`tree_memory` of many processes (tool subprocesses count against their worker), each tree
+    read through its own ``children`` files; the whole process table is scanned, once, only where the
+    kernel cannot list children. Safe to run in a thread."""
+    trees = {pid: _descendants(pid) for pid in pids}
+    unknown = [pid for pid, found in trees.items() if found is None]
+    if unknown:
+        trees.update(_scan_descendants(unknown))
     readings: list[ProcessMemory | None] = []
     for pid in pids:
         total = process_memory(pid)
-        stack = list(children.get(pid, ()))
-        while total is not None and stack:
-            child = stack.pop()
-            total += process_memory(child) or ProcessMemory(0, 0)
-            stack.extend(children.get(child, ()))
+        if total is not None:
+            for child in trees[pid] or ():
+                total += process_memory(child) or ProcessMemory(0, 0)
         readings.append(total)
     return readings
 
 
 def tree_memory(pid: int) -> ProcessMemory | None:
     """Memory of a process and all its descendants (tool subprocesses count against the worker)."""
-    total = process_memory(pid)
-    if total is None:
-        return None
-    with contextlib.suppress(psutil.Error):
-        for child in psutil.Process(pid).children(recursive=True):
-            total += process_memory(child.pid) or ProcessMemory(0, 0)
-    return total
+    return measure_trees([pid])[0]
 
 
 def _cgroup_memory_headroom_bytes() -> int | None:

@@ -30,6 +30,7 @@ from typing import Generic, Protocol, TypeVar
 from claudepool.pool.breaker import Breaker, BreakerState
 from claudepool.pool.capacity import Capacity, Need, Seat
 from claudepool.pool.config import PoolConfig
+from claudepool.pool.demand import DemandWindow, warm_floor
 from claudepool.pool.fair_queue import FairQueue
 from claudepool.pool.memory import MemoryPlan
 from claudepool.pool.shares import Priority, TenantSlots
@@ -192,10 +193,15 @@ class PoolState(Generic[W, L, T]):
     # This pool's place in the daemon's shared capacity (default: a capacity of its own, no ceiling
     # beyond ``memory``). Every record added or removed is counted there.
     seat: Seat = field(default_factory=_private_seat)
+    # Concurrent leases over the last min_idle_window_s, for a floor that follows demand (min_idle_max).
+    demand: DemandWindow = field(init=False)
     _clock: Iterator[int] = field(default_factory=itertools.count)
     # Records per phase, kept by add/move/remove (the only writers), so counting is O(1): the
     # planner counts phases a dozen times per step, and a step runs several times per request.
     _phase_counts: dict[Phase, int] = field(default_factory=lambda: dict.fromkeys(Phase, 0))
+
+    def __post_init__(self) -> None:
+        self.demand = DemandWindow(self.config.min_idle_window_s)
 
     def add(self, worker: W, phase: Phase, turn_limit: int) -> Record[W, L]:
         record: Record[W, L] = Record(worker, phase, turn_limit, since=next(self._clock))
@@ -258,7 +264,7 @@ def plan(state: PoolState[W, L, T], now: float) -> list[Action[W, T]]:
             actions.append(retire(state, record, reason))
         else:
             idle.append(record)
-    surplus = len(idle) - config.min_idle
+    surplus = len(idle) - warm_floor(config, state.demand, state.count(Phase.LEASED), now)
     for record in list(idle):  # the bottom of the stack has waited longest
         if surplus <= 0:
             break
@@ -289,6 +295,7 @@ def plan(state: PoolState[W, L, T], now: float) -> list[Action[W, T]]:
         idle.pop()
         state.move(record, Phase.LEASED)
         state.seat.leased(now)  # the capacity's LRU key: pools leased longest ago are evicted first
+        state.demand.leased(state.count(Phase.LEASED), now=now)
         # Before the next pop: the queue must see this tenant's new count against its cap.
         state.slots.acquire(waiter.tenant, waiter.priority)
         if waiter.priority is Priority.BATCH:
@@ -382,7 +389,7 @@ def shed_memory(state: PoolState[W, L, T]) -> list[Action[W, T]]:
 
 
 def spawn_count(state: PoolState[W, L, T], now: float) -> tuple[int, Evict | None]:
-    """Workers to start now: enough for the eligible waiters plus ``min_idle``, within the pool's
+    """Workers to start now: enough for the eligible waiters plus the warm floor, within the pool's
     own cap, the shared capacity's room, the spawn limit and the soft memory limit; and the idle
     workers of other pools to evict when the shared ceiling is what stops it.
 
@@ -395,7 +402,8 @@ def spawn_count(state: PoolState[W, L, T], now: float) -> tuple[int, Evict | Non
     ready_soon = state.count(Phase.IDLE, Phase.STARTING, Phase.CLEANING)
     eligible = state.queue.eligible()
     for_waiters = max(0, eligible - ready_soon)
-    for_floor = max(0, eligible + state.config.min_idle - ready_soon) - for_waiters
+    floor = warm_floor(state.config, state.demand, state.count(Phase.LEASED), now)
+    for_floor = max(0, eligible + floor - ready_soon) - for_waiters
     if for_waiters + for_floor == 0:
         seat.want(Need.NONE)
         return 0, None

@@ -98,6 +98,7 @@ class SessionManager:
         self.events: Counter[str] = Counter()
         self.workspaces = SessionWorkspaces(self.files, self.config, self.events)
         self._bindings: dict[str, _Binding] = {}
+        self._bound = asyncio.Event()  # a session took a worker: maintenance has something to watch
         self._locks: dict[str, asyncio.Lock] = {}  # per session, also while it has no worker
         self.turns_begun: Counter[str] = Counter()  # per session: turns handed a worker on this daemon
         self.transcript_bytes = 0
@@ -210,6 +211,7 @@ class SessionManager:
         record.state, record.owner = "active", self.daemon_id
         binding = _Binding(record, lease, self._lock(record.id), pool)
         self._bindings[record.id] = binding
+        self._bound.set()
         await self.store.session_put(record)
         return binding
 
@@ -367,7 +369,16 @@ class SessionManager:
         delete and bound the disk (every ``sweep_interval_s``). Forever."""
         last_sweep = 0.0
         while True:
-            await asyncio.sleep(self.config.maintenance_interval_s)
+            self._bound.clear()
+            if self._bindings:
+                await asyncio.sleep(self.config.maintenance_interval_s)
+            else:
+                # Nothing to park until a session binds a worker (parking only ever moves a bound
+                # session): an idle daemon wakes for the sweep alone, not every interval.
+                due_s = last_sweep + self.config.sweep_interval_s - time.monotonic()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(due_s, self.config.maintenance_interval_s)):
+                        await self._bound.wait()
             try:
                 await self.park_some()
                 if time.monotonic() - last_sweep >= self.config.sweep_interval_s:

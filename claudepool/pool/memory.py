@@ -105,6 +105,13 @@ def _scan_descendants(pids: list[int]) -> dict[int, list[int]]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """Every descendant of ``pid`` now: through its tree's ``children`` files, or one scan of the
+    process table where the kernel has none."""
+    found = _descendants(pid)
+    return found if found is not None else _scan_descendants([pid])[pid]
+
+
 def measure_trees(pids: list[int]) -> list[ProcessMemory | None]:
     """`tree_memory` of many processes (tool subprocesses count against their worker), each tree
     read through its own ``children`` files; the whole process table is scanned, once, only where the

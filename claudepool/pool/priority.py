@@ -20,7 +20,7 @@ import os
 import resource
 from pathlib import Path
 
-import psutil
+from claudepool.pool.memory import descendants
 
 _CAP_SYS_NICE = 23
 _PROC = Path("/proc")
@@ -51,12 +51,8 @@ def _has_cap_sys_nice() -> bool:
 
 
 def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants now (psutil walks every process of the host: call it once per
-    worker, after its start, when the sandbox's processes are there for the worker's life)."""
-    pids = [pid]
-    with contextlib.suppress(psutil.Error):
-        pids.extend(child.pid for child in psutil.Process(pid).children(recursive=True))
-    return pids
+    """``pid`` and its descendants now."""
+    return [pid, *descendants(pid)]
 
 
 def threads_of(pids: list[int]) -> list[int]:

@@ -34,10 +34,9 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from claudepool.errors import ProtocolError, WorkerStartError
 from claudepool.logs import RateLimitedLog, scrub
+from claudepool.pool.memory import descendants
 from claudepool.pool.reaper import Reaper
 from claudepool.pool.timeouts import WorkerTimeouts
 from claudepool.protocol.framing import LineFramer
@@ -321,11 +320,10 @@ class WorkerProcess:
             return
         self._signal_group(signal.SIGSTOP)
         stopped = [self.pid]
-        with contextlib.suppress(psutil.Error):
-            for child in psutil.Process(self.pid).children(recursive=True):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(child.pid, signal.SIGSTOP)
-                    stopped.append(child.pid)
+        for child in descendants(self.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(child, signal.SIGSTOP)
+                stopped.append(child)
         self._frozen = tuple(stopped)
 
     def thaw(self) -> None:

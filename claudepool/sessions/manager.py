@@ -30,7 +30,6 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,7 +50,7 @@ from claudepool.pool.pool import Pool
 from claudepool.pool.shares import Priority, TenantShare
 from claudepool.pool.worker import TurnResult, Worker
 from claudepool.sessions.files import SessionFiles
-from claudepool.sessions.pools import SessionPools, new_session_system_prompt, pool_of
+from claudepool.sessions.pools import Binding, SessionPools, new_session_system_prompt, pool_of
 from claudepool.sessions.settings import LimitOverrides, SessionOptions, SessionSettings
 from claudepool.sessions.workspaces import SessionWorkspaces
 from claudepool.store.base import SessionRecord, Store
@@ -65,19 +64,6 @@ _SESSION_ID = re.compile(r"^s_[A-Za-z0-9_-]{8,64}$")
 # (a crashed daemon), another daemon may resume it from its checkpoint.
 _OWNERSHIP_GRACE_S = 30.0
 _T = TypeVar("_T")
-
-
-@dataclass
-class _Binding:
-    """An active session on this daemon: its worker and pool, and its lock (one turn at a time)."""
-
-    record: SessionRecord
-    lease: Lease
-    lock: asyncio.Lock
-    pool: Pool
-    # Turns the checkpoint on disk lacks (its save failed): until a save succeeds they live only in
-    # the worker, which therefore is not given back.
-    unsaved: bool = False
 
 
 def new_session_id() -> str:
@@ -97,7 +83,7 @@ class SessionManager:
         self.dir = self.files.dir  # where transcripts rest
         self.events: Counter[str] = Counter()
         self.workspaces = SessionWorkspaces(self.files, self.config, self.events)
-        self._bindings: dict[str, _Binding] = {}
+        self._bindings: dict[str, Binding] = {}
         self._bound = asyncio.Event()  # a session took a worker: maintenance has something to watch
         self._locks: dict[str, asyncio.Lock] = {}  # per session, also while it has no worker
         self.turns_begun: Counter[str] = Counter()  # per session: turns handed a worker on this daemon
@@ -188,7 +174,7 @@ class SessionManager:
             return binding.record, result
 
     async def _bind(self, record: SessionRecord, tenant: Tenant, *, share: TenantShare, priority: Priority,
-                    wait_s: float) -> _Binding:
+                    wait_s: float) -> Binding:
         binding = self._bindings.get(record.id)
         if binding is not None and binding.lease.worker.is_alive():
             return binding
@@ -209,7 +195,7 @@ class SessionManager:
             lease.release()
             raise
         record.state, record.owner = "active", self.daemon_id
-        binding = _Binding(record, lease, self._lock(record.id), pool)
+        binding = Binding(record, lease, self._lock(record.id), pool)
         self._bindings[record.id] = binding
         self._bound.set()
         await self.store.session_put(record)
@@ -237,7 +223,7 @@ class SessionManager:
             staged.unlink(missing_ok=True)  # placed: gone already; else not needed any more
         self.events["resumed"] += 1
 
-    async def _after_turn(self, binding: _Binding, result: TurnResult | None) -> None:
+    async def _after_turn(self, binding: Binding, result: TurnResult | None) -> None:
         record = binding.record
         record.last_used_at = time.time()
         if result is not None:
@@ -262,7 +248,7 @@ class SessionManager:
         elif result is not None:
             await self._park_if_recycle_due(binding)
 
-    async def _checkpoint(self, binding: _Binding) -> None:
+    async def _checkpoint(self, binding: Binding) -> None:
         """Copy the CLI's transcript to the session's file at rest (atomically: write, then rename),
         in a thread: a long conversation's transcript must not hold up every other tenant's turn."""
         record = binding.record
@@ -315,7 +301,7 @@ class SessionManager:
         async with binding.lock:
             return await self._park(binding)
 
-    async def _park(self, binding: _Binding) -> bool:
+    async def _park(self, binding: Binding) -> bool:
         record = binding.record
         worker = binding.lease.worker
         if worker.in_turn():
@@ -336,7 +322,7 @@ class SessionManager:
         self.events["parked"] += 1
         return True
 
-    async def _park_if_recycle_due(self, binding: _Binding) -> None:
+    async def _park_if_recycle_due(self, binding: Binding) -> None:
         """Give the worker back when its pool would recycle it (the caller holds the session lock);
         the next turn resumes the conversation on a fresh process."""
         if self._bindings.get(binding.record.id) is not binding:
@@ -372,12 +358,11 @@ class SessionManager:
             self._bound.clear()
             if self._bindings:
                 await asyncio.sleep(self.config.maintenance_interval_s)
-            else:
-                # Nothing to park until a session binds a worker (parking only ever moves a bound
-                # session): an idle daemon wakes for the sweep alone, not every interval.
-                due_s = last_sweep + self.config.sweep_interval_s - time.monotonic()
+            else:  # parking only moves a bound session: with none, an idle daemon wakes for the sweep alone
+                due_s = max(last_sweep + self.config.sweep_interval_s - time.monotonic(),
+                            self.config.maintenance_interval_s)
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(due_s, self.config.maintenance_interval_s)):
+                    async with asyncio.timeout(due_s):
                         await self._bound.wait()
             try:
                 await self.park_some()

@@ -1,13 +1,16 @@
 """Which pool a session runs on: its profile's session-capable pool, or the one made on demand for
 its system prompt (`claudepool.daemon.pools`), found from what its record carries, so a parked
-session resumes on it after a restart too."""
+session resumes on it after a restart too; and the binding of an active session to its worker."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from claudepool.errors import Forbidden, NotFound, PromptTooLarge
+from claudepool.pool.lease import Lease
 from claudepool.pool.pool import Pool
 from claudepool.store.base import SessionRecord
 from claudepool.tenancy.tenants import Tenant
@@ -52,3 +55,16 @@ def system_prompt_of(pools: SessionPools, record: SessionRecord) -> str | None:
 def pool_of(pools: SessionPools, record: SessionRecord) -> Pool:
     """The session's pool, made again if it was closed (synchronous: acquire it before any await)."""
     return pools.pool_for(record.profile, system_prompt_of(pools, record), sessions=True)
+
+
+@dataclass
+class Binding:
+    """An active session on this daemon: its worker and pool, and its lock (one turn at a time)."""
+
+    record: SessionRecord
+    lease: Lease
+    lock: asyncio.Lock
+    pool: Pool
+    # Turns the checkpoint on disk lacks (its save failed): until a save succeeds they live only in
+    # the worker, which therefore is not given back.
+    unsaved: bool = False

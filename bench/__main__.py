@@ -28,6 +28,7 @@ from bench.suite import RESULTS, Options, Report, cli_version, machine, table
 # Section name -> module; run in this order.
 SECTIONS = {
     "latency": "bench.latency_bench",
+    "overhead": "bench.overhead_bench",
 }
 
 

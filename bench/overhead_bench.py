@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -130,34 +130,46 @@ async def bare_pool(tmp: Path, workers: int) -> AsyncIterator[list[Bare]]:
         await asyncio.gather(*(p.close() for p in procs))
 
 
-async def bare_arm(procs: list[Bare], n: int, c: int) -> Arm:
-    free = list(procs)
+async def drive(one: Callable[[int], Awaitable[None]], n: int, c: int, duration_s: float = 0) -> int:
+    """Run ``one(i)`` with ``c`` in flight until ``n`` have started or ``duration_s`` (if set) has
+    passed; the number done. The duration bounds a run on a slow (or busy) machine."""
+    deadline = time.perf_counter() + duration_s if duration_s else float("inf")
+    started = 0
+
+    async def runner() -> None:
+        nonlocal started
+        while started < n and time.perf_counter() < deadline:
+            started += 1
+            await one(started)
+
+    await asyncio.gather(*(runner() for _ in range(c)))
+    return started
+
+
+async def bare_arm(procs: list[Bare], n: int, c: int, duration_s: float) -> Arm:
     waiting: asyncio.Queue[Bare] = asyncio.Queue()
-    for p in free:
+    for p in procs:
         waiting.put_nowait(p)
 
-    async def runner(count: int) -> None:
-        for _ in range(count):
-            proc = await waiting.get()
-            try:
-                await proc.request()
-            finally:
-                waiting.put_nowait(proc)
+    async def one(_: int) -> None:
+        proc = await waiting.get()
+        try:
+            await proc.request()
+        finally:
+            waiting.put_nowait(proc)
 
-    async def phase(total: int) -> None:
-        await asyncio.gather(*(runner(total // c + (i < total % c)) for i in range(c)))
-
-    await phase(2 * c)
+    await drive(one, 2 * c, c)
     cpu0, t0 = self_cpu_s(), time.perf_counter()
-    await phase(n)
+    done = await drive(one, n, c, duration_s)
     wall_s, cpu_s = time.perf_counter() - t0, self_cpu_s() - cpu0
-    return Arm("bare", "asyncio", len(procs), c, n, round(n / wall_s, 1), round(cpu_s / n * 1000, 3), None)
+    return Arm("bare", "asyncio", len(procs), c, done, round(done / wall_s, 1), round(cpu_s / done * 1000, 3), None)
 
 
 # -- the lean load generator (in a process of its own) ------------------------------------------
 
-async def socket_load(path: str, key: str, n: int, c: int) -> None:
-    """``n`` prompts, ``c`` in flight, multiplexed on one connection by id; raw NDJSON frames."""
+async def socket_load(path: str, key: str, n: int, c: int, duration_s: float = 0) -> int:
+    """``n`` prompts (or ``duration_s`` of them), ``c`` in flight, multiplexed on one connection by
+    id; raw NDJSON frames. The number done."""
     reader, writer = await asyncio.open_unix_connection(path, limit=2**24)
     pending: dict[str, asyncio.Future[None]] = {}
     loop = asyncio.get_running_loop()
@@ -172,58 +184,57 @@ async def socket_load(path: str, key: str, n: int, c: int) -> None:
 
     reading = asyncio.create_task(read())
 
-    async def runner(index: int, count: int) -> None:
-        for i in range(count):
-            rid = f"r{index}-{i}"
-            done = pending[rid] = loop.create_future()
-            writer.write(orjson.dumps({"id": rid, "op": "prompt", "key": key, "prompt": PROMPT}) + b"\n")
-            await done
+    async def one(i: int) -> None:
+        rid = f"r{i}"
+        done = pending[rid] = loop.create_future()
+        writer.write(orjson.dumps({"id": rid, "op": "prompt", "key": key, "prompt": PROMPT}) + b"\n")
+        await done
 
     try:
-        await asyncio.gather(*(runner(i, n // c + (i < n % c)) for i in range(c)))
+        return await drive(one, n, c, duration_s)
     finally:
         reading.cancel()
         writer.close()
 
 
-async def http_load(url: str, key: str, n: int, c: int) -> None:
+async def http_load(url: str, key: str, n: int, c: int, duration_s: float = 0) -> int:
     import aiohttp
 
     body = orjson.dumps({"prompt": PROMPT})
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=c)) as http:
 
-        async def runner(count: int) -> None:
-            for _ in range(count):
-                async with http.post(f"{url}/v1/prompt", data=body, headers=headers) as resp:
-                    answer = await resp.read()
-                    if resp.status != 200:
-                        raise RuntimeError(f"HTTP {resp.status}: {answer[:300]!r}")
+        async def one(_: int) -> None:
+            async with http.post(f"{url}/v1/prompt", data=body, headers=headers) as resp:
+                answer = await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}: {answer[:300]!r}")
 
-        await asyncio.gather(*(runner(n // c + (i < n % c)) for i in range(c)))
+        return await drive(one, n, c, duration_s)
 
 
 async def client_main(args: argparse.Namespace) -> None:
-    """Warm up, then print ``{"wall_s", "cpu_s"}`` of the measured ``n`` requests, once per line."""
+    """Warm up, then print ``{"requests", "wall_s", "cpu_s"}`` of the measured run, once per line."""
 
-    def load(n: int) -> Coroutine[Any, Any, None]:
+    def load(n: int, duration_s: float = 0) -> Coroutine[Any, Any, int]:
         if args.socket:
-            return socket_load(args.socket, args.key, n, args.c)
-        return http_load(args.url, args.key, n, args.c)
+            return socket_load(args.socket, args.key, n, args.c, duration_s)
+        return http_load(args.url, args.key, n, args.c, duration_s)
 
-    await load(args.warmup)
+    await load(args.warmup, args.duration_s / 4)
     print("warm", flush=True)
     sys.stdin.readline()  # the bench reads the daemon's CPU, then says go
     cpu0, t0 = self_cpu_s(), time.perf_counter()
-    await load(args.n)
-    print(orjson.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": self_cpu_s() - cpu0}).decode(), flush=True)
+    done = await load(args.n, args.duration_s)
+    print(orjson.dumps({"requests": done, "wall_s": time.perf_counter() - t0, "cpu_s": self_cpu_s() - cpu0}).decode(),
+          flush=True)
 
 
-async def daemon_arm(d: DaemonProc, mode: str, loop: str, workers: int, n: int, c: int) -> Arm:
+async def daemon_arm(d: DaemonProc, mode: str, loop: str, workers: int, n: int, c: int, duration_s: float = 0) -> Arm:
     where = ["--socket", d.socket] if mode.endswith("socket") else ["--url", d.url]
     client = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.overhead_bench", "client", *where, "--key", KEY, "-c", str(c),
-        "-n", str(n), "--warmup", str(max(2 * c, n // 10)),
+        "-n", str(n), "--duration-s", str(duration_s), "--warmup", str(max(2 * c, min(n // 10, 200))),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert client.stdin is not None and client.stdout is not None
     try:
@@ -246,8 +257,9 @@ async def daemon_arm(d: DaemonProc, mode: str, loop: str, workers: int, n: int, 
             client.kill()
             await client.wait()
     got = orjson.loads(line)
-    return Arm(mode, loop, workers, c, n, round(n / got["wall_s"], 1), round(cpu_s / n * 1000, 3),
-               round(got["cpu_s"] / n * 1000, 3))
+    done = got["requests"]
+    return Arm(mode, loop, workers, c, done, round(done / got["wall_s"], 1), round(cpu_s / done * 1000, 3),
+               round(got["cpu_s"] / done * 1000, 3))
 
 
 def daemon_config(claude: str, tmp: Path, workers: int, loop: str, base_url: str = "") -> dict[str, Any]:
@@ -271,8 +283,10 @@ def loops() -> list[str]:
 
 async def run(opts: Options) -> Report:
     workers, c = 4, 8
-    n = 1_500 if opts.quick else 6_000
-    real_n, real_c = (30, 2) if opts.quick else (300, 2)
+    # Each arm stops at n requests or its duration, whichever comes first: on a busy machine the
+    # duration keeps the section within its budget (quick ≤ 25 s, full ≤ 4 min).
+    n, duration_s = (2_000, 1.5) if opts.quick else (20_000, 6.0)
+    real_n, real_c, real_s = (20, 2, 2.0) if opts.quick else (300, 2, 20.0)
     repeats = 1 if opts.quick else opts.repeats
     arms: list[Arm] = []
     with tempfile.TemporaryDirectory(prefix="claudepool-overhead-") as tmp_s:
@@ -284,15 +298,16 @@ async def run(opts: Options) -> Report:
             for d in daemons.values():
                 await settle(d, workers)
             for _ in range(repeats):
-                arms.append(await bare_arm(procs, n, c))
+                arms.append(await bare_arm(procs, n, c, duration_s))
                 for loop, d in daemons.items():
                     for mode in ("socket", "http"):
-                        arms.append(await daemon_arm(d, mode, loop, workers, n, c))
+                        arms.append(await daemon_arm(d, mode, loop, workers, n, c, duration_s))
         with fake_upstream_process() as base_url:
-            for loop in loops():
+            # Quick: the default loop only (each real-CLI daemon starts its workers, seconds each).
+            for loop in loops()[:1] if opts.quick else loops():
                 async with daemon_process(daemon_config(opts.claude, tmp / f"r-{loop}", real_c, loop, base_url)) as d:
                     await settle(d, real_c)
-                    arms.append(await daemon_arm(d, "real-socket", loop, real_c, real_n, real_c))
+                    arms.append(await daemon_arm(d, "real-socket", loop, real_c, real_n, real_c, real_s))
     return report(arms, opts)
 
 
@@ -342,6 +357,7 @@ def _client_args() -> argparse.Namespace:
     parser.add_argument("--key", required=True)
     parser.add_argument("-c", type=int, default=8)
     parser.add_argument("-n", type=int, default=1000)
+    parser.add_argument("--duration-s", type=float, default=0, help="stop starting requests after this (0: none)")
     parser.add_argument("--warmup", type=int, default=100)
     return parser.parse_args()
 

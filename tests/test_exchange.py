@@ -13,7 +13,6 @@ import orjson
 import pytest
 
 from claudepool.errors import ResetFailed, TurnStalled, WorkerBusy, WorkerDied, WorkerProtocolError
-from claudepool.pool import exchange as exchange_module
 from claudepool.pool.exchange import Exchange, TurnResult, WorkerState
 from claudepool.pool.timeouts import WorkerTimeouts
 from claudepool.protocol.cli_events import CliEvent
@@ -28,7 +27,6 @@ class MemoryTransport:
     def __init__(self, respond: Callable[[MemoryTransport, dict[str, Any]], None]) -> None:
         self.written: list[dict[str, Any]] = []
         self.stdin_open = True
-        self.backpressure = False
         self.exit_code: int | None = 0
         self._respond = respond
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -44,10 +42,6 @@ class MemoryTransport:
     async def drain(self) -> None:
         if not self.stdin_open:
             raise ConnectionResetError("stdin closed")
-
-    def must_drain(self) -> bool:
-        return not self.stdin_open or self.backpressure
-
 
     async def read_lines(self) -> AsyncIterator[bytes]:
         while (line := await self._out.get()) is not None:
@@ -198,37 +192,6 @@ async def test_handshake_turns_and_reset_meter_cost_as_deltas(harness: Harness) 
     _, third = await turn(ex, "three")
     assert third.cost_usd == pytest.approx(0.005)  # from the reset's zero, not from 0.04
     assert settled == [first, second, third]
-
-
-class _CountingAsyncio:
-    """The asyncio module as exchange.py sees it, counting the deadlines it arms."""
-
-    def __init__(self) -> None:
-        self.timeouts = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(asyncio, name)
-
-    def timeout(self, delay: float | None) -> asyncio.Timeout:
-        self.timeouts += 1
-        return asyncio.timeout(delay)
-
-
-async def test_a_turn_arms_its_watchdog_only_to_wait_not_per_queued_event(
-        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 16 (daemon overhead): the turn's events arrive several to a read; taking one already
-    queued arms no timer, and a prompt the pipe took at once needs no drain deadline."""
-    ex = await harness.start()
-    counting = _CountingAsyncio()
-    monkeypatch.setattr(exchange_module, "asyncio", counting)
-    events, result = await turn(ex, "one")
-    assert result.text == "re: one" and len(events) == 2  # system/init, assistant; then the result
-    assert counting.timeouts == 1  # one wait, for the first event: before, one per event and the drain (4)
-    # With backpressure the drain is bounded as before.
-    harness.transport.backpressure = True
-    counting.timeouts = 0
-    await turn(ex, "two")
-    assert counting.timeouts == 2
 
 
 async def test_control_responses_find_their_requests_by_id_in_any_order(harness: Harness) -> None:

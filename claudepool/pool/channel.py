@@ -25,11 +25,6 @@ class Channel:
         self.error = exc
         self.ready.set()
 
-    def get_nowait(self) -> CliEvent | None:
-        """The next event if one is already here (None: `get` would wait). Lets a consumer skip
-        arming a deadline for an event that is already queued, as most of a turn's are."""
-        return self.items.popleft() if self.items else None
-
     async def get(self) -> CliEvent:
         while not self.items:
             if self.error is not None:

@@ -97,9 +97,6 @@ class Transport(Protocol):
     async def drain(self) -> None:
         """Wait for stdin to take what was written; `ConnectionError` if it is lost."""
 
-    def must_drain(self) -> bool:
-        """False when `drain` would return at once (stdin open, no backpressure): nothing to wait for."""
-
     def read_lines(self) -> AsyncIterator[bytes]:
         """Stdout, line by line, until EOF; `ProtocolError` on an oversize line."""
 
@@ -217,17 +214,11 @@ class Exchange:
             raise stalled from None
         text_parts: list[str] = []
         while True:
-            # The watchdog is armed only to wait: an event already queued (most of a turn's come
-            # several to a read) is taken at once, without a timer to schedule and cancel.
-            queued = channel.get_nowait()
-            if queued is not None:
-                event = queued
-            else:
-                try:
-                    async with asyncio.timeout(idle_timeout_s):
-                        event = await channel.get()
-                except TimeoutError:
-                    await self._on_stall(channel, idle_timeout_s)
+            try:
+                async with asyncio.timeout(idle_timeout_s):
+                    event = await channel.get()
+            except TimeoutError:
+                await self._on_stall(channel, idle_timeout_s)
             if isinstance(event, ResultEvent):
                 result = self._settle(event, channel, "".join(text_parts))  # billed either way
                 command = self._ran_command(event)
@@ -436,8 +427,6 @@ class Exchange:
 
     async def _drain(self, timeout_s: float) -> None:
         """Wait until a large prompt has been taken by the process (pipe backpressure)."""
-        if not self._transport.must_drain():
-            return  # no backpressure (the usual case): no deadline to arm
         try:
             async with asyncio.timeout(timeout_s):
                 await self._transport.drain()

@@ -322,12 +322,6 @@ class WorkerProcess:
             raise BrokenPipeError(f"worker {self.name} has no open stdin")
         stdin.write(line)
 
-    def must_drain(self) -> bool:
-        """False when `drain` would return at once: stdin open and not closing, no backpressure."""
-        pipes, stdin = self._pipes, self._stdin()
-        return (pipes is None or stdin is None or stdin.is_closing() or pipes.stdin_lost
-                or not pipes.writable.is_set())
-
     async def drain(self) -> None:
         """Wait until stdin has taken what was written (pipe backpressure). Raises
         `ConnectionResetError` if stdin is lost meanwhile."""

@@ -15,6 +15,9 @@ Arms, interleaved so a slow spell of the shared machine hits all of them:
 * real: the daemon's own CPU per request with the real CLI against the loopback fake upstream
   (its gateway included: everything the daemon process spends, nothing subtracted).
 
+Each arm stops after its count or its duration (quick: 1.5 s, full: 6 s; real CLI 2 s / 20 s),
+whichever comes first, so the section keeps its budget (quick ≤ 25 s, full ≤ 4 min) on a busy machine.
+
     python -m bench --only overhead [--quick]
     python -m bench.overhead_bench client --socket PATH --key K -c 8 -n 2000   # the load generator
 """

@@ -30,6 +30,7 @@ SECTIONS = {
     "latency": "bench.latency_bench",
     "memory": "bench.memory_bench",
     "cost": "bench.cost_bench",
+    "overhead": "bench.overhead_bench",
     "idle": "bench.idle_bench",
     "scale": "bench.scale_bench",
     "soak": "bench.soak_bench",

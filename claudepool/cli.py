@@ -29,7 +29,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,10 +137,23 @@ def _serve(config: str | None, dev: bool) -> int:
                 await fake.stop()
 
     try:
-        return asyncio.run(serve())
+        with asyncio.Runner(loop_factory=loop_factory(settings.server.event_loop)) as runner:
+            return runner.run(serve())
     except ConfigError as exc:
         print(f"claudepool: {exc}", file=sys.stderr)
         return 2
+
+
+def loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The factory of ``server.event_loop``'s loop (None: asyncio's default). Raises `ConfigError`
+    when uvloop is asked for but not installed (``pip install 'claudepool[fast]'``)."""
+    if event_loop == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        raise ConfigError("server.event_loop = \"uvloop\" needs uvloop: pip install 'claudepool[fast]'") from None
+    return uvloop.new_event_loop
 
 
 async def _dev_overrides(settings: Settings) -> tuple[dict[str, Any], Any]:

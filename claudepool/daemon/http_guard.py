@@ -26,7 +26,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -119,10 +119,11 @@ class GuardedProtocol(asyncio.Protocol):
     # -- the asyncio protocol, forwarded -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A cast, not an isinstance check: uvloop's transports (``server.event_loop = "uvloop"``)
+        # have asyncio's methods without subclassing its transport classes.
+        self._transport = cast(asyncio.Transport, transport)
         if len(self._guard.connections) >= self._guard.max_connections:
-            self._refuse(transport)
+            self._refuse(self._transport)
             return
         self._handler = self._server()
         self._guard.connections[self._handler] = self

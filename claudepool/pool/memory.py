@@ -91,9 +91,7 @@ def _descendants(pid: int) -> list[int] | None:
 
 def _scan_descendants(pids: list[int]) -> dict[int, list[int]]:
     """The fallback: descendants of ``pids`` from one scan of the whole process table."""
-    children: dict[int, list[int]] = {}
-    for proc in psutil.process_iter(["ppid"]):
-        children.setdefault(proc.info["ppid"], []).append(proc.pid)
+    children = children_by_parent()
     out: dict[int, list[int]] = {}
     for pid in pids:
         found, stack = [], list(children.get(pid, ()))
@@ -128,6 +126,35 @@ def measure_trees(pids: list[int]) -> list[ProcessMemory | None]:
                 total += process_memory(child) or ProcessMemory(0, 0)
         readings.append(total)
     return readings
+
+
+def children_by_parent() -> dict[int, list[int]]:
+    """Every process's children, from one scan of the process table.
+
+    On Linux, each ``/proc/PID/stat`` is read directly: a third of the CPU of psutil's
+    ``process_iter`` (which builds a `psutil.Process` per entry), and the scan is over every process
+    on the host, every maintenance interval. Elsewhere, psutil."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        names = []
+    children: dict[int, list[int]] = {}
+    if not any(name == "self" for name in names):
+        for proc in psutil.process_iter(["ppid"]):
+            children.setdefault(proc.info["ppid"], []).append(proc.pid)
+        return children
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+            # "PID (COMM) STATE PPID …": COMM may hold spaces and parentheses, so split after the last ")".
+            ppid = int(stat[stat.rindex(b")") + 2:].split(b" ", 2)[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile (or unreadable): it has no memory to count
+        children.setdefault(ppid, []).append(int(name))
+    return children
 
 
 def tree_memory(pid: int) -> ProcessMemory | None:

@@ -32,7 +32,7 @@ import tempfile
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from claudepool.errors import ProtocolError, WorkerStartError
 from claudepool.logs import RateLimitedLog, scrub
@@ -82,8 +82,9 @@ class _Pipes(asyncio.SubprocessProtocol):
         self.drained = asyncio.Event()  # stdout and stderr both at EOF
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.SubprocessTransport)
-        self.transport = transport
+        # A cast, not an isinstance check: uvloop's transports (``server.event_loop = "uvloop"``)
+        # have asyncio's methods without subclassing its transport classes.
+        self.transport = cast(asyncio.SubprocessTransport, transport)
 
     def pipe_data_received(self, fd: int, data: bytes | str) -> None:
         assert isinstance(data, bytes)
@@ -137,14 +138,18 @@ class _Pipes(asyncio.SubprocessProtocol):
         if self.drained.is_set() and self.exited.is_set() and self.transport is not None:
             self.transport.close()
 
-    def _stdout_pipe_pause(self) -> None:
+    def _stdout_pipe(self) -> asyncio.ReadTransport | None:
         pipe = self.transport.get_pipe_transport(1) if self.transport is not None else None
-        if isinstance(pipe, asyncio.ReadTransport):
+        return cast(asyncio.ReadTransport, pipe)  # (a cast: see connection_made)
+
+    def _stdout_pipe_pause(self) -> None:
+        pipe = self._stdout_pipe()
+        if pipe is not None:
             pipe.pause_reading()
 
     def stdout_pipe_resume(self) -> None:
-        pipe = self.transport.get_pipe_transport(1) if self.transport is not None else None
-        if isinstance(pipe, asyncio.ReadTransport) and not pipe.is_reading() and self.error is None:
+        pipe = self._stdout_pipe()
+        if pipe is not None and not pipe.is_reading() and self.error is None:
             pipe.resume_reading()
 
 
@@ -385,7 +390,7 @@ class WorkerProcess:
 
     def _stdin(self) -> asyncio.WriteTransport | None:
         pipe = self._transport.get_pipe_transport(0) if self._transport is not None else None
-        return pipe if isinstance(pipe, asyncio.WriteTransport) else None
+        return cast(asyncio.WriteTransport, pipe)  # (a cast: see `_Pipes.connection_made`)
 
     # -- stderr ------------------------------------------------------------------------------
 

@@ -62,6 +62,8 @@ class Phase:
     # Requests per second over the phase: in a closed loop a floor runner's next request waits for
     # its process's /clear, a daemon runner's does not (the reset is on another worker).
     req_per_s: float = 0.0
+    # Of cpu_ms_per_request, the daemon process's own (its gateway included) or the floor's driver's.
+    own_cpu_ms_per_request: float | None = None
 
 
 Sample = tuple[float, float | None]  # (latency s, time to first token s)
@@ -103,13 +105,15 @@ async def run_paced(one: Callable[[], Awaitable[Sample]], n: int, c: int, rate_p
     return samples, time.perf_counter() - t0
 
 
-def phase_of(mode: str, c: int, delay_s: float, run: tuple[list[Sample], float], cpu_s: float) -> Phase:
+def phase_of(mode: str, c: int, delay_s: float, run: tuple[list[Sample], float], cpu_s: float,
+             own_cpu_s: float | None = None) -> Phase:
     samples, wall_s = run
     lat = [s[0] for s in samples]
     ttft = [s[1] for s in samples if s[1] is not None]
     return Phase(mode, c, delay_s, len(samples), round(percentile(lat, 0.5) * 1000, 2),
                  round(percentile(lat, 0.95) * 1000, 2), round(percentile(ttft, 0.5) * 1000, 2) if ttft else None,
-                 round(cpu_s / len(samples) * 1000, 2), round(len(samples) / wall_s, 1))
+                 round(cpu_s / len(samples) * 1000, 2), round(len(samples) / wall_s, 1),
+                 None if own_cpu_s is None else round(own_cpu_s / len(samples) * 1000, 2))
 
 
 class HandDriven:
@@ -204,10 +208,12 @@ async def floor_phase(procs: list[HandDriven], n: int, c: int, delay_s: float, *
             free.append(proc)
 
     await run_phase(one, 3 * c, c)  # warm-up: the first turns of a process are slower
-    cpu0 = sum(p.cpu_s() for p in procs) + self_cpu_s()
+    own0 = self_cpu_s()
+    cpu0 = sum(p.cpu_s() for p in procs) + own0
     measured = await run_phase(one, n, c)
+    own_s = self_cpu_s() - own0
     cpu_s = sum(p.cpu_s() for p in procs) + self_cpu_s() - cpu0
-    return phase_of("floor" if reset else "floor-noreset", c, delay_s, measured, cpu_s)
+    return phase_of("floor" if reset else "floor-noreset", c, delay_s, measured, cpu_s, own_s)
 
 
 async def pool_counts(d: DaemonProc) -> dict[str, int]:
@@ -252,11 +258,11 @@ async def daemon_phase(d: DaemonProc, mode: str, n: int, c: int, delay_s: float,
 
         await run_phase(one, 3 * c, c)
         await settle(d, c + 2)
-        cpu0 = d.tree_cpu_s()
+        cpu0, own0 = d.tree_cpu_s(), d.cpu_s()
         measured = await (run_phase(one, n, c) if rate_per_s is None else run_paced(one, n, c, rate_per_s))
         await settle(d, c + 2)  # the resets of the run are part of its cost
         return phase_of(mode if rate_per_s is None else f"{mode}@floor-rate", c, delay_s, measured,
-                        d.tree_cpu_s() - cpu0)
+                        d.tree_cpu_s() - cpu0, d.cpu_s() - own0)
 
 
 def daemon_config(claude: str, base_url: str, tmp: Path, workers: int) -> dict[str, Any]:
@@ -322,6 +328,7 @@ def medians(phases: list[Phase]) -> dict[tuple[str, int, float], dict[str, float
     return {k: {"p50_ms": med([p.p50_ms for p in g]), "p95_ms": med([p.p95_ms for p in g]),
                 "ttft_p50_ms": med([p.ttft_p50_ms for p in g]),
                 "cpu_ms_per_request": med([p.cpu_ms_per_request for p in g]),
+                "own_cpu_ms_per_request": med([p.own_cpu_ms_per_request for p in g]),
                 "req_per_s": med([p.req_per_s or None for p in g])} for k, g in groups.items()}
 
 
@@ -339,7 +346,7 @@ def report(phases: list[Phase], opts: Options) -> Report:
         lat, cpu = ratio(m, mode, c, delay_s, "p50_ms"), ratio(m, mode, c, delay_s, "cpu_ms_per_request")
         rate = ratio(m, mode, c, delay_s, "req_per_s")
         rows.append([f"{delay_s:g}", c, mode, v["p50_ms"], v["p95_ms"], v["ttft_p50_ms"] or "",
-                     v["cpu_ms_per_request"], v["req_per_s"] or "",
+                     v["cpu_ms_per_request"], v["own_cpu_ms_per_request"] or "", v["req_per_s"] or "",
                      "" if mode == "floor" or lat is None else f"{lat:.2f}×",
                      "" if mode == "floor" or cpu is None else f"{cpu:.2f}×",
                      "" if mode == "floor" or rate is None else f"{rate:.2f}×"])
@@ -357,8 +364,8 @@ def report(phases: list[Phase], opts: Options) -> Report:
                 "not: on saturated cores the daemon then serves more requests per second at a longer latency "
                 "(Little's law). socket@floor-rate sends requests at the floor's measured rate instead, so "
                 "both serve the same load.\n\n") + table(
-        ["delay s", "c", "mode", "p50", "p95", "TTFT p50", "CPU ms/req", "req/s", "p50 vs floor", "CPU vs floor",
-         "req/s vs floor"], rows)
+        ["delay s", "c", "mode", "p50", "p95", "TTFT p50", "CPU ms/req", "of which daemon/driver", "req/s",
+         "p50 vs floor", "CPU vs floor", "req/s vs floor"], rows)
     return Report(NAME, {"phases": [asdict(p) for p in phases],
                          "medians": [{"mode": k[0], "concurrency": k[1], "delay_s": k[2], **v} for k, v in m.items()]},
                   markdown, checks)

@@ -132,3 +132,16 @@ async def _drain(proc: asyncio.subprocess.Process, output: list[str],
         del output[:-200]
         if on_line is not None:
             on_line(text)
+
+
+async def close_stdin_and_wait(proc: asyncio.subprocess.Process, timeout_s: float = 5) -> None:
+    """End a stream-json process as a worker's graceful close does: EOF on stdin, then a bounded
+    wait, then SIGKILL."""
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        async with asyncio.timeout(timeout_s):
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()

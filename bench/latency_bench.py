@@ -35,7 +35,7 @@ import aiohttp
 import orjson
 import psutil
 
-from bench.daemon_proc import DaemonProc, daemon_process
+from bench.daemon_proc import DaemonProc, close_stdin_and_wait, daemon_process
 from bench.pool_bench import bench_cold, fake_upstream_process, percentile, self_cpu_s
 from bench.suite import Options, Report, table
 from claudepool.client import AsyncClient
@@ -175,14 +175,7 @@ class HandDriven:
         return 0.0
 
     async def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            async with asyncio.timeout(5):
-                await self.proc.wait()
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
+        await close_stdin_and_wait(self.proc)
 
 
 @contextlib.asynccontextmanager

@@ -41,7 +41,7 @@ from typing import Any
 
 import orjson
 
-from bench.daemon_proc import DaemonProc, daemon_process
+from bench.daemon_proc import DaemonProc, close_stdin_and_wait, daemon_process
 from bench.latency_bench import settle
 from bench.metrics_bench import FAKE
 from bench.pool_bench import fake_upstream_process, self_cpu_s
@@ -113,14 +113,7 @@ class Bare:
         await self.control("get_settings")
 
     async def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            async with asyncio.timeout(5):
-                await self.proc.wait()
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
+        await close_stdin_and_wait(self.proc)
 
 
 @contextlib.asynccontextmanager

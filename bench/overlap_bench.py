@@ -64,6 +64,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--freeze-idle-after-s", type=float, default=PoolConfig().freeze_idle_after_s)
     parser.add_argument("--claude")
     args = parser.parse_args()
     claude = find_claude(args.claude)
@@ -71,8 +72,10 @@ async def main() -> None:
         tmp = Path(tmp_s)
         profile = Profile(name="bench", claude_bin=claude,
                           env={"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "sk-ant-bench"})
-        three = PoolConfig(min_idle=3, max_workers=3, max_turns=1_000_000, workdir=tmp / "w3")
-        one = PoolConfig(min_idle=1, max_workers=1, max_turns=1_000_000, workdir=tmp / "w1")
+        three = PoolConfig(min_idle=3, max_workers=3, max_turns=1_000_000, workdir=tmp / "w3",
+                           freeze_idle_after_s=args.freeze_idle_after_s)
+        one = PoolConfig(min_idle=1, max_workers=1, max_turns=1_000_000, workdir=tmp / "w1",
+                         freeze_idle_after_s=args.freeze_idle_after_s)
         rows: dict[str, list[Row]] = {"floor": [], "pool3": [], "pool3-no-overlap": [], "pool1": []}
         async with Pool(profile, three) as pool3, Pool(profile, one) as pool1, \
                 lb.hand_driven(profile, tmp / "floor", 1) as procs:

@@ -20,39 +20,26 @@ import argparse
 import asyncio
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 from bench import latency_bench as lb
-from bench.pool_bench import fake_upstream_process, find_claude, self_cpu_s, settle, workers_cpu_s
+from bench.pool_bench import fake_upstream_process, find_claude, pool_request, self_cpu_s, settle, workers_cpu_s
 from bench.suite import table
 from claudepool.pool.config import PoolConfig
 from claudepool.pool.pool import Pool
 from claudepool.pool.profile import Profile
-from claudepool.pool.worker import TurnResult
 
 Row = tuple[float, float, float]  # p50 ms, workers' CPU ms/request, own CPU ms/request
 
 
 async def pool_round(pool: Pool, n: int, *, wait_for_reset: bool) -> Row:
-    async def one() -> float:
-        t0 = time.perf_counter()
-        latency = 0.0
-        async with pool.lease("bench") as lease:
-            async for item in lease.run_turn(lb.PROMPT):
-                if isinstance(item, TurnResult):
-                    if item.is_error:
-                        raise RuntimeError(f"pool request failed: {item.text[:300]}")
-                    latency = time.perf_counter() - t0
-        return latency
-
     for _ in range(3):
-        await one()
+        await pool_request(pool)
     await settle(pool)
     workers0, own0 = workers_cpu_s(pool), self_cpu_s()
     latencies = []
     for _ in range(n):
-        latencies.append(await one())
+        latencies.append(await pool_request(pool))
         if wait_for_reset:
             await settle(pool)
     await settle(pool)  # the last resets are part of the cost

@@ -155,6 +155,19 @@ async def settle(pool: Pool) -> None:
             await asyncio.sleep(0.05)
 
 
+async def pool_request(pool: Pool) -> float:
+    """One request on a warm worker (lease, one turn, release; the reset runs after): its latency, s."""
+    t0 = time.perf_counter()
+    latency = 0.0
+    async with pool.lease("bench") as lease:
+        async for item in lease.run_turn(PROMPT):
+            if isinstance(item, TurnResult):
+                if item.is_error:
+                    raise RuntimeError(f"pool request failed: {item.text[:300]}")
+                latency = time.perf_counter() - t0
+    return latency
+
+
 async def bench_pool(profile: Profile, workdir: Path, requests: int, concurrency: int) -> Run:
     # Two workers beyond the concurrency absorb the resets that follow each release, so a new
     # request never waits for one. All are warmed before measuring: steady state, no spawns.
@@ -163,15 +176,8 @@ async def bench_pool(profile: Profile, workdir: Path, requests: int, concurrency
     async with Pool(profile, config) as pool:
         await pool.wait_ready(120)
 
-        async def one() -> float:
-            t0 = time.perf_counter()
-            async with pool.lease("bench") as lease:
-                async for item in lease.run_turn(PROMPT):
-                    if isinstance(item, TurnResult):
-                        if item.is_error:
-                            raise RuntimeError(f"pool request failed: {item.text[:300]}")
-                        latency = time.perf_counter() - t0
-            return latency
+        def one() -> Awaitable[float]:
+            return pool_request(pool)
 
         # Warm-up at full concurrency: the pool reaches its working size and every process has
         # served its slower first turns.

@@ -44,8 +44,10 @@ def test_the_tree_is_found_from_its_own_children_files(tree: psutil.Process,
     def no_scan(*_: object, **__: object) -> None:
         raise AssertionError("the host's process table was scanned")
 
-    # The adversarial part: the old reading scanned every process of the host, every round.
+    # The adversarial part: the old reading scanned every process of the host, every round (through
+    # psutil then, through /proc/PID/stat now: both are forbidden).
     monkeypatch.setattr(psutil, "process_iter", no_scan)
+    monkeypatch.setattr(memory, "children_by_parent", no_scan)
     [reading] = measure_trees([tree.pid])
     own = process_memory(tree.pid)
     assert reading is not None and own is not None

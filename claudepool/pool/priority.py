@@ -1,10 +1,10 @@
 """CPU priority of a worker's processes: its background work yields the cores to live turns.
 
 A worker's reset (``/clear``, the settings check, the workspace clean) is work no caller waits for,
-yet at normal priority it competes for the cores with the turn a caller is waiting on, and on a
-machine whose cores the turns keep busy that is the whole gap between a pooled request and a
-hand-driven warm process. So while a worker is cleaned, every thread of its process tree runs at a
-high nice value, and it is put back before the worker can be lent again.
+yet at normal priority it competes for the cores with the turn a caller is waiting on. So while a
+worker is cleaned, every thread of its process tree runs at a high nice value, and it is put back
+before the worker can be lent again. (On a 2-core machine this moved the c=1 p50 by less than the
+noise, bench/RESULTS.md; it costs ~45 µs of the daemon's CPU per reset for the CLI's 9 threads.)
 
 Putting it back lowers the nice value, which Linux allows only with ``CAP_SYS_NICE`` or an
 ``RLIMIT_NICE`` that reaches the daemon's own value (systemd: ``LimitNICE=``); without either the

@@ -119,8 +119,9 @@ def soak_config(tmp: Path, workers: int, session_workers: int) -> dict[str, Any]
                  # A stalled turn is cut after 3 s without output (the [[hang]] fault).
                  "timeouts": {"ready_timeout_s": 30, "turn_idle_timeout_s": 3}},
         # The in-memory store's bounded structures at sizes the warm-up fills, so that a flat RSS after
-        # it means nothing else grows (at the defaults, 100,000 ledger records fill over hours).
-        "store": {"ledger_max_records": 2000},
+        # it means nothing else grows (at the defaults, 100,000 ledger records and as many settled ids
+        # fill over hours).
+        "store": {"ledger_max_records": 2000, "settled_max_ids": 2000},
         "sessions": {"min_idle": 1, "max_workers": session_workers, "dir": str(tmp / "sessions"),
                      "max_sessions": 1000, "park_idle_s": 5, "retention_s": 20},
         "jobs": {"path": str(tmp / "jobs.sqlite3"), "batch_lane": False, "poll_interval_s": 0.2, "max_running": 4,
@@ -548,7 +549,8 @@ def report(s: dict[str, Any], f: dict[str, Any], opts: Options) -> Report:
           f"thread ran {s['loop_cpu_s']} s on a CPU and waited {s['loop_runq_s']} s runnable for one "
           "(`schedstat`: a lag the wait explains is the machine's, not a callback blocking the loop). "
           f"Daemon RSS {s['rss_first_mib']} → {s['rss_last_mib']} MiB (store bounds small enough for the "
-          "warm-up to fill them: `store.ledger_max_records` 2,000, `jobs.retention_s` 60, "
+          "warm-up to fill them: `store.ledger_max_records` and `store.settled_max_ids` 2,000, "
+          "`jobs.retention_s` 60, "
           f"`sessions.retention_s` 20). At the defaults RSS grows until the ledger is full: a record and its "
           f"settled id take {s.get('ledger_record_bytes')} B (tracemalloc), "
           f"{s.get('ledger_record_bytes', 0) * 100_000 / 2**20:.0f} MiB at 100,000 records.", "",

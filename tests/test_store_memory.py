@@ -25,7 +25,9 @@ import pytest
 
 from claudepool.store import memory_ledger
 from claudepool.store.base import SessionRecord, UsageRecord, UsageTotals, Window
+from claudepool.store.factory import build_store
 from claudepool.store.memory import MemoryStore
+from claudepool.store.settings import StoreSettings
 
 T = TypeVar("T")
 STORE_CODE = str(memory_ledger.__file__).rsplit("/", 1)[0]  # claudepool/store/
@@ -161,6 +163,14 @@ def test_the_settled_ids_are_bounded_by_count_and_the_newest_are_remembered() ->
     # The older ones were forgotten (a settle of one counts again): the map holds 100 ids, not 1000.
     assert now(store.settle(record(0)))
     assert now(store.settle(record(899)))
+
+
+def test_the_settled_ids_bound_is_the_store_setting() -> None:
+    store = build_store(StoreSettings(settled_max_ids=10))
+    for i in range(20):
+        assert now(store.settle(record(i)))
+    assert not now(store.settle(record(19)))
+    assert now(store.settle(record(9)))  # past the configured bound: forgotten
 
 
 def test_the_settled_ids_are_bounded_by_age() -> None:

@@ -11,12 +11,15 @@ from datetime import UTC, datetime
 
 import pytest
 import redis.asyncio
+from pydantic import SecretStr
 from redis.crc import key_slot
 
 from claudepool.errors import BudgetExhausted, ConfigError, StoreError
 from claudepool.store import keys
 from claudepool.store.base import SessionRecord, UsageRecord, Window, day_key, month_key
+from claudepool.store.factory import build_store
 from claudepool.store.redis import RedisStore, script_file
+from claudepool.store.settings import StoreSettings
 from claudepool.tenancy.limits import RateLimiter
 from tests.redis_server import RedisServer
 
@@ -230,7 +233,9 @@ async def test_the_ledger_is_trimmed_near_its_maximum(redis_url: str, raw: redis
 
 
 async def test_the_settled_set_keeps_only_the_newest_ids(redis_url: str, raw: redis.asyncio.Redis) -> None:
-    store = RedisStore(redis_url, settled_max_ids=20)
+    # Built from the settings, as the daemon builds it: store.settled_max_ids reaches the store.
+    store = build_store(StoreSettings(url=SecretStr(redis_url), settled_max_ids=20))
+    assert isinstance(store, RedisStore)
     try:
         for i in range(100):
             assert await store.settle(record(f"r{i}"))

@@ -8,6 +8,11 @@ is counted in no arm), the same prompt:
   and before its next request (what a hand-written wrapper with one process per concurrent caller
   does to keep callers apart; the reset is not in the latency). CPU: the processes' plus this
   driver's. ``floor-noreset`` (full runs): the same without ``/clear``, for reference.
+* floor-overlap: the pool's schedule driven by hand, no daemon and no pool code: ``c + 2`` warm
+  processes; after its answer a process's ``/clear`` runs in the background and the runner's next
+  request takes the most recently cleaned free process (as the pool's idle stack does). It
+  measures what overlapping the reset costs in itself: the next request lands on a process that
+  sat idle while another worked, and a CLI that has idled is slower and costs more CPU.
 * http / socket: a ``claudepool serve`` process (``c + 2`` warm workers; its gateway in the path),
   driven by `AsyncClient.stream`. CPU: the daemon's and every worker's (live and reaped), measured
   until the resets of the run are done; the clients' CPU is not counted.
@@ -27,7 +32,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +56,7 @@ PROMPT = "Summarise the benefits of a warm process pool in one line."
 
 @dataclass
 class Phase:
-    mode: str  # floor | http | socket | cold
+    mode: str  # floor | floor-noreset | floor-overlap | http | socket | socket@floor-rate | cold
     concurrency: int
     delay_s: float
     requests: int
@@ -64,6 +69,8 @@ class Phase:
     req_per_s: float = 0.0
     # Of cpu_ms_per_request, the daemon process's own (its gateway included) or the floor's driver's.
     own_cpu_ms_per_request: float | None = None
+    # Every request's latency, for the distributions plot.
+    latencies_ms: list[float] = field(default_factory=list)
 
 
 Sample = tuple[float, float | None]  # (latency s, time to first token s)
@@ -113,7 +120,8 @@ def phase_of(mode: str, c: int, delay_s: float, run: tuple[list[Sample], float],
     return Phase(mode, c, delay_s, len(samples), round(percentile(lat, 0.5) * 1000, 2),
                  round(percentile(lat, 0.95) * 1000, 2), round(percentile(ttft, 0.5) * 1000, 2) if ttft else None,
                  round(cpu_s / len(samples) * 1000, 2), round(len(samples) / wall_s, 1),
-                 None if own_cpu_s is None else round(own_cpu_s / len(samples) * 1000, 2))
+                 None if own_cpu_s is None else round(own_cpu_s / len(samples) * 1000, 2),
+                 [round(x * 1000, 2) for x in lat])
 
 
 class HandDriven:
@@ -188,7 +196,8 @@ async def hand_driven(profile: Profile, tmp: Path, count: int) -> AsyncIterator[
 
 
 async def floor_phase(procs: list[HandDriven], n: int, c: int, delay_s: float, *, reset: bool = True) -> Phase:
-    free = list(procs[:c])
+    procs = procs[:c]  # one per runner; the spares are floor-overlap's, their idle CPU not the floor's
+    free = list(procs)
 
     async def one() -> Sample:
         proc = free.pop()
@@ -207,6 +216,46 @@ async def floor_phase(procs: list[HandDriven], n: int, c: int, delay_s: float, *
     own_s = self_cpu_s() - own0
     cpu_s = sum(p.cpu_s() for p in procs) + self_cpu_s() - cpu0
     return phase_of("floor" if reset else "floor-noreset", c, delay_s, measured, cpu_s, own_s)
+
+
+async def floor_overlap_phase(procs: list[HandDriven], n: int, c: int, delay_s: float) -> Phase:
+    """``c`` runners over all of ``procs``: each process's /clear after its answer runs in the
+    background, and a runner takes the process cleaned last (the pool's idle stack, by hand)."""
+    free = list(procs)
+    ready = asyncio.Condition()
+    cleaning: set[asyncio.Task[None]] = set()
+
+    async def clean(proc: HandDriven) -> None:
+        await proc.clear()
+        async with ready:
+            free.append(proc)
+            ready.notify()
+
+    async def one() -> Sample:
+        t0 = time.perf_counter()
+        async with ready:  # waiting for a clean process is part of the latency, as a lease's is
+            await ready.wait_for(lambda: bool(free))
+            proc = free.pop()
+        waited_s = time.perf_counter() - t0
+        latency_s, ttft_s = await proc.turn(prompt_for(delay_s))
+        task = asyncio.create_task(clean(proc))
+        cleaning.add(task)
+        task.add_done_callback(cleaning.discard)
+        return latency_s + waited_s, None if ttft_s is None else ttft_s + waited_s
+
+    async def drained() -> None:
+        while cleaning:
+            await asyncio.gather(*cleaning)
+
+    await run_phase(one, 3 * c, c)
+    await drained()
+    own0 = self_cpu_s()
+    cpu0 = sum(p.cpu_s() for p in procs) + own0
+    measured = await run_phase(one, n, c)
+    await drained()  # the run's resets are part of its cost
+    own_s = self_cpu_s() - own0
+    cpu_s = sum(p.cpu_s() for p in procs) + self_cpu_s() - cpu0
+    return phase_of("floor-overlap", c, delay_s, measured, cpu_s, own_s)
 
 
 async def pool_counts(d: DaemonProc) -> dict[str, int]:
@@ -288,7 +337,7 @@ async def run(opts: Options) -> Report:
         cold_home.mkdir()
         for c in levels:
             async with daemon_process(daemon_config(opts.claude, base_url, tmp / f"d{c}", c + 2)) as d, \
-                    hand_driven(profile, tmp / f"f{c}", c) as procs:
+                    hand_driven(profile, tmp / f"f{c}", c + 2) as procs:
                 await settle(d, c + 2)
                 for delay_s, n_of, repeats in delays:
                     n = n_of(c)
@@ -298,6 +347,7 @@ async def run(opts: Options) -> Report:
                         phases.append(floor)
                         phases.append(await daemon_phase(d, "http", n, c, delay_s))
                         phases.append(await daemon_phase(d, "socket", n, c, delay_s))
+                        phases.append(await floor_overlap_phase(procs, n, c, delay_s))
                         if delay_s == 0:
                             phases.append(await daemon_phase(d, "socket", n, c, delay_s, floor.req_per_s))
                         if not opts.quick and delay_s == 0:
@@ -305,7 +355,7 @@ async def run(opts: Options) -> Report:
             # Cold only with the upstream answering at once: with a slow one it is that delay plus this.
             cold = await bench_cold(profile, cold_home, min(delays[0][1](c), 20), c)
             phases.append(Phase("cold", c, 0.0, cold.requests, round(cold.p50_ms, 2), round(cold.p95_ms, 2),
-                                None, round(cold.cpu_s_per_request * 1000, 2)))
+                                None, round(cold.cpu_s_per_request * 1000, 2), latencies_ms=cold.latencies_ms))
     return report(phases, opts)
 
 
@@ -326,9 +376,9 @@ def medians(phases: list[Phase]) -> dict[tuple[str, int, float], dict[str, float
 
 
 def ratio(m: dict[tuple[str, int, float], dict[str, float | None]], mode: str, c: int, delay_s: float,
-          key: str) -> float | None:
-    """``mode``'s ``key`` over the floor's, at the same concurrency and delay (None: not measured)."""
-    mine, floor = m.get((mode, c, delay_s), {}).get(key), m.get(("floor", c, delay_s), {}).get(key)
+          key: str, base: str = "floor") -> float | None:
+    """``mode``'s ``key`` over ``base``'s, at the same concurrency and delay (None: not measured)."""
+    mine, floor = m.get((mode, c, delay_s), {}).get(key), m.get((base, c, delay_s), {}).get(key)
     return mine / floor if mine is not None and floor else None
 
 
@@ -358,29 +408,52 @@ def report(phases: list[Phase], opts: Options) -> Report:
                 "(Little's law). socket@floor-rate sends requests at the floor's measured rate instead, so "
                 "both serve the same load.\n\n") + table(
         ["delay s", "c", "mode", "p50", "p95", "TTFT p50", "CPU ms/req", "of which daemon/driver", "req/s",
-         "p50 vs floor", "CPU vs floor", "req/s vs floor"], rows)
+         "p50 vs floor", "CPU vs floor", "req/s vs floor"], rows) + overlap_table(m)
     return Report(NAME, {"phases": [asdict(p) for p in phases],
                          "medians": [{"mode": k[0], "concurrency": k[1], "delay_s": k[2], **v} for k, v in m.items()]},
                   markdown, checks)
 
 
+def overlap_table(m: dict[tuple[str, int, float], dict[str, float | None]]) -> str:
+    """The split of the daemon's gap at delay 0: the schedule's (floor-overlap over floor) and the rest
+    (socket over floor-overlap: the daemon, the pool's code and the gateway)."""
+    rows = []
+    for c in sorted({k[1] for k in m if k[0] == "floor-overlap" and k[2] == 0}):
+        got = [ratio(m, "floor-overlap", c, 0.0, "p50_ms"), ratio(m, "floor-overlap", c, 0.0, "cpu_ms_per_request"),
+               ratio(m, "socket", c, 0.0, "p50_ms", "floor-overlap"),
+               ratio(m, "socket", c, 0.0, "cpu_ms_per_request", "floor-overlap")]
+        rows.append([c, *("" if r is None else f"{r:.2f}×" for r in got)])
+    if not rows:
+        return ""
+    return ("\n\nWhere the gap is, at delay 0: overlapping the reset in itself (floor-overlap, the pool's "
+            "schedule driven by hand, over the floor), and the rest (the daemon socket arm over floor-overlap: "
+            "the daemon, the pool's code, the gateway).\n\n") + table(
+        ["c", "floor-overlap p50 vs floor", "floor-overlap CPU vs floor", "socket p50 vs floor-overlap",
+         "socket CPU vs floor-overlap"], rows)
+
+
 def plot(rep: Report, out_dir: Path) -> list[Path]:
+    """The latency distributions at delay 0 (every request of every repeat), one panel per concurrency."""
     import matplotlib.pyplot as plt
 
-    med = [r for r in rep.data["medians"] if r["delay_s"] == 0]
-    levels = sorted({r["concurrency"] for r in med})
-    modes = [m for m in ("floor-noreset", "floor", "socket@floor-rate", "socket", "http", "cold")
-             if any(r["mode"] == m for r in med)]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(modes)
-    for i, mode in enumerate(modes):
-        values = [next((r["p50_ms"] for r in med if r["mode"] == mode and r["concurrency"] == c), 0) for c in levels]
-        ax.bar([x + i * width for x in range(len(levels))], values, width, label=mode)
-    ax.set_xticks([x + width * (len(modes) - 1) / 2 for x in range(len(levels))], [f"c={c}" for c in levels])
-    ax.set_yscale("log")
-    ax.set_ylabel("p50 latency, ms (log)")
-    ax.set_title("Request latency: daemon vs hand-driven warm process vs cold claude -p")
-    ax.legend()
+    phases = [p for p in rep.data["phases"] if p["delay_s"] == 0 and p.get("latencies_ms")]
+    levels = sorted({p["concurrency"] for p in phases})
+    modes = [m for m in ("floor", "floor-overlap", "socket@floor-rate", "socket", "http", "cold")
+             if any(p["mode"] == m for p in phases)]
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 3.8), sharey=True, squeeze=False)
+    for ax, c in zip(axes[0], levels, strict=True):
+        for mode in modes:
+            values = sorted(x for p in phases if p["mode"] == mode and p["concurrency"] == c
+                            for x in p["latencies_ms"])
+            if values:
+                ax.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post", label=mode)
+        ax.set_xscale("log")
+        ax.set_xlabel("latency, ms (log)")
+        ax.set_title(f"c={c}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("fraction of requests")
+    axes[0][-1].legend(fontsize="small", loc="lower right")
+    fig.suptitle("Request latency distributions: daemon vs hand-driven warm processes vs cold claude -p")
     fig.tight_layout()
     path = out_dir / "latency.png"
     fig.savefig(path, dpi=110)

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import orjson
@@ -54,6 +54,7 @@ class Run:
     cpu_s_per_request: float
     mem_mib: float
     wall_s: float
+    latencies_ms: list[float] = field(default_factory=list)  # every request's, for distributions
 
 
 @contextlib.contextmanager
@@ -132,7 +133,8 @@ async def bench_cold(profile: Profile, home: Path, requests: int, concurrency: i
     wall, cpu = time.perf_counter() - wall0, children_cpu_s() - cpu0
     peak_rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return Run("cold", concurrency, requests, percentile(latencies, 0.5) * 1000,
-               percentile(latencies, 0.95) * 1000, cpu / requests, peak_rss_mib, wall)
+               percentile(latencies, 0.95) * 1000, cpu / requests, peak_rss_mib, wall,
+               [round(x * 1000, 2) for x in latencies])
 
 
 def workers_cpu_s(pool: Pool) -> float:

@@ -1,0 +1,46 @@
+"""The latency benchmark's hand-driven arms, on the fake CLI: what each arm claims to schedule, it does."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from bench import latency_bench as lb
+from claudepool.pool.profile import Profile
+
+
+def count_turns(procs: list[lb.HandDriven], served: Counter[int]) -> None:
+    for index, proc in enumerate(procs):
+        turn = proc.turn
+
+        async def counted(prompt: str, index: int = index,
+                          turn: Callable[[str], Awaitable[lb.Sample]] = turn) -> lb.Sample:
+            served[index] += 1
+            return await turn(prompt)
+
+        proc.turn = counted  # type: ignore[method-assign]
+
+
+async def test_floor_overlap_cleans_in_the_background_and_takes_the_process_cleaned_last(
+        fake_profile: Profile, tmp_path: Path) -> None:
+    async with lb.hand_driven(fake_profile, tmp_path, 3) as procs:
+        served: Counter[int] = Counter()
+        count_turns(procs, served)
+        phase = await lb.floor_overlap_phase(procs, 20, 1, 0.0)
+    assert phase.mode == "floor-overlap" and phase.requests == 20 and len(phase.latencies_ms) == 20
+    # The reset runs beside the next turn, so that turn takes another process: more than one serves
+    # (a /clear in the caller's wait would leave one). The last cleaned is taken first, so the third
+    # process waits in reserve while two alternate, as the pool's idle stack keeps its spares.
+    assert len(served) >= 2, served
+    assert served.most_common(2)[1][1] >= 5, served
+
+
+async def test_the_floor_drives_one_process_per_runner_and_counts_no_spare(
+        fake_profile: Profile, tmp_path: Path) -> None:
+    async with lb.hand_driven(fake_profile, tmp_path, 3) as procs:
+        served: Counter[int] = Counter()
+        count_turns(procs, served)
+        phase = await lb.floor_phase(procs, 10, 1, 0.0)
+    assert phase.requests == 10 and len(phase.latencies_ms) == 10
+    assert set(served) == {0}, served

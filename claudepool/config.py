@@ -77,6 +77,12 @@ def default_socket_path() -> str:
     return str(base / "claudepool.sock")
 
 
+def host_port(address: str) -> tuple[str, int]:
+    """A validated ``HOST:PORT`` (``[v6]:PORT`` too) as a host and a port."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 class ServerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -87,6 +93,10 @@ class ServerSettings(BaseModel):
     # (the kernel spreads new connections over them). Every daemon sharing it must set it; each
     # still needs a Unix socket path of its own (a Unix socket cannot be shared).
     reuse_port: bool = False
+    # HOST:PORT where this daemon alone serves /metrics, /healthz, /readyz and /v1/pool: beside a
+    # shared port, a scrape of ``http`` reaches whichever daemon the kernel picks. Not shared (no
+    # SO_REUSEPORT); "" (default): none; port 0: any free one (printed at start).
+    metrics_http: str = ""
     admin_key: SecretStr = SecretStr("")
     max_prompt_bytes: int = Field(default=1 * MiB, gt=0)
     # A request's (or a session's) own system prompt. It reaches the CLI as one argument of its
@@ -150,7 +160,7 @@ class ServerSettings(BaseModel):
                                  f"got {origin!r}")
         return origins
 
-    @field_validator("http")
+    @field_validator("http", "metrics_http")
     @classmethod
     def _host_port(cls, value: str) -> str:
         if value:
@@ -160,8 +170,7 @@ class ServerSettings(BaseModel):
         return value
 
     def http_host_port(self) -> tuple[str, int]:
-        host, _, port = self.http.rpartition(":")
-        return host.strip("[]"), int(port)
+        return host_port(self.http)
 
 
 class PoolSettings(PoolConfig):

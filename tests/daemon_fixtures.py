@@ -117,6 +117,7 @@ class DaemonProcess:
     proc: asyncio.subprocess.Process
     url: str = ""
     socket: str = ""
+    metrics_url: str = ""  # server.metrics_http, when set
     output: list[str] = field(default_factory=list)
 
     async def status(self) -> dict[str, Any]:
@@ -188,6 +189,8 @@ async def start_daemon() -> AsyncIterator[Callable[..., Awaitable[DaemonProcess]
                 daemon.url = where if where.startswith("http") else f"http://{where}"
             elif kind == "unix":
                 daemon.socket = where
+            elif kind == "metrics":
+                daemon.metrics_url = where
         asyncio.get_running_loop().create_task(_collect(proc, daemon.output))
         if wait_ready:
             assert daemon.url, "the daemon must listen on HTTP for wait_ready"

@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from claudepool.client import AsyncClient
 from claudepool.errors import RemoteError
@@ -38,11 +39,12 @@ def free_port() -> int:
 
 async def start_on(start: Start, workdir: Path, port: int, *, reuse_port: bool, extra: str = "",
                    socket_path: str | None = None, wait_ready: bool = True,
-                   drain_timeout_s: float = 10) -> DaemonProcess:
+                   drain_timeout_s: float = 10, metrics_http: str = "") -> DaemonProcess:
     workdir.mkdir(exist_ok=True)
     config = write_config(workdir, http=f"127.0.0.1:{port}", extra=extra, socket_path=socket_path,
                           drain_timeout_s=drain_timeout_s)
     env = {"CLAUDEPOOL_SERVER__REUSE_PORT": "true" if reuse_port else "false",
+           "CLAUDEPOOL_SERVER__METRICS_HTTP": metrics_http,
            "CLAUDEPOOL_POOL__ENV": orjson.dumps({"CP_DAEMON": workdir.name}).decode()}
     return await start("--config", str(config), env=env, wait_ready=wait_ready)
 
@@ -91,6 +93,55 @@ async def test_two_daemons_share_one_port_and_one_redis(tmp_path: Path, redis_ur
             with pytest.raises(RemoteError) as refused:
                 await client.prompt("over budget")
         assert refused.value.remote_code == "budget_exhausted"
+
+
+async def requests_ok(metrics_url: str, *, key: str = ADMIN) -> float:
+    async with aiohttp.ClientSession() as session, session.get(
+            f"{metrics_url}/metrics", headers={"Authorization": f"Bearer {key}"}) as resp:
+        assert resp.status == 200, await resp.text()
+        text = await resp.text()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "claudepool_requests_total" and sample.labels.get("outcome") == "ok")
+
+
+async def test_each_daemon_on_a_shared_port_is_scraped_at_its_own_metrics_address(
+        tmp_path: Path, start_daemon: Start) -> None:
+    # Over the shared port a scrape reaches whichever daemon the kernel picks; server.metrics_http
+    # is each daemon's own: what each counts there is exactly what it served.
+    port = free_port()
+    a = await start_on(start_daemon, tmp_path / "a", port, reuse_port=True, metrics_http="127.0.0.1:0")
+    b = await start_on(start_daemon, tmp_path / "b", port, reuse_port=True, metrics_http="127.0.0.1:0")
+    assert a.metrics_url and b.metrics_url and a.metrics_url != b.metrics_url != a.url
+    answers: dict[str, int] = {"a": 0, "b": 0}
+    async with asyncio.timeout(60):
+        while min(answers.values()) < 2:
+            answers[await served_by(a.url)] += 1
+            assert sum(answers.values()) <= 40, answers
+    assert await requests_ok(a.metrics_url) == answers["a"]
+    assert await requests_ok(b.metrics_url) == answers["b"]
+    async with aiohttp.ClientSession() as session:
+        # The same key as /metrics on the shared port, and nothing a tenant calls: no second front door.
+        async with session.get(f"{a.metrics_url}/metrics") as resp:
+            assert resp.status == 401
+        async with session.get(f"{a.metrics_url}/v1/pool", headers={"Authorization": f"Bearer {ADMIN}"}) as resp:
+            assert resp.status == 200 and (await resp.json())["pools"]
+        async with session.post(f"{a.metrics_url}/v1/prompt", data=b'{"prompt": "hi"}',
+                                headers={"Authorization": f"Bearer {KEY}"}) as resp:
+            assert resp.status == 404
+
+
+async def test_a_metrics_address_in_use_stops_the_start_with_nothing_listening(
+        tmp_path: Path, start_daemon: Start) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        port = free_port()
+        d = await start_on(start_daemon, tmp_path / "a", port, reuse_port=False, metrics_http=busy, wait_ready=False)
+        assert await d.wait_exit() == 2, d.output
+    assert f"cannot listen on {busy}: Address already in use" in "".join(d.output)
+    with socket.socket() as probe:  # its HTTP port was let go
+        probe.bind(("127.0.0.1", port))
 
 
 @pytest.mark.parametrize(("first", "second", "hint"), [

@@ -1,7 +1,8 @@
 """Binding the front ends: the sockets systemd handed over (socket activation), else those configured.
 
 A Unix socket goes to the socket API (`claudepool.daemon.unix_api`), a TCP socket to HTTP
-(`claudepool.daemon.http_api`, behind `claudepool.daemon.http_guard`). `FrontEnds.start` returns
+(`claudepool.daemon.http_api`, behind `claudepool.daemon.http_guard`); ``server.metrics_http``, bound
+here alone, to this daemon's own metrics and status (`build_metrics_app`). `FrontEnds.start` returns
 once every listener is bound, or raises (`ConfigError` for an address it cannot take) with nothing
 left listening; `FrontEnds.close` stops them, after the requests are done or stopped.
 """
@@ -14,9 +15,9 @@ import socket
 
 from aiohttp import web
 
-from claudepool.config import ServerSettings
+from claudepool.config import ServerSettings, host_port
 from claudepool.daemon.facade import Api
-from claudepool.daemon.http_api import build_app
+from claudepool.daemon.http_api import build_app, build_metrics_app
 from claudepool.daemon.http_guard import GuardedSockSite, HttpGuard
 from claudepool.daemon.listen_fds import inherited_sockets, split_by_kind
 from claudepool.daemon.notify import unset_environment
@@ -26,10 +27,14 @@ from claudepool.errors import ConfigError
 from claudepool.frontdoor.anthropic_api import MessagesApi
 from claudepool.jobs.door import JobDoor
 
+# Connections the metrics listener holds at once: a few scrapers and operators, never tenants.
+METRICS_MAX_CONNECTIONS = 64
+
 
 class FrontEnds:
     def __init__(self, runner: web.AppRunner | None, guard: HttpGuard | None, unix: UnixFrontEnd,
                  listening: dict[str, str], sites: list[GuardedSockSite] | None = None) -> None:
+        self.metrics_runner: web.AppRunner | None = None
         self.runner = runner
         self.sites = sites or []  # the HTTP listeners
         self.guard = guard  # the HTTP connections and their deadlines (None without HTTP)
@@ -68,17 +73,11 @@ class FrontEnds:
                     await sites[-1].start()
                 listening["http"] = ", ".join(_address(s) for s in inet_socks)
             else:
-                host, port = server.http_host_port()
                 try:
-                    sock = socket.create_server(
-                        (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=server.backlog,
-                        reuse_port=server.reuse_port,
-                    )
-                except OSError as exc:
+                    sock = _listen(server.http, server, reuse_port=server.reuse_port)
+                except ConfigError:
                     await runner.cleanup()
-                    raise ConfigError(f"cannot listen on {server.http}: {exc.strerror}{_in_use_hint(exc, server)}") \
-                        from None
-                sock.setblocking(False)
+                    raise
                 sites.append(GuardedSockSite(runner, sock, guard, backlog=server.backlog))
                 await sites[-1].start()
                 listening["http"] = f"http://{_address(sock)}"
@@ -86,6 +85,8 @@ class FrontEnds:
                             max_requests_per_connection=server.max_requests_per_connection, jobs=jobs)
         front = cls(runner, guard, unix, listening, sites)
         try:
+            if server.metrics_http:
+                await front._listen_metrics(api, server)
             if unix_socks:
                 for sock in unix_socks:
                     await unix.listen("", server.socket_mode, sock=sock, backlog=server.backlog)
@@ -98,6 +99,16 @@ class FrontEnds:
             await front.close(shutdown_timeout_s)
             raise
         return front
+
+    async def _listen_metrics(self, api: Api, server: ServerSettings) -> None:
+        guard = HttpGuard(max_connections=METRICS_MAX_CONNECTIONS, header_timeout_s=server.header_timeout_s,
+                          body_timeout_s=server.body_timeout_s)
+        self.metrics_runner = web.AppRunner(build_metrics_app(api, guard.middleware()), access_log=None,
+                                            shutdown_timeout=1.0, keepalive_timeout=server.keepalive_timeout_s)
+        await self.metrics_runner.setup()
+        sock = _listen(server.metrics_http, server, reuse_port=False)
+        await GuardedSockSite(self.metrics_runner, sock, guard, backlog=server.backlog).start()
+        self.listening["metrics"] = f"http://{_address(sock)}"
 
     def stop_listening_http(self) -> None:
         """Accept no new HTTP connection; those open go on (each request then gets 503 ``draining``).
@@ -112,6 +123,20 @@ class FrontEnds:
         await self.unix.close(timeout_s)
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.metrics_runner is not None:  # last: a draining daemon can still be scraped
+            await self.metrics_runner.cleanup()
+
+
+def _listen(address: str, server: ServerSettings, *, reuse_port: bool) -> socket.socket:
+    host, port = host_port(address)
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    backlog=server.backlog, reuse_port=reuse_port)
+    except OSError as exc:
+        hint = _in_use_hint(exc, server) if address == server.http else ""
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror}{hint}") from None
+    sock.setblocking(False)
+    return sock
 
 
 def _address(sock: socket.socket) -> str:

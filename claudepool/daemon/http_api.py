@@ -5,6 +5,7 @@
     GET  /readyz      warm capacity is available (503 while draining or a boot breaker is open)
     GET  /metrics     Prometheus text (the metrics or admin key, unless metrics.public)
     GET  /v1/pool     admin: every worker's state, pid, profile, turns, age, PSS; queue depths
+                      (these four, alone, on ``server.metrics_http`` too: `build_metrics_app`)
     POST /v1/messages, GET /v1/models   the Anthropic front door (`claudepool.frontdoor.anthropic_api`),
                       with its own error shape
 
@@ -90,6 +91,17 @@ def build_app(api: Api, *middlewares: Middleware, max_prompt_bytes: int, max_inp
         anthropic_api.add_routes(app, messages)
         openai_api.add_routes(app, messages)
     cors.enable(app, cors_origins)  # last: every route above answers its origins
+    return app
+
+
+def build_metrics_app(api: Api, *middlewares: Middleware) -> web.Application:
+    """This daemon's own observability endpoints, for ``server.metrics_http``: nothing a tenant calls."""
+    app = web.Application(middlewares=[_errors, *middlewares], client_max_size=64 * 1024)
+    app[API] = api
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/v1/pool", _pool)
     return app
 
 

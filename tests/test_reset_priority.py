@@ -76,7 +76,7 @@ async def test_a_worker_whose_priority_cannot_be_restored_is_retired_not_lent(
             raise PermissionError(1, "Operation not permitted")
         return real_set_nice(pids, nice)
 
-    pool = make_pool(fake_profile)
+    pool = make_pool(fake_profile, reset_nice=19)
     async with pool.lease("a") as lease:
         pid = lease.worker.pid
         await collect(lease.run_turn("hi"), timeout_s=20)

@@ -2,9 +2,10 @@
 
 A worker's reset (``/clear``, the settings check, the workspace clean) is work no caller waits for,
 yet at normal priority it competes for the cores with the turn a caller is waiting on. So while a
-worker is cleaned, every thread of its process tree runs at a high nice value, and it is put back
-before the worker can be lent again. (On a 2-core machine this moved the c=1 p50 by less than the
-noise, bench/RESULTS.md; it costs ~45 µs of the daemon's CPU per reset for the CLI's 9 threads.)
+worker is cleaned, every thread of its process tree can run at a high nice value
+(``pool.reset_nice``, off by default), and it is put back before the worker can be lent again. (On a
+2-core machine this moved the c=1 p50 by less than the noise and cost the daemon 0.3-0.5 ms of CPU
+per request, walking and setting the CLI's threads twice per reset: bench/RESULTS.md.)
 
 Putting it back lowers the nice value, which Linux allows only with ``CAP_SYS_NICE`` or an
 ``RLIMIT_NICE`` that reaches the daemon's own value (systemd: ``LimitNICE=``); without either the

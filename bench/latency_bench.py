@@ -176,6 +176,11 @@ class HandDriven:
         await self._send(encode_command("/clear"))
         await self._until(lambda e: e.get("type") == "result")
 
+    async def get_settings(self, request_id: str) -> None:
+        """The pool's settings check after a reset, by hand (the floor itself does not send it)."""
+        await self._send(encode_control_request(request_id, "get_settings"))
+        await self._until(lambda e: e.get("type") == "control_response")
+
     def cpu_s(self) -> float:
         with contextlib.suppress(psutil.Error):
             t = psutil.Process(self.proc.pid).cpu_times()
@@ -435,6 +440,7 @@ def overlap_table(m: dict[tuple[str, int, float], dict[str, float | None]]) -> s
 def plot(rep: Report, out_dir: Path) -> list[Path]:
     """The latency distributions at delay 0 (every request of every repeat), one panel per concurrency."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     phases = [p for p in rep.data["phases"] if p["delay_s"] == 0 and p.get("latencies_ms")]
     levels = sorted({p["concurrency"] for p in phases})
@@ -448,6 +454,8 @@ def plot(rep: Report, out_dir: Path) -> list[Path]:
             if values:
                 ax.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post", label=mode)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a short log axis
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
         ax.set_xlabel("latency, ms (log)")
         ax.set_title(f"c={c}")
         ax.grid(True, which="both", alpha=0.3)

@@ -22,25 +22,27 @@ def count_turns(procs: list[lb.HandDriven], served: Counter[int]) -> None:
         proc.turn = counted  # type: ignore[method-assign]
 
 
-async def test_floor_overlap_cleans_in_the_background_and_takes_the_process_cleaned_last(
-        fake_profile: Profile, tmp_path: Path) -> None:
-    async with lb.hand_driven(fake_profile, tmp_path, 3) as procs:
+async def served_by(profile: Profile, tmp_path: Path, phase: Callable[..., Awaitable[lb.Phase]],
+                    n: int) -> tuple[lb.Phase, Counter[int]]:
+    """``phase`` over 3 hand-driven fake-CLI processes at c=1: its result, and turns per process."""
+    async with lb.hand_driven(profile, tmp_path, 3) as procs:
         served: Counter[int] = Counter()
         count_turns(procs, served)
-        phase = await lb.floor_overlap_phase(procs, 20, 1, 0.0)
+        return await phase(procs, n, 1, 0.0), served
+
+
+async def test_floor_overlap_cleans_in_the_background_and_takes_the_process_cleaned_last(
+        fake_profile: Profile, tmp_path: Path) -> None:
+    phase, served = await served_by(fake_profile, tmp_path, lb.floor_overlap_phase, 20)
     assert phase.mode == "floor-overlap" and phase.requests == 20 and len(phase.latencies_ms) == 20
     # The reset runs beside the next turn, so that turn takes another process: more than one serves
-    # (a /clear in the caller's wait would leave one). The last cleaned is taken first, so the third
-    # process waits in reserve while two alternate, as the pool's idle stack keeps its spares.
+    # (a /clear in the caller's wait would leave one), and the one cleaned last is taken again.
     assert len(served) >= 2, served
     assert served.most_common(2)[1][1] >= 5, served
 
 
 async def test_the_floor_drives_one_process_per_runner_and_counts_no_spare(
         fake_profile: Profile, tmp_path: Path) -> None:
-    async with lb.hand_driven(fake_profile, tmp_path, 3) as procs:
-        served: Counter[int] = Counter()
-        count_turns(procs, served)
-        phase = await lb.floor_phase(procs, 10, 1, 0.0)
+    phase, served = await served_by(fake_profile, tmp_path, lb.floor_phase, 10)
     assert phase.requests == 10 and len(phase.latencies_ms) == 10
     assert set(served) == {0}, served

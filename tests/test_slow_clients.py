@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from claudepool.client import AsyncClient
+from claudepool.daemon import front_ends
 from claudepool.errors import RemoteError
 from tests.daemon_fixtures import KEYS, RunningDaemon, make_daemon
 from tests.helpers import until
@@ -290,3 +291,27 @@ async def test_the_open_file_limit_is_raised_to_fit_the_connection_bounds(make_d
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 2 * 1500
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]), hard))
+
+
+async def test_the_metrics_listener_cuts_slow_heads_and_bounds_its_connections(
+        make_daemon: MakeDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    # server.metrics_http is a listener of its own: without its guard, idle or trickling connections
+    # would be held there for good, and as many as a client opens.
+    monkeypatch.setattr(front_ends, "METRICS_MAX_CONNECTIONS", 5)
+    d = await make_daemon(server={"metrics_http": "127.0.0.1:0", "header_timeout_s": 1.0})
+    host, _, port = d.daemon.listening["metrics"].removeprefix("http://").rpartition(":")
+    opened = [Conn(*await asyncio.open_connection(host, int(port))) for _ in range(6)]
+    try:
+        held, extra = opened[:5], opened[5]
+        for conn in held:
+            conn.send(b"GET /metrics HTTP/1.1\r\nHost: test\r\n")
+            conn.trickle(lambda i: f"X-Slow-{i}: never done\r\n".encode())
+        await extra.closed(SLACK_S)
+        assert status_of(extra.received) == 503 and error_code(extra.received) == "too_many_connections"
+        assert await served(d) == "served"  # the tenants' port is not held up by the metrics one
+        for conn in held:
+            assert await conn.closed(1.0 + SLACK_S) >= 0.9
+            assert status_of(conn.received) == 408
+    finally:
+        for conn in opened:
+            await conn.aclose()

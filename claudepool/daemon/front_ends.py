@@ -46,7 +46,8 @@ class FrontEnds:
     async def start(cls, api: Api, server: ServerSettings, *, shutdown_timeout_s: float,
                     messages: MessagesApi | None = None, jobs: JobDoor | None = None) -> FrontEnds:
         """``messages``: serve the Anthropic front door over HTTP too (the daemon's `Facade` is one)."""
-        ensure_open_files(2 * server.max_connections)  # each front end admits max_connections
+        # Each front end admits max_connections; the metrics listener its own few.
+        ensure_open_files(2 * server.max_connections + (METRICS_MAX_CONNECTIONS if server.metrics_http else 0))
         adopted = inherited_sockets()
         # Both the notifier and socket activation have read their variables: no child may see them.
         unset_environment(os.environ)
@@ -74,7 +75,7 @@ class FrontEnds:
                 listening["http"] = ", ".join(_address(s) for s in inet_socks)
             else:
                 try:
-                    sock = _listen(server.http, server, reuse_port=server.reuse_port)
+                    sock = _listen(server.http, server, reuse_port=server.reuse_port, shared=True)
                 except ConfigError:
                     await runner.cleanup()
                     raise
@@ -106,7 +107,7 @@ class FrontEnds:
         self.metrics_runner = web.AppRunner(build_metrics_app(api, guard.middleware()), access_log=None,
                                             shutdown_timeout=1.0, keepalive_timeout=server.keepalive_timeout_s)
         await self.metrics_runner.setup()
-        sock = _listen(server.metrics_http, server, reuse_port=False)
+        sock = _listen(server.metrics_http, server, reuse_port=False, shared=False)
         await GuardedSockSite(self.metrics_runner, sock, guard, backlog=server.backlog).start()
         self.listening["metrics"] = f"http://{_address(sock)}"
 
@@ -127,13 +128,15 @@ class FrontEnds:
             await self.metrics_runner.cleanup()
 
 
-def _listen(address: str, server: ServerSettings, *, reuse_port: bool) -> socket.socket:
+def _listen(address: str, server: ServerSettings, *, reuse_port: bool, shared: bool) -> socket.socket:
+    """A bound, listening, non-blocking socket on ``address``; ``shared``: the port daemons may share,
+    whose refusal explains ``server.reuse_port``."""
     host, port = host_port(address)
     try:
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
                                     backlog=server.backlog, reuse_port=reuse_port)
     except OSError as exc:
-        hint = _in_use_hint(exc, server) if address == server.http else ""
+        hint = _in_use_hint(exc, server) if shared else ""
         raise ConfigError(f"cannot listen on {address}: {exc.strerror}{hint}") from None
     sock.setblocking(False)
     return sock
